@@ -1,0 +1,1 @@
+"""Corpus -> tokenizer -> Megatron `.bin/.idx`: the offline data tools behind the CLI."""

@@ -1,0 +1,131 @@
+"""`megatron-sep` command line: train, tokenizer, preprocess, inspect, demo-corpus."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_config_args(p):
+    p.add_argument("--config", "-c", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set optim.lr=3e-4")
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .training import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    if args.check_config:
+        from .config import dump_config
+        print(dump_config(cfg))
+        return 0
+    result = Trainer(cfg).run()
+    if result.get("stopped_by"):
+        print(f"stopped by {result['stopped_by']} at step {result['step']}; run again to resume")
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    from data_tools.train_tokenizer import train_hf_bpe, train_sentencepiece
+
+    if args.type == "hf-bpe":
+        out = train_hf_bpe(args.input, args.out, args.vocab_size, args.text_key)
+    else:
+        prefix = args.out[:-6] if args.out.endswith(".model") else args.out
+        out = train_sentencepiece(args.input, prefix, args.vocab_size, args.type, args.text_key,
+                                  byte_fallback=not args.no_byte_fallback,
+                                  split_separators=not args.no_split_separators)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from data_tools.preprocess import preprocess
+
+    docs, tokens = preprocess(args.input, args.tokenizer, args.out, args.text_key, args.workers,
+                              args.txt_docs)
+    print(f"wrote {args.out}.bin/.idx: {docs:,} documents, {tokens:,} tokens")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from data_tools.inspect_data import inspect
+
+    from .data.separators import resolve_separator_ids
+    from .data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    seps = resolve_separator_ids(tok)[0] if tok else None
+    print(inspect(args.prefix, tok, seps, top=args.top))
+    return 0
+
+
+def cmd_demo_corpus(args) -> int:
+    from data_tools.demo_corpus import build_demo_corpus
+
+    docs, nbytes = build_demo_corpus(args.out)
+    print(f"wrote {args.out}: {docs:,} documents, {nbytes / 1e6:.1f} MB of text")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-sep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a GPT model (resumes from run_dir's latest checkpoint)")
+    _add_config_args(p)
+    p.add_argument("--check-config", action="store_true", help="validate and print the resolved config, then exit")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="action", required=True)
+    t = tsub.add_parser("train", help="train a sentencepiece or HF BPE tokenizer")
+    t.add_argument("--input", nargs="+", required=True, help=".jsonl or .txt files")
+    t.add_argument("--out", required=True, help="output prefix (sentencepiece) or tokenizer.json path (hf-bpe)")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--type", choices=["bpe", "unigram", "hf-bpe"], default="bpe")
+    t.add_argument("--text-key", default="text", help="jsonl field holding the text")
+    t.add_argument("--no-byte-fallback", action="store_true")
+    t.add_argument("--no-split-separators", action="store_true",
+                   help="do not force . , ? ! ; : newline tab to be single tokens")
+    t.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("preprocess", help="tokenize a corpus into Megatron .bin/.idx")
+    p.add_argument("--input", nargs="+", required=True, help=".jsonl or .txt files")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--txt-docs", choices=["blank", "line", "file"], default="blank",
+                   help="plain text: one document per blank-line block, per line, or per file")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("inspect", help="summarise a .bin/.idx corpus")
+    p.add_argument("prefix")
+    p.add_argument("--tokenizer", help="to show token pieces and the separator share")
+    p.add_argument("--top", type=int, default=20)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo-corpus", help="build the demo corpus (no download needed)")
+    p.add_argument("--out", default="data/demo/corpus.jsonl")
+    p.set_defaults(func=cmd_demo_corpus)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .data.indexed import IndexedDataError
+    from .data.tokenizer import TokenizerError
+    from .training.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (ConfigError, IndexedDataError, TokenizerError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""YAML -> Config, with `section.key=value` overrides and type checking."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+
+import yaml
+
+from .schema import SECTIONS, Config, ConfigError
+
+
+def _closest(name: str, options) -> str:
+    hit = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f"did you mean '{hit[0]}'?" if hit else "valid keys: " + ", ".join(sorted(options))
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value, tp):
+    """Return value checked against the annotation tp (int->float widening allowed)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        errors = []
+        for option in args:
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(key, value, f"has the wrong type (expected {_type_name(tp)})",
+                          "give a value of one of the listed types")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(key, value, "expected null", "use null")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(key, value, "is not one of " + ", ".join(map(repr, args)),
+                          "use one of the listed values")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, "expected a list", "write it as [a, b, ...]")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config annotation {tp}")
+    raise ConfigError(key, value, f"has the wrong type (expected {_type_name(tp)})",
+                      f"give a {_type_name(tp)} value")
+
+
+def _build_section(name: str, cls, values: dict):
+    if not isinstance(values, dict):
+        raise ConfigError(name, values, "a section must be a mapping", f"write `{name}:` followed by keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{name}.{key}", value, "unknown key", _closest(key, fields))
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(text, None, "an override must look like section.key=value",
+                          "write e.g. --set optim.lr=3e-4")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(key, raw, "an override key must be section.key", "write e.g. --set optim.lr=3e-4")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def config_from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
+    raw = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in (raw or {}).items()}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(section, raw[section], "a section must be a mapping", "fix the YAML file")
+        raw[section][key] = value
+    hints = typing.get_type_hints(Config)
+    sections = {}
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(name, values, "unknown config section", _closest(name, SECTIONS))
+        sections[name] = _build_section(name, hints[name], values)
+    cfg = Config(**sections)
+    cfg.check()
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    raw = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("--config", str(path), "file not found", "pass the path of a YAML config")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", str(path), f"is not valid YAML ({e})", "fix the YAML syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("--config", str(path), "must hold a mapping of sections", "see configs/")
+    return config_from_dict(raw, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

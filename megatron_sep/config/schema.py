@@ -1,0 +1,253 @@
+"""The one config object: typed dataclasses, one per section.
+
+Each field's type is checked at load; `check()` methods hold the range and
+consistency rules. A rule violation raises ConfigError naming key, value, fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key, the value and the fix."""
+
+    def __init__(self, key: str, value, problem: str, fix: str):
+        self.key, self.value = key, value
+        super().__init__(f"config error: {key}={value!r}: {problem}. Fix: {fix}")
+
+
+def _require(ok: bool, key: str, value, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, problem, fix)
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["neox", "llama"] = "llama"
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None  # None: same as num_heads (no GQA)
+    ffn_hidden_size: Optional[int] = None  # None: 4h (neox) or 8h/3 rounded to 64 (llama)
+    vocab_size: Optional[int] = None  # None: from the tokenizer
+    max_position_embeddings: int = 2048
+    rotary_pct: float = 1.0
+    rotary_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_method: Literal["auto", "neox", "scaled_normal", "normal"] = "auto"
+    init_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+    def check(self) -> None:
+        p = "model."
+        for k in ("num_layers", "hidden_size", "num_heads", "max_position_embeddings"):
+            _require(getattr(self, k) >= 1, p + k, getattr(self, k), "must be >= 1", "use a positive integer")
+        _require(self.hidden_size % self.num_heads == 0, p + "num_heads", self.num_heads,
+                 f"does not divide model.hidden_size={self.hidden_size}",
+                 "pick num_heads so that hidden_size / num_heads is an integer")
+        kv = self.kv_heads
+        _require(kv >= 1 and self.num_heads % kv == 0, p + "num_kv_heads", self.num_kv_heads,
+                 f"must divide model.num_heads={self.num_heads}", "use a divisor of num_heads (or null)")
+        _require(0.0 < self.rotary_pct <= 1.0, p + "rotary_pct", self.rotary_pct,
+                 "must be in (0, 1]", "use e.g. 0.25 (Pythia) or 1.0 (Llama)")
+        rot = self.rotary_dim
+        _require(rot % 2 == 0 and rot >= 2, p + "rotary_pct", self.rotary_pct,
+                 f"gives an odd or empty rotary dim {rot} for head dim {self.head_dim}",
+                 "choose rotary_pct so head_dim * rotary_pct is a positive even integer")
+        _require(self.norm_eps > 0, p + "norm_eps", self.norm_eps, "must be > 0", "use e.g. 1e-5")
+        _require(self.init_std > 0, p + "init_std", self.init_std, "must be > 0", "use e.g. 0.02")
+        for k in ("hidden_dropout", "attention_dropout"):
+            v = getattr(self, k)
+            _require(0.0 <= v < 1.0, p + k, v, "must be in [0, 1)", "use 0.0 for pretraining")
+        if self.vocab_size is not None:
+            _require(self.vocab_size >= 2, p + "vocab_size", self.vocab_size, "must be >= 2",
+                     "leave it null to take the tokenizer's size")
+        if self.ffn_hidden_size is not None:
+            _require(self.ffn_hidden_size >= 1, p + "ffn_hidden_size", self.ffn_hidden_size,
+                     "must be >= 1", "leave it null for the family default")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(round(self.head_dim * self.rotary_pct))
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.family == "neox":
+            return 4 * self.hidden_size
+        return 64 * ((8 * self.hidden_size // 3 + 63) // 64)
+
+
+@dataclass
+class AttentionConfig:
+    kind: Literal["dense"] = "dense"
+
+    def check(self) -> None:
+        pass
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: Union[int, Literal["auto"]] = "auto"
+
+    def check(self) -> None:
+        for k in ("tp", "pp"):
+            v = getattr(self, k)
+            _require(v == 1, "parallel." + k, v, "model parallelism is not available in this version",
+                     "set it to 1")
+        _require(self.dp in ("auto", 1), "parallel.dp", self.dp,
+                 "data parallelism is not available in this version", "set it to auto or 1")
+
+
+@dataclass
+class DataConfig:
+    tokenizer: Optional[str] = None  # a sentencepiece .model or an HF tokenizer.json
+    paths: list[str] = field(default_factory=list)  # .bin/.idx prefixes
+    weights: Optional[list[float]] = None  # blending weights, one per path
+    split: list[float] = field(default_factory=lambda: [0.98, 0.01, 0.01])
+    seq_len: int = 256
+    seed: int = 1234
+
+    def check(self) -> None:
+        p = "data."
+        _require(self.seq_len >= 2, p + "seq_len", self.seq_len, "must be >= 2", "use e.g. 2048")
+        _require(len(self.split) == 3 and all(s >= 0 for s in self.split) and sum(self.split) > 0,
+                 p + "split", self.split, "must be three non-negative fractions [train, valid, test]",
+                 "use e.g. [0.98, 0.01, 0.01]")
+        _require(self.split[0] > 0, p + "split", self.split, "the train fraction is 0",
+                 "give the train split a positive share")
+        if self.weights is not None:
+            _require(len(self.weights) == len(self.paths), p + "weights", self.weights,
+                     f"has {len(self.weights)} entries for {len(self.paths)} data.paths",
+                     "give one weight per path, or null for weights proportional to size")
+            _require(all(w >= 0 for w in self.weights) and sum(self.weights) > 0, p + "weights",
+                     self.weights, "must be non-negative with a positive sum", "use e.g. [0.7, 0.3]")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    warmup_steps: Optional[int] = None
+    warmup_fraction: float = 0.01  # used when warmup_steps is null
+    wsd_decay_fraction: float = 0.2  # share of steps spent decaying in `wsd`
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+
+    def check(self) -> None:
+        p = "optim."
+        _require(self.lr > 0, p + "lr", self.lr, "must be > 0", "use e.g. 6e-4")
+        _require(0 <= self.min_lr <= self.lr, p + "min_lr", self.min_lr, f"must be in [0, optim.lr={self.lr}]",
+                 "use e.g. lr / 10")
+        _require(self.warmup_steps is None or self.warmup_steps >= 0, p + "warmup_steps", self.warmup_steps,
+                 "must be >= 0", "use a step count or null for warmup_fraction")
+        for k in ("warmup_fraction", "wsd_decay_fraction"):
+            v = getattr(self, k)
+            _require(0 <= v <= 1, p + k, v, "must be in [0, 1]", "use e.g. 0.01")
+        for k in ("beta1", "beta2"):
+            v = getattr(self, k)
+            _require(0 <= v < 1, p + k, v, "must be in [0, 1)", "use e.g. 0.9 / 0.95")
+        _require(self.weight_decay >= 0, p + "weight_decay", self.weight_decay, "must be >= 0", "use e.g. 0.1")
+        _require(self.eps > 0, p + "eps", self.eps, "must be > 0", "use e.g. 1e-8")
+        _require(self.clip_grad >= 0, p + "clip_grad", self.clip_grad, "must be >= 0", "use 1.0, or 0 to disable")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 100
+    micro_batch_size: int = 8
+    global_batch_size: Optional[int] = None  # None: micro_batch_size (no accumulation)
+    eval_interval: int = 50
+    eval_iters: int = 10
+    seed: int = 1234
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False
+
+    def check(self) -> None:
+        p = "train."
+        for k in ("steps", "micro_batch_size", "eval_interval", "eval_iters"):
+            v = getattr(self, k)
+            _require(v >= 1, p + k, v, "must be >= 1", "use a positive integer")
+        if self.global_batch_size is not None:
+            gb, mb = self.global_batch_size, self.micro_batch_size
+            _require(gb >= mb and gb % mb == 0, p + "global_batch_size", gb,
+                     f"is not a multiple of train.micro_batch_size={mb}",
+                     "use a multiple of micro_batch_size (x data-parallel size)")
+        _require(bool(self.run_dir), p + "run_dir", self.run_dir, "is empty", "name a directory for the run")
+
+    @property
+    def accumulation(self) -> int:
+        return (self.global_batch_size or self.micro_batch_size) // self.micro_batch_size
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 100
+    keep_last: int = 2
+    load: Optional[str] = None  # initialise from this checkpoint dir when run_dir has none
+    resume: bool = True  # continue from run_dir's `latest` when it exists
+
+    def check(self) -> None:
+        _require(self.save_interval >= 1, "checkpoint.save_interval", self.save_interval, "must be >= 1",
+                 "use a positive step count")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1",
+                 "keep at least one checkpoint")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "megatron-sep"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    peak_tflops: Optional[float] = None  # None: known GPUs by name; MFU is not shown otherwise
+
+    def check(self) -> None:
+        _require(self.log_interval >= 1, "logging.log_interval", self.log_interval, "must be >= 1",
+                 "use a positive step count")
+        _require(self.peak_tflops is None or self.peak_tflops > 0, "logging.peak_tflops", self.peak_tflops,
+                 "must be > 0", "use the device's dense bf16 peak, e.g. 989 for an H100")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self) -> None:
+        for name in SECTIONS:
+            getattr(self, name).check()
+        m, d = self.model, self.data
+        _require(d.seq_len <= m.max_position_embeddings, "data.seq_len", d.seq_len,
+                 f"exceeds model.max_position_embeddings={m.max_position_embeddings}",
+                 "lower data.seq_len or raise model.max_position_embeddings")
+
+
+SECTIONS = ("model", "attention", "parallel", "data", "optim", "train", "checkpoint", "logging")

@@ -1,0 +1,3 @@
+from .gpt import GPT, padded_vocab
+
+__all__ = ["GPT", "padded_vocab"]

@@ -1,0 +1,138 @@
+"""A plain single-device GPT covering two families.
+
+neox:  LayerNorm, GeLU MLP, parallel attention + MLP residual, partial rotary, biases (Pythia).
+llama: RMSNorm, SwiGLU MLP, sequential residual, full rotary, GQA, no biases.
+
+No process groups here: parallelism is applied to this model from outside.
+Fused weights keep Megatron's layouts so tensor parallelism can split them:
+qkv rows are grouped per kv head as [q_0 .. q_{g-1}, k, v] (g = heads / kv_heads),
+and the SwiGLU input projection is [gate; up].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fused_ops
+from ..config import Config, ModelConfig
+from .attention import build_core_attention
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = "layer" if cfg.family == "neox" else "rms"
+        self.eps = cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(cfg.hidden_size)) if self.kind == "layer" else None
+
+    def forward(self, x, residual=None):
+        if self.kind == "layer":
+            return fused_ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+        return fused_ops.rms_norm(x, self.weight, self.eps, residual=residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, core):
+        super().__init__()
+        bias = cfg.family == "neox"
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        self.rotary_dim, self.rotary_base = cfg.rotary_dim, cfg.rotary_base
+        qkv_out = (self.heads + 2 * self.kv_heads) * self.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=bias)
+        self.out = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.core = core
+        self.dropout = cfg.attention_dropout
+
+    def forward(self, x, position_ids, batch):
+        b, s, _ = x.shape
+        group = self.heads // self.kv_heads
+        qkv = self.qkv(x).view(b, s, self.kv_heads, group + 2, self.head_dim)
+        q = qkv[:, :, :, :group].reshape(b, s, self.heads, self.head_dim)
+        k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
+        q, k = fused_ops.apply_rope(q, k, position_ids, self.rotary_dim, self.rotary_base)
+        dropout = self.dropout if self.training else 0.0
+        o = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), batch, dropout)
+        return self.out(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.family == "llama"
+        bias = not self.gated
+        width = 2 * cfg.ffn_size if self.gated else cfg.ffn_size
+        self.up = nn.Linear(cfg.hidden_size, width, bias=bias)
+        self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, core):
+        super().__init__()
+        self.parallel_residual = cfg.family == "neox"
+        self.norm1, self.norm2 = Norm(cfg), Norm(cfg)
+        self.attn, self.mlp = Attention(cfg, core), MLP(cfg)
+        self.drop = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x, position_ids, batch):
+        if self.parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
+            a = self.attn(self.norm1(x), position_ids, batch)
+            return x + self.drop(a) + self.drop(self.mlp(self.norm2(x)))
+        a = self.attn(self.norm1(x), position_ids, batch)
+        h, x = self.norm2(self.drop(a), residual=x)
+        return x + self.drop(self.mlp(h))
+
+
+def padded_vocab(vocab_size: int, multiple: int = 128) -> int:
+    return multiple * math.ceil(vocab_size / multiple)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.model
+        if m.vocab_size is None:
+            raise ValueError("model.vocab_size is unset: take it from the tokenizer before building the model")
+        self.cfg = cfg
+        self.vocab_size = m.vocab_size
+        self.padded_vocab_size = padded_vocab(m.vocab_size)
+        self.embed = nn.Embedding(self.padded_vocab_size, m.hidden_size)
+        self.drop = nn.Dropout(m.hidden_dropout)
+        self.layers = nn.ModuleList(
+            Block(m, build_core_attention(cfg, i)) for i in range(m.num_layers))
+        self.final_norm = Norm(m)
+        self.lm_head = nn.Linear(m.hidden_size, self.padded_vocab_size, bias=False)
+        if m.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        from .init import init_weights
+        init_weights(self, m)
+
+    def forward(self, tokens, labels=None, position_ids=None, batch=None):
+        """tokens [b, s] -> logits [b, s, vocab] or, with labels, the mean cross-entropy."""
+        if position_ids is None:
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device)
+        batch = {} if batch is None else batch
+        batch.setdefault("tokens", tokens)
+        x = self.drop(self.embed(tokens))
+        for layer in self.layers:
+            x = layer(x, position_ids, batch)
+        logits = self.lm_head(self.final_norm(x))
+        if labels is None:
+            return logits[..., : self.vocab_size]
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.embed.weight.numel()

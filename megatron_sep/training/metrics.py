@@ -1,0 +1,88 @@
+"""Step log lines, metrics.jsonl, and optional TensorBoard / wandb sinks; FLOPs for MFU."""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+
+# Dense bf16 peaks (TFLOP/s) for MFU when logging.peak_tflops is unset.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def flops_per_token(cfg: Config, n_matmul_params: int) -> float:
+    """Training FLOPs per token: 6N for the weight matmuls plus 12*L*h*s for attention scores
+    (the PaLM / Megatron convention; dense causal attention counted at full s)."""
+    m = cfg.model
+    return 6.0 * n_matmul_params + 12.0 * m.num_layers * m.hidden_size * cfg.data.seq_len
+
+
+def peak_flops(cfg: Config, device: torch.device) -> float | None:
+    if cfg.logging.peak_tflops:
+        return cfg.logging.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in PEAK_TFLOPS.items():
+            if key in name:
+                return tf * 1e12
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsLogger:
+    def __init__(self, cfg: Config, run_dir: Path, config_dict: dict, enabled: bool = True):
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if cfg.logging.wandb:
+            import wandb
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir),
+                                    mode=cfg.logging.wandb_mode, config=config_dict,
+                                    name=run_dir.name, resume="allow")
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **metrics}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True, file=sys.stdout)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def format_step(step: int, total: int, m: dict) -> str:
+    mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "n/a"
+    return (f"step {step:>6}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | grad norm "
+            f"{m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
+            f"mem {m['peak_mem_gb']:.2f} GB")

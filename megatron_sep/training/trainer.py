@@ -1,0 +1,195 @@
+"""The training loop: data, model, optimizer, schedule, eval, checkpoints, signals, logging."""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config, ConfigError, config_to_dict, dump_config
+from ..data.dataset import build_datasets
+from ..data.tokenizer import load_tokenizer
+from ..model import GPT
+from .checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint, set_rng_state
+from .metrics import MetricsLogger, flops_per_token, format_step, peak_flops, peak_memory_gb
+from .optim import build_optimizer, lr_at
+
+
+def pick_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", want, "no CUDA device is visible", "use auto or cpu")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, log: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = pick_device(cfg)
+        self.stop_signal = None
+        seed_everything(cfg.train.seed)
+
+        if not cfg.data.tokenizer:
+            raise ConfigError("data.tokenizer", None, "no tokenizer given",
+                              "set data.tokenizer to a sentencepiece .model or tokenizer.json")
+        if not cfg.data.paths:
+            raise ConfigError("data.paths", [], "no training data given",
+                              "list .bin/.idx prefixes made by `megatron-sep preprocess`")
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        m = cfg.model
+        if m.vocab_size is None:
+            m.vocab_size = self.tokenizer.vocab_size
+        elif m.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError("model.vocab_size", m.vocab_size,
+                              f"is smaller than the tokenizer's {self.tokenizer.vocab_size} tokens",
+                              "raise it or leave it null")
+        self.config_text = dump_config(cfg)
+
+        t = cfg.train
+        self.global_batch = t.global_batch_size or t.micro_batch_size
+        self.train_ds, self.valid_ds, _ = build_datasets(
+            cfg.data.paths, cfg.data.weights, cfg.data.split, cfg.data.seq_len, cfg.data.seed,
+            (t.steps * self.global_batch, t.eval_iters * t.micro_batch_size, 0))
+        if self.valid_ds is None:
+            raise ConfigError("data.split", cfg.data.split, "the validation split holds no documents",
+                              "give the valid share (second entry) a positive value, e.g. [0.98, 0.01, 0.01]")
+
+        self.model = GPT(cfg).to(self.device)
+        self.opt = build_optimizer(self.model, cfg, self.device)
+        self.step, self.consumed, self.saved_step = 0, 0, None
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if self.device.type == "cuda" and t.precision in ("auto", "bf16")
+                         else contextlib.nullcontext())
+        self.forward = torch.compile(self.model) if t.compile else self.model
+
+        matmul = sum(p.numel() for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n)
+        self.flops_per_token = flops_per_token(cfg, matmul)
+        self.peak = peak_flops(cfg, self.device)
+        self.logger = MetricsLogger(cfg, self.run_dir, config_to_dict(cfg), enabled=log)
+
+    # ---- state ---------------------------------------------------------------------------------
+    def maybe_resume(self) -> None:
+        c = self.cfg.checkpoint
+        path = latest_checkpoint(self.ckpt_dir) if c.resume else None
+        if path is not None:
+            meta = load_checkpoint(path, self.model, self.opt)
+            self.step, self.consumed = meta["step"], meta["consumed_samples"]
+            set_rng_state(meta["rng"])
+            self.logger.print(f"resumed from {path} at step {self.step} ({self.consumed} samples consumed)")
+        elif c.load:
+            path = resolve_checkpoint(c.load)
+            load_checkpoint(path, self.model)
+            self.logger.print(f"initialised weights from {path}")
+
+    def save(self) -> None:
+        meta = {"consumed_samples": self.consumed}
+        path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.opt, meta, self.config_text,
+                               self.cfg.checkpoint.keep_last)
+        self.saved_step = self.step
+        self.logger.print(f"saved checkpoint {path}")
+
+    # ---- data ----------------------------------------------------------------------------------
+    def batch(self, ds, start: int, size: int):
+        rows = np.stack([ds[i] for i in range(start, start + size)])
+        data = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        return data[:, :-1], data[:, 1:]
+
+    # ---- steps ---------------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        t, mb = self.cfg.train, self.cfg.train.micro_batch_size
+        lr = lr_at(self.step, self.cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for micro in range(t.accumulation):
+            tokens, labels = self.batch(self.train_ds, self.consumed + micro * mb, mb)
+            with self.autocast:
+                loss = self.forward(tokens, labels) / t.accumulation
+            loss.backward()
+            total += loss.detach()
+        clip = self.cfg.optim.clip_grad
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.consumed += self.global_batch
+        return total, norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        mb, losses = self.cfg.train.micro_batch_size, []
+        for i in range(self.cfg.train.eval_iters):
+            tokens, labels = self.batch(self.valid_ds, i * mb, mb)
+            with self.autocast:
+                losses.append(self.forward(tokens, labels).float())
+        self.model.train()
+        return torch.stack(losses).mean().item()
+
+    def _on_signal(self, signum, frame):
+        self.stop_signal = signal.Signals(signum).name
+
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self.logger.print("resolved config:\n" + self.config_text)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(self.config_text)
+        self.maybe_resume()
+        self.logger.print(f"model: {cfg.model.family}, {self.model.num_params() / 1e6:.2f}M parameters, "
+                          f"device {self.device}, {t.accumulation} micro-batches per step")
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        tokens_per_step = self.global_batch * cfg.data.seq_len
+        last = {}
+        try:
+            tic, steps_since = time.perf_counter(), 0
+            while self.step < t.steps and self.stop_signal is None:
+                loss, norm = self.train_step()
+                steps_since += 1
+                if self.step % cfg.logging.log_interval == 0 or self.step == t.steps:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - tic
+                    tps = steps_since * tokens_per_step / dt
+                    last = {"loss": loss.item(), "lr": lr_at(self.step - 1, cfg), "grad_norm": norm.item(),
+                            "tokens_per_s": tps, "peak_mem_gb": peak_memory_gb(self.device),
+                            "mfu": tps * self.flops_per_token / self.peak if self.peak else None,
+                            "consumed_samples": self.consumed}
+                    if not math.isfinite(last["loss"]):
+                        raise FloatingPointError(f"loss is {last['loss']} at step {self.step}. Fix: lower "
+                                                 "optim.lr or check the data")
+                    self.logger.print(format_step(self.step, t.steps, last))
+                    self.logger.log(self.step, last)
+                    tic, steps_since = time.perf_counter(), 0
+                if self.step % t.eval_interval == 0 or self.step == t.steps:
+                    val = self.evaluate()
+                    last["val_loss"] = val
+                    self.logger.print(f"step {self.step:>6} | val loss {val:.4f} | val ppl {math.exp(val):.2f}")
+                    self.logger.log(self.step, {"val_loss": val, "val_ppl": math.exp(val)})
+                    tic = time.perf_counter()
+                if self.step % cfg.checkpoint.save_interval == 0 or self.step == t.steps:
+                    self.save()
+                    tic = time.perf_counter()
+            if self.stop_signal is not None:
+                self.logger.print(f"received {self.stop_signal}: saving at step {self.step} and exiting")
+                if self.saved_step != self.step:
+                    self.save()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.logger.close()
+        return {"step": self.step, "stopped_by": self.stop_signal, **last}
