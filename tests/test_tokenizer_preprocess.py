@@ -89,7 +89,7 @@ def test_cli_data_pipeline(corpus, tmp_path):
             "--vocab-size", "300", "--type", "unigram")
     assert p.returncode == 2 and "--vocab-size" in p.stderr  # byte fallback needs more than 300
     p = run("tokenizer", "train", "--input", str(corpus["jsonl"]), "--out", str(tmp_path / "tk"),
-            "--vocab-size", "400", "--type", "unigram")
+            "--vocab-size", "320", "--type", "unigram")
     assert p.returncode == 0, p.stderr
     p = run("preprocess", "--input", str(corpus["jsonl"]), "--tokenizer", str(tmp_path / "tk.model"),
             "--out", str(tmp_path / "d"), "--workers", "2")

@@ -144,8 +144,10 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self.stop_signal = signal.Signals(signum).name
 
-    def run(self) -> dict:
+    def run(self, until: int | None = None) -> dict:
+        """Train to train.steps (or stop early after step `until`, saving, as a preemption would)."""
         cfg, t = self.cfg, self.cfg.train
+        until = t.steps if until is None else min(until, t.steps)
         self.logger.print("resolved config:\n" + self.config_text)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(self.config_text)
@@ -157,7 +159,7 @@ class Trainer:
         last = {}
         try:
             tic, steps_since = time.perf_counter(), 0
-            while self.step < t.steps and self.stop_signal is None:
+            while self.step < until and self.stop_signal is None:
                 loss, norm = self.train_step()
                 steps_since += 1
                 if self.step % cfg.logging.log_interval == 0 or self.step == t.steps:
@@ -186,8 +188,8 @@ class Trainer:
                     tic = time.perf_counter()
             if self.stop_signal is not None:
                 self.logger.print(f"received {self.stop_signal}: saving at step {self.step} and exiting")
-                if self.saved_step != self.step:
-                    self.save()
+            if self.saved_step != self.step:
+                self.save()
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
