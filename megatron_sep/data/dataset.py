@@ -1,0 +1,115 @@
+"""Packed GPT samples from indexed datasets: splits, shuffling, blending, exact resume.
+
+A `PackedDataset` concatenates its documents (EOD already appended by
+`preprocess`) in a seeded order per epoch into one token stream and cuts it into
+`seq_len + 1`-token samples; sample order is shuffled with the same seed. Every
+sample is addressed by index, so resuming from a consumed-sample count replays
+exactly the same batches.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .indexed import IndexedDataError, IndexedDataset
+
+
+def split_ranges(num_docs: int, split: list[float]) -> list[tuple[int, int]]:
+    """Contiguous document ranges [start, end) for train / valid / test."""
+    fractions = np.asarray(split, dtype=np.float64) / float(sum(split))
+    bounds = np.concatenate([[0], np.round(np.cumsum(fractions) * num_docs)]).astype(np.int64)
+    bounds[-1] = num_docs
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(3)]
+
+
+class PackedDataset:
+    def __init__(self, indexed: IndexedDataset, doc_range: tuple[int, int], seq_len: int,
+                 num_samples: int | None, seed: int, name: str = ""):
+        start, end = doc_range
+        self.indexed, self.seq_len, self.name = indexed, seq_len, name
+        docs = np.arange(start, end, dtype=np.int64)
+        sizes = indexed.sizes[start:end].astype(np.int64)
+        tokens_per_epoch = int(sizes.sum())
+        if tokens_per_epoch <= seq_len:
+            raise IndexedDataError(
+                f"{name or indexed.bin_path}: documents [{start}, {end}) hold {tokens_per_epoch} tokens, "
+                f"fewer than one sample of {seq_len + 1}. Fix: use more data, a smaller data.seq_len, "
+                "or a larger share in data.split")
+        per_epoch = (tokens_per_epoch - 1) // seq_len
+        wanted = per_epoch if num_samples is None else num_samples
+        epochs = max(1, math.ceil((wanted * seq_len + 1) / tokens_per_epoch))
+        order = np.concatenate([np.random.default_rng([seed, e]).permutation(docs) for e in range(epochs)])
+        self.doc_order = order
+        self.doc_end = np.cumsum(indexed.sizes[order].astype(np.int64))
+        available = (int(self.doc_end[-1]) - 1) // seq_len
+        self.shuffle = np.random.default_rng([seed, 1 << 20]).permutation(available)[:wanted]
+        self.epochs = epochs
+
+    def __len__(self) -> int:
+        return len(self.shuffle)
+
+    def __getitem__(self, idx: int) -> np.ndarray:
+        pos = int(self.shuffle[idx]) * self.seq_len
+        need = self.seq_len + 1
+        k = int(np.searchsorted(self.doc_end, pos, side="right"))
+        parts = []
+        while need > 0:
+            doc = int(self.doc_order[k])
+            doc_start = int(self.doc_end[k]) - int(self.indexed.sizes[doc])
+            piece = self.indexed.get(doc, pos - doc_start, min(need, int(self.doc_end[k]) - pos))
+            parts.append(piece)
+            need -= len(piece)
+            pos += len(piece)
+            k += 1
+        return np.concatenate(parts).astype(np.int64)
+
+
+def blend_index(weights: list[float], num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Megatron's greedy blending: sample i comes from the dataset furthest behind its share."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    which = np.zeros(num_samples, dtype=np.int64)
+    within = np.zeros(num_samples, dtype=np.int64)
+    counts = np.zeros(len(w), dtype=np.int64)
+    for i in range(num_samples):
+        k = int(np.argmax(w * (i + 1) - counts))
+        which[i], within[i] = k, counts[k]
+        counts[k] += 1
+    return which, within
+
+
+class BlendedDataset:
+    def __init__(self, datasets: list[PackedDataset], weights: list[float], num_samples: int):
+        self.datasets = datasets
+        self.which, self.within = blend_index(weights, num_samples)
+
+    def __len__(self) -> int:
+        return len(self.which)
+
+    def __getitem__(self, idx: int) -> np.ndarray:
+        return self.datasets[int(self.which[idx])][int(self.within[idx])]
+
+
+def build_datasets(paths: list[str], weights: list[float] | None, split: list[float], seq_len: int,
+                   seed: int, num_samples: tuple[int, int, int]):
+    """(train, valid, test) datasets over the blended corpora; None for an empty split."""
+    indexed = [IndexedDataset(p) for p in paths]
+    if weights is None:  # proportional to token count
+        weights = [float(ix.num_tokens) for ix in indexed]
+    out = []
+    for s, (name, wanted) in enumerate(zip(("train", "valid", "test"), num_samples)):
+        parts = []
+        for i, ix in enumerate(indexed):
+            lo, hi = split_ranges(len(ix), split)[s]
+            if hi > lo and wanted > 0:
+                share = math.ceil(wanted * weights[i] / sum(weights) * 1.005) + 1
+                parts.append((i, PackedDataset(ix, (lo, hi), seq_len, share, seed + 7 * i + s,
+                                               f"{paths[i]} ({name})")))
+        if not parts:
+            out.append(None)
+        elif len(parts) == 1:
+            out.append(parts[0][1])
+        else:
+            out.append(BlendedDataset([d for _, d in parts], [weights[i] for i, _ in parts], wanted))
+    return tuple(out)
