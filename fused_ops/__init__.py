@@ -1,5 +1,6 @@
-"""Hot-path ops: each has a PyTorch reference and (on CUDA) a Triton kernel behind one function."""
+"""Hot-path ops: each has a PyTorch reference and (on CUDA) a faster backend behind one function."""
 from .norms import layer_norm, rms_norm
 from .rope import apply_rope, rope_cos_sin
+from .sep_attention import kept_keys, sep_attention, sep_mask
 
-__all__ = ["apply_rope", "layer_norm", "rms_norm", "rope_cos_sin"]
+__all__ = ["apply_rope", "kept_keys", "layer_norm", "rms_norm", "rope_cos_sin", "sep_attention", "sep_mask"]

@@ -92,10 +92,41 @@ class ModelConfig:
 
 @dataclass
 class AttentionConfig:
-    kind: Literal["dense"] = "dense"
+    kind: Literal["dense", "sepllm", "streamingllm", "fixed_interval"] = "dense"
+    init_tokens: int = 3
+    window: Union[int, list[int]] = 64  # one n for every layer, or one per layer
+    hybrid: Literal["none", "H", "HT", "HMT"] = "none"  # these layers stay dense
+    # separator strings resolved with the tokenizer, or explicit token ids
+    separators: list[Union[int, str]] = field(
+        default_factory=lambda: [".", ",", "?", "!", ";", ":", " ", "\t", "\n"])
+    fixed_interval: int = 8  # fixed_interval kind: every k-th position acts as a separator
+    reset_per_document: bool = False
+    eod_id: Optional[int] = None  # document end for reset_per_document; filled from the tokenizer
+    backend: Literal["auto", "reference", "flex"] = "auto"
+    stats_interval: int = 100  # steps between kept-pair statistics (0: never)
 
     def check(self) -> None:
-        pass
+        p = "attention."
+        _require(self.init_tokens >= 0, p + "init_tokens", self.init_tokens, "must be >= 0", "use e.g. 3")
+        windows = self.window if isinstance(self.window, list) else [self.window]
+        _require(bool(windows) and all(w >= 1 for w in windows), p + "window", self.window,
+                 "every window must be >= 1 (it counts the query itself)", "use e.g. 64")
+        _require(self.fixed_interval >= 1, p + "fixed_interval", self.fixed_interval, "must be >= 1",
+                 "use e.g. 8")
+        _require(self.stats_interval >= 0, p + "stats_interval", self.stats_interval, "must be >= 0",
+                 "use 0 to turn statistics off")
+        if self.kind == "sepllm":
+            _require(bool(self.separators), p + "separators", self.separators, "is empty for kind sepllm",
+                     "list separator strings or ids, or use kind streamingllm")
+
+    def layer_windows(self, num_layers: int, seq_len: int) -> list[int | None]:
+        """Window per layer; None marks a dense layer."""
+        if self.kind == "dense":
+            return [None] * num_layers
+        windows = list(self.window) if isinstance(self.window, list) else [self.window] * num_layers
+        dense = {"none": set(), "H": {0}, "HT": {0, num_layers - 1},
+                 "HMT": {0, num_layers // 2, num_layers - 1}}[self.hybrid]
+        return [None if (i in dense or w >= seq_len) else w for i, w in enumerate(windows)]
 
 
 @dataclass
@@ -244,7 +275,11 @@ class Config:
     def check(self) -> None:
         for name in SECTIONS:
             getattr(self, name).check()
-        m, d = self.model, self.data
+        m, d, a = self.model, self.data, self.attention
+        if isinstance(a.window, list):
+            _require(len(a.window) == m.num_layers, "attention.window", a.window,
+                     f"has {len(a.window)} entries for model.num_layers={m.num_layers}",
+                     "give one window per layer, or a single integer")
         _require(d.seq_len <= m.max_position_embeddings, "data.seq_len", d.seq_len,
                  f"exceeds model.max_position_embeddings={m.max_position_embeddings}",
                  "lower data.seq_len or raise model.max_position_embeddings")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import fused_ops
 from ..config import Config, ModelConfig
-from .attention import build_core_attention
+from .attention import build_core_attention, sep_inputs, separator_ids_of
 
 
 class Norm(nn.Module):
@@ -112,6 +112,8 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(m.hidden_dropout)
         self.layers = nn.ModuleList(
             Block(m, build_core_attention(cfg, i)) for i in range(m.num_layers))
+        self.register_buffer("sep_ids", torch.tensor(separator_ids_of(cfg), dtype=torch.long),
+                             persistent=False)
         self.final_norm = Norm(m)
         self.lm_head = nn.Linear(m.hidden_size, self.padded_vocab_size, bias=False)
         if m.tie_embeddings:
@@ -120,11 +122,12 @@ class GPT(nn.Module):
         init_weights(self, m)
 
     def forward(self, tokens, labels=None, position_ids=None, batch=None):
-        """tokens [b, s] -> logits [b, s, vocab] or, with labels, the mean cross-entropy."""
+        """tokens [b, s] -> logits [b, s, vocab] or, with labels, the mean cross-entropy.
+        `batch` (is_sep, segment_ids) is derived from tokens unless given."""
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device)
-        batch = {} if batch is None else batch
-        batch.setdefault("tokens", tokens)
+        if batch is None:  # per-microbatch attention inputs, computed once for every layer
+            batch = sep_inputs(self.cfg, tokens, self.sep_ids)
         x = self.drop(self.embed(tokens))
         for layer in self.layers:
             x = layer(x, position_ids, batch)

@@ -14,7 +14,9 @@ import torch
 from ..config import Config, ConfigError, config_to_dict, dump_config
 from ..data.dataset import build_datasets
 from ..data.tokenizer import load_tokenizer
+from ..data.separators import resolve_separator_ids
 from ..model import GPT
+from ..model.attention import attention_stats, sep_inputs
 from .checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint, set_rng_state
 from .metrics import MetricsLogger, flops_per_token, format_step, peak_flops, peak_memory_gb
 from .optim import build_optimizer, lr_at
@@ -58,6 +60,7 @@ class Trainer:
             raise ConfigError("model.vocab_size", m.vocab_size,
                               f"is smaller than the tokenizer's {self.tokenizer.vocab_size} tokens",
                               "raise it or leave it null")
+        self.notes = self._resolve_attention()
         self.config_text = dump_config(cfg)
 
         t = cfg.train
@@ -81,6 +84,30 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg, matmul)
         self.peak = peak_flops(cfg, self.device)
         self.logger = MetricsLogger(cfg, self.run_dir, config_to_dict(cfg), enabled=log)
+
+    def _resolve_attention(self) -> list[str]:
+        """Turn separator strings into ids (written back into the config) and fill eod_id."""
+        a, tok, notes = self.cfg.attention, self.tokenizer, []
+        if a.kind == "sepllm":
+            strings = [x for x in a.separators if isinstance(x, str)]
+            ids, warnings = resolve_separator_ids(tok, strings) if strings else ([], [])
+            ids += [x for x in a.separators if isinstance(x, int) and x not in ids]
+            notes += [f"warning: {w}" for w in warnings]
+            bad = [i for i in ids if not 0 <= i < self.cfg.model.vocab_size]
+            if bad or not ids:
+                raise ConfigError("attention.separators", a.separators,
+                                  f"resolve to no usable token ids (out of range: {bad})",
+                                  "list strings the tokenizer has as single tokens, or valid ids")
+            a.separators = sorted(ids)
+            notes.append("separator ids: " + ", ".join(f"{i} {tok.id_to_piece(i)!r}" for i in a.separators))
+        if a.reset_per_document and a.eod_id is None:
+            a.eod_id = tok.eod_id
+        return notes
+
+    def _separator_share(self, samples: int = 64) -> float:
+        n = min(samples, len(self.train_ds))
+        tokens = torch.from_numpy(np.stack([self.train_ds[i] for i in range(n)]))
+        return sep_inputs(self.cfg, tokens, self.model.sep_ids.cpu())["is_sep"].float().mean().item()
 
     # ---- state ---------------------------------------------------------------------------------
     def maybe_resume(self) -> None:
@@ -152,6 +179,12 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(self.config_text)
         self.maybe_resume()
+        for note in self.notes:
+            self.logger.print(note)
+        if cfg.attention.kind != "dense":
+            self.logger.print(f"attention {cfg.attention.kind}: windows per layer "
+                              f"{cfg.attention.layer_windows(cfg.model.num_layers, cfg.data.seq_len)} "
+                              f"(None = dense), separator share in the data {self._separator_share():.2%}")
         self.logger.print(f"model: {cfg.model.family}, {self.model.num_params() / 1e6:.2f}M parameters, "
                           f"device {self.device}, {t.accumulation} micro-batches per step")
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
@@ -162,6 +195,14 @@ class Trainer:
             while self.step < until and self.stop_signal is None:
                 loss, norm = self.train_step()
                 steps_since += 1
+                si = cfg.attention.stats_interval
+                if cfg.attention.kind != "dense" and si and self.step % si == 0:
+                    tokens, _ = self.batch(self.train_ds, self.consumed - self.global_batch,
+                                           t.micro_batch_size)
+                    stats = attention_stats(cfg, sep_inputs(cfg, tokens, self.model.sep_ids)["is_sep"])
+                    self.logger.print(f"step {self.step:>6} | attention kept pairs {stats['kept_pairs']:.1%} "
+                                      f"| kept kv {stats['kept_kv']:.1%} | separators {stats['sep_share']:.1%}")
+                    self.logger.log(self.step, stats)
                 if self.step % cfg.logging.log_interval == 0 or self.step == t.steps:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
