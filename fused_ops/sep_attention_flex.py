@@ -29,7 +29,9 @@ def gather_plan(keep: torch.Tensor):
     pos = torch.arange(s, device=keep.device).expand(b, s)
     order = torch.sort(torch.where(keep, pos, pos + s), dim=1).indices  # kept first, in order
     count = int(keep.sum(1).max().item())
-    g = max(_BLOCK, -(-count // _BLOCK) * _BLOCK)
+    # power-of-two buckets keep shapes (and compiled kernels) stable across microbatches; padded
+    # slots are masked out for every query, so their blocks are skipped, not computed
+    g = max(_BLOCK, 1 << (count - 1).bit_length())
     if g > s:
         order = torch.cat([order, order.new_zeros(b, g - s)], dim=1)
     index = order[:, :g]
@@ -38,17 +40,8 @@ def gather_plan(keep: torch.Tensor):
     return torch.where(valid, index, 0), torch.where(valid, index, 2 * s + 2 * g)
 
 
-def two_part(k, v, is_sep, init_tokens, window, segment_ids):
-    """Keys/values laid out as [gathered kept ; all] and the mask_mod that selects from them."""
-    from .sep_attention import kept_keys
-
-    b, hk, s, d = k.shape
-    index, gpos = gather_plan(kept_keys(is_sep, init_tokens, segment_ids))
-    g = index.shape[1]
-    idx = index[:, None, :, None].expand(b, hk, g, d)
-    k_all = torch.cat([torch.gather(k, 2, idx), k], dim=2)
-    v_all = torch.cat([torch.gather(v, 2, idx), v], dim=2)
-    seg = segment_ids
+def make_mask_mod(gpos, window, segment_ids, s):
+    g, seg = gpos.shape[1], segment_ids
 
     def mask_mod(bi, h, qi, kv):
         in_g = kv < g
@@ -61,15 +54,47 @@ def two_part(k, v, is_sep, init_tokens, window, segment_ids):
             sep_ok = sep_ok & (seg[bi, torch.clamp(p, max=s - 1)] == sq)
             band_ok = band_ok & (seg[bi, torch.clamp(j, min=0)] == sq)
         return torch.where(in_g, sep_ok, band_ok)
+    return mask_mod
 
-    return k_all, v_all, mask_mod
+
+def gather_kv(k, v, index):
+    b, hk, _, d = k.shape
+    idx = index[:, None, :, None].expand(b, hk, index.shape[1], d)
+    return torch.cat([torch.gather(k, 2, idx), k], dim=2), torch.cat([torch.gather(v, 2, idx), v], dim=2)
+
+
+def two_part(k, v, is_sep, init_tokens, window, segment_ids):
+    """Keys/values laid out as [gathered kept ; all] and the mask_mod that selects from them."""
+    from .sep_attention import kept_keys
+
+    index, gpos = gather_plan(kept_keys(is_sep, init_tokens, segment_ids))
+    return (*gather_kv(k, v, index), make_mask_mod(gpos, window, segment_ids, k.shape[2]))
+
+
+_PLANS: dict = {}
+
+
+def _plan(is_sep, init_tokens, window, segment_ids, device):
+    """Gather index and block mask, built once per microbatch and shared by the layers that use them."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from .sep_attention import kept_keys
+
+    key = (id(is_sep), is_sep._version, init_tokens, window, id(segment_ids))
+    if key not in _PLANS:
+        if len(_PLANS) >= 8:
+            _PLANS.pop(next(iter(_PLANS)))
+        b, s = is_sep.shape
+        index, gpos = gather_plan(kept_keys(is_sep, init_tokens, segment_ids))
+        mask_mod = make_mask_mod(gpos, window, segment_ids, s)
+        block_mask = create_block_mask(mask_mod, B=b, H=None, Q_LEN=s, KV_LEN=index.shape[1] + s,
+                                       device=device, _compile=True)  # never materialise the full mask
+        _PLANS[key] = (is_sep, index, block_mask)  # holding is_sep keeps its id unique while cached
+    return _PLANS[key][1:]
 
 
 def flex_sep_attention(q, k, v, is_sep, init_tokens, window, scale, segment_ids):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    k_all, v_all, mask_mod = two_part(k, v, is_sep, init_tokens, window, segment_ids)
-    b, s = q.shape[0], q.shape[2]
-    block_mask = create_block_mask(mask_mod, B=b, H=None, Q_LEN=s, KV_LEN=k_all.shape[2], device=q.device)
+    index, block_mask = _plan(is_sep, init_tokens, window, segment_ids, q.device)
+    k_all, v_all = gather_kv(k, v, index)
     return _compiled_flex()(q, k_all, v_all, block_mask=block_mask, scale=scale,
                             enable_gqa=k.shape[1] != q.shape[1])

@@ -66,3 +66,16 @@ def test_cli_rejects_bad_config_before_work(tmp_path):
     assert proc.returncode == 2
     assert "model.num_heads=3" in proc.stderr and "Fix:" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+    paths = sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:
+        cfg = load_config(path)
+        if "pythia160m" in path.name:  # the paper's hyperparameters
+            m, o = cfg.model, cfg.optim
+            assert (m.num_layers, m.hidden_size, m.num_heads, m.rotary_pct, cfg.data.seq_len) == (12, 768, 12, 0.25, 2048)
+            assert (o.lr, o.min_lr, o.warmup_fraction, o.weight_decay, o.clip_grad) == (6e-4, 6e-5, 0.01, 0.1, 1.0)
+    assert load_config(paths[0].parent / "tiny_cpu.yaml").attention.kind == "sepllm"  # the demo trains SepLLM
