@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import use_triton
+
 
 def rope_cos_sin(position_ids: torch.Tensor, rotary_dim: int, base: float = 10000.0):
     """cos, sin of shape [*position_ids.shape, rotary_dim // 2], fp32."""
@@ -37,6 +39,9 @@ def apply_rope_ref(q, k, position_ids, rotary_dim, base=10000.0):
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, rotary_dim: int,
-               base: float = 10000.0):
+               base: float = 10000.0, backend: str = "auto"):
     """Rotate q [b, s, hq, d] and k [b, s, hk, d] at positions [b, s] (or [s])."""
+    if use_triton(backend, q):
+        from .rope_triton import apply_rope_triton
+        return apply_rope_triton(q, k, position_ids, rotary_dim, base)
     return apply_rope_ref(q, k, position_ids, rotary_dim, base)

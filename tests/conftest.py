@@ -1,3 +1,8 @@
+import os
+
+# Triton kernels run on the CPU only through the interpreter; it must be on before any kernel is defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 import random
 from pathlib import Path

@@ -40,6 +40,7 @@ class ModelConfig:
     init_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    kernels: Literal["auto", "triton", "reference"] = "auto"  # fused norms / RoPE: Triton on CUDA
 
     def check(self) -> None:
         p = "model."

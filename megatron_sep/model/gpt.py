@@ -25,14 +25,14 @@ class Norm(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind = "layer" if cfg.family == "neox" else "rms"
-        self.eps = cfg.norm_eps
+        self.eps, self.backend = cfg.norm_eps, cfg.kernels
         self.weight = nn.Parameter(torch.ones(cfg.hidden_size))
         self.bias = nn.Parameter(torch.zeros(cfg.hidden_size)) if self.kind == "layer" else None
 
     def forward(self, x, residual=None):
         if self.kind == "layer":
-            return fused_ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
-        return fused_ops.rms_norm(x, self.weight, self.eps, residual=residual)
+            return fused_ops.layer_norm(x, self.weight, self.bias, self.eps, residual, self.backend)
+        return fused_ops.rms_norm(x, self.weight, self.eps, residual, self.backend)
 
 
 class Attention(nn.Module):
@@ -40,7 +40,7 @@ class Attention(nn.Module):
         super().__init__()
         bias = cfg.family == "neox"
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
-        self.rotary_dim, self.rotary_base = cfg.rotary_dim, cfg.rotary_base
+        self.rotary_dim, self.rotary_base, self.kernels = cfg.rotary_dim, cfg.rotary_base, cfg.kernels
         qkv_out = (self.heads + 2 * self.kv_heads) * self.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=bias)
         self.out = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=bias)
@@ -53,7 +53,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(b, s, self.kv_heads, group + 2, self.head_dim)
         q = qkv[:, :, :, :group].reshape(b, s, self.heads, self.head_dim)
         k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
-        q, k = fused_ops.apply_rope(q, k, position_ids, self.rotary_dim, self.rotary_base)
+        q, k = fused_ops.apply_rope(q, k, position_ids, self.rotary_dim, self.rotary_base, self.kernels)
         dropout = self.dropout if self.training else 0.0
         o = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), batch, dropout)
         return self.out(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))

@@ -1,0 +1,95 @@
+"""Triton RoPE: q and k of one token rotated in one program, forward and backward.
+
+Half-split convention on the first `rotary_dim` channels of each head; the rest
+is copied through. Angles are pos * base^(-2i/rotary_dim), formed in fp32 in the
+kernel from the position ids, so no cos/sin cache is read. Inputs may be strided
+views of the fused qkv projection (the last dim must be contiguous); outputs are
+contiguous [b, s, h, d]. The backward is the same kernel rotating by -angle.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope_heads(X, Y, sxb, sxs, sxh, syb, sys, syh, b, t, H, cos, sin, half, offs_h, offs_r, offs_p,
+                D: tl.constexpr, ROT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    hm = offs_h[:, None] < H
+    rm = hm & (offs_r[None, :] < half)
+    xb = X + b * sxb + t * sxs + offs_h[:, None] * sxh
+    yb = Y + b * syb + t * sys + offs_h[:, None] * syh
+    x1 = tl.load(xb + offs_r[None, :], mask=rm, other=0.0).to(tl.float32)
+    x2 = tl.load(xb + half + offs_r[None, :], mask=rm, other=0.0).to(tl.float32)
+    tl.store(yb + offs_r[None, :], (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=rm)
+    tl.store(yb + half + offs_r[None, :], (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=rm)
+    if ROT < D:  # partial rotary: copy the tail
+        pm = hm & (offs_p[None, :] < D - ROT)
+        tail = tl.load(xb + ROT + offs_p[None, :], mask=pm, other=0.0)
+        tl.store(yb + ROT + offs_p[None, :], tail, mask=pm)
+
+
+@triton.jit
+def _rope_kernel(Q, K, QO, KO, POS, sqb, sqs, sqh, skb, sks, skh, sob, sos, soh, skob, skos, skoh,
+                 spb, sps, S, HQ, HK, log2_base, sign,
+                 D: tl.constexpr, ROT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_P: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // S
+    t = pid % S
+    half = ROT // 2
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_p = tl.arange(0, BLOCK_P)
+    pos = tl.load(POS + b * spb + t * sps).to(tl.float32)
+    inv_freq = tl.exp2(-(2.0 * offs_r.to(tl.float32) / ROT) * log2_base)
+    angle = pos * inv_freq
+    cos = tl.cos(angle)[None, :]
+    sin = sign * tl.sin(angle)[None, :]
+    _rope_heads(Q, QO, sqb, sqs, sqh, sob, sos, soh, b, t, HQ, cos, sin, half, offs_h, offs_r, offs_p,
+                D, ROT, BLOCK_H, BLOCK_P)
+    _rope_heads(K, KO, skb, sks, skh, skob, skos, skoh, b, t, HK, cos, sin, half, offs_h, offs_r, offs_p,
+                D, ROT, BLOCK_H, BLOCK_P)
+
+
+def _launch(q, k, pos, rotary_dim, base, sign):
+    b, s, hq, d = q.shape
+    hk = k.shape[2]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    qo = torch.empty(b, s, hq, d, dtype=q.dtype, device=q.device)
+    ko = torch.empty(b, s, hk, d, dtype=k.dtype, device=k.device)
+    pos2 = pos if pos.dim() == 2 else pos[None, :]
+    spb = pos2.stride(0) if pos2.shape[0] > 1 else 0
+    block_h = triton.next_power_of_2(max(hq, hk))
+    block_r = triton.next_power_of_2(rotary_dim // 2)
+    block_p = triton.next_power_of_2(max(d - rotary_dim, 1))
+    warps = 4 if block_h * block_r <= 2048 else 8
+    _rope_kernel[(b * s,)](q, k, qo, ko, pos2, *q.stride()[:3], *k.stride()[:3], *qo.stride()[:3],
+                           *ko.stride()[:3], spb, pos2.stride(1), s, hq, hk, float(torch.tensor(base).log2()),
+                           sign, D=d, ROT=rotary_dim, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=block_p,
+                           num_warps=warps)
+    return qo, ko
+
+
+class _RopeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, pos, rotary_dim, base):
+        ctx.save_for_backward(pos)
+        ctx.rotary_dim, ctx.base = rotary_dim, base
+        return _launch(q, k, pos, rotary_dim, base, 1.0)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        (pos,) = ctx.saved_tensors
+        dq_in, dk_in = _launch(dq, dk, pos, ctx.rotary_dim, ctx.base, -1.0)
+        return dq_in, dk_in, None, None, None
+
+
+def apply_rope_triton(q, k, position_ids, rotary_dim, base):
+    if rotary_dim % 2 or rotary_dim > q.shape[-1]:
+        raise ValueError(f"rotary_dim {rotary_dim} must be even and <= head dim {q.shape[-1]}")
+    return _RopeFn.apply(q, k, position_ids, rotary_dim, base)
