@@ -44,7 +44,7 @@ def _norm_fwd(X, R, W, B, Y, S, MEAN, RSTD, stride_x, stride_r, stride_y, stride
 @triton.jit
 def _norm_bwd(X, W, DY, DX, DRES, MEAN, RSTD, DW, DB, stride_x, stride_dy, stride_dx, stride_dres, M, N,
               rows_per_prog, IS_RMS: tl.constexpr, HAS_DRES: tl.constexpr, HAS_W: tl.constexpr,
-              HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+              HAS_B: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -53,7 +53,7 @@ def _norm_bwd(X, W, DY, DX, DRES, MEAN, RSTD, DW, DB, stride_x, stride_dy, strid
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     db = tl.zeros([BLOCK], dtype=tl.float32)
     start = pid.to(tl.int64) * rows_per_prog
-    for i in range(0, rows_per_prog):
+    for i in tl.range(0, rows_per_prog, num_stages=STAGES):  # loads of the next rows in flight
         row = start + i
         ok = mask & ((cols * 0 + row) < M)  # the last group may run past the end
         x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
@@ -85,8 +85,19 @@ def _norm_bwd(X, W, DY, DX, DRES, MEAN, RSTD, DW, DB, stride_x, stride_dy, strid
         tl.store(DB + pid * N + cols, db, mask=mask)
 
 
-def _warps(block: int) -> int:
-    return min(max(block // 256, 1), 16)
+# Backward launch shape per norm, from a sweep on an H100 at 16384 x 4096 bf16 timed with CUDA
+# graphs (benchmarks/norm_tune.py, results/norm_tune_h100.jsonl).
+BWD = {"rms": {"progs_per_sm": 8, "warps": 8, "stages": 1},
+       "layer": {"progs_per_sm": 8, "warps": 4, "stages": 2}}
+
+FWD_WARPS = {"rms": None, "layer": None}  # None: block / 512 (8 warps at 4096: 95% of copy on an H100)
+
+
+def _bwd_shape(is_rms: bool, block: int):
+    cfg = BWD["rms" if is_rms else "layer"]
+    # the sweep was at 4096 columns; wider rows need proportionally more warps to avoid spills
+    warps = min(16, cfg["warps"] * max(1, block // 4096))
+    return cfg["progs_per_sm"], warps, cfg["stages"]
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -112,7 +123,8 @@ class _NormFn(torch.autograd.Function):
                         bias if bias is not None else x2, y, s if s is not None else y, mean, rstd,
                         x2.stride(0), res.stride(0) if res is not None else 0, y.stride(0),
                         s.stride(0) if s is not None else 0, n, eps, IS_RMS=is_rms, HAS_RES=res is not None,
-                        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block, num_warps=_warps(block))
+                        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block,
+                        num_warps=FWD_WARPS["rms" if is_rms else "layer"] or min(max(block // 512, 1), 16))
         ctx.save_for_backward(s if s is not None else x2, weight, bias, mean, rstd)
         ctx.shape, ctx.is_rms, ctx.has_res = shape, is_rms, residual is not None
         ctx.mark_non_differentiable(mean)
@@ -128,7 +140,8 @@ class _NormFn(torch.autograd.Function):
         dx = torch.empty_like(x2)
         block = triton.next_power_of_2(n)
         sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
-        progs = max(1, min(m, 4 * sms))
+        per_sm, warps, stages = _bwd_shape(ctx.is_rms, block)
+        progs = max(1, min(m, per_sm * sms))
         rows_per = triton.cdiv(m, progs)
         progs = triton.cdiv(m, rows_per)
         dw = torch.empty(progs, n, dtype=torch.float32, device=x2.device) if weight is not None else None
@@ -138,7 +151,7 @@ class _NormFn(torch.autograd.Function):
                             x2.stride(0), dy2.stride(0), dx.stride(0), ds2.stride(0) if ds2 is not None else 0,
                             m, n, rows_per, IS_RMS=ctx.is_rms, HAS_DRES=ds2 is not None,
                             HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block,
-                            num_warps=_warps(block))
+                            STAGES=stages, num_warps=warps)
         dweight = dw.sum(0).to(weight.dtype) if weight is not None else None
         dbias = db.sum(0).to(bias.dtype) if bias is not None else None
         dx = dx.view(ctx.shape)
