@@ -134,15 +134,23 @@ class AttentionConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    dp: Union[int, Literal["auto"]] = "auto"
+    dp: Union[int, Literal["auto"]] = "auto"  # auto: world / (tp * pp)
+    sequence_parallel: bool = False
+    schedule: Literal["1f1b", "interleaved", "gpipe"] = "1f1b"
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
+    zero: int = 0  # 1: shard fp32 master weights and Adam states over data-parallel ranks
+    bucket_mb: float = 25.0  # gradient all-reduce bucket size
 
     def check(self) -> None:
-        for k in ("tp", "pp"):
+        p = "parallel."
+        for k in ("tp", "pp", "virtual_stages"):
             v = getattr(self, k)
-            _require(v == 1, "parallel." + k, v, "model parallelism is not available in this version",
-                     "set it to 1")
-        _require(self.dp in ("auto", 1), "parallel.dp", self.dp,
-                 "data parallelism is not available in this version", "set it to auto or 1")
+            _require(v >= 1, p + k, v, "must be >= 1", "use a positive integer")
+        _require(self.dp == "auto" or self.dp >= 1, p + "dp", self.dp, "must be >= 1 or auto", "use auto")
+        _require(self.zero in (0, 1), p + "zero", self.zero, "must be 0 or 1", "use 1 to shard optimizer state")
+        _require(self.bucket_mb > 0, p + "bucket_mb", self.bucket_mb, "must be > 0", "use e.g. 25")
+        _require(self.schedule == "interleaved" or self.virtual_stages == 1, p + "virtual_stages",
+                 self.virtual_stages, "needs schedule: interleaved", "set parallel.schedule=interleaved")
 
 
 @dataclass

@@ -4,9 +4,8 @@ neox:  LayerNorm, GeLU MLP, parallel attention + MLP residual, partial rotary, b
 llama: RMSNorm, SwiGLU MLP, sequential residual, full rotary, GQA, no biases.
 
 No process groups here: parallelism is applied to this model from outside.
-Fused weights keep Megatron's layouts so tensor parallelism can split them:
-qkv rows are grouped per kv head as [q_0 .. q_{g-1}, k, v] (g = heads / kv_heads),
-and the SwiGLU input projection is [gate; up].
+The fused qkv weight keeps a layout tensor parallelism can split contiguously:
+rows grouped per kv head as [q_0 .. q_{g-1}, k, v] (g = heads / kv_heads).
 """
 from __future__ import annotations
 
@@ -48,9 +47,10 @@ class Attention(nn.Module):
         self.dropout = cfg.attention_dropout
 
     def forward(self, x, position_ids, batch):
-        b, s, _ = x.shape
+        qkv = self.qkv(x)
+        b, s = qkv.shape[:2]  # the full sequence, also when x is a sequence-parallel shard
         group = self.heads // self.kv_heads
-        qkv = self.qkv(x).view(b, s, self.kv_heads, group + 2, self.head_dim)
+        qkv = qkv.view(b, s, self.kv_heads, group + 2, self.head_dim)
         q = qkv[:, :, :, :group].reshape(b, s, self.heads, self.head_dim)
         k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
         q, k = fused_ops.apply_rope(q, k, position_ids, self.rotary_dim, self.rotary_base, self.kernels)
@@ -64,18 +64,15 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = cfg.family == "llama"
         bias = not self.gated
-        width = 2 * cfg.ffn_size if self.gated else cfg.ffn_size
-        self.up = nn.Linear(cfg.hidden_size, width, bias=bias)
+        # SwiGLU keeps gate and up as separate weights: each shards contiguously under TP
+        self.gate = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=False) if self.gated else None
+        self.up = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=bias)
         self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=bias)
 
     def forward(self, x):
-        h = self.up(x)
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return self.down(h)
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x)))
 
 
 class Block(nn.Module):
@@ -134,6 +131,11 @@ class GPT(nn.Module):
         logits = self.lm_head(self.final_norm(x))
         if labels is None:
             return logits[..., : self.vocab_size]
+        return self.loss_fn(logits, labels)
+
+    @staticmethod
+    def loss_fn(logits, labels):
+        """Mean token cross-entropy; tensor parallelism swaps in the vocab-parallel one."""
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
 
     def num_params(self, embeddings: bool = True) -> int:

@@ -1,9 +1,10 @@
 """Atomic checkpoints under `run_dir/checkpoints/`.
 
-Layout: `step_00000100/` holds the tensors (model and optimizer state keyed by
-parameter name, written with torch.distributed.checkpoint), `meta.pt` (step,
-consumed samples, RNG states) and `config.yaml`; `latest` names the newest
-complete one. A save writes into a hidden temporary directory, fsyncs it,
+Layout: `step_00000100/` holds the tensors (model and Adam state keyed by
+parameter name, written by all ranks with torch.distributed.checkpoint in a
+layout-independent form, see parallel/state.py), `meta.pt` (step, consumed
+samples, the layout it was saved under), `rng_<rank>.pt` and `config.yaml`;
+`latest` names the newest complete one. A save writes into a hidden temporary directory, fsyncs it,
 renames it into place and only then moves `latest`, so a kill at any moment
 leaves the previous checkpoint loadable.
 """
@@ -17,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+
+from ..parallel.state import load_model_state, load_optim_state, model_state, optim_state
 
 LATEST = "latest"
 # Test-only fault point: exit hard inside the save of this step (after the tensors, before the rename).
@@ -44,27 +48,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """AdamW state keyed by parameter name, so it does not depend on parameter order."""
-    out = {}
-    for name, p in model.named_parameters():
-        st = opt.state.get(p)
-        if st:
-            out[name] = dict(st)
-    return out
-
-
-def _ensure_optimizer_state(model, opt) -> None:
-    """Materialise empty Adam state so DCP can load into it in place."""
-    on_device = opt.defaults.get("fused") or opt.defaults.get("capturable")
-    for _, p in model.named_parameters():
-        if p.requires_grad and not opt.state.get(p):
-            step_device = p.device if on_device else "cpu"
-            opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=step_device),
-                            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-
-
 def rng_state() -> dict:
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -80,32 +63,45 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, model, opt, meta: dict, config_text: str, keep_last: int) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
+def _barrier(ctx) -> None:
+    if ctx.world > 1:
+        dist.barrier()
+
+
+def save_checkpoint(root: Path, step: int, plan, meta: dict, config_text: str, keep_last: int) -> Path:
+    """Collective: every rank writes its shards; rank 0 publishes the directory and `latest`."""
+    ctx = plan.ctx
     name = f"step_{step:08d}"
-    final, tmp = root / name, root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    state = {"model": model.state_dict(), "optim": optimizer_state(model, opt)}
+    final, tmp = root / name, root / f".tmp-{name}"
+    if ctx.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier(ctx)
+    state = {"model": model_state(plan.model, ctx), "optim": optim_state(plan)}
     with warnings.catch_warnings():  # single-process saves are intended; DCP warns about them
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=str(tmp))
-    torch.save({**meta, "step": step, "rng": rng_state()}, tmp / "meta.pt")
-    (tmp / "config.yaml").write_text(config_text)
-    if os.environ.get(CRASH_ENV) == str(step):
-        os._exit(86)
-    _fsync_tree(tmp)
-    if final.exists():  # a re-save of the same step (e.g. after resuming): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    pointer = root / f".{LATEST}.tmp"
-    with open(pointer, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer, root / LATEST)
-    _fsync_dir(root)
-    _prune(root, keep_last, keep=name)
+    torch.save(rng_state(), tmp / f"rng_{ctx.rank}.pt")
+    _barrier(ctx)
+    if ctx.rank == 0:
+        torch.save({**meta, "step": step, "layout": {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp}}, tmp / "meta.pt")
+        (tmp / "config.yaml").write_text(config_text)
+        if os.environ.get(CRASH_ENV) == str(step):
+            os._exit(86)
+        _fsync_tree(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after resuming): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        pointer = root / f".{LATEST}.tmp"
+        with open(pointer, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer, root / LATEST)
+        _fsync_dir(root)
+        _prune(root, keep_last, keep=name)
+    _barrier(ctx)
     return final
 
 
@@ -142,12 +138,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
                           "directory, its checkpoints/ folder, or a step_* folder")
 
 
-def load_checkpoint(path: Path, model, opt=None) -> dict:
-    """Load tensors in place; returns meta (step, consumed samples, ...). RNG is not restored here."""
-    state = {"model": model.state_dict()}
-    if opt is not None:
-        _ensure_optimizer_state(model, opt)
-        state["optim"] = optimizer_state(model, opt)
+def load_checkpoint(path: Path, plan, with_optimizer: bool = True) -> dict:
+    """Collective. Loads tensors in place under the current layout (DCP reshards); returns meta.
+    Restores this rank's RNG state when the checkpoint has one for it."""
+    ctx = plan.ctx
+    state = {"model": model_state(plan.model, ctx)}
+    if with_optimizer:
+        state["optim"] = optim_state(plan)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -155,5 +152,10 @@ def load_checkpoint(path: Path, model, opt=None) -> dict:
     except Exception as e:  # DCP raises several types for missing / mismatched keys
         raise CheckpointError(f"cannot load {path}: {e}. Fix: the checkpoint must come from a model with the "
                               "same architecture (compare its config.yaml with yours)") from None
-    model.load_state_dict(state["model"])
+    load_model_state(plan.model, state["model"])
+    if with_optimizer:
+        load_optim_state(plan, state["optim"])
+        rng = path / f"rng_{ctx.rank}.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
     return torch.load(path / "meta.pt", weights_only=False)

@@ -1,4 +1,4 @@
-"""AdamW with Megatron's weight-decay grouping, and the learning-rate schedules."""
+"""Learning-rate schedules (the optimizer itself is built with the parallel plan)."""
 from __future__ import annotations
 
 import math
@@ -6,18 +6,6 @@ import math
 import torch
 
 from ..config import Config
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """No weight decay on biases, norm weights and other 1-D parameters."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    o = cfg.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
 
 
 def warmup_steps(cfg: Config) -> int:

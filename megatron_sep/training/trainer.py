@@ -17,9 +17,11 @@ from ..data.tokenizer import load_tokenizer
 from ..data.separators import resolve_separator_ids
 from ..model import GPT
 from ..model.attention import attention_stats, sep_inputs
-from .checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint, set_rng_state
+from ..parallel import init_parallel, shutdown
+from ..parallel.apply import ParallelPlan
+from .checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .metrics import MetricsLogger, flops_per_token, format_step, peak_flops, peak_memory_gb
-from .optim import build_optimizer, lr_at
+from .optim import lr_at
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -42,9 +44,10 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.device = pick_device(cfg)
+        self.ctx = init_parallel(cfg, pick_device(cfg))
+        self.device = self.ctx.device
         self.stop_signal = None
-        seed_everything(cfg.train.seed)
+        seed_everything(cfg.train.seed)  # the same on every rank: each takes its slice of one model
 
         if not cfg.data.tokenizer:
             raise ConfigError("data.tokenizer", None, "no tokenizer given",
@@ -72,8 +75,8 @@ class Trainer:
             raise ConfigError("data.split", cfg.data.split, "the validation split holds no documents",
                               "give the valid share (second entry) a positive value, e.g. [0.98, 0.01, 0.01]")
 
-        self.model = GPT(cfg).to(self.device)
-        self.opt = build_optimizer(self.model, cfg, self.device)
+        self.plan = ParallelPlan(GPT(cfg), cfg, self.ctx)
+        self.model, self.opt = self.plan.model, self.plan.opt
         self.step, self.consumed, self.saved_step = 0, 0, None
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and t.precision in ("auto", "bf16")
@@ -83,7 +86,7 @@ class Trainer:
         matmul = sum(p.numel() for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n)
         self.flops_per_token = flops_per_token(cfg, matmul)
         self.peak = peak_flops(cfg, self.device)
-        self.logger = MetricsLogger(cfg, self.run_dir, config_to_dict(cfg), enabled=log)
+        self.logger = MetricsLogger(cfg, self.run_dir, config_to_dict(cfg), enabled=log and self.ctx.is_logging_rank)
 
     def _resolve_attention(self) -> list[str]:
         """Turn separator strings into ids (written back into the config) and fill eod_id."""
@@ -114,18 +117,17 @@ class Trainer:
         c = self.cfg.checkpoint
         path = latest_checkpoint(self.ckpt_dir) if c.resume else None
         if path is not None:
-            meta = load_checkpoint(path, self.model, self.opt)
+            meta = load_checkpoint(path, self.plan)
             self.step, self.consumed = meta["step"], meta["consumed_samples"]
-            set_rng_state(meta["rng"])
             self.logger.print(f"resumed from {path} at step {self.step} ({self.consumed} samples consumed)")
         elif c.load:
             path = resolve_checkpoint(c.load)
-            load_checkpoint(path, self.model)
+            load_checkpoint(path, self.plan, with_optimizer=False)
             self.logger.print(f"initialised weights from {path}")
 
     def save(self) -> None:
         meta = {"consumed_samples": self.consumed}
-        path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.opt, meta, self.config_text,
+        path = save_checkpoint(self.ckpt_dir, self.step, self.plan, meta, self.config_text,
                                self.cfg.checkpoint.keep_last)
         self.saved_step = self.step
         self.logger.print(f"saved checkpoint {path}")
@@ -137,22 +139,26 @@ class Trainer:
         return data[:, :-1], data[:, 1:]
 
     # ---- steps ---------------------------------------------------------------------------------
-    def train_step(self) -> tuple[float, float]:
-        t, mb = self.cfg.train, self.cfg.train.micro_batch_size
-        lr = lr_at(self.step, self.cfg)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step. Data-parallel rank r takes the r-th slice of the global batch, so the
+        samples of a step do not depend on the layout."""
+        ctx, mb = self.ctx, self.cfg.train.micro_batch_size
+        micros = self.global_batch // (mb * ctx.dp)
+        base = self.consumed + ctx.dp_rank * (self.global_batch // ctx.dp)
+        self.plan.set_lr(lr_at(self.step, self.cfg))
         total = torch.zeros((), device=self.device)
-        for micro in range(t.accumulation):
-            tokens, labels = self.batch(self.train_ds, self.consumed + micro * mb, mb)
+        for micro in range(micros):
+            if micro == micros - 1:
+                self.plan.before_last_backward()
+            tokens, labels = self.batch(self.train_ds, base + micro * mb, mb)
             with self.autocast:
-                loss = self.forward(tokens, labels) / t.accumulation
+                loss = self.forward(tokens, labels) / micros
             loss.backward()
             total += loss.detach()
-        clip = self.cfg.optim.clip_grad
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        norm = self.plan.step()
+        if ctx.dp > 1:
+            torch.distributed.all_reduce(total, group=ctx.dp_group)
+            total /= ctx.dp
         self.step += 1
         self.consumed += self.global_batch
         return total, norm
@@ -166,7 +172,7 @@ class Trainer:
             with self.autocast:
                 losses.append(self.forward(tokens, labels).float())
         self.model.train()
-        return torch.stack(losses).mean().item()
+        return torch.stack(losses).mean().item()  # every dp rank evaluates the same samples
 
     def _on_signal(self, signum, frame):
         self.stop_signal = signal.Signals(signum).name
@@ -235,4 +241,5 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
             self.logger.close()
+            shutdown(self.ctx)
         return {"step": self.step, "stopped_by": self.stop_signal, **last}

@@ -1,0 +1,64 @@
+"""Apply the parallel plan to the plain model in one fixed order: tensor (+ sequence), data."""
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+from .context import ParallelContext
+from .data import GradSync, ZeroAdamW, global_grad_norm
+from .tensor import apply_tensor_parallel, sync_sequence_parallel_grads
+
+
+def decays(p) -> bool:
+    """Megatron's grouping: no weight decay on biases and norm weights (1-D parameters)."""
+    return p.dim() >= 2
+
+
+class ParallelPlan:
+    """The model as this rank holds it, its optimizer, and the gradient reduction around a step."""
+
+    def __init__(self, model, cfg: Config, ctx: ParallelContext):
+        self.ctx, self.cfg = ctx, cfg
+        self.model = apply_tensor_parallel(model, ctx).to(ctx.device)
+        o = cfg.optim
+        params = list(self.model.parameters())
+        self.zero = cfg.parallel.zero == 1 and ctx.dp > 1
+        self.sync = GradSync(params, ctx, cfg.parallel.bucket_mb, self.zero) if ctx.dp > 1 else None
+        if self.zero:
+            self.opt = ZeroAdamW(self.sync, decays, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
+        else:
+            groups = [{"params": [p for p in params if decays(p)], "weight_decay": o.weight_decay},
+                      {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}]
+            self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                         fused=ctx.device.type == "cuda")
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def before_last_backward(self) -> None:
+        if self.sync is not None:
+            self.sync.enabled = True
+
+    def step(self) -> torch.Tensor:
+        """Finish gradient reduction, clip by the global norm, update. Returns the norm."""
+        if self.sync is not None:
+            self.sync.finish()
+        sync_sequence_parallel_grads(self.model, self.ctx)
+        if self.zero:
+            pairs = self.opt.shard_grads()
+        else:
+            pairs = [(p.grad, p) for p in self.model.parameters()]
+        norm = global_grad_norm(pairs, self.ctx, sharded_over_dp=self.zero)
+        clip = self.cfg.optim.clip_grad
+        coef = min(1.0, clip / (norm.item() + 1e-6)) if clip > 0 else 1.0
+        if self.zero:
+            self.opt.step(coef)
+        else:
+            if coef < 1.0:
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return norm

@@ -1,0 +1,130 @@
+"""ParallelContext: the process groups of one run, built once from a DeviceMesh and passed around.
+
+Mesh order (outermost to innermost): dp, pp, cp, tp, so tensor-parallel ranks are
+neighbours (same node) and data-parallel replicas are furthest apart. cp is
+reserved (size 1). No module keeps process groups in globals.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, ConfigError
+
+
+@dataclass
+class ParallelContext:
+    world: int = 1
+    rank: int = 0
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    tp_group: object = None
+    pp_group: object = None
+    dp_group: object = None
+    mesh: object = None
+    device: torch.device = torch.device("cpu")
+    sequence_parallel: bool = False
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def pp_peer(self, offset: int) -> int:
+        """Global rank of the pipeline stage `offset` away (wrapping), same dp / tp position."""
+        return dist.get_global_rank(self.pp_group, (self.pp_rank + offset) % self.pp)
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """One rank prints and writes metrics: the last stage's first tp / dp rank (it has the loss)."""
+        return self.tp_rank == 0 and self.dp_rank == 0 and self.is_last_stage
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun or slurm (srun, one task per GPU) variables."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        return (int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
+                int(os.environ.get("SLURM_LOCALID", 0)))
+    return 0, 1, 0
+
+
+def resolve_layout(cfg: Config, world: int) -> tuple[int, int, int]:
+    """(tp, pp, dp) for this world size, with every divisibility rule checked before any work."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    tp, pp = p.tp, p.pp
+    if world % (tp * pp):
+        raise ConfigError("parallel.tp", tp, f"tp * pp = {tp * pp} does not divide the world size {world}",
+                          "choose tp and pp whose product divides the number of processes")
+    dp = world // (tp * pp) if p.dp == "auto" else p.dp
+    if tp * pp * dp != world:
+        raise ConfigError("parallel.dp", p.dp, f"tp * pp * dp = {tp * pp * dp} != world size {world}",
+                          "set parallel.dp to auto or to world / (tp * pp)")
+    if m.num_heads % tp:
+        raise ConfigError("parallel.tp", tp, f"does not divide model.num_heads={m.num_heads}",
+                          "use a tp that divides the number of heads")
+    if m.kv_heads % tp:
+        raise ConfigError("parallel.tp", tp, f"does not divide the {m.kv_heads} kv heads",
+                          "use a tp that divides model.num_kv_heads")
+    if m.ffn_size % tp:
+        raise ConfigError("parallel.tp", tp, f"does not divide the MLP width {m.ffn_size}",
+                          "use a tp that divides model.ffn_hidden_size")
+    chunks = pp * (p.virtual_stages if p.schedule == "interleaved" else 1)
+    if m.num_layers < chunks:
+        raise ConfigError("parallel.pp", pp, f"pp x virtual stages = {chunks} exceeds model.num_layers="
+                          f"{m.num_layers}", "use fewer pipeline stages or virtual stages")
+    if p.schedule == "interleaved" and pp > 1 and m.num_layers % chunks:
+        raise ConfigError("parallel.virtual_stages", p.virtual_stages,
+                          f"pp x virtual_stages = {chunks} does not divide model.num_layers={m.num_layers}",
+                          "pick virtual_stages so that every model chunk holds the same number of layers")
+    gb = t.global_batch_size or t.micro_batch_size
+    if gb % (t.micro_batch_size * dp):
+        raise ConfigError("train.global_batch_size", gb,
+                          f"is not a multiple of micro_batch_size x dp = {t.micro_batch_size} x {dp}",
+                          "make global_batch_size a multiple of micro_batch_size * dp")
+    if p.sequence_parallel and tp > 1 and cfg.data.seq_len % tp:
+        raise ConfigError("parallel.sequence_parallel", True, f"data.seq_len={cfg.data.seq_len} is not a "
+                          f"multiple of tp={tp}", "use a sequence length divisible by tp")
+    return tp, pp, dp
+
+
+def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
+    """Join the process group (when launched with several processes) and build the groups."""
+    rank, world, local = env_world()
+    tp, pp, dp = resolve_layout(cfg, world)
+    if world == 1:
+        return ParallelContext(device=device, sequence_parallel=False)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # slurm without torchrun: first node of the job
+            raise ConfigError("MASTER_ADDR", None, "not set for a multi-process run",
+                              "launch with torchrun, or export MASTER_ADDR / MASTER_PORT (see launch/)")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                device_id=device if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device.type, (dp, pp, 1, tp), mesh_dim_names=("dp", "pp", "cp", "tp"))
+    return ParallelContext(
+        world=world, rank=rank, tp=tp, pp=pp, dp=dp, tp_rank=mesh["tp"].get_local_rank(),
+        pp_rank=mesh["pp"].get_local_rank(), dp_rank=mesh["dp"].get_local_rank(),
+        tp_group=mesh["tp"].get_group(), pp_group=mesh["pp"].get_group(), dp_group=mesh["dp"].get_group(),
+        mesh=mesh, device=device, sequence_parallel=cfg.parallel.sequence_parallel and tp > 1)
+
+
+def shutdown(ctx: ParallelContext) -> None:
+    if ctx.world > 1 and dist.is_initialized():
+        dist.barrier()  # gloo with subgroups crashes at exit without it
+        dist.destroy_process_group()

@@ -1,0 +1,163 @@
+"""Data parallelism: bucketed gradient reduction overlapped with backward, and ZeRO-1.
+
+Parameters are packed, in reverse registration order (roughly the order backward
+produces their grads), into buckets of `bucket_mb`. A post-accumulate-grad hook
+counts a bucket's ready grads on the last micro-batch and launches its reduction
+asynchronously while backward goes on. Without ZeRO the bucket is all-reduced
+(averaged) and copied back into `.grad`. With ZeRO-1 each bucket's parameters live
+in one flat buffer, the grads are reduce-scattered so each data-parallel rank owns
+one contiguous shard, and `ZeroAdamW` keeps fp32 master weights and Adam states
+for that shard only, then all-gathers the updated parameters.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from .context import ParallelContext
+from .mappings import _ALL_GATHER, _REDUCE_SCATTER
+
+
+class Bucket:
+    def __init__(self, params, dp: int, flat_params: bool):
+        self.params = params
+        self.numel = sum(p.numel() for p in params)
+        self.padded = dp * math.ceil(self.numel / dp)
+        dev, dtype = params[0].device, params[0].dtype
+        self.grad = torch.zeros(self.padded, dtype=torch.float32, device=dev)
+        self.offsets, off = {}, 0
+        for p in params:
+            self.offsets[p] = off
+            off += p.numel()
+        if flat_params:  # ZeRO-1: parameters become views of one buffer the all-gather writes into
+            self.data = torch.zeros(self.padded, dtype=dtype, device=dev)
+            for p in params:
+                o = self.offsets[p]
+                self.data[o: o + p.numel()].copy_(p.detach().reshape(-1))
+                p.data = self.data[o: o + p.numel()].view_as(p)
+        self.ready = 0
+        self.handle = None
+
+
+class GradSync:
+    """Reduces gradients over the data-parallel group; `zero` selects reduce-scatter."""
+
+    def __init__(self, params, ctx: ParallelContext, bucket_mb: float, zero: bool):
+        self.ctx, self.zero = ctx, zero
+        self.enabled = False  # set for the last micro-batch of a step
+        self.buckets: list[Bucket] = []
+        limit = bucket_mb * 2**20
+        current, size = [], 0
+        for p in reversed([p for p in params if p.requires_grad]):
+            current.append(p)
+            size += p.numel() * 4
+            if size >= limit:
+                self.buckets.append(Bucket(current, ctx.dp, zero))
+                current, size = [], 0
+        if current:
+            self.buckets.append(Bucket(current, ctx.dp, zero))
+        self.bucket_of = {p: b for b in self.buckets for p in b.params}
+        for p in self.bucket_of:
+            p.register_post_accumulate_grad_hook(self._hook)
+
+    def _hook(self, p):
+        if not self.enabled:
+            return
+        b = self.bucket_of[p]
+        b.ready += 1
+        if b.ready == len(b.params):
+            self._launch(b)
+
+    def _launch(self, b: Bucket) -> None:
+        for p in b.params:
+            o = b.offsets[p]
+            src = p.grad if p.grad is not None else torch.zeros_like(p)
+            b.grad[o: o + p.numel()].copy_(src.reshape(-1))
+        b.grad.div_(self.ctx.dp)
+        if self.zero:
+            shard = b.grad.numel() // self.ctx.dp
+            b.shard_grad = torch.empty(shard, dtype=b.grad.dtype, device=b.grad.device)
+            b.handle = _REDUCE_SCATTER(b.shard_grad, b.grad, group=self.ctx.dp_group, async_op=True)
+        else:
+            b.handle = dist.all_reduce(b.grad, group=self.ctx.dp_group, async_op=True)
+
+    def finish(self) -> None:
+        """Wait for every bucket (launching any whose hooks did not all fire) and publish the result."""
+        for b in self.buckets:
+            if b.handle is None:
+                self._launch(b)
+            b.handle.wait()
+            b.handle, b.ready = None, 0
+            if not self.zero:
+                for p in b.params:
+                    o = b.offsets[p]
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.copy_(b.grad[o: o + p.numel()].view_as(p))
+        self.enabled = False
+
+
+class ZeroAdamW:
+    """AdamW over this data-parallel rank's shard of every bucket (fp32 master weights)."""
+
+    def __init__(self, sync: GradSync, decay_of, lr, betas, eps, weight_decay):
+        self.sync, self.ctx = sync, sync.ctx
+        self.segments = []  # (bucket, param, start, end) of param elements inside this rank's shard
+        groups = {True: [], False: []}
+        for b in sync.buckets:
+            shard = b.padded // self.ctx.dp
+            lo, hi = self.ctx.dp_rank * shard, (self.ctx.dp_rank + 1) * shard
+            for p in b.params:
+                o = b.offsets[p]
+                s, e = max(lo, o), min(hi, o + p.numel())
+                if s < e:
+                    master = torch.nn.Parameter(b.data[s:e].detach().float().clone())
+                    self.segments.append((b, p, s, e, master, lo))
+                    groups[decay_of(p)].append(master)
+        param_groups = [{"params": groups[True], "weight_decay": weight_decay},
+                        {"params": groups[False], "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW([g for g in param_groups if g["params"]], lr=lr, betas=betas, eps=eps)
+        self.param_groups = self.opt.param_groups
+
+    def shard_grads(self):
+        """(grad segment, param) pairs this rank owns, for the global gradient norm."""
+        return [(b.shard_grad[s - lo: e - lo], p) for b, p, s, e, _, lo in self.segments]
+
+    def step(self, clip_coef: float = 1.0) -> None:
+        for b, p, s, e, master, lo in self.segments:
+            master.grad = b.shard_grad[s - lo: e - lo] * clip_coef
+        self.opt.step()
+        for b in self.sync.buckets:
+            shard = b.padded // self.ctx.dp
+            own = b.data[self.ctx.dp_rank * shard: (self.ctx.dp_rank + 1) * shard]
+            for bb, p, s, e, master, lo in self.segments:
+                if bb is b:
+                    own[s - lo: e - lo].copy_(master.detach())
+            _ALL_GATHER(b.data, own.clone(), group=self.ctx.dp_group)
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.sync.bucket_of:
+            p.grad = None
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+
+def global_grad_norm(grads_and_params, ctx: ParallelContext, sharded_over_dp: bool) -> torch.Tensor:
+    """L2 norm over all shards of all groups. A tp-replicated parameter counts once (on tp rank 0)."""
+    total = None
+    for g, p in grads_and_params:
+        if g is None:
+            continue
+        if not getattr(p, "tensor_parallel", False) and ctx.tp_rank != 0:
+            continue
+        sq = g.detach().float().pow(2).sum()
+        total = sq if total is None else total + sq
+    if total is None:
+        total = torch.zeros((), device=ctx.device)
+    if ctx.world > 1:
+        groups = [ctx.tp_group, ctx.pp_group] + ([ctx.dp_group] if sharded_over_dp else [])
+        for g in groups:
+            if dist.get_world_size(g) > 1:
+                dist.all_reduce(total, group=g)
+    return total.sqrt()

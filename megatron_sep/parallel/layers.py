@@ -1,0 +1,104 @@
+"""Megatron's tensor-parallel layers, built from the full single-device modules they replace.
+
+Building from the full module keeps initialisation identical to the plain model:
+each rank takes its slice of the same weights, so tp=N starts where tp=1 does.
+Parameters that every tp rank holds whole but that see only their sequence shard
+under sequence parallelism are tagged `sequence_parallel` (their grads are summed
+over the tp group after backward).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .context import ParallelContext
+from .mappings import copy_to_tp, gather_seq, reduce_from_tp, reduce_scatter_seq
+
+
+def _shard(t: torch.Tensor, ctx: ParallelContext, dim: int) -> nn.Parameter:
+    p = nn.Parameter(t.detach().chunk(ctx.tp, dim=dim)[ctx.tp_rank].clone())
+    p.tensor_parallel, p.tp_dim = True, dim  # for the grad norm and for sharded checkpoints
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split by output rows; the input is replicated (or gathered from seq shards)."""
+
+    def __init__(self, full: nn.Linear, ctx: ParallelContext):
+        super().__init__()
+        self.group, self.sp = ctx.tp_group, ctx.sequence_parallel
+        self.weight = _shard(full.weight, ctx, 0)
+        self.bias = _shard(full.bias, ctx, 0) if full.bias is not None else None
+
+    def forward(self, x):
+        x = gather_seq(x, self.group) if self.sp else copy_to_tp(x, self.group)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W split by input columns; partial sums reduced (or reduce-scattered to seq shards)."""
+
+    def __init__(self, full: nn.Linear, ctx: ParallelContext):
+        super().__init__()
+        self.group, self.sp = ctx.tp_group, ctx.sequence_parallel
+        self.weight = _shard(full.weight, ctx, 1)
+        self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
+        if self.bias is not None and self.sp:
+            self.bias.sequence_parallel = True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_seq(y, self.group) if self.sp else reduce_from_tp(y, self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, full: nn.Embedding, ctx: ParallelContext):
+        super().__init__()
+        self.group, self.sp = ctx.tp_group, ctx.sequence_parallel
+        self.weight = _shard(full.weight, ctx, 0)
+        rows = self.weight.shape[0]
+        self.start, self.end = ctx.tp_rank * rows, (ctx.tp_rank + 1) * rows
+
+    def forward(self, ids):
+        outside = (ids < self.start) | (ids >= self.end)
+        local = torch.where(outside, 0, ids - self.start)
+        out = F.embedding(local, self.weight).masked_fill(outside[..., None], 0.0)
+        return reduce_scatter_seq(out, self.group) if self.sp else reduce_from_tp(out, self.group)
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, start, group):
+        logits_dtype = logits.dtype
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
+        peak = logits.max(dim=-1).values
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        logits = logits - peak[:, None]
+        outside = (target < start) | (target >= start + logits.shape[-1])
+        local = torch.where(outside, 0, target - start)
+        picked = logits.gather(1, local[:, None]).squeeze(1).masked_fill(outside, 0.0)
+        dist.all_reduce(picked, group=group)
+        exp = logits.exp()
+        total = exp.sum(dim=-1)
+        dist.all_reduce(total, group=group)
+        ctx.save_for_backward(exp / total[:, None], local, outside)
+        ctx.in_dtype = logits_dtype
+        return total.log() - picked
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, local, outside = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(1, local[:, None], -(~outside).to(grad.dtype)[:, None])
+        return (grad * g[:, None]).to(ctx.in_dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, labels, ctx: ParallelContext):
+    """Mean cross-entropy over tokens from vocab-sharded logits [..., V / tp]."""
+    rows = logits.shape[-1]
+    losses = _VocabParallelCE.apply(logits.reshape(-1, rows), labels.reshape(-1), ctx.tp_rank * rows,
+                                    ctx.tp_group)
+    return losses.mean()

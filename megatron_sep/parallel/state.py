@@ -1,0 +1,107 @@
+"""Layout-independent state dicts for torch.distributed.checkpoint.
+
+Every entry is keyed by the plain model's parameter name. A tensor-parallel shard
+becomes a DTensor over the tp mesh (Shard on its split dim), so DCP stores the
+global tensor and loads it back under any other (tp, pp, dp) layout; replicated
+tensors are saved once (DCP de-duplicates equal keys across ranks). Adam state
+follows its parameter; under ZeRO-1 the data-parallel shards are gathered per
+bucket first, so the file does not depend on dp either.
+"""
+from __future__ import annotations
+
+import torch
+
+from .context import ParallelContext
+from .mappings import _ALL_GATHER
+
+
+def _wrap(t: torch.Tensor, p, ctx: ParallelContext):
+    if ctx.tp > 1 and getattr(p, "tensor_parallel", False):
+        from torch.distributed.tensor import DTensor, Shard
+        return DTensor.from_local(t, ctx.mesh["tp"], [Shard(p.tp_dim)], run_check=False)
+    return t
+
+
+def _unwrap(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def model_state(model, ctx: ParallelContext) -> dict:
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under both names
+    out = {}
+    for name, t in model.state_dict().items():
+        p = params.get(name)
+        out[name] = _wrap(t, p, ctx) if p is not None else t
+    return out
+
+
+def load_model_state(model, state: dict) -> None:
+    model.load_state_dict({k: _unwrap(v) for k, v in state.items()})
+
+
+def _zero_full_states(plan) -> dict:
+    """Per-parameter (tp-local) Adam states assembled from the dp shards of a ZeroAdamW."""
+    opt, ctx = plan.opt, plan.ctx
+    out = {}
+    names = {p: n for n, p in plan.model.named_parameters()}
+    for b in opt.sync.buckets:
+        shard = b.padded // ctx.dp
+        flats = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            own = torch.zeros(shard, dtype=torch.float32, device=b.grad.device)
+            for bb, p, s, e, master, lo in opt.segments:
+                if bb is b and opt.opt.state.get(master):
+                    own[s - lo: e - lo] = opt.opt.state[master][key]
+            full = torch.empty(b.padded, dtype=torch.float32, device=b.grad.device)
+            _ALL_GATHER(full, own, group=ctx.dp_group)
+            flats[key] = full
+        for p in b.params:
+            o = b.offsets[p]
+            out[names[p]] = {k: flats[k][o: o + p.numel()].view_as(p).clone() for k in flats}
+    step = next((st["step"] for st in opt.opt.state.values()), torch.zeros(()))
+    for v in out.values():
+        v["step"] = step.detach().clone().cpu().float()
+    return out
+
+
+def optim_state(plan) -> dict:
+    ctx, params = plan.ctx, dict(plan.model.named_parameters())
+    if plan.zero:
+        full = _zero_full_states(plan)
+    else:
+        ensure_adam_state(plan)
+        full = {n: {k: v for k, v in plan.opt.state[p].items()} for n, p in params.items()}
+    return {n: {k: (_wrap(v, params[n], ctx) if k != "step" else v) for k, v in st.items()}
+            for n, st in full.items()}
+
+
+def ensure_adam_state(plan) -> None:
+    """Materialise empty Adam state so that DCP can load into it in place."""
+    opt = plan.opt.opt if plan.zero else plan.opt
+    on_device = opt.defaults.get("fused") or opt.defaults.get("capturable")
+    targets = [m for *_, m, _ in plan.opt.segments] if plan.zero else list(plan.model.parameters())
+    for p in targets:
+        if not opt.state.get(p):
+            opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                            "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+
+def load_optim_state(plan, state: dict) -> None:
+    """Write per-parameter Adam states (as returned by optim_state, after DCP filled them) back."""
+    params = dict(plan.model.named_parameters())
+    if not plan.zero:
+        for n, st in state.items():
+            dst = plan.opt.state[params[n]]
+            for k, v in st.items():
+                dst[k].copy_(_unwrap(v))
+        return
+    ensure_adam_state(plan)
+    names = {p: n for n, p in params.items()}
+    for b, p, s, e, master, lo in plan.opt.segments:
+        st, o = state[names[p]], b.offsets[p]
+        dst = plan.opt.opt.state[master]
+        for k in ("exp_avg", "exp_avg_sq"):
+            dst[k].copy_(_unwrap(st[k]).reshape(-1)[s - o: e - o])
+        dst["step"].copy_(st["step"])
+    for b, p, s, e, master, lo in plan.opt.segments:  # masters follow the loaded parameters
+        master.data.copy_(b.data[s:e].float())

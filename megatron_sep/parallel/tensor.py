@@ -1,0 +1,51 @@
+"""Apply tensor (+ sequence) parallelism to the plain GPT by module replacement."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+
+from .context import ParallelContext
+from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+
+
+def apply_tensor_parallel(model, ctx: ParallelContext):
+    """In place. qkv rows are grouped per kv head, so each rank's slice holds whole kv groups."""
+    if ctx.tp == 1:
+        return model
+    for block in model.layers:
+        attn, mlp = block.attn, block.mlp
+        attn.qkv = ColumnParallelLinear(attn.qkv, ctx)
+        attn.out = RowParallelLinear(attn.out, ctx)
+        attn.heads //= ctx.tp
+        attn.kv_heads //= ctx.tp
+        if mlp.gate is not None:
+            mlp.gate = ColumnParallelLinear(mlp.gate, ctx)
+        mlp.up = ColumnParallelLinear(mlp.up, ctx)
+        mlp.down = RowParallelLinear(mlp.down, ctx)
+    tied = model.lm_head.weight is model.embed.weight
+    model.embed = VocabParallelEmbedding(model.embed, ctx)
+    model.lm_head = ColumnParallelLinear(model.lm_head, ctx)
+    if tied:
+        model.lm_head.weight = model.embed.weight
+    model.loss_fn = functools.partial(vocab_parallel_cross_entropy, ctx=ctx)
+    if ctx.sequence_parallel:
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.sequence_parallel = True
+    return model
+
+
+def sync_sequence_parallel_grads(model, ctx: ParallelContext) -> None:
+    """Norm weights (and row-parallel biases) saw only their sequence shard: sum their grads over tp."""
+    if not ctx.sequence_parallel:
+        return
+    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=ctx.tp_group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
