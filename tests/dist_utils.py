@@ -7,26 +7,39 @@ import torch.multiprocessing as mp
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(100):  # in [20000, 40000): slurm's port rule maps a job id there
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if 20000 <= port < 40000:
+            return port
+    raise RuntimeError("no free port in [20000, 40000)")
 
 
-def _worker(rank, world, port, fn, args, queue, env):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **env})
+def _worker(rank, world, port, fn, args, queue, env, slurm_nodes):
+    if slurm_nodes:  # what srun gives each task: no RANK / MASTER_* at all
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(k, None)
+        os.environ.update({"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world), "SLURM_NNODES": str(slurm_nodes),
+                           "SLURM_LOCALID": str(rank % (world // slurm_nodes)), "SLURM_JOB_NODELIST": "localhost",
+                           "SLURM_JOB_ID": str(port - 20000)})
+    else:
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(env)
     try:
         queue.put((rank, fn(rank, world, *args), None))
     except BaseException:
         queue.put((rank, None, traceback.format_exc()))
 
 
-def run_distributed(fn, world: int, *args, timeout: float = 240, env=None):
-    """fn(rank, world, *args) runs in each process (a module-level function); returns results by rank."""
+def run_distributed(fn, world: int, *args, timeout: float = 240, env=None, slurm_nodes: int = 0):
+    """fn(rank, world, *args) runs in each process (a module-level function); returns results by rank.
+    With slurm_nodes, processes see only the SLURM_* variables srun sets (one task per GPU)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, env or {})) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, env or {}, slurm_nodes)) for r in range(world)]
     for p in procs:
         p.start()
     results, errors = {}, []

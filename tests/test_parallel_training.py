@@ -85,3 +85,35 @@ def test_bad_layouts_rejected(corpus, tmp_path):
         with pytest.raises(ConfigError, match=key):
             resolve_layout(cfg, world)
         cfg = config(corpus, tmp_path, "dense")
+
+
+def test_slurm_entry_two_nodes_by_two_tasks(corpus, tmp_path, single):
+    """srun-style start: 2 nodes x 2 tasks, rendezvous derived from SLURM_* alone, (dp2, tp2)."""
+    run_distributed(_train, 4, corpus, str(tmp_path), "sepllm", {"tp": 2}, None, slurm_nodes=2)
+    got, _ = losses(tmp_path)
+    ref, _ = single["sepllm"]
+    assert all(abs(got[s] - ref[s]) < 1e-5 for s in ref)
+
+
+def test_slurm_first_host():
+    from megatron_sep.parallel.context import first_host
+    assert first_host("gpu[003-010,012],cpu1") == "gpu003"
+    assert first_host("node7,node8") == "node7" and first_host("x-y[10-20]") == "x-y10"
+
+
+def _train_until_signalled(rank, world, corpus, run_dir):
+    import os
+    import signal
+    import threading
+    trainer = Trainer(config(corpus, run_dir, "dense", {"zero": 1}, steps=100000))
+    if rank == 1:  # only one rank is told, as when slurm's signal reaches the tasks at different times
+        threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+    return trainer.run()["step"]
+
+
+def test_preemption_signal_on_one_rank_stops_all_at_the_same_step(corpus, tmp_path):
+    from megatron_sep.training.checkpoint import latest_checkpoint
+    steps = run_distributed(_train_until_signalled, 2, corpus, str(tmp_path))
+    assert steps[0] == steps[1] > 0
+    assert latest_checkpoint(tmp_path / "checkpoints").name == f"step_{steps[0]:08d}"
+    assert (tmp_path / "preempted").read_text().strip() == str(steps[0])

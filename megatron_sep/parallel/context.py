@@ -51,6 +51,22 @@ class ParallelContext:
         return self.tp_rank == 0 and self.dp_rank == 0 and self.is_last_stage
 
 
+def first_host(nodelist: str) -> str:
+    """First host of a slurm node list: 'gpu[003-010,012],cpu1' -> 'gpu003'."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, rng = head.split("[", 1)
+    return prefix + rng.rstrip("]").split(",")[0].split("-")[0]
+
+
+def slurm_rendezvous() -> None:
+    """One task per GPU under srun: derive MASTER_ADDR / MASTER_PORT from the job when unset."""
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", first_host(os.environ.get("SLURM_JOB_NODELIST", "localhost")))
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
 def env_world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun or slurm (srun, one task per GPU) variables."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -102,6 +118,7 @@ def resolve_layout(cfg: Config, world: int) -> tuple[int, int, int]:
 
 def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
     """Join the process group (when launched with several processes) and build the groups."""
+    slurm_rendezvous()
     rank, world, local = env_world()
     tp, pp, dp = resolve_layout(cfg, world)
     if world == 1:
@@ -110,9 +127,9 @@ def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # slurm without torchrun: first node of the job
+        if "MASTER_ADDR" not in os.environ:
             raise ConfigError("MASTER_ADDR", None, "not set for a multi-process run",
-                              "launch with torchrun, or export MASTER_ADDR / MASTER_PORT (see launch/)")
+                              "launch with torchrun or srun (see launch/), or export MASTER_ADDR / MASTER_PORT")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 device_id=device if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh

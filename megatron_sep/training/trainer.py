@@ -177,6 +177,16 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self.stop_signal = signal.Signals(signum).name
 
+    def _stop_agreed(self) -> bool:
+        """Ranks get the preemption signal at slightly different times: stop when any rank has it."""
+        if self.ctx.world == 1:
+            return self.stop_signal is not None
+        flag = torch.tensor([self.stop_signal is not None], dtype=torch.int32, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self.stop_signal is None:
+            self.stop_signal = "peer signal"
+        return bool(flag.item())
+
     def run(self, until: int | None = None) -> dict:
         """Train to train.steps (or stop early after step `until`, saving, as a preemption would)."""
         cfg, t = self.cfg, self.cfg.train
@@ -198,7 +208,10 @@ class Trainer:
         last = {}
         try:
             tic, steps_since = time.perf_counter(), 0
-            while self.step < until and self.stop_signal is None:
+            preempted = self.run_dir / "preempted"
+            if self.ctx.rank == 0:
+                preempted.unlink(missing_ok=True)
+            while self.step < until and not self._stop_agreed():
                 loss, norm = self.train_step()
                 steps_since += 1
                 si = cfg.attention.stats_interval
@@ -235,6 +248,8 @@ class Trainer:
                     tic = time.perf_counter()
             if self.stop_signal is not None:
                 self.logger.print(f"received {self.stop_signal}: saving at step {self.step} and exiting")
+                if self.ctx.rank == 0:  # tells the slurm script to requeue the job
+                    preempted.write_text(f"{self.step}\n")
             if self.saved_step != self.step:
                 self.save()
         finally:
