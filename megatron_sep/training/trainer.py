@@ -75,7 +75,11 @@ class Trainer:
             raise ConfigError("data.split", cfg.data.split, "the validation split holds no documents",
                               "give the valid share (second entry) a positive value, e.g. [0.98, 0.01, 0.01]")
 
-        self.plan = ParallelPlan(GPT(cfg), cfg, self.ctx)
+        model = GPT(cfg)
+        matmul = sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False)
+                     if p.dim() >= 2 and "embed" not in n)  # the lm head counts, tied or not
+        self.num_params = model.num_params()  # of the whole model, before sharding
+        self.plan = ParallelPlan(model, cfg, self.ctx)
         self.model, self.opt = self.plan.model, self.plan.opt
         self.step, self.consumed, self.saved_step = 0, 0, None
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -83,9 +87,9 @@ class Trainer:
                          else contextlib.nullcontext())
         self.forward = torch.compile(self.model) if t.compile else self.model
 
-        matmul = sum(p.numel() for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n)
         self.flops_per_token = flops_per_token(cfg, matmul)
-        self.peak = peak_flops(cfg, self.device)
+        peak = peak_flops(cfg, self.device)
+        self.peak = peak * self.ctx.world if peak else None  # MFU is per device
         self.logger = MetricsLogger(cfg, self.run_dir, config_to_dict(cfg), enabled=log and self.ctx.is_logging_rank)
 
     def _resolve_attention(self) -> list[str]:
@@ -201,8 +205,10 @@ class Trainer:
             self.logger.print(f"attention {cfg.attention.kind}: windows per layer "
                               f"{cfg.attention.layer_windows(cfg.model.num_layers, cfg.data.seq_len)} "
                               f"(None = dense), separator share in the data {self._separator_share():.2%}")
-        self.logger.print(f"model: {cfg.model.family}, {self.model.num_params() / 1e6:.2f}M parameters, "
-                          f"device {self.device}, {t.accumulation} micro-batches per step")
+        self.logger.print(f"model: {cfg.model.family}, {self.num_params / 1e6:.2f}M parameters, "
+                          f"device {self.device}, layout tp={self.ctx.tp} pp={self.ctx.pp} dp={self.ctx.dp}"
+                          f"{' zero1' if self.plan.zero else ''}, "
+                          f"{self.global_batch // (t.micro_batch_size * self.ctx.dp)} micro-batches per step")
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         tokens_per_step = self.global_batch * cfg.data.seq_len
         last = {}
