@@ -6,6 +6,7 @@ import functools
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
 from .context import ParallelContext
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 
@@ -14,6 +15,9 @@ def apply_tensor_parallel(model, ctx: ParallelContext):
     """In place. qkv rows are grouped per kv head, so each rank's slice holds whole kv groups."""
     if ctx.tp == 1:
         return model
+    if model.padded_vocab_size % ctx.tp:
+        raise ConfigError("parallel.tp", ctx.tp, f"does not divide the padded vocabulary {model.padded_vocab_size}",
+                          "use a power-of-two tp (the vocabulary is padded to a multiple of 128)")
     for block in model.layers:
         attn, mlp = block.attn, block.mlp
         attn.qkv = ColumnParallelLinear(attn.qkv, ctx)
