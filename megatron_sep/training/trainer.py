@@ -169,14 +169,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean loss over eval_iters fixed validation batches, shared out over the dp ranks."""
         self.model.eval()
-        mb, losses = self.cfg.train.micro_batch_size, []
-        for i in range(self.cfg.train.eval_iters):
+        ctx, mb = self.ctx, self.cfg.train.micro_batch_size
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for i in range(ctx.dp_rank, self.cfg.train.eval_iters, ctx.dp):
             tokens, labels = self.batch(self.valid_ds, i * mb, mb)
             with self.autocast:
-                losses.append(self.forward(tokens, labels).float())
+                total += self.forward(tokens, labels).double()
+        if ctx.dp > 1:
+            torch.distributed.all_reduce(total, group=ctx.dp_group)
         self.model.train()
-        return torch.stack(losses).mean().item()  # every dp rank evaluates the same samples
+        return (total / self.cfg.train.eval_iters).item()
 
     def _on_signal(self, signum, frame):
         self.stop_signal = signal.Signals(signum).name
