@@ -19,12 +19,17 @@ LAYOUTS = {
     "dp2": ({}, 2),
     "dp2_zero1": ({"zero": 1}, 2),
     "dp2_tp2": ({"tp": 2}, 4),
+    "pp2_1f1b": ({"pp": 2}, 2),
+    "pp2_gpipe": ({"pp": 2, "schedule": "gpipe"}, 2),
+    "pp2_interleaved": ({"pp": 2, "schedule": "interleaved", "virtual_stages": 2}, 2),
+    "tp2_pp2": ({"tp": 2, "pp": 2, "sequence_parallel": True}, 4),
 }
 
 
-def config(corpus, run_dir, kind, parallel=None, steps=6):
+def config(corpus, run_dir, kind, parallel=None, steps=6, tied=False):
     attention = {"kind": kind, "window": 6, "init_tokens": 2} if kind == "sepllm" else {"kind": "dense"}
     return tiny_config(corpus, run_dir, attention=attention, parallel=parallel or {},
+                       model={"num_layers": 4, "tie_embeddings": tied},
                        train={"steps": steps, "micro_batch_size": 2, "global_batch_size": 8, "eval_interval": 3},
                        checkpoint={"save_interval": 3})
 
@@ -34,8 +39,8 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}, [r["val_loss"] for r in rows if "val_loss" in r]
 
 
-def _train(rank, world, corpus, run_dir, kind, parallel, until):
-    Trainer(config(corpus, run_dir, kind, parallel)).run(until=until)
+def _train(rank, world, corpus, run_dir, kind, parallel, until, tied=False):
+    Trainer(config(corpus, run_dir, kind, parallel, tied=tied)).run(until=until)
     return True
 
 
@@ -62,15 +67,28 @@ def test_layout_matches_single_process(corpus, tmp_path, single, kind, layout):
     assert all(abs(a - b) < 1e-5 for a, b in zip(got_val, ref_val)) and len(got_val) == len(ref_val) == 2
 
 
-@pytest.mark.parametrize("layout", ["dp2_tp2", "dp2_zero1"])
-def test_checkpoint_resumes_under_another_layout(corpus, tmp_path, single, layout):
-    parallel, world = LAYOUTS[layout]
+@pytest.mark.parametrize("saved,resumed", [("dp2_tp2", None), ("dp2_zero1", None), ("tp2_pp2", None),
+                                           ("tp2_pp2", ({}, 4)), ("dp2_zero1", LAYOUTS["pp2_1f1b"])])
+def test_checkpoint_resumes_under_another_layout(corpus, tmp_path, single, saved, resumed):
+    parallel, world = LAYOUTS[saved]
     run_distributed(_train, world, corpus, str(tmp_path), "sepllm", parallel, 3)  # saves at step 3
-    Trainer(config(corpus, tmp_path, "sepllm")).run()  # resumes in one process
+    if resumed is None:
+        Trainer(config(corpus, tmp_path, "sepllm")).run()  # resumes in one process
+    else:
+        run_distributed(_train, resumed[1], corpus, str(tmp_path), "sepllm", resumed[0], None)
     got, _ = losses(tmp_path)
     ref, _ = single["sepllm"]
     for step in range(1, 7):
-        assert abs(got[step] - ref[step]) < 1e-5, (layout, step, got[step], ref[step])
+        assert abs(got[step] - ref[step]) < 1e-5, (saved, resumed, step, got[step], ref[step])
+
+
+def test_pipeline_with_tied_embeddings(corpus, tmp_path, tmp_path_factory):
+    """First and last stage hold one tied weight: their grads are summed, updates stay equal."""
+    ref_dir = tmp_path_factory.mktemp("tied_single")
+    Trainer(config(corpus, ref_dir, "sepllm", tied=True)).run()
+    run_distributed(_train, 4, corpus, str(tmp_path), "sepllm", {"pp": 2}, None, True)  # (dp2, pp2)
+    got, ref = losses(tmp_path)[0], losses(ref_dir)[0]
+    assert all(abs(got[s] - ref[s]) < 1e-5 for s in ref)
 
 
 def test_bad_layouts_rejected(corpus, tmp_path):

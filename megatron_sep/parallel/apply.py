@@ -6,6 +6,7 @@ import torch
 from ..config import Config
 from .context import ParallelContext
 from .data import GradSync, ZeroAdamW, global_grad_norm
+from .pipeline import Pipeline
 from .tensor import apply_tensor_parallel, sync_sequence_parallel_grads
 
 
@@ -19,11 +20,15 @@ class ParallelPlan:
 
     def __init__(self, model, cfg: Config, ctx: ParallelContext):
         self.ctx, self.cfg = ctx, cfg
-        self.model = apply_tensor_parallel(model, ctx).to(ctx.device)
+        model = apply_tensor_parallel(model, ctx)
+        p = cfg.parallel
+        self.pipe = Pipeline(model, ctx, p.schedule, p.virtual_stages) if ctx.pp > 1 else None
+        self.model = model.to(ctx.device)
         o = cfg.optim
         params = list(self.model.parameters())
-        self.zero = cfg.parallel.zero == 1 and ctx.dp > 1
-        self.sync = GradSync(params, ctx, cfg.parallel.bucket_mb, self.zero) if ctx.dp > 1 else None
+        self.zero = p.zero == 1 and ctx.dp > 1
+        manual = [self.pipe.tied_param] if self.pipe is not None else []
+        self.sync = GradSync(params, ctx, p.bucket_mb, self.zero, manual) if ctx.dp > 1 else None
         if self.zero:
             self.opt = ZeroAdamW(self.sync, decays, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
         else:
@@ -42,6 +47,8 @@ class ParallelPlan:
 
     def step(self) -> torch.Tensor:
         """Finish gradient reduction, clip by the global norm, update. Returns the norm."""
+        if self.pipe is not None:
+            self.pipe.sync_tied_grads()
         if self.sync is not None:
             self.sync.finish()
         sync_sequence_parallel_grads(self.model, self.ctx)

@@ -29,6 +29,7 @@ class ParallelContext:
     tp_group: object = None
     pp_group: object = None
     dp_group: object = None
+    embedding_group: object = None  # first + last pipeline stage, for tied embeddings
     mesh: object = None
     device: torch.device = torch.device("cpu")
     sequence_parallel: bool = False
@@ -134,7 +135,16 @@ def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
                                 device_id=device if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, (dp, pp, 1, tp), mesh_dim_names=("dp", "pp", "cp", "tp"))
-    return ParallelContext(
+    embedding_group = None
+    if pp > 1:  # every rank creates every group, in the same order
+        ranks = mesh.mesh.reshape(dp, pp, tp)
+        for d in range(dp):
+            for t in range(tp):
+                pair = [int(ranks[d, 0, t]), int(ranks[d, pp - 1, t])]
+                group = dist.new_group(pair)
+                if rank in pair:
+                    embedding_group = group
+    return ParallelContext(embedding_group=embedding_group,
         world=world, rank=rank, tp=tp, pp=pp, dp=dp, tp_rank=mesh["tp"].get_local_rank(),
         pp_rank=mesh["pp"].get_local_rank(), dp_rank=mesh["dp"].get_local_rank(),
         tp_group=mesh["tp"].get_group(), pp_group=mesh["pp"].get_group(), dp_group=mesh["dp"].get_group(),

@@ -44,13 +44,16 @@ class Bucket:
 class GradSync:
     """Reduces gradients over the data-parallel group; `zero` selects reduce-scatter."""
 
-    def __init__(self, params, ctx: ParallelContext, bucket_mb: float, zero: bool):
+    def __init__(self, params, ctx: ParallelContext, bucket_mb: float, zero: bool, manual=()):
+        """`manual` params (a pipeline's tied embedding, whose grad is completed after backward) get
+        a bucket of their own that only `finish` launches."""
         self.ctx, self.zero = ctx, zero
         self.enabled = False  # set for the last micro-batch of a step
         self.buckets: list[Bucket] = []
         limit = bucket_mb * 2**20
         current, size = [], 0
-        for p in reversed([p for p in params if p.requires_grad]):
+        manual = [p for p in manual if p is not None]
+        for p in reversed([p for p in params if p.requires_grad and all(p is not m for m in manual)]):
             current.append(p)
             size += p.numel() * 4
             if size >= limit:
@@ -58,9 +61,12 @@ class GradSync:
                 current, size = [], 0
         if current:
             self.buckets.append(Bucket(current, ctx.dp, zero))
+        for b in self.buckets:
+            for p in b.params:
+                p.register_post_accumulate_grad_hook(self._hook)
+        if manual:
+            self.buckets.append(Bucket(manual, ctx.dp, zero))
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
-        for p in self.bucket_of:
-            p.register_post_accumulate_grad_hook(self._hook)
 
     def _hook(self, p):
         if not self.enabled:
@@ -150,6 +156,8 @@ def global_grad_norm(grads_and_params, ctx: ParallelContext, sharded_over_dp: bo
         if g is None:
             continue
         if not getattr(p, "tensor_parallel", False) and ctx.tp_rank != 0:
+            continue
+        if getattr(p, "pipeline_duplicate", False):  # the last stage's copy of the tied embedding
             continue
         sq = g.detach().float().pow(2).sum()
         total = sq if total is None else total + sq

@@ -64,6 +64,11 @@ def _zero_full_states(plan) -> dict:
     return out
 
 
+def _optim_name(name: str, p) -> str:
+    # a pipeline's last-stage copy of the tied embedding shares the embedding's Adam state
+    return "embed.weight" if getattr(p, "pipeline_duplicate", False) else name
+
+
 def optim_state(plan) -> dict:
     ctx, params = plan.ctx, dict(plan.model.named_parameters())
     if plan.zero:
@@ -71,8 +76,8 @@ def optim_state(plan) -> dict:
     else:
         ensure_adam_state(plan)
         full = {n: {k: v for k, v in plan.opt.state[p].items()} for n, p in params.items()}
-    return {n: {k: (_wrap(v, params[n], ctx) if k != "step" else v) for k, v in st.items()}
-            for n, st in full.items()}
+    return {_optim_name(n, params[n]): {k: (_wrap(v, params[n], ctx) if k != "step" else v)
+                                        for k, v in st.items()} for n, st in full.items()}
 
 
 def ensure_adam_state(plan) -> None:
@@ -89,14 +94,15 @@ def ensure_adam_state(plan) -> None:
 def load_optim_state(plan, state: dict) -> None:
     """Write per-parameter Adam states (as returned by optim_state, after DCP filled them) back."""
     params = dict(plan.model.named_parameters())
+    by_key = {_optim_name(n, p): p for n, p in params.items()}
     if not plan.zero:
         for n, st in state.items():
-            dst = plan.opt.state[params[n]]
+            dst = plan.opt.state[by_key[n]]
             for k, v in st.items():
                 dst[k].copy_(_unwrap(v))
         return
     ensure_adam_state(plan)
-    names = {p: n for n, p in params.items()}
+    names = {p: _optim_name(n, p) for n, p in params.items()}
     for b, p, s, e, master, lo in plan.opt.segments:
         st, o = state[names[p]], b.offsets[p]
         dst = plan.opt.opt.state[master]

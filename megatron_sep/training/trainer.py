@@ -142,6 +142,11 @@ class Trainer:
         data = torch.from_numpy(rows).to(self.device, non_blocking=True)
         return data[:, :-1], data[:, 1:]
 
+    def micro_batch(self, ds, start: int, size: int):
+        """(tokens, labels, attention inputs) for a pipeline: every stage derives is_sep itself."""
+        tokens, labels = self.batch(ds, start, size)
+        return tokens, labels, sep_inputs(self.cfg, tokens, self.model.sep_ids)
+
     # ---- steps ---------------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step. Data-parallel rank r takes the r-th slice of the global batch, so the
@@ -151,6 +156,12 @@ class Trainer:
         base = self.consumed + ctx.dp_rank * (self.global_batch // ctx.dp)
         self.plan.set_lr(lr_at(self.step, self.cfg))
         total = torch.zeros((), device=self.device)
+        if self.plan.pipe is not None:
+            batches = [self.micro_batch(self.train_ds, base + m * mb, mb) for m in range(micros)]
+            self.plan.pipe.before_last_backward = self.plan.before_last_backward
+            with self.autocast:
+                total = self.plan.pipe.run(batches)
+            micros = 0  # done: the schedule ran forward and backward
         for micro in range(micros):
             if micro == micros - 1:
                 self.plan.before_last_backward()
@@ -173,10 +184,16 @@ class Trainer:
         self.model.eval()
         ctx, mb = self.ctx, self.cfg.train.micro_batch_size
         total = torch.zeros((), device=self.device, dtype=torch.float64)
-        for i in range(ctx.dp_rank, self.cfg.train.eval_iters, ctx.dp):
-            tokens, labels = self.batch(self.valid_ds, i * mb, mb)
-            with self.autocast:
-                total += self.forward(tokens, labels).double()
+        mine = range(ctx.dp_rank, self.cfg.train.eval_iters, ctx.dp)
+        if self.plan.pipe is not None and mine:  # forward-only schedule; the last stage has the loss
+            with self.autocast, torch.no_grad():
+                total += self.plan.pipe.run([self.micro_batch(self.valid_ds, i * mb, mb) for i in mine],
+                                            forward_only=True).double() * len(mine)
+        else:
+            for i in mine:
+                tokens, labels = self.batch(self.valid_ds, i * mb, mb)
+                with self.autocast:
+                    total += self.forward(tokens, labels).double()
         if ctx.dp > 1:
             torch.distributed.all_reduce(total, group=ctx.dp_group)
         self.model.train()
