@@ -97,9 +97,12 @@ def test_bad_layouts_rejected(corpus, tmp_path):
     cfg = config(corpus, tmp_path, "dense")
     for parallel, world, key in (({"tp": 3}, 3, "num_heads"), ({"tp": 4}, 4, "kv heads"),
                                  ({"tp": 2}, 3, "world size"), ({}, 3, "micro_batch_size x dp"),
-                                 ({"pp": 4, "schedule": "interleaved", "virtual_stages": 2}, 4, "num_layers")):
+                                 ({"pp": 4, "schedule": "interleaved", "virtual_stages": 2}, 4, "num_layers"),
+                                 ({"pp": 2, "schedule": "interleaved"}, 2, "multiple of pp")):
         for k, v in parallel.items():
             setattr(cfg.parallel, k, v)
+        if key == "multiple of pp":
+            cfg.train.global_batch_size = 6  # 3 micro-batches of 2
         with pytest.raises(ConfigError, match=key):
             resolve_layout(cfg, world)
         cfg = config(corpus, tmp_path, "dense")

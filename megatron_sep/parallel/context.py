@@ -111,6 +111,11 @@ def resolve_layout(cfg: Config, world: int) -> tuple[int, int, int]:
         raise ConfigError("train.global_batch_size", gb,
                           f"is not a multiple of micro_batch_size x dp = {t.micro_batch_size} x {dp}",
                           "make global_batch_size a multiple of micro_batch_size * dp")
+    micros = gb // (t.micro_batch_size * dp)
+    if p.schedule == "interleaved" and pp > 1 and micros % pp:
+        raise ConfigError("train.global_batch_size", gb, f"gives {micros} micro-batches per step, not a multiple "
+                          f"of pp={pp} as the interleaved schedule needs",
+                          "make global_batch_size / (micro_batch_size * dp) a multiple of pp")
     if p.sequence_parallel and tp > 1 and cfg.data.seq_len % tp:
         raise ConfigError("parallel.sequence_parallel", True, f"data.seq_len={cfg.data.seq_len} is not a "
                           f"multiple of tp={tp}", "use a sequence length divisible by tp")
