@@ -1,4 +1,4 @@
-"""`megatron-sep` command line: train, tokenizer, preprocess, inspect, demo-corpus."""
+"""`megatron-sep` command line: train, tokenizer, preprocess, inspect, export-hf, import-hf, demo-corpus."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +69,23 @@ def cmd_demo_corpus(args) -> int:
     return 0
 
 
+def cmd_export_hf(args) -> int:
+    from .convert import export_hf
+
+    out = export_hf(args.load, args.out, args.dtype)
+    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from .convert import import_hf
+
+    overrides = list(args.overrides) + ([f"attention.kind={args.attention}"] if args.attention else [])
+    out = import_hf(args.hf, args.out, overrides)
+    print(f"wrote {out}/checkpoints; continue training with --set checkpoint.load={out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-sep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20)
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("export-hf", help="checkpoint (any parallel layout) -> Hugging Face directory")
+    p.add_argument("--load", required=True, help="run dir, checkpoints dir or step_* dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("import-hf", help="local GPT-NeoX / Llama transformers directory -> project checkpoint")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--attention", choices=["dense", "sepllm", "streamingllm", "fixed_interval"],
+                   help="attention kind of the imported model (e.g. sepllm for SepLLM post-training)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.set_defaults(func=cmd_import_hf)
+
     p = sub.add_parser("demo-corpus", help="build the demo corpus (no download needed)")
     p.add_argument("--out", default="data/demo/corpus.jsonl")
     p.set_defaults(func=cmd_demo_corpus)
@@ -118,11 +149,13 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .data.indexed import IndexedDataError
     from .data.tokenizer import TokenizerError
+    from .convert.hf import ConversionError
     from .training.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, IndexedDataError, TokenizerError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, IndexedDataError, TokenizerError, CheckpointError, ConversionError, FileNotFoundError,
+            ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

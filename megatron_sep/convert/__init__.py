@@ -1,0 +1,5 @@
+"""Conversion to and from Hugging Face transformers."""
+from .commands import export_hf, import_hf, load_project_model
+from .hf import ConversionError
+
+__all__ = ["ConversionError", "export_hf", "import_hf", "load_project_model"]

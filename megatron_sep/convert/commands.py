@@ -1,0 +1,80 @@
+"""`export-hf` and `import-hf`: whole-directory conversions around the tensor maps in hf.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import dump_config, load_config
+from ..data.separators import resolve_separator_ids
+from ..data.tokenizer import TokenizerError, load_tokenizer
+from ..model import GPT
+from ..parallel.apply import ParallelPlan
+from ..parallel.context import ParallelContext
+from ..training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .hf import (ConversionError, config_from_hf, copy_tokenizer, from_hf_state, hf_config, read_hf_weights,
+                 to_hf_state, write_hf_weights)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_project_model(load: str | Path):
+    """A single-process model with the weights of a checkpoint saved under any layout."""
+    path = resolve_checkpoint(load)
+    cfg = load_config(path / "config.yaml")
+    model = GPT(cfg)
+    load_checkpoint(path, ParallelPlan(model, cfg, ParallelContext()), with_optimizer=False)
+    return model.eval(), cfg
+
+
+def export_hf(load: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+    model, cfg = load_project_model(load)
+    if cfg.attention.kind != "dense":
+        raise ConversionError(f"attention.kind={cfg.attention.kind!r}: exporting SepLLM-style attention needs the "
+                              "remote-code export, which is not available yet; a stock model would silently "
+                              "attend densely. Fix: export a dense model, or wait for the SepLLM export")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        tok = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    except TokenizerError:
+        tok = None  # the weights still export; the directory just has no tokenizer
+    eod, pad = (tok.eod_id, tok.pad_id) if tok else (None, None)
+    conf = hf_config(cfg, eod, pad)
+    conf["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    (out / "config.json").write_text(json.dumps(conf, indent=1))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": eod, "pad_token_id": pad, "bos_token_id": eod}, indent=1))
+    write_hf_weights(to_hf_state(model.state_dict(), cfg), out, DTYPES[dtype])
+    if tok:
+        copy_tokenizer(str(tok.path), out)
+    return out
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, overrides=()) -> Path:
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not (hf_dir / "config.json").is_file():
+        raise ConversionError(f"{hf_dir} has no config.json. Fix: point --hf at a transformers model directory")
+    hf = json.loads((hf_dir / "config.json").read_text())
+    tokenizer = next((str(hf_dir / n) for n in ("tokenizer.json", "tokenizer.model") if (hf_dir / n).is_file()),
+                     None)
+    extra = [f"data.tokenizer={tokenizer}"] if tokenizer else []
+    cfg = config_from_hf(hf, extra + list(overrides))
+    a = cfg.attention
+    if a.kind == "sepllm" and any(isinstance(x, str) for x in a.separators):
+        if not tokenizer:
+            raise ConversionError("attention.kind=sepllm with separator strings needs a tokenizer in the HF "
+                                  "directory. Fix: add it, or pass ids: --set 'attention.separators=[15, 13]'")
+        ids, _ = resolve_separator_ids(load_tokenizer(tokenizer), [x for x in a.separators if isinstance(x, str)])
+        a.separators = sorted(set(ids + [x for x in a.separators if isinstance(x, int)]))
+    model = GPT(cfg)
+    state = from_hf_state(read_hf_weights(hf_dir), cfg, model.padded_vocab_size)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConversionError(f"the weights in {hf_dir} do not match its config.json ({str(e).splitlines()[0]} "
+                              "...). Fix: use the config.json saved with these weights") from None
+    plan = ParallelPlan(model, cfg, ParallelContext())
+    save_checkpoint(out / "checkpoints", 0, plan, {"consumed_samples": 0}, dump_config(cfg), keep_last=1)
+    return out
