@@ -125,3 +125,41 @@ def test_bad_inputs(tmp_path, corpus):
     proc = subprocess.run([sys.executable, "-m", "megatron_sep", "import-hf", "--hf", str(bad), "--out",
                            str(tmp_path / "v")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not supported" in proc.stderr
+
+
+SEPLLM = {"kind": "sepllm", "window": [3, 5, 200], "init_tokens": 2, "hybrid": "none"}
+
+
+@pytest.mark.parametrize("name,attention", [("llama", SEPLLM), ("neox", {**SEPLLM, "hybrid": "H"}),
+                                            ("llama_untied", {"kind": "streamingllm", "window": 4}),
+                                            ("neox", {"kind": "fixed_interval", "fixed_interval": 3, "window": 4})])
+def test_sepllm_export_with_remote_code(corpus, tmp_path, name, attention):
+    from megatron_sep.data.separators import resolve_separator_ids
+    from megatron_sep.data.tokenizer import load_tokenizer
+    from megatron_sep.inference import generate
+    tok = load_tokenizer(corpus["tokenizer"])
+    seps = resolve_separator_ids(tok)[0]
+    model = {**MODELS[name], "num_layers": 3}
+    cfg = config_from_dict({"model": {"hidden_size": 64, "num_heads": 4, "vocab_size": 384,
+                                      "max_position_embeddings": 128, **model},
+                            "attention": {**attention, "separators": seps},
+                            "data": {"tokenizer": str(corpus["tokenizer"]), "seq_len": 64}})
+    torch.manual_seed(0)
+    ours = GPT(cfg).eval()
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, ParallelPlan(ours, cfg, ParallelContext()),
+                    {"consumed_samples": 0}, dump_config(cfg), keep_last=1)
+    out = export_hf(tmp_path / "run", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    tokens = tokens_with_separators(tok)
+    with torch.no_grad():
+        dense = GPT(config_from_dict({**{"model": cfg.model.__dict__}, "data": {"seq_len": 64}}))
+        dense.load_state_dict(ours.state_dict())
+        assert (dense(tokens) - ours(tokens)).abs().max() > 1e-3  # the pattern matters on this input
+        assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-4
+    back, back_cfg = load_project_model(import_hf(out, tmp_path / "reimported"))
+    with torch.no_grad():  # the attention pattern survives export -> import
+        assert torch.allclose(back(tokens), ours(tokens), atol=1e-5)
+    prompt = tokens[:1, :12]
+    mine = generate(ours, prompt, 32)
+    theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert theirs.shape[1] == 44 and torch.equal(mine, theirs), (mine, theirs)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,10 +31,9 @@ def load_project_model(load: str | Path):
 
 def export_hf(load: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     model, cfg = load_project_model(load)
-    if cfg.attention.kind != "dense":
-        raise ConversionError(f"attention.kind={cfg.attention.kind!r}: exporting SepLLM-style attention needs the "
-                              "remote-code export, which is not available yet; a stock model would silently "
-                              "attend densely. Fix: export a dense model, or wait for the SepLLM export")
+    if cfg.attention.reset_per_document:
+        raise ConversionError("attention.reset_per_document has no transformers equivalent (inference sees one "
+                              "document). Fix: export with reset_per_document off (weights are unaffected)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -43,13 +43,31 @@ def export_hf(load: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     eod, pad = (tok.eod_id, tok.pad_id) if tok else (None, None)
     conf = hf_config(cfg, eod, pad)
     conf["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    if cfg.attention.kind != "dense":  # stock classes plus a small subclass that swaps the attention mask
+        conf.update(sepllm_remote_code(cfg, conf["model_type"]))
+        shutil.copy(Path(__file__).with_name("modeling_sepllm.py"), out / "modeling_sepllm.py")
     (out / "config.json").write_text(json.dumps(conf, indent=1))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": eod, "pad_token_id": pad, "bos_token_id": eod}, indent=1))
-    write_hf_weights(to_hf_state(model.state_dict(), cfg), out, DTYPES[dtype])
+    state = to_hf_state(model.state_dict(), cfg)
+    if cfg.attention.kind != "dense" and "embed_out.weight" in state:
+        # transformers renames Pythia's embed_out only for model_type gpt_neox; the subclass needs the module name
+        state["lm_head.weight"] = state.pop("embed_out.weight")
+    write_hf_weights(state, out, DTYPES[dtype])
     if tok:
         copy_tokenizer(str(tok.path), out)
     return out
+
+
+def sepllm_remote_code(cfg, model_type: str) -> dict:
+    a, m = cfg.attention, cfg.model
+    name = {"llama": "SepLLMLlama", "gpt_neox": "SepLLMGPTNeoX"}[model_type]
+    return {"model_type": f"sepllm_{model_type}", "architectures": [f"{name}ForCausalLM"],
+            "auto_map": {"AutoConfig": f"modeling_sepllm.{name}Config",
+                         "AutoModelForCausalLM": f"modeling_sepllm.{name}ForCausalLM"},
+            "sepllm": {"kind": a.kind, "separator_ids": [int(x) for x in a.separators] if a.kind == "sepllm" else [],
+                       "init_tokens": a.init_tokens, "fixed_interval": a.fixed_interval,
+                       "windows": a.layer_windows(m.num_layers, m.max_position_embeddings)}}
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, overrides=()) -> Path:

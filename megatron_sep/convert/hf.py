@@ -90,7 +90,7 @@ def from_hf_state(hf: dict, cfg: Config, padded_vocab: int) -> dict:
            "final_norm.weight": take(f"{root}.{'final_layer_norm' if neox else 'norm'}.weight")}
     if neox:
         out["final_norm.bias"] = take(f"{root}.final_layer_norm.bias")
-    head = "embed_out.weight" if neox else "lm_head.weight"
+    head = "embed_out.weight" if neox and "embed_out.weight" in hf else "lm_head.weight"
     out["lm_head.weight"] = out["embed.weight"] if m.tie_embeddings else pad(take(head))
     g, d, kv = m.num_heads // m.kv_heads, m.head_dim, m.kv_heads
     for i in range(m.num_layers):
@@ -109,7 +109,8 @@ def from_hf_state(hf: dict, cfg: Config, padded_vocab: int) -> dict:
 
 def config_from_hf(hf: dict, overrides=()) -> Config:
     """Our Config for a transformers config.json (GPT-NeoX or Llama)."""
-    kind = hf.get("model_type")
+    kind = hf.get("model_type", "")
+    kind = kind[len("sepllm_"):] if kind.startswith("sepllm_") else kind  # our remote-code export
     rope = hf.get("rope_parameters") or {}
     theta = rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
     common = {"num_layers": hf["num_hidden_layers"], "hidden_size": hf["hidden_size"],
@@ -132,7 +133,15 @@ def config_from_hf(hf: dict, overrides=()) -> Config:
         raise ConversionError(f"model_type {kind!r} is not supported. Fix: convert GPT-NeoX (Pythia) or Llama "
                               "checkpoints")
     seq = min(2048, model["max_position_embeddings"])
-    return config_from_dict({"model": model, "data": {"seq_len": seq}}, overrides)
+    raw = {"model": model, "data": {"seq_len": seq}}
+    if "sepllm" in hf:  # the attention pattern an export of ours carried
+        s = hf["sepllm"]
+        windows = [w if w is not None else model["max_position_embeddings"] for w in s["windows"]]
+        raw["attention"] = {"kind": s["kind"], "init_tokens": s["init_tokens"], "window": windows,
+                            "fixed_interval": s["fixed_interval"]}
+        if s["kind"] == "sepllm":
+            raw["attention"]["separators"] = s["separator_ids"]
+    return config_from_dict(raw, overrides)
 
 
 def read_hf_weights(hf_dir: Path) -> dict:

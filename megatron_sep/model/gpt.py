@@ -35,8 +35,9 @@ class Norm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, core):
+    def __init__(self, cfg: ModelConfig, core, layer: int):
         super().__init__()
+        self.layer = layer
         bias = cfg.family == "neox"
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
         self.rotary_dim, self.rotary_base, self.kernels = cfg.rotary_dim, cfg.rotary_base, cfg.kernels
@@ -54,8 +55,12 @@ class Attention(nn.Module):
         q = qkv[:, :, :, :group].reshape(b, s, self.heads, self.head_dim)
         k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
         q, k = fused_ops.apply_rope(q, k, position_ids, self.rotary_dim, self.rotary_base, self.kernels)
-        dropout = self.dropout if self.training else 0.0
-        o = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), batch, dropout)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cache = batch.get("kv_cache")  # decoding: the cache holds earlier keys and applies the mask
+        if cache is not None:
+            o = cache.attend(self.layer, q, k, v)
+        else:
+            o = self.core(q, k, v, batch, self.dropout if self.training else 0.0)
         return self.out(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
 
@@ -76,11 +81,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, core):
+    def __init__(self, cfg: ModelConfig, core, layer: int):
         super().__init__()
         self.parallel_residual = cfg.family == "neox"
         self.norm1, self.norm2 = Norm(cfg), Norm(cfg)
-        self.attn, self.mlp = Attention(cfg, core), MLP(cfg)
+        self.attn, self.mlp = Attention(cfg, core, layer), MLP(cfg)
         self.drop = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x, position_ids, batch):
@@ -108,7 +113,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(self.padded_vocab_size, m.hidden_size)
         self.drop = nn.Dropout(m.hidden_dropout)
         self.layers = nn.ModuleList(
-            Block(m, build_core_attention(cfg, i)) for i in range(m.num_layers))
+            Block(m, build_core_attention(cfg, i), i) for i in range(m.num_layers))
         self.register_buffer("sep_ids", torch.tensor(separator_ids_of(cfg), dtype=torch.long),
                              persistent=False)
         self.final_norm = Norm(m)

@@ -1,0 +1,45 @@
+"""Greedy and sampled generation from a project model, with a SepLLM-aware KV cache."""
+from __future__ import annotations
+
+import torch
+
+from .cache import SepKVCache
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, eod_id: int | None = None, seed: int = 0,
+             evict: bool = False) -> torch.Tensor:
+    """prompt [b, s] -> [b, s + new] token ids. Stops early when every row has produced eod_id."""
+    model.eval()
+    cache = SepKVCache(model.cfg, model.sep_ids, evict=evict)
+    gen = torch.Generator(device=prompt.device).manual_seed(seed)
+    out, step_input = prompt, prompt
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for _ in range(max_new_tokens):
+        pos = cache.begin(step_input)
+        logits = model(step_input, position_ids=pos, batch={"kv_cache": cache})[:, -1].float()
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            nxt = sample(logits / max(temperature, 1e-6), top_k, top_p, gen)
+        if eod_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eod_id), nxt)
+            done |= nxt == eod_id
+        out = torch.cat([out, nxt[:, None]], 1)
+        step_input = nxt[:, None]
+        if eod_id is not None and done.all():
+            break
+    return out
+
+
+def sample(logits, top_k: int, top_p: float, gen) -> torch.Tensor:
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
