@@ -1,4 +1,5 @@
-"""`megatron-sep` command line: train, tokenizer, preprocess, inspect, export-hf, import-hf, demo-corpus."""
+"""`megatron-sep` command line: train, tokenizer, preprocess, inspect, export-hf, import-hf, generate,
+demo-corpus."""
 from __future__ import annotations
 
 import argparse
@@ -86,6 +87,22 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import torch
+
+    from .convert import load_project_model
+    from .data.tokenizer import load_tokenizer
+    from .inference import generate
+
+    model, cfg = load_project_model(args.load)
+    tok = load_tokenizer(args.tokenizer or cfg.data.tokenizer)
+    prompt = torch.tensor([tok.encode(args.prompt)])
+    out = generate(model, prompt, args.max_new_tokens, greedy=args.temperature == 0, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, eod_id=tok.eod_id, seed=args.seed, evict=args.evict)
+    print(tok.decode(out[0, prompt.shape[1]:].tolist()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-sep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kind of the imported model (e.g. sepllm for SepLLM post-training)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache, SepLLM mask while decoding)")
+    p.add_argument("--load", required=True, help="run dir, checkpoints dir or step_* dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--evict", action="store_true",
+                   help="drop cached keys no later token can see (SepLLM's streaming memory saving)")
+    p.add_argument("--tokenizer", help="override the checkpoint's data.tokenizer")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo-corpus", help="build the demo corpus (no download needed)")
     p.add_argument("--out", default="data/demo/corpus.jsonl")

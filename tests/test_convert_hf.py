@@ -163,3 +163,22 @@ def test_sepllm_export_with_remote_code(corpus, tmp_path, name, attention):
     mine = generate(ours, prompt, 32)
     theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert theirs.shape[1] == 44 and torch.equal(mine, theirs), (mine, theirs)
+
+
+def test_generate_command(corpus, tmp_path):
+    project_checkpoint(tmp_path, corpus["tokenizer"], MODELS["llama"])
+    for extra in ([], ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--evict"]):
+        proc = subprocess.run([sys.executable, "-m", "megatron_sep", "generate", "--load", str(tmp_path / "run"),
+                               "--prompt", "The model reads.", "--max-new-tokens", "8", *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+
+
+def test_sampling_respects_top_k_and_top_p():
+    from megatron_sep.inference.generate import sample
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]])).repeat(2000, 1)
+    assert set(sample(logits, 2, 1.0, gen).tolist()) == {0, 1}
+    assert set(sample(logits, 0, 0.8, gen).tolist()) == {0, 1, 2}  # 0.5 + 0.25 < 0.8 <= 0.9
+    counts = torch.bincount(sample(logits, 0, 1.0, gen), minlength=5) / 2000
+    assert abs(counts[0].item() - 0.5) < 0.05

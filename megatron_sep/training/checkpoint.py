@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..parallel.state import load_model_state, load_optim_state, model_state, optim_state
 
@@ -149,8 +150,9 @@ def load_checkpoint(path: Path, plan, with_optimizer: bool = True) -> dict:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP raises several types for missing / mismatched keys
-        raise CheckpointError(f"cannot load {path}: {e}. Fix: the checkpoint must come from a model with the "
+    except (Exception, CheckpointException) as e:  # DCP's own type is a BaseException, with tracebacks inside
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load {path}: {reason} Fix: the checkpoint must come from a model with the "
                               "same architecture (compare its config.yaml with yours)") from None
     load_model_state(plan.model, state["model"])
     if with_optimizer:
