@@ -138,3 +138,17 @@ def test_preemption_signal_on_one_rank_stops_all_at_the_same_step(corpus, tmp_pa
     assert steps[0] == steps[1] > 0
     assert latest_checkpoint(tmp_path / "checkpoints").name == f"step_{steps[0]:08d}"
     assert (tmp_path / "preempted").read_text().strip() == str(steps[0])
+
+
+def test_export_from_a_sharded_checkpoint(corpus, tmp_path):
+    """export-hf reads a (tp2, pp2) checkpoint; transformers gives the logits of the single-process load."""
+    import torch
+    import transformers
+
+    from megatron_sep.convert import export_hf, load_project_model
+    run_distributed(_train, 4, corpus, str(tmp_path), "dense", {"tp": 2, "pp": 2}, 3, True)
+    ours, _ = load_project_model(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(tmp_path, tmp_path / "hf")).eval()
+    tokens = torch.randint(0, 384, (2, 20))
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-4
