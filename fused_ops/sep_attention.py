@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "reference", "flex")
+BACKENDS = ("auto", "reference", "flex", "triton")
 
 
 def kept_keys(is_sep: torch.Tensor, init_tokens: int, segment_ids: torch.Tensor | None = None):
@@ -67,6 +67,12 @@ def sep_attention(q, k, v, is_sep, *, init_tokens: int, window: int, backend: st
                                               enable_gqa=k.shape[1] != q.shape[1])
     if backend == "auto":
         backend = "flex" if q.is_cuda else "reference"
+    if backend == "triton":
+        if segment_ids is not None:
+            raise ValueError("the Triton SepAttention kernel does not take segment_ids (reset_per_document) yet. "
+                             "Fix: use backend='flex' or 'reference'")
+        from .sep_attention_triton import sep_attention_triton
+        return sep_attention_triton(q, k, v, is_sep, init_tokens, window, scale)
     if backend == "flex":
         from .sep_attention_flex import flex_sep_attention
         return flex_sep_attention(q, k, v, is_sep, init_tokens, window, scale, segment_ids)
