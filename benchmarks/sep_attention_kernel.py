@@ -1,0 +1,100 @@
+"""SepAttention Triton kernel on the GPU: bf16 correctness against the fp32 reference, and forward /
+forward+backward times against the flex backend and SDPA causal in the same run.
+
+Run on the device: PYTHONPATH=. python3 benchmarks/sep_attention_kernel.py --out DIR
+Shapes from the issue: B=1, 16 heads, head dim 128, 10% separators at random positions, init 3,
+windows 256 and 64, seq 4K / 16K / 64K. Times: medians of CUDA-graph replays where capture works,
+else triton.testing.do_bench (recorded per row).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import fused_ops
+from fused_ops import sep_attention_flex
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def correctness():
+    rows = []
+    for b, hq, hk, s, d, dens, n in [(2, 8, 4, 1000, 64, 0.1, 7), (1, 8, 8, 2047, 128, 0.3, 256),
+                                     (2, 4, 1, 777, 128, 1.0, 1), (1, 16, 16, 4096, 128, 0.1, 64)]:
+        q, k, v = (torch.randn(b, h, s, d, device="cuda") for h in (hq, hk, hk))
+        is_sep = torch.rand(b, s, device="cuda") < dens * torch.linspace(0.5, 1, b, device="cuda")[:, None]
+        go = torch.randn(b, hq, s, d, device="cuda")
+        res = {}
+        for name, dtype, backend in (("ref32", torch.float32, "reference"), ("triton16", torch.bfloat16, "triton"),
+                                     ("ref16", torch.bfloat16, "reference")):
+            x = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v)]
+            o = fused_ops.sep_attention(*x, is_sep, init_tokens=3, window=n, backend=backend)
+            o.backward(go.to(dtype))
+            res[name] = [o.detach()] + [t.grad for t in x]
+        err = {k_: [rel(a, r) for a, r in zip(res[k_], res["ref32"])] for k_ in ("triton16", "ref16")}
+        rows.append({"shape": [b, hq, hk, s, d], "density": dens, "window": n,
+                     "triton_bf16_rel_err[o,dq,dk,dv]": err["triton16"], "ref_bf16_rel_err": err["ref16"],
+                     "pass": all(e <= 2 * r + 2e-3 for e, r in zip(err["triton16"], err["ref16"]))})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def timed(fn, grads=None):
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=200, grad_to_none=grads, return_mode="median"), "graph"
+    except Exception:  # capture can fail (e.g. host syncs in the flex plan); fall back
+        return triton.testing.do_bench(fn, warmup=50, rep=300, grad_to_none=grads, return_mode="median"), "plain"
+
+
+def speed(seqs, window):
+    rows = []
+    for s in seqs:
+        q, k, v = (torch.randn(1, 16, s, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        is_sep = torch.rand(1, s, device="cuda") < 0.10
+        go = torch.randn_like(q)
+        impls = {"sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                 "triton": lambda: fused_ops.sep_attention(q, k, v, is_sep, init_tokens=3, window=window,
+                                                           backend="triton"),
+                 "flex": lambda: fused_ops.sep_attention(q, k, v, is_sep, init_tokens=3, window=window,
+                                                         backend="flex")}
+        r = {"seq": s, "window": window}
+        for name, fn in impls.items():
+            with torch.no_grad():
+                r[f"{name}_fwd_ms"], r[f"{name}_fwd_timer"] = timed(fn)
+            r[f"{name}_fwdbwd_ms"], r[f"{name}_fwdbwd_timer"] = timed(lambda fn=fn: fn().backward(go), [q, k, v])
+        for name in ("triton", "flex"):
+            r[f"{name}_fwdbwd_x_sdpa"] = r["sdpa_causal_fwdbwd_ms"] / r[f"{name}_fwdbwd_ms"]
+            r[f"{name}_fwd_x_sdpa"] = r["sdpa_causal_fwd_ms"] / r[f"{name}_fwd_ms"]
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        sep_attention_flex._PLANS.clear()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--seqs", default="4096,16384,65536")
+    args = ap.parse_args()
+    torch._dynamo.config.recompile_limit = 64
+    out = {"env": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__},
+           "correctness": correctness()}
+    seqs = [int(x) for x in args.seqs.split(",")]
+    out["window256"], out["window64"] = speed(seqs, 256), speed(seqs, 64)
+    with open(f"{args.out}/sep_attention_kernel.json", "w") as f:
+        json.dump(out, f, indent=1)
+    print("\nseq window | fwd+bwd ms: sdpa triton (x) flex (x)")
+    for r in out["window256"] + out["window64"]:
+        print(f"{r['seq']:>6} {r['window']:>4} | {r['sdpa_causal_fwdbwd_ms']:8.2f} {r['triton_fwdbwd_ms']:8.2f} "
+              f"({r['triton_fwdbwd_x_sdpa']:.2f}x) {r['flex_fwdbwd_ms']:8.2f} ({r['flex_fwdbwd_x_sdpa']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
