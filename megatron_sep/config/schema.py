@@ -221,7 +221,7 @@ class TrainConfig:
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    compile: bool = False
+    compile: bool = False  # torch.compile each transformer block
 
     def check(self) -> None:
         p = "train."

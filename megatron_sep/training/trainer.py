@@ -85,7 +85,12 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and t.precision in ("auto", "bf16")
                          else contextlib.nullcontext())
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        if t.compile:  # per block, in place: parameter names and the pipeline's layer dict stay as they are
+            blocks = self.model.layers
+            layers = blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks
+            for layer in layers:
+                layer.compile()
+        self.forward = self.model
 
         self.flops_per_token = flops_per_token(cfg, matmul)
         peak = peak_flops(cfg, self.device)

@@ -1,0 +1,159 @@
+"""Training throughput on one GPU: this framework against a plain PyTorch model of the same shape,
+measured in the same run. Also the SepLLM training step with each attention backend.
+
+Run on the device:
+  PYTHONPATH=. python3 benchmarks/train_throughput.py --preset llama1.3b --out DIR
+  PYTHONPATH=. python3 benchmarks/train_throughput.py --preset sepllm350m-16k --out DIR
+Synthetic tokens (data loading is not what is measured). MFU uses 989 TFLOP/s (H100 dense bf16)
+and the PaLM convention: 6 x matmul params + 12 x layers x hidden x seq FLOPs per token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_sep.config import config_from_dict
+from megatron_sep.model import GPT
+
+PRESETS = {
+    "llama1.3b": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 2048, "num_heads": 16,
+                            "ffn_hidden_size": 5504, "vocab_size": 32000, "max_position_embeddings": 4096},
+                  "seq": 4096, "mbs": 2, "kinds": ["dense"]},
+    "sepllm350m-16k": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 1024, "num_heads": 16,
+                                 "ffn_hidden_size": 2816, "vocab_size": 32000, "max_position_embeddings": 16384},
+                       "seq": 16384, "mbs": 1, "kinds": ["sepllm:triton", "sepllm:flex", "dense"]},
+}
+
+
+class PlainBlock(nn.Module):
+    """The baseline: a textbook Llama block (SDPA, SwiGLU, RMSNorm, RoPE) in plain PyTorch."""
+
+    def __init__(self, h, heads, ffn):
+        super().__init__()
+        self.heads = heads
+        self.n1, self.n2 = nn.RMSNorm(h), nn.RMSNorm(h)
+        self.qkv, self.o = nn.Linear(h, 3 * h, bias=False), nn.Linear(h, h, bias=False)
+        self.gate, self.up, self.down = (nn.Linear(h, ffn, bias=False), nn.Linear(h, ffn, bias=False),
+                                         nn.Linear(ffn, h, bias=False))
+
+    def forward(self, x, cos, sin):
+        b, s, h = x.shape
+        q, k, v = self.qkv(self.n1(x)).view(b, s, 3, self.heads, h // self.heads).unbind(2)
+
+        def rope(t):
+            t1, t2 = t.chunk(2, -1)
+            return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1)
+        q, k = rope(q).transpose(1, 2), rope(k).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, s, h))
+        y = self.n2(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+
+class PlainLlama(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        h, self.heads = m["hidden_size"], m["num_heads"]
+        self.embed = nn.Embedding(m["vocab_size"], h)
+        self.blocks = nn.ModuleList(PlainBlock(h, m["num_heads"], m["ffn_hidden_size"]) for _ in range(m["num_layers"]))
+        self.norm, self.head = nn.RMSNorm(h), nn.Linear(h, m["vocab_size"], bias=False)
+
+    def forward(self, tokens, labels):
+        s, d = tokens.shape[1], self.embed.embedding_dim // self.heads
+        inv = 1.0 / 10000 ** (torch.arange(0, d, 2, device=tokens.device).float() / d)
+        ang = torch.arange(s, device=tokens.device).float()[:, None] * inv
+        cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+        x = self.embed(tokens)
+        for blk in self.blocks:
+            x = blk(x, cos, sin)
+        logits = self.head(self.norm(x)).float()
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def measure(model, tokens, labels, steps, warmup=3):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(tokens, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    return dt, loss.item(), torch.cuda.max_memory_allocated() / 2**30
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", choices=list(PRESETS), default="llama1.3b")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    p = PRESETS[args.preset]
+    m, seq, mbs = p["model"], p["seq"], p["mbs"]
+    tokens = torch.randint(0, m["vocab_size"], (mbs, seq + 1), device="cuda")
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    matmul = (m["num_layers"] * (4 * m["hidden_size"] ** 2 + 3 * m["hidden_size"] * m["ffn_hidden_size"])
+              + m["vocab_size"] * m["hidden_size"])
+    flops = 6 * matmul + 12 * m["num_layers"] * m["hidden_size"] * seq
+    rows = []
+
+    def record(name, dt, loss, mem):
+        tps = mbs * seq / dt
+        rows.append({"impl": name, "step_ms": dt * 1e3, "tokens_per_s": tps, "mfu": tps * flops / 989e12,
+                     "peak_mem_gb": mem, "loss": loss})
+        print(json.dumps(rows[-1]), flush=True)
+
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        plain = PlainLlama(m).cuda()
+        if compiled:
+            for blk in plain.blocks:
+                blk.compile()
+        record(f"plain pytorch{' + compile per block' if compiled else ' eager'}", *measure(plain, inputs, labels,
+                                                                                          args.steps))
+        del plain
+        torch.cuda.empty_cache()
+    for kind in p["kinds"]:
+        name, _, backend = kind.partition(":")
+        for compiled in (False, True):
+            attention = {"kind": name, "window": 256, "init_tokens": 3, "separators": list(range(1, 3200)),
+                         "backend": backend or "auto"} if name != "dense" else {"kind": "dense"}
+            cfg = config_from_dict({"model": m, "attention": attention, "data": {"seq_len": seq}})
+            torch.manual_seed(0)
+            model = GPT(cfg).cuda()
+            if compiled:
+                for blk in model.layers:
+                    blk.compile()
+            try:
+                record(f"megatron-sep {kind}{' + compile per block' if compiled else ' eager'}",
+                       *measure(model, inputs, labels, args.steps))
+            except Exception as e:  # record what failed instead of losing the whole run
+                rows.append({"impl": f"megatron-sep {kind} compiled={compiled}", "error": repr(e)[:300]})
+                print(json.dumps(rows[-1]), flush=True)
+            del model
+            torch.cuda.empty_cache()
+    out = {"env": {"device": torch.cuda.get_device_name(), "torch": torch.__version__}, "preset": args.preset,
+           "seq": seq, "micro_batch": mbs, "flops_per_token": flops, "rows": rows}
+    with open(f"{args.out}/train_throughput_{args.preset}.json", "w") as f:
+        json.dump(out, f, indent=1)
+    base = next((r for r in rows if r["impl"] == "plain pytorch + compile per block" and "tokens_per_s" in r), None)
+    for r in rows:
+        if "tokens_per_s" in r:
+            ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else math.nan
+            print(f"{r['impl']:<45} {r['tokens_per_s']:>10,.0f} tok/s  MFU {r['mfu']:.1%}  "
+                  f"x{ratio:.2f} vs compiled plain  {r['peak_mem_gb']:.1f} GB")
+
+
+if __name__ == "__main__":
+    main()
