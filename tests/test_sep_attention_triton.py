@@ -60,3 +60,22 @@ def test_entry_point_dispatch_and_dense_fallback():
     with pytest.raises(ValueError, match="head dims"):
         sep_attention_triton(torch.randn(1, 1, 8, 24), torch.randn(1, 1, 8, 24), torch.randn(1, 1, 8, 24),
                              torch.zeros(1, 8, dtype=torch.bool), 1, 2)
+
+
+def test_model_with_triton_attention_backend():
+    from megatron_sep.config import config_from_dict
+    from megatron_sep.model import GPT
+    out = {}
+    tokens = torch.randint(0, 40, (2, 37))
+    for backend in ("reference", "triton"):
+        cfg = config_from_dict({"model": {"family": "llama", "num_layers": 2, "hidden_size": 32, "num_heads": 2,
+                                          "vocab_size": 40, "max_position_embeddings": 64},
+                                "attention": {"kind": "sepllm", "separators": [1, 2, 3, 4], "window": [3, 9],
+                                              "init_tokens": 2, "backend": backend},
+                                "data": {"seq_len": 64}})
+        torch.manual_seed(0)
+        m = GPT(cfg)
+        loss = m(tokens[:, :-1], tokens[:, 1:])
+        out[backend] = [loss] + list(torch.autograd.grad(loss, list(m.parameters())))
+    for a, b in zip(out["triton"], out["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -103,7 +103,7 @@ class AttentionConfig:
     fixed_interval: int = 8  # fixed_interval kind: every k-th position acts as a separator
     reset_per_document: bool = False
     eod_id: Optional[int] = None  # document end for reset_per_document; filled from the tokenizer
-    backend: Literal["auto", "reference", "flex"] = "auto"
+    backend: Literal["auto", "reference", "flex", "triton"] = "auto"
     stats_interval: int = 100  # steps between kept-pair statistics (0: never)
 
     def check(self) -> None:
