@@ -18,6 +18,32 @@ import triton.language as tl
 
 
 @triton.jit
+def _softmax_step(q, kb, vb, kpos, kmask, ok, m_i, l_i, acc, scale, sks, offs_d, IEEE: tl.constexpr):
+    """One block of keys at positions kpos into the running (max, sum, output) of a query tile."""
+    kt = tl.load(kb + kpos[None, :] * sks + offs_d[:, None], mask=kmask[None, :], other=0.0)
+    qk = tl.dot(q, kt, input_precision="ieee" if IEEE else None) * scale
+    qk = tl.where(ok, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+    pij = tl.exp(qk - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    v = tl.load(vb + kpos[:, None] * sks + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(pij.to(v.dtype), v, input_precision="ieee" if IEEE else None)
+    return m_new, l_i * alpha + tl.sum(pij, 1), acc
+
+
+@triton.jit
+def _dq_step(q, do, lse, delta, kb, vb, kpos, kmask, ok, dq, scale, sks, offs_d, IEEE: tl.constexpr):
+    k = tl.load(kb + kpos[:, None] * sks + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    v = tl.load(vb + kpos[:, None] * sks + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else None) * scale
+    pij = tl.where(ok, tl.exp(qk - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision="ieee" if IEEE else None)
+    ds = pij * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision="ieee" if IEEE else None)
+
+
+@triton.jit
 def _fwd(Q, K, V, POS, AHI, O, LSE, scale, S, G, N, HQ, GROUP, TILES,
          sqb, sqh, sqs, skb, skh, sks,
          BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
@@ -40,35 +66,15 @@ def _fwd(Q, K, V, POS, AHI, O, LSE, scale, S, G, N, HQ, GROUP, TILES,
         offs_c = start + tl.arange(0, BN)
         live = offs_c < a_hi
         p = tl.load(POS + b * G + offs_c, mask=live, other=0)
-        kt = tl.load(kb + p[None, :] * sks + offs_d[:, None], mask=live[None, :], other=0.0)
-        qk = tl.dot(q, kt, input_precision="ieee" if IEEE else None) * scale
         ok = (p[None, :] <= offs_m[:, None] - N) & live[None, :]
-        qk = tl.where(ok, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        pij = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(pij, 1)
-        v = tl.load(vb + p[:, None] * sks + offs_d[None, :], mask=live[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(pij.to(v.dtype), v, input_precision="ieee" if IEEE else None)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(q, kb, vb, p, live, ok, m_i, l_i, acc, scale, sks, offs_d, IEEE)
     lo = tl.maximum(t * BM - N + 1, 0)
     lo = (lo // BN) * BN
     hi = tl.minimum(t * BM + BM, S)
     for start in range(lo, hi, BN):  # the window band
         offs_n = start + tl.arange(0, BN)
-        kt = tl.load(kb + offs_n[None, :] * sks + offs_d[:, None], mask=offs_n[None, :] < S, other=0.0)
-        qk = tl.dot(q, kt, input_precision="ieee" if IEEE else None) * scale
         ok = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] - offs_n[None, :] < N)
-        qk = tl.where(ok, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        pij = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(pij, 1)
-        v = tl.load(vb + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(pij.to(v.dtype), v, input_precision="ieee" if IEEE else None)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(q, kb, vb, offs_n, offs_n < S, ok, m_i, l_i, acc, scale, sks, offs_d, IEEE)
     out = acc / l_i[:, None]
     tl.store(O + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=rows[:, None])
@@ -100,27 +106,15 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, POS, AHI, DQ, scale, S, G, N, HQ, GROUP, TI
         offs_c = start + tl.arange(0, BN)
         live = offs_c < a_hi
         p = tl.load(POS + b * G + offs_c, mask=live, other=0)
-        k = tl.load(kb + p[:, None] * sks + offs_d[None, :], mask=live[:, None], other=0.0)
-        v = tl.load(vb + p[:, None] * sks + offs_d[None, :], mask=live[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else None) * scale
         ok = (p[None, :] <= offs_m[:, None] - N) & live[None, :] & rows[:, None]
-        pij = tl.where(ok, tl.exp(qk - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee" if IEEE else None)
-        ds = pij * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee" if IEEE else None)
+        dq = _dq_step(q, do, lse, delta, kb, vb, p, live, ok, dq, scale, sks, offs_d, IEEE)
     lo = tl.maximum(t * BM - N + 1, 0)
     lo = (lo // BN) * BN
     hi = tl.minimum(t * BM + BM, S)
     for start in range(lo, hi, BN):
         offs_n = start + tl.arange(0, BN)
-        k = tl.load(kb + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-        v = tl.load(vb + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else None) * scale
         ok = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] - offs_n[None, :] < N) & rows[:, None]
-        pij = tl.where(ok, tl.exp(qk - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee" if IEEE else None)
-        ds = pij * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee" if IEEE else None)
+        dq = _dq_step(q, do, lse, delta, kb, vb, offs_n, offs_n < S, ok, dq, scale, sks, offs_d, IEEE)
     tl.store(DQ + qo, (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
 
