@@ -82,11 +82,12 @@ def test_checkpoint_resumes_under_another_layout(corpus, tmp_path, single, saved
         assert abs(got[step] - ref[step]) < 1e-5, (saved, resumed, step, got[step], ref[step])
 
 
-def test_pipeline_with_tied_embeddings(corpus, tmp_path, tmp_path_factory):
+@pytest.mark.parametrize("zero", [0, 1])
+def test_pipeline_with_tied_embeddings(corpus, tmp_path, tmp_path_factory, zero):
     """First and last stage hold one tied weight: their grads are summed, updates stay equal."""
     ref_dir = tmp_path_factory.mktemp("tied_single")
     Trainer(config(corpus, ref_dir, "sepllm", tied=True)).run()
-    run_distributed(_train, 4, corpus, str(tmp_path), "sepllm", {"pp": 2}, None, True)  # (dp2, pp2)
+    run_distributed(_train, 4, corpus, str(tmp_path), "sepllm", {"pp": 2, "zero": zero}, None, True)  # (dp2, pp2)
     got, ref = losses(tmp_path)[0], losses(ref_dir)[0]
     assert all(abs(got[s] - ref[s]) < 1e-5 for s in ref)
 
