@@ -30,7 +30,7 @@ def project_checkpoint(tmp_path, tokenizer, model):
     torch.manual_seed(0)
     m = GPT(cfg)
     with torch.no_grad():  # norms and biases away from their init, so a swapped name would show
-        for n, p in m.named_parameters():
+        for p in m.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     save_checkpoint(tmp_path / "run" / "checkpoints", 5, ParallelPlan(m, cfg, ParallelContext()),

@@ -61,8 +61,8 @@ def test_blend_follows_weights():
 
 
 def test_blended_dataset_draws_from_each_source(tmp_path):
-    a = make(tmp_path / "a", [np.full(30, 1) for _ in range(20)])
-    b = make(tmp_path / "b", [np.full(30, 2) for _ in range(20)])
+    make(tmp_path / "a", [np.full(30, 1) for _ in range(20)])
+    make(tmp_path / "b", [np.full(30, 2) for _ in range(20)])
     train, valid, test = build_datasets([str(tmp_path / "a"), str(tmp_path / "b")], [3.0, 1.0],
                                         [0.8, 0.2, 0.0], 8, 0, (400, 20, 0))
     assert isinstance(train, BlendedDataset) and test is None and len(train) == 400

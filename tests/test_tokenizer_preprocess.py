@@ -30,7 +30,7 @@ def test_sentencepiece_tokenizer(corpus):
 
 
 def test_hf_tokenizer(corpus, tmp_path):
-    path = train_hf_bpe([str(corpus["jsonl"])], tmp_path / "tokenizer.json", vocab_size=400)
+    train_hf_bpe([str(corpus["jsonl"])], tmp_path / "tokenizer.json", vocab_size=400)
     tok = load_tokenizer(tmp_path)  # a folder holding tokenizer.json
     assert tok.kind == "hf" and tok.id_to_piece(tok.eod_id) == "<|endoftext|>"
     text = docs_of(corpus["jsonl"])[1]

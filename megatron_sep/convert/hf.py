@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, config_from_dict
+from ..config import Config, config_from_dict
 
 NEOX_LAYER = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.qkv": "attention.query_key_value",
               "attn.out": "attention.dense", "mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h"}
@@ -44,38 +44,47 @@ def hf_config(cfg: Config, eod_id: int | None, pad_id: int | None) -> dict:
             "rope_parameters": {"rope_type": "default", "rope_theta": m.rotary_base}}
 
 
+def _prefix(cfg: Config) -> str:
+    return "gpt_neox" if cfg.model.family == "neox" else "model"
+
+
+def _renamed(cfg: Config) -> list[tuple[str, str]]:
+    """(our name, transformers name) for every tensor that only changes name."""
+    m, root = cfg.model, _prefix(cfg)
+    neox = m.family == "neox"
+    kinds = ("weight", "bias") if neox else ("weight",)
+    table = NEOX_LAYER if neox else LLAMA_LAYER
+    pairs = [(f"final_norm.{k}", f"{root}.{'final_layer_norm' if neox else 'norm'}.{k}") for k in kinds]
+    for i in range(m.num_layers):
+        pairs += [(f"layers.{i}.{a}.{k}", f"{root}.layers.{i}.{b}.{k}") for a, b in table.items() for k in kinds]
+    return pairs
+
+
+def _embed_name(cfg: Config) -> str:
+    return f"{_prefix(cfg)}.{'embed_in' if cfg.model.family == 'neox' else 'embed_tokens'}.weight"
+
+
 def to_hf_state(state: dict, cfg: Config) -> dict:
     """Our plain-model state dict -> transformers names (tensors shared, not copied)."""
     m, V = cfg.model, cfg.model.vocab_size
-    out = {}
-    neox = m.family == "neox"
-    root, table = ("gpt_neox", NEOX_LAYER) if neox else ("model", LLAMA_LAYER)
-    out[f"{root}.{'embed_in' if neox else 'embed_tokens'}.weight"] = state["embed.weight"][:V]
-    out[f"{root}.{'final_layer_norm' if neox else 'norm'}.weight"] = state["final_norm.weight"]
-    if neox:
-        out[f"{root}.final_layer_norm.bias"] = state["final_norm.bias"]
+    out = {theirs: state[ours] for ours, theirs in _renamed(cfg)}
+    out[_embed_name(cfg)] = state["embed.weight"][:V]
     if not m.tie_embeddings:
-        out["embed_out.weight" if neox else "lm_head.weight"] = state["lm_head.weight"][:V]
-    g, d, kv = m.num_heads // m.kv_heads, m.head_dim, m.kv_heads
-    for i in range(m.num_layers):
-        ours, theirs = f"layers.{i}.", f"{root}.layers.{i}."
-        for a, b in table.items():
-            for kind in ("weight", "bias"):
-                if ours + f"{a}.{kind}" in state:
-                    out[theirs + f"{b}.{kind}"] = state[ours + f"{a}.{kind}"]
-        if not neox:
-            qkv = state[ours + "attn.qkv.weight"].view(kv, g + 2, d, m.hidden_size)
-            out[theirs + "self_attn.q_proj.weight"] = qkv[:, :g].reshape(kv * g * d, -1)
-            out[theirs + "self_attn.k_proj.weight"] = qkv[:, g].reshape(kv * d, -1)
-            out[theirs + "self_attn.v_proj.weight"] = qkv[:, g + 1].reshape(kv * d, -1)
+        out["embed_out.weight" if m.family == "neox" else "lm_head.weight"] = state["lm_head.weight"][:V]
+    if m.family == "llama":  # split our grouped qkv into q_proj / k_proj / v_proj
+        g, d, kv = m.num_heads // m.kv_heads, m.head_dim, m.kv_heads
+        for i in range(m.num_layers):
+            qkv = state[f"layers.{i}.attn.qkv.weight"].view(kv, g + 2, d, m.hidden_size)
+            theirs = f"model.layers.{i}.self_attn."
+            out[theirs + "q_proj.weight"] = qkv[:, :g].reshape(kv * g * d, -1)
+            out[theirs + "k_proj.weight"] = qkv[:, g].reshape(kv * d, -1)
+            out[theirs + "v_proj.weight"] = qkv[:, g + 1].reshape(kv * d, -1)
     return out
 
 
 def from_hf_state(hf: dict, cfg: Config, padded_vocab: int) -> dict:
     """transformers names -> our plain-model state dict (vocabulary rows zero-padded)."""
     m, V = cfg.model, cfg.model.vocab_size
-    neox = m.family == "neox"
-    root, table = ("gpt_neox", NEOX_LAYER) if neox else ("model", LLAMA_LAYER)
 
     def pad(t):
         return torch.cat([t, t.new_zeros(padded_vocab - V, t.shape[1])]) if padded_vocab > V else t
@@ -86,24 +95,18 @@ def from_hf_state(hf: dict, cfg: Config, padded_vocab: int) -> dict:
                                   "every shard and that config.json matches the weights")
         return hf[name]
 
-    out = {"embed.weight": pad(take(f"{root}.{'embed_in' if neox else 'embed_tokens'}.weight")),
-           "final_norm.weight": take(f"{root}.{'final_layer_norm' if neox else 'norm'}.weight")}
-    if neox:
-        out["final_norm.bias"] = take(f"{root}.final_layer_norm.bias")
-    head = "embed_out.weight" if neox and "embed_out.weight" in hf else "lm_head.weight"
+    out = {ours: take(theirs) for ours, theirs in _renamed(cfg)}
+    out["embed.weight"] = pad(take(_embed_name(cfg)))
+    head = "embed_out.weight" if m.family == "neox" and "embed_out.weight" in hf else "lm_head.weight"
     out["lm_head.weight"] = out["embed.weight"] if m.tie_embeddings else pad(take(head))
-    g, d, kv = m.num_heads // m.kv_heads, m.head_dim, m.kv_heads
-    for i in range(m.num_layers):
-        ours, theirs = f"layers.{i}.", f"{root}.layers.{i}."
-        for a, b in table.items():
-            for kind in ("weight", "bias"):
-                if theirs + f"{b}.{kind}" in hf:
-                    out[ours + f"{a}.{kind}"] = hf[theirs + f"{b}.{kind}"]
-        if not neox:
-            q = take(theirs + "self_attn.q_proj.weight").view(kv, g, d, -1)
-            k = take(theirs + "self_attn.k_proj.weight").view(kv, 1, d, -1)
-            v = take(theirs + "self_attn.v_proj.weight").view(kv, 1, d, -1)
-            out[ours + "attn.qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, m.hidden_size)
+    if m.family == "llama":  # q_proj / k_proj / v_proj -> our qkv, grouped per kv head
+        g, d, kv = m.num_heads // m.kv_heads, m.head_dim, m.kv_heads
+        for i in range(m.num_layers):
+            theirs = f"model.layers.{i}.self_attn."
+            q = take(theirs + "q_proj.weight").view(kv, g, d, -1)
+            k = take(theirs + "k_proj.weight").view(kv, 1, d, -1)
+            v = take(theirs + "v_proj.weight").view(kv, 1, d, -1)
+            out[f"layers.{i}.attn.qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, m.hidden_size)
     return out
 
 

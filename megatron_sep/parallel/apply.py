@@ -29,6 +29,8 @@ class ParallelPlan:
         self.zero = p.zero == 1 and ctx.dp > 1
         manual = [self.pipe.tied_param] if self.pipe is not None else []
         self.sync = GradSync(params, ctx, p.bucket_mb, self.zero, manual) if ctx.dp > 1 else None
+        if self.pipe is not None:
+            self.pipe.before_last_backward = self.before_last_backward
         if self.zero:
             self.opt = ZeroAdamW(self.sync, decays, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
         else:

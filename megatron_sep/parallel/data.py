@@ -12,6 +12,7 @@ for that shard only, then all-gathers the updated parameters.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -105,43 +106,58 @@ class GradSync:
         self.enabled = False
 
 
+class Segment(NamedTuple):
+    """The elements of one parameter that fall in this rank's shard of a bucket."""
+    bucket: Bucket
+    param: torch.nn.Parameter
+    start: int  # [start, end) in the bucket's flat buffers
+    end: int
+    master: torch.nn.Parameter  # fp32 copy of those elements
+    shard_start: int  # where this rank's shard begins in the bucket
+
+    @property
+    def in_shard(self) -> slice:
+        return slice(self.start - self.shard_start, self.end - self.shard_start)
+
+
 class ZeroAdamW:
     """AdamW over this data-parallel rank's shard of every bucket (fp32 master weights)."""
 
     def __init__(self, sync: GradSync, decay_of, lr, betas, eps, weight_decay):
         self.sync, self.ctx = sync, sync.ctx
-        self.segments = []  # (bucket, param, start, end) of param elements inside this rank's shard
+        self.segments: list[Segment] = []
         groups = {True: [], False: []}
         for b in sync.buckets:
-            shard = b.padded // self.ctx.dp
-            lo, hi = self.ctx.dp_rank * shard, (self.ctx.dp_rank + 1) * shard
+            lo, hi = self.shard_bounds(b)
             for p in b.params:
                 o = b.offsets[p]
                 s, e = max(lo, o), min(hi, o + p.numel())
                 if s < e:
                     master = torch.nn.Parameter(b.data[s:e].detach().float().clone())
-                    self.segments.append((b, p, s, e, master, lo))
+                    self.segments.append(Segment(b, p, s, e, master, lo))
                     groups[decay_of(p)].append(master)
         param_groups = [{"params": groups[True], "weight_decay": weight_decay},
                         {"params": groups[False], "weight_decay": 0.0}]
         self.opt = torch.optim.AdamW([g for g in param_groups if g["params"]], lr=lr, betas=betas, eps=eps)
         self.param_groups = self.opt.param_groups
 
+    def shard_bounds(self, b: Bucket) -> tuple[int, int]:
+        shard = b.padded // self.ctx.dp
+        return self.ctx.dp_rank * shard, (self.ctx.dp_rank + 1) * shard
+
     def shard_grads(self):
         """(grad segment, param) pairs this rank owns, for the global gradient norm."""
-        return [(b.shard_grad[s - lo: e - lo], p) for b, p, s, e, _, lo in self.segments]
+        return [(seg.bucket.shard_grad[seg.in_shard], seg.param) for seg in self.segments]
 
     def step(self, clip_coef: float = 1.0) -> None:
-        for b, p, s, e, master, lo in self.segments:
-            master.grad = b.shard_grad[s - lo: e - lo] * clip_coef
+        for seg in self.segments:
+            seg.master.grad = seg.bucket.shard_grad[seg.in_shard] * clip_coef
         self.opt.step()
+        own = {id(b): b.data[slice(*self.shard_bounds(b))] for b in self.sync.buckets}
+        for seg in self.segments:
+            own[id(seg.bucket)][seg.in_shard].copy_(seg.master.detach())
         for b in self.sync.buckets:
-            shard = b.padded // self.ctx.dp
-            own = b.data[self.ctx.dp_rank * shard: (self.ctx.dp_rank + 1) * shard]
-            for bb, p, s, e, master, lo in self.segments:
-                if bb is b:
-                    own[s - lo: e - lo].copy_(master.detach())
-            _ALL_GATHER(b.data, own.clone(), group=self.ctx.dp_group)
+            _ALL_GATHER(b.data, own[id(b)].clone(), group=self.ctx.dp_group)
 
     def zero_grad(self, set_to_none=True):
         for p in self.sync.bucket_of:

@@ -57,6 +57,7 @@ class Pipeline:
         if tied and ctx.pp > 1:
             self.tied_param = model.embed.weight if has_first else (model.lm_head.weight if has_last else None)
         self.tied_group = ctx.embedding_group
+        self.before_last_backward = None  # set by the plan: enables the data-parallel gradient hooks
 
     # ---- one chunk ---------------------------------------------------------------------------
     def run_chunk(self, g: int, x, tokens, labels, batch):
@@ -153,8 +154,6 @@ class Pipeline:
             req.wait()
         self.pending = []
         return total
-
-    before_last_backward = None
 
     @staticmethod
     def _is_last_backward(actions, i) -> bool:

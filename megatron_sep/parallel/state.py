@@ -49,9 +49,9 @@ def _zero_full_states(plan) -> dict:
         flats = {}
         for key in ("exp_avg", "exp_avg_sq"):
             own = torch.zeros(shard, dtype=torch.float32, device=b.grad.device)
-            for bb, p, s, e, master, lo in opt.segments:
-                if bb is b and opt.opt.state.get(master):
-                    own[s - lo: e - lo] = opt.opt.state[master][key]
+            for seg in opt.segments:
+                if seg.bucket is b and opt.opt.state.get(seg.master):
+                    own[seg.in_shard] = opt.opt.state[seg.master][key]
             full = torch.empty(b.padded, dtype=torch.float32, device=b.grad.device)
             _ALL_GATHER(full, own, group=ctx.dp_group)
             flats[key] = full
@@ -84,7 +84,7 @@ def ensure_adam_state(plan) -> None:
     """Materialise empty Adam state so that DCP can load into it in place."""
     opt = plan.opt.opt if plan.zero else plan.opt
     on_device = opt.defaults.get("fused") or opt.defaults.get("capturable")
-    targets = [m for *_, m, _ in plan.opt.segments] if plan.zero else list(plan.model.parameters())
+    targets = [seg.master for seg in plan.opt.segments] if plan.zero else list(plan.model.parameters())
     for p in targets:
         if not opt.state.get(p):
             opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
@@ -103,11 +103,10 @@ def load_optim_state(plan, state: dict) -> None:
         return
     ensure_adam_state(plan)
     names = {p: _optim_name(n, p) for n, p in params.items()}
-    for b, p, s, e, master, lo in plan.opt.segments:
-        st, o = state[names[p]], b.offsets[p]
-        dst = plan.opt.opt.state[master]
+    for seg in plan.opt.segments:
+        st, o = state[names[seg.param]], seg.bucket.offsets[seg.param]
+        dst = plan.opt.opt.state[seg.master]
         for k in ("exp_avg", "exp_avg_sq"):
-            dst[k].copy_(_unwrap(st[k]).reshape(-1)[s - o: e - o])
+            dst[k].copy_(_unwrap(st[k]).reshape(-1)[seg.start - o: seg.end - o])
         dst["step"].copy_(st["step"])
-    for b, p, s, e, master, lo in plan.opt.segments:  # masters follow the loaded parameters
-        master.data.copy_(b.data[s:e].float())
+        seg.master.data.copy_(seg.bucket.data[seg.start:seg.end].float())  # masters follow the loaded weights

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ..config import Config
 
 

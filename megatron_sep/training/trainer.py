@@ -90,7 +90,6 @@ class Trainer:
             layers = blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks
             for layer in layers:
                 layer.compile()
-        self.forward = self.model
 
         self.flops_per_token = flops_per_token(cfg, matmul)
         peak = peak_flops(cfg, self.device)
@@ -160,21 +159,20 @@ class Trainer:
         micros = self.global_batch // (mb * ctx.dp)
         base = self.consumed + ctx.dp_rank * (self.global_batch // ctx.dp)
         self.plan.set_lr(lr_at(self.step, self.cfg))
-        total = torch.zeros((), device=self.device)
-        if self.plan.pipe is not None:
+        if self.plan.pipe is not None:  # the schedule runs every forward and backward
             batches = [self.micro_batch(self.train_ds, base + m * mb, mb) for m in range(micros)]
-            self.plan.pipe.before_last_backward = self.plan.before_last_backward
             with self.autocast:
                 total = self.plan.pipe.run(batches)
-            micros = 0  # done: the schedule ran forward and backward
-        for micro in range(micros):
-            if micro == micros - 1:
-                self.plan.before_last_backward()
-            tokens, labels = self.batch(self.train_ds, base + micro * mb, mb)
-            with self.autocast:
-                loss = self.forward(tokens, labels) / micros
-            loss.backward()
-            total += loss.detach()
+        else:
+            total = torch.zeros((), device=self.device)
+            for micro in range(micros):
+                if micro == micros - 1:
+                    self.plan.before_last_backward()
+                tokens, labels = self.batch(self.train_ds, base + micro * mb, mb)
+                with self.autocast:
+                    loss = self.model(tokens, labels) / micros
+                loss.backward()
+                total += loss.detach()
         norm = self.plan.step()
         if ctx.dp > 1:
             torch.distributed.all_reduce(total, group=ctx.dp_group)
@@ -198,7 +196,7 @@ class Trainer:
             for i in mine:
                 tokens, labels = self.batch(self.valid_ds, i * mb, mb)
                 with self.autocast:
-                    total += self.forward(tokens, labels).double()
+                    total += self.model(tokens, labels).double()
         if ctx.dp > 1:
             torch.distributed.all_reduce(total, group=ctx.dp_group)
         self.model.train()
