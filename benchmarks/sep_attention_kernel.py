@@ -1,7 +1,9 @@
 """SepAttention Triton kernel on the GPU: bf16 correctness against the fp32 reference, and forward /
 forward+backward times against the flex backend and SDPA causal in the same run.
 
-Run on the device: PYTHONPATH=. python3 benchmarks/sep_attention_kernel.py --out DIR
+Run on the device: PYTHONPATH=. python3 benchmarks/sep_attention_kernel.py --out DIR [--tune]
+--tune first sweeps each kernel's launch shape (BM, BN, warps, stages) at 16K, window 256, and
+uses the fastest for the table (recorded under "tuned"; copy it into CONFIG in the kernel file).
 Shapes from the issue: B=1, 16 heads, head dim 128, 10% separators at random positions, init 3,
 windows 256 and 64, seq 4K / 16K / 64K. Times: medians of CUDA-graph replays where capture works,
 else triton.testing.do_bench (recorded per row).
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 import triton
 
 import fused_ops
-from fused_ops import sep_attention_flex
+from fused_ops import sep_attention_flex, sep_attention_triton as kern
 
 
 def rel(a, b):
@@ -78,15 +80,74 @@ def speed(seqs, window):
     return rows
 
 
+CANDIDATES = {  # (BM, BN, warps, stages); BM is the query tile, BN the key tile
+    "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 4),
+            (128, 128, 8, 2), (64, 128, 4, 2)],
+    "dq": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 8, 2)],
+    "dkdv": [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2), (16, 64, 4, 3),
+             (64, 64, 8, 2)],
+}
+
+
+def tune(s=16384, window=256):
+    """Each kernel's candidates with the others at their current best; fwd timed alone, dq/dkdv in fwd+bwd."""
+    q, k, v = (torch.randn(1, 16, s, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    is_sep = torch.rand(1, s, device="cuda") < 0.10
+    go = torch.randn_like(q)
+    log = []
+    for name, cands in CANDIDATES.items():
+        best = None
+        for bm, bn, w, st in cands:
+            kern.CONFIG[name] = {"BM": bm, "BN": bn, "num_warps": w, "num_stages": st}
+            fn = lambda: kern.sep_attention_triton(q, k, v, is_sep, 3, window)
+            try:
+                if name == "fwd":
+                    with torch.no_grad():
+                        ms, _ = timed(fn)
+                else:
+                    ms, _ = timed(lambda: fn().backward(go), [q, k, v])
+            except Exception as e:  # e.g. out of shared memory for this shape
+                log.append({"kernel": name, "config": [bm, bn, w, st], "error": repr(e)[:200]})
+                print(json.dumps(log[-1]), flush=True)
+                continue
+            log.append({"kernel": name, "config": [bm, bn, w, st], "ms": ms})
+            print(json.dumps(log[-1]), flush=True)
+            if best is None or ms < best[0]:
+                best = (ms, dict(kern.CONFIG[name]))
+        kern.CONFIG[name] = best[1]
+    return {"sweep": log, "chosen": {n: dict(c) for n, c in kern.CONFIG.items()}}
+
+
+def plan_ms(seqs):
+    """Building the plan (sort of kept keys, per-tile counts) once per micro-batch, shared by the layers."""
+    out = {}
+    for s in seqs:
+        is_sep = torch.rand(1, s, device="cuda") < 0.10
+
+        def build():
+            kern._PLANS.clear()
+            kern._plan(is_sep, 3, 256, s, (kern.CONFIG["fwd"]["BM"], kern.CONFIG["dq"]["BM"]))
+        out[s] = triton.testing.do_bench(build, warmup=20, rep=100, return_mode="median")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--seqs", default="4096,16384,65536")
+    ap.add_argument("--tune", action="store_true")
     args = ap.parse_args()
     torch._dynamo.config.recompile_limit = 64
     out = {"env": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__},
            "correctness": correctness()}
     seqs = [int(x) for x in args.seqs.split(",")]
+    if args.tune:
+        out["tuned"] = tune()
+        print(json.dumps(out["tuned"]["chosen"]), flush=True)
+        out["correctness_tuned"] = correctness()
+    out["config"] = {n: dict(c) for n, c in kern.CONFIG.items()}
+    out["triton_plan_ms"] = plan_ms(seqs)
     out["window256"], out["window64"] = speed(seqs, 256), speed(seqs, 64)
     with open(f"{args.out}/sep_attention_kernel.json", "w") as f:
         json.dump(out, f, indent=1)

@@ -24,10 +24,13 @@ from megatron_sep.model import GPT
 PRESETS = {
     "llama1.3b": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 2048, "num_heads": 16,
                             "ffn_hidden_size": 5504, "vocab_size": 32000, "max_position_embeddings": 4096},
-                  "seq": 4096, "mbs": 2, "kinds": ["dense"]},
+                  "seq": 4096, "mbs": 2, "kinds": ["dense", "dense@reference"], "plain": True},
     "sepllm350m-16k": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 1024, "num_heads": 16,
                                  "ffn_hidden_size": 2816, "vocab_size": 32000, "max_position_embeddings": 16384},
-                       "seq": 16384, "mbs": 1, "kinds": ["sepllm:triton", "sepllm:flex", "dense"]},
+                       "seq": 16384, "mbs": 1, "kinds": ["sepllm:triton", "sepllm:flex", "dense"], "plain": False},
+    "tiny": {"model": {"family": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "ffn_hidden_size": 128,
+                       "vocab_size": 500, "max_position_embeddings": 128},
+             "seq": 128, "mbs": 2, "kinds": ["sepllm:reference", "dense"], "plain": True},  # CPU smoke test
 }
 
 
@@ -77,20 +80,39 @@ class PlainLlama(nn.Module):
 
 
 def measure(model, tokens, labels, steps, warmup=3):
+    cuda = tokens.is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     for i in range(warmup + steps):
         if i == warmup:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16):
             loss = model(tokens, labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    sync()
     dt = (time.perf_counter() - t0) / steps
-    return dt, loss.item(), torch.cuda.max_memory_allocated() / 2**30
+    return dt, loss.item(), torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan
+
+
+def profile(model, tokens, labels, path):
+    """GPU time per kernel over two training steps (where the step time goes)."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    with prof(activities=[ProfilerActivity.CUDA]) as pr:
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(tokens, labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(pr.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
 
 
 def main():
@@ -98,10 +120,14 @@ def main():
     ap.add_argument("--preset", choices=list(PRESETS), default="llama1.3b")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--modes", default="eager,compile", help="eager and/or compile (per block)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profile", action="store_true", help="write the top kernels of one compiled step")
     args = ap.parse_args()
     p = PRESETS[args.preset]
     m, seq, mbs = p["model"], p["seq"], p["mbs"]
-    tokens = torch.randint(0, m["vocab_size"], (mbs, seq + 1), device="cuda")
+    modes = [mode == "compile" for mode in args.modes.split(",")]
+    tokens = torch.randint(0, m["vocab_size"], (mbs, seq + 1), device=args.device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     matmul = (m["num_layers"] * (4 * m["hidden_size"] ** 2 + 3 * m["hidden_size"] * m["ffn_hidden_size"])
               + m["vocab_size"] * m["hidden_size"])
@@ -114,36 +140,44 @@ def main():
                      "peak_mem_gb": mem, "loss": loss})
         print(json.dumps(rows[-1]), flush=True)
 
-    for compiled in (False, True):
+    for compiled in modes if p["plain"] else ():
         torch.manual_seed(0)
-        plain = PlainLlama(m).cuda()
+        plain = PlainLlama(m).to(args.device)
         if compiled:
             for blk in plain.blocks:
                 blk.compile()
         record(f"plain pytorch{' + compile per block' if compiled else ' eager'}", *measure(plain, inputs, labels,
                                                                                           args.steps))
+        if args.profile and compiled:
+            profile(plain, inputs, labels, f"{args.out}/profile_{args.preset}_plain.txt")
         del plain
         torch.cuda.empty_cache()
-    for kind in p["kinds"]:
-        name, _, backend = kind.partition(":")
-        for compiled in (False, True):
-            attention = {"kind": name, "window": 256, "init_tokens": 3, "separators": list(range(1, 3200)),
+    for kind in p["kinds"]:  # attention kind[:backend][@model.kernels]
+        kind_backend, _, kernels = kind.partition("@")
+        name, _, backend = kind_backend.partition(":")
+        for compiled in modes:
+            attention = {"kind": name, "window": 256, "init_tokens": 3, "separators": list(range(1, m["vocab_size"] // 10)),
                          "backend": backend or "auto"} if name != "dense" else {"kind": "dense"}
-            cfg = config_from_dict({"model": m, "attention": attention, "data": {"seq_len": seq}})
+            cfg = config_from_dict({"model": {**m, "kernels": kernels or "auto"}, "attention": attention,
+                                    "data": {"seq_len": seq}})
             torch.manual_seed(0)
-            model = GPT(cfg).cuda()
+            model = GPT(cfg).to(args.device)
             if compiled:
                 for blk in model.layers:
                     blk.compile()
             try:
                 record(f"megatron-sep {kind}{' + compile per block' if compiled else ' eager'}",
                        *measure(model, inputs, labels, args.steps))
+                if args.profile and compiled:
+                    profile(model, inputs, labels, f"{args.out}/profile_{args.preset}_{kind}.txt")
             except Exception as e:  # record what failed instead of losing the whole run
                 rows.append({"impl": f"megatron-sep {kind} compiled={compiled}", "error": repr(e)[:300]})
                 print(json.dumps(rows[-1]), flush=True)
             del model
             torch.cuda.empty_cache()
-    out = {"env": {"device": torch.cuda.get_device_name(), "torch": torch.__version__}, "preset": args.preset,
+    import triton
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    out = {"env": {"device": dev, "torch": torch.__version__, "triton": triton.__version__}, "preset": args.preset,
            "seq": seq, "micro_batch": mbs, "flops_per_token": flops, "rows": rows}
     with open(f"{args.out}/train_throughput_{args.preset}.json", "w") as f:
         json.dump(out, f, indent=1)
