@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import torch
 import torch.nn.functional as F
@@ -89,32 +90,38 @@ CANDIDATES = {  # (BM, BN, warps, stages); BM is the query tile, BN the key tile
 }
 
 
-def tune(s=16384, window=256):
-    """Each kernel's candidates with the others at their current best; fwd timed alone, dq/dkdv in fwd+bwd."""
-    q, k, v = (torch.randn(1, 16, s, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
-    is_sep = torch.rand(1, s, device="cuda") < 0.10
-    go = torch.randn_like(q)
+def tune(seqs=(16384, 65536), window=256):
+    """Each kernel's candidates with the others at their current best; fwd timed alone, dq/dkdv in fwd+bwd.
+    The choice minimises the product of the times over `seqs` (one shape for all lengths)."""
+    inputs = []
+    for s in seqs:
+        q, k, v = (torch.randn(1, 16, s, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        inputs.append((q, k, v, torch.rand(1, s, device="cuda") < 0.10, torch.randn_like(q)))
     log = []
     for name, cands in CANDIDATES.items():
         best = None
         for bm, bn, w, st in cands:
             kern.CONFIG[name] = {"BM": bm, "BN": bn, "num_warps": w, "num_stages": st}
-            fn = lambda: kern.sep_attention_triton(q, k, v, is_sep, 3, window)
+            times = []
             try:
-                if name == "fwd":
-                    with torch.no_grad():
-                        ms, _ = timed(fn)
-                else:
-                    ms, _ = timed(lambda: fn().backward(go), [q, k, v])
+                for q, k, v, is_sep, go in inputs:
+                    def fn(q=q, k=k, v=v, is_sep=is_sep):
+                        return kern.sep_attention_triton(q, k, v, is_sep, 3, window)
+                    if name == "fwd":
+                        with torch.no_grad():
+                            times.append(timed(fn)[0])
+                    else:
+                        times.append(timed(lambda fn=fn, go=go: fn().backward(go), [q, k, v])[0])
             except Exception as e:  # e.g. out of shared memory for this shape
                 log.append({"kernel": name, "config": [bm, bn, w, st], "error": repr(e)[:200]})
                 print(json.dumps(log[-1]), flush=True)
                 continue
-            log.append({"kernel": name, "config": [bm, bn, w, st], "ms": ms})
+            log.append({"kernel": name, "config": [bm, bn, w, st], "ms": dict(zip(seqs, times))})
             print(json.dumps(log[-1]), flush=True)
-            if best is None or ms < best[0]:
-                best = (ms, dict(kern.CONFIG[name]))
+            score = math.prod(times)
+            if best is None or score < best[0]:
+                best = (score, dict(kern.CONFIG[name]))
         kern.CONFIG[name] = best[1]
     return {"sweep": log, "chosen": {n: dict(c) for n, c in kern.CONFIG.items()}}
 

@@ -26,36 +26,52 @@ CONFIG = {"fwd": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3},
 
 
 @triton.jit
-def _softmax_step(q, kb, vb, rows, stride, kmask, ok, m_i, l_i, acc, qk_scale, offs_d, IEEE: tl.constexpr):
-    """One block of keys (rows of kb/vb) into the running (max, sum, output) of a query tile."""
-    kt = tl.load(kb + rows[None, :] * stride + offs_d[:, None], mask=kmask[None, :], other=0.0)
+def _softmax_step(q, kb, vb, rows, stride, kmask, ok, m_i, l_i, acc, qk_scale, offs_d, IEEE: tl.constexpr,
+                  MASK: tl.constexpr):
+    """One block of keys (rows of kb/vb) into the running (max, sum, output) of a query tile.
+    MASK False: every key of the block exists and is visible to every query (no masking work)."""
+    if MASK:
+        kt = tl.load(kb + rows[None, :] * stride + offs_d[:, None], mask=kmask[None, :], other=0.0)
+    else:
+        kt = tl.load(kb + rows[None, :] * stride + offs_d[:, None])
     qk = tl.dot(q, kt, input_precision="ieee" if IEEE else None) * qk_scale
-    qk = tl.where(ok, qk, float("-inf"))
+    if MASK:
+        qk = tl.where(ok, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
     pij = tl.exp2(qk - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    v = tl.load(vb + rows[:, None] * stride + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    if MASK:
+        v = tl.load(vb + rows[:, None] * stride + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    else:
+        v = tl.load(vb + rows[:, None] * stride + offs_d[None, :])
     acc = acc * alpha[:, None] + tl.dot(pij.to(v.dtype), v, input_precision="ieee" if IEEE else None)
     return m_new, l_i * alpha + tl.sum(pij, 1), acc
 
 
 @triton.jit
-def _dq_step(q, do, lse, delta, kb, vb, rows, stride, kmask, ok, dq, qk_scale, offs_d, IEEE: tl.constexpr):
-    k = tl.load(kb + rows[:, None] * stride + offs_d[None, :], mask=kmask[:, None], other=0.0)
-    v = tl.load(vb + rows[:, None] * stride + offs_d[None, :], mask=kmask[:, None], other=0.0)
+def _dq_step(q, do, lse, delta, kb, vb, rows, stride, kmask, ok, dq, qk_scale, offs_d, IEEE: tl.constexpr,
+             MASK: tl.constexpr):
+    if MASK:
+        k = tl.load(kb + rows[:, None] * stride + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(vb + rows[:, None] * stride + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(kb + rows[:, None] * stride + offs_d[None, :])
+        v = tl.load(vb + rows[:, None] * stride + offs_d[None, :])
     qk = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else None) * qk_scale
-    pij = tl.where(ok, tl.exp2(qk - lse[:, None]), 0.0)
+    pij = tl.exp2(qk - lse[:, None])
+    if MASK:
+        pij = tl.where(ok, pij, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision="ieee" if IEEE else None)
     ds = pij * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision="ieee" if IEEE else None)
 
 
 @triton.jit
-def _fwd(Q, K, V, KC, VC, POS, AHI, O, LSE, qk_scale, S, G, N, HQ, GROUP, TILES,
+def _fwd(Q, K, V, KC, VC, POS, BOUNDS, O, LSE, qk_scale, S, G, N, HQ, GROUP, TILES,
          sqb, sqh, sqs, skb, skh, sks,
          BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
-    t = tl.program_id(0)
+    t = TILES - 1 - tl.program_id(0)  # late tiles read the longest lists: start them first
     bh = tl.program_id(1)
     b = bh // HQ
     h = bh % HQ
@@ -69,13 +85,19 @@ def _fwd(Q, K, V, KC, VC, POS, AHI, O, LSE, qk_scale, S, G, N, HQ, GROUP, TILES,
     acc = tl.zeros([BM, D], tl.float32)
     kc = KC + (b * (HQ // GROUP) + hk) * G * D
     vc = VC + (b * (HQ // GROUP) + hk) * G * D
-    a_hi = tl.load(AHI + b * TILES + t)
-    for start in range(0, a_hi, BN):  # kept keys older than the tile's windows
+    a_full = (tl.load(BOUNDS + (b * 2) * TILES + t) // BN) * BN
+    a_hi = tl.load(BOUNDS + (b * 2 + 1) * TILES + t)
+    for start in range(0, a_full, BN):  # kept keys older than every window of the tile
+        offs_c = start + tl.arange(0, BN)
+        m_i, l_i, acc = _softmax_step(q, kc, vc, offs_c, D, offs_c, offs_c, m_i, l_i, acc, qk_scale, offs_d, IEEE,
+                                      MASK=False)
+    for start in range(a_full, a_hi, BN):  # kept keys older than some of its windows
         offs_c = start + tl.arange(0, BN)
         live = offs_c < a_hi
         p = tl.load(POS + b * G + offs_c, mask=live, other=0)
         ok = (p[None, :] <= offs_m[:, None] - N) & live[None, :]
-        m_i, l_i, acc = _softmax_step(q, kc, vc, offs_c, D, live, ok, m_i, l_i, acc, qk_scale, offs_d, IEEE)
+        m_i, l_i, acc = _softmax_step(q, kc, vc, offs_c, D, live, ok, m_i, l_i, acc, qk_scale, offs_d, IEEE,
+                                      MASK=True)
     kb = K + b * skb + hk * skh
     vb = V + b * skb + hk * skh
     lo = tl.maximum(t * BM - N + 1, 0)
@@ -85,7 +107,7 @@ def _fwd(Q, K, V, KC, VC, POS, AHI, O, LSE, qk_scale, S, G, N, HQ, GROUP, TILES,
         offs_n = start + tl.arange(0, BN)
         ok = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] - offs_n[None, :] < N)
         m_i, l_i, acc = _softmax_step(q, kb, vb, offs_n, sks, offs_n < S, ok, m_i, l_i, acc, qk_scale, offs_d,
-                                      IEEE)
+                                      IEEE, MASK=True)
     out = acc / l_i[:, None]
     tl.store(O + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=rows[:, None])
@@ -93,10 +115,11 @@ def _fwd(Q, K, V, KC, VC, POS, AHI, O, LSE, qk_scale, S, G, N, HQ, GROUP, TILES,
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, KC, VC, DO, LSE, DELTA, POS, AHI, DQ, qk_scale, scale, S, G, N, HQ, GROUP, TILES,
+def _bwd_dq(Q, K, V, KC, VC, O, DO, LSE, DELTA, POS, BOUNDS, DQ, qk_scale, scale, S, G, N, HQ, GROUP, TILES,
             sqb, sqh, sqs, skb, skh, sks,
             BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
-    t = tl.program_id(0)
+    """dQ per query tile; also writes delta = rowsum(dO * O), which the dK/dV kernels (launched after) read."""
+    t = TILES - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
     h = bh % HQ
@@ -108,17 +131,23 @@ def _bwd_dq(Q, K, V, KC, VC, DO, LSE, DELTA, POS, AHI, DQ, qk_scale, scale, S, G
     q = tl.load(Q + qo, mask=rows[:, None], other=0.0)
     do = tl.load(DO + qo, mask=rows[:, None], other=0.0)
     lse = tl.load(LSE + bh * S + offs_m, mask=rows, other=0.0)
-    delta = tl.load(DELTA + bh * S + offs_m, mask=rows, other=0.0)
+    o = tl.load(O + qo, mask=rows[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * S + offs_m, delta, mask=rows)
     dq = tl.zeros([BM, D], tl.float32)
     kc = KC + (b * (HQ // GROUP) + hk) * G * D
     vc = VC + (b * (HQ // GROUP) + hk) * G * D
-    a_hi = tl.load(AHI + b * TILES + t)
-    for start in range(0, a_hi, BN):
+    a_full = (tl.load(BOUNDS + (b * 2) * TILES + t) // BN) * BN
+    a_hi = tl.load(BOUNDS + (b * 2 + 1) * TILES + t)
+    for start in range(0, a_full, BN):  # rows past S have lse 0 and dO 0: their dq is never stored
+        offs_c = start + tl.arange(0, BN)
+        dq = _dq_step(q, do, lse, delta, kc, vc, offs_c, D, offs_c, offs_c, dq, qk_scale, offs_d, IEEE, MASK=False)
+    for start in range(a_full, a_hi, BN):
         offs_c = start + tl.arange(0, BN)
         live = offs_c < a_hi
         p = tl.load(POS + b * G + offs_c, mask=live, other=0)
         ok = (p[None, :] <= offs_m[:, None] - N) & live[None, :] & rows[:, None]
-        dq = _dq_step(q, do, lse, delta, kc, vc, offs_c, D, live, ok, dq, qk_scale, offs_d, IEEE)
+        dq = _dq_step(q, do, lse, delta, kc, vc, offs_c, D, live, ok, dq, qk_scale, offs_d, IEEE, MASK=True)
     kb = K + b * skb + hk * skh
     vb = V + b * skb + hk * skh
     lo = tl.maximum(t * BM - N + 1, 0)
@@ -127,15 +156,16 @@ def _bwd_dq(Q, K, V, KC, VC, DO, LSE, DELTA, POS, AHI, DQ, qk_scale, scale, S, G
     for start in range(lo, hi, BN):
         offs_n = start + tl.arange(0, BN)
         ok = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] - offs_n[None, :] < N) & rows[:, None]
-        dq = _dq_step(q, do, lse, delta, kb, vb, offs_n, sks, offs_n < S, ok, dq, qk_scale, offs_d, IEEE)
+        dq = _dq_step(q, do, lse, delta, kb, vb, offs_n, sks, offs_n < S, ok, dq, qk_scale, offs_d, IEEE, MASK=True)
     tl.store(DQ + qo, (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, DK, DV, qk_scale, scale, S, G, N, HQ, GROUP, KV_HEADS,
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SLOT, DKL, DVL, DK, DV, qk_scale, scale, S, G, N, HQ, GROUP, KV_HEADS,
               sqb, sqh, sqs, skb, skh, sks, sdb, sdh, sds,
               LIST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
-    """One key tile for one kv head: band keys of K/V (LIST False) or entries of the compact copy (LIST True)."""
+    """One key tile for one kv head: entries of the compact copy (LIST True, fp32 out, launched first) or
+    band keys of K/V (LIST False), which add the list result of their kept keys (SLOT: list index or -1)."""
     t = tl.program_id(0)
     bk = tl.program_id(1)
     b = bk // KV_HEADS
@@ -180,9 +210,18 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, DK, DV, qk_scale, scale, S, G, N, HQ
             dpt = tl.dot(v, tl.trans(do), input_precision="ieee" if IEEE else None)
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee" if IEEE else None)
+    dk = dk * scale
+    if LIST:
+        store_mask = (offs_n < G)[:, None]
+    else:
+        store_mask = live[:, None]
+        slot = tl.load(SLOT + b * S + offs_n, mask=live, other=-1)
+        has = (slot >= 0)[:, None]
+        lrow = (b * KV_HEADS + hk) * G * D + slot[:, None] * D + offs_d[None, :]
+        dk += tl.load(DKL + lrow, mask=has, other=0.0)
+        dv += tl.load(DVL + lrow, mask=has, other=0.0)
     out = b * sdb + hk * sdh + offs_n[:, None] * sds + offs_d[None, :]
-    store_mask = (offs_n < G)[:, None] if LIST else live[:, None]
-    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=store_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
@@ -190,8 +229,9 @@ _PLANS: dict = {}
 
 
 def _plan(is_sep, init_tokens, window, s, bms):
-    """Sorted kept positions and, per query-tile size, how many are older than each tile's windows.
-    Built once per micro-batch and shared by the layers (cached on the is_sep tensor)."""
+    """Sorted kept positions, their list slot per position, and per query-tile size the number of list
+    entries older than all / some of each tile's windows. Built once per micro-batch and shared by the
+    layers (cached on the is_sep tensor)."""
     from .sep_attention import kept_keys
     from .sep_attention_flex import gather_plan
 
@@ -200,14 +240,19 @@ def _plan(is_sep, init_tokens, window, s, bms):
         if len(_PLANS) >= 8:
             _PLANS.pop(next(iter(_PLANS)))
         index, gpos = gather_plan(kept_keys(is_sep, init_tokens))
+        b, g = gpos.shape
         gpos = gpos.contiguous()
-        a_hi = {}
+        bounds = {}
         for bm in set(bms):
-            tiles = triton.cdiv(s, bm)
-            tile_last = torch.arange(tiles, device=is_sep.device) * bm + bm - 1
-            a_hi[bm] = torch.searchsorted(gpos, (tile_last - window).expand(gpos.shape[0], tiles).contiguous(),
-                                          right=True).to(torch.int32).contiguous()
-        _PLANS[key] = (is_sep, index.contiguous(), gpos.to(torch.int32), a_hi)  # holding is_sep keeps its id
+            first = torch.arange(triton.cdiv(s, bm), device=is_sep.device) * bm
+            edges = torch.stack([first - window, first + bm - 1 - window])  # [2, tiles]
+            bounds[bm] = torch.searchsorted(gpos, edges.reshape(1, -1).expand(b, -1).contiguous(),
+                                            right=True).to(torch.int32).contiguous()  # [b, 2 * tiles]
+        valid = gpos < s  # padding slots go to a spare column, dropped after
+        slot = torch.full((b, s + 1), -1, dtype=torch.int32, device=is_sep.device)
+        slot.scatter_(1, torch.where(valid, gpos, s), torch.arange(g, dtype=torch.int32, device=slot.device)
+                      .expand(b, g).contiguous())
+        _PLANS[key] = (is_sep, index.contiguous(), gpos.to(torch.int32), slot[:, :s].contiguous(), bounds)
     return _PLANS[key][1:]
 
 
@@ -222,7 +267,7 @@ class _SepAttnFn(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         b, hq, s, d = q.shape
         hk = k.shape[1]
-        index, gpos, a_hi = _plan(is_sep, init_tokens, window, s, (cfg["fwd"]["BM"], cfg["dq"]["BM"]))
+        index, gpos, slot, bounds = _plan(is_sep, init_tokens, window, s, (cfg["fwd"]["BM"], cfg["dq"]["BM"]))
         g = gpos.shape[1]
         kc, vc = _compact(k, index), _compact(v, index)
         o = torch.empty_like(q)
@@ -230,44 +275,41 @@ class _SepAttnFn(torch.autograd.Function):
         ieee = q.dtype == torch.float32
         c = cfg["fwd"]
         tiles = triton.cdiv(s, c["BM"])
-        _fwd[(tiles, b * hq)](q, k, v, kc, vc, gpos, a_hi[c["BM"]], o, lse, scale * LOG2E, s, g, window, hq,
+        _fwd[(tiles, b * hq)](q, k, v, kc, vc, gpos, bounds[c["BM"]], o, lse, scale * LOG2E, s, g, window, hq,
                               hq // hk, tiles, *q.stride()[:3], *k.stride()[:3], BM=c["BM"], BN=c["BN"], D=d,
                               IEEE=ieee, num_warps=c["num_warps"], num_stages=c["num_stages"])
-        ctx.save_for_backward(q, k, v, kc, vc, o, lse, index, gpos, a_hi[cfg["dq"]["BM"]])
+        ctx.save_for_backward(q, k, v, kc, vc, o, lse, gpos, slot, bounds[cfg["dq"]["BM"]])
         ctx.args = (scale, window, cfg)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, kc, vc, o, lse, index, gpos, a_hi = ctx.saved_tensors
+        q, k, v, kc, vc, o, lse, gpos, slot, bounds = ctx.saved_tensors
         scale, window, cfg = ctx.args
         do = do.contiguous()
         b, hq, s, d = q.shape
         hk, g = k.shape[1], gpos.shape[1]
         ieee = q.dtype == torch.float32
-        delta = (do.float() * o.float()).sum(-1).contiguous()
+        delta = torch.empty_like(lse)
         dq = torch.empty_like(q)
         c = cfg["dq"]
         tiles = triton.cdiv(s, c["BM"])
-        _bwd_dq[(tiles, b * hq)](q, k, v, kc, vc, do, lse, delta, gpos, a_hi, dq, scale * LOG2E, scale, s, g,
+        _bwd_dq[(tiles, b * hq)](q, k, v, kc, vc, o, do, lse, delta, gpos, bounds, dq, scale * LOG2E, scale, s, g,
                                  window, hq, hq // hk, tiles, *q.stride()[:3], *k.stride()[:3], BM=c["BM"],
                                  BN=c["BN"], D=d, IEEE=ieee, num_warps=c["num_warps"], num_stages=c["num_stages"])
         c = cfg["dkdv"]
-        common = dict(LIST=False, BM=c["BM"], BN=c["BN"], D=d, IEEE=ieee, num_warps=c["num_warps"],
-                      num_stages=c["num_stages"])
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        _bwd_dkdv[(triton.cdiv(s, c["BN"]), b * hk)](q, k, v, do, lse, delta, gpos, dk, dv, scale * LOG2E, scale, s,
-                                                     g, window, hq, hq // hk, hk, *q.stride()[:3], *k.stride()[:3],
-                                                     *dk.stride()[:3], **common)
+        common = dict(BM=c["BM"], BN=c["BN"], D=d, IEEE=ieee, num_warps=c["num_warps"], num_stages=c["num_stages"])
         dkl = torch.empty(b, hk, g, d, dtype=torch.float32, device=k.device)
         dvl = torch.empty_like(dkl)
-        common["LIST"] = True
-        _bwd_dkdv[(triton.cdiv(g, c["BN"]), b * hk)](q, kc, vc, do, lse, delta, gpos, dkl, dvl, scale * LOG2E, scale,
-                                                     s, g, window, hq, hq // hk, hk, *q.stride()[:3],
-                                                     *kc.stride()[:3], *dkl.stride()[:3], **common)
-        idx = index[:, None, :, None].expand(b, hk, g, d)  # unique positions per row; padding adds zeros
-        dk = dk.float().scatter_add_(2, idx, dkl).to(k.dtype)
-        dv = dv.float().scatter_add_(2, idx, dvl).to(v.dtype)
+        _bwd_dkdv[(triton.cdiv(g, c["BN"]), b * hk)](q, kc, vc, do, lse, delta, gpos, slot, dkl, dvl, dkl, dvl,
+                                                     scale * LOG2E, scale, s, g, window, hq, hq // hk, hk,
+                                                     *q.stride()[:3], *kc.stride()[:3], *dkl.stride()[:3],
+                                                     LIST=True, **common)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        _bwd_dkdv[(triton.cdiv(s, c["BN"]), b * hk)](q, k, v, do, lse, delta, gpos, slot, dkl, dvl, dk, dv,
+                                                     scale * LOG2E, scale, s, g, window, hq, hq // hk, hk,
+                                                     *q.stride()[:3], *k.stride()[:3], *dk.stride()[:3],
+                                                     LIST=False, **common)
         return dq, dk, dv, None, None, None, None, None
 
 
