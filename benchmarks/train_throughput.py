@@ -24,7 +24,8 @@ from megatron_sep.model import GPT
 PRESETS = {
     "llama1.3b": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 2048, "num_heads": 16,
                             "ffn_hidden_size": 5504, "vocab_size": 32000, "max_position_embeddings": 4096},
-                  "seq": 4096, "mbs": 2, "kinds": ["dense", "dense@reference"], "plain": True},
+                  "seq": 4096, "mbs": 2, "kinds": ["dense", "dense@reference"], "plain": True,
+                  "compile_only": ["dense@reference"]},
     "sepllm350m-16k": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 1024, "num_heads": 16,
                                  "ffn_hidden_size": 2816, "vocab_size": 32000, "max_position_embeddings": 16384},
                        "seq": 16384, "mbs": 1, "kinds": ["sepllm:triton", "sepllm:flex", "dense"], "plain": False},
@@ -155,7 +156,7 @@ def main():
     for kind in p["kinds"]:  # attention kind[:backend][@model.kernels]
         kind_backend, _, kernels = kind.partition("@")
         name, _, backend = kind_backend.partition(":")
-        for compiled in modes:
+        for compiled in [c for c in modes if c or kind not in p.get("compile_only", ())]:
             attention = {"kind": name, "window": 256, "init_tokens": 3, "separators": list(range(1, m["vocab_size"] // 10)),
                          "backend": backend or "auto"} if name != "dense" else {"kind": "dense"}
             cfg = config_from_dict({"model": {**m, "kernels": kernels or "auto"}, "attention": attention,

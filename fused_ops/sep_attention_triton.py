@@ -21,8 +21,8 @@ LOG2E = 1.4426950408889634
 
 # launch shapes per kernel (tuned on an H100: benchmarks/sep_attention_kernel.py --tune)
 CONFIG = {"fwd": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3},
-          "dq": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3},
-          "dkdv": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3}}
+          "dq": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
+          "dkdv": {"BM": 32, "BN": 64, "num_warps": 4, "num_stages": 3}}
 
 
 @triton.jit
