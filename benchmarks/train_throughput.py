@@ -24,7 +24,7 @@ from megatron_sep.model import GPT
 PRESETS = {
     "llama1.3b": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 2048, "num_heads": 16,
                             "ffn_hidden_size": 5504, "vocab_size": 32000, "max_position_embeddings": 4096},
-                  "seq": 4096, "mbs": 2, "kinds": ["dense", "dense@reference"], "plain": True,
+                  "seq": 4096, "mbs": 2, "kinds": ["dense@reference", "dense"], "plain": True,
                   "compile_only": ["dense@reference"]},
     "sepllm350m-16k": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 1024, "num_heads": 16,
                                  "ffn_hidden_size": 2816, "vocab_size": 32000, "max_position_embeddings": 16384},
@@ -124,6 +124,7 @@ def main():
     ap.add_argument("--modes", default="eager,compile", help="eager and/or compile (per block)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true", help="write the top kernels of one compiled step")
+    ap.add_argument("--only", default="", help="comma list of plain|KIND : eager|compile to run (default all)")
     args = ap.parse_args()
     p = PRESETS[args.preset]
     m, seq, mbs = p["model"], p["seq"], p["mbs"]
@@ -134,14 +135,25 @@ def main():
               + m["vocab_size"] * m["hidden_size"])
     flops = 6 * matmul + 12 * m["num_layers"] * m["hidden_size"] * seq
     rows = []
+    only = set(filter(None, args.only.split(",")))
+
+    def wanted(label, compiled):
+        return not only or f"{label}:{'compile' if compiled else 'eager'}" in only
+
+    import triton
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    env = {"device": dev, "torch": torch.__version__, "triton": triton.__version__}
 
     def record(name, dt, loss, mem):
         tps = mbs * seq / dt
         rows.append({"impl": name, "step_ms": dt * 1e3, "tokens_per_s": tps, "mfu": tps * flops / 989e12,
                      "peak_mem_gb": mem, "loss": loss})
         print(json.dumps(rows[-1]), flush=True)
+        with open(f"{args.out}/train_throughput_{args.preset}.json", "w") as f:  # kept if a later variant crashes
+            json.dump({"env": env, "preset": args.preset, "seq": seq, "micro_batch": mbs, "flops_per_token": flops,
+                       "rows": rows}, f, indent=1)
 
-    for compiled in modes if p["plain"] else ():
+    for compiled in [c for c in modes if p["plain"] and wanted("plain", c)]:
         torch.manual_seed(0)
         plain = PlainLlama(m).to(args.device)
         if compiled:
@@ -156,7 +168,7 @@ def main():
     for kind in p["kinds"]:  # attention kind[:backend][@model.kernels]
         kind_backend, _, kernels = kind.partition("@")
         name, _, backend = kind_backend.partition(":")
-        for compiled in [c for c in modes if c or kind not in p.get("compile_only", ())]:
+        for compiled in [c for c in modes if (c or kind not in p.get("compile_only", ())) and wanted(kind, c)]:
             attention = {"kind": name, "window": 256, "init_tokens": 3, "separators": list(range(1, m["vocab_size"] // 10)),
                          "backend": backend or "auto"} if name != "dense" else {"kind": "dense"}
             cfg = config_from_dict({"model": {**m, "kernels": kernels or "auto"}, "attention": attention,
@@ -176,12 +188,6 @@ def main():
                 print(json.dumps(rows[-1]), flush=True)
             del model
             torch.cuda.empty_cache()
-    import triton
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    out = {"env": {"device": dev, "torch": torch.__version__, "triton": triton.__version__}, "preset": args.preset,
-           "seq": seq, "micro_batch": mbs, "flops_per_token": flops, "rows": rows}
-    with open(f"{args.out}/train_throughput_{args.preset}.json", "w") as f:
-        json.dump(out, f, indent=1)
     base = next((r for r in rows if r["impl"] == "plain pytorch + compile per block" and "tokens_per_s" in r), None)
     for r in rows:
         if "tokens_per_s" in r:

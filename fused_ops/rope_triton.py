@@ -8,6 +8,8 @@ contiguous [b, s, h, d]. The backward is the same kernel rotating by -angle.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -69,7 +71,7 @@ def _launch(q, k, pos, rotary_dim, base, sign):
     block_p = triton.next_power_of_2(max(d - rotary_dim, 1))
     warps = 4 if block_h * block_r <= 2048 else 8
     _rope_kernel[(b * s,)](q, k, qo, ko, pos2, *q.stride()[:3], *k.stride()[:3], *qo.stride()[:3],
-                           *ko.stride()[:3], spb, pos2.stride(1), s, hq, hk, float(torch.tensor(base).log2()),
+                           *ko.stride()[:3], spb, pos2.stride(1), s, hq, hk, math.log2(base),
                            sign, D=d, ROT=rotary_dim, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=block_p,
                            num_warps=warps)
     return qo, ko
