@@ -13,7 +13,12 @@ Backends:
   the gathered part serves keys older than the window (a prefix of a sorted list,
   so block sparsity skips real work), the second part is the dense window band.
   One softmax covers both, so the result is exact. GPU only.
-- `auto`: `flex` on CUDA, `reference` elsewhere.
+- `triton`: fused forward/backward kernels whose work grows with (#kept keys +
+  window) per query (`sep_attention_triton.py`). GPU; no segment_ids yet.
+- `auto`: `triton` on CUDA (faster than `flex` at every measured length on the
+  H100: benchmarks/results/sep_attention_kernel_h100.md), `flex` on CUDA for
+  what the kernel does not take (segment_ids, head dims other than 16/32/64/128),
+  `reference` elsewhere.
 """
 from __future__ import annotations
 
@@ -54,6 +59,12 @@ def _reference(q, k, v, is_sep, init_tokens, window, scale, segment_ids):
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
+def auto_backend(cuda: bool, head_dim: int, segments: bool) -> str:
+    if not cuda:
+        return "reference"
+    return "triton" if not segments and head_dim in (16, 32, 64, 128) else "flex"
+
+
 def sep_attention(q, k, v, is_sep, *, init_tokens: int, window: int, backend: str = "auto", scale=None,
                   segment_ids=None):
     """q [b, hq, s, d], k/v [b, hk, s, d], is_sep bool [b, s] -> [b, hq, s, d]."""
@@ -66,7 +77,7 @@ def sep_attention(q, k, v, is_sep, *, init_tokens: int, window: int, backend: st
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
     if backend == "auto":
-        backend = "flex" if q.is_cuda else "reference"
+        backend = auto_backend(q.is_cuda, q.shape[-1], segment_ids is not None)
     if backend == "triton":
         if segment_ids is not None:
             raise ValueError("the Triton SepAttention kernel does not take segment_ids (reset_per_document) yet. "

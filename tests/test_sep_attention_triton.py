@@ -94,3 +94,11 @@ def test_kernels_with_different_tile_shapes():
     kernel = run(lambda *x: sep_attention_triton(*x, is_sep, 3, 6, config=cfg), q, k, v, go)
     for name, a, t in zip(("o", "dq", "dk", "dv"), kernel, truth):
         assert (a.double() - t).abs().max().item() < 2e-5, name
+
+
+def test_auto_backend_choice():
+    from fused_ops.sep_attention import auto_backend
+    assert auto_backend(False, 128, False) == "reference"
+    assert auto_backend(True, 128, False) == "triton"
+    assert auto_backend(True, 128, True) == "flex"  # the kernel takes no segment_ids yet
+    assert auto_backend(True, 96, False) == "flex"
