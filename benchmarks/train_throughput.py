@@ -24,14 +24,15 @@ from megatron_sep.model import GPT
 PRESETS = {
     "llama1.3b": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 2048, "num_heads": 16,
                             "ffn_hidden_size": 5504, "vocab_size": 32000, "max_position_embeddings": 4096},
-                  "seq": 4096, "mbs": 2, "kinds": ["dense@reference", "dense"], "plain": True,
+                  "seq": 4096, "mbs": 2, "kinds": ["dense@reference", "dense", "trainer/dense"], "plain": True,
                   "compile_only": ["dense@reference"]},
     "sepllm350m-16k": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 1024, "num_heads": 16,
                                  "ffn_hidden_size": 2816, "vocab_size": 32000, "max_position_embeddings": 16384},
                        "seq": 16384, "mbs": 1, "kinds": ["sepllm:triton", "sepllm:flex", "dense"], "plain": False},
     "tiny": {"model": {"family": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "ffn_hidden_size": 128,
                        "vocab_size": 500, "max_position_embeddings": 128},
-             "seq": 128, "mbs": 2, "kinds": ["sepllm:reference", "dense"], "plain": True},  # CPU smoke test
+             "seq": 128, "mbs": 2, "kinds": ["sepllm:reference", "dense", "trainer/sepllm:reference"],
+             "plain": True},  # CPU smoke test
 }
 
 
@@ -96,6 +97,21 @@ def measure(model, tokens, labels, steps, warmup=3):
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()
+    dt = (time.perf_counter() - t0) / steps
+    return dt, loss.item(), torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan
+
+
+def measure_trainer(trainer, steps, warmup=3):
+    cuda = trainer.device.type == "cuda"
+    for i in range(warmup + steps):
+        if i == warmup:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+        loss, _ = trainer.train_step()
+    if cuda:
+        torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     return dt, loss.item(), torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan
 
@@ -165,23 +181,33 @@ def main():
             profile(plain, inputs, labels, f"{args.out}/profile_{args.preset}_plain.txt")
         del plain
         torch.cuda.empty_cache()
-    for kind in p["kinds"]:  # attention kind[:backend][@model.kernels]
-        kind_backend, _, kernels = kind.partition("@")
+    for kind in p["kinds"]:  # [trainer/]attention kind[:backend][@model.kernels]
+        via_trainer = kind.startswith("trainer/")
+        kind_backend, _, kernels = kind.removeprefix("trainer/").partition("@")
         name, _, backend = kind_backend.partition(":")
         for compiled in [c for c in modes if (c or kind not in p.get("compile_only", ())) and wanted(kind, c)]:
-            attention = {"kind": name, "window": 256, "init_tokens": 3, "separators": list(range(1, m["vocab_size"] // 10)),
+            attention = {"kind": name, "window": min(256, seq // 4), "init_tokens": 3,
+                         "separators": list(range(1, m["vocab_size"] // 10)),
                          "backend": backend or "auto"} if name != "dense" else {"kind": "dense"}
             cfg = config_from_dict({"model": {**m, "kernels": kernels or "auto"}, "attention": attention,
-                                    "data": {"seq_len": seq}})
+                                    "data": {"seq_len": seq, "mock": True},
+                                    "train": {"run_dir": f"{args.out}/trainer_run", "micro_batch_size": mbs,
+                                              "steps": 10_000, "compile": compiled, "device": args.device},
+                                    "optim": {"warmup_steps": 2}})
             torch.manual_seed(0)
-            model = GPT(cfg).to(args.device)
-            if compiled:
-                for blk in model.layers:
-                    blk.compile()
+            label = f"megatron-sep {kind}{' + compile per block' if compiled else ' eager'}"
             try:
-                record(f"megatron-sep {kind}{' + compile per block' if compiled else ' eager'}",
-                       *measure(model, inputs, labels, args.steps))
-                if args.profile and compiled:
+                if via_trainer:  # the Trainer's own step: plan, autocast, clipping, schedule, optimizer
+                    from megatron_sep.training import Trainer
+                    model = Trainer(cfg, log=False)
+                    record(label, *measure_trainer(model, args.steps))
+                else:
+                    model = GPT(cfg).to(args.device)
+                    if compiled:
+                        for blk in model.layers:
+                            blk.compile()
+                    record(label, *measure(model, inputs, labels, args.steps))
+                if args.profile and compiled and not via_trainer:
                     profile(model, inputs, labels, f"{args.out}/profile_{args.preset}_{kind}.txt")
             except Exception as e:  # record what failed instead of losing the whole run
                 rows.append({"impl": f"megatron-sep {kind} compiled={compiled}", "error": repr(e)[:300]})

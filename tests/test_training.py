@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -140,3 +141,29 @@ def test_compiled_blocks_train_like_eager(corpus, tmp_path):
     trainer.run()
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert all(abs(a[s] - b[s]) < 1e-4 for s in a) and len(a) == 3
+
+
+def test_mock_data_trains_without_corpus_or_tokenizer(tmp_path):
+    from megatron_sep.config import ConfigError, config_from_dict
+
+    def cfg(**attention):
+        return config_from_dict({
+            "model": {"family": "llama", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "vocab_size": 200,
+                      "max_position_embeddings": 64},
+            "attention": attention or {"kind": "sepllm", "separators": [5, 6, 7], "window": 8},
+            "data": {"mock": True, "seq_len": 32},
+            "train": {"run_dir": str(tmp_path / "run"), "steps": 4, "micro_batch_size": 2, "eval_interval": 4,
+                      "eval_iters": 1, "device": "cpu"},
+            "logging": {"log_interval": 1}})
+    trainer = Trainer(cfg(), log=True)
+    a, b = trainer.train_ds[3], trainer.train_ds[3]
+    assert a.shape == (33,) and (a == b).all() and a.max() < 200  # same sample for the same index
+    assert not (trainer.train_ds[3] == trainer.valid_ds[3]).all()
+    out = trainer.run()
+    assert out["step"] == 4 and math.isfinite(losses(tmp_path / "run")[4])
+    with pytest.raises(ConfigError, match="data.mock has no tokenizer"):
+        Trainer(cfg(kind="sepllm", separators=[".", 6]), log=False)
+    bad = cfg()
+    bad.model.vocab_size = None
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        Trainer(bad, log=False)

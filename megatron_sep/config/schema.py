@@ -161,6 +161,7 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.98, 0.01, 0.01])
     seq_len: int = 256
     seed: int = 1234
+    mock: bool = False  # random tokens, no corpus or tokenizer (throughput runs); needs model.vocab_size
 
     def check(self) -> None:
         p = "data."

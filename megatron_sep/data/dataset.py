@@ -113,3 +113,18 @@ def build_datasets(paths: list[str], weights: list[float] | None, split: list[fl
         else:
             out.append(BlendedDataset([d for _, d in parts], [weights[i] for i, _ in parts], wanted))
     return tuple(out)
+
+
+class MockDataset:
+    """Uniform random tokens, the same for a given (seed, index) (Megatron's --mock-data): for
+    throughput runs with no corpus or tokenizer."""
+
+    def __init__(self, vocab_size: int, seq_len: int, num_samples: int, seed: int):
+        self.vocab_size, self.seq_len, self.num_samples, self.seed = vocab_size, seq_len, num_samples, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, idx: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, idx))
+        return rng.integers(0, self.vocab_size, self.seq_len + 1, dtype=np.int64)

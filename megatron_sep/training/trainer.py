@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, config_to_dict, dump_config
-from ..data.dataset import build_datasets
+from ..data.dataset import MockDataset, build_datasets
 from ..data.tokenizer import load_tokenizer
 from ..data.separators import resolve_separator_ids
 from ..model import GPT
@@ -49,28 +49,22 @@ class Trainer:
         self.stop_signal = None
         seed_everything(cfg.train.seed)  # the same on every rank: each takes its slice of one model
 
-        if not cfg.data.tokenizer:
-            raise ConfigError("data.tokenizer", None, "no tokenizer given",
-                              "set data.tokenizer to a sentencepiece .model or tokenizer.json")
-        if not cfg.data.paths:
-            raise ConfigError("data.paths", [], "no training data given",
-                              "list .bin/.idx prefixes made by `megatron-sep preprocess`")
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        m = cfg.model
-        if m.vocab_size is None:
-            m.vocab_size = self.tokenizer.vocab_size
-        elif m.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError("model.vocab_size", m.vocab_size,
-                              f"is smaller than the tokenizer's {self.tokenizer.vocab_size} tokens",
-                              "raise it or leave it null")
+        t, m = cfg.train, cfg.model
+        self.global_batch = t.global_batch_size or t.micro_batch_size
+        wanted = (t.steps * self.global_batch, t.eval_iters * t.micro_batch_size)
+        if cfg.data.mock:
+            if m.vocab_size is None:
+                raise ConfigError("model.vocab_size", None, "is needed with data.mock (there is no tokenizer)",
+                                  "set model.vocab_size, e.g. 32000")
+            self.tokenizer = None
+            self.train_ds, self.valid_ds = (MockDataset(m.vocab_size, cfg.data.seq_len, n, cfg.data.seed + i)
+                                            for i, n in enumerate(wanted))
+        else:
+            self.tokenizer = self._load_tokenizer()
+            self.train_ds, self.valid_ds, _ = build_datasets(
+                cfg.data.paths, cfg.data.weights, cfg.data.split, cfg.data.seq_len, cfg.data.seed, (*wanted, 0))
         self.notes = self._resolve_attention()
         self.config_text = dump_config(cfg)
-
-        t = cfg.train
-        self.global_batch = t.global_batch_size or t.micro_batch_size
-        self.train_ds, self.valid_ds, _ = build_datasets(
-            cfg.data.paths, cfg.data.weights, cfg.data.split, cfg.data.seq_len, cfg.data.seed,
-            (t.steps * self.global_batch, t.eval_iters * t.micro_batch_size, 0))
         if self.valid_ds is None:
             raise ConfigError("data.split", cfg.data.split, "the validation split holds no documents",
                               "give the valid share (second entry) a positive value, e.g. [0.98, 0.01, 0.01]")
@@ -96,9 +90,33 @@ class Trainer:
         self.peak = peak * self.ctx.world if peak else None  # MFU is per device
         self.logger = MetricsLogger(cfg, self.run_dir, config_to_dict(cfg), enabled=log and self.ctx.is_logging_rank)
 
+    def _load_tokenizer(self):
+        cfg, m = self.cfg, self.cfg.model
+        if not cfg.data.tokenizer:
+            raise ConfigError("data.tokenizer", None, "no tokenizer given",
+                              "set data.tokenizer to a sentencepiece .model or tokenizer.json (or data.mock)")
+        if not cfg.data.paths:
+            raise ConfigError("data.paths", [], "no training data given",
+                              "list .bin/.idx prefixes made by `megatron-sep preprocess` (or data.mock)")
+        tok = load_tokenizer(cfg.data.tokenizer)
+        if m.vocab_size is None:
+            m.vocab_size = tok.vocab_size
+        elif m.vocab_size < tok.vocab_size:
+            raise ConfigError("model.vocab_size", m.vocab_size, f"is smaller than the tokenizer's {tok.vocab_size} "
+                              "tokens", "raise it or leave it null")
+        return tok
+
     def _resolve_attention(self) -> list[str]:
         """Turn separator strings into ids (written back into the config) and fill eod_id."""
         a, tok, notes = self.cfg.attention, self.tokenizer, []
+        if tok is None:  # data.mock: ids only
+            strings = [x for x in a.separators if isinstance(x, str)] if a.kind == "sepllm" else []
+            if strings:
+                raise ConfigError("attention.separators", strings, "are strings, and data.mock has no tokenizer "
+                                  "to resolve them", "list token ids instead, e.g. [13, 15, 30]")
+            if a.reset_per_document and a.eod_id is None:
+                raise ConfigError("attention.eod_id", None, "is needed for reset_per_document with data.mock",
+                                  "set attention.eod_id")
         if a.kind == "sepllm":
             strings = [x for x in a.separators if isinstance(x, str)]
             ids, warnings = resolve_separator_ids(tok, strings) if strings else ([], [])
@@ -110,7 +128,8 @@ class Trainer:
                                   f"resolve to no usable token ids (out of range: {bad})",
                                   "list strings the tokenizer has as single tokens, or valid ids")
             a.separators = sorted(ids)
-            notes.append("separator ids: " + ", ".join(f"{i} {tok.id_to_piece(i)!r}" for i in a.separators))
+            notes.append("separator ids: " + ", ".join(f"{i} {tok.id_to_piece(i)!r}" if tok else str(i)
+                                                      for i in a.separators))
         if a.reset_per_document and a.eod_id is None:
             a.eod_id = tok.eod_id
         return notes
