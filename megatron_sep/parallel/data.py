@@ -167,18 +167,15 @@ class ZeroAdamW:
 
 def global_grad_norm(grads_and_params, ctx: ParallelContext, sharded_over_dp: bool) -> torch.Tensor:
     """L2 norm over all shards of all groups. A tp-replicated parameter counts once (on tp rank 0)."""
-    total = None
-    for g, p in grads_and_params:
-        if g is None:
-            continue
-        if not getattr(p, "tensor_parallel", False) and ctx.tp_rank != 0:
-            continue
-        if getattr(p, "pipeline_duplicate", False):  # the last stage's copy of the tied embedding
-            continue
-        sq = g.detach().float().pow(2).sum()
-        total = sq if total is None else total + sq
-    if total is None:
+    grads = [g.detach() for g, p in grads_and_params
+             if g is not None and (getattr(p, "tensor_parallel", False) or ctx.tp_rank == 0)
+             and not getattr(p, "pipeline_duplicate", False)]  # the last stage's copy of the tied embedding
+    if not grads:
         total = torch.zeros((), device=ctx.device)
+    elif hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: one multi-tensor pass, no temporaries
+        total = torch.nn.utils.get_total_norm(grads, 2.0).float() ** 2
+    else:
+        total = sum(torch.linalg.vector_norm(g.float()) ** 2 for g in grads)
     if ctx.world > 1:
         groups = [ctx.tp_group, ctx.pp_group] + ([ctx.dp_group] if sharded_over_dp else [])
         for g in groups:
