@@ -167,3 +167,17 @@ def test_mock_data_trains_without_corpus_or_tokenizer(tmp_path):
     bad.model.vocab_size = None
     with pytest.raises(ConfigError, match="model.vocab_size"):
         Trainer(bad, log=False)
+
+
+def test_multi_gpu_driver_on_cpu(tmp_path):
+    """benchmarks/multi_gpu.py (the NCCL verification run) end to end on gloo: torchrun launch, a (tp2)
+    run equal to one process, and its mid-run checkpoint resumed in one process with the same next loss."""
+    out = tmp_path / "mg"
+    res = subprocess.run([sys.executable, "benchmarks/multi_gpu.py", "--preset", "tiny", "--steps", "4", "--kinds",
+                          "dense", "--layouts", "1gpu,tp2", "--tol", "1e-5", "--out", str(out)],
+                         capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    runs = json.loads((out / "multi_gpu.json").read_text())["runs"]["dense"]
+    assert set(runs["1gpu"]["loss"]) == {"1", "2", "3", "4"}
+    assert runs["tp2"]["max_abs_loss_diff_vs_1gpu"] <= 1e-5
+    assert runs["tp2_resumed_on_1gpu"]["step"] == 3 and runs["tp2_resumed_on_1gpu"]["abs_diff"] <= 1e-5
