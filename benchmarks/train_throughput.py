@@ -93,12 +93,14 @@ def measure(model, tokens, labels, steps, warmup=3):
             t0 = time.perf_counter()
         with torch.autocast(tokens.device.type, dtype=torch.bfloat16):
             loss = model(tokens, labels)
+        if i == 0:
+            first = loss.item()  # same weights and tokens for every attention backend: comparable
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()
     dt = (time.perf_counter() - t0) / steps
-    return dt, loss.item(), torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan
+    return dt, (first, loss.item()), torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan
 
 
 def measure_trainer(trainer, steps, warmup=3):
@@ -162,8 +164,9 @@ def main():
 
     def record(name, dt, loss, mem):
         tps = mbs * seq / dt
+        first, loss = loss if isinstance(loss, tuple) else (None, loss)
         rows.append({"impl": name, "step_ms": dt * 1e3, "tokens_per_s": tps, "mfu": tps * flops / 989e12,
-                     "peak_mem_gb": mem, "loss": loss})
+                     "peak_mem_gb": mem, "first_loss": first, "loss": loss})
         print(json.dumps(rows[-1]), flush=True)
         with open(f"{args.out}/train_throughput_{args.preset}.json", "w") as f:  # kept if a later variant crashes
             json.dump({"env": env, "preset": args.preset, "seq": seq, "micro_batch": mbs, "flops_per_token": flops,
