@@ -68,14 +68,25 @@ def _dq_step(q, do, lse, delta, kb, vb, rows, stride, kmask, ok, dq, qk_scale, o
 
 
 @triton.jit
-def _fwd(Q, K, V, KC, VC, POS, BOUNDS, O, LSE, qk_scale, S, G, N, HQ, GROUP, TILES,
-         sqb, sqh, sqs, skb, skh, sks,
-         BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
-    t = TILES - 1 - tl.program_id(0)  # late tiles read the longest lists: start them first
+def _query_tile(BOUNDS, S, N, HQ, GROUP, TILES, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's query tile (late tiles read the longest lists: they start first) and its key ranges:
+    list entries [0, a_full) seen by every query, [a_full, a_hi) by some, band keys [lo, hi)."""
+    t = TILES - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
     h = bh % HQ
-    hk = h // GROUP
+    a_full = (tl.load(BOUNDS + (b * 2) * TILES + t) // BN) * BN
+    a_hi = tl.load(BOUNDS + (b * 2 + 1) * TILES + t)
+    lo = (tl.maximum(t * BM - N + 1, 0) // BN) * BN
+    hi = tl.minimum(t * BM + BM, S)
+    return t, bh, b, h, h // GROUP, a_full, a_hi, lo, hi
+
+
+@triton.jit
+def _fwd(Q, K, V, KC, VC, POS, BOUNDS, O, LSE, qk_scale, S, G, N, HQ, GROUP, TILES,
+         sqb, sqh, sqs, skb, skh, sks,
+         BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+    t, bh, b, h, hk, a_full, a_hi, lo, hi = _query_tile(BOUNDS, S, N, HQ, GROUP, TILES, BM, BN)
     offs_m = t * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     rows = offs_m < S
@@ -85,8 +96,6 @@ def _fwd(Q, K, V, KC, VC, POS, BOUNDS, O, LSE, qk_scale, S, G, N, HQ, GROUP, TIL
     acc = tl.zeros([BM, D], tl.float32)
     kc = KC + (b * (HQ // GROUP) + hk) * G * D
     vc = VC + (b * (HQ // GROUP) + hk) * G * D
-    a_full = (tl.load(BOUNDS + (b * 2) * TILES + t) // BN) * BN
-    a_hi = tl.load(BOUNDS + (b * 2 + 1) * TILES + t)
     for start in range(0, a_full, BN):  # kept keys older than every window of the tile
         offs_c = start + tl.arange(0, BN)
         m_i, l_i, acc = _softmax_step(q, kc, vc, offs_c, D, offs_c, offs_c, m_i, l_i, acc, qk_scale, offs_d, IEEE,
@@ -100,9 +109,6 @@ def _fwd(Q, K, V, KC, VC, POS, BOUNDS, O, LSE, qk_scale, S, G, N, HQ, GROUP, TIL
                                       MASK=True)
     kb = K + b * skb + hk * skh
     vb = V + b * skb + hk * skh
-    lo = tl.maximum(t * BM - N + 1, 0)
-    lo = (lo // BN) * BN
-    hi = tl.minimum(t * BM + BM, S)
     for start in range(lo, hi, BN):  # the window band
         offs_n = start + tl.arange(0, BN)
         ok = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] - offs_n[None, :] < N)
@@ -119,11 +125,7 @@ def _bwd_dq(Q, K, V, KC, VC, O, DO, LSE, DELTA, POS, BOUNDS, DQ, qk_scale, scale
             sqb, sqh, sqs, skb, skh, sks,
             BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
     """dQ per query tile; also writes delta = rowsum(dO * O), which the dK/dV kernels (launched after) read."""
-    t = TILES - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    hk = h // GROUP
+    t, bh, b, h, hk, a_full, a_hi, lo, hi = _query_tile(BOUNDS, S, N, HQ, GROUP, TILES, BM, BN)
     offs_m = t * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     rows = offs_m < S
@@ -137,8 +139,6 @@ def _bwd_dq(Q, K, V, KC, VC, O, DO, LSE, DELTA, POS, BOUNDS, DQ, qk_scale, scale
     dq = tl.zeros([BM, D], tl.float32)
     kc = KC + (b * (HQ // GROUP) + hk) * G * D
     vc = VC + (b * (HQ // GROUP) + hk) * G * D
-    a_full = (tl.load(BOUNDS + (b * 2) * TILES + t) // BN) * BN
-    a_hi = tl.load(BOUNDS + (b * 2 + 1) * TILES + t)
     for start in range(0, a_full, BN):  # rows past S have lse 0 and dO 0: their dq is never stored
         offs_c = start + tl.arange(0, BN)
         dq = _dq_step(q, do, lse, delta, kc, vc, offs_c, D, offs_c, offs_c, dq, qk_scale, offs_d, IEEE, MASK=False)
@@ -150,9 +150,6 @@ def _bwd_dq(Q, K, V, KC, VC, O, DO, LSE, DELTA, POS, BOUNDS, DQ, qk_scale, scale
         dq = _dq_step(q, do, lse, delta, kc, vc, offs_c, D, live, ok, dq, qk_scale, offs_d, IEEE, MASK=True)
     kb = K + b * skb + hk * skh
     vb = V + b * skb + hk * skh
-    lo = tl.maximum(t * BM - N + 1, 0)
-    lo = (lo // BN) * BN
-    hi = tl.minimum(t * BM + BM, S)
     for start in range(lo, hi, BN):
         offs_n = start + tl.arange(0, BN)
         ok = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] - offs_n[None, :] < N) & rows[:, None]
