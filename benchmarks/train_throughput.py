@@ -81,54 +81,45 @@ class PlainLlama(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def measure(model, tokens, labels, steps, warmup=3):
-    cuda = tokens.is_cuda
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+def plain_step(model, tokens, labels):
+    """The baseline's training step (bf16 autocast, fused AdamW, no clipping) as a closure."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16):
+            loss = model(tokens, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def measure(step, cuda, steps, warmup=3):
+    """Seconds per step after warm-up, (first, last) loss, peak GB. The first loss comes from the same
+    weights and tokens for every variant, so backends can be compared on it."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for i in range(warmup + steps):
         if i == warmup:
             sync()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-        with torch.autocast(tokens.device.type, dtype=torch.bfloat16):
-            loss = model(tokens, labels)
+        loss = step()
         if i == 0:
-            first = loss.item()  # same weights and tokens for every attention backend: comparable
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            first = loss.item()
     sync()
     dt = (time.perf_counter() - t0) / steps
     return dt, (first, loss.item()), torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan
 
 
-def measure_trainer(trainer, steps, warmup=3):
-    cuda = trainer.device.type == "cuda"
-    for i in range(warmup + steps):
-        if i == warmup:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-        loss, _ = trainer.train_step()
-    if cuda:
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
-    return dt, loss.item(), torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan
-
-
 def profile(model, tokens, labels, path):
     """GPU time per kernel over two training steps (where the step time goes)."""
     from torch.profiler import ProfilerActivity, profile as prof
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    step = plain_step(model, tokens, labels)
     with prof(activities=[ProfilerActivity.CUDA]) as pr:
         for _ in range(2):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(tokens, labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step()
         torch.cuda.synchronize()
     with open(path, "w") as f:
         f.write(pr.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
@@ -164,7 +155,7 @@ def main():
 
     def record(name, dt, loss, mem):
         tps = mbs * seq / dt
-        first, loss = loss if isinstance(loss, tuple) else (None, loss)
+        first, loss = loss
         rows.append({"impl": name, "step_ms": dt * 1e3, "tokens_per_s": tps, "mfu": tps * flops / 989e12,
                      "peak_mem_gb": mem, "first_loss": first, "loss": loss})
         print(json.dumps(rows[-1]), flush=True)
@@ -178,8 +169,8 @@ def main():
         if compiled:
             for blk in plain.blocks:
                 blk.compile()
-        record(f"plain pytorch{' + compile per block' if compiled else ' eager'}", *measure(plain, inputs, labels,
-                                                                                          args.steps))
+        record(f"plain pytorch{' + compile per block' if compiled else ' eager'}",
+               *measure(plain_step(plain, inputs, labels), tokens.is_cuda, args.steps))
         if args.profile and compiled:
             profile(plain, inputs, labels, f"{args.out}/profile_{args.preset}_plain.txt")
         del plain
@@ -203,13 +194,14 @@ def main():
                 if via_trainer:  # the Trainer's own step: plan, autocast, clipping, schedule, optimizer
                     from megatron_sep.training import Trainer
                     model = Trainer(cfg, log=False)
-                    record(label, *measure_trainer(model, args.steps))
+                    train_loss = model.train_step  # returns (loss, grad norm)
+                    record(label, *measure(lambda: train_loss()[0], model.device.type == "cuda", args.steps))
                 else:
                     model = GPT(cfg).to(args.device)
                     if compiled:
                         for blk in model.layers:
                             blk.compile()
-                    record(label, *measure(model, inputs, labels, args.steps))
+                    record(label, *measure(plain_step(model, inputs, labels), tokens.is_cuda, args.steps))
                 if args.profile and compiled and not via_trainer:
                     profile(model, inputs, labels, f"{args.out}/profile_{args.preset}_{kind}.txt")
             except Exception as e:  # record what failed instead of losing the whole run
