@@ -55,7 +55,8 @@ def timed(fn, grads=None):
         return triton.testing.do_bench(fn, warmup=50, rep=300, grad_to_none=grads, return_mode="median"), "plain"
 
 
-def speed(seqs, window):
+def speed(seqs, window, variants=None):
+    """`variants`: name -> kernel config overrides, timed as extra rows of the same run (A/B of launch shapes)."""
     rows = []
     for s in seqs:
         q, k, v = (torch.randn(1, 16, s, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -67,12 +68,15 @@ def speed(seqs, window):
                                                            backend="triton"),
                  "flex": lambda: fused_ops.sep_attention(q, k, v, is_sep, init_tokens=3, window=window,
                                                          backend="flex")}
+        for vname, over in (variants or {}).items():
+            impls[f"triton_{vname}"] = lambda over=over: kern.sep_attention_triton(q, k, v, is_sep, 3, window,
+                                                                                    config=over)
         r = {"seq": s, "window": window}
         for name, fn in impls.items():
             with torch.no_grad():
                 r[f"{name}_fwd_ms"], r[f"{name}_fwd_timer"] = timed(fn)
             r[f"{name}_fwdbwd_ms"], r[f"{name}_fwdbwd_timer"] = timed(lambda fn=fn: fn().backward(go), [q, k, v])
-        for name in ("triton", "flex"):
+        for name in (n for n in impls if n != "sdpa_causal"):
             r[f"{name}_fwdbwd_x_sdpa"] = r["sdpa_causal_fwdbwd_ms"] / r[f"{name}_fwdbwd_ms"]
             r[f"{name}_fwd_x_sdpa"] = r["sdpa_causal_fwd_ms"] / r[f"{name}_fwd_ms"]
         rows.append(r)
@@ -126,6 +130,29 @@ def tune(seqs=(16384, 65536), window=256):
     return {"sweep": log, "chosen": {n: dict(c) for n, c in kern.CONFIG.items()}}
 
 
+def kernel_breakdown(seqs, window=256):
+    """CUDA time per kernel name in one forward+backward of the Triton backend (torch profiler)."""
+    out = {}
+    for s in seqs:
+        q, k, v = (torch.randn(1, 16, s, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        is_sep = torch.rand(1, s, device="cuda") < 0.10
+        go = torch.randn_like(q)
+        for _ in range(3):
+            kern.sep_attention_triton(q, k, v, is_sep, 3, window).backward(go)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                kern.sep_attention_triton(q, k, v, is_sep, 3, window).backward(go)
+            torch.cuda.synchronize()
+        ms = {}
+        for e in prof.key_averages():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                ms[e.key[:60]] = ms.get(e.key[:60], 0) + e.device_time_total / 5e3
+        out[s] = dict(sorted(ms.items(), key=lambda kv: -kv[1]))
+        print(json.dumps({"seq": s, "ms_per_kernel": out[s]}), flush=True)
+    return out
+
+
 def plan_ms(seqs):
     """Building the plan (sort of kept keys, per-tile counts) once per micro-batch, shared by the layers."""
     out = {}
@@ -146,6 +173,9 @@ def main():
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--windows", default="256,64")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness cases")
+    ap.add_argument("--variants", default="{}", help='JSON: name -> config overrides, e.g. {"s1": {"dkdv": '
+                    '{"split": 1}}}, timed beside the default kernel')
+    ap.add_argument("--profile", action="store_true", help="also record the CUDA time per kernel")
     args = ap.parse_args()
     torch._dynamo.config.recompile_limit = 64
     out = {"env": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__},
@@ -157,10 +187,16 @@ def main():
         out["correctness_tuned"] = correctness()
     out["config"] = {n: dict(c) for n, c in kern.CONFIG.items()}
     out["triton_plan_ms"] = plan_ms(seqs)
+
+    def save():  # after each part, so a run cut off by a time limit keeps what it measured
+        with open(f"{args.out}/sep_attention_kernel.json", "w") as f:
+            json.dump(out, f, indent=1)
+    if args.profile:
+        out["ms_per_kernel_window256"] = kernel_breakdown(seqs)
+        save()
     for w in args.windows.split(","):
-        out[f"window{w}"] = speed(seqs, int(w))
-    with open(f"{args.out}/sep_attention_kernel.json", "w") as f:
-        json.dump(out, f, indent=1)
+        out[f"window{w}"] = speed(seqs, int(w), json.loads(args.variants))
+        save()
     print("\nseq window | fwd+bwd ms: sdpa triton (x) flex (x)")
     for r in sum((out[f"window{w}"] for w in args.windows.split(",")), []):
         print(f"{r['seq']:>6} {r['window']:>4} | {r['sdpa_causal_fwdbwd_ms']:8.2f} {r['triton_fwdbwd_ms']:8.2f} "

@@ -7,8 +7,9 @@ contiguous blocks of that copy and, in the same online softmax, the dense band o
 the window; query i sees list entry p iff p <= i - n and band key j iff
 0 <= i - j < n, so the two parts never overlap. The backward recomputes with the
 saved log-sum-exp: dQ per query tile over the same keys; dK/dV per key tile for
-the band and per list tile for the kept keys (then added at their positions: one
-entry per position, so no two writes meet). Grouped-query heads are summed inside
+the band and per list tile for the kept keys (a list tile's queries split over a few
+programs on short sequences; the band programs add those fp32 partials at the kept
+positions: one entry per position, so no two writes meet). Grouped-query heads are summed inside
 the dK/dV programs, so no atomics are used anywhere. Softmax runs in base 2.
 """
 from __future__ import annotations
@@ -158,11 +159,43 @@ def _bwd_dq(Q, K, V, KC, VC, O, DO, LSE, DELTA, POS, BOUNDS, DQ, qk_scale, scale
 
 
 @triton.jit
+def _dkdv_step(k, v, dk, dv, qb, dob, lb, db, start, pos, live, S, N, sqs, qk_scale, offs_d, BM: tl.constexpr,
+               LIST: tl.constexpr, IEEE: tl.constexpr, MASK: tl.constexpr):
+    """One block of queries into a key tile's dK/dV. MASK False: every query sees every live key and
+    exists (keys that are not live only fill rows that are never stored)."""
+    offs_m = start + tl.arange(0, BM)
+    qo = offs_m[:, None] * sqs + offs_d[None, :]
+    if MASK:
+        rows = offs_m < S
+        q = tl.load(qb + qo, mask=rows[:, None], other=0.0)
+        do = tl.load(dob + qo, mask=rows[:, None], other=0.0)
+        lse = tl.load(lb + offs_m, mask=rows, other=0.0)
+        delta = tl.load(db + offs_m, mask=rows, other=0.0)
+    else:
+        q = tl.load(qb + qo)
+        do = tl.load(dob + qo)
+        lse = tl.load(lb + offs_m)
+        delta = tl.load(db + offs_m)
+    pt = tl.exp2(tl.dot(k, tl.trans(q), input_precision="ieee" if IEEE else None) * qk_scale - lse[None, :])
+    if MASK:
+        if LIST:
+            ok = pos[:, None] <= offs_m[None, :] - N
+        else:
+            ok = (pos[:, None] <= offs_m[None, :]) & (offs_m[None, :] - pos[:, None] < N)
+        pt = tl.where(ok & live[:, None] & rows[None, :], pt, 0.0)
+    dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee" if IEEE else None)
+    dpt = tl.dot(v, tl.trans(do), input_precision="ieee" if IEEE else None)
+    dk += tl.dot((pt * (dpt - delta[None, :])).to(q.dtype), q, input_precision="ieee" if IEEE else None)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SLOT, DKL, DVL, DK, DV, qk_scale, scale, S, G, N, HQ, GROUP, KV_HEADS,
-              sqb, sqh, sqs, skb, skh, sks, sdb, sdh, sds,
+              SPLIT, sqb, sqh, sqs, skb, skh, sks, sdb, sdh, sds,
               LIST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
-    """One key tile for one kv head: entries of the compact copy (LIST True, fp32 out, launched first) or
-    band keys of K/V (LIST False), which add the list result of their kept keys (SLOT: list index or -1)."""
+    """One key tile for one kv head: entries of the compact copy (LIST True, launched first; the queries
+    that read a tile are split over SPLIT programs, each writing an fp32 partial) or band keys of K/V
+    (LIST False), which add the SPLIT partials of their kept keys (SLOT: list index or -1)."""
     t = tl.program_id(0)
     bk = tl.program_id(1)
     b = bk // KV_HEADS
@@ -174,50 +207,56 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SLOT, DKL, DVL, DK, DV, qk_scale, sc
         pos = tl.load(POS + b * G + offs_n, mask=live, other=2 * S + 2 * G)
         live = live & (pos < S)
         first_q = tl.min(pos, 0) + N  # earliest query that reads this list tile
+        full_lo = tl.max(tl.where(live, pos, 0), 0) + N  # from here on every query reads every entry
+        full_hi = S
         q_end = S
     else:
         live = offs_n < S
         pos = offs_n
         first_q = t * BN
+        full_lo = t * BN + BN - 1
+        full_hi = t * BN + N
         q_end = tl.minimum(t * BN + BN - 1 + N, S)
+    lo = (first_q // BM) * BM
+    span = tl.cdiv(tl.cdiv(tl.maximum(q_end - lo, 0), tl.num_programs(2)), BM) * BM
+    qs = lo + tl.program_id(2) * span
+    qe = tl.maximum(tl.minimum(qs + span, q_end), qs)
+    # queries [qs, qe): masked blocks, then fully visible ones [ul, uh), then masked again
+    ul = tl.minimum(tl.maximum(tl.cdiv(full_lo, BM) * BM, qs), qe)
+    uh = tl.minimum(tl.maximum((tl.minimum(full_hi, S) // BM) * BM, ul), qe)
     rowk = b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :]
     k = tl.load(K + rowk, mask=live[:, None], other=0.0)
     v = tl.load(V + rowk, mask=live[:, None], other=0.0)
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
-    lo = (first_q // BM) * BM
-    for g in range(0, GROUP):
+    for g in range(GROUP):
         h = hk * GROUP + g
-        for start in range(lo, q_end, BM):
-            offs_m = start + tl.arange(0, BM)
-            rows = offs_m < S
-            qo = b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :]
-            q = tl.load(Q + qo, mask=rows[:, None], other=0.0)
-            do = tl.load(DO + qo, mask=rows[:, None], other=0.0)
-            lse = tl.load(LSE + (b * HQ + h) * S + offs_m, mask=rows, other=0.0)
-            delta = tl.load(DELTA + (b * HQ + h) * S + offs_m, mask=rows, other=0.0)
-            kq = tl.dot(k, tl.trans(q), input_precision="ieee" if IEEE else None) * qk_scale  # [BN, BM]
-            if LIST:
-                ok = (pos[:, None] <= offs_m[None, :] - N) & live[:, None] & rows[None, :]
-            else:
-                ok = ((pos[:, None] <= offs_m[None, :]) & (offs_m[None, :] - pos[:, None] < N)
-                      & live[:, None] & rows[None, :])
-            pt = tl.where(ok, tl.exp2(kq - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee" if IEEE else None)
-            dpt = tl.dot(v, tl.trans(do), input_precision="ieee" if IEEE else None)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee" if IEEE else None)
+        qb = Q + b * sqb + h * sqh
+        dob = DO + b * sqb + h * sqh
+        lb = LSE + (b * HQ + h) * S
+        db = DELTA + (b * HQ + h) * S
+        for start in range(qs, ul, BM):
+            dk, dv = _dkdv_step(k, v, dk, dv, qb, dob, lb, db, start, pos, live, S, N, sqs, qk_scale, offs_d,
+                                BM, LIST, IEEE, MASK=True)
+        for start in range(ul, uh, BM):
+            dk, dv = _dkdv_step(k, v, dk, dv, qb, dob, lb, db, start, pos, live, S, N, sqs, qk_scale, offs_d,
+                                BM, LIST, IEEE, MASK=False)
+        for start in range(uh, qe, BM):
+            dk, dv = _dkdv_step(k, v, dk, dv, qb, dob, lb, db, start, pos, live, S, N, sqs, qk_scale, offs_d,
+                                BM, LIST, IEEE, MASK=True)
     dk = dk * scale
     if LIST:
         store_mask = (offs_n < G)[:, None]
+        out = tl.program_id(2) * (tl.num_programs(1) * G * D) + bk * G * D + offs_n[:, None] * D + offs_d[None, :]
     else:
         store_mask = live[:, None]
         slot = tl.load(SLOT + b * S + offs_n, mask=live, other=-1)
         has = (slot >= 0)[:, None]
-        lrow = (b * KV_HEADS + hk) * G * D + slot[:, None] * D + offs_d[None, :]
-        dk += tl.load(DKL + lrow, mask=has, other=0.0)
-        dv += tl.load(DVL + lrow, mask=has, other=0.0)
-    out = b * sdb + hk * sdh + offs_n[:, None] * sds + offs_d[None, :]
+        lrow = bk * G * D + slot[:, None] * D + offs_d[None, :]
+        for c in range(SPLIT):
+            dk += tl.load(DKL + c * (tl.num_programs(1) * G * D) + lrow, mask=has, other=0.0)
+            dv += tl.load(DVL + c * (tl.num_programs(1) * G * D) + lrow, mask=has, other=0.0)
+        out = b * sdb + hk * sdh + offs_n[:, None] * sds + offs_d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=store_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=store_mask)
 
@@ -251,6 +290,13 @@ def _plan(is_sep, init_tokens, window, s, bms):
                       .expand(b, g).contiguous())
         _PLANS[key] = (is_sep, index.contiguous(), gpos.to(torch.int32), slot[:, :s].contiguous(), bounds)
     return _PLANS[key][1:]
+
+
+def _list_split(programs, s, bm, device):
+    """How many programs share the queries of one list tile: enough to give each SM ~8 programs (short
+    sequences have few list tiles, each reading almost every query), at least 8 query blocks each."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(triton.cdiv(8 * sms, programs), s // (8 * bm), 16))
 
 
 def _compact(x, index):
@@ -296,17 +342,18 @@ class _SepAttnFn(torch.autograd.Function):
                                  BN=c["BN"], D=d, IEEE=ieee, num_warps=c["num_warps"], num_stages=c["num_stages"])
         c = cfg["dkdv"]
         common = dict(BM=c["BM"], BN=c["BN"], D=d, IEEE=ieee, num_warps=c["num_warps"], num_stages=c["num_stages"])
-        dkl = torch.empty(b, hk, g, d, dtype=torch.float32, device=k.device)
+        list_tiles = triton.cdiv(g, c["BN"])
+        split = c.get("split") or _list_split(list_tiles * b * hk, s, c["BM"], q.device)
+        dkl = torch.empty(split, b, hk, g, d, dtype=torch.float32, device=k.device)
         dvl = torch.empty_like(dkl)
-        _bwd_dkdv[(triton.cdiv(g, c["BN"]), b * hk)](q, kc, vc, do, lse, delta, gpos, slot, dkl, dvl, dkl, dvl,
-                                                     scale * LOG2E, scale, s, g, window, hq, hq // hk, hk,
-                                                     *q.stride()[:3], *kc.stride()[:3], *dkl.stride()[:3],
-                                                     LIST=True, **common)
+        _bwd_dkdv[(list_tiles, b * hk, split)](q, kc, vc, do, lse, delta, gpos, slot, dkl, dvl, dkl, dvl,
+                                               scale * LOG2E, scale, s, g, window, hq, hq // hk, hk, split,
+                                               *q.stride()[:3], *kc.stride()[:3], 0, 0, 0, LIST=True, **common)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        _bwd_dkdv[(triton.cdiv(s, c["BN"]), b * hk)](q, k, v, do, lse, delta, gpos, slot, dkl, dvl, dk, dv,
-                                                     scale * LOG2E, scale, s, g, window, hq, hq // hk, hk,
-                                                     *q.stride()[:3], *k.stride()[:3], *dk.stride()[:3],
-                                                     LIST=False, **common)
+        _bwd_dkdv[(triton.cdiv(s, c["BN"]), b * hk, 1)](q, k, v, do, lse, delta, gpos, slot, dkl, dvl, dk, dv,
+                                                        scale * LOG2E, scale, s, g, window, hq, hq // hk, hk, split,
+                                                        *q.stride()[:3], *k.stride()[:3], *dk.stride()[:3],
+                                                        LIST=False, **common)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -102,3 +102,20 @@ def test_auto_backend_choice():
     assert auto_backend(True, 128, False) == "triton"
     assert auto_backend(True, 128, True) == "flex"  # the kernel takes no segment_ids yet
     assert auto_backend(True, 96, False) == "flex"
+
+
+@pytest.mark.parametrize("split,window", [(1, 45), (3, 100), (7, 45)])
+def test_dkdv_split_and_unmasked_blocks(split, window):
+    """List tiles' queries shared by `split` programs (fp32 partials summed in the band kernel; 7 leaves some
+    programs without queries), and windows wide enough for band tiles to have fully visible query blocks."""
+    b, hq, hk, s, d = 2, 4, 2, 130, 16
+    q, k, v = (torch.randn(b, h, s, d) for h in (hq, hk, hk))
+    is_sep = torch.rand(b, s) < torch.tensor([[0.15], [0.4]])
+    go = torch.randn(b, hq, s, d)
+    cfg = {name: {"BM": 16, "BN": 16} for name in ("fwd", "dq")}
+    cfg["dkdv"] = {"BM": 16, "BN": 16, "split": split}
+    truth = run(lambda *x: fused_ops.sep_attention(*x, is_sep, init_tokens=3, window=window, backend="reference"),
+                q.double(), k.double(), v.double(), go.double())
+    kernel = run(lambda *x: sep_attention_triton(*x, is_sep, 3, window, config=cfg), q, k, v, go)
+    for name, a, t in zip(("o", "dq", "dk", "dv"), kernel, truth):
+        assert (a.double() - t).abs().max().item() < 2e-5, name
