@@ -1,16 +1,14 @@
 """Backend choice shared by the fused ops: Triton on CUDA, the PyTorch reference elsewhere."""
 from __future__ import annotations
 
-import functools
+import importlib.util
+
+# found once at import: a cached function here made torch.compile warn on every traced call
+TRITON = importlib.util.find_spec("triton") is not None
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return TRITON
 
 
 def use_triton(backend: str, tensor) -> bool:
