@@ -128,8 +128,9 @@ class Trainer:
                                   f"resolve to no usable token ids (out of range: {bad})",
                                   "list strings the tokenizer has as single tokens, or valid ids")
             a.separators = sorted(ids)
-            notes.append("separator ids: " + ", ".join(f"{i} {tok.id_to_piece(i)!r}" if tok else str(i)
-                                                      for i in a.separators))
+            shown = ", ".join(f"{i} {tok.id_to_piece(i)!r}" if tok else str(i) for i in a.separators[:32])
+            more = f", ... ({len(a.separators)} ids)" if len(a.separators) > 32 else ""
+            notes.append(f"separator ids: {shown}{more}")
         if a.reset_per_document and a.eod_id is None:
             a.eod_id = tok.eod_id
         return notes
