@@ -9,8 +9,9 @@ the window; query i sees list entry p iff p <= i - n and band key j iff
 saved log-sum-exp: dQ per query tile over the same keys; dK/dV per key tile for
 the band and per list tile for the kept keys (a list tile's queries split over a few
 programs on short sequences; the band programs add those fp32 partials at the kept
-positions: one entry per position, so no two writes meet). Grouped-query heads are summed inside
-the dK/dV programs, so no atomics are used anywhere. Softmax runs in base 2.
+positions: one entry per position, so no two writes meet). Grouped-query heads are
+summed inside the dK/dV programs, so no atomics are used anywhere. Softmax runs in
+base 2.
 """
 from __future__ import annotations
 
