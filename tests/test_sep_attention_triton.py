@@ -82,18 +82,24 @@ def test_model_with_triton_attention_backend():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_kernels_with_different_tile_shapes():
-    """fwd, dQ and dK/dV tiled differently (each kernel has its own plan entry) still match."""
-    b, hq, hk, s, d = 2, 4, 2, 77, 16
+def assert_fp32_kernel_matches(s, densities, window, cfg):
+    """fp32 kernel with launch shapes `cfg` against float64 (b=2 rows with the given separator densities,
+    4 query heads on 2 kv heads, init 3), forward and grads within 2e-5."""
+    b, hq, hk, d = 2, 4, 2, 16
     q, k, v = (torch.randn(b, h, s, d) for h in (hq, hk, hk))
-    is_sep = torch.rand(b, s) < torch.tensor([[0.1], [0.3]])
+    is_sep = torch.rand(b, s) < torch.tensor(densities)[:, None]
     go = torch.randn(b, hq, s, d)
-    cfg = {"fwd": {"BM": 32, "BN": 16}, "dq": {"BM": 16, "BN": 32}, "dkdv": {"BM": 32, "BN": 16}}
-    truth = run(lambda *x: fused_ops.sep_attention(*x, is_sep, init_tokens=3, window=6, backend="reference"),
+    truth = run(lambda *x: fused_ops.sep_attention(*x, is_sep, init_tokens=3, window=window, backend="reference"),
                 q.double(), k.double(), v.double(), go.double())
-    kernel = run(lambda *x: sep_attention_triton(*x, is_sep, 3, 6, config=cfg), q, k, v, go)
+    kernel = run(lambda *x: sep_attention_triton(*x, is_sep, 3, window, config=cfg), q, k, v, go)
     for name, a, t in zip(("o", "dq", "dk", "dv"), kernel, truth):
         assert (a.double() - t).abs().max().item() < 2e-5, name
+
+
+def test_kernels_with_different_tile_shapes():
+    """fwd, dQ and dK/dV tiled differently (each kernel has its own plan entry) still match."""
+    cfg = {"fwd": {"BM": 32, "BN": 16}, "dq": {"BM": 16, "BN": 32}, "dkdv": {"BM": 32, "BN": 16}}
+    assert_fp32_kernel_matches(77, [0.1, 0.3], 6, cfg)
 
 
 def test_auto_backend_choice():
@@ -108,14 +114,6 @@ def test_auto_backend_choice():
 def test_dkdv_split_and_unmasked_blocks(split, window):
     """List tiles' queries shared by `split` programs (fp32 partials summed in the band kernel; 7 leaves some
     programs without queries), and windows wide enough for band tiles to have fully visible query blocks."""
-    b, hq, hk, s, d = 2, 4, 2, 130, 16
-    q, k, v = (torch.randn(b, h, s, d) for h in (hq, hk, hk))
-    is_sep = torch.rand(b, s) < torch.tensor([[0.15], [0.4]])
-    go = torch.randn(b, hq, s, d)
     cfg = {name: {"BM": 16, "BN": 16} for name in ("fwd", "dq")}
     cfg["dkdv"] = {"BM": 16, "BN": 16, "split": split}
-    truth = run(lambda *x: fused_ops.sep_attention(*x, is_sep, init_tokens=3, window=window, backend="reference"),
-                q.double(), k.double(), v.double(), go.double())
-    kernel = run(lambda *x: sep_attention_triton(*x, is_sep, 3, window, config=cfg), q, k, v, go)
-    for name, a, t in zip(("o", "dq", "dk", "dv"), kernel, truth):
-        assert (a.double() - t).abs().max().item() < 2e-5, name
+    assert_fp32_kernel_matches(130, [0.15, 0.4], window, cfg)
