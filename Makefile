@@ -1,19 +1,25 @@
 # Two entry points that work on a fresh machine: `make demo` and `make test`.
+# Both install exactly the versions in constraints.txt (the lock); `make lock` refreshes it.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH ?= torch==2.13.0
+LOCK := constraints.txt
+TORCH_VERSION := 2.13.0
 BIN := $(VENV)/bin
 DEMO := data/demo
+# what the compatibility check installs unpinned: the newest releases, or e.g. HF="transformers==5.0.0"
+HF ?= transformers tokenizers safetensors
+HF_VENV := .venv-hf
+HF_TESTS := tests/test_convert_hf.py tests/test_hf_generation.py tests/test_hf_tokenizer.py tests_compat
 
-.PHONY: demo test env clean-demo
+.PHONY: demo test env lock test-latest test-hf clean-demo
 
 env: $(BIN)/megatron-sep
 
-$(BIN)/megatron-sep: setup.py
+# The build backend (setuptools) comes from the lock too: no isolated build with whatever is newest.
+$(BIN)/megatron-sep: setup.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]" "$(TORCH)"
+	$(BIN)/pip install -q -c $(LOCK) pip setuptools wheel
+	$(BIN)/pip install -q -c $(LOCK) --no-build-isolation -e ".[test]"
 	touch $@
 
 $(DEMO)/corpus.jsonl: | $(BIN)/megatron-sep
@@ -30,6 +36,32 @@ demo: $(DEMO)/corpus_text_document.idx
 
 test: env
 	$(BIN)/python -m pytest -q tests
+
+# Resolve the newest releases that setup.py admits into a scratch venv and write them as the lock.
+# Then `make test` (it rebuilds .venv from the new lock) and `make test-latest` before committing.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q -U pip setuptools wheel
+	.venv-lock/bin/pip install -q "torch==$(TORCH_VERSION)"
+	.venv-lock/bin/pip install -q --no-build-isolation -e ".[test]" "torch==$(TORCH_VERSION)"
+	{ echo "# The lock: every package of the test environment (make env), written by \`make lock\`."; \
+	  .venv-lock/bin/pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > $(LOCK)
+	rm -rf .venv-lock
+
+# The compatibility check: conversion, generation and tokenizer tests plus lm-eval on the newest
+# transformers / tokenizers / safetensors. Not run by CI, so an upstream release never turns main red.
+test-latest:
+	$(MAKE) test-hf HF="transformers tokenizers safetensors"
+
+test-hf:
+	rm -rf $(HF_VENV)
+	$(PYTHON) -m venv $(HF_VENV)
+	$(HF_VENV)/bin/pip install -q -U pip setuptools wheel
+	$(HF_VENV)/bin/pip install -q "torch==$(TORCH_VERSION)"
+	$(HF_VENV)/bin/pip install -q -U --no-build-isolation -e ".[test]" "torch==$(TORCH_VERSION)" "lm-eval[hf]" $(HF)
+	$(HF_VENV)/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|safetensors|huggingface.hub|lm.eval) '
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(HF_VENV)/bin/python -m pytest -q $(HF_TESTS)
 
 clean-demo:
 	rm -rf $(DEMO) runs/demo

@@ -1,5 +1,8 @@
 from setuptools import find_packages, setup
 
+# Ranges, not pins (the pins are constraints.txt, which `make` installs). Lower bounds are versions the
+# suite has passed with: the lock, torch 2.11 on the GPU machines, and `make test-hf` for transformers
+# 4.57.6 with tokenizers 0.22.2. No upper bounds: no newer major is known to break.
 setup(
     name="megatron-sep",
     version="0.1.0",
@@ -8,18 +11,19 @@ setup(
     packages=find_packages(include=["megatron_sep*", "fused_ops*", "data_tools*"]),
     package_data={"megatron_sep": ["../configs/*.yaml"]},
     install_requires=[
-        "torch>=2.5",
-        "numpy",
-        "pyyaml",
-        "tqdm",
-        "sentencepiece",
-        "tokenizers",
-        "safetensors",
+        "torch>=2.11",
+        "numpy>=2.4",
+        "pyyaml>=6.0",
+        "tqdm>=4.70",
+        "sentencepiece>=0.2.1",
+        "tokenizers>=0.22.2",
+        "safetensors>=0.8",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers", "wandb", "tensorboard", "triton"],
-        "gpu": ["triton"],
-        "wandb": ["wandb"],
+        "test": ["pytest>=9.0", "pytest-timeout>=2.4", "packaging>=26.0", "transformers>=4.57.6", "wandb>=0.31", "tensorboard>=2.21",
+                 "triton>=3.6"],
+        "gpu": ["triton>=3.6"],
+        "wandb": ["wandb>=0.31"],
         "deepspeed": ["deepspeed"],
     },
     entry_points={"console_scripts": ["megatron-sep=megatron_sep.cli:main"]},

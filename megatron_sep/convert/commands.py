@@ -14,8 +14,9 @@ from ..model import GPT
 from ..parallel.apply import ParallelPlan
 from ..parallel.context import ParallelContext
 from ..training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from .hf import (ConversionError, config_from_hf, copy_tokenizer, from_hf_state, hf_config, read_hf_weights,
-                 to_hf_state, write_hf_weights)
+from .hf import (ConversionError, config_from_hf, from_hf_state, hf_config, read_hf_weights, to_hf_state,
+                 write_hf_weights)
+from .hf_tokenizer import write_hf_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,7 +56,7 @@ def export_hf(load: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
         state["lm_head.weight"] = state.pop("embed_out.weight")
     write_hf_weights(state, out, DTYPES[dtype])
     if tok:
-        copy_tokenizer(str(tok.path), out)
+        write_hf_tokenizer(tok, out, cfg.model.max_position_embeddings)
     return out
 
 

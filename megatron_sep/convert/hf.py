@@ -8,7 +8,6 @@ exported (the padding to a multiple of 128 is ours).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ class ConversionError(ValueError):
 
 
 def hf_config(cfg: Config, eod_id: int | None, pad_id: int | None) -> dict:
-    m = cfg.model
+    m = cfg.model  # rope settings under both names: `rope_parameters` (transformers 5), flat keys (4.x)
     common = {"vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
               "num_attention_heads": m.num_heads, "intermediate_size": m.ffn_size,
               "max_position_embeddings": m.max_position_embeddings, "tie_word_embeddings": m.tie_embeddings,
@@ -35,12 +34,13 @@ def hf_config(cfg: Config, eod_id: int | None, pad_id: int | None) -> dict:
     if m.family == "neox":
         return {**common, "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "hidden_act": "gelu",
                 "layer_norm_eps": m.norm_eps, "use_parallel_residual": True, "attention_bias": True,
-                "hidden_dropout": m.hidden_dropout,
+                "hidden_dropout": m.hidden_dropout, "rotary_pct": m.rotary_pct, "rotary_emb_base": m.rotary_base,
+                "partial_rotary_factor": m.rotary_pct,
                 "rope_parameters": {"rope_type": "default", "rope_theta": m.rotary_base,
                                     "partial_rotary_factor": m.rotary_pct}}
     return {**common, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
             "num_key_value_heads": m.kv_heads, "rms_norm_eps": m.norm_eps, "attention_bias": False,
-            "mlp_bias": False, "head_dim": m.head_dim,
+            "mlp_bias": False, "head_dim": m.head_dim, "rope_theta": m.rotary_base,
             "rope_parameters": {"rope_type": "default", "rope_theta": m.rotary_base}}
 
 
@@ -124,7 +124,7 @@ def config_from_hf(hf: dict, overrides=()) -> Config:
         if not hf.get("use_parallel_residual", True) or hf.get("hidden_act", "gelu") != "gelu":
             raise ConversionError("only GPT-NeoX models with parallel residual and exact GeLU (the Pythia shape) "
                                   "convert. Fix: use a Pythia-style checkpoint")
-        pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 1.0))
+        pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))  # transformers' default
         model = {**common, "family": "neox", "rotary_pct": float(pct), "norm_eps": hf.get("layer_norm_eps", 1e-5)}
     elif kind == "llama":
         if hf.get("attention_bias") or hf.get("mlp_bias") or rope.get("rope_type", "default") != "default":
@@ -190,17 +190,3 @@ def write_hf_weights(state: dict, out: Path, dtype: torch.dtype, max_shard_bytes
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-
-
-def copy_tokenizer(tokenizer_path: str | None, out: Path) -> None:
-    if not tokenizer_path:
-        return
-    p = Path(tokenizer_path)
-    if p.is_dir():
-        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-            if (p / name).is_file():
-                shutil.copy(p / name, out / name)
-    elif p.suffix == ".json":
-        shutil.copy(p, out / "tokenizer.json")
-    else:
-        shutil.copy(p, out / "tokenizer.model")

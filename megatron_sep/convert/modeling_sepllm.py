@@ -1,26 +1,62 @@
 """SepLLM attention for transformers' stock GPT-NeoX and Llama (copied next to exported weights).
 
-Loaded with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. The
-stock model is subclassed; only the attention function changes: key j is visible to
-query i iff j <= i and (j < a or token j is a separator or i - j < n), with n per
-layer (None: dense). The `sepllm` block of config.json holds kind, separator ids,
-init tokens, windows and the fixed interval. Prefill and `generate` (greedy,
-sampling; no beam reordering, no padded batches) apply the same mask.
+Loaded with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. The stock model is
+subclassed; only the attention function changes: key j is visible to query i iff j <= i and (j < a or
+token j is a separator or i - j < n), with n per layer (None: dense). The `sepllm` block of config.json
+holds kind, separator ids, init tokens, windows and the fixed interval.
+
+Positions, separator flags and padding of every cached token are kept on the cache object itself, so
+prefill, `generate` (greedy or sampling, dynamic or static cache, right-padded batches) and a manual
+decoding loop all apply the same mask. Beam search and left padding are not supported.
 """
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from transformers import AttentionInterface, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
+# Tested with `make test-hf` on 4.57.6, 5.0.0, 5.13.1 and 5.24.0. A new major may change the model
+# classes this file subclasses, so it is refused until tested.
+MIN_TRANSFORMERS, BELOW_TRANSFORMERS = "4.57.0", "6.0.0"
+if not Version(MIN_TRANSFORMERS) <= Version(transformers.__version__) < Version(BELOW_TRANSFORMERS):
+    raise ImportError(f"this SepLLM export supports transformers >={MIN_TRANSFORMERS},<{BELOW_TRANSFORMERS}, but "
+                      f"transformers {transformers.__version__} is installed. Fix: pip install "
+                      f"'transformers>={MIN_TRANSFORMERS},<{BELOW_TRANSFORMERS}'")
 
-def sepllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sepllm_keep=None,
-                     sepllm_positions=None, **kwargs):
-    n = module.config.sepllm["windows"][module.layer_idx]
-    kpos = torch.arange(key.shape[2], device=query.device)
-    qpos = sepllm_positions[:, :, None]  # [1 or b, s, 1]
-    mask = kpos <= qpos
-    if n is not None:
-        mask = mask & (sepllm_keep[:, None, : key.shape[2]] | (qpos - kpos < n))
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scaling,
+
+class SepLLMVisibility:
+    """What every key slot is (position, always-kept, real token) and where the queries sit."""
+
+    def __init__(self, kpos, keep, valid, qpos, first_slot):
+        self.kpos, self.keep, self.valid, self.qpos = kpos, keep, valid, qpos  # [b, T] x3, [b, s]
+        self.first_slot = first_slot  # slot of the first query
+        self._masks = {}
+
+    def mask(self, window, key_len):
+        """[b, 1, s, key_len] bool; slots past the known ones (an unfilled static cache) stay hidden."""
+        if window not in self._masks:
+            kp, qp = self.kpos[:, None, :], self.qpos[:, :, None]
+            slots = torch.arange(kp.shape[-1], device=kp.device)
+            qslots = self.first_slot + torch.arange(qp.shape[1], device=kp.device)
+            earlier = slots[None, None, :] <= qslots[None, :, None]
+            m = self.valid[:, None, :] & earlier & (kp <= qp)
+            if window is not None:
+                m = m & (self.keep[:, None, :] | (qp - kp < window))
+            alone = slots[None, None, :] == qslots[None, :, None]
+            m = m | (alone & ~m.any(-1, keepdim=True))  # leading padding sees itself: no NaN
+            self._masks[window] = m[:, None]
+        m = self._masks[window]
+        return F.pad(m, (0, key_len - m.shape[-1])) if key_len > m.shape[-1] else m
+
+
+def sepllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sepllm=None,
+                     **kwargs):
+    if sepllm is None:
+        raise ValueError("SepLLM attention needs the model's own forward (it tracks separators); call the "
+                         "ForCausalLM model, not its inner layers")
+    mask = sepllm.mask(module.config.sepllm["windows"][module.layer_idx], key.shape[2])
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                         dropout_p=dropout if module.training else 0.0,
                                          enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
@@ -29,28 +65,79 @@ AttentionInterface.register("sepllm", sepllm_attention)
 
 
 class _SepLLMMixin:
-    """Tracks which tokens stay visible (initial tokens, separators) across generate steps."""
-
     def _setup_sepllm(self):
         self.config._attn_implementation = "sepllm"
-        self._sepllm_keep = None
 
-    def forward(self, input_ids=None, past_key_values=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        if input_ids is None:
+            raise ValueError("SepLLM models find separators from token ids. Fix: pass input_ids, not inputs_embeds")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("SepLLM models build their own attention mask. Fix: pass a 2D padding mask "
+                             "[batch, past + new tokens] or none")
+        name = "cache" if "cache" in kwargs else "past_key_values"  # transformers 5.24 renamed it to `cache`
+        cache = kwargs.get(name)
+        b, s = input_ids.shape
+        dev = input_ids.device
+        seen = int(cache.get_seq_length()) if cache is not None else 0
+        past = self._past_state(cache, seen, b, dev)
+        if attention_mask is not None:
+            # positions count real tokens; a padding slot takes the last real token's id and position, so
+            # after right padding the last slot's logits are that token's (what generate reads)
+            valid = attention_mask[:, -s:].bool()
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:].to(dev)
+            last_real = torch.arange(s, device=dev).expand(b, s).masked_fill(~valid, 0).cummax(1).values
+            input_ids = input_ids.gather(1, last_real)
+        else:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+            if position_ids is None:
+                position_ids = torch.arange(seen, seen + s, device=dev)[None]
+            pos = position_ids.to(dev).expand(b, s)
+        keep = self._always_kept(input_ids, pos)
+        state = [torch.cat([p, n], 1) for p, n in zip(past, (pos, keep, valid))]
+        vis = SepLLMVisibility(*state, qpos=pos, first_slot=seen)
+        out = super().forward(input_ids=input_ids, position_ids=pos, sepllm=vis, **kwargs)
+        filled = kwargs.get(name) if kwargs.get(name) is not None else _output_cache(out)
+        if filled is not None:
+            filled.sepllm_state = state
+        return out
+
+    def _always_kept(self, input_ids, pos):
         s = self.config.sepllm
-        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if seen == 0:
-            self._sepllm_keep = None
-        pos = torch.arange(seen, seen + input_ids.shape[1], device=input_ids.device)
         if s["kind"] == "sepllm":
             sep = torch.isin(input_ids, torch.tensor(s["separator_ids"], device=input_ids.device))
         elif s["kind"] == "fixed_interval":
-            sep = ((pos + 1) % s["fixed_interval"] == 0).expand_as(input_ids)
+            sep = (pos + 1) % s["fixed_interval"] == 0
         else:
             sep = torch.zeros_like(input_ids, dtype=torch.bool)
-        keep = sep | (pos < s["init_tokens"])
-        self._sepllm_keep = keep if self._sepllm_keep is None else torch.cat([self._sepllm_keep, keep], 1)
-        return super().forward(input_ids=input_ids, past_key_values=past_key_values,
-                               sepllm_keep=self._sepllm_keep, sepllm_positions=pos[None, :], **kwargs)
+        return sep | (pos < s["init_tokens"])
+
+    @staticmethod
+    def _past_state(cache, seen, b, device):
+        if seen == 0:
+            return [torch.zeros(b, 0, dtype=t, device=device) for t in (torch.long, torch.bool, torch.bool)]
+        state = getattr(cache, "sepllm_state", None)
+        if state is None or state[0].shape[1] < seen:
+            raise ValueError("this cache holds tokens that this SepLLM model did not process. Fix: pass the cache "
+                             "returned by this model, or none")
+        if state[0].shape[0] != b:
+            raise ValueError("the batch changed between calls (beam search reorders the cache). Fix: use greedy "
+                             "or sampling")
+        return [t[:, :seen] for t in state]  # a cropped cache (assisted decoding) drops the tail
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:  # keep the 2D padding mask: static caches would turn it into a 4D causal one
+            inputs["attention_mask"] = mask
+        return inputs
+
+
+def _output_cache(out):
+    for name in ("cache", "past_key_values"):
+        c = getattr(out, name, None)
+        if c is not None:
+            return c
+    return None
 
 
 class SepLLMLlamaConfig(LlamaConfig):
@@ -69,9 +156,23 @@ class SepLLMGPTNeoXConfig(GPTNeoXConfig):
     model_type = "sepllm_gpt_neox"
 
 
+def _head_renamed(keys):
+    """GPT-NeoX's output head is `embed_out` before transformers 5.14 and `lm_head` after; exports say lm_head."""
+    if isinstance(keys, dict):
+        return {k.replace("embed_out", "lm_head"): v for k, v in keys.items()}
+    return [k.replace("embed_out", "lm_head") for k in keys] if keys else keys
+
+
 class SepLLMGPTNeoXForCausalLM(_SepLLMMixin, GPTNeoXForCausalLM):
     config_class = SepLLMGPTNeoXConfig
+    _tied_weights_keys = _head_renamed(GPTNeoXForCausalLM._tied_weights_keys)
 
     def __init__(self, config):
         super().__init__(config)
+        if "embed_out" in self._modules:  # older transformers: one head module, named as the export names it
+            self.lm_head = self._modules.pop("embed_out")
         self._setup_sepllm()
+
+    @property
+    def embed_out(self):  # what older transformers' forward and get_output_embeddings read
+        return self._modules["lm_head"] if "lm_head" in self._modules else self._modules["embed_out"]

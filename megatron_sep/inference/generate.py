@@ -9,16 +9,21 @@ from .cache import SepKVCache
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, eod_id: int | None = None, seed: int = 0,
-             evict: bool = False) -> torch.Tensor:
-    """prompt [b, s] -> [b, s + new] token ids. Stops early when every row has produced eod_id."""
+             evict: bool = False, output_logits: bool = False):
+    """prompt [b, s] -> [b, s + new] token ids. Stops early when every row has produced eod_id.
+
+    With output_logits, also returns each step's logits [b, new, vocab] (fp32, before sampling).
+    """
     model.eval()
     cache = SepKVCache(model.cfg, model.sep_ids, evict=evict)
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
     out, step_input = prompt, prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    steps = []
     for _ in range(max_new_tokens):
         pos = cache.begin(step_input)
         logits = model(step_input, position_ids=pos, batch={"kv_cache": cache})[:, -1].float()
+        steps.append(logits)
         if greedy:
             nxt = logits.argmax(-1)
         else:
@@ -30,7 +35,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool =
         step_input = nxt[:, None]
         if eod_id is not None and done.all():
             break
-    return out
+    return (out, torch.stack(steps, 1)) if output_logits else out
 
 
 def sample(logits, top_k: int, top_p: float, gen) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""The environment the suite runs in is exactly the committed lock (constraints.txt)."""
+import re
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = "megatron-sep"
+
+
+def read_lock(path=ROOT / "constraints.txt") -> dict:
+    pins = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9._-]+)==([^\s;]+)", line)
+        assert m, f"constraints.txt line {n} is not `name==version`: {line!r}"
+        name = canonicalize_name(m[1])
+        assert name not in pins, f"constraints.txt pins {name} twice"
+        pins[name] = m[2]
+    return pins
+
+
+def test_every_installed_distribution_is_pinned_at_its_version():
+    pins = read_lock()
+    unpinned, wrong = [], []
+    for dist in metadata.distributions():
+        name = canonicalize_name(dist.metadata["Name"])
+        if name == PROJECT:
+            continue
+        if name not in pins:
+            unpinned.append(f"{name}=={dist.version}")
+        elif not SpecifierSet(f"=={pins[name]}").contains(dist.version, prereleases=True):
+            wrong.append(f"{name}: installed {dist.version}, locked {pins[name]}")
+    assert not unpinned, f"installed but not in constraints.txt: {unpinned}. Fix: `make lock`, then `make test`"
+    assert not wrong, f"installed versions differ from constraints.txt: {wrong}. Fix: `make env` reinstalls"
+
+
+def test_every_declared_requirement_is_locked_and_allowed_by_setup_py():
+    """Each requirement of the project and of its `test` extra (what `make env` installs) is pinned, at a
+    version setup.py's range admits."""
+    pins = read_lock()
+    requires = [Requirement(r) for r in metadata.requires(PROJECT) or []]
+    assert requires, "the project is not installed (pip install -e '.[test]')"
+    for req in requires:
+        if req.marker is not None and not req.marker.evaluate({"extra": "test"}):
+            continue  # another extra (deepspeed): not part of the locked environment
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{name} (from setup.py) is missing from constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"constraints.txt pins {name}=={pins[name]}, outside setup.py's {req.specifier}"
+
+
+def test_lock_parser_catches_bad_lines(tmp_path):
+    bad = tmp_path / "c.txt"
+    bad.write_text("torch==2.13.0\nnumpy>=2\n")
+    with pytest.raises(AssertionError, match="line 2"):
+        read_lock(bad)
