@@ -40,13 +40,14 @@ def prompts(tok, sep_ids):
     return [torch.tensor(a), torch.tensor(b[: len(a) - 5])]
 
 
-def hf_decode(hf, rows, pad_id, **generate_kwargs):
-    """Right-padded batch through transformers' generate -> (new tokens [b, NEW], step logits [b, NEW, V])."""
+def hf_decode(hf, rows, pad_id, side="right", **generate_kwargs):
+    """Padded batch through transformers' generate -> (new tokens [b, NEW], step logits [b, NEW, V])."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+        cols = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        ids[i, cols], mask[i, cols] = r, 1
     out = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
                       pad_token_id=pad_id, output_logits=True, return_dict_in_generate=True, **generate_kwargs)
     return out.sequences[:, width:], torch.stack(out.logits, 1)
@@ -59,13 +60,14 @@ def test_generate_matches_project_decoding_step_by_step(corpus, tmp_path, name, 
     rows = prompts(tok, set(resolve_separator_ids(tok)[0]))
     extra = {"cache_implementation": "static"} if cache == "static" else {}
     V = hf.config.vocab_size
-    for batch in ([rows[0]], rows):  # batch 1, then batch 2 with the shorter row right-padded
-        new, logits = hf_decode(hf, batch, tok.pad_id, **extra)
+    # batch 1, then batch 2 with the shorter row right-padded, then left-padded
+    for batch, side in (([rows[0]], "right"), (rows, "right"), (rows, "left")):
+        new, logits = hf_decode(hf, batch, tok.pad_id, side, **extra)
         for r, prompt in enumerate(batch):
             tokens, mine = generate(ours, prompt[None], NEW, output_logits=True)
             assert torch.equal(tokens[0, len(prompt):], new[r]), (name, r, tokens, new)
             step_err = (mine[0, :, :V] - logits[r]).abs().max().item()
-            assert step_err <= TOL, (name, cache, len(batch), r, step_err)
+            assert step_err <= TOL, (name, cache, len(batch), side, r, step_err)
             with torch.no_grad():  # the full sequence under the training mask: exactly the rule's keys
                 full = ours(tokens)[0, len(prompt) - 1: -1, :V]
             assert (full - logits[r]).abs().max().item() <= TOL
