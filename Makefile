@@ -1,4 +1,5 @@
 # Two entry points that work on a fresh machine: `make demo` and `make test`.
+# The demo's own files are rebuilt with --force when make finds them out of date.
 # Both install exactly the versions in constraints.txt (the lock); `make lock` refreshes it.
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,13 +24,13 @@ $(BIN)/megatron-sep: setup.py $(LOCK)
 	touch $@
 
 $(DEMO)/corpus.jsonl: | $(BIN)/megatron-sep
-	$(BIN)/megatron-sep demo-corpus --out $@
+	$(BIN)/megatron-sep demo-corpus --out $@ --force
 
 $(DEMO)/tokenizer.model: $(DEMO)/corpus.jsonl
-	$(BIN)/megatron-sep tokenizer train --input $< --out $(DEMO)/tokenizer --vocab-size 4096
+	$(BIN)/megatron-sep tokenizer train --input $< --out $(DEMO)/tokenizer --vocab-size 4096 --force
 
 $(DEMO)/corpus_text_document.idx: $(DEMO)/corpus.jsonl $(DEMO)/tokenizer.model
-	$(BIN)/megatron-sep preprocess --input $< --tokenizer $(DEMO)/tokenizer.model --out $(DEMO)/corpus_text_document
+	$(BIN)/megatron-sep preprocess --input $< --tokenizer $(DEMO)/tokenizer.model --out $(DEMO)/corpus_text_document --force
 
 demo: $(DEMO)/corpus_text_document.idx
 	$(BIN)/megatron-sep train --config configs/tiny_cpu.yaml

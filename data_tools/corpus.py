@@ -5,6 +5,19 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+SAMPLE = 1 << 16  # bytes looked at to tell text from binary
+
+
+def check_text(path: Path) -> None:
+    """Refuse a file that is mostly not text (a binary given by mistake would be tokenized silently)."""
+    with open(path, "rb") as f:
+        sample = f.read(SAMPLE)
+    text = sample.decode("utf-8", errors="replace")
+    odd = sum(ch == "\ufffd" or (ord(ch) < 32 and ch not in "\n\r\t\f") for ch in text)
+    if b"\0" in sample or (text and odd / len(text) > 0.1):
+        raise ValueError(f"{path} does not look like text ({odd} of the first {len(text)} characters are "
+                         "binary or not UTF-8). Fix: pass .jsonl or UTF-8 .txt files")
+
 
 def iter_documents(files: list[str], text_key: str = "text", txt_docs: str = "blank") -> Iterator[str]:
     """Yield documents. Plain text splits into documents per blank line, per line, or per file."""
@@ -12,21 +25,10 @@ def iter_documents(files: list[str], text_key: str = "text", txt_docs: str = "bl
         path = Path(name)
         if not path.is_file():
             raise FileNotFoundError(f"input file {path} not found. Fix: pass existing .jsonl or .txt files")
+        check_text(path)
         if path.suffix in (".jsonl", ".json"):
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}). Fix: one JSON object "
-                                         "per line") from None
-                    if text_key not in record:
-                        raise ValueError(f"{path}:{n} has no key {text_key!r} (keys: {sorted(record)}). "
-                                         "Fix: pass --text-key with the right name")
-                    yield record[text_key]
-        else:
+            yield from _jsonl(path, text_key)
+        else:  # a stray invalid byte becomes U+FFFD; mostly-binary files were refused above
             text = path.read_text(encoding="utf-8", errors="replace")
             if txt_docs == "file":
                 yield text
@@ -34,3 +36,24 @@ def iter_documents(files: list[str], text_key: str = "text", txt_docs: str = "bl
                 yield from (line for line in text.splitlines() if line.strip())
             else:
                 yield from (d.strip("\n") for d in text.split("\n\n") if d.strip())
+
+
+def _jsonl(path: Path, text_key: str) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n} is not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}). "
+                                 "Fix: convert the file to UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}). Fix: one JSON object per line") from None
+            if not isinstance(record, dict) or text_key not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"{path}:{n} has no key {text_key!r} (found: {keys}). Fix: pass --text-key "
+                                 "with the right name")
+            yield record[text_key]

@@ -3,6 +3,7 @@ demo-corpus."""
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 
@@ -28,16 +29,27 @@ def cmd_train(args) -> int:
 
 
 def cmd_tokenizer(args) -> int:
+    from pathlib import Path
+
     from data_tools.train_tokenizer import train_hf_bpe, train_sentencepiece
 
+    from .data.tokenizer import load_tokenizer
+
+    prefix = args.out[:-6] if args.out.endswith(".model") else args.out
+    targets = [Path(args.out)] if args.type == "hf-bpe" else [Path(prefix + ".model"), Path(prefix + ".vocab")]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not args.force:
+        raise ValueError(f"{' and '.join(existing)} exist. Fix: choose another --out, or pass --force to replace")
     if args.type == "hf-bpe":
         out = train_hf_bpe(args.input, args.out, args.vocab_size, args.text_key)
     else:
-        prefix = args.out[:-6] if args.out.endswith(".model") else args.out
         out = train_sentencepiece(args.input, prefix, args.vocab_size, args.type, args.text_key,
                                   byte_fallback=not args.no_byte_fallback,
                                   split_separators=not args.no_split_separators)
-    print(f"wrote {out}")
+    size = load_tokenizer(out).vocab_size
+    note = (f" (warning: the corpus supports only {size:,} of the {args.vocab_size:,} tokens asked for)"
+            if size < args.vocab_size else "")
+    print(f"wrote {out}: {size:,} tokens{note}")
     return 0
 
 
@@ -45,7 +57,7 @@ def cmd_preprocess(args) -> int:
     from data_tools.preprocess import preprocess
 
     docs, tokens = preprocess(args.input, args.tokenizer, args.out, args.text_key, args.workers,
-                              args.txt_docs)
+                              args.txt_docs, force=args.force)
     print(f"wrote {args.out}.bin/.idx: {docs:,} documents, {tokens:,} tokens")
     return 0
 
@@ -65,6 +77,10 @@ def cmd_inspect(args) -> int:
 def cmd_demo_corpus(args) -> int:
     from data_tools.demo_corpus import build_demo_corpus
 
+    from pathlib import Path
+
+    if Path(args.out).exists() and not args.force:
+        raise ValueError(f"{args.out} exists. Fix: choose another --out, or pass --force to replace it")
     docs, nbytes = build_demo_corpus(args.out)
     print(f"wrote {args.out}: {docs:,} documents, {nbytes / 1e6:.1f} MB of text")
     return 0
@@ -73,7 +89,7 @@ def cmd_demo_corpus(args) -> int:
 def cmd_export_hf(args) -> int:
     from .convert import export_hf
 
-    out = export_hf(args.load, args.out, args.dtype)
+    out = export_hf(args.load, args.out, args.dtype, tokenizer=args.tokenizer, force=args.force)
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
@@ -82,7 +98,7 @@ def cmd_import_hf(args) -> int:
     from .convert import import_hf
 
     overrides = list(args.overrides) + ([f"attention.kind={args.attention}"] if args.attention else [])
-    out = import_hf(args.hf, args.out, overrides)
+    out = import_hf(args.hf, args.out, overrides, force=args.force)
     print(f"wrote {out}/checkpoints; continue training with --set checkpoint.load={out}")
     return 0
 
@@ -96,11 +112,33 @@ def cmd_generate(args) -> int:
 
     model, cfg = load_project_model(args.load)
     tok = load_tokenizer(args.tokenizer or cfg.data.tokenizer)
-    prompt = torch.tensor([tok.encode(args.prompt)])
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise ValueError("the prompt is empty (it encodes to no tokens). Fix: pass some text with --prompt")
+    prompt = torch.tensor([ids])
     out = generate(model, prompt, args.max_new_tokens, greedy=args.temperature == 0, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, eod_id=tok.eod_id, seed=args.seed, evict=args.evict)
     print(tok.decode(out[0, prompt.shape[1]:].tolist()))
     return 0
+
+
+def _at_least(low, kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    return parse
+
+
+def _probability(text):
+    value = _at_least(0.0, float)(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-byte-fallback", action="store_true")
     t.add_argument("--no-split-separators", action="store_true",
                    help="do not force . , ? ! ; : newline tab to be single tokens")
+    t.add_argument("--force", action="store_true", help="replace an existing tokenizer at --out")
     t.set_defaults(func=cmd_tokenizer)
 
     p = sub.add_parser("preprocess", help="tokenize a corpus into Megatron .bin/.idx")
@@ -133,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--txt-docs", choices=["blank", "line", "file"], default="blank",
                    help="plain text: one document per blank-line block, per line, or per file")
+    p.add_argument("--force", action="store_true", help="replace existing PREFIX.bin/.idx")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("inspect", help="summarise a .bin/.idx corpus")
@@ -145,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", required=True, help="run dir, checkpoints dir or step_* dir")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--tokenizer", help="tokenizer to export (default: the run's data.tokenizer)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out, replacing only the files an export writes")
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("import-hf", help="local GPT-NeoX / Llama transformers directory -> project checkpoint")
@@ -153,15 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["dense", "sepllm", "streamingllm", "fixed_interval"],
                    help="attention kind of the imported model (e.g. sepllm for SepLLM post-training)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out (never over its checkpoints)")
     p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache, SepLLM mask while decoding)")
     p.add_argument("--load", required=True, help="run dir, checkpoints dir or step_* dir")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=_at_least(1, int), default=64)
+    p.add_argument("--temperature", type=_at_least(0.0, float), default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=_at_least(0, int), default=0)
+    p.add_argument("--top-p", type=_probability, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--evict", action="store_true",
                    help="drop cached keys no later token can see (SepLLM's streaming memory saving)")
@@ -170,22 +215,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-corpus", help="build the demo corpus (no download needed)")
     p.add_argument("--out", default="data/demo/corpus.jsonl")
+    p.add_argument("--force", action="store_true", help="replace an existing file at --out")
     p.set_defaults(func=cmd_demo_corpus)
     return parser
+
+
+OS_FIXES = {errno.ENOSPC: "free disk space (the last checkpoint is intact) and run again",
+            errno.EDQUOT: "free disk quota and run again",
+            errno.EFBIG: "the file system or a ulimit caps file sizes: raise the limit or write elsewhere",
+            errno.EACCES: "choose a path you can write to, or fix its permissions",
+            errno.EPERM: "choose a path you can write to, or fix its permissions",
+            errno.EROFS: "the file system is read-only: write elsewhere",
+            errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path",
+            errno.EISDIR: "the path is a directory where a file is expected: choose another path",
+            errno.EEXIST: "the path exists as a file where a directory is needed: choose another path"}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an operating-system error: what failed, on which path, and what to do."""
+    if e.errno is None:  # raised by this project with its own message
+        return str(e)
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}. Fix: {OS_FIXES.get(e.errno, 'check the path and try again')}"
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
+    from .convert.hf import ConversionError
     from .data.indexed import IndexedDataError
     from .data.tokenizer import TokenizerError
-    from .convert.hf import ConversionError
     from .training.checkpoint import CheckpointError
+    from .training.run_lock import RunLockedError
+    from .training.trainer import TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, IndexedDataError, TokenizerError, CheckpointError, ConversionError, FileNotFoundError,
-            ValueError) as e:
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except (ConfigError, IndexedDataError, TokenizerError, CheckpointError, ConversionError, ValueError,
+            TrainingError, RunLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -192,6 +192,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0  # 0 disables clipping
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss or grad norm whose update is dropped before the run stops
 
     def check(self) -> None:
         p = "optim."
@@ -209,6 +210,8 @@ class OptimConfig:
         _require(self.weight_decay >= 0, p + "weight_decay", self.weight_decay, "must be >= 0", "use e.g. 0.1")
         _require(self.eps > 0, p + "eps", self.eps, "must be > 0", "use e.g. 1e-8")
         _require(self.clip_grad >= 0, p + "clip_grad", self.clip_grad, "must be >= 0", "use 1.0, or 0 to disable")
+        _require(self.skip_nonfinite >= 0, p + "skip_nonfinite", self.skip_nonfinite, "must be >= 0",
+                 "use 0 (stop at the first non-finite step) or a small count")
 
 
 @dataclass

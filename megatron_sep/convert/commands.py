@@ -13,7 +13,7 @@ from ..data.tokenizer import TokenizerError, load_tokenizer
 from ..model import GPT
 from ..parallel.apply import ParallelPlan
 from ..parallel.context import ParallelContext
-from ..training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..training.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .hf import (ConversionError, config_from_hf, from_hf_state, hf_config, read_hf_weights, to_hf_state,
                  write_hf_weights)
 from .hf_tokenizer import write_hf_tokenizer
@@ -30,17 +30,20 @@ def load_project_model(load: str | Path):
     return model.eval(), cfg
 
 
-def export_hf(load: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+# Every file an export may write; --force replaces these and leaves anything else in the directory alone.
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "model-*-of-*.safetensors", "modeling_sepllm.py", "tokenizer.json", "tokenizer.model",
+                "tokenizer_config.json", "special_tokens_map.json")
+
+
+def export_hf(load: str | Path, out: str | Path, dtype: str = "fp32", tokenizer: str | None = None,
+              force: bool = False) -> Path:
     model, cfg = load_project_model(load)
     if cfg.attention.reset_per_document:
         raise ConversionError("attention.reset_per_document has no transformers equivalent (inference sees one "
                               "document). Fix: export with reset_per_document off (weights are unaffected)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        tok = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    except TokenizerError:
-        tok = None  # the weights still export; the directory just has no tokenizer
+    tok = _export_tokenizer(tokenizer or cfg.data.tokenizer, cfg)
+    out = _prepare_out(Path(out), force, EXPORT_FILES, "replace only the files an export writes")
     eod, pad = (tok.eod_id, tok.pad_id) if tok else (None, None)
     conf = hf_config(cfg, eod, pad)
     conf["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
@@ -52,11 +55,38 @@ def export_hf(load: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
         {"eos_token_id": eod, "pad_token_id": pad, "bos_token_id": eod}, indent=1))
     state = to_hf_state(model.state_dict(), cfg)
     if cfg.attention.kind != "dense" and "embed_out.weight" in state:
-        # transformers renames Pythia's embed_out only for model_type gpt_neox; the subclass needs the module name
+        # transformers maps Pythia's embed_out only for model_type gpt_neox; the remote code says lm_head
         state["lm_head.weight"] = state.pop("embed_out.weight")
     write_hf_weights(state, out, DTYPES[dtype])
     if tok:
         write_hf_tokenizer(tok, out, cfg.model.max_position_embeddings)
+    return out
+
+
+def _export_tokenizer(path: str | None, cfg):
+    """The run's tokenizer; a run without one (data.mock) exports weights only."""
+    if not path:
+        return None
+    try:
+        return load_tokenizer(path)
+    except TokenizerError as e:
+        raise ConversionError(f"the tokenizer {path} cannot be loaded ({e}). Fix: pass --tokenizer PATH") from None
+
+
+def _prepare_out(out: Path, force: bool, owned: tuple[str, ...], what: str) -> Path:
+    """Refuse a non-empty directory unless forced; with force, delete only the files this command owns."""
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out} is a file. Fix: choose a directory path")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present and not force:
+        raise ConversionError(f"--out {out} is not empty (it holds {', '.join(present[:3])}"
+                              f"{', ...' if len(present) > 3 else ''}). Fix: choose a new directory, or pass "
+                              f"--force to {what}")
+    for pattern in owned if present else ():
+        for p in out.glob(pattern):
+            if p.is_file():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -71,13 +101,20 @@ def sepllm_remote_code(cfg, model_type: str) -> dict:
                        "windows": a.layer_windows(m.num_layers, m.max_position_embeddings)}}
 
 
-def import_hf(hf_dir: str | Path, out: str | Path, overrides=()) -> Path:
+def import_hf(hf_dir: str | Path, out: str | Path, overrides=(), force: bool = False) -> Path:
     hf_dir, out = Path(hf_dir), Path(out)
+    if list_checkpoints(out / "checkpoints") or (out / "checkpoints" / "latest").exists():
+        raise ConversionError(f"{out} already holds checkpoints, which an import would replace. Fix: choose a "
+                              "new --out (this is never done, even with --force)")
     if not (hf_dir / "config.json").is_file():
         raise ConversionError(f"{hf_dir} has no config.json. Fix: point --hf at a transformers model directory")
-    hf = json.loads((hf_dir / "config.json").read_text())
-    tokenizer = next((str(hf_dir / n) for n in ("tokenizer.json", "tokenizer.model") if (hf_dir / n).is_file()),
-                     None)
+    try:
+        hf = json.loads((hf_dir / "config.json").read_text())
+    except ValueError as e:
+        raise ConversionError(f"{hf_dir / 'config.json'} is not valid JSON ({e}). Fix: use the config.json "
+                              "saved with the model") from None
+    tokenizer = next((str((hf_dir / n).absolute()) for n in ("tokenizer.json", "tokenizer.model")
+                      if (hf_dir / n).is_file()), None)
     extra = [f"data.tokenizer={tokenizer}"] if tokenizer else []
     cfg = config_from_hf(hf, extra + list(overrides))
     a = cfg.attention
@@ -95,5 +132,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, overrides=()) -> Path:
         raise ConversionError(f"the weights in {hf_dir} do not match its config.json ({str(e).splitlines()[0]} "
                               "...). Fix: use the config.json saved with these weights") from None
     plan = ParallelPlan(model, cfg, ParallelContext())
+    _prepare_out(out, force, (), "write its checkpoint beside the other files")
     save_checkpoint(out / "checkpoints", 0, plan, {"consumed_samples": 0}, dump_config(cfg), keep_last=1)
     return out

@@ -114,6 +114,14 @@ def config_from_hf(hf: dict, overrides=()) -> Config:
     """Our Config for a transformers config.json (GPT-NeoX or Llama)."""
     kind = hf.get("model_type", "")
     kind = kind[len("sepllm_"):] if kind.startswith("sepllm_") else kind  # our remote-code export
+    if kind not in ("gpt_neox", "llama"):
+        raise ConversionError(f"model_type {kind!r} is not supported. Fix: convert GPT-NeoX (Pythia) or Llama "
+                              "checkpoints")
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                           "vocab_size", "max_position_embeddings") if k not in hf]
+    if missing:
+        raise ConversionError(f"config.json lacks {', '.join(missing)}. Fix: use the config.json saved with the "
+                              "model")
     rope = hf.get("rope_parameters") or {}
     theta = rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
     common = {"num_layers": hf["num_hidden_layers"], "hidden_size": hf["hidden_size"],
@@ -126,15 +134,12 @@ def config_from_hf(hf: dict, overrides=()) -> Config:
                                   "convert. Fix: use a Pythia-style checkpoint")
         pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))  # transformers' default
         model = {**common, "family": "neox", "rotary_pct": float(pct), "norm_eps": hf.get("layer_norm_eps", 1e-5)}
-    elif kind == "llama":
+    else:
         if hf.get("attention_bias") or hf.get("mlp_bias") or rope.get("rope_type", "default") != "default":
             raise ConversionError("only Llama models without biases and with default RoPE convert. Fix: use a "
                                   "plain Llama-architecture checkpoint")
         model = {**common, "family": "llama", "num_kv_heads": hf.get("num_key_value_heads"),
                  "norm_eps": hf.get("rms_norm_eps", 1e-6)}
-    else:
-        raise ConversionError(f"model_type {kind!r} is not supported. Fix: convert GPT-NeoX (Pythia) or Llama "
-                              "checkpoints")
     seq = min(2048, model["max_position_embeddings"])
     raw = {"model": model, "data": {"seq_len": seq}}
     if "sepllm" in hf:  # the attention pattern an export of ours carried

@@ -1,6 +1,8 @@
 """Apply the parallel plan to the plain model in one fixed order: tensor (+ sequence), data."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..config import Config
@@ -47,8 +49,9 @@ class ParallelPlan:
         if self.sync is not None:
             self.sync.enabled = True
 
-    def step(self) -> torch.Tensor:
-        """Finish gradient reduction, clip by the global norm, update. Returns the norm."""
+    def step(self, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """Finish gradient reduction, clip by the global norm, update. Returns (norm, updated): a non-finite
+        norm, or a non-finite `loss` on any rank, drops the update so the weights stay as they were."""
         if self.pipe is not None:
             self.pipe.sync_tied_grads()
         if self.sync is not None:
@@ -58,9 +61,13 @@ class ParallelPlan:
             pairs = self.opt.shard_grads()
         else:
             pairs = [(p.grad, p) for p in self.model.parameters()]
-        norm = global_grad_norm(pairs, self.ctx, sharded_over_dp=self.zero)
+        norm = global_grad_norm(pairs, self.ctx, sharded_over_dp=self.zero, loss=loss)
+        value = norm.item()
+        if not math.isfinite(value):
+            self.opt.zero_grad(set_to_none=True)
+            return norm, False
         clip = self.cfg.optim.clip_grad
-        coef = min(1.0, clip / (norm.item() + 1e-6)) if clip > 0 else 1.0
+        coef = min(1.0, clip / (value + 1e-6)) if clip > 0 else 1.0
         if self.zero:
             self.opt.step(coef)
         else:
@@ -68,4 +75,12 @@ class ParallelPlan:
                 torch._foreach_mul_([p.grad for p in self.model.parameters() if p.grad is not None], coef)
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return norm
+        return norm, True
+
+    def weights_finite(self) -> bool:
+        """Collective: no rank holds a NaN or inf weight."""
+        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
+        bad = (~finite).float().reshape(1)  # one host sync for the whole model
+        if self.ctx.world > 1:
+            torch.distributed.all_reduce(bad)
+        return bad.item() == 0.0

@@ -165,8 +165,10 @@ class ZeroAdamW:
         self.opt.zero_grad(set_to_none=set_to_none)
 
 
-def global_grad_norm(grads_and_params, ctx: ParallelContext, sharded_over_dp: bool) -> torch.Tensor:
-    """L2 norm over all shards of all groups. A tp-replicated parameter counts once (on tp rank 0)."""
+def global_grad_norm(grads_and_params, ctx: ParallelContext, sharded_over_dp: bool,
+                     loss: torch.Tensor | None = None) -> torch.Tensor:
+    """L2 norm over all shards of all groups. A tp-replicated parameter counts once (on tp rank 0).
+    A non-finite `loss` makes the norm NaN on every rank (it rides the same reduction: no extra sync)."""
     grads = [g.detach() for g, p in grads_and_params
              if g is not None and (getattr(p, "tensor_parallel", False) or ctx.tp_rank == 0)
              and not getattr(p, "pipeline_duplicate", False)]  # the last stage's copy of the tied embedding
@@ -176,6 +178,8 @@ def global_grad_norm(grads_and_params, ctx: ParallelContext, sharded_over_dp: bo
         total = torch.nn.utils.get_total_norm(grads, 2.0).float() ** 2
     else:
         total = sum(torch.linalg.vector_norm(g.float()) ** 2 for g in grads)
+    if loss is not None:
+        total = total + loss.detach().float() * 0  # inf * 0 and nan * 0 are nan
     if ctx.world > 1:
         groups = [ctx.tp_group, ctx.pp_group] + ([ctx.dp_group] if sharded_over_dp else [])
         for g in groups:

@@ -25,7 +25,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..parallel.state import load_model_state, load_optim_state, model_state, optim_state
 
 LATEST = "latest"
-# Test-only fault point: exit hard inside the save of this step (after the tensors, before the rename).
+# Test-only fault point: exit hard inside the save of step N: "N" or "N:tensors" after the tensors are
+# written (before any rename), "N:swap" in a re-save between moving the old folder aside and renaming.
 CRASH_ENV = "MEGATRON_SEP_CRASH_IN_SAVE"
 
 
@@ -70,7 +71,8 @@ def _barrier(ctx) -> None:
 
 
 def save_checkpoint(root: Path, step: int, plan, meta: dict, config_text: str, keep_last: int) -> Path:
-    """Collective: every rank writes its shards; rank 0 publishes the directory and `latest`."""
+    """Collective: every rank writes its shards; rank 0 publishes the directory and `latest`.
+    A failed write (disk full, ...) raises CheckpointError and leaves every earlier checkpoint as it was."""
     ctx = plan.ctx
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
@@ -79,34 +81,70 @@ def save_checkpoint(root: Path, step: int, plan, meta: dict, config_text: str, k
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier(ctx)
     state = {"model": model_state(plan.model, ctx), "optim": optim_state(plan)}
-    with warnings.catch_warnings():  # single-process saves are intended; DCP warns about them
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(rng_state(), tmp / f"rng_{ctx.rank}.pt")
-    _barrier(ctx)
-    if ctx.rank == 0:
-        torch.save({**meta, "step": step, "layout": {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp}}, tmp / "meta.pt")
-        (tmp / "config.yaml").write_text(config_text)
-        if os.environ.get(CRASH_ENV) == str(step):
-            os._exit(86)
-        _fsync_tree(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after resuming): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        pointer = root / f".{LATEST}.tmp"
-        with open(pointer, "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer, root / LATEST)
-        _fsync_dir(root)
-        _prune(root, keep_last, keep=name)
+    try:
+        with warnings.catch_warnings():  # single-process saves are intended; DCP warns about them
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=str(tmp))
+        torch.save(rng_state(), tmp / f"rng_{ctx.rank}.pt")
+        _barrier(ctx)
+        if ctx.rank == 0:
+            torch.save({**meta, "step": step, "layout": {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp}}, tmp / "meta.pt")
+            (tmp / "config.yaml").write_text(config_text)
+            _crash_point(step, "tensors")
+            _fsync_tree(tmp)
+            _publish(root, tmp, final)
+            _prune(root, keep_last, keep=name)
+    except (Exception, CheckpointException) as e:  # DCP wraps OSError (ENOSPC, ...) in its own BaseException
+        if ctx.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {_reason(e)}. The earlier checkpoints are "
+                              "untouched. Fix: free disk space or check permissions, then run again to "
+                              "resume") from None
     _barrier(ctx)
     return final
 
 
+def _crash_point(step: int, phase: str) -> None:
+    """Test-only: exit hard at `phase` of this step's save when CRASH_ENV says `step` or `step:phase`."""
+    if os.environ.get(CRASH_ENV) in (f"{step}:{phase}", str(step) if phase == "tensors" else None):
+        os._exit(86)
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the complete `tmp` to `final`, then point `latest` at it. A re-save of an existing step
+    moves the old folder aside first and deletes it only once the new one is in place; a kill between
+    the two renames is repaired by `latest_checkpoint`, which reads the moved-aside folder."""
+    old = root / f".old-{final.name}"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        _fsync_dir(root)
+        _crash_point(int(final.name[len("step_"):]), "swap")
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    pointer = root / f".{LATEST}.tmp"
+    with open(pointer, "w") as f:
+        f.write(final.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer, root / LATEST)
+    _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else type(e).__name__
+
+
 def _prune(root: Path, keep_last: int, keep: str) -> None:
+    for p in root.glob(".old-step_*"):  # a re-save killed mid-swap: its old folder is the step again
+        target = root / p.name[len(".old-"):]
+        if (target / "meta.pt").is_file():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(p, target)
     done = sorted(p for p in root.glob("step_*") if p.is_dir())
     for p in done[:-keep_last]:
         if p.name != keep:
@@ -121,10 +159,16 @@ def latest_checkpoint(root: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
+    if not (path / "meta.pt").is_file() and (root / f".old-{path.name}" / "meta.pt").is_file():
+        return root / f".old-{path.name}"  # a re-save of this step was killed between its two renames
     if not (path / "meta.pt").is_file():
         raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete. Fix: point "
                               f"{pointer} at a complete step_* directory, or remove it to start over")
     return path
+
+
+def list_checkpoints(root: Path) -> list[str]:
+    return sorted(p.name for p in root.glob("step_*") if (p / "meta.pt").is_file()) if root.is_dir() else []
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -139,10 +183,53 @@ def resolve_checkpoint(path: str | Path) -> Path:
                           "directory, its checkpoints/ folder, or a step_* folder")
 
 
+def read_meta(path: Path) -> dict:
+    try:
+        meta = torch.load(path / "meta.pt", weights_only=False)
+    except Exception as e:  # empty or truncated file: EOFError, RuntimeError, UnpicklingError
+        raise CheckpointError(f"{path / 'meta.pt'} is empty or corrupt ({type(e).__name__}). Fix: resume from "
+                              "an earlier step_* folder (point `latest` at it)") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(f"{path / 'meta.pt'} holds no step. Fix: resume from an earlier step_* folder")
+    return meta
+
+
+def check_matches(path: Path, cfg, with_optimizer: bool) -> None:
+    """Every tensor of the plain model (and its Adam state) is in the checkpoint with the same global shape,
+    and the checkpoint holds no model tensor the model lacks. DCP alone loads a subset silently."""
+    from ..model import GPT
+
+    with torch.device("meta"):  # the whole plain model: a pipeline stage holds only its layers
+        model = GPT(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_parameters()]
+    want = {f"model.{k}": s for k, s in shapes.items()}
+    if with_optimizer:
+        for n in names:
+            want.update({f"optim.{n}.exp_avg": shapes[n], f"optim.{n}.exp_avg_sq": shapes[n], f"optim.{n}.step": ()})
+    try:
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise CheckpointError(f"cannot read the tensor index of {path}: {_reason(e)}. Fix: resume from an "
+                              "earlier step_* folder") from None
+    have = {k: tuple(m.size) for k, m in stored.items() if hasattr(m, "size")}
+    problems = [f"{k} is missing from the checkpoint" for k in want if k not in have]
+    problems += [f"{k} has shape {list(have[k])} in the checkpoint but {list(s)} in the model"
+                 for k, s in want.items() if k in have and have[k] != s]
+    problems += [f"{k} is in the checkpoint but not in the model" for k in have
+                 if k.startswith("model.") and k not in want]
+    if problems:
+        raise CheckpointError(f"{path} does not match this model: {problems[0]} ({len(problems)} differences). "
+                              "Fix: use the architecture it was saved with (compare its config.yaml with yours), "
+                              "or a new train.run_dir")
+
+
 def load_checkpoint(path: Path, plan, with_optimizer: bool = True) -> dict:
     """Collective. Loads tensors in place under the current layout (DCP reshards); returns meta.
     Restores this rank's RNG state when the checkpoint has one for it."""
     ctx = plan.ctx
+    meta = read_meta(path)
+    check_matches(path, plan.cfg, with_optimizer)
     state = {"model": model_state(plan.model, ctx)}
     if with_optimizer:
         state["optim"] = optim_state(plan)
@@ -151,13 +238,12 @@ def load_checkpoint(path: Path, plan, with_optimizer: bool = True) -> dict:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # DCP's own type is a BaseException, with tracebacks inside
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load {path}: {reason} Fix: the checkpoint must come from a model with the "
-                              "same architecture (compare its config.yaml with yours)") from None
+        raise CheckpointError(f"cannot load {path}: {_reason(e)} Fix: the checkpoint must come from a model with "
+                              "the same architecture (compare its config.yaml with yours)") from None
     load_model_state(plan.model, state["model"])
     if with_optimizer:
         load_optim_state(plan, state["optim"])
         rng = path / f"rng_{ctx.rank}.pt"
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
-    return torch.load(path / "meta.pt", weights_only=False)
+    return meta

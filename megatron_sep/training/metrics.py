@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
@@ -45,7 +46,8 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.path = run_dir / "metrics.jsonl"
+        self.jsonl = open(self.path, "a", buffering=1)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
@@ -54,6 +56,20 @@ class MetricsLogger:
             self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir),
                                     mode=cfg.logging.wandb_mode, config=config_dict,
                                     name=run_dir.name, resume="allow")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop the records of steps after the checkpoint (their run was killed before saving
+        them, and they are about to be run again), and a line cut short by the kill."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]
+        if kept != lines:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+        self.jsonl = open(self.path, "a", buffering=1)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -79,6 +95,13 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def format_step(step: int, total: int, m: dict) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import time
@@ -19,9 +20,14 @@ from ..model import GPT
 from ..model.attention import attention_stats, sep_inputs
 from ..parallel import init_parallel, shutdown
 from ..parallel.apply import ParallelPlan
-from .checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .metrics import MetricsLogger, flops_per_token, format_step, peak_flops, peak_memory_gb
 from .optim import lr_at
+from .run_lock import RunLock, RunLockedError
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, ...); the message names the last good checkpoint."""
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -42,6 +48,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, cfg: Config, log: bool = True):
         self.cfg = cfg
+        _absolute_paths(cfg)  # the saved config then works from any directory (export-hf, generate)
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.ctx = init_parallel(cfg, pick_device(cfg))
@@ -88,7 +95,9 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg, matmul)
         peak = peak_flops(cfg, self.device)
         self.peak = peak * self.ctx.world if peak else None  # MFU is per device
-        self.logger = MetricsLogger(cfg, self.run_dir, config_to_dict(cfg), enabled=log and self.ctx.is_logging_rank)
+        self.log_enabled = log and self.ctx.is_logging_rank
+        self.logger = MetricsLogger(cfg, self.run_dir, {}, enabled=False)  # opened by run(), under the run lock
+        self.skipped = 0
 
     def _load_tokenizer(self):
         cfg, m = self.cfg, self.cfg.model
@@ -143,22 +152,36 @@ class Trainer:
     # ---- state ---------------------------------------------------------------------------------
     def maybe_resume(self) -> None:
         c = self.cfg.checkpoint
+        if not c.resume and list_checkpoints(self.ckpt_dir):
+            raise ConfigError("checkpoint.resume", False, f"{self.ckpt_dir} holds checkpoints of an earlier run, "
+                              "which this run would overwrite and rotate out", "use a new train.run_dir, or "
+                              "resume (checkpoint.resume=true)")
         path = latest_checkpoint(self.ckpt_dir) if c.resume else None
         if path is not None:
             meta = load_checkpoint(path, self.plan)
             self.step, self.consumed = meta["step"], meta["consumed_samples"]
+            self.saved_step = self.step  # the state on disk: stopping before a new step saves nothing
             self.logger.print(f"resumed from {path} at step {self.step} ({self.consumed} samples consumed)")
         elif c.load:
             path = resolve_checkpoint(c.load)
             load_checkpoint(path, self.plan, with_optimizer=False)
             self.logger.print(f"initialised weights from {path}")
+        self.logger.truncate_after(self.step)  # steps logged by a killed run after its last save run again
 
     def save(self) -> None:
+        if not self.plan.weights_finite():
+            raise TrainingError(f"the weights hold NaN or inf at step {self.step}; nothing was saved. "
+                                f"{self._last_good()} Fix: lower optim.lr or raise optim.clip_grad's effect")
         meta = {"consumed_samples": self.consumed}
         path = save_checkpoint(self.ckpt_dir, self.step, self.plan, meta, self.config_text,
                                self.cfg.checkpoint.keep_last)
         self.saved_step = self.step
         self.logger.print(f"saved checkpoint {path}")
+
+    def _last_good(self) -> str:
+        done = list_checkpoints(self.ckpt_dir)
+        return (f"The last good checkpoint is {self.ckpt_dir / done[-1]}; run again to resume from it."
+                if done else "No checkpoint was saved in this run.")
 
     # ---- data ----------------------------------------------------------------------------------
     def batch(self, ds, start: int, size: int):
@@ -193,12 +216,21 @@ class Trainer:
                     loss = self.model(tokens, labels) / micros
                 loss.backward()
                 total += loss.detach()
-        norm = self.plan.step()
+        norm, updated = self.plan.step(loss=total)
         if ctx.dp > 1:
             torch.distributed.all_reduce(total, group=ctx.dp_group)
             total /= ctx.dp
         self.step += 1
         self.consumed += self.global_batch
+        if not updated:  # every rank agrees: the norm's reduction carries the loss's finiteness
+            self.skipped += 1
+            if self.skipped > self.cfg.optim.skip_nonfinite:
+                raise TrainingError(f"the loss or gradient norm is not finite at step {self.step} (norm "
+                                    f"{norm.item()}); the update was dropped and nothing was saved. "
+                                    f"{self._last_good()} Fix: lower optim.lr, or let optim.skip_nonfinite "
+                                    "skip a few such steps")
+            self.logger.print(f"step {self.step:>6} | skipped: non-finite loss or gradient norm "
+                              f"({self.skipped} of optim.skip_nonfinite={self.cfg.optim.skip_nonfinite})")
         return total, norm
 
     @torch.no_grad()
@@ -223,6 +255,8 @@ class Trainer:
         return (total / self.cfg.train.eval_iters).item()
 
     def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT and self.stop_signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
         self.stop_signal = signal.Signals(signum).name
 
     def _stop_agreed(self) -> bool:
@@ -239,10 +273,44 @@ class Trainer:
         """Train to train.steps (or stop early after step `until`, saving, as a preemption would)."""
         cfg, t = self.cfg, self.cfg.train
         until = t.steps if until is None else min(until, t.steps)
-        self.logger.print("resolved config:\n" + self.config_text)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(self.config_text)
-        self.maybe_resume()
+        lock = self._lock_run_dir()
+        try:
+            self.logger = MetricsLogger(cfg, self.run_dir, config_to_dict(cfg), enabled=self.log_enabled)
+            self.logger.print("resolved config:\n" + self.config_text)
+            self.maybe_resume()  # strict: a mismatched checkpoint stops here, before anything is written
+            if self.ctx.rank == 0:
+                (self.run_dir / "config.yaml").write_text(self.config_text)
+            if self.step >= t.steps:
+                self.logger.print(f"the run is finished: it is at step {self.step} of train.steps={t.steps}. "
+                                  "Nothing to do (raise train.steps to train further)")
+                self.logger.close()
+                shutdown(self.ctx)
+                return {"step": self.step, "stopped_by": None, "finished_before": True}
+            return self._train(until)
+        finally:
+            lock.release()
+
+    def _lock_run_dir(self) -> RunLock:
+        """Rank 0 locks run_dir; every rank learns whether it could."""
+        lock = RunLock(self.run_dir)
+        error = None
+        if self.ctx.rank == 0:
+            try:
+                lock.acquire()
+            except (RunLockedError, OSError) as e:  # OSError: run_dir is a file, read-only, ...
+                error = e
+        if self.ctx.world > 1:
+            flag = torch.tensor([error is not None], dtype=torch.int32, device=self.device)
+            torch.distributed.all_reduce(flag)
+            if flag.item() and error is None:
+                error = RunLockedError(f"rank 0 could not lock {self.run_dir}: another run uses it")
+        if error is not None:
+            shutdown(self.ctx)
+            raise error
+        return lock
+
+    def _train(self, until: int) -> dict:
+        cfg, t = self.cfg, self.cfg.train
         for note in self.notes:
             self.logger.print(note)
         if cfg.attention.kind != "dense":
@@ -253,7 +321,7 @@ class Trainer:
                           f"device {self.device}, layout tp={self.ctx.tp} pp={self.ctx.pp} dp={self.ctx.dp}"
                           f"{' zero1' if self.plan.zero else ''}, "
                           f"{self.global_batch // (t.micro_batch_size * self.ctx.dp)} micro-batches per step")
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         tokens_per_step = self.global_batch * cfg.data.seq_len
         last = {}
         try:
@@ -281,9 +349,6 @@ class Trainer:
                             "tokens_per_s": tps, "peak_mem_gb": peak_memory_gb(self.device),
                             "mfu": tps * self.flops_per_token / self.peak if self.peak else None,
                             "consumed_samples": self.consumed}
-                    if not math.isfinite(last["loss"]):
-                        raise FloatingPointError(f"loss is {last['loss']} at step {self.step}. Fix: lower "
-                                                 "optim.lr or check the data")
                     self.logger.print(format_step(self.step, t.steps, last))
                     self.logger.log(self.step, last)
                     tic, steps_since = time.perf_counter(), 0
@@ -308,3 +373,12 @@ class Trainer:
             self.logger.close()
             shutdown(self.ctx)
         return {"step": self.step, "stopped_by": self.stop_signal, **last}
+
+
+def _absolute_paths(cfg: Config) -> None:
+    d, c = cfg.data, cfg.checkpoint
+    if d.tokenizer:
+        d.tokenizer = os.path.abspath(d.tokenizer)
+    d.paths = [os.path.abspath(p) for p in d.paths]
+    if c.load:
+        c.load = os.path.abspath(c.load)
