@@ -16,7 +16,6 @@ import triton
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import fused_ops
-from fused_ops import sep_attention_flex
 from megatron_sep.config import config_from_dict
 from megatron_sep.model import GPT
 
@@ -75,7 +74,9 @@ def speed(seqs, window):
             return run
 
         sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        two = lambda: fused_ops.sep_attention(q, k, v, is_sep, init_tokens=3, window=window, backend="flex")
+        fplan = fused_ops.plan_for(is_sep, 3, [window], "flex")  # per micro-batch, shared by the layers
+        two = lambda: fused_ops.sep_attention(q, k, v, is_sep, init_tokens=3, window=window, backend="flex",
+                                              plan=fplan)
         ks = keep[0]
 
         def masked_mod(b_, h_, qi, kv):
@@ -86,8 +87,7 @@ def speed(seqs, window):
         r = {"seq": s, "window": window, "kept_pairs_share": kept}
 
         def plan():  # per microbatch, shared by all layers with this window
-            sep_attention_flex._PLANS.clear()
-            sep_attention_flex._plan(is_sep, 3, window, None, "cuda")
+            fused_ops.plan_for(is_sep, 3, [window], "flex")
         r["flex_two_part_plan_ms"] = bench(plan)
         for name, fn in (("sdpa_causal", sdpa), ("flex_two_part", two), ("flex_masked", masked)):
             with torch.no_grad():

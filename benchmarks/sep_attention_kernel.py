@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import triton
 
 import fused_ops
-from fused_ops import sep_attention_flex, sep_attention_triton as kern
+from fused_ops import sep_attention_triton as kern
+from fused_ops.sep_plan import build_plan
 
 
 def rel(a, b):
@@ -63,14 +64,17 @@ def speed(seqs, window, variants=None):
                    for _ in range(3))
         is_sep = torch.rand(1, s, device="cuda") < 0.10
         go = torch.randn_like(q)
+        # plans are built once per micro-batch and shared by the layers: outside the timed op
+        tplan, fplan = (fused_ops.plan_for(is_sep, 3, [window], b, head_dim=128) for b in ("triton", "flex"))
         impls = {"sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                  "triton": lambda: fused_ops.sep_attention(q, k, v, is_sep, init_tokens=3, window=window,
-                                                           backend="triton"),
+                                                           backend="triton", plan=tplan),
                  "flex": lambda: fused_ops.sep_attention(q, k, v, is_sep, init_tokens=3, window=window,
-                                                         backend="flex")}
+                                                         backend="flex", plan=fplan)}
         for vname, over in (variants or {}).items():
-            impls[f"triton_{vname}"] = lambda over=over: kern.sep_attention_triton(q, k, v, is_sep, 3, window,
-                                                                                    config=over)
+            vplan = build_plan(is_sep, 3, [window], "triton", tile_rows=kern.tile_rows(over))
+            impls[f"triton_{vname}"] = lambda over=over, vplan=vplan: kern.sep_attention_triton(
+                q, k, v, is_sep, 3, window, config=over, plan=vplan)
         r = {"seq": s, "window": window}
         for name, fn in impls.items():
             with torch.no_grad():
@@ -81,7 +85,6 @@ def speed(seqs, window, variants=None):
             r[f"{name}_fwd_x_sdpa"] = r["sdpa_causal_fwd_ms"] / r[f"{name}_fwd_ms"]
         rows.append(r)
         print(json.dumps(r), flush=True)
-        sep_attention_flex._PLANS.clear()
     return rows
 
 
@@ -110,8 +113,10 @@ def tune(seqs=(16384, 65536), window=256):
             times = []
             try:
                 for q, k, v, is_sep, go in inputs:
-                    def fn(q=q, k=k, v=v, is_sep=is_sep):
-                        return kern.sep_attention_triton(q, k, v, is_sep, 3, window)
+                    plan = build_plan(is_sep, 3, [window], "triton", tile_rows=kern.tile_rows())
+
+                    def fn(q=q, k=k, v=v, is_sep=is_sep, plan=plan):
+                        return kern.sep_attention_triton(q, k, v, is_sep, 3, window, plan=plan)
                     if name == "fwd":
                         with torch.no_grad():
                             times.append(timed(fn)[0])
@@ -138,12 +143,13 @@ def kernel_breakdown(seqs, window=256):
                    for _ in range(3))
         is_sep = torch.rand(1, s, device="cuda") < 0.10
         go = torch.randn_like(q)
+        plan = build_plan(is_sep, 3, [window], "triton", tile_rows=kern.tile_rows())
         for _ in range(3):
-            kern.sep_attention_triton(q, k, v, is_sep, 3, window).backward(go)
+            kern.sep_attention_triton(q, k, v, is_sep, 3, window, plan=plan).backward(go)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 q.grad = k.grad = v.grad = None  # else the grad accumulation shows up as a kernel
-                kern.sep_attention_triton(q, k, v, is_sep, 3, window).backward(go)
+                kern.sep_attention_triton(q, k, v, is_sep, 3, window, plan=plan).backward(go)
             torch.cuda.synchronize()
         ms = {}
         for e in prof.key_averages():
@@ -161,8 +167,7 @@ def plan_ms(seqs):
         is_sep = torch.rand(1, s, device="cuda") < 0.10
 
         def build():
-            kern._PLANS.clear()
-            kern._plan(is_sep, 3, 256, s, (kern.CONFIG["fwd"]["BM"], kern.CONFIG["dq"]["BM"]))
+            build_plan(is_sep, 3, [256], "triton", tile_rows=kern.tile_rows())
         out[s] = triton.testing.do_bench(build, warmup=20, rep=100, return_mode="median")
     return out
 

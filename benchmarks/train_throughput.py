@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -21,19 +22,48 @@ import torch.nn.functional as F
 from megatron_sep.config import config_from_dict
 from megatron_sep.model import GPT
 
+# kinds: [trainer/]KIND[-nWINDOW][:BACKEND][+ac][@KERNELS]; trainer/ times the Trainer's own step (plan,
+# autocast, clipping, schedule, optimizer); +ac turns on train.activation_checkpointing=full
+LLAMA350M = {"family": "llama", "num_layers": 24, "hidden_size": 1024, "num_heads": 16, "ffn_hidden_size": 2816,
+             "vocab_size": 32000}
 PRESETS = {
     "llama1.3b": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 2048, "num_heads": 16,
                             "ffn_hidden_size": 5504, "vocab_size": 32000, "max_position_embeddings": 4096},
                   "seq": 4096, "mbs": 2, "kinds": ["dense@reference", "dense", "trainer/dense"], "plain": True,
                   "compile_only": ["dense@reference"]},
-    "sepllm350m-16k": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 1024, "num_heads": 16,
-                                 "ffn_hidden_size": 2816, "vocab_size": 32000, "max_position_embeddings": 16384},
+    "sepllm350m-16k": {"model": {**LLAMA350M, "max_position_embeddings": 16384},
                        "seq": 16384, "mbs": 1, "kinds": ["sepllm:triton", "sepllm:flex", "dense"], "plain": False},
+    # issue 15: the Trainer's step against dense attention compiled, same run
+    "pythia160m-2k": {"model": {"family": "neox", "num_layers": 12, "hidden_size": 768, "num_heads": 12,
+                                "ffn_hidden_size": 3072, "vocab_size": 50304, "max_position_embeddings": 2048,
+                                "rotary_pct": 0.25},
+                      "seq": 2048, "mbs": 16, "plain": False, "baseline": "trainer/dense:compile",
+                      "kinds": ["trainer/dense", "trainer/sepllm-n64", "trainer/sepllm-n128",
+                                "trainer/streamingllm-n64"]},
+    "llama350m-16k": {"model": {**LLAMA350M, "max_position_embeddings": 16384}, "seq": 16384, "mbs": 1,
+                      "plain": False, "baseline": "trainer/dense:compile",
+                      "kinds": ["trainer/dense", "trainer/sepllm-n256", "trainer/streamingllm-n256"]},
+    "llama350m-64k": {"model": {**LLAMA350M, "max_position_embeddings": 65536}, "seq": 65536, "mbs": 1,
+                      "plain": False, "baseline": "trainer/dense:compile",
+                      "kinds": ["trainer/dense", "trainer/sepllm-n256", "trainer/dense+ac", "trainer/sepllm-n256+ac",
+                                "trainer/streamingllm-n256"]},
     "tiny": {"model": {"family": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "ffn_hidden_size": 128,
                        "vocab_size": 500, "max_position_embeddings": 128},
-             "seq": 128, "mbs": 2, "kinds": ["sepllm:reference", "dense", "trainer/sepllm:reference"],
+             "seq": 128, "mbs": 2, "kinds": ["sepllm:reference", "dense", "trainer/sepllm-n32:reference",
+                                             "trainer/dense+ac"],
              "plain": True},  # CPU smoke test
 }
+
+
+def parse_kind(kind: str) -> dict:
+    """[trainer/]KIND[-nWINDOW][:BACKEND][+ac][@KERNELS] -> its parts."""
+    via_trainer = kind.startswith("trainer/")
+    rest, _, kernels = kind.removeprefix("trainer/").partition("@")
+    rest, ac = (rest[:-3], True) if rest.endswith("+ac") else (rest, False)
+    name, _, backend = rest.partition(":")
+    name, _, window = name.partition("-n")
+    return {"trainer": via_trainer, "kind": name, "window": int(window) if window else None,
+            "backend": backend or "auto", "ac": ac, "kernels": kernels or "auto"}
 
 
 class PlainBlock(nn.Module):
@@ -113,10 +143,10 @@ def measure(step, cuda, steps, warmup=3):
     return dt, (first, loss.item()), torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan
 
 
-def profile(model, tokens, labels, path):
+def profile(model, tokens, labels, path, step=None):
     """GPU time per kernel over two training steps (where the step time goes)."""
     from torch.profiler import ProfilerActivity, profile as prof
-    step = plain_step(model, tokens, labels)
+    step = step or plain_step(model, tokens, labels)
     with prof(activities=[ProfilerActivity.CUDA]) as pr:
         for _ in range(2):
             step()
@@ -133,6 +163,7 @@ def main():
     ap.add_argument("--modes", default="eager,compile", help="eager and/or compile (per block)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true", help="write the top kernels of one compiled step")
+    ap.add_argument("--append", action="store_true", help="add rows to an existing result file of the preset")
     ap.add_argument("--only", default="", help="comma list of plain|KIND : eager|compile to run (default all)")
     args = ap.parse_args()
     p = PRESETS[args.preset]
@@ -140,10 +171,13 @@ def main():
     modes = [mode == "compile" for mode in args.modes.split(",")]
     tokens = torch.randint(0, m["vocab_size"], (mbs, seq + 1), device=args.device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    matmul = (m["num_layers"] * (4 * m["hidden_size"] ** 2 + 3 * m["hidden_size"] * m["ffn_hidden_size"])
+    ffn_mats = 3 if m["family"] == "llama" else 2  # SwiGLU's gate, up, down; GeLU's up, down
+    matmul = (m["num_layers"] * (4 * m["hidden_size"] ** 2 + ffn_mats * m["hidden_size"] * m["ffn_hidden_size"])
               + m["vocab_size"] * m["hidden_size"])
-    flops = 6 * matmul + 12 * m["num_layers"] * m["hidden_size"] * seq
     rows = []
+    path = f"{args.out}/train_throughput_{args.preset}.json"
+    if args.append and os.path.exists(path):  # one variant per process (fresh compile caches), one file
+        rows = json.load(open(path))["rows"]
     only = set(filter(None, args.only.split(",")))
 
     def wanted(label, compiled):
@@ -151,17 +185,20 @@ def main():
 
     import triton
     dev = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    env = {"device": dev, "torch": torch.__version__, "triton": triton.__version__}
+    env = {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
+           "mfu_peak_tflops": 989, "mfu_flops": "6 x matmul params + 12 x layers x hidden x seq x kept-pair share"}
 
-    def record(name, dt, loss, mem):
+    def record(name, dt, loss, mem, pairs=1.0, key=None):
+        """MFU counts attention FLOPs for the pairs attended: 12 x layers x hidden x seq x kept-pair share."""
         tps = mbs * seq / dt
         first, loss = loss
-        rows.append({"impl": name, "step_ms": dt * 1e3, "tokens_per_s": tps, "mfu": tps * flops / 989e12,
+        attended = 6 * matmul + 12 * m["num_layers"] * m["hidden_size"] * seq * pairs
+        rows.append({"impl": name, "key": key, "step_ms": dt * 1e3, "tokens_per_s": tps,
+                     "mfu": tps * attended / 989e12, "kept_pairs": pairs, "flops_per_token": attended,
                      "peak_mem_gb": mem, "first_loss": first, "loss": loss})
         print(json.dumps(rows[-1]), flush=True)
         with open(f"{args.out}/train_throughput_{args.preset}.json", "w") as f:  # kept if a later variant crashes
-            json.dump({"env": env, "preset": args.preset, "seq": seq, "micro_batch": mbs, "flops_per_token": flops,
-                       "rows": rows}, f, indent=1)
+            json.dump({"env": env, "preset": args.preset, "seq": seq, "micro_batch": mbs, "rows": rows}, f, indent=1)
 
     for compiled in [c for c in modes if p["plain"] and wanted("plain", c)]:
         torch.manual_seed(0)
@@ -175,46 +212,66 @@ def main():
             profile(plain, inputs, labels, f"{args.out}/profile_{args.preset}_plain.txt")
         del plain
         torch.cuda.empty_cache()
-    for kind in p["kinds"]:  # [trainer/]attention kind[:backend][@model.kernels]
-        via_trainer = kind.startswith("trainer/")
-        kind_backend, _, kernels = kind.removeprefix("trainer/").partition("@")
-        name, _, backend = kind_backend.partition(":")
+    for kind in p["kinds"]:
+        k = parse_kind(kind)
         for compiled in [c for c in modes if (c or kind not in p.get("compile_only", ())) and wanted(kind, c)]:
-            attention = {"kind": name, "window": min(256, seq // 4), "init_tokens": 3,
-                         "separators": list(range(1, m["vocab_size"] // 10)),
-                         "backend": backend or "auto"} if name != "dense" else {"kind": "dense"}
-            cfg = config_from_dict({"model": {**m, "kernels": kernels or "auto"}, "attention": attention,
+            window = k["window"] or min(256, seq // 4)
+            attention = {"kind": k["kind"], "window": window, "init_tokens": 3,
+                         "separators": list(range(1, m["vocab_size"] // 10)),  # 10% of random tokens
+                         "backend": k["backend"]} if k["kind"] != "dense" else {"kind": "dense"}
+            cfg = config_from_dict({"model": {**m, "kernels": k["kernels"]}, "attention": attention,
                                     "data": {"seq_len": seq, "mock": True},
                                     "train": {"run_dir": f"{args.out}/trainer_run", "micro_batch_size": mbs,
-                                              "steps": 10_000, "compile": compiled, "device": args.device},
+                                              "steps": 10_000, "compile": compiled, "device": args.device,
+                                              "activation_checkpointing": "full" if k["ac"] else "none"},
                                     "optim": {"warmup_steps": 2}})
             torch.manual_seed(0)
             label = f"megatron-sep {kind}{' + compile per block' if compiled else ' eager'}"
+            model = None
             try:
-                if via_trainer:  # the Trainer's own step: plan, autocast, clipping, schedule, optimizer
+                if k["trainer"]:  # the Trainer's own step: plan, autocast, clipping, schedule, optimizer
                     from megatron_sep.training import Trainer
                     model = Trainer(cfg, log=False)
+                    pairs = kept_pairs(cfg, model)
                     train_loss = model.train_step  # returns (loss, grad norm)
-                    record(label, *measure(lambda: train_loss()[0], model.device.type == "cuda", args.steps))
+                    record(label, *measure(lambda: train_loss()[0], model.device.type == "cuda", args.steps),
+                           pairs=pairs, key=f"{kind}:{'compile' if compiled else 'eager'}")
                 else:
                     model = GPT(cfg).to(args.device)
                     if compiled:
                         for blk in model.layers:
                             blk.compile()
                     record(label, *measure(plain_step(model, inputs, labels), tokens.is_cuda, args.steps))
-                if args.profile and compiled and not via_trainer:
-                    profile(model, inputs, labels, f"{args.out}/profile_{args.preset}_{kind}.txt")
+                if args.profile and compiled:
+                    name = kind.replace("/", "_").replace(":", "_")
+                    profile(model, inputs, labels, f"{args.out}/profile_{args.preset}_{name}.txt",
+                            step=(lambda: train_loss()[0]) if k["trainer"] else None)
             except Exception as e:  # record what failed instead of losing the whole run
                 rows.append({"impl": f"megatron-sep {kind} compiled={compiled}", "error": repr(e)[:300]})
                 print(json.dumps(rows[-1]), flush=True)
             del model
-            torch.cuda.empty_cache()
-    base = next((r for r in rows if r["impl"] == "plain pytorch + compile per block" and "tokens_per_s" in r), None)
+            torch.cuda.empty_cache() if args.device == "cuda" else None
+    baseline = p.get("baseline")
+    base = next((r for r in rows if "tokens_per_s" in r and (
+        r.get("key") == baseline if baseline else r["impl"] == "plain pytorch + compile per block")), None)
+    name = baseline or "compiled plain"
     for r in rows:
         if "tokens_per_s" in r:
-            ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else math.nan
-            print(f"{r['impl']:<45} {r['tokens_per_s']:>10,.0f} tok/s  MFU {r['mfu']:.1%}  "
-                  f"x{ratio:.2f} vs compiled plain  {r['peak_mem_gb']:.1f} GB")
+            r[f"x_vs_{name}"] = ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else math.nan
+            print(f"{r['impl']:<58} {r['tokens_per_s']:>10,.0f} tok/s  MFU {r['mfu']:.1%}  "
+                  f"x{ratio:.2f} vs {name}  {r['peak_mem_gb']:.1f} GB")
+    with open(f"{args.out}/train_throughput_{args.preset}.json", "w") as f:
+        json.dump({"env": env, "preset": args.preset, "seq": seq, "micro_batch": mbs, "baseline": name,
+                   "rows": rows}, f, indent=1)
+
+
+def kept_pairs(cfg, trainer) -> float:
+    """Share of causal (query, key) pairs attended, averaged over layers, on a training micro-batch."""
+    if cfg.attention.kind == "dense":
+        return 1.0
+    from megatron_sep.model.attention import attention_stats
+    tokens, _, batch = trainer.micro_batch(trainer.train_ds, 0, cfg.train.micro_batch_size)
+    return attention_stats(cfg, batch.is_sep)["kept_pairs"]
 
 
 if __name__ == "__main__":

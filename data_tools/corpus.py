@@ -56,4 +56,7 @@ def _jsonl(path: Path, text_key: str) -> Iterator[str]:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise ValueError(f"{path}:{n} has no key {text_key!r} (found: {keys}). Fix: pass --text-key "
                                  "with the right name")
+            if not isinstance(record[text_key], str):
+                raise ValueError(f"{path}:{n} has a {type(record[text_key]).__name__} under {text_key!r}, not text. "
+                                 "Fix: make every document's text a string")
             yield record[text_key]

@@ -9,6 +9,8 @@ torch sums that buffer afterwards, so the weight gradients are deterministic
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -105,60 +107,107 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class _NormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, is_rms):
-        shape, n = x.shape, x.shape[-1]
-        x2 = _rows(x, n)
-        m = x2.shape[0]
-        block = triton.next_power_of_2(n)
-        if block > 65536:
-            raise ValueError(f"hidden size {n} is above the fused norm's limit of 65536")
-        y = torch.empty_like(x2)
-        res = _rows(residual, n) if residual is not None else None
-        s = torch.empty_like(x2) if res is not None else None
-        mean = torch.empty(m, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-        _norm_fwd[(m,)](x2, res if res is not None else x2, weight if weight is not None else x2,
-                        bias if bias is not None else x2, y, s if s is not None else y, mean, rstd,
-                        x2.stride(0), res.stride(0) if res is not None else 0, y.stride(0),
-                        s.stride(0) if s is not None else 0, n, eps, IS_RMS=is_rms, HAS_RES=res is not None,
-                        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block,
-                        num_warps=FWD_WARPS["rms" if is_rms else "layer"] or min(max(block // 512, 1), 16))
-        ctx.save_for_backward(s if s is not None else x2, weight, bias, mean, rstd)
-        ctx.shape, ctx.is_rms, ctx.has_res = shape, is_rms, residual is not None
-        ctx.mark_non_differentiable(mean)
-        out_s = s.view(shape) if s is not None else None
-        return y.view(shape), out_s
+_SMS: dict = {}  # multiprocessor count per device, asked once
 
-    @staticmethod
-    def backward(ctx, dy, ds):
-        x2, weight, bias, mean, rstd = ctx.saved_tensors
-        m, n = x2.shape
-        dy2 = _rows(dy, n)
-        ds2 = _rows(ds, n) if (ctx.has_res and ds is not None) else None
-        dx = torch.empty_like(x2)
-        block = triton.next_power_of_2(n)
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
-        per_sm, warps, stages = _bwd_shape(ctx.is_rms, block)
-        progs = max(1, min(m, per_sm * sms))
-        rows_per = triton.cdiv(m, progs)
-        progs = triton.cdiv(m, rows_per)
-        dw = torch.empty(progs, n, dtype=torch.float32, device=x2.device) if weight is not None else None
-        db = torch.empty(progs, n, dtype=torch.float32, device=x2.device) if bias is not None else None
-        _norm_bwd[(progs,)](x2, weight if weight is not None else x2, dy2, dx, ds2 if ds2 is not None else dy2,
-                            mean, rstd, dw if dw is not None else dx, db if db is not None else dx,
-                            x2.stride(0), dy2.stride(0), dx.stride(0), ds2.stride(0) if ds2 is not None else 0,
-                            m, n, rows_per, IS_RMS=ctx.is_rms, HAS_DRES=ds2 is not None,
-                            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block,
-                            STAGES=stages, num_warps=warps)
-        dweight = dw.sum(0).to(weight.dtype) if weight is not None else None
-        dbias = db.sum(0).to(bias.dtype) if bias is not None else None
-        dx = dx.view(ctx.shape)
-        return dx, (dx if ctx.has_res else None), dweight, dbias, None, None
+
+def _sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device.index]
+
+
+# Custom operators (fake implementations, registered backward): torch.compile sees one node and never traces
+# the Triton code (an autograd.Function around it made dynamo fall back to eager for the whole block).
+@torch.library.custom_op("megatron_sep::norm_fwd", mutates_args=())
+def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor], eps: float, is_rms: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> y, x + residual (empty without residual), mean, rstd (fp32, per row)."""
+    shape, n = x.shape, x.shape[-1]
+    x2 = _rows(x, n)
+    m = x2.shape[0]
+    block = triton.next_power_of_2(n)
+    if block > 65536:
+        raise ValueError(f"hidden size {n} is above the fused norm's limit of 65536")
+    y = torch.empty_like(x2)
+    res = _rows(residual, n) if residual is not None else None
+    s = torch.empty_like(x2) if res is not None else x2.new_empty(0)
+    mean = (torch.zeros if is_rms else torch.empty)(m, dtype=torch.float32, device=x.device)  # RMS: unused
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    _norm_fwd[(m,)](x2, res if res is not None else x2, weight if weight is not None else x2,
+                    bias if bias is not None else x2, y, s if res is not None else y, mean, rstd,
+                    x2.stride(0), res.stride(0) if res is not None else 0, y.stride(0),
+                    s.stride(0) if res is not None else 0, n, eps, IS_RMS=is_rms, HAS_RES=res is not None,
+                    HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block,
+                    num_warps=FWD_WARPS["rms" if is_rms else "layer"] or min(max(block // 512, 1), 16))
+    return y.view(shape), (s.view(shape) if res is not None else s), mean, rstd
+
+
+@norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, is_rms):
+    m = x.numel() // x.shape[-1]
+    s = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
+    stats = x.new_empty(m, dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), s, stats, stats.clone()
+
+
+@torch.library.custom_op("megatron_sep::norm_bwd", mutates_args=())
+def norm_bwd(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.Tensor, weight: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, is_rms: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dx, dweight, dbias (empty where there is no weight / bias)."""
+    shape, n = x.shape, x.shape[-1]
+    x2 = _rows(x, n)
+    m = x2.shape[0]
+    dy2 = _rows(dy, n)
+    ds2 = _rows(ds, n) if ds is not None else None
+    dx = torch.empty_like(x2)
+    block = triton.next_power_of_2(n)
+    per_sm, warps, stages = _bwd_shape(is_rms, block)
+    progs = max(1, min(m, per_sm * _sms(x2.device)))
+    rows_per = triton.cdiv(m, progs)
+    progs = triton.cdiv(m, rows_per)
+    dw = torch.empty(progs, n, dtype=torch.float32, device=x2.device) if weight is not None else None
+    db = torch.empty(progs, n, dtype=torch.float32, device=x2.device) if bias is not None else None
+    _norm_bwd[(progs,)](x2, weight if weight is not None else x2, dy2, dx, ds2 if ds2 is not None else dy2,
+                        mean, rstd, dw if dw is not None else dx, db if db is not None else dx,
+                        x2.stride(0), dy2.stride(0), dx.stride(0), ds2.stride(0) if ds2 is not None else 0,
+                        m, n, rows_per, IS_RMS=is_rms, HAS_DRES=ds2 is not None,
+                        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block,
+                        STAGES=stages, num_warps=warps)
+    dweight = dw.sum(0).to(weight.dtype) if weight is not None else x2.new_empty(0)
+    dbias = db.sum(0).to(bias.dtype) if bias is not None else x2.new_empty(0)
+    return dx.view(shape), dweight, dbias
+
+
+@norm_bwd.register_fake
+def _(dy, ds, x, weight, bias, mean, rstd, is_rms):
+    dweight = torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dweight, dbias
+
+
+def _norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, eps, is_rms = inputs
+    ctx.save_for_backward(output[1] if residual is not None else x, weight, bias, output[2], output[3])
+    ctx.is_rms, ctx.has_res = is_rms, residual is not None
+    ctx.has_w, ctx.has_b = weight is not None, bias is not None
+
+
+def _norm_backward(ctx, dy, ds, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    ds = ds if ctx.has_res and ds is not None and ds.numel() else None
+    dx, dweight, dbias = norm_bwd(dy, ds, x, weight, bias, mean, rstd, ctx.is_rms)
+    return (dx, dx if ctx.has_res else None, dweight if ctx.has_w else None, dbias if ctx.has_b else None,
+            None, None)
+
+
+norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup)
 
 
 def norm_triton(x, weight, bias, eps, residual, is_rms):
     """Returns y, or (y, x + residual) when residual is given."""
-    y, s = _NormFn.apply(x, residual, weight, bias, eps, is_rms)
+    y, s, _, _ = norm_fwd(x, residual, weight, bias, eps, is_rms)
     return (y, s) if residual is not None else y

@@ -77,21 +77,33 @@ def _launch(q, k, pos, rotary_dim, base, sign):
     return qo, ko
 
 
-class _RopeFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, pos, rotary_dim, base):
-        ctx.save_for_backward(pos)
-        ctx.rotary_dim, ctx.base = rotary_dim, base
-        return _launch(q, k, pos, rotary_dim, base, 1.0)
+@torch.library.custom_op("megatron_sep::rope", mutates_args=())
+def rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, rotary_dim: int, base: float,
+         sign: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k rotated by sign x angle (the backward is the same rotation by -angle); contiguous outputs."""
+    return _launch(q, k, pos, rotary_dim, base, sign)
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        (pos,) = ctx.saved_tensors
-        dq_in, dk_in = _launch(dq, dk, pos, ctx.rotary_dim, ctx.base, -1.0)
-        return dq_in, dk_in, None, None, None
+
+@rope.register_fake
+def _(q, k, pos, rotary_dim, base, sign):
+    return q.new_empty(q.shape), k.new_empty(k.shape)  # new_empty is contiguous
+
+
+def _rope_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2])
+    ctx.rotary_dim, ctx.base, ctx.sign = inputs[3], inputs[4], inputs[5]
+
+
+def _rope_backward(ctx, dq, dk):
+    (pos,) = ctx.saved_tensors
+    dq_in, dk_in = rope(dq, dk, pos, ctx.rotary_dim, ctx.base, -ctx.sign)
+    return dq_in, dk_in, None, None, None, None
+
+
+rope.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
 def apply_rope_triton(q, k, position_ids, rotary_dim, base):
     if rotary_dim % 2 or rotary_dim > q.shape[-1]:
         raise ValueError(f"rotary_dim {rotary_dim} must be even and <= head dim {q.shape[-1]}")
-    return _RopeFn.apply(q, k, position_ids, rotary_dim, base)
+    return rope(q, k, position_ids, rotary_dim, float(base), 1.0)

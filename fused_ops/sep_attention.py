@@ -19,72 +19,84 @@ Backends:
   H100: benchmarks/results/sep_attention_kernel_h100.md), `flex` on CUDA for
   what the kernel does not take (segment_ids, head dims other than 16/32/64/128),
   `reference` elsewhere.
+What depends only on the tokens (kept keys, their gathered list, tile bounds, block masks) is the
+micro-batch's plan (`sep_plan.py`), built once outside compiled code and passed to every layer.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .sep_plan import SepPlan, build_plan, kept_keys
+
 BACKENDS = ("auto", "reference", "flex", "triton")
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
-def kept_keys(is_sep: torch.Tensor, init_tokens: int, segment_ids: torch.Tensor | None = None):
-    """Per-token bool [b, s]: an initial token (of its document, with segments) or a separator."""
-    b, s = is_sep.shape
-    pos = torch.arange(s, device=is_sep.device).expand(b, s)
-    if segment_ids is None:
-        return is_sep | (pos < init_tokens)
-    starts = torch.ones_like(is_sep)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    start_pos = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=1).values
-    return is_sep | (pos - start_pos < init_tokens)
-
-
-def sep_mask(is_sep, init_tokens, window, segment_ids=None):
+def sep_mask(is_sep, init_tokens, window, segment_ids=None, keep=None):
     """The explicit [b, s, s] visibility mask (reference backend and tests only)."""
     b, s = is_sep.shape
     i = torch.arange(s, device=is_sep.device)
     causal = i[None, :] <= i[:, None]
     band = (i[:, None] - i[None, :]) < window
-    keep = kept_keys(is_sep, init_tokens, segment_ids)
+    keep = kept_keys(is_sep, init_tokens, segment_ids) if keep is None else keep
     mask = causal & (band | keep[:, None, :])
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     return mask
 
 
-def _reference(q, k, v, is_sep, init_tokens, window, scale, segment_ids):
-    mask = sep_mask(is_sep, init_tokens, window, segment_ids)[:, None]
+def _reference(q, k, v, plan: SepPlan, init_tokens, window, scale):
+    mask = sep_mask(plan.is_sep, init_tokens, window, plan.segment_ids, plan.keep)[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
-def auto_backend(cuda: bool, head_dim: int, segments: bool) -> str:
-    if not cuda:
-        return "reference"
-    return "triton" if not segments and head_dim in (16, 32, 64, 128) else "flex"
+def resolve_backend(backend: str, cuda: bool, head_dim: int, segments: bool) -> str:
+    """The backend that runs: `auto` picks triton on CUDA, flex for what the kernel does not take, reference
+    off CUDA. An explicit choice that cannot serve the call is an error naming the one to use."""
+    if backend not in BACKENDS:
+        raise ValueError(f"sep_attention backend {backend!r} is unknown; use one of {BACKENDS}")
+    if backend == "auto":
+        if not cuda:
+            return "reference"
+        return "triton" if not segments and head_dim in TRITON_HEAD_DIMS else "flex"
+    if backend == "triton" and segments:
+        raise ValueError("the Triton SepAttention kernel does not take segment_ids (reset_per_document) yet. "
+                         "Fix: use backend='flex' or 'reference'")
+    if backend == "triton" and head_dim not in TRITON_HEAD_DIMS:
+        raise ValueError(f"the Triton SepAttention kernel supports head dims {TRITON_HEAD_DIMS}, not {head_dim}. "
+                         "Fix: use backend='flex' or 'reference'")
+    return backend
+
+
+def plan_for(is_sep, init_tokens, windows, backend, segment_ids=None, head_dim=128) -> SepPlan:
+    """The micro-batch's plan for `backend` (resolved as `sep_attention` will resolve it)."""
+    backend = resolve_backend(backend, is_sep.is_cuda, head_dim, segment_ids is not None)
+    rows = ()
+    if backend == "triton":
+        from .sep_attention_triton import tile_rows
+        rows = tile_rows()
+    return build_plan(is_sep, init_tokens, windows, backend, segment_ids, rows)
 
 
 def sep_attention(q, k, v, is_sep, *, init_tokens: int, window: int, backend: str = "auto", scale=None,
-                  segment_ids=None):
-    """q [b, hq, s, d], k/v [b, hk, s, d], is_sep bool [b, s] -> [b, hq, s, d]."""
-    if backend not in BACKENDS:
-        raise ValueError(f"sep_attention backend {backend!r} is unknown; use one of {BACKENDS}")
+                  segment_ids=None, plan: SepPlan | None = None):
+    """q [b, hq, s, d], k/v [b, hk, s, d], is_sep bool [b, s] -> [b, hq, s, d]. `plan`: the micro-batch's
+    (`plan_for`), shared by the layers; built here when not given."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
+    backend = resolve_backend(backend, q.is_cuda, q.shape[-1], segment_ids is not None)
     s = q.shape[2]
     if window >= s and segment_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
-    if backend == "auto":
-        backend = auto_backend(q.is_cuda, q.shape[-1], segment_ids is not None)
+    if plan is None:
+        plan = plan_for(is_sep, init_tokens, [window], backend, segment_ids, q.shape[-1])
     if backend == "triton":
-        if segment_ids is not None:
-            raise ValueError("the Triton SepAttention kernel does not take segment_ids (reset_per_document) yet. "
-                             "Fix: use backend='flex' or 'reference'")
         from .sep_attention_triton import sep_attention_triton
-        return sep_attention_triton(q, k, v, is_sep, init_tokens, window, scale)
+        return sep_attention_triton(q, k, v, is_sep, init_tokens, window, scale, plan=plan)
     if backend == "flex":
         from .sep_attention_flex import flex_sep_attention
-        return flex_sep_attention(q, k, v, is_sep, init_tokens, window, scale, segment_ids)
-    return _reference(q, k, v, is_sep, init_tokens, window, scale, segment_ids)
+        return flex_sep_attention(q, k, v, plan.index, plan.block_masks[window], scale)
+    return _reference(q, k, v, plan, init_tokens, window, scale)

@@ -6,13 +6,12 @@ kept (initial / separator) keys gathered per batch row, K all keys. Query i sees
 G-entries at positions p <= i - n (older than its window) and K-entries in its
 band (i - n < j <= i). Both parts are block-sparse (a growing prefix of G, a
 diagonal band of K), and one softmax spans both, so the result is exact and the
-work per query is (#kept keys + n), not i.
+work per query is (#kept keys + n), not i. The gathered list and the block mask
+come from the micro-batch's plan (`sep_plan.py`).
 """
 from __future__ import annotations
 
 import torch
-
-_BLOCK = 128
 
 
 def _compiled_flex():
@@ -21,23 +20,6 @@ def _compiled_flex():
     if "_FLEX" not in globals():
         _FLEX = torch.compile(flex_attention, dynamic=False)
     return _FLEX
-
-
-def gather_plan(keep: torch.Tensor):
-    """Sorted kept positions per row, padded to a multiple of the block: (index [b, G], pos [b, G])."""
-    b, s = keep.shape
-    pos = torch.arange(s, device=keep.device).expand(b, s)
-    order = torch.sort(torch.where(keep, pos, pos + s), dim=1).indices  # kept first, in order
-    count = int(keep.sum(1).max().item())
-    # power-of-two buckets keep shapes (and compiled kernels) stable across microbatches; padded
-    # slots are masked out for every query, so their blocks are skipped, not computed
-    g = max(_BLOCK, 1 << (count - 1).bit_length())
-    if g > s:
-        order = torch.cat([order, order.new_zeros(b, g - s)], dim=1)
-    index = order[:, :g]
-    valid = torch.arange(g, device=keep.device)[None, :] < keep.sum(1, keepdim=True)
-    # invalid slots get a position no query can reach
-    return torch.where(valid, index, 0), torch.where(valid, index, 2 * s + 2 * g)
 
 
 def make_mask_mod(gpos, window, segment_ids, s):
@@ -57,44 +39,21 @@ def make_mask_mod(gpos, window, segment_ids, s):
     return mask_mod
 
 
+def block_mask(gpos, window, segment_ids, s, device):
+    """FlexAttention's block mask over [gathered ; all] keys, never materialising the full mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(make_mask_mod(gpos, window, segment_ids, s), B=gpos.shape[0], H=None, Q_LEN=s,
+                             KV_LEN=gpos.shape[1] + s, device=device, _compile=True)
+
+
 def gather_kv(k, v, index):
     b, hk, _, d = k.shape
     idx = index[:, None, :, None].expand(b, hk, index.shape[1], d)
     return torch.cat([torch.gather(k, 2, idx), k], dim=2), torch.cat([torch.gather(v, 2, idx), v], dim=2)
 
 
-def two_part(k, v, is_sep, init_tokens, window, segment_ids):
-    """Keys/values laid out as [gathered kept ; all] and the mask_mod that selects from them."""
-    from .sep_attention import kept_keys
-
-    index, gpos = gather_plan(kept_keys(is_sep, init_tokens, segment_ids))
-    return (*gather_kv(k, v, index), make_mask_mod(gpos, window, segment_ids, k.shape[2]))
-
-
-_PLANS: dict = {}
-
-
-def _plan(is_sep, init_tokens, window, segment_ids, device):
-    """Gather index and block mask, built once per microbatch and shared by the layers that use them."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    from .sep_attention import kept_keys
-
-    key = (id(is_sep), is_sep._version, init_tokens, window, id(segment_ids))
-    if key not in _PLANS:
-        if len(_PLANS) >= 8:
-            _PLANS.pop(next(iter(_PLANS)))
-        b, s = is_sep.shape
-        index, gpos = gather_plan(kept_keys(is_sep, init_tokens, segment_ids))
-        mask_mod = make_mask_mod(gpos, window, segment_ids, s)
-        block_mask = create_block_mask(mask_mod, B=b, H=None, Q_LEN=s, KV_LEN=index.shape[1] + s,
-                                       device=device, _compile=True)  # never materialise the full mask
-        _PLANS[key] = (is_sep, index, block_mask)  # holding is_sep keeps its id unique while cached
-    return _PLANS[key][1:]
-
-
-def flex_sep_attention(q, k, v, is_sep, init_tokens, window, scale, segment_ids):
-    index, block_mask = _plan(is_sep, init_tokens, window, segment_ids, q.device)
+@torch.compiler.disable  # the block mask's mask_mod is a new closure per micro-batch: keep it out of graphs
+def flex_sep_attention(q, k, v, index, mask, scale):
     k_all, v_all = gather_kv(k, v, index)
-    return _compiled_flex()(q, k_all, v_all, block_mask=block_mask, scale=scale,
-                            enable_gqa=k.shape[1] != q.shape[1])
+    return _compiled_flex()(q, k_all, v_all, block_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])

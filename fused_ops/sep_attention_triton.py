@@ -262,42 +262,19 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SLOT, DKL, DVL, DK, DV, qk_scale, sc
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
-_PLANS: dict = {}
-
-
-def _plan(is_sep, init_tokens, window, s, bms):
-    """Sorted kept positions, their list slot per position, and per query-tile size the number of list
-    entries older than all / some of each tile's windows. Built once per micro-batch and shared by the
-    layers (cached on the is_sep tensor)."""
-    from .sep_attention import kept_keys
-    from .sep_attention_flex import gather_plan
-
-    key = (id(is_sep), is_sep._version, init_tokens, window, bms)
-    if key not in _PLANS:
-        if len(_PLANS) >= 8:
-            _PLANS.pop(next(iter(_PLANS)))
-        index, gpos = gather_plan(kept_keys(is_sep, init_tokens))
-        b, g = gpos.shape
-        gpos = gpos.contiguous()
-        bounds = {}
-        for bm in set(bms):
-            first = torch.arange(triton.cdiv(s, bm), device=is_sep.device) * bm
-            edges = torch.stack([first - window, first + bm - 1 - window])  # [2, tiles]
-            bounds[bm] = torch.searchsorted(gpos, edges.reshape(1, -1).expand(b, -1).contiguous(),
-                                            right=True).to(torch.int32).contiguous()  # [b, 2 * tiles]
-        valid = gpos < s  # padding slots go to a spare column, dropped after
-        slot = torch.full((b, s + 1), -1, dtype=torch.int32, device=is_sep.device)
-        slot.scatter_(1, torch.where(valid, gpos, s), torch.arange(g, dtype=torch.int32, device=slot.device)
-                      .expand(b, g).contiguous())
-        _PLANS[key] = (is_sep, index.contiguous(), gpos.to(torch.int32), slot[:, :s].contiguous(), bounds)
-    return _PLANS[key][1:]
+_SMS: dict = {}  # multiprocessor count per device, asked once
 
 
 def _list_split(programs, s, bm, device):
     """How many programs share the queries of one list tile. Short sequences have few list tiles, each
     reading almost every query; on the H100 (B=1, 16 heads) 2-3 programs per tile beat 1 by 3-5% at 4K and
     16K, and 10 lost 16% at 4K (fp32 partials to write and sum), hence the cap of 3."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    if device.type != "cuda":
+        sms = 4
+    else:
+        sms = _SMS.get(device.index)
+        if sms is None:
+            sms = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(triton.cdiv(4 * sms, programs), s // (8 * bm), 3))
 
 
@@ -306,65 +283,117 @@ def _compact(x, index):
     return torch.gather(x, 2, index[:, None, :, None].expand(b, h, index.shape[1], d)).contiguous()
 
 
-class _SepAttnFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, is_sep, init_tokens, window, scale, cfg):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        b, hq, s, d = q.shape
-        hk = k.shape[1]
-        index, gpos, slot, bounds = _plan(is_sep, init_tokens, window, s, (cfg["fwd"]["BM"], cfg["dq"]["BM"]))
-        g = gpos.shape[1]
-        kc, vc = _compact(k, index), _compact(v, index)
-        o = torch.empty_like(q)
-        lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
-        ieee = q.dtype == torch.float32
-        c = cfg["fwd"]
-        tiles = triton.cdiv(s, c["BM"])
-        _fwd[(tiles, b * hq)](q, k, v, kc, vc, gpos, bounds[c["BM"]], o, lse, scale * LOG2E, s, g, window, hq,
-                              hq // hk, tiles, *q.stride()[:3], *k.stride()[:3], BM=c["BM"], BN=c["BN"], D=d,
-                              IEEE=ieee, num_warps=c["num_warps"], num_stages=c["num_stages"])
-        ctx.save_for_backward(q, k, v, kc, vc, o, lse, gpos, slot, bounds[cfg["dq"]["BM"]])
-        ctx.args = (scale, window, cfg)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, kc, vc, o, lse, gpos, slot, bounds = ctx.saved_tensors
-        scale, window, cfg = ctx.args
-        do = do.contiguous()
-        b, hq, s, d = q.shape
-        hk, g = k.shape[1], gpos.shape[1]
-        ieee = q.dtype == torch.float32
-        delta = torch.empty_like(lse)
-        dq = torch.empty_like(q)
-        c = cfg["dq"]
-        tiles = triton.cdiv(s, c["BM"])
-        _bwd_dq[(tiles, b * hq)](q, k, v, kc, vc, o, do, lse, delta, gpos, bounds, dq, scale * LOG2E, scale, s, g,
-                                 window, hq, hq // hk, tiles, *q.stride()[:3], *k.stride()[:3], BM=c["BM"],
-                                 BN=c["BN"], D=d, IEEE=ieee, num_warps=c["num_warps"], num_stages=c["num_stages"])
-        c = cfg["dkdv"]
-        common = dict(BM=c["BM"], BN=c["BN"], D=d, IEEE=ieee, num_warps=c["num_warps"], num_stages=c["num_stages"])
-        list_tiles = triton.cdiv(g, c["BN"])
-        split = c.get("split") or _list_split(list_tiles * b * hk, s, c["BM"], q.device)
-        dkl = torch.empty(split, b, hk, g, d, dtype=torch.float32, device=k.device)
-        dvl = torch.empty_like(dkl)
-        _bwd_dkdv[(list_tiles, b * hk, split)](q, kc, vc, do, lse, delta, gpos, slot, dkl, dvl, dkl, dvl,
-                                               scale * LOG2E, scale, s, g, window, hq, hq // hk, hk, split,
-                                               *q.stride()[:3], *kc.stride()[:3], 0, 0, 0, LIST=True, **common)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        _bwd_dkdv[(triton.cdiv(s, c["BN"]), b * hk, 1)](q, k, v, do, lse, delta, gpos, slot, dkl, dvl, dk, dv,
-                                                        scale * LOG2E, scale, s, g, window, hq, hq // hk, hk, split,
-                                                        *q.stride()[:3], *k.stride()[:3], *dk.stride()[:3],
-                                                        LIST=False, **common)
-        return dq, dk, dv, None, None, None, None, None
+def _launch(cfg: dict) -> list[int]:
+    """The launch shapes as the flat int list the custom ops take (their schema has no dicts)."""
+    return [cfg[k][f] for k in ("fwd", "dq", "dkdv") for f in ("BM", "BN", "num_warps", "num_stages")] + [
+        cfg["dkdv"].get("split") or 0]
 
 
-def sep_attention_triton(q, k, v, is_sep, init_tokens: int, window: int, scale=None, config: dict | None = None):
-    """`config` overrides CONFIG per kernel, e.g. {"fwd": {"BM": 128}} (tests use small tiles)."""
+def _shape(launch, kernel):
+    o = {"fwd": 0, "dq": 4, "dkdv": 8}[kernel]
+    return dict(BM=launch[o], BN=launch[o + 1], num_warps=launch[o + 2], num_stages=launch[o + 3])
+
+
+# The kernels behind two custom operators with a fake (meta) implementation and a registered backward:
+# torch.compile, CUDA graphs and activation checkpointing see one opaque node each and never trace the
+# Triton code. Every input the backward needs is an input of the forward, so it can be saved.
+@torch.library.custom_op("megatron_sep::sep_attn_fwd", mutates_args=())
+def sep_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, gpos: torch.Tensor,
+                 slot: torch.Tensor, bounds_fwd: torch.Tensor, bounds_dq: torch.Tensor, window: int, scale: float,
+                 launch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    b, hq, s, d = q.shape
+    hk, g = k.shape[1], gpos.shape[1]
+    kc, vc = _compact(k, index), _compact(v, index)
+    o = torch.empty_like(q)
+    lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
+    c = _shape(launch, "fwd")
+    tiles = triton.cdiv(s, c["BM"])
+    _fwd[(tiles, b * hq)](q, k, v, kc, vc, gpos, bounds_fwd, o, lse, scale * LOG2E, s, g, window, hq, hq // hk, tiles,
+                          *q.stride()[:3], *k.stride()[:3], D=d, IEEE=q.dtype == torch.float32, **c)
+    return o, lse
+
+
+@sep_attn_fwd.register_fake
+def _(q, k, v, index, gpos, slot, bounds_fwd, bounds_dq, window, scale, launch):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("megatron_sep::sep_attn_bwd", mutates_args=())
+def sep_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 lse: torch.Tensor, index: torch.Tensor, gpos: torch.Tensor, slot: torch.Tensor, bounds: torch.Tensor,
+                 window: int, scale: float, launch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, hq, s, d = q.shape
+    hk, g = k.shape[1], gpos.shape[1]
+    do = do.contiguous()
+    kc, vc = _compact(k, index), _compact(v, index)  # recomputed: cheaper than keeping them per layer
+    ieee = q.dtype == torch.float32
+    delta = torch.empty_like(lse)
+    dq = torch.empty_like(q)
+    c = _shape(launch, "dq")
+    tiles = triton.cdiv(s, c["BM"])
+    _bwd_dq[(tiles, b * hq)](q, k, v, kc, vc, o, do, lse, delta, gpos, bounds, dq, scale * LOG2E, scale, s, g,
+                             window, hq, hq // hk, tiles, *q.stride()[:3], *k.stride()[:3], D=d, IEEE=ieee, **c)
+    c = _shape(launch, "dkdv")
+    common = dict(D=d, IEEE=ieee, **c)
+    list_tiles = triton.cdiv(g, c["BN"])
+    split = launch[12] or _list_split(list_tiles * b * hk, s, c["BM"], q.device)
+    dkl = torch.empty(split, b, hk, g, d, dtype=torch.float32, device=k.device)
+    dvl = torch.empty_like(dkl)
+    _bwd_dkdv[(list_tiles, b * hk, split)](q, kc, vc, do, lse, delta, gpos, slot, dkl, dvl, dkl, dvl,
+                                           scale * LOG2E, scale, s, g, window, hq, hq // hk, hk, split,
+                                           *q.stride()[:3], *kc.stride()[:3], 0, 0, 0, LIST=True, **common)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    _bwd_dkdv[(triton.cdiv(s, c["BN"]), b * hk, 1)](q, k, v, do, lse, delta, gpos, slot, dkl, dvl, dk, dv,
+                                                    scale * LOG2E, scale, s, g, window, hq, hq // hk, hk, split,
+                                                    *q.stride()[:3], *k.stride()[:3], *dk.stride()[:3],
+                                                    LIST=False, **common)
+    return dq, dk, dv
+
+
+@sep_attn_bwd.register_fake
+def _(do, q, k, v, o, lse, index, gpos, slot, bounds, window, scale, launch):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, index, gpos, slot, _, bounds_dq, window, scale, launch = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], index, gpos, slot, bounds_dq)
+    ctx.args = (window, scale, launch)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, index, gpos, slot, bounds = ctx.saved_tensors
+    dq, dk, dv = sep_attn_bwd(do, q, k, v, o, lse, index, gpos, slot, bounds, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+sep_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def tile_rows(config: dict | None = None) -> tuple[int, int]:
+    """The query-tile heights (forward, dQ) a plan needs bounds for."""
+    cfg = _config(config)
+    return cfg["fwd"]["BM"], cfg["dq"]["BM"]
+
+
+def _config(config):
+    return {name: {**c, **(config or {}).get(name, {})} for name, c in CONFIG.items()}
+
+
+def sep_attention_triton(q, k, v, is_sep, init_tokens: int, window: int, scale=None, config: dict | None = None,
+                         plan=None):
+    """`plan`: the micro-batch's `SepPlan` (built here when not given, e.g. by tests and benchmarks).
+    `config` overrides CONFIG per kernel, e.g. {"fwd": {"BM": 128}} (tests use small tiles)."""
     d = q.shape[-1]
     if d not in (16, 32, 64, 128):
         raise ValueError(f"the Triton SepAttention kernel supports head dims 16, 32, 64 and 128, not {d}. "
                          "Fix: use backend='flex' or 'reference'")
     scale = d ** -0.5 if scale is None else scale
-    cfg = {name: {**c, **(config or {}).get(name, {})} for name, c in CONFIG.items()}
-    return _SepAttnFn.apply(q, k, v, is_sep, init_tokens, window, scale, cfg)
+    cfg = _config(config)
+    fbm, qbm = cfg["fwd"]["BM"], cfg["dq"]["BM"]
+    if plan is None:
+        from .sep_plan import build_plan
+        plan = build_plan(is_sep, init_tokens, [window], "triton", tile_rows=(fbm, qbm))
+    o, _ = sep_attn_fwd(q.contiguous(), k.contiguous(), v.contiguous(), plan.index, plan.gpos, plan.slot,
+                        plan.bounds[(window, fbm)], plan.bounds[(window, qbm)], window, scale, _launch(cfg))
+    return o

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import sys
 
 
@@ -107,14 +108,23 @@ def cmd_generate(args) -> int:
     import torch
 
     from .convert import load_project_model
-    from .data.tokenizer import load_tokenizer
+    from .data.tokenizer import TokenizerError, load_tokenizer
     from .inference import generate
 
     model, cfg = load_project_model(args.load)
-    tok = load_tokenizer(args.tokenizer or cfg.data.tokenizer)
+    path = args.tokenizer or cfg.data.tokenizer
+    try:
+        tok = load_tokenizer(path)
+    except TokenizerError as e:
+        raise ValueError(f"the tokenizer {path} cannot be loaded ({str(e).split('. Fix:')[0]}). Fix: pass the one "
+                         "the model was trained with: --tokenizer PATH") from None
     ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt is empty (it encodes to no tokens). Fix: pass some text with --prompt")
+    limit = cfg.model.max_position_embeddings
+    if len(ids) + args.max_new_tokens > limit:
+        print(f"warning: {len(ids)} prompt + {args.max_new_tokens} new tokens pass the {limit} positions the model "
+              "was trained with; later tokens may degrade", file=sys.stderr)
     prompt = torch.tensor([ids])
     out = generate(model, prompt, args.max_new_tokens, greedy=args.temperature == 0, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, eod_id=tok.eod_id, seed=args.seed, evict=args.evict)
@@ -128,6 +138,8 @@ def _at_least(low, kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
         return value
@@ -141,8 +153,15 @@ def _probability(text):
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments get one line, like every other error, instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}. Fix: see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-sep", description=__doc__)
+    parser = OneLineParser(prog="megatron-sep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a GPT model (resumes from run_dir's latest checkpoint)")

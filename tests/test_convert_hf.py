@@ -59,6 +59,8 @@ def test_export_loads_in_transformers_with_equal_logits(corpus, tmp_path, name):
         diff = (hf(tokens).logits - ours(tokens)).abs().max().item()
     assert diff <= 1e-4, diff
     assert (out / "tokenizer.json").is_file() and json.loads((out / "generation_config.json").read_text())
+    mode = lambda name: (out / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("model.safetensors") == mode("config.json")  # safetensors alone would write 0600
 
 
 def hf_random(tmp_path, family):

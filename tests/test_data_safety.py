@@ -76,15 +76,24 @@ def test_stop_right_after_resume_saves_nothing(corpus, tmp_path):
 
 
 def test_resave_killed_between_renames_still_resumes(corpus, tmp_path):
-    """A re-save of the step `latest` names, killed after the old folder moved aside and before the new
-    one is renamed in: the run resumes from the moved-aside folder, with the uninterrupted losses."""
+    """A re-save of the step `latest` names: without a kill it replaces the folder and leaves nothing
+    aside; killed after the old folder moved aside and before the new one is renamed in, the run resumes
+    from the moved-aside folder, with the uninterrupted losses."""
     cfg = tiny_config(corpus, tmp_path / "run")
     Trainer(cfg).run(until=4)
     script = ("import sys; from megatron_sep.config import load_config; from megatron_sep.training import Trainer\n"
               "t = Trainer(load_config(sys.argv[1])); t.maybe_resume(); t.save()\n")
-    proc = subprocess.run([sys.executable, "-c", script, str(write_config(cfg, tmp_path / "cfg.yaml"))],
-                          env={**os.environ, CRASH_ENV: "4:swap"}, capture_output=True, text=True, timeout=300)
     root = tmp_path / "run" / "checkpoints"
+    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+    config_path = str(write_config(cfg, tmp_path / "cfg.yaml"))
+    before = snapshot(root)
+    proc = subprocess.run([sys.executable, "-c", script, config_path], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = snapshot(root)
+    assert after.keys() == before.keys() and after != before  # rewritten in place, nothing left aside
+    proc = subprocess.run([sys.executable, "-c", script, config_path], env={**env, CRASH_ENV: "4:swap"},
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 86, proc.stderr
     assert not (root / "step_00000004").exists() and (root / ".old-step_00000004" / "meta.pt").is_file()
     assert latest_checkpoint(root).name == ".old-step_00000004"
@@ -168,9 +177,9 @@ def test_skip_nonfinite_drops_one_bad_update(corpus, tmp_path):
     trainer = poisoned(1, "skip")
     seen = {}
 
-    def weights_before_step(module, args):  # the weights each step starts from
-        seen.setdefault(trainer.step, [p.detach().clone() for p in module.parameters()])
-    trainer.model.register_forward_pre_hook(weights_before_step)
+    def weights_before_step(module, args):  # the weights each step starts from (embedding: the first module)
+        seen.setdefault(trainer.step, [p.detach().clone() for p in trainer.model.parameters()])
+    trainer.model.embed.register_forward_pre_hook(weights_before_step)
     out = trainer.run()
     assert out["step"] == 5 and trainer.skipped == 1
     assert all(torch.equal(a, b) for a, b in zip(seen[2], seen[3]))  # step 3 changed nothing
@@ -185,10 +194,12 @@ def test_import_hf_never_touches_an_existing_run(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path / "run", train={"steps": 2}, checkpoint={"save_interval": 2})
     Trainer(cfg).run()
     before = snapshot(tmp_path / "run")
-    for extra in ([], ["--force"]):
-        err = assert_one_line_error(cli("import-hf", "--hf", hf_dir, "--out", tmp_path / "run", *extra),
-                                    "already holds checkpoints")
-        assert "never done, even with --force" in err
+    step = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    for out in (tmp_path / "run", tmp_path / "run" / "checkpoints", step, step / "x"):  # the run, or inside it
+        for extra in ([], ["--force"]):
+            err = assert_one_line_error(cli("import-hf", "--hf", hf_dir, "--out", out, *extra),
+                                        "already holds checkpoints, or lies inside a checkpoint folder")
+            assert "never done, even with --force" in err
     assert snapshot(tmp_path / "run") == before
     notes = tmp_path / "notes"
     notes.mkdir()
@@ -315,9 +326,17 @@ def test_generate_rejects_bad_arguments(corpus, tmp_path):
     Trainer(tiny_config(corpus, tmp_path / "run", train={"steps": 1}, checkpoint={"save_interval": 1})).run()
     assert_one_line_error(cli("generate", "--load", tmp_path / "run", "--prompt", ""), "the prompt is empty")
     for flag, value, needle in (("--max-new-tokens", "0", "must be >= 1"), ("--max-new-tokens", "-5", ">= 1"),
-                                ("--temperature", "-1", "must be >= 0.0"), ("--top-p", "1.5", "(0, 1]")):
-        proc = cli("generate", "--load", tmp_path / "run", "--prompt", "x", flag, value)
-        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+                                ("--temperature", "-1", "must be >= 0.0"), ("--temperature", "nan", "finite"),
+                                ("--top-p", "1.5", "(0, 1]")):
+        assert_one_line_error(cli("generate", "--load", tmp_path / "run", "--prompt", "x", flag, value), needle,
+                              "Fix: see `megatron-sep generate --help`")
+    moved = tmp_path / "gone.model"  # the run's tokenizer is gone: the fix names --tokenizer
+    os.symlink(corpus["tokenizer"], moved)
+    cfg = tiny_config(corpus, tmp_path / "run2", train={"steps": 1}, checkpoint={"save_interval": 1})
+    cfg.data.tokenizer = str(moved)
+    Trainer(cfg).run()
+    moved.unlink()
+    assert_one_line_error(cli("generate", "--load", tmp_path / "run2", "--prompt", "x"), "--tokenizer PATH")
 
 
 def test_ctrl_c_saves_and_a_second_ctrl_c_exits_at_once(corpus, tmp_path):
@@ -350,6 +369,12 @@ def test_data_tool_inputs(corpus, tmp_path):
     bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     assert_one_line_error(cli("preprocess", "--input", bad, "--tokenizer", corpus["tokenizer"], "--out",
                               tmp_path / "b", "--workers", "1"), f"{bad}:2 is not UTF-8")
+    number = tmp_path / "number.jsonl"
+    number.write_text('{"text": "fine"}\n{"text": 5}\n')
+    for cmd in (["preprocess", "--input", number, "--tokenizer", corpus["tokenizer"], "--out", tmp_path / "n",
+                 "--workers", "1"], ["tokenizer", "train", "--input", number, "--out", tmp_path / "nt",
+                                     "--vocab-size", "300"]):
+        assert_one_line_error(cli(*cmd), f"{number}:2 has a int under 'text', not text")
     binary = tmp_path / "blob.txt"
     binary.write_bytes(bytes(range(256)) * 64)
     assert_one_line_error(cli("preprocess", "--input", binary, "--tokenizer", corpus["tokenizer"], "--out",

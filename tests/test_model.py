@@ -44,11 +44,8 @@ def test_loss_matches_manual_cross_entropy(family):
 
 
 def _hidden(model, tokens):
-    x = model.embed(tokens)
-    pos = torch.arange(tokens.shape[1])
-    for layer in model.layers:
-        x = layer(x, pos, {"tokens": tokens})
-    return x
+    from megatron_sep.model.attention import AttentionBatch
+    return model.run_layers(model.embed(tokens), torch.arange(tokens.shape[1]), AttentionBatch())
 
 
 def test_family_shapes():

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fused_ops
-from fused_ops.sep_attention_flex import two_part
+from fused_ops.sep_attention_flex import gather_kv, make_mask_mod
+from fused_ops.sep_plan import gather_plan, kept_keys
 
 
 def oracle_mask(is_sep, a, n, seg=None):
@@ -90,7 +91,9 @@ def test_two_part_formulation_is_exact(density, window, segments):
     s = 150
     q, k, v, is_sep = random_inputs(2, 4, 2, s, 8, density)
     seg = torch.cumsum((torch.rand(2, s) < 0.05).long(), dim=1) if segments else None
-    k_all, v_all, mask_mod = two_part(k, v, is_sep, 3, window, seg)
+    index, gpos = gather_plan(kept_keys(is_sep, 3, seg))
+    k_all, v_all = gather_kv(k, v, index)
+    mask_mod = make_mask_mod(gpos, window, seg, s)
     bi = torch.arange(2)[:, None, None]
     qi = torch.arange(s)[None, :, None]
     kv = torch.arange(k_all.shape[2])[None, None, :]

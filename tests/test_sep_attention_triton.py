@@ -103,11 +103,13 @@ def test_kernels_with_different_tile_shapes():
 
 
 def test_auto_backend_choice():
-    from fused_ops.sep_attention import auto_backend
-    assert auto_backend(False, 128, False) == "reference"
-    assert auto_backend(True, 128, False) == "triton"
-    assert auto_backend(True, 128, True) == "flex"  # the kernel takes no segment_ids yet
-    assert auto_backend(True, 96, False) == "flex"
+    from fused_ops import resolve_backend
+    assert resolve_backend("auto", False, 128, False) == "reference"
+    assert resolve_backend("auto", True, 128, False) == "triton"
+    assert resolve_backend("auto", True, 128, True) == "flex"  # the kernel takes no segment_ids yet
+    assert resolve_backend("auto", True, 96, False) == "flex"
+    with pytest.raises(ValueError, match="head dims"):
+        resolve_backend("triton", True, 96, False)
 
 
 @pytest.mark.parametrize("split,window", [(1, 45), (3, 100), (7, 45)])

@@ -5,6 +5,7 @@ consistency rules. A rule violation raises ConfigError naming key, value, fix.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -226,6 +227,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False  # torch.compile each transformer block
+    # recompute in backward: a whole block (full) or only its core attention (selective), as in Megatron
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
 
     def check(self) -> None:
         p = "train."
@@ -296,6 +299,23 @@ class Config:
         _require(d.seq_len <= m.max_position_embeddings, "data.seq_len", d.seq_len,
                  f"exceeds model.max_position_embeddings={m.max_position_embeddings}",
                  "lower data.seq_len or raise model.max_position_embeddings")
+        if a.kind != "dense":  # what a backend cannot serve stops here, not mid-run
+            _require(m.attention_dropout == 0, "model.attention_dropout", m.attention_dropout,
+                     f"is not supported by attention.kind={a.kind}", "set it to 0")
+            _require(not (a.backend == "triton" and a.reset_per_document), "attention.backend", a.backend,
+                     "takes no attention.reset_per_document (document resets) yet",
+                     "use backend flex (GPU) or reference, or auto")
+            _require(a.backend != "triton" or m.head_dim in (16, 32, 64, 128), "attention.backend", a.backend,
+                     f"supports head dims 16, 32, 64 and 128, not {m.head_dim}", "use backend flex or auto")
+            if self.train.device == "cpu":
+                check_backend_device(a.backend, "cpu")
+
+
+def check_backend_device(backend: str, device_type: str) -> None:
+    """flex and triton run on CUDA (triton also under TRITON_INTERPRET=1, which the tests use)."""
+    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    _require(backend not in ("triton", "flex") or device_type == "cuda" or interpreted, "attention.backend",
+             backend, f"needs a CUDA device, and this run is on {device_type}", "use backend reference or auto")
 
 
 SECTIONS = ("model", "attention", "parallel", "data", "optim", "train", "checkpoint", "logging")

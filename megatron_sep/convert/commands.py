@@ -70,7 +70,8 @@ def _export_tokenizer(path: str | None, cfg):
     try:
         return load_tokenizer(path)
     except TokenizerError as e:
-        raise ConversionError(f"the tokenizer {path} cannot be loaded ({e}). Fix: pass --tokenizer PATH") from None
+        raise ConversionError(f"the tokenizer {path} cannot be loaded ({str(e).split('. Fix:')[0]}). Fix: pass "
+                              "--tokenizer PATH") from None
 
 
 def _prepare_out(out: Path, force: bool, owned: tuple[str, ...], what: str) -> Path:
@@ -103,9 +104,11 @@ def sepllm_remote_code(cfg, model_type: str) -> dict:
 
 def import_hf(hf_dir: str | Path, out: str | Path, overrides=(), force: bool = False) -> Path:
     hf_dir, out = Path(hf_dir), Path(out)
-    if list_checkpoints(out / "checkpoints") or (out / "checkpoints" / "latest").exists():
-        raise ConversionError(f"{out} already holds checkpoints, which an import would replace. Fix: choose a "
-                              "new --out (this is never done, even with --force)")
+    inside = [p for p in (out, *out.parents) if (p / "latest").is_file() or (p / "meta.pt").is_file()]
+    if list_checkpoints(out / "checkpoints") or (out / "checkpoints" / "latest").exists() or inside:
+        raise ConversionError(f"{out} already holds checkpoints, or lies inside a checkpoint folder, which an "
+                              "import would mix with. Fix: choose a new --out (this is never done, even with "
+                              "--force)")
     if not (hf_dir / "config.json").is_file():
         raise ConversionError(f"{hf_dir} has no config.json. Fix: point --hf at a transformers model directory")
     try:

@@ -8,6 +8,7 @@ exported (the padding to a multiple of 128 is ours).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -172,9 +173,17 @@ def read_hf_weights(hf_dir: Path) -> dict:
     return out
 
 
-def write_hf_weights(state: dict, out: Path, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30) -> None:
+def _save(tensors: dict, path: Path) -> None:
+    """safetensors writes 0600; give the weights the mode every other exported file gets (the umask's)."""
     from safetensors.torch import save_file
 
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_hf_weights(state: dict, out: Path, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30) -> None:
     tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in state.items()}
     shards, current, size = [], {}, 0
     for k, v in tensors.items():
@@ -185,12 +194,12 @@ def write_hf_weights(state: dict, out: Path, dtype: torch.dtype, max_shard_bytes
         size += v.numel() * v.element_size()
     shards.append(current)
     if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        _save(shards[0], out / "model.safetensors")
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
+        _save(shard, out / name)
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     (out / "model.safetensors.index.json").write_text(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..model.attention import AttentionBatch
 from .cache import SepKVCache
 
 
@@ -22,7 +23,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool =
     steps = []
     for _ in range(max_new_tokens):
         pos = cache.begin(step_input)
-        logits = model(step_input, position_ids=pos, batch={"kv_cache": cache})[:, -1].float()
+        logits = model(step_input, position_ids=pos, batch=AttentionBatch(kv_cache=cache))[:, -1].float()
         steps.append(logits)
         if greedy:
             nxt = logits.argmax(-1)

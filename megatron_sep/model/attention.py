@@ -1,10 +1,13 @@
 """The attention core: one pluggable function per layer, plus the per-microbatch SepLLM inputs.
 
 `build_core_attention(cfg, layer)` returns `core(q, k, v, batch, dropout)` with
-q [b, hq, s, d], k/v [b, hk, s, d] -> [b, hq, s, d]. `batch` carries tensors
-computed once per microbatch (`is_sep`, `segment_ids`) and shared by every layer.
+q [b, hq, s, d], k/v [b, hk, s, d] -> [b, hq, s, d]. `batch` is the micro-batch's
+`AttentionBatch` (`prepare_batch`): `is_sep`, `segment_ids` and the sparse plan, computed
+once outside compiled code and shared by every layer and pipeline stage.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +16,29 @@ import fused_ops
 from ..config import Config
 
 DENSE = 1 << 30  # a window no sequence reaches: dense causal (within documents when reset)
+
+
+@dataclass
+class AttentionBatch:
+    is_sep: torch.Tensor | None = None  # [b, s] bool
+    segment_ids: torch.Tensor | None = None  # [b, s] (attention.reset_per_document)
+    plan: fused_ops.SepPlan | None = None  # kept keys, gathered list, tile bounds / block masks
+    kv_cache: object | None = None  # decoding: the cache attends instead of the core
+
+
+def prepare_batch(cfg: Config, tokens: torch.Tensor, sep_ids: torch.Tensor) -> AttentionBatch:
+    """Everything attention needs from this micro-batch's tokens, for every layer at once."""
+    inputs = sep_inputs(cfg, tokens, sep_ids)
+    if not inputs:
+        return AttentionBatch()
+    a, s = cfg.attention, tokens.shape[1]
+    windows = [w or DENSE for w in a.layer_windows(cfg.model.num_layers, cfg.model.max_position_embeddings)
+               if (w is not None and w < s) or a.reset_per_document]
+    plan = None
+    if windows:
+        plan = fused_ops.plan_for(inputs["is_sep"], a.init_tokens, windows, a.backend, inputs.get("segment_ids"),
+                                  cfg.model.head_dim)
+    return AttentionBatch(is_sep=inputs["is_sep"], segment_ids=inputs.get("segment_ids"), plan=plan)
 
 
 def dense_causal(q, k, v, batch, dropout=0.0):
@@ -29,9 +55,9 @@ def build_core_attention(cfg: Config, layer: int):
     def core(q, k, v, batch, dropout=0.0):
         if dropout:
             raise ValueError("attention.kind other than dense does not support model.attention_dropout")
-        return fused_ops.sep_attention(q, k, v, batch["is_sep"], init_tokens=a.init_tokens,
+        return fused_ops.sep_attention(q, k, v, batch.is_sep, init_tokens=a.init_tokens,
                                        window=window or DENSE, backend=a.backend,
-                                       segment_ids=batch.get("segment_ids"))
+                                       segment_ids=batch.segment_ids, plan=batch.plan)
     return core
 
 

@@ -14,10 +14,11 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import fused_ops
 from ..config import Config, ModelConfig
-from .attention import build_core_attention, sep_inputs, separator_ids_of
+from .attention import build_core_attention, prepare_batch, separator_ids_of
 
 
 class Norm(nn.Module):
@@ -46,6 +47,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.core = core
         self.dropout = cfg.attention_dropout
+        self.recompute = False  # selective activation checkpointing: the core attention only
 
     def forward(self, x, position_ids, batch):
         qkv = self.qkv(x)
@@ -56,9 +58,11 @@ class Attention(nn.Module):
         k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
         q, k = fused_ops.apply_rope(q, k, position_ids, self.rotary_dim, self.rotary_base, self.kernels)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cache = batch.get("kv_cache")  # decoding: the cache holds earlier keys and applies the mask
+        cache = batch.kv_cache  # decoding: the cache holds earlier keys and applies the mask
         if cache is not None:
             o = cache.attend(self.layer, q, k, v)
+        elif self.recompute and torch.is_grad_enabled():
+            o = checkpoint(self.core, q, k, v, batch, self.dropout if self.training else 0.0, use_reentrant=False)
         else:
             o = self.core(q, k, v, batch, self.dropout if self.training else 0.0)
         return self.out(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
@@ -87,8 +91,19 @@ class Block(nn.Module):
         self.norm1, self.norm2 = Norm(cfg), Norm(cfg)
         self.attn, self.mlp = Attention(cfg, core, layer), MLP(cfg)
         self.drop = nn.Dropout(cfg.hidden_dropout)
+        self.recompute = False  # full activation checkpointing: the whole block
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation checkpointing as in Megatron: none, full (the block) or selective (core attention)."""
+        self.recompute = mode == "full"
+        self.attn.recompute = mode == "selective"
 
     def forward(self, x, position_ids, batch):
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, position_ids, batch, use_reentrant=False)
+        return self._forward(x, position_ids, batch)
+
+    def _forward(self, x, position_ids, batch):
         if self.parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
             a = self.attn(self.norm1(x), position_ids, batch)
             return x + self.drop(a) + self.drop(self.mlp(self.norm2(x)))
@@ -125,14 +140,29 @@ class GPT(nn.Module):
 
     def forward(self, tokens, labels=None, position_ids=None, batch=None):
         """tokens [b, s] -> logits [b, s, vocab] or, with labels, the mean cross-entropy.
-        `batch` (is_sep, segment_ids) is derived from tokens unless given."""
+        `batch` (the AttentionBatch: is_sep, segment_ids, plan) is prepared from tokens unless given."""
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device)
         if batch is None:  # per-microbatch attention inputs, computed once for every layer
-            batch = sep_inputs(self.cfg, tokens, self.sep_ids)
-        x = self.drop(self.embed(tokens))
-        for layer in self.layers:
+            batch = prepare_batch(self.cfg, tokens, self.sep_ids)
+        return self.head(self.run_layers(self.embed_tokens(tokens), position_ids, batch), labels)
+
+    # the pieces of forward, also run one pipeline stage at a time (parallel/pipeline.py)
+    def embed_tokens(self, tokens):
+        return self.drop(self.embed(tokens))
+
+    def run_layers(self, x, position_ids, batch, indices=None):
+        """The blocks in order, or those with these global indices (a pipeline chunk)."""
+        layers = self.layers
+        if indices is not None:
+            layers = [layers[str(i)] if isinstance(layers, nn.ModuleDict) else layers[i] for i in indices]
+        elif isinstance(layers, nn.ModuleDict):
+            layers = layers.values()
+        for layer in layers:
             x = layer(x, position_ids, batch)
+        return x
+
+    def head(self, x, labels=None):
         logits = self.lm_head(self.final_norm(x))
         if labels is None:
             return logits[..., : self.vocab_size]

@@ -24,15 +24,14 @@ class ParallelPlan:
         self.ctx, self.cfg = ctx, cfg
         model = apply_tensor_parallel(model, ctx)
         p = cfg.parallel
-        self.pipe = Pipeline(model, ctx, p.schedule, p.virtual_stages) if ctx.pp > 1 else None
+        self.pipe = Pipeline(model, ctx, p.schedule, p.virtual_stages)  # pp = 1: one stage, the same code
         self.model = model.to(ctx.device)
         o = cfg.optim
         params = list(self.model.parameters())
         self.zero = p.zero == 1 and ctx.dp > 1
-        manual = [self.pipe.tied_param] if self.pipe is not None else []
+        manual = [self.pipe.tied_param] if self.pipe.tied_param is not None else []
         self.sync = GradSync(params, ctx, p.bucket_mb, self.zero, manual) if ctx.dp > 1 else None
-        if self.pipe is not None:
-            self.pipe.before_last_backward = self.before_last_backward
+        self.pipe.before_last_backward = self.before_last_backward
         if self.zero:
             self.opt = ZeroAdamW(self.sync, decays, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
         else:
@@ -52,8 +51,7 @@ class ParallelPlan:
     def step(self, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
         """Finish gradient reduction, clip by the global norm, update. Returns (norm, updated): a non-finite
         norm, or a non-finite `loss` on any rank, drops the update so the weights stay as they were."""
-        if self.pipe is not None:
-            self.pipe.sync_tied_grads()
+        self.pipe.sync_tied_grads()
         if self.sync is not None:
             self.sync.finish()
         sync_sequence_parallel_grads(self.model, self.ctx)

@@ -41,7 +41,8 @@ class Pipeline:
         self.last_chunk = ctx.pp * self.vp - 1
         tied = model.lm_head.weight is model.embed.weight
         owned = [i for g in self.my_chunks for i in chunks[g]]
-        model.layers = nn.ModuleDict({str(i): model.layers[i] for i in owned})
+        if ctx.pp > 1:  # keyed by global index, so parameter names stay the plain model's
+            model.layers = nn.ModuleDict({str(i): model.layers[i] for i in owned})
         has_first, has_last = 0 in self.my_chunks, self.last_chunk in self.my_chunks
         if has_last and tied and not has_first:  # the head keeps its own copy, kept equal by grad sync
             model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
@@ -61,15 +62,13 @@ class Pipeline:
 
     # ---- one chunk ---------------------------------------------------------------------------
     def run_chunk(self, g: int, x, tokens, labels, batch):
+        """The model's own embed / blocks / head code, for the layers of chunk g."""
         m = self.model
         pos = torch.arange(tokens.shape[1], device=tokens.device)
         if g == 0:
-            x = m.drop(m.embed(tokens))
-        for i in self.chunk_layers[g]:
-            x = m.layers[str(i)](x, pos, batch)
-        if g == self.last_chunk:
-            return m.loss_fn(m.lm_head(m.final_norm(x)), labels)
-        return x
+            x = m.embed_tokens(tokens)
+        x = m.run_layers(x, pos, batch, self.chunk_layers[g])
+        return m.head(x, labels) if g == self.last_chunk else x
 
     def _peer(self, g: int, step: int) -> int:
         """Global rank holding global chunk g + step."""

@@ -97,6 +97,8 @@ def save_checkpoint(root: Path, step: int, plan, meta: dict, config_text: str, k
     except (Exception, CheckpointException) as e:  # DCP wraps OSError (ENOSPC, ...) in its own BaseException
         if ctx.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if "KeyboardInterrupt" in str(e):  # Ctrl-C inside DCP's workers: an interrupt, not a write error
+            raise KeyboardInterrupt from None
         raise CheckpointError(f"cannot write checkpoint {final}: {_reason(e)}. The earlier checkpoints are "
                               "untouched. Fix: free disk space or check permissions, then run again to "
                               "resume") from None
@@ -106,7 +108,8 @@ def save_checkpoint(root: Path, step: int, plan, meta: dict, config_text: str, k
 
 def _crash_point(step: int, phase: str) -> None:
     """Test-only: exit hard at `phase` of this step's save when CRASH_ENV says `step` or `step:phase`."""
-    if os.environ.get(CRASH_ENV) in (f"{step}:{phase}", str(step) if phase == "tensors" else None):
+    wanted = os.environ.get(CRASH_ENV)
+    if wanted is not None and wanted in (f"{step}:{phase}", str(step) if phase == "tensors" else ""):
         os._exit(86)
 
 

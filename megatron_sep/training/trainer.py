@@ -13,11 +13,12 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, config_to_dict, dump_config
+from ..config.schema import check_backend_device
 from ..data.dataset import MockDataset, build_datasets
 from ..data.tokenizer import load_tokenizer
 from ..data.separators import resolve_separator_ids
 from ..model import GPT
-from ..model.attention import attention_stats, sep_inputs
+from ..model.attention import attention_stats, prepare_batch, sep_inputs
 from ..parallel import init_parallel, shutdown
 from ..parallel.apply import ParallelPlan
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -53,6 +54,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.ctx = init_parallel(cfg, pick_device(cfg))
         self.device = self.ctx.device
+        if cfg.attention.kind != "dense":  # train.device auto: known only now, still before any work
+            check_backend_device(cfg.attention.backend, self.device.type)
         self.stop_signal = None
         seed_everything(cfg.train.seed)  # the same on every rank: each takes its slice of one model
 
@@ -86,9 +89,11 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and t.precision in ("auto", "bf16")
                          else contextlib.nullcontext())
+        blocks = self.model.layers
+        layers = list(blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks)
+        for layer in layers:  # before compile, so the recomputation is part of the compiled block
+            layer.set_recompute(t.activation_checkpointing)
         if t.compile:  # per block, in place: parameter names and the pipeline's layer dict stay as they are
-            blocks = self.model.layers
-            layers = blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks
             for layer in layers:
                 layer.compile()
 
@@ -190,9 +195,9 @@ class Trainer:
         return data[:, :-1], data[:, 1:]
 
     def micro_batch(self, ds, start: int, size: int):
-        """(tokens, labels, attention inputs) for a pipeline: every stage derives is_sep itself."""
+        """(tokens, labels, AttentionBatch): the batch and its plan are built once, here, for every stage."""
         tokens, labels = self.batch(ds, start, size)
-        return tokens, labels, sep_inputs(self.cfg, tokens, self.model.sep_ids)
+        return tokens, labels, prepare_batch(self.cfg, tokens, self.model.sep_ids)
 
     # ---- steps ---------------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,20 +207,10 @@ class Trainer:
         micros = self.global_batch // (mb * ctx.dp)
         base = self.consumed + ctx.dp_rank * (self.global_batch // ctx.dp)
         self.plan.set_lr(lr_at(self.step, self.cfg))
-        if self.plan.pipe is not None:  # the schedule runs every forward and backward
-            batches = [self.micro_batch(self.train_ds, base + m * mb, mb) for m in range(micros)]
-            with self.autocast:
-                total = self.plan.pipe.run(batches)
-        else:
-            total = torch.zeros((), device=self.device)
-            for micro in range(micros):
-                if micro == micros - 1:
-                    self.plan.before_last_backward()
-                tokens, labels = self.batch(self.train_ds, base + micro * mb, mb)
-                with self.autocast:
-                    loss = self.model(tokens, labels) / micros
-                loss.backward()
-                total += loss.detach()
+        batches = [self.micro_batch(self.train_ds, base + m * mb, mb) for m in range(micros)]
+        with self.autocast:  # one schedule runs every forward and backward (one stage without pp)
+            total = self.plan.pipe.run(batches)
+        self.last_batch = batches[-1]
         norm, updated = self.plan.step(loss=total)
         if ctx.dp > 1:
             torch.distributed.all_reduce(total, group=ctx.dp_group)
@@ -240,15 +235,10 @@ class Trainer:
         ctx, mb = self.ctx, self.cfg.train.micro_batch_size
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         mine = range(ctx.dp_rank, self.cfg.train.eval_iters, ctx.dp)
-        if self.plan.pipe is not None and mine:  # forward-only schedule; the last stage has the loss
+        if mine:  # forward-only schedule; the last stage has the loss
             with self.autocast, torch.no_grad():
                 total += self.plan.pipe.run([self.micro_batch(self.valid_ds, i * mb, mb) for i in mine],
                                             forward_only=True).double() * len(mine)
-        else:
-            for i in mine:
-                tokens, labels = self.batch(self.valid_ds, i * mb, mb)
-                with self.autocast:
-                    total += self.model(tokens, labels).double()
         if ctx.dp > 1:
             torch.distributed.all_reduce(total, group=ctx.dp_group)
         self.model.train()
@@ -333,10 +323,8 @@ class Trainer:
                 loss, norm = self.train_step()
                 steps_since += 1
                 si = cfg.attention.stats_interval
-                if cfg.attention.kind != "dense" and si and self.step % si == 0:
-                    tokens, _ = self.batch(self.train_ds, self.consumed - self.global_batch,
-                                           t.micro_batch_size)
-                    stats = attention_stats(cfg, sep_inputs(cfg, tokens, self.model.sep_ids)["is_sep"])
+                if cfg.attention.kind != "dense" and si and self.step % si == 0:  # the step's last micro-batch
+                    stats = attention_stats(cfg, self.last_batch[2].is_sep)
                     self.logger.print(f"step {self.step:>6} | attention kept pairs {stats['kept_pairs']:.1%} "
                                       f"| kept kv {stats['kept_kv']:.1%} | separators {stats['sep_share']:.1%}")
                     self.logger.log(self.step, stats)

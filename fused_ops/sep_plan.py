@@ -1,0 +1,106 @@
+"""The sparse plan of one micro-batch for SepLLM attention: built once, outside any compiled region.
+
+Which keys every query keeps beyond its window (initial tokens and separators) depends only on the
+tokens, so it is computed once per micro-batch and handed to every layer (and pipeline stage):
+- `keep` [b, s]: the always-visible keys;
+- `index` / `gpos` [b, G]: the kept positions in order, padded to a power-of-two bucket G (so shapes,
+  and compiled graphs, repeat across micro-batches); padding slots point at key 0 and hold a position
+  no query reaches;
+- `slot` [b, s]: each position's place in that list, -1 when not kept (Triton dK/dV);
+- `bounds[(window, BM)]` [b, 2 * tiles]: per query tile of BM rows, how many list entries are older
+  than all / some of the tile's windows (Triton);
+- `block_masks[window]`: FlexAttention's block mask over keys [gathered ; all] (flex).
+The G bucket needs the largest kept count on the host: the one sync of a plan, once per micro-batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+BLOCK = 128  # the G bucket is a multiple of this (FlexAttention's block size)
+
+
+def kept_keys(is_sep: torch.Tensor, init_tokens: int, segment_ids: torch.Tensor | None = None):
+    """Per-token bool [b, s]: an initial token (of its document, with segments) or a separator."""
+    b, s = is_sep.shape
+    pos = torch.arange(s, device=is_sep.device).expand(b, s)
+    if segment_ids is None:
+        return is_sep | (pos < init_tokens)
+    starts = torch.ones_like(is_sep)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start_pos = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=1).values
+    return is_sep | (pos - start_pos < init_tokens)
+
+
+def gather_plan(keep: torch.Tensor):
+    """Sorted kept positions per row, padded to a power-of-two multiple of BLOCK: (index [b, G], pos [b, G])."""
+    b, s = keep.shape
+    pos = torch.arange(s, device=keep.device).expand(b, s)
+    order = torch.sort(torch.where(keep, pos, pos + s), dim=1).indices  # kept first, in order
+    counts = keep.sum(1, keepdim=True)
+    count = int(counts.max().item())  # the plan's one host sync
+    g = max(BLOCK, 1 << (count - 1).bit_length())
+    if g > s:
+        order = torch.cat([order, order.new_zeros(b, g - s)], dim=1)
+    index = order[:, :g]
+    valid = torch.arange(g, device=keep.device)[None, :] < counts
+    # invalid slots get a position no query can reach
+    return torch.where(valid, index, 0).contiguous(), torch.where(valid, index, 2 * s + 2 * g).contiguous()
+
+
+@dataclass
+class SepPlan:
+    is_sep: torch.Tensor
+    keep: torch.Tensor
+    segment_ids: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    gpos: torch.Tensor | None = None
+    slot: torch.Tensor | None = None
+    bounds: dict = field(default_factory=dict)
+    block_masks: dict = field(default_factory=dict)
+
+
+def tile_bounds(gpos: torch.Tensor, s: int, window: int, bm: int) -> torch.Tensor:
+    """[b, 2 * tiles] int32: list entries older than the window of the tile's first / last query."""
+    b = gpos.shape[0]
+    first = torch.arange(-(-s // bm), device=gpos.device) * bm
+    edges = torch.stack([first - window, first + bm - 1 - window]).to(gpos.dtype)  # [2, tiles]
+    return torch.searchsorted(gpos, edges.reshape(1, -1).expand(b, -1).contiguous(),
+                              right=True).to(torch.int32).contiguous()
+
+
+def list_slots(gpos: torch.Tensor, s: int) -> torch.Tensor:
+    """[b, s] int32: the list slot of each kept position, -1 elsewhere."""
+    b, g = gpos.shape
+    valid = gpos < s  # padding slots go to a spare column, dropped after
+    slot = torch.full((b, s + 1), -1, dtype=torch.int32, device=gpos.device)
+    slot.scatter_(1, torch.where(valid, gpos, s).long(),
+                  torch.arange(g, dtype=torch.int32, device=gpos.device).expand(b, g).contiguous())
+    return slot[:, :s].contiguous()
+
+
+def build_plan(is_sep: torch.Tensor, init_tokens: int, windows, backend: str,
+               segment_ids: torch.Tensor | None = None, tile_rows=()) -> SepPlan:
+    """The plan for the sparse (window < s) layers of one micro-batch. `windows`: their window sizes;
+    `backend`: reference (keep only), triton (list, slots, tile bounds for each BM in `tile_rows`) or
+    flex (list and block masks)."""
+    keep = kept_keys(is_sep, init_tokens, segment_ids)
+    plan = SepPlan(is_sep=is_sep, keep=keep, segment_ids=segment_ids)
+    if backend == "reference":
+        return plan
+    s = is_sep.shape[1]
+    plan.index, gpos = gather_plan(keep)
+    if backend == "triton":
+        plan.gpos = gpos.to(torch.int32)
+        plan.slot = list_slots(plan.gpos, s)
+        plan.bounds = {(w, bm): tile_bounds(plan.gpos, s, w, bm) for w in set(windows) for bm in set(tile_rows)}
+    elif backend == "flex":
+        from .sep_attention_flex import block_mask
+        plan.gpos = gpos
+        plan.block_masks = {w: block_mask(gpos, w, segment_ids, s, is_sep.device) for w in set(windows)}
+    else:
+        raise ValueError(f"no SepLLM plan for backend {backend!r}; use reference, triton or flex")
+    for t in (plan.index, plan.gpos):  # G changes bucket between micro-batches: one compile for any G
+        torch._dynamo.maybe_mark_dynamic(t, 1)
+    return plan
