@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import torch
+
 # found once at import: a cached function here made torch.compile warn on every traced call
 TRITON = importlib.util.find_spec("triton") is not None
 
@@ -22,3 +24,15 @@ def use_triton(backend: str, tensor) -> bool:
     if backend != "auto":
         raise ValueError(f"unknown fused-op backend {backend!r}; use auto, triton or reference")
     return tensor.is_cuda and triton_available()
+
+
+_SMS: dict = {}  # multiprocessor count per device, asked once (a device query per launch is host time)
+
+
+def multiprocessors(device) -> int:
+    """The device's SM count (4 off CUDA, where the Triton interpreter runs the kernels)."""
+    if device.type != "cuda":
+        return 4
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device.index]

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import multiprocessors
+
 
 @triton.jit
 def _norm_fwd(X, R, W, B, Y, S, MEAN, RSTD, stride_x, stride_r, stride_y, stride_s, N, eps,
@@ -107,17 +109,6 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-_SMS: dict = {}  # multiprocessor count per device, asked once
-
-
-def _sms(device) -> int:
-    if device.type != "cuda":
-        return 4
-    if device.index not in _SMS:
-        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device.index]
-
-
 # Custom operators (fake implementations, registered backward): torch.compile sees one node and never traces
 # the Triton code (an autograd.Function around it made dynamo fall back to eager for the whole block).
 @torch.library.custom_op("megatron_sep::norm_fwd", mutates_args=())
@@ -166,7 +157,7 @@ def norm_bwd(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.Tensor, weig
     dx = torch.empty_like(x2)
     block = triton.next_power_of_2(n)
     per_sm, warps, stages = _bwd_shape(is_rms, block)
-    progs = max(1, min(m, per_sm * _sms(x2.device)))
+    progs = max(1, min(m, per_sm * multiprocessors(x2.device)))
     rows_per = triton.cdiv(m, progs)
     progs = triton.cdiv(m, rows_per)
     dw = torch.empty(progs, n, dtype=torch.float32, device=x2.device) if weight is not None else None

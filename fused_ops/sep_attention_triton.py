@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import multiprocessors
+
 LOG2E = 1.4426950408889634
 
 # launch shapes per kernel (tuned on an H100: benchmarks/sep_attention_kernel.py --tune)
@@ -262,20 +264,11 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SLOT, DKL, DVL, DK, DV, qk_scale, sc
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
-_SMS: dict = {}  # multiprocessor count per device, asked once
-
-
 def _list_split(programs, s, bm, device):
     """How many programs share the queries of one list tile. Short sequences have few list tiles, each
     reading almost every query; on the H100 (B=1, 16 heads) 2-3 programs per tile beat 1 by 3-5% at 4K and
     16K, and 10 lost 16% at 4K (fp32 partials to write and sum), hence the cap of 3."""
-    if device.type != "cuda":
-        sms = 4
-    else:
-        sms = _SMS.get(device.index)
-        if sms is None:
-            sms = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms, programs), s // (8 * bm), 3))
+    return max(1, min(triton.cdiv(4 * multiprocessors(device), programs), s // (8 * bm), 3))
 
 
 def _compact(x, index):

@@ -176,7 +176,7 @@ class Trainer:
     def save(self) -> None:
         if not self.plan.weights_finite():
             raise TrainingError(f"the weights hold NaN or inf at step {self.step}; nothing was saved. "
-                                f"{self._last_good()} Fix: lower optim.lr or raise optim.clip_grad's effect")
+                                f"{self._last_good()} Fix: lower optim.lr, or clip gradients (optim.clip_grad > 0)")
         meta = {"consumed_samples": self.consumed}
         path = save_checkpoint(self.ckpt_dir, self.step, self.plan, meta, self.config_text,
                                self.cfg.checkpoint.keep_last)
