@@ -14,11 +14,10 @@ Backends:
   so block sparsity skips real work), the second part is the dense window band.
   One softmax covers both, so the result is exact. GPU only.
 - `triton`: fused forward/backward kernels whose work grows with (#kept keys +
-  window) per query (`sep_attention_triton.py`). GPU; no segment_ids yet.
-- `auto`: `triton` on CUDA (faster than `flex` at every measured length on the
-  H100: benchmarks/results/sep_attention_kernel_h100.md), `flex` on CUDA for
-  what the kernel does not take (segment_ids, head dims other than 16/32/64/128),
-  `reference` elsewhere.
+  window) per query (`sep_attention_triton.py`), with or without segment_ids. GPU.
+- `auto`: `triton` on CUDA (faster than `flex` at every measured length:
+  benchmarks/results/sep_attention_kernel_h200.md), `flex` on CUDA for head dims
+  other than 16/32/64/128, `reference` elsewhere.
 What depends only on the tokens (kept keys, their gathered list, tile bounds, block masks) is the
 micro-batch's plan (`sep_plan.py`), built once outside compiled code and passed to every layer.
 """
@@ -60,10 +59,7 @@ def resolve_backend(backend: str, cuda: bool, head_dim: int, segments: bool) -> 
     if backend == "auto":
         if not cuda:
             return "reference"
-        return "triton" if not segments and head_dim in TRITON_HEAD_DIMS else "flex"
-    if backend == "triton" and segments:
-        raise ValueError("the Triton SepAttention kernel does not take segment_ids (reset_per_document) yet. "
-                         "Fix: use backend='flex' or 'reference'")
+        return "triton" if head_dim in TRITON_HEAD_DIMS else "flex"
     if backend == "triton" and head_dim not in TRITON_HEAD_DIMS:
         raise ValueError(f"the Triton SepAttention kernel supports head dims {TRITON_HEAD_DIMS}, not {head_dim}. "
                          "Fix: use backend='flex' or 'reference'")
@@ -81,9 +77,10 @@ def plan_for(is_sep, init_tokens, windows, backend, segment_ids=None, head_dim=1
 
 
 def sep_attention(q, k, v, is_sep, *, init_tokens: int, window: int, backend: str = "auto", scale=None,
-                  segment_ids=None, plan: SepPlan | None = None):
+                  segment_ids=None, plan: SepPlan | None = None, deterministic: bool = True):
     """q [b, hq, s, d], k/v [b, hk, s, d], is_sep bool [b, s] -> [b, hq, s, d]. `plan`: the micro-batch's
-    (`plan_for`), shared by the layers; built here when not given."""
+    (`plan_for`), shared by the layers; built here when not given. `deterministic` False lets the Triton
+    backward add part of dQ with fp32 atomics (see sep_attention_triton)."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
     backend = resolve_backend(backend, q.is_cuda, q.shape[-1], segment_ids is not None)
@@ -95,7 +92,8 @@ def sep_attention(q, k, v, is_sep, *, init_tokens: int, window: int, backend: st
         plan = plan_for(is_sep, init_tokens, [window], backend, segment_ids, q.shape[-1])
     if backend == "triton":
         from .sep_attention_triton import sep_attention_triton
-        return sep_attention_triton(q, k, v, is_sep, init_tokens, window, scale, plan=plan)
+        return sep_attention_triton(q, k, v, is_sep, init_tokens, window, scale, plan=plan, segment_ids=segment_ids,
+                                    deterministic=deterministic)
     if backend == "flex":
         from .sep_attention_flex import flex_sep_attention
         return flex_sep_attention(q, k, v, plan.index, plan.block_masks[window], scale)

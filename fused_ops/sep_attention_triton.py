@@ -5,13 +5,17 @@ positions, and their K/V rows are copied once into compact [b, hk, G, d] tensors
 For a query tile, the list entries older than every query's window are read as
 contiguous blocks of that copy and, in the same online softmax, the dense band of
 the window; query i sees list entry p iff p <= i - n and band key j iff
-0 <= i - j < n, so the two parts never overlap. The backward recomputes with the
-saved log-sum-exp: dQ per query tile over the same keys; dK/dV per key tile for
-the band and per list tile for the kept keys (a list tile's queries split over a few
-programs on short sequences; the band programs add those fp32 partials at the kept
-positions: one entry per position, so no two writes meet). Grouped-query heads are
-summed inside the dK/dV programs, so no atomics are used anywhere. Softmax runs in
-base 2.
+0 <= i - j < n, so the two parts never overlap. With documents (segment_ids), a key
+must also lie in the query's document: list blocks inside every query's document and
+window stay unmasked, the rest are masked. The backward recomputes with the saved
+log-sum-exp: dQ per query tile over the same keys; dK/dV per key tile for the band and
+per list tile for the kept keys (heads-fastest grid, so every head's heaviest list
+tiles start first; on short sequences a list tile's queries split over two programs
+whose fp32 partials the band programs add at the kept positions: one entry per
+position, so no two writes meet). Grouped-query heads are summed inside the dK/dV
+programs: no atomics anywhere, so gradients are bitwise reproducible. Softmax runs in
+base 2. From LONG_SEQ on, the forward and dQ kernels read key/value blocks through
+Hopper tensor descriptors (TMA).
 """
 from __future__ import annotations
 
@@ -23,101 +27,148 @@ from .dispatch import multiprocessors
 
 LOG2E = 1.4426950408889634
 
-# launch shapes per kernel (tuned on an H100: benchmarks/sep_attention_kernel.py --tune)
-CONFIG = {"fwd": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3},
-          "dq": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
-          "dkdv": {"BM": 32, "BN": 64, "num_warps": 4, "num_stages": 3}}
+# launch shapes per kernel (tuned on an H200: benchmarks/sep_attention_kernel.py --tune). TMA: key/value
+# blocks through Hopper tensor descriptors; HEADS_FIRST: the grid starts the heaviest tile of every head
+# before any lighter one (else one head's tiles, heaviest first, then the next head's).
+CONFIG = {"fwd": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3, "TMA": 1, "HEADS_FIRST": 0, "WS": 0},
+          "dq": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3, "TMA": 1, "HEADS_FIRST": 0, "WS": 0},
+          "dkdv": {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 3}}
+LONG_SEQ = 8192  # shorter sequences: no tensor descriptors, smaller dK/dV tiles (SHORT)
+# H200, 4K, 10% separators: fwd+bwd 0.355 ms with these dK/dV tiles vs 0.396 with the long-sequence ones
+# (at 64K: 18.9 vs 18.0 ms); benchmarks/results/sep_attention_kernel_h200.md
+SHORT = {"dkdv": {"BM": 32, "BN": 64, "num_warps": 4, "num_stages": 3}}
+FIELDS = ("BM", "BN", "num_warps", "num_stages", "TMA", "HEADS_FIRST", "WS")  # WS: warp-specialized list loop
 
 
 @triton.jit
-def _softmax_step(q, kb, vb, rows, stride, kmask, ok, m_i, l_i, acc, qk_scale, offs_d, IEEE: tl.constexpr,
-                  MASK: tl.constexpr):
-    """One block of keys (rows of kb/vb) into the running (max, sum, output) of a query tile.
-    MASK False: every key of the block exists and is visible to every query (no masking work)."""
+def _rows(ptr, desc, b, hk, start, stride, lim, offs_d, BN: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr,
+          MASK: tl.constexpr):
+    """Rows [start, start + BN) of one head's keys or values (rows >= lim read as 0)."""
+    if TMA:
+        return desc.load([b, hk, start, 0]).reshape(BN, D)
+    offs = start + tl.arange(0, BN)
     if MASK:
-        kt = tl.load(kb + rows[None, :] * stride + offs_d[:, None], mask=kmask[None, :], other=0.0)
-    else:
-        kt = tl.load(kb + rows[None, :] * stride + offs_d[:, None])
-    qk = tl.dot(q, kt, input_precision="ieee" if IEEE else None) * qk_scale
+        return tl.load(ptr + offs[:, None] * stride + offs_d[None, :], mask=(offs < lim)[:, None], other=0.0)
+    return tl.load(ptr + offs[:, None] * stride + offs_d[None, :])
+
+
+@triton.jit
+def _list_ok(pos_ptr, start, offs_m, dstart, N, BN: tl.constexpr, SEG: tl.constexpr):
+    """Which list entries of the block [start, start + BN) each query sees. Entries past the tile's bound hold
+    positions later than every query's window (or the padding position), so no bound check is needed."""
+    p = tl.load(pos_ptr + start + tl.arange(0, BN))
+    ok = p[None, :] <= offs_m[:, None] - N
+    if SEG:
+        ok = ok & (p[None, :] >= dstart[:, None])
+    return ok
+
+
+@triton.jit
+def _band_ok(offs_m, offs_n, dstart, N, SEG: tl.constexpr):
+    ok = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] - offs_n[None, :] < N)
+    if SEG:
+        ok = ok & (offs_n[None, :] >= dstart[:, None])
+    return ok
+
+
+@triton.jit
+def _softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr, MASK: tl.constexpr):
+    """One block of keys into the running (max, sum, output) of a query tile. MASK False: every key of the
+    block is visible to every query (no masking work)."""
+    qk = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else None) * qk_scale
     if MASK:
         qk = tl.where(ok, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-    pij = tl.exp2(qk - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    if MASK:
-        v = tl.load(vb + rows[:, None] * stride + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
     else:
-        v = tl.load(vb + rows[:, None] * stride + offs_d[None, :])
-    acc = acc * alpha[:, None] + tl.dot(pij.to(v.dtype), v, input_precision="ieee" if IEEE else None)
-    return m_new, l_i * alpha + tl.sum(pij, 1), acc
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = m_new
+    p = tl.exp2(qk - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee" if IEEE else None)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
 @triton.jit
-def _dq_step(q, do, lse, delta, kb, vb, rows, stride, kmask, ok, dq, qk_scale, offs_d, IEEE: tl.constexpr,
-             MASK: tl.constexpr):
-    if MASK:
-        k = tl.load(kb + rows[:, None] * stride + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        v = tl.load(vb + rows[:, None] * stride + offs_d[None, :], mask=kmask[:, None], other=0.0)
-    else:
-        k = tl.load(kb + rows[:, None] * stride + offs_d[None, :])
-        v = tl.load(vb + rows[:, None] * stride + offs_d[None, :])
+def _dq_step(q, do, lse, delta, k, v, ok, dq, qk_scale, IEEE: tl.constexpr, MASK: tl.constexpr):
     qk = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else None) * qk_scale
-    pij = tl.exp2(qk - lse[:, None])
+    p = tl.exp2(qk - lse[:, None])
     if MASK:
-        pij = tl.where(ok, pij, 0.0)
+        p = tl.where(ok, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision="ieee" if IEEE else None)
-    ds = pij * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision="ieee" if IEEE else None)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee" if IEEE else None)
 
 
 @triton.jit
-def _query_tile(BOUNDS, S, N, HQ, GROUP, TILES, BM: tl.constexpr, BN: tl.constexpr):
+def _query_tile(BOUNDS, DOCS, S, N, HQ, TILES, BM: tl.constexpr, BN: tl.constexpr, HEADS_FIRST: tl.constexpr,
+                SEG: tl.constexpr):
     """This program's query tile (late tiles read the longest lists: they start first) and its key ranges:
-    list entries [0, a_full) seen by every query, [a_full, a_hi) by some, band keys [lo, hi)."""
-    t = TILES - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    list entries [l0, u0) and [u1, e3) masked, [u0, u1) seen by every query; band keys [lo, hi)."""
+    if HEADS_FIRST:
+        bh = tl.program_id(0)
+        t = TILES - 1 - tl.program_id(1)
+    else:
+        t = TILES - 1 - tl.program_id(0)
+        bh = tl.program_id(1)
     b = bh // HQ
-    h = bh % HQ
-    a_full = (tl.load(BOUNDS + (b * 2) * TILES + t) // BN) * BN
-    a_hi = tl.load(BOUNDS + (b * 2 + 1) * TILES + t)
-    lo = (tl.maximum(t * BM - N + 1, 0) // BN) * BN
+    row = BOUNDS + b * 4 * TILES + t
+    e0 = tl.load(row)  # first entry in the first query's document
+    e1 = tl.load(row + TILES)  # first entry in the last query's document
+    e2 = tl.load(row + 2 * TILES)  # entries older than every query's window
+    e3 = tl.load(row + 3 * TILES)  # entries older than some query's window
+    l0 = (e0 // BN) * BN
+    u0 = tl.minimum(tl.maximum(tl.cdiv(e1, BN) * BN, l0), e3)
+    u1 = tl.minimum(tl.maximum((e2 // BN) * BN, u0), e3)
+    lo = t * BM - N + 1
+    if SEG:
+        lo = tl.maximum(lo, tl.load(DOCS + b * 2 * S + t * BM))
+    lo = (tl.maximum(lo, 0) // BN) * BN
     hi = tl.minimum(t * BM + BM, S)
-    return t, bh, b, h, h // GROUP, a_full, a_hi, lo, hi
+    return t, bh, b, bh % HQ, l0, u0, u1, e3, lo, hi
 
 
 @triton.jit
-def _fwd(Q, K, V, KC, VC, POS, BOUNDS, O, LSE, qk_scale, S, G, N, HQ, GROUP, TILES,
+def _fwd(Q, K, V, KC, VC, KD, VD, KCD, VCD, POS, BOUNDS, DOCS, O, LSE, qk_scale, S, G, N, HQ, GROUP, TILES,
          sqb, sqh, sqs, skb, skh, sks,
-         BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
-    t, bh, b, h, hk, a_full, a_hi, lo, hi = _query_tile(BOUNDS, S, N, HQ, GROUP, TILES, BM, BN)
+         BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+         HEADS_FIRST: tl.constexpr, SEG: tl.constexpr, WS: tl.constexpr):
+    t, bh, b, h, l0, u0, u1, e3, lo, hi = _query_tile(BOUNDS, DOCS, S, N, HQ, TILES, BM, BN, HEADS_FIRST, SEG)
+    hk = h // GROUP
     offs_m = t * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     rows = offs_m < S
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=rows[:, None], other=0.0)
+    dstart = offs_m  # the first position of each query's document (only read with SEG)
+    if SEG:
+        dstart = tl.load(DOCS + b * 2 * S + offs_m, mask=rows, other=0)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     kc = KC + (b * (HQ // GROUP) + hk) * G * D
     vc = VC + (b * (HQ // GROUP) + hk) * G * D
-    for start in range(0, a_full, BN):  # kept keys older than every window of the tile
-        offs_c = start + tl.arange(0, BN)
-        m_i, l_i, acc = _softmax_step(q, kc, vc, offs_c, D, offs_c, offs_c, m_i, l_i, acc, qk_scale, offs_d, IEEE,
-                                      MASK=False)
-    for start in range(a_full, a_hi, BN):  # kept keys older than some of its windows
-        offs_c = start + tl.arange(0, BN)
-        live = offs_c < a_hi
-        p = tl.load(POS + b * G + offs_c, mask=live, other=0)
-        ok = (p[None, :] <= offs_m[:, None] - N) & live[None, :]
-        m_i, l_i, acc = _softmax_step(q, kc, vc, offs_c, D, live, ok, m_i, l_i, acc, qk_scale, offs_d, IEEE,
-                                      MASK=True)
+    pos = POS + b * G
+    for start in range(l0, u0, BN):  # kept keys some queries see (another document, or too recent)
+        ok = _list_ok(pos, start, offs_m, dstart, N, BN, SEG)
+        k = _rows(kc, KCD, b, hk, start, D, G, offs_d, BN, D, TMA, False)
+        v = _rows(vc, VCD, b, hk, start, D, G, offs_d, BN, D, TMA, False)
+        m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, IEEE, MASK=True)
+    for start in tl.range(u0, u1, BN, warp_specialize=WS):  # kept keys every query of the tile sees
+        k = _rows(kc, KCD, b, hk, start, D, G, offs_d, BN, D, TMA, False)
+        v = _rows(vc, VCD, b, hk, start, D, G, offs_d, BN, D, TMA, False)
+        m_i, l_i, acc = _softmax_step(q, k, v, q, m_i, l_i, acc, qk_scale, IEEE, MASK=False)
+    for start in range(u1, e3, BN):
+        ok = _list_ok(pos, start, offs_m, dstart, N, BN, SEG)
+        k = _rows(kc, KCD, b, hk, start, D, G, offs_d, BN, D, TMA, False)
+        v = _rows(vc, VCD, b, hk, start, D, G, offs_d, BN, D, TMA, False)
+        m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, IEEE, MASK=True)
     kb = K + b * skb + hk * skh
     vb = V + b * skb + hk * skh
     for start in range(lo, hi, BN):  # the window band
-        offs_n = start + tl.arange(0, BN)
-        ok = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] - offs_n[None, :] < N)
-        m_i, l_i, acc = _softmax_step(q, kb, vb, offs_n, sks, offs_n < S, ok, m_i, l_i, acc, qk_scale, offs_d,
-                                      IEEE, MASK=True)
+        ok = _band_ok(offs_m, start + tl.arange(0, BN), dstart, N, SEG)
+        k = _rows(kb, KD, b, hk, start, sks, S, offs_d, BN, D, TMA, True)
+        v = _rows(vb, VD, b, hk, start, sks, S, offs_d, BN, D, TMA, True)
+        m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, IEEE, MASK=True)
     out = acc / l_i[:, None]
     tl.store(O + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=rows[:, None])
@@ -125,11 +176,15 @@ def _fwd(Q, K, V, KC, VC, POS, BOUNDS, O, LSE, qk_scale, S, G, N, HQ, GROUP, TIL
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, KC, VC, O, DO, LSE, DELTA, POS, BOUNDS, DQ, qk_scale, scale, S, G, N, HQ, GROUP, TILES,
-            sqb, sqh, sqs, skb, skh, sks,
-            BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
-    """dQ per query tile; also writes delta = rowsum(dO * O), which the dK/dV kernels (launched after) read."""
-    t, bh, b, h, hk, a_full, a_hi, lo, hi = _query_tile(BOUNDS, S, N, HQ, GROUP, TILES, BM, BN)
+def _bwd_dq(Q, K, V, KC, VC, KD, VD, KCD, VCD, O, DO, LSE, DELTA, POS, BOUNDS, DOCS, DQ, qk_scale, scale, S, G, N,
+            HQ, GROUP, TILES, sqb, sqh, sqs, skb, skh, sks,
+            BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+            HEADS_FIRST: tl.constexpr, SEG: tl.constexpr, WS: tl.constexpr, ATOMIC: tl.constexpr):
+    """dQ per query tile over the forward's keys; also writes delta = rowsum(dO * O), which the dK/dV kernels
+    (launched after) read. Rows past S have lse 0 and dO 0: their dq is never stored. ATOMIC: the band only,
+    into an fp32 buffer the list dK/dV kernel then adds its dQ to."""
+    t, bh, b, h, l0, u0, u1, e3, lo, hi = _query_tile(BOUNDS, DOCS, S, N, HQ, TILES, BM, BN, HEADS_FIRST, SEG)
+    hk = h // GROUP
     offs_m = t * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     rows = offs_m < S
@@ -140,32 +195,46 @@ def _bwd_dq(Q, K, V, KC, VC, O, DO, LSE, DELTA, POS, BOUNDS, DQ, qk_scale, scale
     o = tl.load(O + qo, mask=rows[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * S + offs_m, delta, mask=rows)
+    dstart = offs_m  # the first position of each query's document (only read with SEG)
+    if SEG:
+        dstart = tl.load(DOCS + b * 2 * S + offs_m, mask=rows, other=0)
     dq = tl.zeros([BM, D], tl.float32)
     kc = KC + (b * (HQ // GROUP) + hk) * G * D
     vc = VC + (b * (HQ // GROUP) + hk) * G * D
-    for start in range(0, a_full, BN):  # rows past S have lse 0 and dO 0: their dq is never stored
-        offs_c = start + tl.arange(0, BN)
-        dq = _dq_step(q, do, lse, delta, kc, vc, offs_c, D, offs_c, offs_c, dq, qk_scale, offs_d, IEEE, MASK=False)
-    for start in range(a_full, a_hi, BN):
-        offs_c = start + tl.arange(0, BN)
-        live = offs_c < a_hi
-        p = tl.load(POS + b * G + offs_c, mask=live, other=0)
-        ok = (p[None, :] <= offs_m[:, None] - N) & live[None, :] & rows[:, None]
-        dq = _dq_step(q, do, lse, delta, kc, vc, offs_c, D, live, ok, dq, qk_scale, offs_d, IEEE, MASK=True)
+    pos = POS + b * G
+    if ATOMIC:
+        l0, u0, u1, e3 = 0, 0, 0, 0
+    for start in range(l0, u0, BN):
+        ok = _list_ok(pos, start, offs_m, dstart, N, BN, SEG)
+        k = _rows(kc, KCD, b, hk, start, D, G, offs_d, BN, D, TMA, False)
+        v = _rows(vc, VCD, b, hk, start, D, G, offs_d, BN, D, TMA, False)
+        dq = _dq_step(q, do, lse, delta, k, v, ok, dq, qk_scale, IEEE, MASK=True)
+    for start in tl.range(u0, u1, BN, warp_specialize=WS):
+        k = _rows(kc, KCD, b, hk, start, D, G, offs_d, BN, D, TMA, False)
+        v = _rows(vc, VCD, b, hk, start, D, G, offs_d, BN, D, TMA, False)
+        dq = _dq_step(q, do, lse, delta, k, v, q, dq, qk_scale, IEEE, MASK=False)
+    for start in range(u1, e3, BN):
+        ok = _list_ok(pos, start, offs_m, dstart, N, BN, SEG)
+        k = _rows(kc, KCD, b, hk, start, D, G, offs_d, BN, D, TMA, False)
+        v = _rows(vc, VCD, b, hk, start, D, G, offs_d, BN, D, TMA, False)
+        dq = _dq_step(q, do, lse, delta, k, v, ok, dq, qk_scale, IEEE, MASK=True)
     kb = K + b * skb + hk * skh
     vb = V + b * skb + hk * skh
     for start in range(lo, hi, BN):
-        offs_n = start + tl.arange(0, BN)
-        ok = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] - offs_n[None, :] < N) & rows[:, None]
-        dq = _dq_step(q, do, lse, delta, kb, vb, offs_n, sks, offs_n < S, ok, dq, qk_scale, offs_d, IEEE, MASK=True)
+        ok = _band_ok(offs_m, start + tl.arange(0, BN), dstart, N, SEG)
+        k = _rows(kb, KD, b, hk, start, sks, S, offs_d, BN, D, TMA, True)
+        v = _rows(vb, VD, b, hk, start, sks, S, offs_d, BN, D, TMA, True)
+        dq = _dq_step(q, do, lse, delta, k, v, ok, dq, qk_scale, IEEE, MASK=True)
     tl.store(DQ + qo, (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
 
 @triton.jit
-def _dkdv_step(k, v, dk, dv, qb, dob, lb, db, start, pos, live, S, N, sqs, qk_scale, offs_d, BM: tl.constexpr,
-               LIST: tl.constexpr, IEEE: tl.constexpr, MASK: tl.constexpr):
-    """One block of queries into a key tile's dK/dV. MASK False: every query sees every live key and
-    exists (keys that are not live only fill rows that are never stored)."""
+def _dkdv_step(k, v, dk, dv, qb, dob, lb, db, dsb, dqb, start, pos, S, N, sqs, qk_scale, scale, offs_d,
+               BM: tl.constexpr, LIST: tl.constexpr, IEEE: tl.constexpr, MASK: tl.constexpr, SEG: tl.constexpr,
+               ATOMIC: tl.constexpr):
+    """One block of queries into a key tile's dK/dV. MASK False: every query exists and sees every key of the
+    tile that exists (the others are zero rows of k and v). ATOMIC: also this block's dQ, added into the
+    fp32 buffer at dqb (one add per element and block; the order of adds varies between runs)."""
     offs_m = start + tl.arange(0, BM)
     qo = offs_m[:, None] * sqs + offs_d[None, :]
     if MASK:
@@ -185,44 +254,62 @@ def _dkdv_step(k, v, dk, dv, qb, dob, lb, db, start, pos, live, S, N, sqs, qk_sc
             ok = pos[:, None] <= offs_m[None, :] - N
         else:
             ok = (pos[:, None] <= offs_m[None, :]) & (offs_m[None, :] - pos[:, None] < N)
-        pt = tl.where(ok & live[:, None] & rows[None, :], pt, 0.0)
-    dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee" if IEEE else None)
+        if SEG:
+            ok = ok & (pos[:, None] >= tl.load(dsb + offs_m, mask=rows, other=0)[None, :])
+        pt = tl.where(ok & rows[None, :], pt, 0.0)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision="ieee" if IEEE else None)
     dpt = tl.dot(v, tl.trans(do), input_precision="ieee" if IEEE else None)
-    dk += tl.dot((pt * (dpt - delta[None, :])).to(q.dtype), q, input_precision="ieee" if IEEE else None)
-    return dk, dv
+    ds = (pt * (dpt - delta[None, :])).to(q.dtype)
+    if ATOMIC:
+        dq = tl.dot(tl.trans(ds), k, input_precision="ieee" if IEEE else None) * scale
+        if MASK:
+            tl.atomic_add(dqb + qo, dq, mask=rows[:, None], sem="relaxed")
+        else:
+            tl.atomic_add(dqb + qo, dq, sem="relaxed")
+    return tl.dot(ds, q, dk, input_precision="ieee" if IEEE else None), dv
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SLOT, DKL, DVL, DK, DV, qk_scale, scale, S, G, N, HQ, GROUP, KV_HEADS,
-              SPLIT, sqb, sqh, sqs, skb, skh, sks, sdb, sdh, sds,
-              LIST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SLOT, DOCS, DKL, DVL, DK, DV, DQA, qk_scale, scale, S, G, N, HQ,
+              GROUP, KV_HEADS, SPLIT, sqb, sqh, sqs, skb, skh, sks, sdb, sdh, sds,
+              LIST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+              SEG: tl.constexpr, ATOMIC: tl.constexpr):
     """One key tile for one kv head: entries of the compact copy (LIST True, launched first; the queries
     that read a tile are split over SPLIT programs, each writing an fp32 partial) or band keys of K/V
     (LIST False), which add the SPLIT partials of their kept keys (SLOT: list index or -1)."""
-    t = tl.program_id(0)
-    bk = tl.program_id(1)
+    bk = tl.program_id(0)  # heads fastest: every head's heaviest tiles start first
+    chunk = tl.program_id(1)  # which share of a list tile's queries (0 for band tiles)
+    t = tl.program_id(2)
     b = bk // KV_HEADS
     hk = bk % KV_HEADS
     offs_n = t * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, D)
+    docs = DOCS + b * 2 * S
     if LIST:
         live = offs_n < G
         pos = tl.load(POS + b * G + offs_n, mask=live, other=2 * S + 2 * G)
         live = live & (pos < S)
-        first_q = tl.min(pos, 0) + N  # earliest query that reads this list tile
-        full_lo = tl.max(tl.where(live, pos, 0), 0) + N  # from here on every query reads every entry
+        first = tl.min(pos, 0)
+        last = tl.max(tl.where(live, pos, 0), 0)
+        first_q = first + N  # earliest query that reads this list tile
+        full_lo = last + N  # from here on every query reads every entry
         full_hi = S
         q_end = S
     else:
         live = offs_n < S
         pos = offs_n
+        first = t * BN
+        last = tl.minimum(t * BN + BN - 1, S - 1)
         first_q = t * BN
         full_lo = t * BN + BN - 1
         full_hi = t * BN + N
         q_end = tl.minimum(t * BN + BN - 1 + N, S)
+    if SEG:  # queries stay in the keys' documents
+        full_hi = tl.minimum(full_hi, tl.load(docs + S + tl.minimum(first, S - 1)))
+        q_end = tl.minimum(q_end, tl.load(docs + S + last))
     lo = (first_q // BM) * BM
-    span = tl.cdiv(tl.cdiv(tl.maximum(q_end - lo, 0), tl.num_programs(2)), BM) * BM
-    qs = lo + tl.program_id(2) * span
+    span = tl.cdiv(tl.cdiv(tl.maximum(q_end - lo, 0), SPLIT if LIST else 1), BM) * BM
+    qs = lo + chunk * span
     qe = tl.maximum(tl.minimum(qs + span, q_end), qs)
     # queries [qs, qe): masked blocks, then fully visible ones [ul, uh), then masked again
     ul = tl.minimum(tl.maximum(tl.cdiv(full_lo, BM) * BM, qs), qe)
@@ -238,37 +325,39 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SLOT, DKL, DVL, DK, DV, qk_scale, sc
         dob = DO + b * sqb + h * sqh
         lb = LSE + (b * HQ + h) * S
         db = DELTA + (b * HQ + h) * S
+        dqb = DQA + b * sqb + h * sqh
         for start in range(qs, ul, BM):
-            dk, dv = _dkdv_step(k, v, dk, dv, qb, dob, lb, db, start, pos, live, S, N, sqs, qk_scale, offs_d,
-                                BM, LIST, IEEE, MASK=True)
+            dk, dv = _dkdv_step(k, v, dk, dv, qb, dob, lb, db, docs, dqb, start, pos, S, N, sqs, qk_scale, scale,
+                                offs_d, BM, LIST, IEEE, MASK=True, SEG=SEG, ATOMIC=ATOMIC and LIST)
         for start in range(ul, uh, BM):
-            dk, dv = _dkdv_step(k, v, dk, dv, qb, dob, lb, db, start, pos, live, S, N, sqs, qk_scale, offs_d,
-                                BM, LIST, IEEE, MASK=False)
+            dk, dv = _dkdv_step(k, v, dk, dv, qb, dob, lb, db, docs, dqb, start, pos, S, N, sqs, qk_scale, scale,
+                                offs_d, BM, LIST, IEEE, MASK=False, SEG=SEG, ATOMIC=ATOMIC and LIST)
         for start in range(uh, qe, BM):
-            dk, dv = _dkdv_step(k, v, dk, dv, qb, dob, lb, db, start, pos, live, S, N, sqs, qk_scale, offs_d,
-                                BM, LIST, IEEE, MASK=True)
+            dk, dv = _dkdv_step(k, v, dk, dv, qb, dob, lb, db, docs, dqb, start, pos, S, N, sqs, qk_scale, scale,
+                                offs_d, BM, LIST, IEEE, MASK=True, SEG=SEG, ATOMIC=ATOMIC and LIST)
     dk = dk * scale
     if LIST:
         store_mask = (offs_n < G)[:, None]
-        out = tl.program_id(2) * (tl.num_programs(1) * G * D) + bk * G * D + offs_n[:, None] * D + offs_d[None, :]
+        out = chunk * (tl.num_programs(0) * G * D) + bk * G * D + offs_n[:, None] * D + offs_d[None, :]
     else:
         store_mask = live[:, None]
         slot = tl.load(SLOT + b * S + offs_n, mask=live, other=-1)
         has = (slot >= 0)[:, None]
         lrow = bk * G * D + slot[:, None] * D + offs_d[None, :]
         for c in range(SPLIT):
-            dk += tl.load(DKL + c * (tl.num_programs(1) * G * D) + lrow, mask=has, other=0.0)
-            dv += tl.load(DVL + c * (tl.num_programs(1) * G * D) + lrow, mask=has, other=0.0)
+            dk += tl.load(DKL + c * (tl.num_programs(0) * G * D) + lrow, mask=has, other=0.0)
+            dv += tl.load(DVL + c * (tl.num_programs(0) * G * D) + lrow, mask=has, other=0.0)
         out = b * sdb + hk * sdh + offs_n[:, None] * sds + offs_d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=store_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
 def _list_split(programs, s, bm, device):
-    """How many programs share the queries of one list tile. Short sequences have few list tiles, each
-    reading almost every query; on the H100 (B=1, 16 heads) 2-3 programs per tile beat 1 by 3-5% at 4K and
-    16K, and 10 lost 16% at 4K (fp32 partials to write and sum), hence the cap of 3."""
-    return max(1, min(triton.cdiv(4 * multiprocessors(device), programs), s // (8 * bm), 3))
+    """How many programs share the queries of one list tile. With few list tiles (short sequences) each reads
+    almost every query and the SMs idle: two programs per tile gave 1.54x vs 1.37x SDPA at 4K (H200); from
+    16K on, with the heaviest tiles of every head launched first, one program per tile is as fast or faster
+    (the split's fp32 partials cost more than the tail they remove: 6.27x vs 6.21x with 2, 6.15x with 3 at 64K)."""
+    return max(1, min(triton.cdiv(4 * multiprocessors(device), programs), s // (8 * bm), 2))
 
 
 def _compact(x, index):
@@ -276,15 +365,92 @@ def _compact(x, index):
     return torch.gather(x, 2, index[:, None, :, None].expand(b, h, index.shape[1], d)).contiguous()
 
 
-def _launch(cfg: dict) -> list[int]:
-    """The launch shapes as the flat int list the custom ops take (their schema has no dicts)."""
-    return [cfg[k][f] for k in ("fwd", "dq", "dkdv") for f in ("BM", "BN", "num_warps", "num_stages")] + [
-        cfg["dkdv"].get("split") or 0]
+def _launch(cfg: dict, deterministic: bool = True) -> list[int]:
+    """The launch shapes as the flat int list the custom ops take (their schema has no dicts), then the
+    dK/dV list split (0: chosen per call) and 1 for the atomic (non-deterministic) dQ of the list part."""
+    return [int(cfg[k].get(f, 0)) for k in ("fwd", "dq", "dkdv") for f in FIELDS] + [
+        cfg["dkdv"].get("split") or 0, int(not deterministic)]
 
 
 def _shape(launch, kernel):
-    o = {"fwd": 0, "dq": 4, "dkdv": 8}[kernel]
-    return dict(BM=launch[o], BN=launch[o + 1], num_warps=launch[o + 2], num_stages=launch[o + 3])
+    o = {"fwd": 0, "dq": 1, "dkdv": 2}[kernel] * len(FIELDS)
+    shape = dict(zip(FIELDS, launch[o:o + len(FIELDS)]))
+    if kernel == "dkdv":
+        del shape["TMA"], shape["HEADS_FIRST"], shape["WS"]
+    return shape
+
+
+def _tma(c, device, s) -> bool:
+    """Tensor descriptors where the chip has the copy engine (Hopper on) or under the interpreter, for
+    sequences long enough to pay for building them (H200: forward 0.43 vs 0.49 ms at 16K, but 0.26 vs 0.13 ms
+    of plain-launch time at 4K)."""
+    on = bool(c.pop("TMA")) and (s >= LONG_SEQ or device.type != "cuda")  # descriptors: ~30 us host each
+    return on and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def _descriptors(tma, bn, *tensors):
+    """Hopper tensor descriptors over [b, h, rows, d] tensors, one [BN, d] block per load; with TMA off, the
+    tensors themselves (the kernels then load through pointers)."""
+    if not tma:
+        return tensors
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return tuple(TensorDescriptor.from_tensor(t, [1, 1, bn, t.shape[-1]]) for t in tensors)
+
+
+def _grid(tiles, heads, heads_first):
+    return (heads, tiles) if heads_first else (tiles, heads)
+
+
+def _fwd_impl(q, k, v, index, gpos, slot, bounds_fwd, bounds_dq, docs, window, scale, launch):
+    b, hq, s, d = q.shape
+    hk, g = k.shape[1], gpos.shape[1]
+    kc, vc = _compact(k, index), _compact(v, index)
+    o = torch.empty_like(q)
+    lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
+    c = _shape(launch, "fwd")
+    tma = _tma(c, q.device, s)
+    tiles = triton.cdiv(s, c["BM"])
+    descs = _descriptors(tma, c["BN"], k, v, kc, vc)
+    _fwd[_grid(tiles, b * hq, c["HEADS_FIRST"])](
+        q, k, v, kc, vc, *descs, gpos, bounds_fwd, gpos if docs is None else docs, o, lse, scale * LOG2E, s, g,
+        window, hq, hq // hk, tiles, *q.stride()[:3], *k.stride()[:3], D=d, IEEE=q.dtype == torch.float32,
+        SEG=docs is not None, TMA=tma, **c)
+    return o, lse
+
+
+def _bwd_impl(do, q, k, v, o, lse, index, gpos, slot, bounds, docs, window, scale, launch):
+    b, hq, s, d = q.shape
+    hk, g = k.shape[1], gpos.shape[1]
+    do = do.contiguous()
+    kc, vc = _compact(k, index), _compact(v, index)  # recomputed: cheaper than keeping them per layer
+    ieee = q.dtype == torch.float32
+    seg = docs is not None
+    docs = gpos if docs is None else docs
+    delta = torch.empty_like(lse)
+    atomic = bool(launch[3 * len(FIELDS) + 1])
+    dq = torch.empty_like(q, dtype=torch.float32) if atomic else torch.empty_like(q)
+    c = _shape(launch, "dq")
+    tma = _tma(c, q.device, s)
+    tiles = triton.cdiv(s, c["BM"])
+    descs = _descriptors(tma, c["BN"], k, v, kc, vc)
+    _bwd_dq[_grid(tiles, b * hq, c["HEADS_FIRST"])](
+        q, k, v, kc, vc, *descs, o, do, lse, delta, gpos, bounds, docs, dq, scale * LOG2E, scale, s, g, window, hq,
+        hq // hk, tiles, *q.stride()[:3], *k.stride()[:3], D=d, IEEE=ieee, SEG=seg, TMA=tma, ATOMIC=atomic, **c)
+    c = _shape(launch, "dkdv")
+    common = dict(D=d, IEEE=ieee, SEG=seg, ATOMIC=atomic, **c)
+    list_tiles = triton.cdiv(g, c["BN"])
+    split = launch[3 * len(FIELDS)] or _list_split(list_tiles * b * hk, s, c["BM"], q.device)
+    dkl = torch.empty(split, b, hk, g, d, dtype=torch.float32, device=k.device)
+    dvl = torch.empty_like(dkl)
+    _bwd_dkdv[(b * hk, split, list_tiles)](q, kc, vc, do, lse, delta, gpos, slot, docs, dkl, dvl, dkl, dvl, dq,
+                                           scale * LOG2E, scale, s, g, window, hq, hq // hk, hk, split,
+                                           *q.stride()[:3], *kc.stride()[:3], 0, 0, 0, LIST=True, **common)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    _bwd_dkdv[(b * hk, 1, triton.cdiv(s, c["BN"]))](q, k, v, do, lse, delta, gpos, slot, docs, dkl, dvl, dk, dv,
+                                                    dq, scale * LOG2E, scale, s, g, window, hq, hq // hk, hk, split,
+                                                    *q.stride()[:3], *k.stride()[:3], *dk.stride()[:3],
+                                                    LIST=False, **common)
+    return (dq.to(q.dtype) if atomic else dq), dk, dv
 
 
 # The kernels behind two custom operators with a fake (meta) implementation and a registered backward:
@@ -292,72 +458,39 @@ def _shape(launch, kernel):
 # Triton code. Every input the backward needs is an input of the forward, so it can be saved.
 @torch.library.custom_op("megatron_sep::sep_attn_fwd", mutates_args=())
 def sep_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, gpos: torch.Tensor,
-                 slot: torch.Tensor, bounds_fwd: torch.Tensor, bounds_dq: torch.Tensor, window: int, scale: float,
-                 launch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    b, hq, s, d = q.shape
-    hk, g = k.shape[1], gpos.shape[1]
-    kc, vc = _compact(k, index), _compact(v, index)
-    o = torch.empty_like(q)
-    lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
-    c = _shape(launch, "fwd")
-    tiles = triton.cdiv(s, c["BM"])
-    _fwd[(tiles, b * hq)](q, k, v, kc, vc, gpos, bounds_fwd, o, lse, scale * LOG2E, s, g, window, hq, hq // hk, tiles,
-                          *q.stride()[:3], *k.stride()[:3], D=d, IEEE=q.dtype == torch.float32, **c)
-    return o, lse
+                 slot: torch.Tensor, bounds_fwd: torch.Tensor, bounds_dq: torch.Tensor, docs: torch.Tensor | None,
+                 window: int, scale: float, launch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(q, k, v, index, gpos, slot, bounds_fwd, bounds_dq, docs, window, scale, launch)
 
 
 @sep_attn_fwd.register_fake
-def _(q, k, v, index, gpos, slot, bounds_fwd, bounds_dq, window, scale, launch):
+def _(q, k, v, index, gpos, slot, bounds_fwd, bounds_dq, docs, window, scale, launch):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("megatron_sep::sep_attn_bwd", mutates_args=())
 def sep_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                  lse: torch.Tensor, index: torch.Tensor, gpos: torch.Tensor, slot: torch.Tensor, bounds: torch.Tensor,
-                 window: int, scale: float, launch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, hq, s, d = q.shape
-    hk, g = k.shape[1], gpos.shape[1]
-    do = do.contiguous()
-    kc, vc = _compact(k, index), _compact(v, index)  # recomputed: cheaper than keeping them per layer
-    ieee = q.dtype == torch.float32
-    delta = torch.empty_like(lse)
-    dq = torch.empty_like(q)
-    c = _shape(launch, "dq")
-    tiles = triton.cdiv(s, c["BM"])
-    _bwd_dq[(tiles, b * hq)](q, k, v, kc, vc, o, do, lse, delta, gpos, bounds, dq, scale * LOG2E, scale, s, g,
-                             window, hq, hq // hk, tiles, *q.stride()[:3], *k.stride()[:3], D=d, IEEE=ieee, **c)
-    c = _shape(launch, "dkdv")
-    common = dict(D=d, IEEE=ieee, **c)
-    list_tiles = triton.cdiv(g, c["BN"])
-    split = launch[12] or _list_split(list_tiles * b * hk, s, c["BM"], q.device)
-    dkl = torch.empty(split, b, hk, g, d, dtype=torch.float32, device=k.device)
-    dvl = torch.empty_like(dkl)
-    _bwd_dkdv[(list_tiles, b * hk, split)](q, kc, vc, do, lse, delta, gpos, slot, dkl, dvl, dkl, dvl,
-                                           scale * LOG2E, scale, s, g, window, hq, hq // hk, hk, split,
-                                           *q.stride()[:3], *kc.stride()[:3], 0, 0, 0, LIST=True, **common)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    _bwd_dkdv[(triton.cdiv(s, c["BN"]), b * hk, 1)](q, k, v, do, lse, delta, gpos, slot, dkl, dvl, dk, dv,
-                                                    scale * LOG2E, scale, s, g, window, hq, hq // hk, hk, split,
-                                                    *q.stride()[:3], *k.stride()[:3], *dk.stride()[:3],
-                                                    LIST=False, **common)
-    return dq, dk, dv
+                 docs: torch.Tensor | None, window: int, scale: float,
+                 launch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(do, q, k, v, o, lse, index, gpos, slot, bounds, docs, window, scale, launch)
 
 
 @sep_attn_bwd.register_fake
-def _(do, q, k, v, o, lse, index, gpos, slot, bounds, window, scale, launch):
+def _(do, q, k, v, o, lse, index, gpos, slot, bounds, docs, window, scale, launch):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, index, gpos, slot, _, bounds_dq, window, scale, launch = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], index, gpos, slot, bounds_dq)
+    q, k, v, index, gpos, slot, _, bounds_dq, docs, window, scale, launch = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], index, gpos, slot, bounds_dq, docs)
     ctx.args = (window, scale, launch)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, index, gpos, slot, bounds = ctx.saved_tensors
-    dq, dk, dv = sep_attn_bwd(do, q, k, v, o, lse, index, gpos, slot, bounds, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    q, k, v, o, lse, index, gpos, slot, bounds, docs = ctx.saved_tensors
+    dq, dk, dv = sep_attn_bwd(do, q, k, v, o, lse, index, gpos, slot, bounds, docs, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 sep_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -369,24 +502,34 @@ def tile_rows(config: dict | None = None) -> tuple[int, int]:
     return cfg["fwd"]["BM"], cfg["dq"]["BM"]
 
 
-def _config(config):
-    return {name: {**c, **(config or {}).get(name, {})} for name, c in CONFIG.items()}
+def _config(config, s: int | None = None):
+    """CONFIG (SHORT on top for sequences below LONG_SEQ), then the caller's overrides."""
+    short = s is not None and s < LONG_SEQ
+    cfg = {name: {**c, **(SHORT.get(name, {}) if short else {}), **(config or {}).get(name, {})}
+           for name, c in CONFIG.items()}
+    for name in ("fwd", "dq"):  # list blocks are read unmasked: they must tile the 128-entry list bucket
+        if 128 % cfg[name]["BN"]:
+            raise ValueError(f"SepAttention {name} BN={cfg[name]['BN']} must divide 128")
+    return cfg
 
 
 def sep_attention_triton(q, k, v, is_sep, init_tokens: int, window: int, scale=None, config: dict | None = None,
-                         plan=None):
+                         plan=None, segment_ids=None, deterministic: bool = True):
     """`plan`: the micro-batch's `SepPlan` (built here when not given, e.g. by tests and benchmarks).
-    `config` overrides CONFIG per kernel, e.g. {"fwd": {"BM": 128}} (tests use small tiles)."""
+    `config` overrides CONFIG per kernel, e.g. {"fwd": {"BM": 128}} (tests use small tiles).
+    `deterministic` False: the list part's dQ is added with fp32 atomics inside the dK/dV kernel instead of
+    recomputed per query tile (fewer matmuls; gradients vary in the last bits between runs)."""
     d = q.shape[-1]
     if d not in (16, 32, 64, 128):
         raise ValueError(f"the Triton SepAttention kernel supports head dims 16, 32, 64 and 128, not {d}. "
                          "Fix: use backend='flex' or 'reference'")
     scale = d ** -0.5 if scale is None else scale
-    cfg = _config(config)
+    cfg = _config(config, q.shape[2])
     fbm, qbm = cfg["fwd"]["BM"], cfg["dq"]["BM"]
     if plan is None:
         from .sep_plan import build_plan
-        plan = build_plan(is_sep, init_tokens, [window], "triton", tile_rows=(fbm, qbm))
-    o, _ = sep_attn_fwd(q.contiguous(), k.contiguous(), v.contiguous(), plan.index, plan.gpos, plan.slot,
-                        plan.bounds[(window, fbm)], plan.bounds[(window, qbm)], window, scale, _launch(cfg))
-    return o
+        plan = build_plan(is_sep, init_tokens, [window], "triton", segment_ids, tile_rows=(fbm, qbm))
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), plan.index, plan.gpos, plan.slot,
+            plan.bounds[(window, fbm)], plan.bounds[(window, qbm)], plan.docs, window, scale,
+            _launch(cfg, deterministic))
+    return sep_attn_fwd(*args)[0]

@@ -7,8 +7,9 @@ tokens, so it is computed once per micro-batch and handed to every layer (and pi
   and compiled graphs, repeat across micro-batches); padding slots point at key 0 and hold a position
   no query reaches;
 - `slot` [b, s]: each position's place in that list, -1 when not kept (Triton dK/dV);
-- `bounds[(window, BM)]` [b, 2 * tiles]: per query tile of BM rows, how many list entries are older
-  than all / some of the tile's windows (Triton);
+- `docs` [b, 2, s] (with segments): each position's document start and end (Triton);
+- `bounds[(window, BM)]` [b, 4 * tiles]: per query tile of BM rows, the first list entry in the document
+  of its first / last query, and how many entries are older than all / some of its windows (Triton);
 - `block_masks[window]`: FlexAttention's block mask over keys [gathered ; all] (flex).
 The G bucket needs the largest kept count on the host: the one sync of a plan, once per micro-batch.
 """
@@ -21,16 +22,30 @@ import torch
 BLOCK = 128  # the G bucket is a multiple of this (FlexAttention's block size)
 
 
+def doc_starts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s]: the position where each token's document starts (segments are runs of equal ids)."""
+    b, s = segment_ids.shape
+    pos = torch.arange(s, device=segment_ids.device).expand(b, s)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=1).values
+
+
+def doc_bounds(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[b, 2, s] int32: each position's document start and end (one past its last token)."""
+    start = doc_starts(segment_ids)
+    end = doc_starts(segment_ids.flip(1)).flip(1)  # the start seen backwards is the last token
+    s = segment_ids.shape[1]
+    return torch.stack([start, s - end]).transpose(0, 1).to(torch.int32).contiguous()
+
+
 def kept_keys(is_sep: torch.Tensor, init_tokens: int, segment_ids: torch.Tensor | None = None):
     """Per-token bool [b, s]: an initial token (of its document, with segments) or a separator."""
     b, s = is_sep.shape
     pos = torch.arange(s, device=is_sep.device).expand(b, s)
     if segment_ids is None:
         return is_sep | (pos < init_tokens)
-    starts = torch.ones_like(is_sep)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    start_pos = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=1).values
-    return is_sep | (pos - start_pos < init_tokens)
+    return is_sep | (pos - doc_starts(segment_ids) < init_tokens)
 
 
 def gather_plan(keep: torch.Tensor):
@@ -57,17 +72,25 @@ class SepPlan:
     index: torch.Tensor | None = None
     gpos: torch.Tensor | None = None
     slot: torch.Tensor | None = None
+    docs: torch.Tensor | None = None
     bounds: dict = field(default_factory=dict)
     block_masks: dict = field(default_factory=dict)
 
 
-def tile_bounds(gpos: torch.Tensor, s: int, window: int, bm: int) -> torch.Tensor:
-    """[b, 2 * tiles] int32: list entries older than the window of the tile's first / last query."""
+def tile_bounds(gpos: torch.Tensor, s: int, window: int, bm: int, docs: torch.Tensor | None = None) -> torch.Tensor:
+    """[b, 4 * tiles] int32, per query tile: the first list entry in the document of its first / last query
+    (0 without documents), and the entries older than the window of its first / last query."""
     b = gpos.shape[0]
     first = torch.arange(-(-s // bm), device=gpos.device) * bm
-    edges = torch.stack([first - window, first + bm - 1 - window]).to(gpos.dtype)  # [2, tiles]
-    return torch.searchsorted(gpos, edges.reshape(1, -1).expand(b, -1).contiguous(),
-                              right=True).to(torch.int32).contiguous()
+    last = (first + bm - 1).clamp(max=s - 1)
+    edges = torch.stack([first - window, last - window]).to(gpos.dtype).reshape(1, -1).expand(b, -1)
+    older = torch.searchsorted(gpos, edges.contiguous(), right=True)
+    if docs is None:
+        starts = torch.zeros_like(older)
+    else:
+        doc_first = docs[:, 0, torch.cat([first, last])].to(gpos.dtype)
+        starts = torch.searchsorted(gpos, doc_first.contiguous())
+    return torch.cat([starts, older], dim=1).to(torch.int32).contiguous()
 
 
 def list_slots(gpos: torch.Tensor, s: int) -> torch.Tensor:
@@ -94,7 +117,9 @@ def build_plan(is_sep: torch.Tensor, init_tokens: int, windows, backend: str,
     if backend == "triton":
         plan.gpos = gpos.to(torch.int32)
         plan.slot = list_slots(plan.gpos, s)
-        plan.bounds = {(w, bm): tile_bounds(plan.gpos, s, w, bm) for w in set(windows) for bm in set(tile_rows)}
+        plan.docs = None if segment_ids is None else doc_bounds(segment_ids)
+        plan.bounds = {(w, bm): tile_bounds(plan.gpos, s, w, bm, plan.docs)
+                       for w in set(windows) for bm in set(tile_rows)}
     elif backend == "flex":
         from .sep_attention_flex import block_mask
         plan.gpos = gpos

@@ -24,9 +24,16 @@ def test_opcheck_forward_and_backward():
     q, k, v, is_sep = inputs(0)
     rows = (16, 16)
     plan = fused_ops.sep_plan.build_plan(is_sep, 3, [5], "triton", tile_rows=rows)
-    launch = [16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 0]
-    args = (q, k, v, plan.index, plan.gpos, plan.slot, plan.bounds[(5, 16)], plan.bounds[(5, 16)], 5, 0.25, launch)
+    from fused_ops.sep_attention_triton import _config, _launch
+    launch = _launch(_config({name: {"BM": 16, "BN": 16} for name in ("fwd", "dq", "dkdv")}))
+    args = (q, k, v, plan.index, plan.gpos, plan.slot, plan.bounds[(5, 16)], plan.bounds[(5, 16)], None, 5, 0.25,
+            launch)
     torch.library.opcheck(sep_attn_fwd, args)
+    seg = torch.zeros(is_sep.shape, dtype=torch.long)
+    seg[:, is_sep.shape[1] // 3:] = 1  # two documents: the op with its optional docs input
+    plan = fused_ops.sep_plan.build_plan(is_sep, 3, [5], "triton", seg, tile_rows=rows)
+    torch.library.opcheck(sep_attn_fwd, args[:6] + (plan.bounds[(5, 16)], plan.bounds[(5, 16)], plan.docs)
+                          + args[9:])
 
 
 def test_compiled_triton_op_is_one_node_and_never_recompiles():

@@ -55,15 +55,13 @@ def test_entry_point_dispatch_and_dense_fallback():
     torch.testing.assert_close(via_entry, ref, rtol=0, atol=2e-5)
     dense = fused_ops.sep_attention(q, k, v, is_sep, init_tokens=2, window=30, backend="triton")
     torch.testing.assert_close(dense, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
-    with pytest.raises(ValueError, match="segment_ids"):
-        fused_ops.sep_attention(q, k, v, is_sep, init_tokens=2, window=4, backend="triton",
-                                segment_ids=torch.zeros(1, 30, dtype=torch.long))
     with pytest.raises(ValueError, match="head dims"):
         sep_attention_triton(torch.randn(1, 1, 8, 24), torch.randn(1, 1, 8, 24), torch.randn(1, 1, 8, 24),
                              torch.zeros(1, 8, dtype=torch.bool), 1, 2)
 
 
-def test_model_with_triton_attention_backend():
+@pytest.mark.parametrize("resets", [False, True])
+def test_model_with_triton_attention_backend(resets):
     from megatron_sep.config import config_from_dict
     from megatron_sep.model import GPT
     out = {}
@@ -72,7 +70,8 @@ def test_model_with_triton_attention_backend():
         cfg = config_from_dict({"model": {"family": "llama", "num_layers": 2, "hidden_size": 32, "num_heads": 2,
                                           "vocab_size": 40, "max_position_embeddings": 64},
                                 "attention": {"kind": "sepllm", "separators": [1, 2, 3, 4], "window": [3, 9],
-                                              "init_tokens": 2, "backend": backend},
+                                              "init_tokens": 2, "backend": backend, "reset_per_document": resets,
+                                              "eod_id": 5, "deterministic": not resets},
                                 "data": {"seq_len": 64}})
         torch.manual_seed(0)
         m = GPT(cfg)
@@ -82,16 +81,27 @@ def test_model_with_triton_attention_backend():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def assert_fp32_kernel_matches(s, densities, window, cfg):
+def random_segments(b, s, docs):
+    """[b, s] document ids: `docs` documents per row at random cut points (row 1 gets one more)."""
+    ids = torch.zeros(b, s, dtype=torch.long)
+    for r in range(b):
+        cuts = torch.randperm(s - 1)[:docs + r] + 1
+        ids[r, cuts] = 1
+    return ids.cumsum(1)
+
+
+def assert_fp32_kernel_matches(s, densities, window, cfg, docs=0):
     """fp32 kernel with launch shapes `cfg` against float64 (b=2 rows with the given separator densities,
-    4 query heads on 2 kv heads, init 3), forward and grads within 2e-5."""
+    4 query heads on 2 kv heads, init 3, `docs` > 0: that many document resets per row), forward and grads
+    within 2e-5."""
     b, hq, hk, d = 2, 4, 2, 16
     q, k, v = (torch.randn(b, h, s, d) for h in (hq, hk, hk))
     is_sep = torch.rand(b, s) < torch.tensor(densities)[:, None]
+    seg = random_segments(b, s, docs) if docs else None
     go = torch.randn(b, hq, s, d)
-    truth = run(lambda *x: fused_ops.sep_attention(*x, is_sep, init_tokens=3, window=window, backend="reference"),
-                q.double(), k.double(), v.double(), go.double())
-    kernel = run(lambda *x: sep_attention_triton(*x, is_sep, 3, window, config=cfg), q, k, v, go)
+    truth = run(lambda *x: fused_ops.sep_attention(*x, is_sep, init_tokens=3, window=window, backend="reference",
+                                                   segment_ids=seg), q.double(), k.double(), v.double(), go.double())
+    kernel = run(lambda *x: sep_attention_triton(*x, is_sep, 3, window, config=cfg, segment_ids=seg), q, k, v, go)
     for name, a, t in zip(("o", "dq", "dk", "dv"), kernel, truth):
         assert (a.double() - t).abs().max().item() < 2e-5, name
 
@@ -106,7 +116,7 @@ def test_auto_backend_choice():
     from fused_ops import resolve_backend
     assert resolve_backend("auto", False, 128, False) == "reference"
     assert resolve_backend("auto", True, 128, False) == "triton"
-    assert resolve_backend("auto", True, 128, True) == "flex"  # the kernel takes no segment_ids yet
+    assert resolve_backend("auto", True, 128, True) == "triton"  # document resets run in the kernel too
     assert resolve_backend("auto", True, 96, False) == "flex"
     with pytest.raises(ValueError, match="head dims"):
         resolve_backend("triton", True, 96, False)
@@ -119,3 +129,36 @@ def test_dkdv_split_and_unmasked_blocks(split, window):
     cfg = {name: {"BM": 16, "BN": 16} for name in ("fwd", "dq")}
     cfg["dkdv"] = {"BM": 16, "BN": 16, "split": split}
     assert_fp32_kernel_matches(130, [0.15, 0.4], window, cfg)
+
+
+@pytest.mark.parametrize("docs,window,split", [(1, 6, 1), (4, 20, 2), (9, 45, 3), (3, 200, 1)])
+def test_document_resets_in_the_kernel(docs, window, split):
+    """segment_ids (reset_per_document): keys only from the query's document, init tokens per document; tiles
+    that span documents mask, tiles inside one keep the unmasked fast path (window 200 > s: dense per doc)."""
+    cfg = {"fwd": {"BM": 16, "BN": 16}, "dq": {"BM": 32, "BN": 16}, "dkdv": {"BM": 16, "BN": 16, "split": split}}
+    assert_fp32_kernel_matches(150, [0.15, 0.4], window, cfg, docs=docs)
+
+
+def test_launch_variants_tma_and_grid_order():
+    """Key/value blocks through tensor descriptors and the heads-first grid give the same numbers."""
+    cfg = {"fwd": {"BM": 16, "BN": 16, "TMA": 1, "HEADS_FIRST": 1}, "dq": {"BM": 16, "BN": 16, "TMA": 1},
+           "dkdv": {"BM": 16, "BN": 16}}
+    assert_fp32_kernel_matches(90, [0.1, 0.3], 9, cfg, docs=2)
+
+
+@pytest.mark.parametrize("docs,split", [(0, 1), (3, 2)])
+def test_atomic_dq_matches_reference(docs, split):
+    """deterministic=False: the kept keys' dQ is added by the list dK/dV programs with fp32 atomics; same
+    numbers as float64 within 2e-5 (fp32), with GQA, documents and split list tiles."""
+    b, hq, hk, s, d = 2, 4, 2, 110, 16
+    q, k, v = (torch.randn(b, h, s, d) for h in (hq, hk, hk))
+    is_sep = torch.rand(b, s) < torch.tensor([0.1, 0.3])[:, None]
+    seg = random_segments(b, s, docs) if docs else None
+    go = torch.randn(b, hq, s, d)
+    truth = run(lambda *x: fused_ops.sep_attention(*x, is_sep, init_tokens=3, window=9, backend="reference",
+                                                   segment_ids=seg), q.double(), k.double(), v.double(), go.double())
+    cfg = {"fwd": {"BM": 16, "BN": 16}, "dq": {"BM": 32, "BN": 16}, "dkdv": {"BM": 16, "BN": 16, "split": split}}
+    kernel = run(lambda *x: sep_attention_triton(*x, is_sep, 3, 9, config=cfg, segment_ids=seg, deterministic=False),
+                 q, k, v, go)
+    for name, a, t in zip(("o", "dq", "dk", "dv"), kernel, truth):
+        assert (a.double() - t).abs().max().item() < 2e-5, name

@@ -46,6 +46,43 @@ def test_sep_attention_triton_bf16(b, hq, hk, s, d, density, window, split):
           (q, k, v), torch.randn(b, hq, s, d, device="cuda"))
 
 
+@pytest.mark.parametrize("docs,window,cfg", [
+    (6, 256, None), (40, 64, None), (3, 128, {"dkdv": {"split": 3}}),
+    (5, 256, {"fwd": {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 2, "TMA": 1, "HEADS_FIRST": 1},
+              "dq": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3, "TMA": 1}})])
+def test_sep_attention_triton_documents_and_launch_variants_bf16(docs, window, cfg):
+    """segment_ids (document resets) in the kernel, and the TMA / heads-first launch shapes, in bf16."""
+    b, hq, hk, s = 2, 8, 2, 4096
+    q, k, v = (torch.randn(b, h, s, 128, device="cuda") for h in (hq, hk, hk))
+    is_sep = torch.rand(b, s, device="cuda") < 0.15
+    seg = torch.zeros(b, s, dtype=torch.long, device="cuda")
+    seg[:, torch.randperm(s - 1)[:docs] + 1] = 1
+    seg = seg.cumsum(1)
+    from fused_ops.sep_attention_triton import sep_attention_triton
+    check(lambda *x: sep_attention_triton(*x, is_sep, 3, window, config=cfg, segment_ids=seg),
+          lambda *x: fused_ops.sep_attention(*x, is_sep, init_tokens=3, window=window, backend="reference",
+                                             segment_ids=seg),
+          (q, k, v), torch.randn(b, hq, s, 128, device="cuda"))
+
+
+@pytest.mark.parametrize("s,hk,docs", [(4096, 16, 0), (12000, 4, 7)])
+def test_sep_attention_triton_atomic_dq_bf16(s, hk, docs):
+    """deterministic=False (list dQ through fp32 atomics), short and long (tensor-descriptor) sequences."""
+    b, hq = 1, 16
+    q, k, v = (torch.randn(b, h, s, 128, device="cuda") for h in (hq, hk, hk))
+    is_sep = torch.rand(b, s, device="cuda") < 0.1
+    seg = None
+    if docs:
+        seg = torch.zeros(b, s, dtype=torch.long, device="cuda")
+        seg[:, torch.randperm(s - 1)[:docs] + 1] = 1
+        seg = seg.cumsum(1)
+    from fused_ops.sep_attention_triton import sep_attention_triton
+    check(lambda *x: sep_attention_triton(*x, is_sep, 3, 256, segment_ids=seg, deterministic=False),
+          lambda *x: fused_ops.sep_attention(*x, is_sep, init_tokens=3, window=256, backend="reference",
+                                             segment_ids=seg),
+          (q, k, v), torch.randn(b, hq, s, 128, device="cuda"))
+
+
 def test_sep_attention_auto_is_triton_and_deterministic():
     """No atomics: two backward passes give bitwise equal gradients."""
     q, k, v = (torch.randn(1, 8, 3000, 128, device="cuda", dtype=BF16, requires_grad=True) for _ in range(3))

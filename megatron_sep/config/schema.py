@@ -105,6 +105,8 @@ class AttentionConfig:
     reset_per_document: bool = False
     eod_id: Optional[int] = None  # document end for reset_per_document; filled from the tokenizer
     backend: Literal["auto", "reference", "flex", "triton"] = "auto"
+    # false: the Triton backward adds the kept keys' dQ with fp32 atomics (faster, last bits vary per run)
+    deterministic: bool = True
     stats_interval: int = 100  # steps between kept-pair statistics (0: never)
 
     def check(self) -> None:
@@ -302,9 +304,6 @@ class Config:
         if a.kind != "dense":  # what a backend cannot serve stops here, not mid-run
             _require(m.attention_dropout == 0, "model.attention_dropout", m.attention_dropout,
                      f"is not supported by attention.kind={a.kind}", "set it to 0")
-            _require(not (a.backend == "triton" and a.reset_per_document), "attention.backend", a.backend,
-                     "takes no attention.reset_per_document (document resets) yet",
-                     "use backend flex (GPU) or reference, or auto")
             _require(a.backend != "triton" or m.head_dim in (16, 32, 64, 128), "attention.backend", a.backend,
                      f"supports head dims 16, 32, 64 and 128, not {m.head_dim}", "use backend flex or auto")
             if self.train.device == "cpu":

@@ -57,7 +57,8 @@ def build_core_attention(cfg: Config, layer: int):
             raise ValueError("attention.kind other than dense does not support model.attention_dropout")
         return fused_ops.sep_attention(q, k, v, batch.is_sep, init_tokens=a.init_tokens,
                                        window=window or DENSE, backend=a.backend,
-                                       segment_ids=batch.segment_ids, plan=batch.plan)
+                                       segment_ids=batch.segment_ids, plan=batch.plan,
+                                       deterministic=a.deterministic)
     return core
 
 
