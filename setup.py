@@ -18,6 +18,7 @@ setup(
         "sentencepiece>=0.2.1",
         "tokenizers>=0.22.2",
         "safetensors>=0.8",
+        "matplotlib>=3.10",  # the PNG plots of eval (loss by position, streaming perplexity, KV memory)
     ],
     extras_require={
         "test": ["pytest>=9.0", "pytest-timeout>=2.4", "packaging>=26.0", "transformers>=4.57.6", "wandb>=0.31", "tensorboard>=2.21",

@@ -33,6 +33,13 @@ def _rotate_ref(x, cos, sin, rotary_dim):
     return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
 
 
+def rotate(x, position_ids, rotary_dim, base=10000.0):
+    """One tensor x [b, s, h, d] rotated at positions [b, s] or [s] (PyTorch), e.g. cached keys moved to new
+    positions by a streaming cache."""
+    cos, sin = rope_cos_sin(position_ids, rotary_dim, base)
+    return _rotate_ref(x, cos, sin, rotary_dim)
+
+
 def apply_rope_ref(q, k, position_ids, rotary_dim, base=10000.0):
     cos, sin = rope_cos_sin(position_ids, rotary_dim, base)
     return _rotate_ref(q, cos, sin, rotary_dim), _rotate_ref(k, cos, sin, rotary_dim)

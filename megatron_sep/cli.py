@@ -1,5 +1,5 @@
 """`megatron-sep` command line: train, tokenizer, preprocess, inspect, export-hf, import-hf, generate,
-demo-corpus."""
+eval, demo-corpus."""
 from __future__ import annotations
 
 import argparse
@@ -127,9 +127,94 @@ def cmd_generate(args) -> int:
               "was trained with; later tokens may degrade", file=sys.stderr)
     prompt = torch.tensor([ids])
     out = generate(model, prompt, args.max_new_tokens, greedy=args.temperature == 0, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, eod_id=tok.eod_id, seed=args.seed, evict=args.evict)
+                   top_k=args.top_k, top_p=args.top_p, eod_id=tok.eod_id, seed=args.seed, evict=args.evict,
+                   cache=args.cache, cache_sizes=args.cache_sizes, positions=args.cache_positions,
+                   prefill_chunk=args.prefill_chunk)
     print(tok.decode(out[0, prompt.shape[1]:].tolist()))
     return 0
+
+
+EVAL_FILES = ("eval.json", "loss_by_position.png", "streaming_ppl.png", "kv_memory.png")
+
+
+def cmd_eval(args) -> int:
+    import math
+    from pathlib import Path
+
+    import torch
+
+    from .convert import load_project_model
+    from .convert.commands import prepare_out
+    from .data.dataset import run_datasets
+    from .data.tokenizer import load_tokenizer
+    from .inference import evaluate as ev
+
+    out = prepare_out(Path(args.out), args.force, EVAL_FILES, "replace only the files eval writes")
+    model, cfg = load_project_model(args.load)
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    seq = args.seq_len or cfg.data.seq_len
+    if seq > cfg.model.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq} exceeds the model's max_position_embeddings "
+                         f"{cfg.model.max_position_embeddings}. Fix: a shorter --seq-len")
+    iters, mb = args.iters or cfg.train.eval_iters, args.micro_batch or cfg.train.micro_batch_size
+    tokens = None
+    if args.text:
+        tokens, source = ev.text_tokens(Path(args.text), load_tokenizer(args.tokenizer or cfg.data.tokenizer)), args.text
+    elif args.data:
+        tokens, source = ev.corpus_tokens(args.data, max(iters * mb * seq + 1, args.stream_tokens + 1)), args.data
+    if tokens is None and cfg.data.mock and args.stream_tokens:
+        raise ValueError("this run trained on data.mock: there is no corpus to stream. Fix: pass --data or --text")
+    ds = run_datasets(cfg)[1] if tokens is None else ev.Rows(tokens, seq)
+    source = source if tokens is not None else "the run's validation split (data.paths, data.split)"
+    if len(ds) < iters * mb:
+        raise ValueError(f"{source} holds {len(ds)} samples of {seq + 1} tokens; --iters {iters} x --micro-batch {mb}"
+                         " are asked. Fix: lower --iters, --micro-batch or --seq-len, or give more data")
+    result = {"checkpoint": str(args.load), "source": source, "seq_len": seq, "iters": iters, "micro_batch": mb,
+              "device": str(device), "attention": cfg.attention.kind}
+    result["val_loss"] = ev.validation_loss(model, ds, iters, mb, device)
+    result["val_ppl"] = math.exp(result["val_loss"])
+    print(f"validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f} ({iters} x {mb} samples "
+          f"of {seq} tokens from {source})")
+    result["loss_by_position"] = ev.loss_by_position(model, ds, iters, mb, device, args.buckets)
+    if args.stream_tokens:
+        stream = tokens if tokens is not None else ev.corpus_tokens(cfg.data.paths[0], args.stream_tokens + 1)
+        if len(stream) < args.stream_tokens + 1:
+            raise ValueError(f"{source} holds {len(stream)} tokens, fewer than --stream-tokens {args.stream_tokens} "
+                             "+ 1. Fix: lower --stream-tokens or give a longer text or corpus")
+        if args.cache_positions == "original" and args.stream_tokens > cfg.model.max_position_embeddings:
+            print(f"warning: the stream runs past the {cfg.model.max_position_embeddings} positions the model was "
+                  "trained with; --cache-positions cache keeps rotary positions inside the cache", file=sys.stderr)
+        stream = torch.from_numpy(stream[:args.stream_tokens + 1])
+        result["streaming"] = []
+        for kind in args.cache.split(","):
+            run = ev.streaming_perplexity(model, stream, kind, args.cache_sizes, args.cache_positions, args.chunk,
+                                          args.segment, progress=not args.no_progress)
+            result["streaming"].append(run)
+            print(f"stream {run['tokens']} tokens, cache {kind}: perplexity {run['ppl']:.2f}, "
+                  f"{run['tokens_per_s']:.0f} tokens/s, peak KV {run['peak_kv_bytes'] / 2 ** 20:.2f} MiB")
+    for path in ev.write_report(out, result):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cache_sizes(text):
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 4 or min(sizes) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not four counts initial,separators,window,capacity "
+                                         "(e.g. 4,64,256,512)")
+    return sizes
+
+
+def _caches(text):
+    kinds = [k for k in text.split(",") if k]
+    bad = [k for k in kinds if k not in ("sep", "streaming", "full")]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"{text!r}: caches are a comma list of sep, streaming and full")
+    return ",".join(kinds)
 
 
 def _at_least(low, kind):
@@ -229,8 +314,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--evict", action="store_true",
                    help="drop cached keys no later token can see (SepLLM's streaming memory saving)")
+    p.add_argument("--cache", choices=["full", "sep", "streaming"], default="full",
+                   help="full: every key the mask can reach; sep: SepCache, fixed capacity (bounded memory); "
+                   "streaming: StreamingLLM (initial tokens + window)")
+    p.add_argument("--cache-sizes", type=_cache_sizes, default=(4, 64, 256, 512),
+                   help="SepCache initial,separators,window,capacity (default 4,64,256,512 as in the paper)")
+    p.add_argument("--cache-positions", choices=["original", "cache"], default="original",
+                   help="RoPE at stream positions, or at slots in the cache (StreamingLLM's shift)")
+    p.add_argument("--prefill-chunk", type=_at_least(0, int), default=0,
+                   help="feed the prompt this many tokens at a time (0: all at once)")
     p.add_argument("--tokenizer", help="override the checkpoint's data.tokenizer")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="perplexity, loss by position and streaming perplexity of a checkpoint")
+    p.add_argument("--load", required=True, help="run dir, checkpoints dir or step_* dir (any layout)")
+    p.add_argument("--out", required=True, help="directory for eval.json and the PNG plots")
+    p.add_argument("--force", action="store_true", help="replace an earlier eval's files in --out")
+    src_group = p.add_mutually_exclusive_group()
+    src_group.add_argument("--data", help=".bin/.idx prefix (default: the run's own validation split)")
+    src_group.add_argument("--text", help=".txt or .jsonl file, tokenized with the run's tokenizer")
+    p.add_argument("--tokenizer", help="override the checkpoint's data.tokenizer (with --text)")
+    p.add_argument("--iters", type=_at_least(1, int), help="validation micro-batches (default: train.eval_iters)")
+    p.add_argument("--micro-batch", type=_at_least(1, int), help="default: train.micro_batch_size")
+    p.add_argument("--seq-len", type=_at_least(2, int), help="default: data.seq_len")
+    p.add_argument("--buckets", type=_at_least(1, int), default=32, help="position buckets of the loss plot")
+    p.add_argument("--stream-tokens", type=_at_least(0, int), default=0,
+                   help="also stream this many tokens through each --cache and report perplexity per segment")
+    p.add_argument("--cache", default="sep,streaming", type=_caches, help="comma list of sep, streaming, full")
+    p.add_argument("--cache-sizes", type=_cache_sizes, default=(4, 64, 256, 512),
+                   help="initial,separators,window,capacity (default 4,64,256,512 as in the paper)")
+    p.add_argument("--cache-positions", choices=["original", "cache"], default="original")
+    p.add_argument("--chunk", type=_at_least(1, int), default=64, help="tokens fed per streaming step")
+    p.add_argument("--segment", type=_at_least(1, int), default=65536, help="tokens per perplexity segment")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo-corpus", help="build the demo corpus (no download needed)")
     p.add_argument("--out", default="data/demo/corpus.jsonl")

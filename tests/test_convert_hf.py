@@ -154,7 +154,8 @@ def test_sepllm_export_with_remote_code(corpus, tmp_path, name, attention):
 
 def test_generate_command(corpus, tmp_path):
     project_checkpoint(tmp_path, corpus["tokenizer"], MODELS["llama"])
-    for extra in ([], ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--evict"]):
+    for extra in ([], ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--evict"],
+                  ["--cache", "streaming", "--cache-sizes", "2,0,8,16", "--prefill-chunk", "3"]):
         proc = subprocess.run([sys.executable, "-m", "megatron_sep", "generate", "--load", str(tmp_path / "run"),
                                "--prompt", "The model reads.", "--max-new-tokens", "8", *extra],
                               capture_output=True, text=True, timeout=120)

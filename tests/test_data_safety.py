@@ -327,9 +327,13 @@ def test_generate_rejects_bad_arguments(corpus, tmp_path):
     assert_one_line_error(cli("generate", "--load", tmp_path / "run", "--prompt", ""), "the prompt is empty")
     for flag, value, needle in (("--max-new-tokens", "0", "must be >= 1"), ("--max-new-tokens", "-5", ">= 1"),
                                 ("--temperature", "-1", "must be >= 0.0"), ("--temperature", "nan", "finite"),
-                                ("--top-p", "1.5", "(0, 1]")):
+                                ("--top-p", "1.5", "(0, 1]"), ("--cache-sizes", "4,64,256", "four counts")):
         assert_one_line_error(cli("generate", "--load", tmp_path / "run", "--prompt", "x", flag, value), needle,
                               "Fix: see `megatron-sep generate --help`")
+    # a dense checkpoint has no separator ids; a capacity below the blocks it must hold
+    for extra, needle in ((["--cache", "sep"], "separator token ids"),
+                          (["--cache", "streaming", "--cache-sizes", "4,0,256,100"], "capacity=100 must exceed")):
+        assert_one_line_error(cli("generate", "--load", tmp_path / "run", "--prompt", "x", *extra), needle)
     moved = tmp_path / "gone.model"  # the run's tokenizer is gone: the fix names --tokenizer
     os.symlink(corpus["tokenizer"], moved)
     cfg = tiny_config(corpus, tmp_path / "run2", train={"steps": 1}, checkpoint={"save_interval": 1})

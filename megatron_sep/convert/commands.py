@@ -43,7 +43,7 @@ def export_hf(load: str | Path, out: str | Path, dtype: str = "fp32", tokenizer:
         raise ConversionError("attention.reset_per_document has no transformers equivalent (inference sees one "
                               "document). Fix: export with reset_per_document off (weights are unaffected)")
     tok = _export_tokenizer(tokenizer or cfg.data.tokenizer, cfg)
-    out = _prepare_out(Path(out), force, EXPORT_FILES, "replace only the files an export writes")
+    out = prepare_out(Path(out), force, EXPORT_FILES, "replace only the files an export writes")
     eod, pad = (tok.eod_id, tok.pad_id) if tok else (None, None)
     conf = hf_config(cfg, eod, pad)
     conf["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
@@ -74,7 +74,7 @@ def _export_tokenizer(path: str | None, cfg):
                               "--tokenizer PATH") from None
 
 
-def _prepare_out(out: Path, force: bool, owned: tuple[str, ...], what: str) -> Path:
+def prepare_out(out: Path, force: bool, owned: tuple[str, ...], what: str) -> Path:
     """Refuse a non-empty directory unless forced; with force, delete only the files this command owns."""
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--out {out} is a file. Fix: choose a directory path")
@@ -135,6 +135,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, overrides=(), force: bool = F
         raise ConversionError(f"the weights in {hf_dir} do not match its config.json ({str(e).splitlines()[0]} "
                               "...). Fix: use the config.json saved with these weights") from None
     plan = ParallelPlan(model, cfg, ParallelContext())
-    _prepare_out(out, force, (), "write its checkpoint beside the other files")
+    prepare_out(out, force, (), "write its checkpoint beside the other files")
     save_checkpoint(out / "checkpoints", 0, plan, {"consumed_samples": 0}, dump_config(cfg), keep_last=1)
     return out

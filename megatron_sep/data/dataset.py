@@ -115,6 +115,16 @@ def build_datasets(paths: list[str], weights: list[float] | None, split: list[fl
     return tuple(out)
 
 
+def run_datasets(cfg):
+    """(train, valid) as a training run of this config reads them: mock tokens, or the blended corpora
+    sized for train.steps global batches and train.eval_iters validation micro-batches."""
+    t, d = cfg.train, cfg.data
+    wanted = (t.steps * (t.global_batch_size or t.micro_batch_size), t.eval_iters * t.micro_batch_size)
+    if d.mock:
+        return tuple(MockDataset(cfg.model.vocab_size, d.seq_len, n, d.seed + i) for i, n in enumerate(wanted))
+    return build_datasets(d.paths, d.weights, d.split, d.seq_len, d.seed, (*wanted, 0))[:2]
+
+
 class MockDataset:
     """Uniform random tokens, the same for a given (seed, index) (Megatron's --mock-data): for
     throughput runs with no corpus or tokenizer."""

@@ -1,5 +1,7 @@
-"""Inference: generation with a KV cache that applies the SepLLM mask (and can evict)."""
+"""Inference: generation with a KV cache that applies the SepLLM mask (and can evict), and SepCache, the
+fixed-capacity streaming cache."""
 from .cache import SepKVCache
 from .generate import generate
+from .sep_cache import SepCache
 
-__all__ = ["SepKVCache", "generate"]
+__all__ = ["SepCache", "SepKVCache", "generate"]

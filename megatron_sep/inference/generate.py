@@ -5,25 +5,35 @@ import torch
 
 from ..model.attention import AttentionBatch
 from .cache import SepKVCache
+from .sep_cache import SepCache
 
 
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, eod_id: int | None = None, seed: int = 0,
-             evict: bool = False, output_logits: bool = False):
+             evict: bool = False, output_logits: bool = False, cache: str = "full", cache_sizes=(4, 64, 256, 512),
+             positions: str = "original", prefill_chunk: int = 0):
     """prompt [b, s] -> [b, s + new] token ids. Stops early when every row has produced eod_id.
 
+    `cache`: "full" (every key the mask can still reach; `evict` drops the others), "sep" (SepCache with
+    `cache_sizes` = (initial, separators, window, capacity): bounded memory) or "streaming" (SepCache
+    without separators: StreamingLLM). `prefill_chunk` > 0 feeds the prompt that many tokens at a time.
     With output_logits, also returns each step's logits [b, new, vocab] (fp32, before sampling).
     """
     model.eval()
-    cache = SepKVCache(model.cfg, model.sep_ids, evict=evict)
+    kv = make_cache(model, cache, cache_sizes, positions, evict)
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
-    out, step_input = prompt, prompt
+    out = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     steps = []
+    chunk = prefill_chunk if prefill_chunk > 0 else prompt.shape[1]
+    for start in range(0, prompt.shape[1] - chunk, chunk):  # all but the prompt's last chunk
+        piece = prompt[:, start:start + chunk]
+        model(piece, position_ids=kv.begin(piece), batch=AttentionBatch(kv_cache=kv))
+    step_input = prompt[:, (prompt.shape[1] - 1) // chunk * chunk:]
     for _ in range(max_new_tokens):
-        pos = cache.begin(step_input)
-        logits = model(step_input, position_ids=pos, batch=AttentionBatch(kv_cache=cache))[:, -1].float()
+        pos = kv.begin(step_input)
+        logits = model(step_input, position_ids=pos, batch=AttentionBatch(kv_cache=kv))[:, -1].float()
         steps.append(logits)
         if greedy:
             nxt = logits.argmax(-1)
@@ -37,6 +47,17 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool =
         if eod_id is not None and done.all():
             break
     return (out, torch.stack(steps, 1)) if output_logits else out
+
+
+def make_cache(model, kind: str, sizes=(4, 64, 256, 512), positions: str = "original", evict: bool = False):
+    """The KV cache generation and streaming evaluation decode with (see `generate`)."""
+    if kind == "full":
+        return SepKVCache(model.cfg, model.sep_ids, evict=evict)
+    if kind not in ("sep", "streaming"):
+        raise ValueError(f"cache {kind!r} is unknown; use full, sep or streaming")
+    a, s, w, c = sizes
+    return SepCache(model.cfg, model.sep_ids, init=a, seps=0 if kind == "streaming" else s, window=w, capacity=c,
+                    positions=positions, streaming=kind == "streaming")
 
 
 def sample(logits, top_k: int, top_p: float, gen) -> torch.Tensor:

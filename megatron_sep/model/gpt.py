@@ -56,10 +56,14 @@ class Attention(nn.Module):
         qkv = qkv.view(b, s, self.kv_heads, group + 2, self.head_dim)
         q = qkv[:, :, :, :group].reshape(b, s, self.heads, self.head_dim)
         k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
-        q, k = fused_ops.apply_rope(q, k, position_ids, self.rotary_dim, self.rotary_base, self.kernels)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cache = batch.kv_cache  # decoding: the cache holds earlier keys and applies the mask
-        if cache is not None:
+        in_cache = getattr(cache, "rotates", False)  # a streaming cache that rotates by cache slot
+        if not in_cache:
+            q, k = fused_ops.apply_rope(q, k, position_ids, self.rotary_dim, self.rotary_base, self.kernels)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if in_cache:
+            o = cache.attend(self.layer, q, k, v, rope=(self.rotary_dim, self.rotary_base))
+        elif cache is not None:
             o = cache.attend(self.layer, q, k, v)
         elif self.recompute and torch.is_grad_enabled():
             o = checkpoint(self.core, q, k, v, batch, self.dropout if self.training else 0.0, use_reentrant=False)

@@ -14,7 +14,7 @@ import torch
 
 from ..config import Config, ConfigError, config_to_dict, dump_config
 from ..config.schema import check_backend_device
-from ..data.dataset import MockDataset, build_datasets
+from ..data.dataset import run_datasets
 from ..data.tokenizer import load_tokenizer
 from ..data.separators import resolve_separator_ids
 from ..model import GPT
@@ -61,18 +61,14 @@ class Trainer:
 
         t, m = cfg.train, cfg.model
         self.global_batch = t.global_batch_size or t.micro_batch_size
-        wanted = (t.steps * self.global_batch, t.eval_iters * t.micro_batch_size)
         if cfg.data.mock:
             if m.vocab_size is None:
                 raise ConfigError("model.vocab_size", None, "is needed with data.mock (there is no tokenizer)",
                                   "set model.vocab_size, e.g. 32000")
             self.tokenizer = None
-            self.train_ds, self.valid_ds = (MockDataset(m.vocab_size, cfg.data.seq_len, n, cfg.data.seed + i)
-                                            for i, n in enumerate(wanted))
         else:
             self.tokenizer = self._load_tokenizer()
-            self.train_ds, self.valid_ds, _ = build_datasets(
-                cfg.data.paths, cfg.data.weights, cfg.data.split, cfg.data.seq_len, cfg.data.seed, (*wanted, 0))
+        self.train_ds, self.valid_ds = run_datasets(cfg)
         self.notes = self._resolve_attention()
         self.config_text = dump_config(cfg)
         if self.valid_ds is None:

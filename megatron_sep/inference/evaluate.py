@@ -1,0 +1,169 @@
+"""Evaluating a checkpoint: validation perplexity with the training attention, loss by token position, and
+streaming perplexity through a fixed-capacity cache (SepCache, StreamingLLM) or the full cache."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..model.attention import AttentionBatch
+from .generate import make_cache
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (as the trainer), nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rows_of(ds, start: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, labels) of samples [start, start + size) of a packed dataset: as the trainer batches them."""
+    data = torch.from_numpy(np.stack([ds[i] for i in range(start, start + size)])).to(device)
+    return data[:, :-1], data[:, 1:]
+
+
+@torch.no_grad()
+def validation_loss(model, ds, iters: int, micro_batch: int, device) -> float:
+    """Mean over `iters` micro-batches of their mean loss: the trainer's validation number."""
+    model.eval()
+    total = 0.0
+    with autocast_for(device):
+        for i in range(iters):
+            tokens, labels = rows_of(ds, i * micro_batch, micro_batch, device)
+            total += float(model(tokens, labels).double())
+    return total / iters
+
+
+@torch.no_grad()
+def loss_by_position(model, ds, iters: int, micro_batch: int, device, buckets: int = 32) -> dict:
+    """Mean next-token loss at each position, over the same batches, and in `buckets` equal ranges."""
+    model.eval()
+    total = None
+    with autocast_for(device):
+        for i in range(iters):
+            tokens, labels = rows_of(ds, i * micro_batch, micro_batch, device)
+            logits = model(tokens).float()
+            nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(0).double()
+            total = nll if total is None else total + nll
+    per_pos = (total / (iters * micro_batch)).cpu()
+    edges = np.linspace(0, per_pos.numel(), min(buckets, per_pos.numel()) + 1).astype(int)
+    return {"per_position": per_pos.tolist(),
+            "buckets": [{"start": int(a), "end": int(b), "loss": float(per_pos[a:b].mean())}
+                        for a, b in zip(edges[:-1], edges[1:])]}
+
+
+@torch.no_grad()
+def streaming_perplexity(model, stream: torch.Tensor, cache: str, sizes, positions: str, chunk: int,
+                         segment: int, progress: bool = True) -> dict:
+    """Next-token perplexity over one long stream [n], fed `chunk` tokens at a time through the cache, per
+    `segment` tokens; tokens/s; and the KV memory the cache holds, read off its tensors after every chunk."""
+    model.eval()
+    device = next(model.parameters()).device
+    kv = make_cache(model, cache, sizes, positions)
+    inputs, targets = stream[:-1].to(device), stream[1:].to(device)
+    n = inputs.numel()
+    seg_nll, seg_count, kv_curve = [], [], []
+    peak = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    begin = time.perf_counter()
+    with autocast_for(device), tqdm(total=n, unit="tok", disable=not progress, desc=f"stream ({cache})") as bar:
+        for start in range(0, n, chunk):
+            piece = inputs[start:start + chunk][None]
+            logits = model(piece, position_ids=kv.begin(piece), batch=AttentionBatch(kv_cache=kv))[0].float()
+            nll = F.cross_entropy(logits, targets[start:start + chunk], reduction="none").double().cpu()
+            for j, value in enumerate(nll.tolist()):  # a chunk may straddle a segment boundary
+                s = (start + j) // segment
+                if s == len(seg_nll):
+                    seg_nll.append(0.0)
+                    seg_count.append(0)
+                seg_nll[s] += value
+                seg_count[s] += 1
+            held = kv_bytes(kv)
+            peak = max(peak, held)
+            kv_curve.append((start + piece.shape[1], held))
+            bar.update(piece.shape[1])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - begin
+    segments = [{"start": i * segment, "tokens": c, "ppl": math.exp(t / c)}
+                for i, (t, c) in enumerate(zip(seg_nll, seg_count))]
+    step = max(1, len(kv_curve) // 512)  # a readable curve, not one point per chunk
+    return {"cache": cache, "sizes": list(sizes) if cache != "full" else None, "positions": positions,
+            "tokens": n, "chunk": chunk, "segment": segment, "segments": segments,
+            "ppl": math.exp(sum(seg_nll) / n), "tokens_per_s": n / seconds, "seconds": seconds,
+            "peak_kv_bytes": peak, "kv_bytes": kv_curve[::step] + kv_curve[-1:],
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+
+
+def text_tokens(path: Path, tok) -> np.ndarray:
+    """A .txt file (one document) or .jsonl ("text" per line) as one token stream, documents ended by EOD."""
+    ids = []
+    with open(path, encoding="utf-8") as f:
+        if path.suffix == ".jsonl":
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        text = json.loads(line)["text"]
+                    except (ValueError, KeyError, TypeError):
+                        raise ValueError(f"{path} line {n} is not a JSON object with a \"text\" field. Fix: "
+                                         "one {\"text\": ...} per line, or pass a .txt file") from None
+                    ids += tok.encode(text) + [tok.eod_id]
+        else:
+            ids = tok.encode(f.read()) + [tok.eod_id]
+    return np.asarray(ids, dtype=np.int64)
+
+
+class Rows:
+    """A token stream cut into consecutive samples of seq_len + 1 tokens (each one token past the last)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1]
+
+
+def corpus_tokens(prefix: str, limit: int) -> np.ndarray:
+    """The first `limit` tokens of a .bin/.idx corpus, documents in order."""
+    from ..data.indexed import IndexedDataset
+    ix = IndexedDataset(prefix)
+    parts, have = [], 0
+    for d in range(len(ix)):
+        if have >= limit:
+            break
+        parts.append(np.asarray(ix[d], dtype=np.int64))
+        have += len(parts[-1])
+    return np.concatenate(parts)[:limit] if parts else np.zeros(0, dtype=np.int64)
+
+
+def kv_bytes(cache) -> int:
+    """Bytes of the key/value tensors a cache holds now (its own tensors, not an estimate)."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for entry in cache.kv if entry is not None for t in entry[:2])
+
+
+def write_report(out: Path, result: dict) -> list[Path]:
+    """eval.json and the PNG plots of what the result holds."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    from .plots import plot_loss_by_position, plot_streaming
+    written = [out / "eval.json"]
+    if "loss_by_position" in result:
+        written.append(plot_loss_by_position(result["loss_by_position"], out / "loss_by_position.png"))
+    if "streaming" in result:
+        written += plot_streaming(result["streaming"], out)
+    return written

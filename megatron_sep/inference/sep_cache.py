@@ -1,0 +1,162 @@
+"""SepCache: the SepLLM paper's fixed-capacity KV cache, for streams of any length in bounded memory.
+
+Each batch row's retained keys form four blocks, in stream order: the first `init` tokens; up to
+`seps` separators that left the local window (the newest, when there are more); the past window
+(tokens that left the local window since the last compression); the local window (the latest `window`
+tokens). When a row holds `capacity` entries, its past window is compressed: separators join the
+separator block (the oldest leave beyond `seps`) and the other tokens are dropped, leaving at most
+init + seps + window < capacity entries. So memory is O(capacity) per layer for any stream length.
+
+Attention runs over the retained entries under the model's own mask (an initial token of the mask's
+`attention.init_tokens`, a separator, or inside the layer's training window; dense layers see every
+retained entry). With nothing compressed the output is the full SepLLM computation; after compression it
+is that computation over exactly the retained keys. A chunk of several tokens (prefill) gives each query
+the entries retained at its own step, so any chunking gives the same result as one token at a time.
+
+Which entries are retained depends only on positions and separator flags, so the bookkeeping (`pos`,
+`sep`, `valid` [b, L]) is shared by all layers; each layer keeps its own k/v [b, hk, L, d] in the same
+column order, padded per row by invalid columns.
+
+Positions: "original" caches keys rotated at their stream positions; "cache" caches them unrotated and
+rotates keys and queries by their slot among the valid entries at each step (StreamingLLM's shift, exact
+for one-token steps), so rotary positions never exceed the capacity.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fused_ops.rope import rotate
+from ..config import Config
+from ..model.attention import sep_inputs
+
+
+class SepCache:
+    def __init__(self, cfg: Config, sep_ids: torch.Tensor, *, init: int = 4, seps: int = 64, window: int = 256,
+                 capacity: int = 512, positions: str = "original", streaming: bool = False):
+        """`streaming`: ignore separators (a StreamingLLM cache: initial tokens + window)."""
+        for name, value in (("init", init), ("seps", seps), ("window", window)):
+            if value < 0:
+                raise ValueError(f"SepCache {name}={value} must be >= 0")
+        if window < 1:
+            raise ValueError("SepCache window must be >= 1: the latest token is always kept")
+        if init + seps + window >= capacity:
+            raise ValueError(f"SepCache capacity={capacity} must exceed init + seps + window = "
+                             f"{init + seps + window}. Fix: raise the capacity or shrink the blocks "
+                             "(the paper: init 4, seps 64, window 256, capacity 512)")
+        if positions not in ("original", "cache"):
+            raise ValueError(f"SepCache positions={positions!r}: use 'original' or 'cache'")
+        a, m = cfg.attention, cfg.model
+        if not streaming and a.kind != "fixed_interval" and (sep_ids is None or sep_ids.numel() == 0):
+            raise ValueError("SepCache needs separator token ids, and this model has none (it was not trained "
+                             "with attention.kind=sepllm). Fix: pass sep_ids (e.g. resolved from the tokenizer "
+                             "with megatron_sep.data.separators), or use a StreamingLLM cache (streaming=True)")
+        self.cfg, self.sep_ids, self.streaming = cfg, sep_ids, streaming
+        self.init, self.seps, self.window, self.capacity = init, seps, window, capacity
+        self.rotates = positions == "cache"
+        self.mask_init = a.init_tokens
+        self.windows = a.layer_windows(m.num_layers, m.max_position_embeddings)
+        self.kv = [None] * m.num_layers
+        self.pos = self.sep = self.valid = None  # [b, L] shared column bookkeeping
+        self.length = 0
+        self._step = None
+
+    def entries(self) -> torch.Tensor:
+        """Retained entries per row [b] (after the last completed step)."""
+        return self.valid.sum(1) if self.valid is not None else torch.zeros(0, dtype=torch.long)
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for k, v in (kv for kv in self.kv if kv is not None))
+
+    def _is_sep(self, tokens, pos):
+        b, s = tokens.shape
+        if self.streaming:
+            return torch.zeros_like(tokens, dtype=torch.bool)
+        if self.cfg.attention.kind == "fixed_interval":  # positions, not token ids, mark separators
+            return ((pos + 1) % self.cfg.attention.fixed_interval == 0).expand(b, s)
+        if self.cfg.attention.kind == "sepllm":
+            return sep_inputs(self.cfg, tokens, self.sep_ids)["is_sep"]
+        return torch.isin(tokens, self.sep_ids.to(tokens.device))
+
+    def begin(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Register the next chunk of tokens [b, s]; returns their stream positions (RoPE position ids)."""
+        self._commit()
+        b, s = tokens.shape
+        dev = tokens.device
+        qpos = torch.arange(self.length, self.length + s, device=dev)
+        new_sep = self._is_sep(tokens, qpos)
+        if self.pos is None:
+            self.pos = torch.empty(b, 0, dtype=torch.long, device=dev)
+            self.sep = self.valid = torch.empty(b, 0, dtype=torch.bool, device=dev)
+        pos = torch.cat([self.pos, qpos.expand(b, s)], 1)
+        sep = torch.cat([self.sep, new_sep], 1)
+        valid = torch.cat([self.valid, torch.ones(b, s, dtype=torch.bool, device=dev)], 1)
+        retained, alive = self._retention(pos, sep, valid, qpos)
+        keep_mask = sep | (pos < self.mask_init)  # the model's always-visible keys
+        base = retained & (pos[:, None, :] <= qpos[None, :, None])
+        order = torch.sort((~alive).to(torch.int8), dim=1, stable=True).indices
+        idx = order[:, :int(alive.sum(1).max())]
+        slots = None
+        if self.rotates:  # slot of each column among the valid ones at the chunk's start
+            slots = torch.cumsum(valid.long(), 1) - 1
+        self._step = dict(qpos=qpos, pos=pos, keep=keep_mask, base=base, idx=idx, slots=slots,
+                          next=(pos.gather(1, idx), sep.gather(1, idx), alive.gather(1, idx)))
+        self.length += s
+        return qpos
+
+    def _retention(self, pos, sep, valid, qpos):
+        """Per query of the chunk, the columns retained at its step ([b, s, T]), and those alive after the
+        chunk ([b, T]): compressions fire in each row when its count reaches the capacity."""
+        b, t = pos.shape
+        s = qpos.numel()
+        t0 = int(qpos[0])
+        alive = valid.clone()
+        retained = alive[:, None, :].expand(b, s, t).clone()
+        count = valid.sum(1) - s  # entries before the chunk
+        fire = t0 + (self.capacity - count) - 1  # the step whose insertion reaches the capacity
+        while True:
+            now = fire <= t0 + s - 1
+            if not bool(now.any()):
+                return retained, alive
+            tau = torch.where(now, fire, torch.full_like(fire, -1))[:, None]  # [b, 1]
+            seen = alive & (pos <= tau)
+            init = pos < self.init
+            local = pos > tau - self.window
+            cand = seen & sep & ~init & ~local  # separators outside the initial and local blocks
+            newer = cand.flip(1).cumsum(1).flip(1) - cand.long()  # candidates after this one
+            keep = seen & (init | local | (cand & (newer < self.seps)))
+            drop = seen & ~keep & now[:, None]
+            alive &= ~drop
+            later = qpos[None, :, None] > tau[:, :, None]  # [b, s, 1]: queries after the compression
+            retained &= ~(drop[:, None, :] & later)
+            # each later step adds one entry: the next compression fires when the count is back at capacity
+            fire = torch.where(now, tau[:, 0] + (self.capacity - keep.sum(1)), fire)
+
+    def attend(self, layer: int, q, k, v, rope=None):
+        """q [b, hq, s, d], new k/v [b, hk, s, d] -> output over the retained entries and the chunk.
+        `rope` (rotary_dim, base) when positions='cache': q and k arrive unrotated."""
+        st = self._step
+        old = self.kv[layer]
+        ck = k if old is None else torch.cat([old[0], k], 2)
+        cv = v if old is None else torch.cat([old[1], v], 2)
+        mask = st["base"]
+        n = self.windows[layer]
+        if n is not None:
+            mask = mask & (st["keep"][:, None, :] | (st["qpos"][None, :, None] - st["pos"][:, None, :] < n))
+        if self.rotates:
+            slots = st["slots"]
+            rk = rotate(ck.transpose(1, 2), slots, *rope).transpose(1, 2)
+            rq = rotate(q.transpose(1, 2), slots[:, -q.shape[2]:], *rope).transpose(1, 2)
+        else:
+            rk, rq = ck, q
+        out = F.scaled_dot_product_attention(rq, rk, cv, attn_mask=mask[:, None],
+                                             enable_gqa=ck.shape[1] != q.shape[1])
+        idx = st["idx"][:, None, :, None].expand(ck.shape[0], ck.shape[1], -1, ck.shape[3])
+        self.kv[layer] = (ck.gather(2, idx), cv.gather(2, idx))
+        return out
+
+    def _commit(self):
+        if self._step is not None:
+            self.pos, self.sep, self.valid = self._step["next"]
+            self._step = None

@@ -1,0 +1,77 @@
+"""`megatron-sep eval`: the validation perplexity equals the trainer's, loss by position, streaming
+perplexity with SepCache / StreamingLLM, the report files, and bad input."""
+import json
+import math
+
+import pytest
+
+from megatron_sep.cli import main
+from megatron_sep.training import Trainer
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    """A tiny SepLLM run with one validation at its last step (the checkpoint of that step)."""
+    d = tmp_path_factory.mktemp("evalrun")
+    cfg = tiny_config(corpus, d / "run", train={"steps": 4, "eval_interval": 4},
+                      attention={"kind": "sepllm", "window": 8, "init_tokens": 2})
+    Trainer(cfg).run()
+    logged = [json.loads(x) for x in (d / "run" / "metrics.jsonl").read_text().splitlines()]
+    return d, [x["val_loss"] for x in logged if "val_loss" in x][-1]
+
+
+def test_eval_equals_the_trainers_validation_and_writes_the_report(run, capsys):
+    d, val = run
+    out = d / "eval1"
+    assert main(["eval", "--load", str(d / "run"), "--out", str(out), "--stream-tokens", "300", "--chunk", "16",
+                 "--segment", "100", "--cache-sizes", "2,4,8,24", "--cache", "sep,streaming,full",
+                 "--no-progress"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert abs(result["val_loss"] - val) < 1e-6, (result["val_loss"], val)  # the same batches and model
+    assert math.isclose(result["val_ppl"], math.exp(val), rel_tol=1e-6)
+    pos = result["loss_by_position"]
+    assert len(pos["per_position"]) == 32 and len(pos["buckets"]) == 32
+    runs = {r["cache"]: r for r in result["streaming"]}
+    assert [s["tokens"] for s in runs["sep"]["segments"]] == [100, 100, 100]
+    # bounded caches hold at most the capacity (2 layers, 2 kv heads of 8 dims, fp32: 256 bytes a token);
+    # the full cache grows with the stream
+    per_token = 2 * 2 * 2 * 8 * 4
+    assert runs["sep"]["peak_kv_bytes"] <= (24 + 16) * per_token  # capacity + one chunk during its attention
+    assert runs["full"]["peak_kv_bytes"] >= 300 * per_token
+    for r in runs.values():
+        assert math.isfinite(r["ppl"]) and r["tokens_per_s"] > 0
+    for name in ("loss_by_position.png", "streaming_ppl.png", "kv_memory.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    said = capsys.readouterr().out
+    assert "validation loss" in said and "cache sep" in said
+
+
+def test_eval_on_a_text_file_and_bad_input(run, tmp_path, capsys):
+    d, _ = run
+    text = tmp_path / "doc.jsonl"
+    text.write_text("\n".join(json.dumps({"text": "The model reads, and writes. Does it stop? No; " * 8})
+                              for _ in range(6)))
+    assert main(["eval", "--load", str(d / "run"), "--out", str(tmp_path / "e"), "--text", str(text), "--iters",
+                 "2", "--micro-batch", "2", "--seq-len", "16", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["source"] == str(text)
+    capsys.readouterr()
+    cases = [
+        (["--out", str(tmp_path / "e")], "is not empty"),  # never overwrites without --force
+        (["--out", str(tmp_path / "f"), "--text", str(text), "--stream-tokens", "100000"], "fewer than --stream"),
+        (["--out", str(tmp_path / "g"), "--text", str(text), "--iters", "500"], "Fix: lower --iters"),
+        (["--out", str(tmp_path / "h"), "--stream-tokens", "50", "--cache-sizes", "4,64,256,100"],
+         "capacity=100 must exceed"),
+        (["--out", str(tmp_path / "i"), "--seq-len", "4096"], "max_position_embeddings"),
+    ]
+    for extra, needle in cases:
+        assert main(["eval", "--load", str(d / "run"), "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    assert main(["eval", "--load", str(d / "run"), "--out", str(tmp_path / "j"), "--text", str(bad)]) == 2
+    assert "line 1 is not a JSON object" in capsys.readouterr().err
+    assert main(["eval", "--load", str(d / "run"), "--out", str(tmp_path / "e"), "--force", "--iters", "1",
+                 "--no-progress"]) == 0
