@@ -98,7 +98,8 @@ def streaming_perplexity(model, stream: torch.Tensor, cache: str, sizes, positio
     segments = [{"start": i * segment, "tokens": c, "ppl": math.exp(t / c)}
                 for i, (t, c) in enumerate(zip(seg_nll, seg_count))]
     step = max(1, len(kv_curve) // 512)  # a readable curve, not one point per chunk
-    return {"cache": cache, "sizes": list(sizes) if cache != "full" else None, "positions": positions,
+    used = None if cache == "full" else [sizes[0], 0 if cache == "streaming" else sizes[1], *sizes[2:]]
+    return {"cache": cache, "sizes": used, "positions": positions,
             "tokens": n, "chunk": chunk, "segment": segment, "segments": segments,
             "ppl": math.exp(sum(seg_nll) / n), "tokens_per_s": n / seconds, "seconds": seconds,
             "peak_kv_bytes": peak, "kv_bytes": kv_curve[::step] + kv_curve[-1:],

@@ -55,5 +55,6 @@ def label(run: dict) -> str:
     if run["cache"] == "full":
         return "full cache"
     a, s, w, c = run["sizes"]
-    name = "SepCache" if run["cache"] == "sep" else "StreamingLLM"
-    return f"{name} a={a} s={s} w={w} c={c}"
+    if run["cache"] == "streaming":
+        return f"StreamingLLM a={a} w={w} c={c}"
+    return f"SepCache a={a} s={s} w={w} c={c}"
