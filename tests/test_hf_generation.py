@@ -4,9 +4,12 @@ Every step's logits must equal ours within 1e-4 (fp32 rounding of two implementa
 math; a wrong key set moves them by 1e-2 or more on these random models). Greedy tokens alone are not
 enough: a wrong mask can still pick the same argmax.
 """
+import sys
+
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 
 from megatron_sep.convert.modeling_sepllm import SepLLMVisibility
 from megatron_sep.data.separators import resolve_separator_ids
@@ -121,3 +124,25 @@ def test_export_refuses_unsupported_transformers(corpus, tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     msg = str(err.value)
     assert f"transformers {transformers.__version__} is installed" in msg and ">=99.0.0,<6.0.0" in msg
+
+
+@pytest.mark.parametrize("name", ["llama_sepllm", "neox_sepllm_H"])
+def test_sep_cache_in_transformers_generate_matches_ours(corpus, tmp_path, name):
+    """The exported SepCache (a transformers Cache) under `generate`: with a capacity small enough to
+    compress many times over prompt + 40 new tokens, every step's logits equal the project's SepCache
+    decoding (the same rule in two implementations), and the cache never holds more than its capacity."""
+    ours, hf, tok = export_case(tmp_path, corpus["tokenizer"], name)
+    prompt = prompts(tok, set(resolve_separator_ids(tok)[0]))[0][None]
+    sizes = (2, 3, 4, 12)
+    SepCache = sys.modules[type(hf).__module__].SepCache  # the class shipped in the export
+    cache = SepCache(*sizes)
+    name = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
+                      eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                      **{name: cache})
+    mine, logits = generate(ours, prompt, 40, cache="sep", cache_sizes=sizes, output_logits=True)
+    assert torch.equal(out.sequences, mine)
+    assert (torch.stack(out.logits, 1) - logits).abs().max() < TOL
+    assert cache.get_seq_length() <= sizes[3] and cache.sepllm_seen == prompt.shape[1] + 39
+    with pytest.raises(ValueError, match="init \\+ seps \\+ window < capacity"):
+        SepCache(4, 64, 256, 300)

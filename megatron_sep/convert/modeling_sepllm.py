@@ -8,12 +8,16 @@ holds kind, separator ids, init tokens, windows and the fixed interval.
 Positions, separator flags and padding of every cached token are kept on the cache object itself, so
 prefill, `generate` (greedy or sampling, dynamic or static cache, right-padded batches) and a manual
 decoding loop all apply the same mask. Beam search and left padding are not supported.
+`SepCache` (below) is the paper's fixed-capacity cache for streaming: pass it to `generate`.
 """
+import inspect
+
 import torch
 import torch.nn.functional as F
 import transformers
 from packaging.version import Version
-from transformers import AttentionInterface, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (AttentionInterface, DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                          LlamaForCausalLM)
 
 # Tested with `make test-hf` on 4.57.6, 5.0.0, 5.13.1 and 5.24.0. A new major may change the model
 # classes this file subclasses, so it is refused until tested.
@@ -27,9 +31,10 @@ if not Version(MIN_TRANSFORMERS) <= Version(transformers.__version__) < Version(
 class SepLLMVisibility:
     """What every key slot is (position, always-kept, real token) and where the queries sit."""
 
-    def __init__(self, kpos, keep, valid, qpos, first_slot):
+    def __init__(self, kpos, keep, valid, qpos, first_slot, retained=None):
         self.kpos, self.keep, self.valid, self.qpos = kpos, keep, valid, qpos  # [b, T] x3, [b, s]
         self.first_slot = first_slot  # slot of the first query
+        self.retained = retained  # SepCache: [b, s, T], the slots each query's step still holds
         self._masks = {}
 
     def mask(self, window, key_len):
@@ -42,6 +47,8 @@ class SepLLMVisibility:
             m = self.valid[:, None, :] & earlier & (kp <= qp)
             if window is not None:
                 m = m & (self.keep[:, None, :] | (qp - kp < window))
+            if self.retained is not None:
+                m = m & self.retained
             alone = slots[None, None, :] == qslots[None, :, None]
             m = m | (alone & ~m.any(-1, keepdim=True))  # leading padding sees itself: no NaN
             self._masks[window] = m[:, None]
@@ -68,7 +75,12 @@ class _SepLLMMixin:
     def _setup_sepllm(self):
         self.config._attn_implementation = "sepllm"
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+                **kwargs):
+        # transformers 5.24 renamed past_key_values to cache; named here so generate's argument check sees both
+        given = cache if cache is not None else past_key_values
+        if given is not None:
+            kwargs["cache" if "cache" in inspect.signature(super().forward).parameters else "past_key_values"] = given
         if input_ids is None:
             raise ValueError("SepLLM models find separators from token ids. Fix: pass input_ids, not inputs_embeds")
         if attention_mask is not None and attention_mask.dim() != 2:
@@ -78,8 +90,11 @@ class _SepLLMMixin:
         cache = kwargs.get(name)
         b, s = input_ids.shape
         dev = input_ids.device
-        seen = int(cache.get_seq_length()) if cache is not None else 0
-        past = self._past_state(cache, seen, b, dev)
+        streaming = isinstance(cache, SepCache)
+        if streaming and attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("SepCache streams rows of equal length. Fix: no padding (batch 1, or equal rows)")
+        seen = cache.sepllm_seen if streaming else int(cache.get_seq_length()) if cache is not None else 0
+        past = self._past_state(cache, int(cache.get_seq_length()) if streaming else seen, b, dev)
         if attention_mask is not None:
             # positions count real tokens; a padding slot takes the last real token's id and position, so
             # after right padding the last slot's logits are that token's (what generate reads)
@@ -94,22 +109,35 @@ class _SepLLMMixin:
             pos = position_ids.to(dev).expand(b, s)
         keep = self._always_kept(input_ids, pos)
         state = [torch.cat([p, n], 1) for p, n in zip(past, (pos, keep, valid))]
-        vis = SepLLMVisibility(*state, qpos=pos, first_slot=seen)
+        retained = None
+        if streaming:  # which slots each query's step holds, and which stay after this call
+            sep = self._separators(input_ids, pos)
+            sep = sep if cache.sepllm_sep is None else torch.cat([cache.sepllm_sep, sep], 1)
+            retained, alive = cache.retention(state[0], sep, pos[0])
+            cache.plan_compaction(alive)
+        vis = SepLLMVisibility(*state, qpos=pos, first_slot=past[0].shape[1], retained=retained)
         out = super().forward(input_ids=input_ids, position_ids=pos, sepllm=vis, **kwargs)
         filled = kwargs.get(name) if kwargs.get(name) is not None else _output_cache(out)
+        if streaming:
+            idx = cache.sepllm_idx
+            cache.sepllm_sep = sep.gather(1, idx)
+            state = [t.gather(1, idx) for t in state]
+            cache.sepllm_seen = seen + s
+            cache.sepllm_idx = None
         if filled is not None:
             filled.sepllm_state = state
         return out
 
-    def _always_kept(self, input_ids, pos):
+    def _separators(self, input_ids, pos):
         s = self.config.sepllm
         if s["kind"] == "sepllm":
-            sep = torch.isin(input_ids, torch.tensor(s["separator_ids"], device=input_ids.device))
-        elif s["kind"] == "fixed_interval":
-            sep = (pos + 1) % s["fixed_interval"] == 0
-        else:
-            sep = torch.zeros_like(input_ids, dtype=torch.bool)
-        return sep | (pos < s["init_tokens"])
+            return torch.isin(input_ids, torch.tensor(s["separator_ids"], device=input_ids.device))
+        if s["kind"] == "fixed_interval":
+            return (pos + 1) % s["fixed_interval"] == 0
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+
+    def _always_kept(self, input_ids, pos):
+        return self._separators(input_ids, pos) | (pos < self.config.sepllm["init_tokens"])
 
     @staticmethod
     def _past_state(cache, seen, b, device):
@@ -130,6 +158,60 @@ class _SepLLMMixin:
         if mask is not None:  # keep the 2D padding mask: static caches would turn it into a 4D causal one
             inputs["attention_mask"] = mask
         return inputs
+
+
+class SepCache(DynamicCache):
+    """The SepLLM paper's fixed-capacity KV cache: `generate(ids, past_key_values=SepCache(4, 64, 256, 512))`
+    streams in bounded memory. Per row: the first `init` tokens, up to `seps` separators (the newest), the
+    past window and the latest `window` tokens; when a row holds `capacity` entries, its past window is
+    compressed (separators kept, other tokens dropped). Attention runs over the retained keys under the
+    model's mask; each query of a multi-token call sees the keys retained at its own step. Rotary positions
+    are stream positions. The same rule as megatron_sep.inference.SepCache (tested to give the same tokens)."""
+
+    def __init__(self, init: int = 4, seps: int = 64, window: int = 256, capacity: int = 512, **kwargs):
+        super().__init__(**kwargs)
+        if min(init, seps) < 0 or window < 1 or init + seps + window >= capacity:
+            raise ValueError(f"SepCache({init}, {seps}, {window}, {capacity}): need init, seps >= 0, window >= 1 and "
+                             "init + seps + window < capacity. Fix: e.g. SepCache(4, 64, 256, 512)")
+        self.sepllm_sizes = (init, seps, window, capacity)
+        self.sepllm_seen, self.sepllm_sep, self.sepllm_idx = 0, None, None
+
+    def retention(self, pos, sep, qpos):
+        """[b, s, T]: the columns retained at each query's step; [b, T]: those alive after the call."""
+        a, n_seps, w, c = self.sepllm_sizes
+        b, t = pos.shape
+        s = qpos.numel()
+        t0 = int(qpos[0])
+        alive = torch.ones(b, t, dtype=torch.bool, device=pos.device)
+        retained = alive[:, None, :].expand(b, s, t).clone()
+        fire = torch.full((b,), t0 + (c - (t - s)) - 1, device=pos.device)  # the step reaching capacity
+        while True:
+            now = fire <= t0 + s - 1
+            if not bool(now.any()):
+                return retained, alive
+            tau = torch.where(now, fire, torch.full_like(fire, -1))[:, None]
+            seen = alive & (pos <= tau)
+            local = pos > tau - w
+            cand = seen & sep & (pos >= a) & ~local
+            newer = cand.flip(1).cumsum(1).flip(1) - cand.long()
+            kept = seen & ((pos < a) | local | (cand & (newer < n_seps)))
+            drop = seen & ~kept & now[:, None]
+            alive &= ~drop
+            retained &= ~(drop[:, None, :] & (qpos[None, :, None] > tau[:, :, None]))
+            fire = torch.where(now, tau[:, 0] + (c - kept.sum(1)), fire)
+
+    def plan_compaction(self, alive):
+        """The columns every layer keeps after this call (rows padded to one length: equal rows only)."""
+        order = torch.sort((~alive).to(torch.int8), dim=1, stable=True).indices
+        self.sepllm_idx = order[:, :int(alive.sum(1).max())]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.sepllm_idx is not None:  # attend over everything, keep only the retained columns
+            idx = self.sepllm_idx[:, None, :, None].expand(keys.shape[0], keys.shape[1], -1, keys.shape[3])
+            layer = self.layers[layer_idx]
+            layer.keys, layer.values = keys.gather(2, idx), values.gather(2, idx)
+        return keys, values
 
 
 def _output_cache(out):
