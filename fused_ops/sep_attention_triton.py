@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import multiprocessors
+from .sep_plan import BLOCK
 
 LOG2E = 1.4426950408889634
 
@@ -78,11 +79,10 @@ def _softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr, MASK
     qk = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else None) * qk_scale
     if MASK:
         qk = tl.where(ok, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = m_new
+    if MASK:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = m_new
     p = tl.exp2(qk - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee" if IEEE else None)
@@ -507,9 +507,9 @@ def _config(config, s: int | None = None):
     short = s is not None and s < LONG_SEQ
     cfg = {name: {**c, **(SHORT.get(name, {}) if short else {}), **(config or {}).get(name, {})}
            for name, c in CONFIG.items()}
-    for name in ("fwd", "dq"):  # list blocks are read unmasked: they must tile the 128-entry list bucket
-        if 128 % cfg[name]["BN"]:
-            raise ValueError(f"SepAttention {name} BN={cfg[name]['BN']} must divide 128")
+    for name in ("fwd", "dq"):  # list blocks are read unmasked: they must tile the list's bucket
+        if BLOCK % cfg[name]["BN"]:
+            raise ValueError(f"SepAttention {name} BN={cfg[name]['BN']} must divide {BLOCK}")
     return cfg
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from .indexed import IndexedDataError, IndexedDataset
 
@@ -113,6 +114,13 @@ def build_datasets(paths: list[str], weights: list[float] | None, split: list[fl
         else:
             out.append(BlendedDataset([d for _, d in parts], [weights[i] for i, _ in parts], wanted))
     return tuple(out)
+
+
+def sample_batch(ds, start: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, labels) of samples [start, start + size) of a packed dataset: the trainer's micro-batches,
+    and eval's, so both read the same numbers."""
+    data = torch.from_numpy(np.stack([ds[i] for i in range(start, start + size)])).to(device, non_blocking=True)
+    return data[:, :-1], data[:, 1:]
 
 
 def run_datasets(cfg):

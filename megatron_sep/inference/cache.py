@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
-from ..model.attention import sep_inputs
+
+
+def separators_at(cfg: Config, tokens: torch.Tensor, sep_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """[b, s] separator flags of a chunk of a stream at stream positions `pos`: fixed_interval marks positions,
+    the other kinds the separator token ids (models not trained as SepLLM have none)."""
+    if cfg.attention.kind == "fixed_interval":
+        return ((pos + 1) % cfg.attention.fixed_interval == 0).expand(tokens.shape)
+    return torch.isin(tokens, sep_ids.to(tokens.device))
 
 
 class SepKVCache:
@@ -28,10 +35,7 @@ class SepKVCache:
         """Register the next tokens; returns their position ids."""
         b, s = tokens.shape
         pos = torch.arange(self.length, self.length + s, device=tokens.device)
-        inputs = sep_inputs(self.cfg, tokens, self.sep_ids)
-        is_sep = inputs.get("is_sep", torch.zeros_like(tokens, dtype=torch.bool))
-        if self.cfg.attention.kind == "fixed_interval":  # positions, not token ids, mark separators
-            is_sep = ((pos + 1) % self.cfg.attention.fixed_interval == 0).expand(b, s)
+        is_sep = separators_at(self.cfg, tokens, self.sep_ids, pos)
         self.new_keep = is_sep | (pos < self.init)[None, :]
         self.new_pos = pos
         self.length += s

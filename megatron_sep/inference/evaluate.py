@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..data.dataset import sample_batch
 from ..model.attention import AttentionBatch
 from .generate import make_cache
 
@@ -24,12 +25,6 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext()
 
 
-def rows_of(ds, start: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, labels) of samples [start, start + size) of a packed dataset: as the trainer batches them."""
-    data = torch.from_numpy(np.stack([ds[i] for i in range(start, start + size)])).to(device)
-    return data[:, :-1], data[:, 1:]
-
-
 @torch.no_grad()
 def validation_loss(model, ds, iters: int, micro_batch: int, device) -> float:
     """Mean over `iters` micro-batches of their mean loss: the trainer's validation number."""
@@ -37,7 +32,7 @@ def validation_loss(model, ds, iters: int, micro_batch: int, device) -> float:
     total = 0.0
     with autocast_for(device):
         for i in range(iters):
-            tokens, labels = rows_of(ds, i * micro_batch, micro_batch, device)
+            tokens, labels = sample_batch(ds, i * micro_batch, micro_batch, device)
             total += float(model(tokens, labels).double())
     return total / iters
 
@@ -49,7 +44,7 @@ def loss_by_position(model, ds, iters: int, micro_batch: int, device, buckets: i
     total = None
     with autocast_for(device):
         for i in range(iters):
-            tokens, labels = rows_of(ds, i * micro_batch, micro_batch, device)
+            tokens, labels = sample_batch(ds, i * micro_batch, micro_batch, device)
             logits = model(tokens).float()
             nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(0).double()
             total = nll if total is None else total + nll
@@ -151,9 +146,8 @@ def corpus_tokens(prefix: str, limit: int) -> np.ndarray:
 
 
 def kv_bytes(cache) -> int:
-    """Bytes of the key/value tensors a cache holds now (its own tensors, not an estimate)."""
-    if hasattr(cache, "nbytes"):
-        return cache.nbytes()
+    """Bytes of the key/value tensors a cache holds now (its own tensors, not an estimate); both caches keep
+    (k, v, ...) per layer."""
     return sum(t.numel() * t.element_size() for entry in cache.kv if entry is not None for t in entry[:2])
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from fused_ops.rope import rotate
 from ..config import Config
-from ..model.attention import sep_inputs
+from .cache import separators_at
 
 
 class SepCache:
@@ -65,27 +65,14 @@ class SepCache:
         """Retained entries per row [b] (after the last completed step)."""
         return self.valid.sum(1) if self.valid is not None else torch.zeros(0, dtype=torch.long)
 
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for k, v in (kv for kv in self.kv if kv is not None))
-
-    def _is_sep(self, tokens, pos):
-        b, s = tokens.shape
-        if self.streaming:
-            return torch.zeros_like(tokens, dtype=torch.bool)
-        if self.cfg.attention.kind == "fixed_interval":  # positions, not token ids, mark separators
-            return ((pos + 1) % self.cfg.attention.fixed_interval == 0).expand(b, s)
-        if self.cfg.attention.kind == "sepllm":
-            return sep_inputs(self.cfg, tokens, self.sep_ids)["is_sep"]
-        return torch.isin(tokens, self.sep_ids.to(tokens.device))
-
     def begin(self, tokens: torch.Tensor) -> torch.Tensor:
         """Register the next chunk of tokens [b, s]; returns their stream positions (RoPE position ids)."""
         self._commit()
         b, s = tokens.shape
         dev = tokens.device
         qpos = torch.arange(self.length, self.length + s, device=dev)
-        new_sep = self._is_sep(tokens, qpos)
+        new_sep = (torch.zeros_like(tokens, dtype=torch.bool) if self.streaming
+                   else separators_at(self.cfg, tokens, self.sep_ids, qpos))
         if self.pos is None:
             self.pos = torch.empty(b, 0, dtype=torch.long, device=dev)
             self.sep = self.valid = torch.empty(b, 0, dtype=torch.bool, device=dev)

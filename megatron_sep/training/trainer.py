@@ -14,7 +14,7 @@ import torch
 
 from ..config import Config, ConfigError, config_to_dict, dump_config
 from ..config.schema import check_backend_device
-from ..data.dataset import run_datasets
+from ..data.dataset import run_datasets, sample_batch
 from ..data.tokenizer import load_tokenizer
 from ..data.separators import resolve_separator_ids
 from ..model import GPT
@@ -186,9 +186,7 @@ class Trainer:
 
     # ---- data ----------------------------------------------------------------------------------
     def batch(self, ds, start: int, size: int):
-        rows = np.stack([ds[i] for i in range(start, start + size)])
-        data = torch.from_numpy(rows).to(self.device, non_blocking=True)
-        return data[:, :-1], data[:, 1:]
+        return sample_batch(ds, start, size, self.device)
 
     def micro_batch(self, ds, start: int, size: int):
         """(tokens, labels, AttentionBatch): the batch and its plan are built once, here, for every stage."""
