@@ -134,7 +134,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-EVAL_FILES = ("eval.json", "loss_by_position.png", "streaming_ppl.png", "kv_memory.png")
+EVAL_FILES = ("eval.json", "loss_by_position.png", "streaming_ppl.png", "kv_memory.png", "streaming_speed.png")
 
 
 def cmd_eval(args) -> int:
@@ -189,10 +189,11 @@ def cmd_eval(args) -> int:
         result["streaming"] = []
         for kind in args.cache.split(","):
             run = ev.streaming_perplexity(model, stream, kind, args.cache_sizes, args.cache_positions, args.chunk,
-                                          args.segment, progress=not args.no_progress)
+                                          args.segment, progress=not args.no_progress, time_limit=args.time_limit)
             result["streaming"].append(run)
+            why = f" (stopped early: {run['stopped']})" if run["stopped"] else ""
             print(f"stream {run['tokens']} tokens, cache {kind}: perplexity {run['ppl']:.2f}, "
-                  f"{run['tokens_per_s']:.0f} tokens/s, peak KV {run['peak_kv_bytes'] / 2 ** 20:.2f} MiB")
+                  f"{run['tokens_per_s']:.0f} tokens/s, peak KV {run['peak_kv_bytes'] / 2 ** 20:.2f} MiB{why}")
     for path in ev.write_report(out, result):
         print(f"wrote {path}")
     return 0
@@ -346,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-positions", choices=["original", "cache"], default="original")
     p.add_argument("--chunk", type=_at_least(1, int), default=64, help="tokens fed per streaming step")
     p.add_argument("--segment", type=_at_least(1, int), default=65536, help="tokens per perplexity segment")
+    p.add_argument("--time-limit", type=_at_least(0, float), metavar="SECONDS",
+                   help="stop each cache's stream after this long and report the tokens reached (a full cache "
+                        "slows down as it grows; running out of device memory also stops a stream)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)

@@ -40,8 +40,9 @@ def test_eval_equals_the_trainers_validation_and_writes_the_report(run, capsys):
     assert runs["sep"]["peak_kv_bytes"] <= (24 + 16) * per_token  # capacity + one chunk during its attention
     assert runs["full"]["peak_kv_bytes"] >= 300 * per_token
     for r in runs.values():
-        assert math.isfinite(r["ppl"]) and r["tokens_per_s"] > 0
-    for name in ("loss_by_position.png", "streaming_ppl.png", "kv_memory.png"):
+        assert math.isfinite(r["ppl"]) and r["tokens_per_s"] > 0 and r["stopped"] is None
+        assert all(s["tokens_per_s"] > 0 for s in r["segments"])
+    for name in ("loss_by_position.png", "streaming_ppl.png", "kv_memory.png", "streaming_speed.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
     said = capsys.readouterr().out
@@ -56,7 +57,13 @@ def test_eval_on_a_text_file_and_bad_input(run, tmp_path, capsys):
     assert main(["eval", "--load", str(d / "run"), "--out", str(tmp_path / "e"), "--text", str(text), "--iters",
                  "2", "--micro-batch", "2", "--seq-len", "16", "--no-progress"]) == 0
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["source"] == str(text)
-    capsys.readouterr()
+    # past --time-limit a stream stops after the chunk in flight and reports the tokens it reached
+    assert main(["eval", "--load", str(d / "run"), "--out", str(tmp_path / "t"), "--text", str(text), "--iters",
+                 "1", "--micro-batch", "1", "--seq-len", "16", "--stream-tokens", "200", "--chunk", "16",
+                 "--cache", "sep,full", "--time-limit", "0", "--no-progress"]) == 0
+    for r in json.loads((tmp_path / "t" / "eval.json").read_text())["streaming"]:
+        assert (r["tokens"], r["stopped"], r["segments"][0]["tokens"]) == (16, "time", 16), r
+    assert "stopped early: time" in capsys.readouterr().out
     cases = [
         (["--out", str(tmp_path / "e")], "is not empty"),  # never overwrites without --force
         (["--out", str(tmp_path / "f"), "--text", str(text), "--stream-tokens", "100000"], "fewer than --stream"),

@@ -57,46 +57,61 @@ def loss_by_position(model, ds, iters: int, micro_batch: int, device, buckets: i
 
 @torch.no_grad()
 def streaming_perplexity(model, stream: torch.Tensor, cache: str, sizes, positions: str, chunk: int,
-                         segment: int, progress: bool = True) -> dict:
+                         segment: int, progress: bool = True, time_limit: float | None = None) -> dict:
     """Next-token perplexity over one long stream [n], fed `chunk` tokens at a time through the cache, per
-    `segment` tokens; tokens/s; and the KV memory the cache holds, read off its tensors after every chunk."""
+    `segment` tokens; tokens/s; and the KV memory the cache holds, read off its tensors after every chunk.
+    The stream stops early, saying why in "stopped", past `time_limit` seconds or when the device runs out of
+    memory (a full cache over a long stream): the tokens reached are the result."""
     model.eval()
     device = next(model.parameters()).device
     kv = make_cache(model, cache, sizes, positions)
     inputs, targets = stream[:-1].to(device), stream[1:].to(device)
     n = inputs.numel()
-    seg_nll, seg_count, kv_curve = [], [], []
-    peak = 0
+    seg_nll, seg_count, seg_time, kv_curve = [], [], [], []
+    peak, done, stopped = 0, 0, None
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-    begin = time.perf_counter()
+    begin = last = time.perf_counter()
     with autocast_for(device), tqdm(total=n, unit="tok", disable=not progress, desc=f"stream ({cache})") as bar:
         for start in range(0, n, chunk):
             piece = inputs[start:start + chunk][None]
-            logits = model(piece, position_ids=kv.begin(piece), batch=AttentionBatch(kv_cache=kv))[0].float()
+            try:
+                logits = model(piece, position_ids=kv.begin(piece), batch=AttentionBatch(kv_cache=kv))[0].float()
+            except torch.OutOfMemoryError:
+                stopped = "out of memory"
+                break
+            # .cpu() waits for the device, so the time taken per chunk is real
             nll = F.cross_entropy(logits, targets[start:start + chunk], reduction="none").double().cpu()
             for j, value in enumerate(nll.tolist()):  # a chunk may straddle a segment boundary
                 s = (start + j) // segment
                 if s == len(seg_nll):
                     seg_nll.append(0.0)
                     seg_count.append(0)
+                    seg_time.append(0.0)
                 seg_nll[s] += value
                 seg_count[s] += 1
+            now = time.perf_counter()
+            seg_time[start // segment] += now - last
+            last = now
+            done = start + piece.shape[1]
             held = kv_bytes(kv)
             peak = max(peak, held)
-            kv_curve.append((start + piece.shape[1], held))
+            kv_curve.append((done, held))
             bar.update(piece.shape[1])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - begin
-    segments = [{"start": i * segment, "tokens": c, "ppl": math.exp(t / c)}
-                for i, (t, c) in enumerate(zip(seg_nll, seg_count))]
+            if time_limit is not None and now - begin > time_limit and done < n:
+                stopped = "time"
+                break
+    seconds = last - begin
+    del kv  # a full cache can hold most of the device's memory: free it before the next run
+    segments = [{"start": i * segment, "tokens": c, "ppl": math.exp(t / c), "tokens_per_s": c / max(dt, 1e-9)}
+                for i, (t, c, dt) in enumerate(zip(seg_nll, seg_count, seg_time))]
     step = max(1, len(kv_curve) // 512)  # a readable curve, not one point per chunk
     used = None if cache == "full" else [sizes[0], 0 if cache == "streaming" else sizes[1], *sizes[2:]]
-    return {"cache": cache, "sizes": used, "positions": positions,
-            "tokens": n, "chunk": chunk, "segment": segment, "segments": segments,
-            "ppl": math.exp(sum(seg_nll) / n), "tokens_per_s": n / seconds, "seconds": seconds,
+    return {"cache": cache, "sizes": used, "positions": positions, "stopped": stopped,
+            "tokens": done, "chunk": chunk, "segment": segment, "segments": segments,
+            "ppl": math.exp(sum(seg_nll) / done) if done else float("nan"),
+            "tokens_per_s": done / max(seconds, 1e-9), "seconds": seconds,
             "peak_kv_bytes": peak, "kv_bytes": kv_curve[::step] + kv_curve[-1:],
             "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 

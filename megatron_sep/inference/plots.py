@@ -26,29 +26,38 @@ def plot_loss_by_position(result: dict, path: Path) -> Path:
 
 
 def plot_streaming(runs: list[dict], out: Path) -> list[Path]:
-    """Perplexity per segment and KV memory vs tokens processed, one line per cache."""
-    paths = [out / "streaming_ppl.png", out / "kv_memory.png"]
+    """Perplexity and tokens/s per segment, and KV memory, vs tokens processed; one line per cache."""
+    seg = runs[0]["segment"]
+    return [
+        _lines(runs, out / "streaming_ppl.png", lambda r: _per_segment(r, "ppl"),
+               f"perplexity per {seg} tokens", "Streaming perplexity"),
+        _lines(runs, out / "kv_memory.png", lambda r: ([t for t, _ in r["kv_bytes"]],
+                                                       [b / 2 ** 20 for _, b in r["kv_bytes"]]),
+               "KV cache held (MiB, all layers)", "KV memory", log=len(runs) > 1),
+        _lines(runs, out / "streaming_speed.png", lambda r: _per_segment(r, "tokens_per_s"),
+               f"tokens/s over each {seg} tokens", "Streaming speed"),
+    ]
+
+
+def _per_segment(run: dict, key: str):
+    return [s["start"] + s["tokens"] for s in run["segments"]], [s[key] for s in run["segments"]]
+
+
+def _lines(runs, path: Path, xy, ylabel: str, title: str, log: bool = False) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in runs:
-        ends = [s["start"] + s["tokens"] for s in r["segments"]]
-        ax.plot(ends, [s["ppl"] for s in r["segments"]], "o-", ms=3, label=label(r))
-    ax.set(xlabel="tokens processed", ylabel=f"perplexity per {runs[0]['segment']} tokens",
-           title="Streaming perplexity")
+        x, y = xy(r)
+        stop = f" (stopped: {r['stopped']})" if r.get("stopped") else ""
+        ax.plot(x, y, "o-" if len(x) < 64 else "-", ms=3, label=label(r) + stop)
+    if log:  # a bounded cache and a full one differ by orders of magnitude
+        ax.set_yscale("log")
+    ax.set(xlabel="tokens processed", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(paths[0], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in runs:
-        ax.plot([t for t, _ in r["kv_bytes"]], [b / 2 ** 20 for _, b in r["kv_bytes"]], label=label(r))
-    ax.set(xlabel="tokens processed", ylabel="KV cache held (MiB, all layers)", title="KV memory")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=120)
-    plt.close(fig)
-    return paths
+    return path
 
 
 def label(run: dict) -> str:
