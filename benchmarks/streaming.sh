@@ -21,7 +21,7 @@ case $stage in
   train) ms train --config configs/llama150m_stream.yaml 2>&1 | tee "$out/train.log"
          cp $run/metrics.jsonl "$out/train_metrics.jsonl" ;;
   probe) stream probe 131072 sep,streaming,full --iters 2 ;;
-  stream) stream stream 1048576 sep,streaming ;;
+  stream) stream "stream_${CACHES:-sep,streaming}" 1048576 "${CACHES:-sep,streaming}" ${TIME_LIMIT:+--time-limit $TIME_LIMIT} ;;
   full) stream full 1048576 full --iters 1 --time-limit "${TIME_LIMIT:-300}" ;;
   *) echo "unknown stage $stage: train, probe, stream or full" >&2; exit 2 ;;
 esac

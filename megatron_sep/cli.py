@@ -186,6 +186,9 @@ def cmd_eval(args) -> int:
             print(f"warning: the stream runs past the {cfg.model.max_position_embeddings} positions the model was "
                   "trained with; --cache-positions cache keeps rotary positions inside the cache", file=sys.stderr)
         stream = torch.from_numpy(stream[:args.stream_tokens + 1])
+        result["stream_reference"] = ev.block_perplexity(model, stream, seq, args.segment, mb, device)
+        print(f"stream {args.stream_tokens} tokens, no cache ({seq}-token blocks, training attention): perplexity "
+              f"{result['stream_reference']['ppl']:.2f}")
         result["streaming"] = []
         for kind in args.cache.split(","):
             run = ev.streaming_perplexity(model, stream, kind, args.cache_sizes, args.cache_positions, args.chunk,

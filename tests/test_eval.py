@@ -34,6 +34,7 @@ def test_eval_equals_the_trainers_validation_and_writes_the_report(run, capsys):
     assert len(pos["per_position"]) == 32 and len(pos["buckets"]) == 32
     runs = {r["cache"]: r for r in result["streaming"]}
     assert [s["tokens"] for s in runs["sep"]["segments"]] == [100, 100, 100]
+    assert [s["tokens"] for s in result["stream_reference"]["segments"]] == [100, 100, 100]
     # bounded caches hold at most the capacity (2 layers, 2 kv heads of 8 dims, fp32: 256 bytes a token);
     # the full cache grows with the stream
     per_token = 2 * 2 * 2 * 8 * 4
@@ -82,3 +83,24 @@ def test_eval_on_a_text_file_and_bad_input(run, tmp_path, capsys):
     assert "line 1 is not a JSON object" in capsys.readouterr().err
     assert main(["eval", "--load", str(d / "run"), "--out", str(tmp_path / "e"), "--force", "--iters", "1",
                  "--no-progress"]) == 0
+
+
+def test_the_no_cache_reference_equals_the_full_cache_within_one_block(run):
+    """With one block as long as the stream, the reference is one forward over it with the training attention,
+    which the full cache computes chunk by chunk: equal per segment (fp32 on CPU, to 1e-4)."""
+    import torch
+
+    from megatron_sep.convert import load_project_model
+    from megatron_sep.inference import evaluate as ev
+
+    d, _ = run
+    model, cfg = load_project_model(d / "run")
+    stream = torch.randint(0, cfg.model.vocab_size, (61,), generator=torch.Generator().manual_seed(3))
+    ref = ev.block_perplexity(model, stream, 60, 20, 1, torch.device("cpu"))
+    full = ev.streaming_perplexity(model, stream, "full", None, "original", 7, 20, progress=False)
+    assert [s["tokens"] for s in ref["segments"]] == [20, 20, 20]
+    for a, b in zip(ref["segments"], full["segments"]):
+        assert math.isclose(a["ppl"], b["ppl"], rel_tol=1e-4), (a, b)
+    # blocks restart from scratch: shorter blocks see less context and give another number
+    assert not math.isclose(ev.block_perplexity(model, stream, 10, 20, 4, torch.device("cpu"))["ppl"], ref["ppl"],
+                            rel_tol=1e-4)

@@ -116,6 +116,34 @@ def streaming_perplexity(model, stream: torch.Tensor, cache: str, sizes, positio
             "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 
+@torch.no_grad()
+def block_perplexity(model, stream: torch.Tensor, seq_len: int, segment: int, micro_batch: int, device) -> dict:
+    """The reference for streaming: perplexity per segment with the model's training attention over consecutive
+    `seq_len` blocks of the stream, each from scratch (no cache). It shows how hard each segment's text is, so a
+    cache's drift is its ratio to this, not to another segment."""
+    model.eval()
+    n = stream.numel() - 1
+    nll = torch.empty(n, dtype=torch.float64)
+
+    def run(begins, length):
+        x = torch.stack([stream[b:b + length] for b in begins]).to(device)
+        y = torch.stack([stream[b + 1:b + length + 1] for b in begins]).to(device)
+        loss = F.cross_entropy(model(x).float().transpose(1, 2), y, reduction="none").double().cpu()
+        for b, row in zip(begins, loss):
+            nll[b:b + length] = row
+
+    whole = n // seq_len
+    with autocast_for(device):
+        for i in range(0, whole, micro_batch):
+            run([j * seq_len for j in range(i, min(i + micro_batch, whole))], seq_len)
+        if n % seq_len:
+            run([whole * seq_len], n % seq_len)
+    segments = [{"start": a, "tokens": int(min(segment, n - a)), "ppl": math.exp(float(nll[a:a + segment].mean()))}
+                for a in range(0, n, segment)]
+    return {"seq_len": seq_len, "tokens": n, "segment": segment, "segments": segments,
+            "ppl": math.exp(float(nll.mean()))}
+
+
 def text_tokens(path: Path, tok) -> np.ndarray:
     """A .txt file (one document) or .jsonl ("text" per line) as one token stream, documents ended by EOD."""
     ids = []
@@ -175,5 +203,5 @@ def write_report(out: Path, result: dict) -> list[Path]:
     if "loss_by_position" in result:
         written.append(plot_loss_by_position(result["loss_by_position"], out / "loss_by_position.png"))
     if "streaming" in result:
-        written += plot_streaming(result["streaming"], out)
+        written += plot_streaming(result["streaming"], out, result.get("stream_reference"))
     return written

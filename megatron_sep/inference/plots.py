@@ -25,12 +25,13 @@ def plot_loss_by_position(result: dict, path: Path) -> Path:
     return path
 
 
-def plot_streaming(runs: list[dict], out: Path) -> list[Path]:
-    """Perplexity and tokens/s per segment, and KV memory, vs tokens processed; one line per cache."""
+def plot_streaming(runs: list[dict], out: Path, reference: dict | None = None) -> list[Path]:
+    """Perplexity and tokens/s per segment, and KV memory, vs tokens processed; one line per cache. The
+    reference (no cache, training attention per block) is a dashed line on the perplexity plot."""
     seg = runs[0]["segment"]
     return [
         _lines(runs, out / "streaming_ppl.png", lambda r: _per_segment(r, "ppl"),
-               f"perplexity per {seg} tokens", "Streaming perplexity"),
+               f"perplexity per {seg} tokens", "Streaming perplexity", reference=reference),
         _lines(runs, out / "kv_memory.png", lambda r: ([t for t, _ in r["kv_bytes"]],
                                                        [b / 2 ** 20 for _, b in r["kv_bytes"]]),
                "KV cache held (MiB, all layers)", "KV memory", log=len(runs) > 1),
@@ -43,8 +44,11 @@ def _per_segment(run: dict, key: str):
     return [s["start"] + s["tokens"] for s in run["segments"]], [s[key] for s in run["segments"]]
 
 
-def _lines(runs, path: Path, xy, ylabel: str, title: str, log: bool = False) -> Path:
+def _lines(runs, path: Path, xy, ylabel: str, title: str, log: bool = False, reference=None) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
+    if reference:
+        x, y = _per_segment(reference, "ppl")
+        ax.plot(x, y, "k--", lw=1, label=f"no cache: training attention per {reference['seq_len']}-token block")
     for r in runs:
         x, y = xy(r)
         stop = f" (stopped: {r['stopped']})" if r.get("stopped") else ""
