@@ -134,7 +134,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
-EVAL_FILES = ("eval.json", "loss_by_position.png", "streaming_ppl.png", "kv_memory.png", "streaming_speed.png")
+EVAL_FILES = ("eval.json", "loss_by_position.png", "streaming_ppl.png", "kv_memory.png", "streaming_speed.png",
+              "streaming_ppl_ratio.png")
 
 
 def cmd_eval(args) -> int:

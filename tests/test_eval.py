@@ -43,7 +43,8 @@ def test_eval_equals_the_trainers_validation_and_writes_the_report(run, capsys):
     for r in runs.values():
         assert math.isfinite(r["ppl"]) and r["tokens_per_s"] > 0 and r["stopped"] is None
         assert all(s["tokens_per_s"] > 0 for s in r["segments"])
-    for name in ("loss_by_position.png", "streaming_ppl.png", "kv_memory.png", "streaming_speed.png"):
+    for name in ("loss_by_position.png", "streaming_ppl.png", "kv_memory.png", "streaming_speed.png",
+                 "streaming_ppl_ratio.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
     said = capsys.readouterr().out

@@ -108,7 +108,8 @@ def streaming_perplexity(model, stream: torch.Tensor, cache: str, sizes, positio
                 for i, (t, c, dt) in enumerate(zip(seg_nll, seg_count, seg_time))]
     step = max(1, len(kv_curve) // 512)  # a readable curve, not one point per chunk
     used = None if cache == "full" else [sizes[0], 0 if cache == "streaming" else sizes[1], *sizes[2:]]
-    return {"cache": cache, "sizes": used, "positions": positions, "stopped": stopped,
+    return {"cache": cache, "sizes": used, "positions": "original" if cache == "full" else positions,
+            "stopped": stopped,
             "tokens": done, "chunk": chunk, "segment": segment, "segments": segments,
             "ppl": math.exp(sum(seg_nll) / done) if done else float("nan"),
             "tokens_per_s": done / max(seconds, 1e-9), "seconds": seconds,

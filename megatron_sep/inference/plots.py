@@ -37,7 +37,16 @@ def plot_streaming(runs: list[dict], out: Path, reference: dict | None = None) -
                "KV cache held (MiB, all layers)", "KV memory", log=len(runs) > 1),
         _lines(runs, out / "streaming_speed.png", lambda r: _per_segment(r, "tokens_per_s"),
                f"tokens/s over each {seg} tokens", "Streaming speed"),
-    ]
+    ] + ([_lines(runs, out / "streaming_ppl_ratio.png", lambda r: _ratio(r, reference),
+                 "perplexity / no-cache perplexity, per segment", "Streaming perplexity against the reference")]
+         if reference else [])
+
+
+def _ratio(run: dict, reference: dict):
+    """Per whole segment (one cut short by --time-limit would compare unlike text), ppl over the reference's."""
+    pairs = [(s["start"] + s["tokens"], s["ppl"] / r["ppl"]) for s, r in zip(run["segments"], reference["segments"])
+             if s["tokens"] == r["tokens"]]
+    return [x for x, _ in pairs], [y for _, y in pairs]
 
 
 def _per_segment(run: dict, key: str):
