@@ -22,14 +22,16 @@ import torch.nn.functional as F
 from megatron_sep.config import config_from_dict
 from megatron_sep.model import GPT
 
-# kinds: [trainer/]KIND[-nWINDOW][:BACKEND][+ac][@KERNELS]; trainer/ times the Trainer's own step (plan,
-# autocast, clipping, schedule, optimizer); +ac turns on train.activation_checkpointing=full
+# kinds: [trainer/]KIND[-nWINDOW][:BACKEND][+ac][~unfused][@KERNELS]; trainer/ times the Trainer's own step
+# (plan, autocast, clipping, schedule, optimizer); +ac turns on train.activation_checkpointing=full; ~unfused
+# sets model.fused_loss=false (the LM head's full logits, then cross-entropy)
 LLAMA350M = {"family": "llama", "num_layers": 24, "hidden_size": 1024, "num_heads": 16, "ffn_hidden_size": 2816,
              "vocab_size": 32000}
 PRESETS = {
     "llama1.3b": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 2048, "num_heads": 16,
                             "ffn_hidden_size": 5504, "vocab_size": 32000, "max_position_embeddings": 4096},
-                  "seq": 4096, "mbs": 2, "kinds": ["dense@reference", "dense", "trainer/dense"], "plain": True,
+                  "seq": 4096, "mbs": 2, "kinds": ["dense@reference", "dense", "trainer/dense", "trainer/dense~unfused"],
+                  "plain": True,
                   "compile_only": ["dense@reference"]},
     "sepllm350m-16k": {"model": {**LLAMA350M, "max_position_embeddings": 16384},
                        "seq": 16384, "mbs": 1, "kinds": ["sepllm:triton", "sepllm:flex", "dense"], "plain": False},
@@ -59,11 +61,12 @@ def parse_kind(kind: str) -> dict:
     """[trainer/]KIND[-nWINDOW][:BACKEND][+ac][@KERNELS] -> its parts."""
     via_trainer = kind.startswith("trainer/")
     rest, _, kernels = kind.removeprefix("trainer/").partition("@")
+    rest, unfused = (rest[:-8], True) if rest.endswith("~unfused") else (rest, False)
     rest, ac = (rest[:-3], True) if rest.endswith("+ac") else (rest, False)
     name, _, backend = rest.partition(":")
     name, _, window = name.partition("-n")
     return {"trainer": via_trainer, "kind": name, "window": int(window) if window else None,
-            "backend": backend or "auto", "ac": ac, "kernels": kernels or "auto"}
+            "backend": backend or "auto", "ac": ac, "kernels": kernels or "auto", "fused_loss": not unfused}
 
 
 class PlainBlock(nn.Module):
@@ -219,7 +222,8 @@ def main():
             attention = {"kind": k["kind"], "window": window, "init_tokens": 3,
                          "separators": list(range(1, m["vocab_size"] // 10)),  # 10% of random tokens
                          "backend": k["backend"]} if k["kind"] != "dense" else {"kind": "dense"}
-            cfg = config_from_dict({"model": {**m, "kernels": k["kernels"]}, "attention": attention,
+            cfg = config_from_dict({"model": {**m, "kernels": k["kernels"], "fused_loss": k["fused_loss"]},
+                                    "attention": attention,
                                     "data": {"seq_len": seq, "mock": True},
                                     "train": {"run_dir": f"{args.out}/trainer_run", "micro_batch_size": mbs,
                                               "steps": 10_000, "compile": compiled, "device": args.device,

@@ -62,6 +62,7 @@ def test_collective_wrappers_match_unsharded_ops():
 def _layers(rank, world, sp):
     from megatron_sep.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                               vocab_parallel_cross_entropy)
+    from megatron_sep.model.loss import linear_cross_entropy
     from megatron_sep.parallel.mappings import gather_seq
     init_gloo(world)
     ctx = _ctx(rank, world, sp)
@@ -78,20 +79,30 @@ def _layers(rank, world, sp):
     ref_loss.backward()
     pcol, prow = ColumnParallelLinear(col, ctx), RowParallelLinear(row, ctx)
     pemb, phead = VocabParallelEmbedding(emb, ctx), ColumnParallelLinear(head, ctx)
-    x = pemb(ids)  # [b, s / tp, h] under sp, else [b, s, h]
-    y = prow(torch.tanh(pcol(x)))
-    loss = vocab_parallel_cross_entropy(phead(y), labels, ctx)
-    loss.backward()
-    full_y = gather_seq(y, ctx.tp_group) if sp else y
-    checks = {"loss": torch.allclose(loss, ref_loss, **TOL), "out": torch.allclose(full_y, ref_out, **TOL)}
-    for name, par, ref, dim in (("col", pcol.weight, col.weight, 0), ("row", prow.weight, row.weight, 1),
-                                ("emb", pemb.weight, emb.weight, 0), ("head", phead.weight, head.weight, 0)):
-        checks[name] = torch.allclose(par.grad, ref.grad.chunk(world, dim)[rank], **TOL)
-    checks["col_bias"] = torch.allclose(pcol.bias.grad, col.bias.grad.chunk(world)[rank], **TOL)
-    bias_grad = prow.bias.grad.clone()
-    if sp:  # each rank saw its sequence shard only; the trainer sums these over tp
-        dist.all_reduce(bias_grad)
-    checks["row_bias"] = torch.allclose(bias_grad, row.bias.grad, **TOL)
+    checks = {}
+    # the vocab-parallel loss on the head's logits, then the fused one in chunks of 3 tokens (16 per rank's rows)
+    for fused in (False, True):
+        for m in (pcol, prow, pemb, phead):
+            m.zero_grad(set_to_none=True)
+        x = pemb(ids)  # [b, s / tp, h] under sp, else [b, s, h]
+        y = prow(torch.tanh(pcol(x)))
+        if fused:
+            loss = linear_cross_entropy(phead.gather_input(y), phead.weight, labels, phead.start, ctx.tp_group,
+                                        chunk_bytes=8 * 16 * 3)
+        else:
+            loss = vocab_parallel_cross_entropy(phead(y), labels, ctx)
+        loss.backward()
+        full_y = gather_seq(y, ctx.tp_group) if sp else y
+        checks[fused, "loss"] = torch.allclose(loss, ref_loss, **TOL)
+        checks[fused, "out"] = torch.allclose(full_y, ref_out, **TOL)
+        for name, par, ref, dim in (("col", pcol.weight, col.weight, 0), ("row", prow.weight, row.weight, 1),
+                                    ("emb", pemb.weight, emb.weight, 0), ("head", phead.weight, head.weight, 0)):
+            checks[fused, name] = torch.allclose(par.grad, ref.grad.chunk(world, dim)[rank], **TOL)
+        checks[fused, "col_bias"] = torch.allclose(pcol.bias.grad, col.bias.grad.chunk(world)[rank], **TOL)
+        bias_grad = prow.bias.grad.clone()
+        if sp:  # each rank saw its sequence shard only; the trainer sums these over tp
+            dist.all_reduce(bias_grad)
+        checks[fused, "row_bias"] = torch.allclose(bias_grad, row.bias.grad, **TOL)
     dist.destroy_process_group()
     return checks
 

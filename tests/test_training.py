@@ -146,13 +146,20 @@ def test_mock_data_trains_without_corpus_or_tokenizer(tmp_path):
             "data": {"mock": True, "seq_len": 32},
             "train": {"run_dir": str(tmp_path / "run"), "steps": 4, "micro_batch_size": 2, "eval_interval": 4,
                       "eval_iters": 1, "device": "cpu"},
-            "logging": {"log_interval": 1}})
+            "logging": {"log_interval": 1, "peak_tflops": 2.0}})
     trainer = Trainer(cfg(), log=True)
     a, b = trainer.train_ds[3], trainer.train_ds[3]
     assert a.shape == (33,) and (a == b).all() and a.max() < 200  # same sample for the same index
     assert not (trainer.train_ds[3] == trainer.valid_ds[3]).all()
     out = trainer.run()
     assert out["step"] == 4 and math.isfinite(losses(tmp_path / "run")[4])
+    # MFU: the stated peak, and attention FLOPs for the causal pairs the SepLLM mask keeps (fewer than dense)
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    row = [r for r in rows if "mfu" in r][-1]
+    dense = 6 * trainer.matmul_params + 12 * 2 * 32 * 32
+    assert 6 * trainer.matmul_params < row["flops_per_token"] < dense
+    assert row["peak_tflops"] == 2.0
+    assert math.isclose(row["mfu"], row["tokens_per_s"] * row["flops_per_token"] / 2e12, rel_tol=1e-9)
     with pytest.raises(ConfigError, match="data.mock has no tokenizer"):
         Trainer(cfg(kind="sepllm", separators=[".", 6]), log=False)
     bad = cfg()

@@ -42,6 +42,7 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     kernels: Literal["auto", "triton", "reference"] = "auto"  # fused norms / RoPE: Triton on CUDA
+    fused_loss: bool = True  # LM head + cross-entropy in chunks of tokens: no full [tokens, vocab] logits
 
     def check(self) -> None:
         p = "model."

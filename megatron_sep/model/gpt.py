@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 import fused_ops
 from ..config import Config, ModelConfig
 from .attention import build_core_attention, prepare_batch, separator_ids_of
+from .loss import linear_cross_entropy
 
 
 class Norm(nn.Module):
@@ -167,10 +168,15 @@ class GPT(nn.Module):
         return x
 
     def head(self, x, labels=None):
-        logits = self.lm_head(self.final_norm(x))
+        x = self.final_norm(x)
         if labels is None:
-            return logits[..., : self.vocab_size]
-        return self.loss_fn(logits, labels)
+            return self.lm_head(x)[..., : self.vocab_size]
+        if self.cfg.model.fused_loss:
+            head = self.lm_head
+            if hasattr(head, "gather_input"):  # a vocabulary-parallel head: this rank's rows of the vocabulary
+                return linear_cross_entropy(head.gather_input(x), head.weight, labels, head.start, head.group)
+            return linear_cross_entropy(x, head.weight, labels)
+        return self.loss_fn(self.lm_head(x), labels)
 
     @staticmethod
     def loss_fn(logits, labels):

@@ -31,10 +31,14 @@ class ColumnParallelLinear(nn.Module):
         self.group, self.sp = ctx.tp_group, ctx.sequence_parallel
         self.weight = _shard(full.weight, ctx, 0)
         self.bias = _shard(full.bias, ctx, 0) if full.bias is not None else None
+        self.start = ctx.tp_rank * self.weight.shape[0]  # the first output row this rank holds
+
+    def gather_input(self, x):
+        """The input every rank multiplies: gathered from sequence shards, or replicated (backward sums it)."""
+        return gather_seq(x, self.group) if self.sp else copy_to_tp(x, self.group)
 
     def forward(self, x):
-        x = gather_seq(x, self.group) if self.sp else copy_to_tp(x, self.group)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(self.gather_input(x), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):

@@ -15,22 +15,29 @@ from ..config import Config
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
-def flops_per_token(cfg: Config, n_matmul_params: int) -> float:
-    """Training FLOPs per token: 6N for the weight matmuls plus 12*L*h*s for attention scores
-    (the PaLM / Megatron convention; dense causal attention counted at full s)."""
+FLOPS_CONVENTION = ("6 x matmul params + 12 x layers x hidden x seq x kept-pair share FLOPs per token (PaLM's "
+                    "count; sparse attention counts only the causal pairs it computes)")
+
+
+def flops_per_token(cfg: Config, n_matmul_params: int, kept_pairs: float = 1.0) -> float:
+    """Training FLOPs per token (FLOPS_CONVENTION): 6N for the weight matmuls plus 12*L*h*s for attention
+    scores and values, dense at full s as PaLM and Megatron count it, scaled for SepLLM-style attention by
+    the share of causal (query, key) pairs it keeps."""
     m = cfg.model
-    return 6.0 * n_matmul_params + 12.0 * m.num_layers * m.hidden_size * cfg.data.seq_len
+    return 6.0 * n_matmul_params + 12.0 * m.num_layers * m.hidden_size * cfg.data.seq_len * kept_pairs
 
 
-def peak_flops(cfg: Config, device: torch.device) -> float | None:
+def peak_flops(cfg: Config, device: torch.device) -> tuple[float | None, str]:
+    """Peak FLOP/s per device for MFU, and where it came from."""
     if cfg.logging.peak_tflops:
-        return cfg.logging.peak_tflops * 1e12
+        return cfg.logging.peak_tflops * 1e12, "logging.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tf in PEAK_TFLOPS.items():
             if key in name:
-                return tf * 1e12
-    return None
+                return tf * 1e12, f"{key} bf16 dense, by device name"
+        return None, f"unknown device {name!r}: set logging.peak_tflops"
+    return None, "no GPU: set logging.peak_tflops for an MFU on this device"
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -105,7 +112,7 @@ def _step_of(line: str) -> float:
 
 
 def format_step(step: int, total: int, m: dict) -> str:
-    mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "n/a"
+    mfu = f"{m['mfu']:.1%} of {m['peak_tflops']:.0f} TF/s" if m.get("mfu") is not None else "n/a"
     return (f"step {step:>6}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | grad norm "
             f"{m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
             f"mem {m['peak_mem_gb']:.2f} GB")

@@ -22,7 +22,7 @@ from ..model.attention import attention_stats, prepare_batch, sep_inputs
 from ..parallel import init_parallel, shutdown
 from ..parallel.apply import ParallelPlan
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .metrics import MetricsLogger, flops_per_token, format_step, peak_flops, peak_memory_gb
+from .metrics import FLOPS_CONVENTION, MetricsLogger, flops_per_token, format_step, peak_flops, peak_memory_gb
 from .optim import lr_at
 from .run_lock import RunLock, RunLockedError
 
@@ -93,8 +93,9 @@ class Trainer:
             for layer in layers:
                 layer.compile()
 
-        self.flops_per_token = flops_per_token(cfg, matmul)
-        peak = peak_flops(cfg, self.device)
+        self.matmul_params = matmul
+        peak, self.peak_source = peak_flops(cfg, self.device)
+        self.peak_per_device = peak
         self.peak = peak * self.ctx.world if peak else None  # MFU is per device
         self.log_enabled = log and self.ctx.is_logging_rank
         self.logger = MetricsLogger(cfg, self.run_dir, {}, enabled=False)  # opened by run(), under the run lock
@@ -144,6 +145,12 @@ class Trainer:
         if a.reset_per_document and a.eod_id is None:
             a.eod_id = tok.eod_id
         return notes
+
+    def _kept_pairs(self) -> float:
+        """Share of causal pairs the attention computes, on the last micro-batch (1 for dense attention)."""
+        if self.cfg.attention.kind == "dense":
+            return 1.0
+        return attention_stats(self.cfg, self.last_batch[2].is_sep)["kept_pairs"]
 
     def _separator_share(self, samples: int = 64) -> float:
         n = min(samples, len(self.train_ds))
@@ -305,6 +312,9 @@ class Trainer:
                           f"device {self.device}, layout tp={self.ctx.tp} pp={self.ctx.pp} dp={self.ctx.dp}"
                           f"{' zero1' if self.plan.zero else ''}, "
                           f"{self.global_batch // (t.micro_batch_size * self.ctx.dp)} micro-batches per step")
+        peak = f"{self.peak_per_device / 1e12:.0f} TFLOP/s per device ({self.peak_source})" \
+            if self.peak else f"n/a ({self.peak_source})"
+        self.logger.print(f"mfu: {FLOPS_CONVENTION}, over a peak of {peak}")
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         tokens_per_step = self.global_batch * cfg.data.seq_len
         last = {}
@@ -327,10 +337,12 @@ class Trainer:
                         torch.cuda.synchronize()
                     dt = time.perf_counter() - tic
                     tps = steps_since * tokens_per_step / dt
+                    flops = flops_per_token(cfg, self.matmul_params, self._kept_pairs())
                     last = {"loss": loss.item(), "lr": lr_at(self.step - 1, cfg), "grad_norm": norm.item(),
                             "tokens_per_s": tps, "peak_mem_gb": peak_memory_gb(self.device),
-                            "mfu": tps * self.flops_per_token / self.peak if self.peak else None,
-                            "consumed_samples": self.consumed}
+                            "mfu": tps * flops / self.peak if self.peak else None,
+                            "peak_tflops": self.peak_per_device / 1e12 if self.peak else None,
+                            "flops_per_token": flops, "consumed_samples": self.consumed}
                     self.logger.print(format_step(self.step, t.steps, last))
                     self.logger.log(self.step, last)
                     tic, steps_since = time.perf_counter(), 0
