@@ -169,7 +169,7 @@ def test_skip_nonfinite_drops_one_bad_update(corpus, tmp_path):
             calls["n"] += 1
             if 2 * micros < calls["n"] <= 3 * micros:  # the micro-batches of step 3
                 return out * float("nan")
-        trainer.model.lm_head.register_forward_hook(hook)
+        trainer.model.final_norm.register_forward_hook(hook)  # feeds the (fused) head and loss
         return trainer
 
     with pytest.raises(TrainingError, match="not finite at step 3"):
