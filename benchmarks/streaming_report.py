@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from megatron_sep.inference.evaluate import write_report
-from megatron_sep.inference.plots import label
+from megatron_sep.inference.plots import label, ppl_over_reference
 
 
 def merge(paths: list[Path]) -> dict:
@@ -33,8 +33,7 @@ def table(result: dict) -> str:
                     f"{segs[0]['ppl']:.2f} / {segs[-1]['ppl']:.2f} | 1 | | | |")
     for run in result["streaming"]:
         segs = run["segments"]
-        ratios = [s["ppl"] / r["ppl"] for s, r in zip(segs, ref["segments"]) if s["tokens"] == r["tokens"]] \
-            if ref else []
+        ratios = [y for _, y in ppl_over_reference(run, ref)] if ref else []
         spread = f"{min(ratios):.4f}-{max(ratios):.4f}" if ratios else ""
         rows.append(f"| {label(run)} | {run['tokens']:,} | {run['ppl']:.2f} | {segs[0]['ppl']:.2f} / "
                     f"{segs[-1]['ppl']:.2f} | {spread} | {run['tokens_per_s']:,.0f} | "

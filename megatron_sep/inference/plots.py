@@ -15,14 +15,8 @@ def plot_loss_by_position(result: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(range(len(per_pos)), per_pos, color="0.75", lw=0.8, label="per position")
     ax.plot(mids, [b["loss"] for b in result["buckets"]], "o-", color="C0", label="bucket mean")
-    ax.set(xlabel="token position in the sequence", ylabel="next-token loss (nats)",
-           title="Loss by position: does the model use long context?")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, xlabel="token position in the sequence", ylabel="next-token loss (nats)",
+                 title="Loss by position: does the model use long context?")
 
 
 def plot_streaming(runs: list[dict], out: Path, reference: dict | None = None) -> list[Path]:
@@ -37,15 +31,19 @@ def plot_streaming(runs: list[dict], out: Path, reference: dict | None = None) -
                "KV cache held (MiB, all layers)", "KV memory", log=len(runs) > 1),
         _lines(runs, out / "streaming_speed.png", lambda r: _per_segment(r, "tokens_per_s"),
                f"tokens/s over each {seg} tokens", "Streaming speed"),
-    ] + ([_lines(runs, out / "streaming_ppl_ratio.png", lambda r: _ratio(r, reference),
+    ] + ([_lines(runs, out / "streaming_ppl_ratio.png", lambda r: _unzip(ppl_over_reference(r, reference)),
                  "perplexity / no-cache perplexity, per segment", "Streaming perplexity against the reference")]
          if reference else [])
 
 
-def _ratio(run: dict, reference: dict):
-    """Per whole segment (one cut short by --time-limit would compare unlike text), ppl over the reference's."""
-    pairs = [(s["start"] + s["tokens"], s["ppl"] / r["ppl"]) for s, r in zip(run["segments"], reference["segments"])
-             if s["tokens"] == r["tokens"]]
+def ppl_over_reference(run: dict, reference: dict) -> list[tuple[int, float]]:
+    """(tokens processed, ppl / the reference's ppl) per whole segment: one cut short by --time-limit would
+    compare unlike text."""
+    return [(s["start"] + s["tokens"], s["ppl"] / r["ppl"]) for s, r in zip(run["segments"], reference["segments"])
+            if s["tokens"] == r["tokens"]]
+
+
+def _unzip(pairs):
     return [x for x, _ in pairs], [y for _, y in pairs]
 
 
@@ -64,7 +62,11 @@ def _lines(runs, path: Path, xy, ylabel: str, title: str, log: bool = False, ref
         ax.plot(x, y, "o-" if len(x) < 64 else "-", ms=3, label=label(r) + stop)
     if log:  # a bounded cache and a full one differ by orders of magnitude
         ax.set_yscale("log")
-    ax.set(xlabel="tokens processed", ylabel=ylabel, title=title)
+    return _save(fig, ax, path, xlabel="tokens processed", ylabel=ylabel, title=title)
+
+
+def _save(fig, ax, path: Path, **labels) -> Path:
+    ax.set(**labels)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -94,9 +94,7 @@ class Trainer:
                 layer.compile()
 
         self.matmul_params = matmul
-        peak, self.peak_source = peak_flops(cfg, self.device)
-        self.peak_per_device = peak
-        self.peak = peak * self.ctx.world if peak else None  # MFU is per device
+        self.peak, self.peak_source = peak_flops(cfg, self.device)  # per device; None: no MFU
         self.log_enabled = log and self.ctx.is_logging_rank
         self.logger = MetricsLogger(cfg, self.run_dir, {}, enabled=False)  # opened by run(), under the run lock
         self.skipped = 0
@@ -145,12 +143,6 @@ class Trainer:
         if a.reset_per_document and a.eod_id is None:
             a.eod_id = tok.eod_id
         return notes
-
-    def _kept_pairs(self) -> float:
-        """Share of causal pairs the attention computes, on the last micro-batch (1 for dense attention)."""
-        if self.cfg.attention.kind == "dense":
-            return 1.0
-        return attention_stats(self.cfg, self.last_batch[2].is_sep)["kept_pairs"]
 
     def _separator_share(self, samples: int = 64) -> float:
         n = min(samples, len(self.train_ds))
@@ -312,7 +304,7 @@ class Trainer:
                           f"device {self.device}, layout tp={self.ctx.tp} pp={self.ctx.pp} dp={self.ctx.dp}"
                           f"{' zero1' if self.plan.zero else ''}, "
                           f"{self.global_batch // (t.micro_batch_size * self.ctx.dp)} micro-batches per step")
-        peak = f"{self.peak_per_device / 1e12:.0f} TFLOP/s per device ({self.peak_source})" \
+        peak = f"{self.peak / 1e12:.0f} TFLOP/s per device ({self.peak_source})" \
             if self.peak else f"n/a ({self.peak_source})"
         self.logger.print(f"mfu: {FLOPS_CONVENTION}, over a peak of {peak}")
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
@@ -327,8 +319,10 @@ class Trainer:
                 loss, norm = self.train_step()
                 steps_since += 1
                 si = cfg.attention.stats_interval
-                if cfg.attention.kind != "dense" and si and self.step % si == 0:  # the step's last micro-batch
+                kept = 1.0 if cfg.attention.kind == "dense" else None  # share of causal pairs attended
+                if kept is None and si and self.step % si == 0:  # the step's last micro-batch
                     stats = attention_stats(cfg, self.last_batch[2].is_sep)
+                    kept = stats["kept_pairs"]
                     self.logger.print(f"step {self.step:>6} | attention kept pairs {stats['kept_pairs']:.1%} "
                                       f"| kept kv {stats['kept_kv']:.1%} | separators {stats['sep_share']:.1%}")
                     self.logger.log(self.step, stats)
@@ -337,11 +331,13 @@ class Trainer:
                         torch.cuda.synchronize()
                     dt = time.perf_counter() - tic
                     tps = steps_since * tokens_per_step / dt
-                    flops = flops_per_token(cfg, self.matmul_params, self._kept_pairs())
+                    if kept is None:
+                        kept = attention_stats(cfg, self.last_batch[2].is_sep)["kept_pairs"]
+                    flops = flops_per_token(cfg, self.matmul_params, kept)
                     last = {"loss": loss.item(), "lr": lr_at(self.step - 1, cfg), "grad_norm": norm.item(),
                             "tokens_per_s": tps, "peak_mem_gb": peak_memory_gb(self.device),
-                            "mfu": tps * flops / self.peak if self.peak else None,
-                            "peak_tflops": self.peak_per_device / 1e12 if self.peak else None,
+                            "mfu": tps * flops / (self.peak * self.ctx.world) if self.peak else None,
+                            "peak_tflops": self.peak / 1e12 if self.peak else None,
                             "flops_per_token": flops, "consumed_samples": self.consumed}
                     self.logger.print(format_step(self.step, t.steps, last))
                     self.logger.log(self.step, last)
