@@ -5,14 +5,17 @@ document per file). Documents are shuffled with a fixed seed; the first ones, up
 form heldout.jsonl (the stream `megatron-sep eval --text` reads), the rest train.jsonl. The split is by
 document, so the model never trains on a word of the stream.
 
-    python3 benchmarks/streaming_corpus.py --out data/stream data/demo/corpus.jsonl ~/peps ~/git/Documentation
+    PYTHONPATH=. python3 benchmarks/streaming_corpus.py --out data/stream data/demo/corpus.jsonl ~/peps ~/git/Documentation
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
+
+from megatron_sep.convert.commands import prepare_out
 
 SUFFIXES = {".rst", ".txt", ".md", ".adoc"}
 
@@ -39,10 +42,22 @@ def main() -> int:
     p.add_argument("--heldout-chars", type=int, default=5_500_000, help="~1.2M tokens at an 8K vocabulary")
     p.add_argument("--min-chars", type=int, default=200)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--force", action="store_true", help="replace this script's two files in a non-empty --out")
     args = p.parse_args()
+    try:
+        return split(args)
+    except (OSError, ValueError) as e:  # one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyError:
+        print('error: a .jsonl source has a line without a "text" field', file=sys.stderr)
+        return 2
+
+
+def split(args) -> int:
     docs = [d for s in args.sources for d in documents(s, args.min_chars)]
     random.Random(args.seed).shuffle(docs)
-    args.out.mkdir(parents=True, exist_ok=True)
+    prepare_out(args.out, args.force, ("heldout.jsonl", "train.jsonl"), "replace heldout.jsonl and train.jsonl")
     held = 0
     with open(args.out / "heldout.jsonl", "w", encoding="utf-8") as h, \
             open(args.out / "train.jsonl", "w", encoding="utf-8") as t:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from megatron_sep.cli import EVAL_FILES
+from megatron_sep.convert.commands import prepare_out
 from megatron_sep.inference.evaluate import write_report
 from megatron_sep.inference.plots import label, ppl_over_reference
 
@@ -45,10 +48,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("evals", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--force", action="store_true", help="replace an earlier report's files in --out")
     args = p.parse_args()
-    result = merge(args.evals)
-    for path in write_report(args.out, result):
-        print(f"wrote {path}")
+    try:  # errors in one line, no traceback
+        result = merge(args.evals)
+        for path in write_report(prepare_out(args.out, args.force, EVAL_FILES, "replace the report's files"),
+                                 result):
+            print(f"wrote {path}")
+    except (json.JSONDecodeError, KeyError, IndexError) as e:
+        print(f"error: {e!r}: pass eval.json files written by `megatron-sep eval`", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(table(result))
     return 0
 
