@@ -4,8 +4,10 @@ measured in the same run. Also the SepLLM training step with each attention back
 Run on the device:
   PYTHONPATH=. python3 benchmarks/train_throughput.py --preset llama1.3b --out DIR
   PYTHONPATH=. python3 benchmarks/train_throughput.py --preset sepllm350m-16k --out DIR
-Synthetic tokens (data loading is not what is measured). MFU uses 989 TFLOP/s (H100 dense bf16)
-and the PaLM convention: 6 x matmul params + 12 x layers x hidden x seq FLOPs per token.
+Synthetic tokens (data loading is not what is measured). MFU uses 989 TFLOP/s (H100 / H200 dense bf16;
+1979 fp8 for %fp8 rows, with the bf16-peak figure kept as mfu_bf16_peak) and the PaLM convention:
+6 x matmul params + 12 x layers x hidden x seq FLOPs per token. --memory writes the live allocations at
+a step's memory peak (memory_peak.py).
 """
 from __future__ import annotations
 
@@ -22,15 +24,19 @@ import torch.nn.functional as F
 from megatron_sep.config import config_from_dict
 from megatron_sep.model import GPT
 
-# kinds: [trainer/]KIND[-nWINDOW][:BACKEND][+ac][~unfused][@KERNELS]; trainer/ times the Trainer's own step
-# (plan, autocast, clipping, schedule, optimizer); +ac turns on train.activation_checkpointing=full; ~unfused
-# sets model.fused_loss=false (the LM head's full logits, then cross-entropy)
+from memory_peak import memory_at_peak  # benchmarks/ is on sys.path when this file runs as a script
+
+# kinds: [trainer/]KIND[-nWINDOW][:BACKEND][+ac][~unfused][%fp8][@KERNELS]; trainer/ times the Trainer's own
+# step (plan, autocast, clipping, schedule, optimizer); +ac turns on train.activation_checkpointing=full;
+# ~unfused sets model.fused_loss=false (the LM head's full logits, then cross-entropy); %fp8 sets
+# train.precision=fp8 (MFU then against the fp8 peak)
 LLAMA350M = {"family": "llama", "num_layers": 24, "hidden_size": 1024, "num_heads": 16, "ffn_hidden_size": 2816,
              "vocab_size": 32000}
 PRESETS = {
     "llama1.3b": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 2048, "num_heads": 16,
                             "ffn_hidden_size": 5504, "vocab_size": 32000, "max_position_embeddings": 4096},
-                  "seq": 4096, "mbs": 2, "kinds": ["dense@reference", "dense", "trainer/dense", "trainer/dense~unfused"],
+                  "seq": 4096, "mbs": 2, "kinds": ["dense@reference", "dense", "trainer/dense", "trainer/dense~unfused",
+                                                   "trainer/dense%fp8", "trainer/dense%fp8@reference"],
                   "plain": True,
                   "compile_only": ["dense@reference"]},
     "sepllm350m-16k": {"model": {**LLAMA350M, "max_position_embeddings": 16384},
@@ -58,15 +64,17 @@ PRESETS = {
 
 
 def parse_kind(kind: str) -> dict:
-    """[trainer/]KIND[-nWINDOW][:BACKEND][+ac][@KERNELS] -> its parts."""
+    """[trainer/]KIND[-nWINDOW][:BACKEND][+ac][~unfused][%fp8][@KERNELS] -> its parts."""
     via_trainer = kind.startswith("trainer/")
     rest, _, kernels = kind.removeprefix("trainer/").partition("@")
+    rest, _, precision = rest.partition("%")
     rest, unfused = (rest[:-8], True) if rest.endswith("~unfused") else (rest, False)
     rest, ac = (rest[:-3], True) if rest.endswith("+ac") else (rest, False)
     name, _, backend = rest.partition(":")
     name, _, window = name.partition("-n")
     return {"trainer": via_trainer, "kind": name, "window": int(window) if window else None,
-            "backend": backend or "auto", "ac": ac, "kernels": kernels or "auto", "fused_loss": not unfused}
+            "backend": backend or "auto", "ac": ac, "kernels": kernels or "auto", "fused_loss": not unfused,
+            "precision": precision or "auto"}
 
 
 class PlainBlock(nn.Module):
@@ -166,6 +174,7 @@ def main():
     ap.add_argument("--modes", default="eager,compile", help="eager and/or compile (per block)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true", help="write the top kernels of one compiled step")
+    ap.add_argument("--memory", action="store_true", help="write what is alive at a compiled step's memory peak")
     ap.add_argument("--append", action="store_true", help="add rows to an existing result file of the preset")
     ap.add_argument("--only", default="", help="comma list of plain|KIND : eager|compile to run (default all)")
     args = ap.parse_args()
@@ -191,13 +200,14 @@ def main():
     env = {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
            "mfu_peak_tflops": 989, "mfu_flops": "6 x matmul params + 12 x layers x hidden x seq x kept-pair share"}
 
-    def record(name, dt, loss, mem, pairs=1.0, key=None):
+    def record(name, dt, loss, mem, pairs=1.0, key=None, peak=989):
         """MFU counts attention FLOPs for the pairs attended: 12 x layers x hidden x seq x kept-pair share."""
         tps = mbs * seq / dt
         first, loss = loss
         attended = 6 * matmul + 12 * m["num_layers"] * m["hidden_size"] * seq * pairs
         rows.append({"impl": name, "key": key, "step_ms": dt * 1e3, "tokens_per_s": tps,
-                     "mfu": tps * attended / 989e12, "kept_pairs": pairs, "flops_per_token": attended,
+                     "mfu": tps * attended / (peak * 1e12), "mfu_peak_tflops": peak, "mfu_bf16_peak":
+                     tps * attended / 989e12, "kept_pairs": pairs, "flops_per_token": attended,
                      "peak_mem_gb": mem, "first_loss": first, "loss": loss})
         print(json.dumps(rows[-1]), flush=True)
         with open(f"{args.out}/train_throughput_{args.preset}.json", "w") as f:  # kept if a later variant crashes
@@ -209,10 +219,13 @@ def main():
         if compiled:
             for blk in plain.blocks:
                 blk.compile()
+        step = plain_step(plain, inputs, labels)  # one optimizer: its state exists after the first step
         record(f"plain pytorch{' + compile per block' if compiled else ' eager'}",
-               *measure(plain_step(plain, inputs, labels), tokens.is_cuda, args.steps))
+               *measure(step, tokens.is_cuda, args.steps))
         if args.profile and compiled:
-            profile(plain, inputs, labels, f"{args.out}/profile_{args.preset}_plain.txt")
+            profile(plain, inputs, labels, f"{args.out}/profile_{args.preset}_plain.txt", step=step)
+        if args.memory and compiled:
+            memory_at_peak(step, f"{args.out}/memory_{args.preset}_plain.txt")
         del plain
         torch.cuda.empty_cache()
     for kind in p["kinds"]:
@@ -227,6 +240,7 @@ def main():
                                     "data": {"seq_len": seq, "mock": True},
                                     "train": {"run_dir": f"{args.out}/trainer_run", "micro_batch_size": mbs,
                                               "steps": 10_000, "compile": compiled, "device": args.device,
+                                              "precision": k["precision"],
                                               "activation_checkpointing": "full" if k["ac"] else "none"},
                                     "optim": {"warmup_steps": 2}})
             torch.manual_seed(0)
@@ -239,17 +253,20 @@ def main():
                     pairs = kept_pairs(cfg, model)
                     train_loss = model.train_step  # returns (loss, grad norm)
                     record(label, *measure(lambda: train_loss()[0], model.device.type == "cuda", args.steps),
-                           pairs=pairs, key=f"{kind}:{'compile' if compiled else 'eager'}")
+                           pairs=pairs, key=f"{kind}:{'compile' if compiled else 'eager'}",
+                           peak=model.peak / 1e12 if model.peak else 989)
                 else:
                     model = GPT(cfg).to(args.device)
                     if compiled:
                         for blk in model.layers:
                             blk.compile()
                     record(label, *measure(plain_step(model, inputs, labels), tokens.is_cuda, args.steps))
+                name = kind.replace("/", "_").replace(":", "_").replace("%", "_")
                 if args.profile and compiled:
-                    name = kind.replace("/", "_").replace(":", "_")
                     profile(model, inputs, labels, f"{args.out}/profile_{args.preset}_{name}.txt",
                             step=(lambda: train_loss()[0]) if k["trainer"] else None)
+                if args.memory and compiled and k["trainer"]:
+                    memory_at_peak(lambda: train_loss()[0], f"{args.out}/memory_{args.preset}_{name}.txt")
             except Exception as e:  # record what failed instead of losing the whole run
                 rows.append({"impl": f"megatron-sep {kind} compiled={compiled}", "error": repr(e)[:300]})
                 print(json.dumps(rows[-1]), flush=True)

@@ -41,7 +41,9 @@ class ModelConfig:
     init_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
-    kernels: Literal["auto", "triton", "reference"] = "auto"  # fused norms / RoPE: Triton on CUDA
+    # fused norms / RoPE: Triton on CUDA; with train.precision fp8 and compile, auto means reference (the
+    # inductor-generated code, which fuses each norm with the next float8 cast)
+    kernels: Literal["auto", "triton", "reference"] = "auto"
     fused_loss: bool = True  # LM head + cross-entropy in chunks of tokens: no full [tokens, vocab] logits
 
     def check(self) -> None:
@@ -228,7 +230,9 @@ class TrainConfig:
     eval_iters: int = 10
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    # auto: bf16 autocast on GPU, fp32 on CPU; fp8: bf16 autocast with the blocks' linear layers in float8
+    # (torchao), on GPUs with float8 tensor cores
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
     compile: bool = False  # torch.compile each transformer block
     # recompute in backward: a whole block (full) or only its core attention (selective), as in Megatron
     activation_checkpointing: Literal["none", "full", "selective"] = "none"

@@ -37,8 +37,8 @@ class ParallelPlan:
         else:
             groups = [{"params": [p for p in params if decays(p)], "weight_decay": o.weight_decay},
                       {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}]
-            self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                         fused=ctx.device.type == "cuda")
+            # fused on CPU too: its grad_scale / found_inf inputs carry clipping and the non-finite skip
+            self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
 
     def set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:
@@ -60,18 +60,21 @@ class ParallelPlan:
         else:
             pairs = [(p.grad, p) for p in self.model.parameters()]
         norm = global_grad_norm(pairs, self.ctx, sharded_over_dp=self.zero, loss=loss)
+        clip = self.cfg.optim.clip_grad
+        if not self.zero:
+            # No host sync before the update: fused AdamW divides the grads by grad_scale (the clipping) and
+            # drops the whole update when found_inf is set, in its own pass. The host reads the norm after.
+            self.opt.grad_scale = ((norm + 1e-6) / clip).clamp(min=1.0) if clip > 0 else None
+            self.opt.found_inf = (~norm.isfinite()).float()
+            self.opt.step()
+            del self.opt.grad_scale, self.opt.found_inf
+            self.opt.zero_grad(set_to_none=True)
+            return norm, math.isfinite(norm.item())
         value = norm.item()
         if not math.isfinite(value):
             self.opt.zero_grad(set_to_none=True)
             return norm, False
-        clip = self.cfg.optim.clip_grad
-        coef = min(1.0, clip / (value + 1e-6)) if clip > 0 else 1.0
-        if self.zero:
-            self.opt.step(coef)
-        else:
-            if coef < 1.0:  # one multi-tensor launch; skipped (no pass over the grads) when not clipping
-                torch._foreach_mul_([p.grad for p in self.model.parameters() if p.grad is not None], coef)
-            self.opt.step()
+        self.opt.step(min(1.0, clip / (value + 1e-6)) if clip > 0 else 1.0)
         self.opt.zero_grad(set_to_none=True)
         return norm, True
 

@@ -23,6 +23,14 @@ def _shard(t: torch.Tensor, ctx: ParallelContext, dim: int) -> nn.Parameter:
     return p
 
 
+def _linear(layer, x, bias):
+    """x W^T (+ b) on this rank's shard: in the autocast dtype, or in float8 when training.fp8 set layer.fp8."""
+    if layer.fp8 is None:
+        return F.linear(x, layer.weight, bias)
+    y = layer.fp8(x)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split by output rows; the input is replicated (or gathered from seq shards)."""
 
@@ -32,13 +40,14 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _shard(full.weight, ctx, 0)
         self.bias = _shard(full.bias, ctx, 0) if full.bias is not None else None
         self.start = ctx.tp_rank * self.weight.shape[0]  # the first output row this rank holds
+        self.fp8 = None  # training.fp8 sets torchao's float8 matmul over this shard
 
     def gather_input(self, x):
         """The input every rank multiplies: gathered from sequence shards, or replicated (backward sums it)."""
         return gather_seq(x, self.group) if self.sp else copy_to_tp(x, self.group)
 
     def forward(self, x):
-        return F.linear(self.gather_input(x), self.weight, self.bias)
+        return _linear(self, self.gather_input(x), self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -51,9 +60,10 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
         if self.bias is not None and self.sp:
             self.bias.sequence_parallel = True
+        self.fp8 = None  # training.fp8 sets torchao's float8 matmul over this shard
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        y = _linear(self, x, None)
         y = reduce_scatter_seq(y, self.group) if self.sp else reduce_from_tp(y, self.group)
         return y + self.bias if self.bias is not None else y
 

@@ -11,8 +11,9 @@ import torch
 
 from ..config import Config
 
-# Dense bf16 peaks (TFLOP/s) for MFU when logging.peak_tflops is unset.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+# Dense peaks (TFLOP/s) for MFU when logging.peak_tflops is unset: bf16, and fp8 where the chip has it.
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp8": 1979.0}, "H200": {"bf16": 989.0, "fp8": 1979.0},
+               "A100": {"bf16": 312.0}, "L40S": {"bf16": 362.0, "fp8": 733.0}, "A10G": {"bf16": 125.0}}
 
 
 FLOPS_CONVENTION = ("6 x matmul params + 12 x layers x hidden x seq x kept-pair share FLOPs per token (PaLM's "
@@ -33,9 +34,10 @@ def peak_flops(cfg: Config, device: torch.device) -> tuple[float | None, str]:
         return cfg.logging.peak_tflops * 1e12, "logging.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, tf in PEAK_TFLOPS.items():
-            if key in name:
-                return tf * 1e12, f"{key} bf16 dense, by device name"
+        kind = "fp8" if cfg.train.precision == "fp8" else "bf16"  # fp8 runs are measured against the fp8 peak
+        for key, peaks in PEAK_TFLOPS.items():
+            if key in name and kind in peaks:
+                return peaks[kind] * 1e12, f"{key} {kind} dense, by device name"
         return None, f"unknown device {name!r}: set logging.peak_tflops"
     return None, "no GPU: set logging.peak_tflops for an MFU on this device"
 

@@ -21,6 +21,7 @@ from ..model import GPT
 from ..model.attention import attention_stats, prepare_batch, sep_inputs
 from ..parallel import init_parallel, shutdown
 from ..parallel.apply import ParallelPlan
+from . import fp8
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .metrics import FLOPS_CONVENTION, MetricsLogger, flops_per_token, format_step, peak_flops, peak_memory_gb
 from .optim import lr_at
@@ -56,6 +57,12 @@ class Trainer:
         self.device = self.ctx.device
         if cfg.attention.kind != "dense":  # train.device auto: known only now, still before any work
             check_backend_device(cfg.attention.backend, self.device.type)
+        if cfg.train.precision == "fp8":
+            fp8.check_device(self.device)
+            fp8.check_shapes(cfg)
+            fp8.torchao_float8()
+            if cfg.train.compile and cfg.model.kernels == "auto":  # inductor fuses its norms with the fp8 casts
+                cfg.model.kernels = "reference"
         self.stop_signal = None
         seed_everything(cfg.train.seed)  # the same on every rank: each takes its slice of one model
 
@@ -83,12 +90,16 @@ class Trainer:
         self.model, self.opt = self.plan.model, self.plan.opt
         self.step, self.consumed, self.saved_step = 0, 0, None
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.device.type == "cuda" and t.precision in ("auto", "bf16")
+                         if self.device.type == "cuda" and t.precision in ("auto", "bf16", "fp8")
                          else contextlib.nullcontext())
         blocks = self.model.layers
         layers = list(blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks)
         for layer in layers:  # before compile, so the recomputation is part of the compiled block
             layer.set_recompute(t.activation_checkpointing)
+        if t.precision == "fp8":  # after tensor parallelism (shards), before compile
+            done, kept = fp8.convert(layers)
+            self.notes.append(f"fp8: {done} linear layers in float8 (torchao, tensorwise scales)"
+                              + (f"; kept in bf16 (a dimension not a multiple of 16): {', '.join(kept)}" if kept else ""))
         if t.compile:  # per block, in place: parameter names and the pipeline's layer dict stay as they are
             for layer in layers:
                 layer.compile()
