@@ -1,5 +1,5 @@
-"""`megatron-sep` command line: train, tokenizer, preprocess, inspect, export-hf, import-hf, generate,
-eval, demo-corpus."""
+"""`megatron-sep` command line: train, sweep, tokenizer, preprocess, inspect, export-hf, import-hf,
+generate, eval, demo-corpus."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,59 @@ def cmd_train(args) -> int:
     result = Trainer(cfg).run()
     if result.get("stopped_by"):
         print(f"stopped by {result['stopped_by']} at step {result['step']}; run again to resume")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .config import ConfigError
+    from .experiments import report, sweep
+
+    plan = sweep.load_plan(args.plan)
+    tokens = sweep.parse_tokens(args.tokens) if args.tokens else None
+    out = Path(args.out or f"runs/sweeps/{plan.name}")
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "sweep.json").is_file()):
+        raise ConfigError("--out", str(out), "exists and is not a sweep directory (no sweep.json)",
+                          "choose a new --out; the sweep writes only into its own directory")
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    configs = sweep.resolve_runs(plan, tokens, out, args.overrides, only, args.allow_repeat)
+    tokens = tokens or plan.tokens
+    gpu = torch.cuda.is_available() and any(c.train.device != "cpu" for c in configs.values())
+    if args.parallel > 1 and gpu:
+        raise ConfigError("--parallel", args.parallel, "would train several runs on one GPU at once",
+                          "use --parallel 1 on a GPU (runs go one after another), or --set train.device=cpu")
+    state = sweep.State(out, plan, tokens, configs)
+    print(f"sweep {plan.name}: {len(configs)} runs at {tokens:,} tokens each -> {out}")
+    failed = [] if args.report_only else sweep.execute(configs, out, state, args.parallel)
+    done = [n for n, c in configs.items() if sweep.finished_step(c) >= c.train.steps]
+    if done:
+        device = torch.device("cuda" if gpu else "cpu")
+        rows = [report.collect(n, configs[n], state.data["runs"][n]["wall_s"], device) for n in done]
+        path = report.write_report(out, plan.name, tokens, rows, plan.reference, [n for n in configs if n not in done])
+        print(f"report: {path} (table, val_loss_vs_tokens.png, loss_by_position.png, tokens_per_s.png)")
+    if failed:
+        logs = ", ".join(str(out / "logs" / f"{n}.log") for n in failed)
+        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; see {logs}. Run the sweep again to "
+              "resume them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_lm_eval_task(args) -> int:
+    from pathlib import Path
+
+    from .convert.commands import prepare_out
+    from .experiments.lm_eval_task import write_task
+
+    out = prepare_out(Path(args.out), args.force, (f"{args.name}.jsonl", f"{args.name}.yaml"),
+                      "replace the task's own two files")
+    path = write_task(args.input, out, args.name, args.docs, args.text_key)
+    n = sum(1 for _ in open(out / f"{args.name}.jsonl"))
+    print(f"wrote {path} ({n} examples). Run: lm_eval --model hf --model_args pretrained=HF_DIR,"
+          f"trust_remote_code=True --include_path {out} --tasks {args.name}")
     return 0
 
 
@@ -258,6 +311,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--check-config", action="store_true", help="validate and print the resolved config, then exit")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="train a plan's runs at equal tokens, resumably, and write a report")
+    p.add_argument("plan", help="sweep YAML (base config, overrides per run), e.g. configs/experiments/*.yaml")
+    p.add_argument("--tokens", help="training tokens per run, e.g. 50M or 1.5B (default: the plan's)")
+    p.add_argument("--out", help="sweep directory (default runs/sweeps/NAME)")
+    p.add_argument("--only", help="comma list of run names to train and report")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value in every run (repeatable), e.g. --set data.paths=[...]")
+    p.add_argument("--parallel", type=_at_least(1, int), default=1, help="runs at once (CPU only)")
+    p.add_argument("--allow-repeat", action="store_true", help="allow a budget beyond one pass over the data")
+    p.add_argument("--report-only", action="store_true", help="write the report of the finished runs, train nothing")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("lm-eval-task", help="an offline LAMBADA-style lm-eval task from held-out documents")
+    p.add_argument("--input", required=True, help=".jsonl of held-out documents (not trained on)")
+    p.add_argument("--out", required=True, help="directory for NAME.jsonl and NAME.yaml (lm_eval --include_path)")
+    p.add_argument("--name", default="heldout_lastword")
+    p.add_argument("--docs", type=_at_least(1, int), default=500, help="examples to keep")
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--force", action="store_true", help="replace the task files of an earlier run in --out")
+    p.set_defaults(func=cmd_lm_eval_task)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="action", required=True)

@@ -52,3 +52,25 @@ def test_lm_eval_loglikelihoods_equal_project_losses(corpus, tmp_path, name):
             logp = torch.log_softmax(ours(ids)[0].double(), -1)
         mine = sum(logp[t - 1, whole[t]].item() for t in range(len(ctx), len(whole)))
         assert abs(theirs - mine) <= 1e-4 * (len(whole) - len(ctx)), (name, context, theirs, mine)
+
+
+def test_offline_lastword_task_perplexity_matches_the_project_model(corpus, tmp_path):
+    """`megatron-sep lm-eval-task` builds a local task that lm-eval runs with no download; its perplexity
+    is exp(-mean target log-likelihood) of the project's own model (fp32, 1e-4 relative)."""
+    from megatron_sep.experiments.lm_eval_task import write_task
+    ours, out, tok = export_tiny(tmp_path, corpus["tokenizer"], *CASES["llama_sepllm"])
+    tasks = write_task(corpus["jsonl"], tmp_path / "tasks", docs=6, max_chars=200).parent
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(out), "trust_remote_code": True, "dtype": "float32"},
+        tasks=["heldout_lastword"], batch_size=2, device="cpu",
+        task_manager=TaskManager(include_path=str(tasks)))
+    got = results["results"]["heldout_lastword"]
+    lls = []
+    for row in map(json.loads, open(tasks / "heldout_lastword.jsonl")):
+        whole, ctx = tok.encode(row["context"] + row["target"]), tok.encode(row["context"])
+        with torch.no_grad():
+            logp = torch.log_softmax(ours(torch.tensor([whole]))[0].double(), -1)
+        lls.append(sum(logp[t - 1, whole[t]].item() for t in range(len(ctx), len(whole))))
+    want = float(torch.tensor(lls).mean().neg().exp())
+    assert abs(got["perplexity,none"] - want) <= 1e-4 * want, (got, want)
+    assert 0.0 <= got["acc,none"] <= 1.0

@@ -15,7 +15,7 @@ def plot_loss_by_position(result: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(range(len(per_pos)), per_pos, color="0.75", lw=0.8, label="per position")
     ax.plot(mids, [b["loss"] for b in result["buckets"]], "o-", color="C0", label="bucket mean")
-    return _save(fig, ax, path, xlabel="token position in the sequence", ylabel="next-token loss (nats)",
+    return save_figure(fig, ax, path, xlabel="token position in the sequence", ylabel="next-token loss (nats)",
                  title="Loss by position: does the model use long context?")
 
 
@@ -62,13 +62,14 @@ def _lines(runs, path: Path, xy, ylabel: str, title: str, log: bool = False, ref
         ax.plot(x, y, "o-" if len(x) < 64 else "-", ms=3, label=label(r) + stop)
     if log:  # a bounded cache and a full one differ by orders of magnitude
         ax.set_yscale("log")
-    return _save(fig, ax, path, xlabel="tokens processed", ylabel=ylabel, title=title)
+    return save_figure(fig, ax, path, xlabel="tokens processed", ylabel=ylabel, title=title)
 
 
-def _save(fig, ax, path: Path, **labels) -> Path:
+def save_figure(fig, ax, path: Path, legend: bool = True, **labels) -> Path:
     ax.set(**labels)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if legend:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -20,6 +20,12 @@ FLOPS_CONVENTION = ("6 x matmul params + 12 x layers x hidden x seq x kept-pair 
                     "count; sparse attention counts only the causal pairs it computes)")
 
 
+def matmul_params(model) -> int:
+    """Parameters that take part in matmuls (>= 2-D, not the embedding); the LM head counts, tied or not."""
+    return sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False)
+               if p.dim() >= 2 and "embed" not in n)
+
+
 def flops_per_token(cfg: Config, n_matmul_params: int, kept_pairs: float = 1.0) -> float:
     """Training FLOPs per token (FLOPS_CONVENTION): 6N for the weight matmuls plus 12*L*h*s for attention
     scores and values, dense at full s as PaLM and Megatron count it, scaled for SepLLM-style attention by

@@ -23,7 +23,8 @@ from ..parallel import init_parallel, shutdown
 from ..parallel.apply import ParallelPlan
 from . import fp8
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .metrics import FLOPS_CONVENTION, MetricsLogger, flops_per_token, format_step, peak_flops, peak_memory_gb
+from .metrics import (FLOPS_CONVENTION, MetricsLogger, flops_per_token, format_step, matmul_params, peak_flops,
+                      peak_memory_gb)
 from .optim import lr_at
 from .run_lock import RunLock, RunLockedError
 
@@ -83,8 +84,7 @@ class Trainer:
                               "give the valid share (second entry) a positive value, e.g. [0.98, 0.01, 0.01]")
 
         model = GPT(cfg)
-        matmul = sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False)
-                     if p.dim() >= 2 and "embed" not in n)  # the lm head counts, tied or not
+        matmul = matmul_params(model)  # of the whole model, before sharding
         self.num_params = model.num_params()  # of the whole model, before sharding
         self.plan = ParallelPlan(model, cfg, self.ctx)
         self.model, self.opt = self.plan.model, self.plan.opt

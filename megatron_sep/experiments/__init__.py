@@ -1,0 +1,1 @@
+"""Experiments over many runs: `megatron-sep sweep` (sweep.py) and its report (report.py)."""

@@ -1,0 +1,61 @@
+"""A LAMBADA-style local task for lm-eval-harness, built from held-out text, that runs offline.
+
+lm-eval's own tasks (lambada_openai, piqa, ...) read their data from the Hugging Face Hub, so they need a
+download or a filled HF cache. A local task points `dataset_path: json` at files on disk and needs
+neither. Each example is the end of a passage: the context is the passage up to its last word, the
+target is that word; lm-eval reports the target's accuracy under greedy decoding and its perplexity."""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from ..config import ConfigError
+
+WORD_AT_END = re.compile(r"^(.*\S)\s+(\w[\w'-]*)[\W]*$", re.S)  # the passage's last word, without punctuation
+
+
+def examples(input_path: Path, docs: int, text_key: str, max_chars: int, seed: int) -> list[dict]:
+    """Passages of up to max_chars, cut at a paragraph or sentence end, ending in a word of 3+ letters."""
+    rows = []
+    with open(input_path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[text_key]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ConfigError("--input", f"{input_path}:{n}", f"is not a JSON object with a {text_key!r} "
+                                  "string", "give a .jsonl of documents, or --text-key") from None
+            for para in re.split(r"\n\s*\n", text):
+                para = " ".join(para.split())[-max_chars:]
+                m = WORD_AT_END.match(para)
+                if m and len(m.group(2)) >= 3 and len(m.group(1)) >= 64:
+                    rows.append({"context": m.group(1), "target": " " + m.group(2)})
+    if not rows:
+        raise ConfigError("--input", str(input_path), "holds no passage to build examples from",
+                          "give held-out documents with paragraphs of 64+ characters")
+    random.Random(seed).shuffle(rows)
+    return rows[:docs]
+
+
+def write_task(input_path: str | Path, out: str | Path, name: str = "heldout_lastword", docs: int = 500,
+               text_key: str = "text", max_chars: int = 1500, seed: int = 0) -> Path:
+    """OUT/NAME.jsonl and OUT/NAME.yaml; pass OUT to lm_eval --include_path and NAME to --tasks."""
+    input_path, out = Path(input_path), Path(out)
+    if not input_path.is_file():
+        raise ConfigError("--input", str(input_path), "file not found", "give a .jsonl of held-out documents")
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise ConfigError("--name", name, "a task name is letters, digits and _", "e.g. heldout_lastword")
+    rows = examples(input_path, docs, text_key, max_chars, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    data = (out / f"{name}.jsonl").resolve()
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: loglikelihood\n"
+        'doc_to_text: "{{context}}"\ndoc_to_target: "{{target}}"\n'
+        "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    return out / f"{name}.yaml"

@@ -1,0 +1,272 @@
+"""`megatron-sep sweep`: train a named set of configs at equal tokens on one corpus, then report.
+
+A plan is a small YAML: a base config, overrides for every run, and per-run overrides (dotted keys).
+The sweep owns each run's `train.steps` (from one token budget) and `train.run_dir` (SWEEP/runs/NAME).
+Every run is a `megatron-sep train` process: one after another on a GPU, or several at once on CPU. A
+finished run (its last checkpoint at train.steps) is skipped; an interrupted one resumes from its
+checkpoint, as `train` does. SWEEP/sweep.json records the budget and each run's resolved config, so a
+later invocation with other settings is refused instead of mixing two experiments in one report."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..config import Config, ConfigError, config_from_dict, dump_config
+from ..training.checkpoint import list_checkpoints
+
+OWNED = ("train.steps", "train.run_dir")  # set by the sweep: equal tokens, one directory per run
+PLAN_KEYS = ("name", "base", "tokens", "set", "runs", "reference", "evals")
+
+
+@dataclass
+class Plan:
+    name: str
+    path: Path
+    base: dict
+    tokens: int | None
+    common: dict  # overrides for every run
+    runs: dict  # name -> overrides
+    reference: dict = field(default_factory=dict)  # e.g. the paper's numbers, shown next to the results
+    evals: int = 10  # validation points per run when the plan does not set train.eval_interval
+
+
+def parse_tokens(text) -> int:
+    """100M, 1.5B, 2e6, 300000 -> tokens."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKmMbBtT]?)\s*", str(text))
+    if not m:
+        raise ConfigError("--tokens", text, "is not a token count", "write e.g. 50M, 1.5B or 2000000")
+    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+    if value < 1:
+        raise ConfigError("--tokens", text, "must be at least 1 token", "write e.g. 50M")
+    return int(value)
+
+
+def _overrides(where: str, raw) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(where, raw, "must be a mapping of section.key: value", "e.g. {attention.window: 64}")
+    for key in raw:
+        if not isinstance(key, str) or len(key.split(".")) != 2:
+            raise ConfigError(where, key, "an override key must be section.key", "write e.g. attention.window")
+        if key in OWNED:
+            raise ConfigError(f"{where}.{key}", raw[key], "is set by the sweep (equal tokens, one directory "
+                              "per run)", "remove it; scale the runs with --tokens")
+    return dict(raw)
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("plan", str(path), "file not found", "pass a sweep YAML, e.g. configs/experiments/")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError("plan", str(path), f"is not valid YAML ({e})", "fix the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("plan", str(path), "must be a mapping", f"use the keys {', '.join(PLAN_KEYS)}")
+    unknown = [k for k in raw if k not in PLAN_KEYS]
+    if unknown:
+        raise ConfigError("plan", unknown, "unknown plan keys", f"use {', '.join(PLAN_KEYS)}")
+    base = raw.get("base")
+    if isinstance(base, str):
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.is_file():
+            raise ConfigError("plan.base", base, f"not found (looked at {base_path})", "give a config path "
+                              "relative to the plan file, or an inline mapping of sections")
+        base = yaml.safe_load(base_path.read_text()) or {}
+    if not isinstance(base, dict):
+        raise ConfigError("plan.base", base, "must be a config path or a mapping of sections", "see configs/")
+    runs = raw.get("runs")
+    if not isinstance(runs, dict) or not runs:
+        raise ConfigError("plan.runs", runs, "must name at least one run", "e.g. runs: {dense: {}}")
+    for name in runs:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+            raise ConfigError("plan.runs", name, "a run name is a directory name", "use letters, digits, _ . -")
+    return Plan(name=str(raw.get("name") or path.stem), path=path, base=base,
+                tokens=parse_tokens(raw["tokens"]) if raw.get("tokens") is not None else None,
+                common=_overrides("plan.set", raw.get("set")),
+                runs={str(n): _overrides(f"plan.runs.{n}", o) for n, o in runs.items()},
+                reference=raw.get("reference") or {}, evals=int(raw.get("evals") or 10))
+
+
+def _apply(raw: dict, overrides: dict) -> dict:
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        raw.setdefault(section, {})
+        raw[section] = dict(raw[section] or {})
+        raw[section][name] = value
+    return raw
+
+
+def resolve_runs(plan: Plan, tokens: int | None, out: Path, cli_set: list[str], only: list[str] | None,
+                 allow_repeat: bool = False) -> dict[str, Config]:
+    """Each run's validated config: base, then plan.set, then the run's own keys, then --set."""
+    from ..config.load import parse_override
+    tokens = tokens or plan.tokens
+    if tokens is None:
+        raise ConfigError("--tokens", None, "no token budget given", "pass --tokens (e.g. 50M) or set tokens: in the plan")
+    names = list(plan.runs)
+    if only:
+        unknown = [n for n in only if n not in plan.runs]
+        if unknown:
+            raise ConfigError("--only", unknown, f"not runs of plan {plan.name}", f"choose from {', '.join(names)}")
+        names = [n for n in names if n in only]
+    cli = {}
+    for text in cli_set:
+        (section, key), value = parse_override(text)
+        cli[f"{section}.{key}"] = value
+    _overrides("--set", cli)
+    configs = {}
+    for name in names:
+        clash = sorted(k for k in cli if k in plan.runs[name] and cli[k] != plan.runs[name][k])
+        if clash:
+            raise ConfigError("--set", clash, f"conflicts with run {name!r}, which sets "
+                              f"{', '.join(f'{k}={plan.runs[name][k]!r}' for k in clash)}",
+                              "drop the --set, or leave that run out with --only")
+        raw = _apply(_apply(_apply(copy.deepcopy(plan.base), plan.common), plan.runs[name]), cli)
+        cfg = config_from_dict(raw)
+        t = cfg.train
+        per_step = (t.global_batch_size or t.micro_batch_size) * cfg.data.seq_len
+        t.steps = max(1, math.ceil(tokens / per_step))
+        t.run_dir = str(out / "runs" / name)
+        chosen = {**plan.common, **plan.runs[name], **cli}
+        if "train.eval_interval" not in chosen and "train.eval_interval" not in _dotted(plan.base):
+            t.eval_interval = max(1, t.steps // plan.evals)
+        if "checkpoint.save_interval" not in chosen and "checkpoint.save_interval" not in _dotted(plan.base):
+            cfg.checkpoint.save_interval = t.eval_interval  # an interrupted run loses at most one eval's work
+        configs[name] = cfg
+    if not allow_repeat:
+        check_corpus(configs, tokens)
+    return configs
+
+
+def _dotted(raw: dict) -> set[str]:
+    return {f"{s}.{k}" for s, v in raw.items() if isinstance(v, dict) for k in v}
+
+
+def check_corpus(configs: dict[str, Config], tokens: int) -> None:
+    """A budget beyond one pass over the training split would repeat data: refuse before any training."""
+    from ..data.dataset import split_ranges
+    from ..data.indexed import IndexedDataset
+    for name, cfg in configs.items():
+        d = cfg.data
+        if d.mock:
+            continue
+        have = 0
+        for p in d.paths:
+            ix = IndexedDataset(p)
+            lo, hi = split_ranges(len(ix), d.split)[0]
+            have += int(ix.sizes[lo:hi].sum())
+        if tokens > have:
+            raise ConfigError("--tokens", tokens, f"is more than run {name!r}'s training split holds ({have:,} "
+                              f"tokens of {', '.join(d.paths)})", "lower --tokens, add data, or pass "
+                              "--allow-repeat to train on it more than once")
+
+
+def finished_step(cfg: Config) -> int:
+    done = list_checkpoints(Path(cfg.train.run_dir) / "checkpoints")
+    return int(done[-1].split("_")[1]) if done else 0
+
+
+class State:
+    """SWEEP/sweep.json: the budget, each run's resolved config and wall time."""
+
+    def __init__(self, out: Path, plan: Plan, tokens: int, configs: dict[str, Config]):
+        self.path = out / "sweep.json"
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        old = self.data.get("runs", {})
+        if self.data and self.data.get("tokens") != tokens:
+            raise ConfigError("--tokens", tokens, f"{out} holds a sweep with a budget of {self.data.get('tokens'):,} "
+                              "tokens", "use that budget, or a new --out for a new experiment")
+        for name, cfg in configs.items():
+            if name in old and old[name]["config"] != dump_config(cfg):
+                raise ConfigError("--out", str(out), f"holds run {name!r} made with another config",
+                                  "use the same plan and --set, or a new --out")
+        self.data.update({"plan": str(plan.path), "name": plan.name, "tokens": tokens})
+        self.data.setdefault("runs", {})
+        for name, cfg in configs.items():
+            self.data["runs"].setdefault(name, {"config": dump_config(cfg), "wall_s": 0.0, "status": "pending"})
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+    def update(self, name: str, **values) -> None:
+        self.data["runs"][name].update(values)
+        self.save()
+
+
+def execute(configs: dict[str, Config], out: Path, state: State, parallel: int, echo=print) -> list[str]:
+    """Train every unfinished run; returns the names that failed."""
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    todo = []
+    for name, cfg in configs.items():
+        step = finished_step(cfg)
+        if step >= cfg.train.steps:
+            echo(f"[{name}] finished at step {step}: skipped")
+            state.update(name, status="done")
+            continue
+        path = out / "configs" / f"{name}.yaml"
+        path.write_text(dump_config(cfg))
+        todo.append((name, path, step))
+    env = dict(os.environ)
+    if parallel > 1:  # share the cores instead of each process taking all of them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    running, failed = {}, []
+    try:
+        _loop(configs, out, state, parallel, echo, todo, running, failed, env)
+    except KeyboardInterrupt:  # the runs got the signal too: they save a checkpoint and exit; wait for that
+        for name, (proc, log, _) in running.items():
+            proc.wait()
+            log.close()
+            state.update(name, status="interrupted")
+        raise
+    return failed
+
+
+def _loop(configs, out, state, parallel, echo, todo, running, failed, env) -> None:
+    while todo or running:
+        while todo and len(running) < parallel:
+            name, path, step = todo.pop(0)
+            log = open(out / "logs" / f"{name}.log", "a")
+            cmd = [sys.executable, "-m", "megatron_sep", "train", "--config", str(path)]
+            echo(f"[{name}] {'resuming from step ' + str(step) if step else 'training'} to step "
+                 f"{configs[name].train.steps}; log: {out / 'logs' / (name + '.log')}")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if parallel == 1 else log,
+                                    stderr=subprocess.STDOUT, env=env, text=True)
+            running[name] = (proc, log, time.perf_counter())
+            state.update(name, status="running")
+            if parallel == 1:  # one run at a time: show its log lines as they come
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    echo(f"[{name}] {line.rstrip()}")
+        for name, (proc, log, t0) in list(running.items()):
+            rc = proc.wait() if parallel == 1 else proc.poll()
+            if rc is None:
+                continue
+            log.close()
+            del running[name]
+            wall = state.data["runs"][name]["wall_s"] + time.perf_counter() - t0
+            ok = rc == 0 and finished_step(configs[name]) >= configs[name].train.steps
+            state.update(name, status="done" if ok else f"failed (exit {rc})", wall_s=wall)
+            echo(f"[{name}] {'done' if ok else f'FAILED (exit {rc})'} in {wall / 60:.1f} min")
+            if not ok:
+                failed.append(name)
+        if running:
+            time.sleep(0.5)

@@ -1,0 +1,116 @@
+"""`megatron-sep sweep`: three tiny runs in parallel on CPU produce a full report; finished runs are
+skipped, an interrupted one resumes from its checkpoint; bad plans fail before any training."""
+import json
+import re
+
+import matplotlib.image as mpimg
+import pytest
+import yaml
+
+from megatron_sep import cli
+from megatron_sep.config import ConfigError
+from megatron_sep.experiments import sweep
+from megatron_sep.experiments.report import COLUMNS
+
+
+def write_plan(corpus, path, **extra):
+    base = {"model": {"family": "llama", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2,
+                      "max_position_embeddings": 64},
+            "attention": {"init_tokens": 2, "stats_interval": 2},
+            "data": {"tokenizer": str(corpus["tokenizer"]), "paths": [corpus["prefix"]], "seq_len": 32,
+                     "split": [0.9, 0.1, 0.0]},
+            "optim": {"lr": 3e-3, "warmup_steps": 1},
+            "train": {"micro_batch_size": 4, "global_batch_size": 8, "eval_iters": 2, "device": "cpu"},
+            "logging": {"log_interval": 1, "peak_tflops": 0.01}}  # a nominal peak, so MFU is filled on CPU
+    plan = {"name": "tiny", "base": base, "tokens": 1536, "evals": 3,  # 6 steps of 8 x 32 tokens
+            "runs": {"dense": {"attention.kind": "dense"},
+                     "sepllm_n8": {"attention.kind": "sepllm", "attention.window": 8},
+                     "streaming_n8": {"attention.kind": "streamingllm", "attention.window": 8}}, **extra}
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def test_sweep_reports_resumes_and_skips(corpus, tmp_path, capsys):
+    plan, out = write_plan(corpus, tmp_path / "plan.yaml"), tmp_path / "sweep"
+    assert cli.main(["sweep", str(plan), "--out", str(out), "--only", "dense"]) == 0
+    # an interrupted run: trained to step 3 of 6 and stopped, as a preemption would leave it
+    from megatron_sep.training import Trainer
+    cfg = sweep.resolve_runs(sweep.load_plan(plan), None, out, [], ["sepllm_n8"])["sepllm_n8"]
+    Trainer(cfg).run(until=3)
+    assert sweep.finished_step(cfg) == 3
+    capsys.readouterr()
+
+    assert cli.main(["sweep", str(plan), "--out", str(out), "--parallel", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "[dense] finished at step 6: skipped" in said
+    assert "[sepllm_n8] resuming from step 3 to step 6" in said
+    assert "resumed from" in (out / "logs" / "sepllm_n8.log").read_text()
+
+    report = (out / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    assert len(rows) == 3
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == len(COLUMNS) and all(cells) and not any("nan" in c for c in cells), row
+    data = json.loads((out / "report.json").read_text())["runs"]
+    by = {r["run"]: r for r in data}
+    assert by["dense"]["kept_pairs"] == 1.0 and by["dense"]["kept_kv"] == 1.0
+    # the sparse runs attend fewer pairs, so attention is a smaller share of their FLOPs
+    assert by["streaming_n8"]["kept_pairs"] < 1.0 and by["sepllm_n8"]["kept_pairs"] < 1.0
+    assert by["sepllm_n8"]["attention_flops_share"] < by["dense"]["attention_flops_share"]
+    assert all(r["tokens"] == 1536 and len(r["val"]) >= 3 for r in data)
+    assert re.search(r"Ordering at this budget.*<.*<", report)
+    for png in ("val_loss_vs_tokens.png", "loss_by_position.png", "tokens_per_s.png"):
+        img = mpimg.imread(out / png)
+        assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0  # a drawn figure, not blank
+        assert f"]({png})" in report
+
+    before = {n: (out / "runs" / n / "metrics.jsonl").read_text() for n in by}
+    assert cli.main(["sweep", str(plan), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert all(f"[{n}] finished at step 6: skipped" in said for n in by)
+    assert all((out / "runs" / n / "metrics.jsonl").read_text() == before[n] for n in by)
+
+
+@pytest.mark.parametrize("args, extra, match", [
+    (["--only", "dense,nope"], {}, r"--only.*nope.*choose from dense, sepllm_n8, streaming_n8"),
+    (["--set", "attention.window=16"], {}, r"--set.*conflicts with run 'sepllm_n8'.*attention.window=8"),
+    (["--tokens", "10B"], {}, r"--tokens.*more than run 'dense'.*training split holds"),
+    ([], {"set": {"train.steps": 5}}, r"plan.set.train.steps.*set by the sweep.*--tokens"),
+    (["--tokens", "lots"], {}, r"--tokens.*not a token count"),
+])
+def test_bad_plans_fail_before_training(corpus, tmp_path, args, extra, match):
+    plan, out = write_plan(corpus, tmp_path / "plan.yaml", **extra), tmp_path / "sweep"
+    with pytest.raises(ConfigError, match=match):
+        cli.cmd_sweep(cli.build_parser().parse_args(["sweep", str(plan), "--out", str(out), *args]))
+    assert not out.exists()
+
+
+def test_a_sweep_refuses_a_directory_it_did_not_make(corpus, tmp_path):
+    plan, out = write_plan(corpus, tmp_path / "plan.yaml"), tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a sweep directory"):
+        cli.cmd_sweep(cli.build_parser().parse_args(["sweep", str(plan), "--out", str(out)]))
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_lm_eval_task_files(corpus, tmp_path):
+    from megatron_sep.experiments.lm_eval_task import write_task
+    task = yaml.safe_load(write_task(corpus["jsonl"], tmp_path / "tasks", docs=20).read_text())
+    rows = [json.loads(x) for x in open(tmp_path / "tasks" / "heldout_lastword.jsonl")]
+    assert len(rows) == 20 and task["task"] == "heldout_lastword"
+    assert task["dataset_kwargs"]["data_files"]["test"] == str((tmp_path / "tasks" / "heldout_lastword.jsonl"))
+    for r in rows:  # the target is the passage's last word, split off with its space
+        assert re.fullmatch(r" \w[\w'-]{2,}", r["target"]) and not r["context"].endswith(" ")
+    # a second build into the same directory needs --force, and replaces only the task's own files
+    (tmp_path / "tasks" / "keep.txt").write_text("mine")
+    args = ["lm-eval-task", "--input", str(corpus["jsonl"]), "--out", str(tmp_path / "tasks"), "--docs", "5"]
+    assert cli.main(args) == 2
+    assert cli.main(args + ["--force"]) == 0
+    assert (tmp_path / "tasks" / "keep.txt").read_text() == "mine"
+    assert sum(1 for _ in open(tmp_path / "tasks" / "heldout_lastword.jsonl")) == 5
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text key"}\n')
+    with pytest.raises(ConfigError, match="--input.*bad.jsonl:1.*'text'"):
+        write_task(bad, tmp_path / "t2")
