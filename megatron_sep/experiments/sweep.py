@@ -140,19 +140,15 @@ def resolve_runs(plan: Plan, tokens: int | None, out: Path, cli_set: list[str], 
         per_step = (t.global_batch_size or t.micro_batch_size) * cfg.data.seq_len
         t.steps = max(1, math.ceil(tokens / per_step))
         t.run_dir = str(out / "runs" / name)
-        chosen = {**plan.common, **plan.runs[name], **cli}
-        if "train.eval_interval" not in chosen and "train.eval_interval" not in _dotted(plan.base):
+        chosen = {**plan.common, **plan.runs[name], **cli}  # the base's cadence was meant for its own length
+        if "train.eval_interval" not in chosen:
             t.eval_interval = max(1, t.steps // plan.evals)
-        if "checkpoint.save_interval" not in chosen and "checkpoint.save_interval" not in _dotted(plan.base):
+        if "checkpoint.save_interval" not in chosen:
             cfg.checkpoint.save_interval = t.eval_interval  # an interrupted run loses at most one eval's work
         configs[name] = cfg
     if not allow_repeat:
         check_corpus(configs, tokens)
     return configs
-
-
-def _dotted(raw: dict) -> set[str]:
-    return {f"{s}.{k}" for s, v in raw.items() if isinstance(v, dict) for k in v}
 
 
 def check_corpus(configs: dict[str, Config], tokens: int) -> None:
