@@ -65,6 +65,10 @@ def test_sweep_reports_resumes_and_skips(corpus, tmp_path, capsys):
         assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0  # a drawn figure, not blank
         assert f"]({png})" in report
 
+    # --only trains the runs named, but the report still covers every finished run of the plan
+    assert cli.main(["sweep", str(plan), "--out", str(out), "--only", "dense", "--report-only"]) == 0
+    assert len(json.loads((out / "report.json").read_text())["runs"]) == 3
+
     before = {n: (out / "runs" / n / "metrics.jsonl").read_text() for n in by}
     assert cli.main(["sweep", str(plan), "--out", str(out)]) == 0
     said = capsys.readouterr().out
@@ -75,15 +79,28 @@ def test_sweep_reports_resumes_and_skips(corpus, tmp_path, capsys):
 @pytest.mark.parametrize("args, extra, match", [
     (["--only", "dense,nope"], {}, r"--only.*nope.*choose from dense, sepllm_n8, streaming_n8"),
     (["--set", "attention.window=16"], {}, r"--set.*conflicts with run 'sepllm_n8'.*attention.window=8"),
-    (["--tokens", "10B"], {}, r"--tokens.*more than run 'dense'.*training split holds"),
+    (["--tokens", "10B"], {}, r"--tokens.*more than the training split of run 'dense' holds"),
     ([], {"set": {"train.steps": 5}}, r"plan.set.train.steps.*set by the sweep.*--tokens"),
     (["--tokens", "lots"], {}, r"--tokens.*not a token count"),
+    ([], {"runs": {"..": {}}}, r"plan.runs.*'\.\.'.*names a directory"),
+    ([], {"name": "../elsewhere"}, r"plan.name.*names a directory"),
+    (["--set", "data.tokenizer=/nope/tok.model"], {}, r"data.tokenizer.*/nope/tok.model.*not found"),
+    (["--set", "train.precision=fp8"], {}, r"train.precision.*float8 tensor cores"),
+    (["--report-only"], {}, r"--report-only.*holds no sweep"),
 ])
 def test_bad_plans_fail_before_training(corpus, tmp_path, args, extra, match):
     plan, out = write_plan(corpus, tmp_path / "plan.yaml", **extra), tmp_path / "sweep"
     with pytest.raises(ConfigError, match=match):
         cli.cmd_sweep(cli.build_parser().parse_args(["sweep", str(plan), "--out", str(out), *args]))
     assert not out.exists()
+
+
+def test_a_plan_that_is_not_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "plan.yaml"
+    bad.write_text("runs: {dense: [\n")
+    with pytest.raises(ConfigError) as e:
+        sweep.load_plan(bad)
+    assert "\n" not in str(e.value) and "line 2" in str(e.value) and str(bad) in str(e.value)
 
 
 def test_a_sweep_refuses_a_directory_it_did_not_make(corpus, tmp_path):

@@ -180,3 +180,25 @@ def test_multi_gpu_driver_on_cpu(tmp_path):
     assert set(runs["1gpu"]["loss"]) == {"1", "2", "3", "4"}
     assert runs["tp2"]["max_abs_loss_diff_vs_1gpu"] <= 1e-5
     assert runs["tp2_resumed_on_1gpu"]["step"] == 3 and runs["tp2_resumed_on_1gpu"]["abs_diff"] <= 1e-5
+
+
+def test_tokens_per_s_leaves_out_eval_and_save_time(corpus, tmp_path, monkeypatch):
+    """On a fake clock each training step takes 1 s and each eval or save 100 s: every logged tokens/s
+    must be one step's tokens per second, wherever evals and saves fall between the log lines."""
+    from megatron_sep.training import trainer as tr
+    clock = [0.0]
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: clock[0])
+    cfg = tiny_config(corpus, tmp_path / "run", train={"steps": 8, "eval_interval": 2},
+                      checkpoint={"save_interval": 3}, logging={"log_interval": 4})
+    t = Trainer(cfg)
+
+    def taking(seconds, fn):
+        def timed(*a, **k):
+            clock[0] += seconds
+            return fn(*a, **k)
+        return timed
+    t.train_step, t.evaluate, t.save = taking(1.0, t.train_step), taking(100.0, t.evaluate), taking(100.0, t.save)
+    t.run()
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl") if '"tokens_per_s"' in x]
+    assert [r["step"] for r in rows] == [4, 8]
+    assert [r["tokens_per_s"] for r in rows] == pytest.approx([8 * 32] * 2)  # global batch x seq_len per second

@@ -111,6 +111,13 @@ def config_from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
     return cfg
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: where and what."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + (getattr(e, "problem", None) or str(e).splitlines()[0])
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     raw = {}
     if path is not None:
@@ -120,7 +127,8 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError("--config", str(path), f"is not valid YAML ({e})", "fix the YAML syntax") from None
+            raise ConfigError("--config", str(path), f"is not valid YAML ({yaml_problem(e)})",
+                              "fix the YAML syntax") from None
         if not isinstance(raw, dict):
             raise ConfigError("--config", str(path), "must hold a mapping of sections", "see configs/")
     return config_from_dict(raw, overrides)

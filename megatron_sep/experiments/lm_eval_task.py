@@ -19,15 +19,17 @@ WORD_AT_END = re.compile(r"^(.*\S)\s+(\w[\w'-]*)[\W]*$", re.S)  # the passage's 
 def examples(input_path: Path, docs: int, text_key: str, max_chars: int, seed: int) -> list[dict]:
     """Passages of up to max_chars, cut at a paragraph or sentence end, ending in a word of 3+ letters."""
     rows = []
-    with open(input_path) as f:
-        for n, line in enumerate(f, 1):
+    with open(input_path, encoding="utf-8") as f:
+        for n, line in enumerate(_lines(f, input_path), 1):
             if not line.strip():
                 continue
             try:
                 text = json.loads(line)[text_key]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                text = None
+            if not isinstance(text, str):
                 raise ConfigError("--input", f"{input_path}:{n}", f"is not a JSON object with a {text_key!r} "
-                                  "string", "give a .jsonl of documents, or --text-key") from None
+                                  "string", "give a .jsonl of documents, or name the field with --text-key")
             for para in re.split(r"\n\s*\n", text):
                 para = " ".join(para.split())[-max_chars:]
                 m = WORD_AT_END.match(para)
@@ -35,21 +37,32 @@ def examples(input_path: Path, docs: int, text_key: str, max_chars: int, seed: i
                     rows.append({"context": m.group(1), "target": " " + m.group(2)})
     if not rows:
         raise ConfigError("--input", str(input_path), "holds no passage to build examples from",
-                          "give held-out documents with paragraphs of 64+ characters")
+                          "give held-out documents whose paragraphs have 64+ characters before their last word")
     random.Random(seed).shuffle(rows)
     return rows[:docs]
 
 
+def _lines(f, path: Path):
+    try:
+        yield from f
+    except UnicodeDecodeError:
+        raise ConfigError("--input", str(path), "is not UTF-8 text", "give a .jsonl of documents") from None
+
+
 def write_task(input_path: str | Path, out: str | Path, name: str = "heldout_lastword", docs: int = 500,
-               text_key: str = "text", max_chars: int = 1500, seed: int = 0) -> Path:
-    """OUT/NAME.jsonl and OUT/NAME.yaml; pass OUT to lm_eval --include_path and NAME to --tasks."""
+               text_key: str = "text", max_chars: int = 1500, seed: int = 0, force: bool = False) -> Path:
+    """OUT/NAME.jsonl and OUT/NAME.yaml; pass OUT to lm_eval --include_path and NAME to --tasks. The input
+    is read and checked before anything is written; an OUT that holds files needs force (and then only
+    the task's own two files are replaced)."""
+    from ..convert.commands import prepare_out
     input_path, out = Path(input_path), Path(out)
-    if not input_path.is_file():
-        raise ConfigError("--input", str(input_path), "file not found", "give a .jsonl of held-out documents")
+    if input_path.is_dir() or not input_path.exists():
+        raise ConfigError("--input", str(input_path), "is a directory" if input_path.is_dir() else "file not found",
+                          "give a .jsonl of held-out documents")
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise ConfigError("--name", name, "a task name is letters, digits and _", "e.g. heldout_lastword")
     rows = examples(input_path, docs, text_key, max_chars, seed)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out, force, (f"{name}.jsonl", f"{name}.yaml"), "replace the task's own two files")
     data = (out / f"{name}.jsonl").resolve()
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / f"{name}.yaml").write_text(

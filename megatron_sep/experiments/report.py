@@ -62,7 +62,8 @@ def attention_label(cfg: Config) -> str:
     return f"{a.kind} a={a.init_tokens} n={a.window}{hybrid}"
 
 
-def collect(name: str, cfg: Config, wall_s: float, device: torch.device) -> dict:
+def collect(name: str, cfg: Config, state: dict, device: torch.device) -> dict:
+    """One table row; state: the run's record in sweep.json (wall time, runs at once)."""
     train, val = read_metrics(Path(cfg.train.run_dir))
     ev = eval_run(cfg, device)
     per_step = (cfg.train.global_batch_size or cfg.train.micro_batch_size) * cfg.data.seq_len
@@ -78,7 +79,8 @@ def collect(name: str, cfg: Config, wall_s: float, device: torch.device) -> dict
             "attention_flops_share": 1 - flops_per_token(cfg, n, 0.0) / flops_per_token(cfg, n, kept),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
             "mfu": statistics.median(mfu) if mfu else None,
-            "peak_mem_gb": max(r["peak_mem_gb"] for r in train), "wall_s": wall_s,
+            "peak_mem_gb": max(r["peak_mem_gb"] for r in train), "wall_s": state.get("wall_s", 0.0),
+            "parallel": state.get("parallel", 1),
             "loss_by_position": ev["loss_by_position"]["buckets"]}
 
 
@@ -93,14 +95,18 @@ def _cells(r: dict) -> list[str]:
 def write_report(out: Path, name: str, tokens: int, rows: list[dict], reference: dict, missing: list[str]) -> Path:
     figs = [plot_val(out, rows), plot_positions(out, rows), plot_speed(out, rows)]
     order = sorted(rows, key=lambda r: r["final_val_loss"])
-    lines = [f"# Sweep {name}: {len(rows)} runs at {tokens:,} tokens each", "",
+    trained = sorted({r["tokens"] for r in rows})
+    lines = [f"# Sweep {name}: {len(rows)} run{'s' if len(rows) > 1 else ''}, a budget of {tokens:,} tokens each "
+             f"({' / '.join(f'{t:,}' for t in trained)} trained: whole steps)", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     lines += ["", "Kept pairs: the share of causal (query, key) pairs attended; kept KV at end: the share of "
               "keys the last query attends; both measured on the same validation batches for every run. "
               "Attention FLOPs: the attention term's share of the training FLOPs per token (6 x matmul "
               "params + 12 x layers x hidden x seq x kept pairs). tokens/s and MFU: medians of the logged "
-              "intervals after the first.", "",
+              "intervals after the first."
+              + (" Some runs trained in parallel on shared cores: their tokens/s compare only with runs of the "
+                 "same setting." if any(r["parallel"] > 1 for r in rows) else ""), "",
               f"**Ordering at this budget** (final validation loss, lower is better): "
               + " < ".join(f"{r['run']} ({r['final_val_loss']:.4f})" for r in order) + "."]
     if reference:

@@ -22,10 +22,12 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError, config_from_dict, dump_config
+from ..config.load import yaml_problem
 from ..training.checkpoint import list_checkpoints
 
 OWNED = ("train.steps", "train.run_dir")  # set by the sweep: equal tokens, one directory per run
 PLAN_KEYS = ("name", "base", "tokens", "set", "runs", "reference", "evals")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # plan and run names become directory names
 
 
 @dataclass
@@ -72,7 +74,7 @@ def load_plan(path: str | Path) -> Plan:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError("plan", str(path), f"is not valid YAML ({e})", "fix the YAML syntax") from None
+        raise ConfigError("plan", str(path), f"is not valid YAML ({yaml_problem(e)})", "fix the YAML syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError("plan", str(path), "must be a mapping", f"use the keys {', '.join(PLAN_KEYS)}")
     unknown = [k for k in raw if k not in PLAN_KEYS]
@@ -90,9 +92,9 @@ def load_plan(path: str | Path) -> Plan:
     runs = raw.get("runs")
     if not isinstance(runs, dict) or not runs:
         raise ConfigError("plan.runs", runs, "must name at least one run", "e.g. runs: {dense: {}}")
-    for name in runs:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
-            raise ConfigError("plan.runs", name, "a run name is a directory name", "use letters, digits, _ . -")
+    for where, name in [("plan.name", raw.get("name") or path.stem)] + [("plan.runs", n) for n in runs]:
+        if not NAME.fullmatch(str(name)):
+            raise ConfigError(where, name, "names a directory", "use letters, digits, _ . - (first a letter or digit)")
     return Plan(name=str(raw.get("name") or path.stem), path=path, base=base,
                 tokens=parse_tokens(raw["tokens"]) if raw.get("tokens") is not None else None,
                 common=_overrides("plan.set", raw.get("set")),
@@ -146,9 +148,25 @@ def resolve_runs(plan: Plan, tokens: int | None, out: Path, cli_set: list[str], 
         if "checkpoint.save_interval" not in chosen:
             cfg.checkpoint.save_interval = t.eval_interval  # an interrupted run loses at most one eval's work
         configs[name] = cfg
+    check_inputs(configs)
     if not allow_repeat:
         check_corpus(configs, tokens)
     return configs
+
+
+def check_inputs(configs: dict[str, Config]) -> None:
+    """What each run would find missing only after it started: the tokenizer, an fp8 GPU."""
+    import torch
+
+    from ..training import fp8
+    for name, cfg in configs.items():
+        tok = cfg.data.tokenizer
+        if not cfg.data.mock and tok and not Path(tok).is_file():
+            raise ConfigError("data.tokenizer", tok, f"not found (run {name!r})", "point it at the tokenizer "
+                              "file, e.g. --set data.tokenizer=PATH")
+        if cfg.train.precision == "fp8":
+            cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+            fp8.check_device(torch.device("cuda" if cuda else "cpu"))
 
 
 def check_corpus(configs: dict[str, Config], tokens: int) -> None:
@@ -165,8 +183,8 @@ def check_corpus(configs: dict[str, Config], tokens: int) -> None:
             lo, hi = split_ranges(len(ix), d.split)[0]
             have += int(ix.sizes[lo:hi].sum())
         if tokens > have:
-            raise ConfigError("--tokens", tokens, f"is more than run {name!r}'s training split holds ({have:,} "
-                              f"tokens of {', '.join(d.paths)})", "lower --tokens, add data, or pass "
+            raise ConfigError("--tokens", f"{tokens:,}", f"is more than the training split of run {name!r} holds "
+                              f"({have:,} tokens of {', '.join(d.paths)})", "lower --tokens, add data, or pass "
                               "--allow-repeat to train on it more than once")
 
 
@@ -185,10 +203,12 @@ class State:
         if self.data and self.data.get("tokens") != tokens:
             raise ConfigError("--tokens", tokens, f"{out} holds a sweep with a budget of {self.data.get('tokens'):,} "
                               "tokens", "use that budget, or a new --out for a new experiment")
-        for name, cfg in configs.items():
-            if name in old and old[name]["config"] != dump_config(cfg):
-                raise ConfigError("--out", str(out), f"holds run {name!r} made with another config",
+        for name, cfg in configs.items():  # a run that never saved a step may take a corrected config
+            if name in old and old[name]["config"] != dump_config(cfg) and finished_step(cfg) > 0:
+                raise ConfigError("--out", str(out), f"holds run {name!r} trained with another config",
                                   "use the same plan and --set, or a new --out")
+            if name in old and finished_step(cfg) == 0:
+                old[name]["config"] = dump_config(cfg)
         self.data.update({"plan": str(plan.path), "name": plan.name, "tokens": tokens})
         self.data.setdefault("runs", {})
         for name, cfg in configs.items():
@@ -227,10 +247,11 @@ def execute(configs: dict[str, Config], out: Path, state: State, parallel: int, 
     try:
         _loop(configs, out, state, parallel, echo, todo, running, failed, env)
     except KeyboardInterrupt:  # the runs got the signal too: they save a checkpoint and exit; wait for that
-        for name, (proc, log, _) in running.items():
+        for name, (proc, log, t0) in running.items():
             proc.wait()
             log.close()
-            state.update(name, status="interrupted")
+            state.update(name, status="interrupted",
+                         wall_s=state.data["runs"][name]["wall_s"] + time.perf_counter() - t0)
         raise
     return failed
 
@@ -246,7 +267,7 @@ def _loop(configs, out, state, parallel, echo, todo, running, failed, env) -> No
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if parallel == 1 else log,
                                     stderr=subprocess.STDOUT, env=env, text=True)
             running[name] = (proc, log, time.perf_counter())
-            state.update(name, status="running")
+            state.update(name, status="running", parallel=parallel)
             if parallel == 1:  # one run at a time: show its log lines as they come
                 for line in proc.stdout:
                     log.write(line)

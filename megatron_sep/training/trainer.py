@@ -322,7 +322,7 @@ class Trainer:
         tokens_per_step = self.global_batch * cfg.data.seq_len
         last = {}
         try:
-            tic, steps_since = time.perf_counter(), 0
+            tic, steps_since, paused = time.perf_counter(), 0, 0.0  # paused: eval and save time, not training
             preempted = self.run_dir / "preempted"
             if self.ctx.rank == 0:
                 preempted.unlink(missing_ok=True)
@@ -340,7 +340,7 @@ class Trainer:
                 if self.step % cfg.logging.log_interval == 0 or self.step == t.steps:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
-                    dt = time.perf_counter() - tic
+                    dt = time.perf_counter() - tic - paused
                     tps = steps_since * tokens_per_step / dt
                     if kept is None:
                         kept = attention_stats(cfg, self.last_batch[2].is_sep)["kept_pairs"]
@@ -352,16 +352,18 @@ class Trainer:
                             "flops_per_token": flops, "consumed_samples": self.consumed}
                     self.logger.print(format_step(self.step, t.steps, last))
                     self.logger.log(self.step, last)
-                    tic, steps_since = time.perf_counter(), 0
+                    tic, steps_since, paused = time.perf_counter(), 0, 0.0
                 if self.step % t.eval_interval == 0 or self.step == t.steps:
+                    t0 = time.perf_counter()
                     val = self.evaluate()
                     last["val_loss"] = val
                     self.logger.print(f"step {self.step:>6} | val loss {val:.4f} | val ppl {math.exp(val):.2f}")
                     self.logger.log(self.step, {"val_loss": val, "val_ppl": math.exp(val)})
-                    tic = time.perf_counter()
+                    paused += time.perf_counter() - t0
                 if self.step % cfg.checkpoint.save_interval == 0 or self.step == t.steps:
+                    t0 = time.perf_counter()
                     self.save()
-                    tic = time.perf_counter()
+                    paused += time.perf_counter() - t0
             if self.stop_signal is not None:
                 self.logger.print(f"received {self.stop_signal}: saving at step {self.step} and exiting")
                 if self.ctx.rank == 0:  # tells the slurm script to requeue the job
