@@ -92,14 +92,20 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return parts, yaml.safe_load(raw) if raw.strip() else None
 
 
+def set_value(raw: dict, section: str, key: str, value) -> None:
+    """raw[section][key] = value in a raw config mapping (an empty section becomes a mapping)."""
+    if raw.get(section) is None:
+        raw[section] = {}
+    if not isinstance(raw[section], dict):
+        raise ConfigError(section, raw[section], "a section must be a mapping", "fix the YAML file")
+    raw[section][key] = value
+
+
 def config_from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
     raw = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in (raw or {}).items()}
     for text in overrides:
         (section, key), value = parse_override(text)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ConfigError(section, raw[section], "a section must be a mapping", "fix the YAML file")
-        raw[section][key] = value
+        set_value(raw, section, key, value)
     hints = typing.get_type_hints(Config)
     sections = {}
     for name, values in raw.items():

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..config import Config  # noqa: E402
-from ..inference.plots import save_figure  # noqa: E402
+from ..inference.plots import bucket_mids, save_figure  # noqa: E402
 from ..training.metrics import flops_per_token, matmul_params  # noqa: E402
 
 COLUMNS = ("run", "attention", "final val loss", "best val loss", "final val ppl", "tokens", "kept pairs",
@@ -131,16 +131,16 @@ def plot_val(out: Path, rows: list[dict]) -> Path:
         x, y = zip(*r["val"])
         ax.plot(x, y, "o-", ms=3, label=f"{r['run']} ({r['attention']})")
     return save_figure(fig, ax, out / "val_loss_vs_tokens.png", xlabel="training tokens", ylabel="validation loss",
-                 title="Validation loss at equal tokens")
+                       title="Validation loss at equal tokens")
 
 
 def plot_positions(out: Path, rows: list[dict]) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         b = r["loss_by_position"]
-        ax.plot([(x["start"] + x["end"] - 1) / 2 for x in b], [x["loss"] for x in b], "o-", ms=3, label=r["run"])
+        ax.plot(bucket_mids(b), [x["loss"] for x in b], "o-", ms=3, label=r["run"])
     return save_figure(fig, ax, out / "loss_by_position.png", xlabel="token position in the sequence",
-                 ylabel="next-token loss (validation)", title="Loss by position: who uses long context")
+                       ylabel="next-token loss (validation)", title="Loss by position: who uses long context")
 
 
 def plot_speed(out: Path, rows: list[dict]) -> Path:
@@ -152,4 +152,4 @@ def plot_speed(out: Path, rows: list[dict]) -> Path:
                     ha="center", va="bottom", fontsize=8)
     ax.tick_params(axis="x", rotation=20)
     return save_figure(fig, ax, out / "tokens_per_s.png", ylabel="training tokens/s (median)",
-                 title="Training speed (label: share of causal pairs attended)", legend=False)
+                       title="Training speed (label: share of causal pairs attended)", legend=False)

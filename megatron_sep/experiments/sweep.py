@@ -102,19 +102,10 @@ def load_plan(path: str | Path) -> Plan:
                 reference=raw.get("reference") or {}, evals=int(raw.get("evals") or 10))
 
 
-def _apply(raw: dict, overrides: dict) -> dict:
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        raw.setdefault(section, {})
-        raw[section] = dict(raw[section] or {})
-        raw[section][name] = value
-    return raw
-
-
 def resolve_runs(plan: Plan, tokens: int | None, out: Path, cli_set: list[str], only: list[str] | None,
                  allow_repeat: bool = False) -> dict[str, Config]:
     """Each run's validated config: base, then plan.set, then the run's own keys, then --set."""
-    from ..config.load import parse_override
+    from ..config.load import parse_override, set_value
     tokens = tokens or plan.tokens
     if tokens is None:
         raise ConfigError("--tokens", None, "no token budget given", "pass --tokens (e.g. 50M) or set tokens: in the plan")
@@ -136,7 +127,9 @@ def resolve_runs(plan: Plan, tokens: int | None, out: Path, cli_set: list[str], 
             raise ConfigError("--set", clash, f"conflicts with run {name!r}, which sets "
                               f"{', '.join(f'{k}={plan.runs[name][k]!r}' for k in clash)}",
                               "drop the --set, or leave that run out with --only")
-        raw = _apply(_apply(_apply(copy.deepcopy(plan.base), plan.common), plan.runs[name]), cli)
+        raw = copy.deepcopy(plan.base)
+        for key, value in {**plan.common, **plan.runs[name], **cli}.items():  # later ones win
+            set_value(raw, *key.split("."), value)
         cfg = config_from_dict(raw)
         t = cfg.train
         per_step = (t.global_batch_size or t.micro_batch_size) * cfg.data.seq_len
@@ -173,15 +166,19 @@ def check_corpus(configs: dict[str, Config], tokens: int) -> None:
     """A budget beyond one pass over the training split would repeat data: refuse before any training."""
     from ..data.dataset import split_ranges
     from ..data.indexed import IndexedDataset
+    sizes = {}  # the runs of a plan usually share one corpus: read each index once
     for name, cfg in configs.items():
         d = cfg.data
         if d.mock:
             continue
-        have = 0
-        for p in d.paths:
-            ix = IndexedDataset(p)
-            lo, hi = split_ranges(len(ix), d.split)[0]
-            have += int(ix.sizes[lo:hi].sum())
+        key = (tuple(d.paths), tuple(d.split))
+        if key not in sizes:
+            sizes[key] = 0
+            for p in d.paths:
+                ix = IndexedDataset(p)
+                lo, hi = split_ranges(len(ix), d.split)[0]
+                sizes[key] += int(ix.sizes[lo:hi].sum())
+        have = sizes[key]
         if tokens > have:
             raise ConfigError("--tokens", f"{tokens:,}", f"is more than the training split of run {name!r} holds "
                               f"({have:,} tokens of {', '.join(d.paths)})", "lower --tokens, add data, or pass "
@@ -204,11 +201,12 @@ class State:
             raise ConfigError("--tokens", tokens, f"{out} holds a sweep with a budget of {self.data.get('tokens'):,} "
                               "tokens", "use that budget, or a new --out for a new experiment")
         for name, cfg in configs.items():  # a run that never saved a step may take a corrected config
-            if name in old and old[name]["config"] != dump_config(cfg) and finished_step(cfg) > 0:
-                raise ConfigError("--out", str(out), f"holds run {name!r} trained with another config",
-                                  "use the same plan and --set, or a new --out")
-            if name in old and finished_step(cfg) == 0:
-                old[name]["config"] = dump_config(cfg)
+            text = dump_config(cfg)
+            if name in old and old[name]["config"] != text:
+                if finished_step(cfg) > 0:
+                    raise ConfigError("--out", str(out), f"holds run {name!r} trained with another config",
+                                      "use the same plan and --set, or a new --out")
+                old[name]["config"] = text
         self.data.update({"plan": str(plan.path), "name": plan.name, "tokens": tokens})
         self.data.setdefault("runs", {})
         for name, cfg in configs.items():

@@ -11,12 +11,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_loss_by_position(result: dict, path: Path) -> Path:
     per_pos = result["per_position"]
-    mids = [(b["start"] + b["end"] - 1) / 2 for b in result["buckets"]]
+    mids = bucket_mids(result["buckets"])
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(range(len(per_pos)), per_pos, color="0.75", lw=0.8, label="per position")
     ax.plot(mids, [b["loss"] for b in result["buckets"]], "o-", color="C0", label="bucket mean")
     return save_figure(fig, ax, path, xlabel="token position in the sequence", ylabel="next-token loss (nats)",
-                 title="Loss by position: does the model use long context?")
+                       title="Loss by position: does the model use long context?")
+
+
+def bucket_mids(buckets: list[dict]) -> list[float]:
+    """The middle position of each loss-by-position bucket (evaluate.loss_by_position)."""
+    return [(b["start"] + b["end"] - 1) / 2 for b in buckets]
 
 
 def plot_streaming(runs: list[dict], out: Path, reference: dict | None = None) -> list[Path]:

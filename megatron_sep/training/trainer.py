@@ -84,7 +84,7 @@ class Trainer:
                               "give the valid share (second entry) a positive value, e.g. [0.98, 0.01, 0.01]")
 
         model = GPT(cfg)
-        matmul = matmul_params(model)  # of the whole model, before sharding
+        self.matmul_params = matmul_params(model)  # of the whole model, before sharding (for MFU)
         self.num_params = model.num_params()  # of the whole model, before sharding
         self.plan = ParallelPlan(model, cfg, self.ctx)
         self.model, self.opt = self.plan.model, self.plan.opt
@@ -104,7 +104,6 @@ class Trainer:
             for layer in layers:
                 layer.compile()
 
-        self.matmul_params = matmul
         self.peak, self.peak_source = peak_flops(cfg, self.device)  # per device; None: no MFU
         self.log_enabled = log and self.ctx.is_logging_rank
         self.logger = MetricsLogger(cfg, self.run_dir, {}, enabled=False)  # opened by run(), under the run lock
