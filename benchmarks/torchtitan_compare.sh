@@ -24,6 +24,11 @@ WHL=${TT_WHEELHOUSE:-$REPO/.whl/torchtitan}
 TT_VERSION=0.2.2
 FFN_HIDDEN=5504
 [[ $STEPS =~ ^[0-9]+$ ]] && ((STEPS > WARMUP)) || { echo "STEPS must be an integer > $WARMUP" >&2; exit 2; }
+# it replaces its own folders in OUTDIR (site, data, ...): only a new directory or one it made before
+if [[ -e $OUTDIR && ! -f $OUTDIR/torchtitan_llama1.3b.toml && -n $(ls -A "$OUTDIR" 2>/dev/null || echo file) ]]; then
+    echo "error: $OUTDIR is not empty and not an earlier torchtitan_compare output. Fix: choose a new OUTDIR" >&2
+    exit 2
+fi
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 
