@@ -112,6 +112,10 @@ def test_wandb_offline_run(corpus, tmp_path, monkeypatch):
     cfg = tiny_config(corpus, tmp_path / "run", train={"steps": 4}, logging={"wandb": True, "log_interval": 1,
                                                                               "tensorboard": True})
     Trainer(cfg).run()
+    import wandb
+    # finish() may return before wandb-core has written the log out (seen on a loaded 2-core CI machine);
+    # teardown() is wandb's documented wait for all data, run at exit anyway in a training script
+    wandb.teardown()
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     # wandb's Go core has no Python reader for its log; history values are stored as JSON strings
