@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node, all its GPUs (or NPROC processes): launch/torchrun.sh -c configs/X.yaml [--set k=v ...]
-# The layout comes from the config (parallel.tp / pp / dp); dp defaults to world / (tp * pp).
+# The layout comes from the config (parallel.tp / pp / cp / dp); dp defaults to world / (tp * pp * cp).
 set -euo pipefail
 if [ -z "${NPROC:-}" ]; then
   NPROC=$(nvidia-smi -L 2>/dev/null | wc -l)

@@ -140,7 +140,8 @@ class AttentionConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    dp: Union[int, Literal["auto"]] = "auto"  # auto: world / (tp * pp)
+    cp: int = 1  # context parallel: the sequence split over cp ranks, heads swapped in around attention
+    dp: Union[int, Literal["auto"]] = "auto"  # auto: world / (tp * pp * cp)
     sequence_parallel: bool = False
     schedule: Literal["1f1b", "interleaved", "gpipe"] = "1f1b"
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
@@ -149,7 +150,7 @@ class ParallelConfig:
 
     def check(self) -> None:
         p = "parallel."
-        for k in ("tp", "pp", "virtual_stages"):
+        for k in ("tp", "pp", "cp", "virtual_stages"):
             v = getattr(self, k)
             _require(v >= 1, p + k, v, "must be >= 1", "use a positive integer")
         _require(self.dp == "auto" or self.dp >= 1, p + "dp", self.dp, "must be >= 1 or auto", "use auto")
@@ -306,6 +307,7 @@ class Config:
         _require(d.seq_len <= m.max_position_embeddings, "data.seq_len", d.seq_len,
                  f"exceeds model.max_position_embeddings={m.max_position_embeddings}",
                  "lower data.seq_len or raise model.max_position_embeddings")
+        self._check_context_parallel()
         if a.kind != "dense":  # what a backend cannot serve stops here, not mid-run
             _require(m.attention_dropout == 0, "model.attention_dropout", m.attention_dropout,
                      f"is not supported by attention.kind={a.kind}", "set it to 0")
@@ -313,6 +315,28 @@ class Config:
                      f"supports head dims 16, 32, 64 and 128, not {m.head_dim}", "use backend flex or auto")
             if self.train.device == "cpu":
                 check_backend_device(a.backend, "cpu")
+
+    def _check_context_parallel(self) -> None:
+        """Ulysses trades sequence slices for head slices: each cp rank needs an equal slice of the sequence,
+        whole query heads, and whole kv heads or an equal share of replicated ones."""
+        p, m, seq = self.parallel, self.model, self.data.seq_len
+        cp, tp = p.cp, p.tp
+        if cp == 1:
+            return
+        _require(seq % cp == 0, "parallel.cp", cp, f"does not divide data.seq_len={seq}",
+                 "use a cp that divides the sequence length (powers of two usually do)")
+        _require(not (p.sequence_parallel and tp > 1) or seq % (tp * cp) == 0, "parallel.cp", cp,
+                 f"x tp={tp} does not divide data.seq_len={seq}, as sequence parallelism needs",
+                 "use a sequence length divisible by tp * cp")
+        if m.num_heads % tp or m.kv_heads % tp:
+            return  # the tp rule names that one (parallel.context.resolve_layout)
+        heads, kv = m.num_heads // tp, m.kv_heads // tp
+        _require(heads % cp == 0, "parallel.cp", cp, f"does not divide the {heads} query heads per tp rank "
+                 f"(model.num_heads={m.num_heads} / tp={tp})", "use tp x cp that divides model.num_heads")
+        _require(kv % cp == 0 or cp % kv == 0, "parallel.cp", cp,
+                 f"neither divides nor is a multiple of the {kv} kv heads per tp rank "
+                 f"(model.num_kv_heads={m.kv_heads} / tp={tp})",
+                 "use a cp that divides the kv heads per tp rank or is a multiple of them (then they are replicated)")
 
 
 def check_backend_device(backend: str, device_type: str) -> None:

@@ -1,4 +1,4 @@
-"""Apply the parallel plan to the plain model in one fixed order: tensor (+ sequence), data."""
+"""Apply the parallel plan to the plain model in one fixed order: tensor (+ sequence), context, pipeline, data."""
 from __future__ import annotations
 
 import math
@@ -10,6 +10,7 @@ from .context import ParallelContext
 from .data import GradSync, ZeroAdamW, global_grad_norm
 from .pipeline import Pipeline
 from .tensor import apply_tensor_parallel, sync_sequence_parallel_grads
+from .ulysses import apply_context_parallel
 
 
 def decays(p) -> bool:
@@ -22,15 +23,15 @@ class ParallelPlan:
 
     def __init__(self, model, cfg: Config, ctx: ParallelContext):
         self.ctx, self.cfg = ctx, cfg
-        model = apply_tensor_parallel(model, ctx)
+        model = apply_context_parallel(apply_tensor_parallel(model, ctx), ctx)
         p = cfg.parallel
         self.pipe = Pipeline(model, ctx, p.schedule, p.virtual_stages)  # pp = 1: one stage, the same code
         self.model = model.to(ctx.device)
         o = cfg.optim
         params = list(self.model.parameters())
-        self.zero = p.zero == 1 and ctx.dp > 1
+        self.zero = p.zero == 1 and ctx.grad_size > 1
         manual = [self.pipe.tied_param] if self.pipe.tied_param is not None else []
-        self.sync = GradSync(params, ctx, p.bucket_mb, self.zero, manual) if ctx.dp > 1 else None
+        self.sync = GradSync(params, ctx, p.bucket_mb, self.zero, manual) if ctx.grad_size > 1 else None
         self.pipe.before_last_backward = self.before_last_backward
         if self.zero:
             self.opt = ZeroAdamW(self.sync, decays, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)

@@ -1,8 +1,10 @@
 """ParallelContext: the process groups of one run, built once from a DeviceMesh and passed around.
 
 Mesh order (outermost to innermost): dp, pp, cp, tp, so tensor-parallel ranks are
-neighbours (same node) and data-parallel replicas are furthest apart. cp is
-reserved (size 1). No module keeps process groups in globals.
+neighbours (same node) and data-parallel replicas are furthest apart. Context-
+parallel ranks hold the same weights and see the same samples, each a slice of the
+sequence; their gradients are averaged together with dp's, over the dp x cp group
+(which ZeRO-1 also shards over). No module keeps process groups in globals.
 """
 from __future__ import annotations
 
@@ -26,13 +28,24 @@ class ParallelContext:
     tp_rank: int = 0
     pp_rank: int = 0
     dp_rank: int = 0
+    cp_rank: int = 0
     tp_group: object = None
     pp_group: object = None
     dp_group: object = None
+    cp_group: object = None
+    grad_group: object = None  # dp x cp: replicas of the same weights, whose gradients are averaged
     embedding_group: object = None  # first + last pipeline stage, for tied embeddings
     mesh: object = None
     device: torch.device = torch.device("cpu")
     sequence_parallel: bool = False
+
+    @property
+    def grad_size(self) -> int:
+        return self.dp * self.cp
+
+    @property
+    def grad_rank(self) -> int:
+        return self.dp_rank * self.cp + self.cp_rank
 
     @property
     def is_first_stage(self) -> bool:
@@ -49,7 +62,7 @@ class ParallelContext:
     @property
     def is_logging_rank(self) -> bool:
         """One rank prints and writes metrics: the last stage's first tp / dp rank (it has the loss)."""
-        return self.tp_rank == 0 and self.dp_rank == 0 and self.is_last_stage
+        return self.tp_rank == 0 and self.dp_rank == 0 and self.cp_rank == 0 and self.is_last_stage
 
 
 def first_host(nodelist: str) -> str:
@@ -78,17 +91,18 @@ def env_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def resolve_layout(cfg: Config, world: int) -> tuple[int, int, int]:
-    """(tp, pp, dp) for this world size, with every divisibility rule checked before any work."""
+def resolve_layout(cfg: Config, world: int) -> tuple[int, int, int, int]:
+    """(tp, pp, cp, dp) for this world size, with every divisibility rule checked before any work."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
-    tp, pp = p.tp, p.pp
-    if world % (tp * pp):
-        raise ConfigError("parallel.tp", tp, f"tp * pp = {tp * pp} does not divide the world size {world}",
-                          "choose tp and pp whose product divides the number of processes")
-    dp = world // (tp * pp) if p.dp == "auto" else p.dp
-    if tp * pp * dp != world:
-        raise ConfigError("parallel.dp", p.dp, f"tp * pp * dp = {tp * pp * dp} != world size {world}",
-                          "set parallel.dp to auto or to world / (tp * pp)")
+    tp, pp, cp = p.tp, p.pp, p.cp
+    model_ranks = tp * pp * cp
+    if world % model_ranks:
+        raise ConfigError("parallel.tp", tp, f"tp * pp * cp = {model_ranks} does not divide the world size {world}",
+                          "choose tp, pp and cp whose product divides the number of processes")
+    dp = world // model_ranks if p.dp == "auto" else p.dp
+    if model_ranks * dp != world:
+        raise ConfigError("parallel.dp", p.dp, f"tp * pp * cp * dp = {model_ranks * dp} != world size {world}",
+                          "set parallel.dp to auto or to world / (tp * pp * cp)")
     if m.num_heads % tp:
         raise ConfigError("parallel.tp", tp, f"does not divide model.num_heads={m.num_heads}",
                           "use a tp that divides the number of heads")
@@ -116,17 +130,17 @@ def resolve_layout(cfg: Config, world: int) -> tuple[int, int, int]:
         raise ConfigError("train.global_batch_size", gb, f"gives {micros} micro-batches per step, not a multiple "
                           f"of pp={pp} as the interleaved schedule needs",
                           "make global_batch_size / (micro_batch_size * dp) a multiple of pp")
-    if p.sequence_parallel and tp > 1 and cfg.data.seq_len % tp:
+    if p.sequence_parallel and tp > 1 and cfg.data.seq_len % tp:  # cp's rules are checked at config load
         raise ConfigError("parallel.sequence_parallel", True, f"data.seq_len={cfg.data.seq_len} is not a "
                           f"multiple of tp={tp}", "use a sequence length divisible by tp")
-    return tp, pp, dp
+    return tp, pp, cp, dp
 
 
 def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
     """Join the process group (when launched with several processes) and build the groups."""
     slurm_rendezvous()
     rank, world, local = env_world()
-    tp, pp, dp = resolve_layout(cfg, world)
+    tp, pp, cp, dp = resolve_layout(cfg, world)
     if world == 1:
         return ParallelContext(device=device, sequence_parallel=False)
     if device.type == "cuda":
@@ -139,20 +153,31 @@ def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 device_id=device if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh(device.type, (dp, pp, 1, tp), mesh_dim_names=("dp", "pp", "cp", "tp"))
+    mesh = init_device_mesh(device.type, (dp, pp, cp, tp), mesh_dim_names=("dp", "pp", "cp", "tp"))
+    ranks = mesh.mesh  # [dp, pp, cp, tp] global ranks; every rank creates every group, in the same order
     embedding_group = None
-    if pp > 1:  # every rank creates every group, in the same order
-        ranks = mesh.mesh.reshape(dp, pp, tp)
+    if pp > 1:
         for d in range(dp):
+            for c in range(cp):
+                for t in range(tp):
+                    pair = [int(ranks[d, 0, c, t]), int(ranks[d, pp - 1, c, t])]
+                    group = dist.new_group(pair)
+                    if rank in pair:
+                        embedding_group = group
+    dp_group = mesh["dp"].get_group()
+    grad_group = dp_group
+    if cp > 1:  # dp x cp: the replicas of one (pp, tp) position, dp-major as grad_rank counts them
+        for s in range(pp):
             for t in range(tp):
-                pair = [int(ranks[d, 0, t]), int(ranks[d, pp - 1, t])]
-                group = dist.new_group(pair)
-                if rank in pair:
-                    embedding_group = group
+                members = [int(r) for r in ranks[:, s, :, t].reshape(-1)]
+                group = dist.new_group(members)
+                if rank in members:
+                    grad_group = group
     return ParallelContext(embedding_group=embedding_group,
-        world=world, rank=rank, tp=tp, pp=pp, dp=dp, tp_rank=mesh["tp"].get_local_rank(),
+        world=world, rank=rank, tp=tp, pp=pp, dp=dp, cp=cp, tp_rank=mesh["tp"].get_local_rank(),
         pp_rank=mesh["pp"].get_local_rank(), dp_rank=mesh["dp"].get_local_rank(),
-        tp_group=mesh["tp"].get_group(), pp_group=mesh["pp"].get_group(), dp_group=mesh["dp"].get_group(),
+        cp_rank=mesh["cp"].get_local_rank(), tp_group=mesh["tp"].get_group(), pp_group=mesh["pp"].get_group(),
+        dp_group=dp_group, cp_group=mesh["cp"].get_group(), grad_group=grad_group,
         mesh=mesh, device=device, sequence_parallel=cfg.parallel.sequence_parallel and tp > 1)
 
 

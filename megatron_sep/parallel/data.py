@@ -43,7 +43,7 @@ class Bucket:
 
 
 class GradSync:
-    """Reduces gradients over the data-parallel group; `zero` selects reduce-scatter."""
+    """Averages gradients over the replicas (dp x cp, `ctx.grad_group`); `zero` selects reduce-scatter."""
 
     def __init__(self, params, ctx: ParallelContext, bucket_mb: float, zero: bool, manual=()):
         """`manual` params (a pipeline's tied embedding, whose grad is completed after backward) get
@@ -58,15 +58,15 @@ class GradSync:
             current.append(p)
             size += p.numel() * 4
             if size >= limit:
-                self.buckets.append(Bucket(current, ctx.dp, zero))
+                self.buckets.append(Bucket(current, ctx.grad_size, zero))
                 current, size = [], 0
         if current:
-            self.buckets.append(Bucket(current, ctx.dp, zero))
+            self.buckets.append(Bucket(current, ctx.grad_size, zero))
         for b in self.buckets:
             for p in b.params:
                 p.register_post_accumulate_grad_hook(self._hook)
         if manual:
-            self.buckets.append(Bucket(manual, ctx.dp, zero))
+            self.buckets.append(Bucket(manual, ctx.grad_size, zero))
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
 
     def _hook(self, p):
@@ -82,13 +82,13 @@ class GradSync:
             o = b.offsets[p]
             src = p.grad if p.grad is not None else torch.zeros_like(p)
             b.grad[o: o + p.numel()].copy_(src.reshape(-1))
-        b.grad.div_(self.ctx.dp)
+        b.grad.div_(self.ctx.grad_size)
         if self.zero:
-            shard = b.grad.numel() // self.ctx.dp
+            shard = b.grad.numel() // self.ctx.grad_size
             b.shard_grad = torch.empty(shard, dtype=b.grad.dtype, device=b.grad.device)
-            b.handle = _REDUCE_SCATTER(b.shard_grad, b.grad, group=self.ctx.dp_group, async_op=True)
+            b.handle = _REDUCE_SCATTER(b.shard_grad, b.grad, group=self.ctx.grad_group, async_op=True)
         else:
-            b.handle = dist.all_reduce(b.grad, group=self.ctx.dp_group, async_op=True)
+            b.handle = dist.all_reduce(b.grad, group=self.ctx.grad_group, async_op=True)
 
     def finish(self) -> None:
         """Wait for every bucket (launching any whose hooks did not all fire) and publish the result."""
@@ -121,7 +121,7 @@ class Segment(NamedTuple):
 
 
 class ZeroAdamW:
-    """AdamW over this data-parallel rank's shard of every bucket (fp32 master weights)."""
+    """AdamW over this replica's shard of every bucket (fp32 master weights), sharded over dp x cp."""
 
     def __init__(self, sync: GradSync, decay_of, lr, betas, eps, weight_decay):
         self.sync, self.ctx = sync, sync.ctx
@@ -142,8 +142,8 @@ class ZeroAdamW:
         self.param_groups = self.opt.param_groups
 
     def shard_bounds(self, b: Bucket) -> tuple[int, int]:
-        shard = b.padded // self.ctx.dp
-        return self.ctx.dp_rank * shard, (self.ctx.dp_rank + 1) * shard
+        shard = b.padded // self.ctx.grad_size
+        return self.ctx.grad_rank * shard, (self.ctx.grad_rank + 1) * shard
 
     def shard_grads(self):
         """(grad segment, param) pairs this rank owns, for the global gradient norm."""
@@ -157,7 +157,7 @@ class ZeroAdamW:
         for seg in self.segments:
             own[id(seg.bucket)][seg.in_shard].copy_(seg.master.detach())
         for b in self.sync.buckets:
-            _ALL_GATHER(b.data, own[id(b)].clone(), group=self.ctx.dp_group)
+            _ALL_GATHER(b.data, own[id(b)].clone(), group=self.ctx.grad_group)
 
     def zero_grad(self, set_to_none=True):
         for p in self.sync.bucket_of:
@@ -181,7 +181,7 @@ def global_grad_norm(grads_and_params, ctx: ParallelContext, sharded_over_dp: bo
     if loss is not None:
         total = total + loss.detach().float() * 0  # inf * 0 and nan * 0 are nan
     if ctx.world > 1:
-        groups = [ctx.tp_group, ctx.pp_group] + ([ctx.dp_group] if sharded_over_dp else [])
+        groups = [ctx.tp_group, ctx.pp_group] + ([ctx.grad_group] if sharded_over_dp else [])
         for g in groups:
             if dist.get_world_size(g) > 1:
                 dist.all_reduce(total, group=g)

@@ -4,7 +4,7 @@ Each rank keeps the GPT object but only its layers (a ModuleDict keyed by the
 global layer index, so parameter names stay those of the plain model), the
 embedding on the first stage and the final norm + head on the last. With
 `virtual_stages` v a rank holds v model chunks; global chunk g = k * pp + rank.
-Activations (sequence shards under sequence parallelism) travel with
+Activations (sequence shards under sequence or context parallelism) travel with
 batch_isend_irecv; sends are non-blocking and waited at the end of the step, so a
 schedule only has to receive in the order its peer sends.
 """
@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .context import ParallelContext
+from .ulysses import shard_seq
 
 
 def split_layers(num_layers: int, chunks: int) -> list[list[int]]:
@@ -62,13 +63,15 @@ class Pipeline:
 
     # ---- one chunk ---------------------------------------------------------------------------
     def run_chunk(self, g: int, x, tokens, labels, batch):
-        """The model's own embed / blocks / head code, for the layers of chunk g."""
-        m = self.model
-        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        """The model's own embed / blocks / head code, for the layers of chunk g. Under context
+        parallelism tokens, labels and positions are this rank's slice of the sequence (`batch` stays
+        whole: attention runs over the full sequence)."""
+        m, ctx = self.model, self.ctx
+        pos = shard_seq(torch.arange(tokens.shape[1], device=tokens.device), ctx, dim=0)
         if g == 0:
-            x = m.embed_tokens(tokens)
+            x = m.embed_tokens(shard_seq(tokens, ctx))
         x = m.run_layers(x, pos, batch, self.chunk_layers[g])
-        return m.head(x, labels) if g == self.last_chunk else x
+        return m.head(x, shard_seq(labels, ctx)) if g == self.last_chunk else x
 
     def _peer(self, g: int, step: int) -> int:
         """Global rank holding global chunk g + step."""
@@ -120,8 +123,8 @@ class Pipeline:
         self.pending = []
         saved, total = {}, torch.zeros((), device=ctx.device)
         tokens0 = micro_batches[0][0]
-        sp = ctx.tp if ctx.sequence_parallel else 1
-        shape = (tokens0.shape[0], tokens0.shape[1] // sp, self.model.cfg.model.hidden_size)
+        split = ctx.cp * (ctx.tp if ctx.sequence_parallel else 1)  # the sequence slice each rank holds
+        shape = (tokens0.shape[0], tokens0.shape[1] // split, self.model.cfg.model.hidden_size)
         actions = self.order(micros, forward_only)
         for i, (kind, g, mb) in enumerate(actions):
             tokens, labels, batch = micro_batches[mb]

@@ -2,10 +2,10 @@
 
 Every entry is keyed by the plain model's parameter name. A tensor-parallel shard
 becomes a DTensor over the tp mesh (Shard on its split dim), so DCP stores the
-global tensor and loads it back under any other (tp, pp, dp) layout; replicated
+global tensor and loads it back under any other (tp, pp, cp, dp) layout; replicated
 tensors are saved once (DCP de-duplicates equal keys across ranks). Adam state
 follows its parameter; under ZeRO-1 the data-parallel shards are gathered per
-bucket first, so the file does not depend on dp either.
+bucket first (over dp x cp), so the file does not depend on dp or cp either.
 """
 from __future__ import annotations
 
@@ -40,12 +40,12 @@ def load_model_state(model, state: dict) -> None:
 
 
 def _zero_full_states(plan) -> dict:
-    """Per-parameter (tp-local) Adam states assembled from the dp shards of a ZeroAdamW."""
+    """Per-parameter (tp-local) Adam states assembled from the dp x cp shards of a ZeroAdamW."""
     opt, ctx = plan.opt, plan.ctx
     out = {}
     names = {p: n for n, p in plan.model.named_parameters()}
     for b in opt.sync.buckets:
-        shard = b.padded // ctx.dp
+        shard = b.padded // ctx.grad_size
         flats = {}
         for key in ("exp_avg", "exp_avg_sq"):
             own = torch.zeros(shard, dtype=torch.float32, device=b.grad.device)
@@ -53,7 +53,7 @@ def _zero_full_states(plan) -> dict:
                 if seg.bucket is b and opt.opt.state.get(seg.master):
                     own[seg.in_shard] = opt.opt.state[seg.master][key]
             full = torch.empty(b.padded, dtype=torch.float32, device=b.grad.device)
-            _ALL_GATHER(full, own, group=ctx.dp_group)
+            _ALL_GATHER(full, own, group=ctx.grad_group)
             flats[key] = full
         for p in b.params:
             o = b.offsets[p]

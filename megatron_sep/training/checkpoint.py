@@ -88,7 +88,8 @@ def save_checkpoint(root: Path, step: int, plan, meta: dict, config_text: str, k
         torch.save(rng_state(), tmp / f"rng_{ctx.rank}.pt")
         _barrier(ctx)
         if ctx.rank == 0:
-            torch.save({**meta, "step": step, "layout": {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp}}, tmp / "meta.pt")
+            layout = {"tp": ctx.tp, "pp": ctx.pp, "cp": ctx.cp, "dp": ctx.dp}
+            torch.save({**meta, "step": step, "layout": layout}, tmp / "meta.pt")
             (tmp / "config.yaml").write_text(config_text)
             _crash_point(step, "tensors")
             _fsync_tree(tmp)

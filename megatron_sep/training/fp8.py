@@ -52,11 +52,15 @@ def torchao_float8():
 
 
 def check_shapes(cfg: Config) -> None:
-    """float8 matmuls need every dimension a multiple of 16; the tokens of a micro-batch are one of them."""
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    """float8 matmuls need every dimension a multiple of 16; the tokens of a micro-batch a rank multiplies
+    (its slice of the sequence under context parallelism) are one of them."""
+    cp = cfg.parallel.cp
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len // cp
     if tokens % 16:
-        raise ConfigError("data.seq_len", cfg.data.seq_len, f"gives {tokens} tokens per micro-batch, not a multiple "
-                          "of 16 as float8 matmuls need", "use a seq_len (x micro_batch_size) divisible by 16")
+        per = f" per cp rank (cp={cp})" if cp > 1 else ""
+        raise ConfigError("data.seq_len", cfg.data.seq_len, f"gives {tokens} tokens per micro-batch{per}, not a "
+                          "multiple of 16 as float8 matmuls need",
+                          "use a seq_len (x micro_batch_size / cp) divisible by 16")
 
 
 def convert(layers) -> tuple[int, list[str]]:

@@ -215,9 +215,9 @@ class Trainer:
             total = self.plan.pipe.run(batches)
         self.last_batch = batches[-1]
         norm, updated = self.plan.step(loss=total)
-        if ctx.dp > 1:
-            torch.distributed.all_reduce(total, group=ctx.dp_group)
-            total /= ctx.dp
+        if ctx.grad_size > 1:  # each cp rank has the mean over its slice of the sequence (equal sizes)
+            torch.distributed.all_reduce(total, group=ctx.grad_group)
+            total /= ctx.grad_size
         self.step += 1
         self.consumed += self.global_batch
         if not updated:  # every rank agrees: the norm's reduction carries the loss's finiteness
@@ -242,10 +242,10 @@ class Trainer:
             with self.autocast, torch.no_grad():
                 total += self.plan.pipe.run([self.micro_batch(self.valid_ds, i * mb, mb) for i in mine],
                                             forward_only=True).double() * len(mine)
-        if ctx.dp > 1:
-            torch.distributed.all_reduce(total, group=ctx.dp_group)
+        if ctx.grad_size > 1:  # the cp ranks of one batch each hold the mean over their slice
+            torch.distributed.all_reduce(total, group=ctx.grad_group)
         self.model.train()
-        return (total / self.cfg.train.eval_iters).item()
+        return (total / (self.cfg.train.eval_iters * ctx.cp)).item()
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGINT and self.stop_signal is not None:
@@ -311,7 +311,7 @@ class Trainer:
                               f"{cfg.attention.layer_windows(cfg.model.num_layers, cfg.data.seq_len)} "
                               f"(None = dense), separator share in the data {self._separator_share():.2%}")
         self.logger.print(f"model: {cfg.model.family}, {self.num_params / 1e6:.2f}M parameters, "
-                          f"device {self.device}, layout tp={self.ctx.tp} pp={self.ctx.pp} dp={self.ctx.dp}"
+                          f"device {self.device}, layout tp={self.ctx.tp} pp={self.ctx.pp} cp={self.ctx.cp} dp={self.ctx.dp}"
                           f"{' zero1' if self.plan.zero else ''}, "
                           f"{self.global_batch // (t.micro_batch_size * self.ctx.dp)} micro-batches per step")
         peak = f"{self.peak / 1e12:.0f} TFLOP/s per device ({self.peak_source})" \
