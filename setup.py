@@ -22,7 +22,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=9.0", "pytest-timeout>=2.4", "packaging>=26.0", "transformers>=4.57.6", "wandb>=0.31", "tensorboard>=2.21",
-                 "triton>=3.6", "torchao>=0.17"],
+                 "triton>=3.6", "torchao>=0.17",
+                 # megatron-core's own builder, checkpoint writer and forward are the references of the Megatron
+                 # compatibility tests; psutil is what its checkpoint writer needs
+                 "megatron-core>=0.16.1", "psutil>=7"],
         "gpu": ["triton>=3.6"],
         "fp8": ["torchao>=0.17"],  # train.precision: fp8 (torchao's float8 training)
         "wandb": ["wandb>=0.31"],

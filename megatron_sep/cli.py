@@ -1,5 +1,5 @@
-"""`megatron-sep` command line: train, sweep, tokenizer, preprocess, inspect, export-hf, import-hf,
-generate, eval, demo-corpus."""
+"""`megatron-sep` command line: train, sweep, tokenizer, preprocess, inspect, export-hf, import-hf, import-neox,
+import-megatron, generate, eval, demo-corpus."""
 from __future__ import annotations
 
 import argparse
@@ -165,6 +165,25 @@ def cmd_import_hf(args) -> int:
 
     overrides = list(args.overrides) + ([f"attention.kind={args.attention}"] if args.attention else [])
     out = import_hf(args.hf, args.out, overrides, force=args.force)
+    print(f"wrote {out}/checkpoints; continue training with --set checkpoint.load={out}")
+    return 0
+
+
+def cmd_import_neox(args) -> int:
+    from .convert.neox import import_neox
+
+    out, notes = import_neox(args.config, args.out, args.checkpoint, args.gpus, args.overrides, force=args.force)
+    for note in notes:
+        print(f"note: {note}")
+    what = f"{out}/config.yaml" + (f" and {out}/checkpoints" if args.checkpoint else "")
+    print(f"wrote {what}; train with: megatron-sep train -c {out}/config.yaml")
+    return 0
+
+
+def cmd_import_megatron(args) -> int:
+    from .convert.megatron import import_megatron
+
+    out = import_megatron(args.checkpoint, args.out, args.overrides, force=args.force)
     print(f"wrote {out}/checkpoints; continue training with --set checkpoint.load={out}")
     return 0
 
@@ -394,6 +413,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty --out (never over its checkpoints)")
     p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("import-neox", help="GPT-NeoX config (+ SepLLM's NeoX flags) and checkpoint -> ours")
+    p.add_argument("--config", required=True, help="the GPT-NeoX .yml")
+    p.add_argument("--checkpoint", help="its save folder (latest + global_step*/layer_*-model_*-model_states.pt)")
+    p.add_argument("--out", required=True, help="folder for config.yaml (and checkpoints/ with --checkpoint)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs the NeoX run used: its global batch is micro x accumulation x dp (default 1)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out (never over checkpoints)")
+    p.set_defaults(func=cmd_import_neox)
+
+    p = sub.add_parser("import-megatron", help="Megatron-LM / Megatron-Core GPT checkpoint (torch_dist or "
+                       "mp_rank_* files, any tp / pp) -> project checkpoint")
+    p.add_argument("--checkpoint", required=True, help="Megatron's --save folder, or one iter_* folder in it")
+    p.add_argument("--out", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out (never over checkpoints)")
+    p.set_defaults(func=cmd_import_megatron)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache, SepLLM mask while decoding)")
     p.add_argument("--load", required=True, help="run dir, checkpoints dir or step_* dir")

@@ -8,12 +8,21 @@ from pathlib import Path
 
 import yaml
 
+from .aliases import alias_hint, megatron_paths, megatron_split
 from .schema import SECTIONS, Config, ConfigError
 
 
 def _closest(name: str, options) -> str:
     hit = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f"did you mean '{hit[0]}'?" if hit else "valid keys: " + ", ".join(sorted(options))
+
+
+def _unknown(key: str, name: str, value, options, what: str = "unknown key") -> ConfigError:
+    """A Megatron-LM / GPT-NeoX name gets its key here; anything else the closest valid one."""
+    hint = alias_hint(name)
+    if hint is not None:
+        return ConfigError(key, value, f"{what}: {hint}", f"write {hint.split(' is ')[1].split(' (')[0]} instead")
+    return ConfigError(key, value, what, _closest(name, options))
 
 
 def _type_name(tp) -> str:
@@ -76,7 +85,7 @@ def _build_section(name: str, cls, values: dict):
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(f"{name}.{key}", value, "unknown key", _closest(key, fields))
+            raise _unknown(f"{name}.{key}", key, value, fields)
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
     return cls(**kwargs)
 
@@ -88,6 +97,9 @@ def parse_override(text: str) -> tuple[list[str], object]:
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
+        hint = alias_hint(parts[-1]) if len(parts) == 1 else None
+        if hint is not None:
+            raise _unknown(key, parts[-1], raw, (), "an override key must be section.key")
         raise ConfigError(key, raw, "an override key must be section.key", "write e.g. --set optim.lr=3e-4")
     return parts, yaml.safe_load(raw) if raw.strip() else None
 
@@ -106,11 +118,19 @@ def config_from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
     for text in overrides:
         (section, key), value = parse_override(text)
         set_value(raw, section, key, value)
+    if isinstance(raw.get("data"), dict):  # Megatron's forms of data.split and data.paths
+        d = raw["data"]
+        if "split" in d:
+            d["split"] = megatron_split(d["split"])
+        if "paths" in d:
+            d["paths"], weights = megatron_paths(d["paths"], d.get("weights"))
+            if weights is not None:
+                d["weights"] = weights
     hints = typing.get_type_hints(Config)
     sections = {}
     for name, values in raw.items():
         if name not in SECTIONS:
-            raise ConfigError(name, values, "unknown config section", _closest(name, SECTIONS))
+            raise _unknown(name, name, values, SECTIONS, "unknown config section")
         sections[name] = _build_section(name, hints[name], values)
     cfg = Config(**sections)
     cfg.check()

@@ -11,6 +11,7 @@ from ..config import dump_config, load_config
 from ..data.separators import resolve_separator_ids
 from ..data.tokenizer import TokenizerError, load_tokenizer
 from ..model import GPT
+from ..model.gpt import padded_vocab
 from ..parallel.apply import ParallelPlan
 from ..parallel.context import ParallelContext
 from ..training.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -102,13 +103,30 @@ def sepllm_remote_code(cfg, model_type: str) -> dict:
                        "windows": a.layer_windows(m.num_layers, m.max_position_embeddings)}}
 
 
-def import_hf(hf_dir: str | Path, out: str | Path, overrides=(), force: bool = False) -> Path:
-    hf_dir, out = Path(hf_dir), Path(out)
+def refuse_checkpoint_dir(out: Path) -> None:
     inside = [p for p in (out, *out.parents) if (p / "latest").is_file() or (p / "meta.pt").is_file()]
     if list_checkpoints(out / "checkpoints") or (out / "checkpoints" / "latest").exists() or inside:
         raise ConversionError(f"{out} already holds checkpoints, or lies inside a checkpoint folder, which an "
                               "import would mix with. Fix: choose a new --out (this is never done, even with "
                               "--force)")
+
+
+def save_imported(cfg, state: dict, out: Path, force: bool, source: str, config_name: str, owned=()) -> None:
+    """A step-0 project checkpoint of `state` (our plain-model names) under out/checkpoints."""
+    model = GPT(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConversionError(f"the weights in {source} do not match {config_name} ({str(e).splitlines()[0]} "
+                              f"...). Fix: use the {config_name.removeprefix('its ')} saved with these weights") from None
+    plan = ParallelPlan(model, cfg, ParallelContext())
+    prepare_out(out, force, owned, "write its checkpoint beside the other files")
+    save_checkpoint(out / "checkpoints", 0, plan, {"consumed_samples": 0}, dump_config(cfg), keep_last=1)
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, overrides=(), force: bool = False) -> Path:
+    hf_dir, out = Path(hf_dir), Path(out)
+    refuse_checkpoint_dir(out)
     if not (hf_dir / "config.json").is_file():
         raise ConversionError(f"{hf_dir} has no config.json. Fix: point --hf at a transformers model directory")
     try:
@@ -127,14 +145,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, overrides=(), force: bool = F
                                   "directory. Fix: add it, or pass ids: --set 'attention.separators=[15, 13]'")
         ids, _ = resolve_separator_ids(load_tokenizer(tokenizer), [x for x in a.separators if isinstance(x, str)])
         a.separators = sorted(set(ids + [x for x in a.separators if isinstance(x, int)]))
-    model = GPT(cfg)
-    state = from_hf_state(read_hf_weights(hf_dir), cfg, model.padded_vocab_size)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ConversionError(f"the weights in {hf_dir} do not match its config.json ({str(e).splitlines()[0]} "
-                              "...). Fix: use the config.json saved with these weights") from None
-    plan = ParallelPlan(model, cfg, ParallelContext())
-    prepare_out(out, force, (), "write its checkpoint beside the other files")
-    save_checkpoint(out / "checkpoints", 0, plan, {"consumed_samples": 0}, dump_config(cfg), keep_last=1)
+    state = from_hf_state(read_hf_weights(hf_dir), cfg, padded_vocab(cfg.model.vocab_size))
+    save_imported(cfg, state, out, force, str(hf_dir), "its config.json")
     return out

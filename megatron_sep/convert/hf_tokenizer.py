@@ -153,8 +153,8 @@ def write_hf_tokenizer(tok: Tokenizer, out: Path, model_max_length: int) -> None
     if tok.kind == "sentencepiece":
         sentencepiece_to_hf(tok.path).save(str(out / "tokenizer.json"))
         shutil.copy(tok.path, out / "tokenizer.model")  # for tools that read sentencepiece directly
-    else:
-        shutil.copy(tok.path, out / "tokenizer.json")
+    else:  # saved from the loaded object: a GPT-2 vocab.json + merges.txt pair becomes one tokenizer.json
+        tok.tok.save(str(out / "tokenizer.json"))
     special = {"eos_token": tok.id_to_piece(tok.eod_id)}
     if tok.pad_id is not None:
         special["pad_token"] = tok.id_to_piece(tok.pad_id)

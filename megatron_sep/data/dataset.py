@@ -1,7 +1,9 @@
 """Packed GPT samples from indexed datasets: splits, shuffling, blending, exact resume.
 
 A `PackedDataset` concatenates its documents (EOD already appended by
-`preprocess`) in a seeded order per epoch into one token stream and cuts it into
+`preprocess`; a document is a `doc_idx` range, so the sentences of a sentence-split
+Megatron corpus stay together and in order) in a seeded order per epoch into one
+token stream and cuts it into
 `seq_len + 1`-token samples; sample order is shuffled with the same seed. Every
 sample is addressed by index, so resuming from a consumed-sample count replays
 exactly the same batches.
@@ -30,7 +32,7 @@ class PackedDataset:
         start, end = doc_range
         self.indexed, self.seq_len, self.name = indexed, seq_len, name
         docs = np.arange(start, end, dtype=np.int64)
-        sizes = indexed.sizes[start:end].astype(np.int64)
+        sizes = indexed.doc_sizes[start:end]
         tokens_per_epoch = int(sizes.sum())
         if tokens_per_epoch <= seq_len:
             raise IndexedDataError(
@@ -42,7 +44,7 @@ class PackedDataset:
         epochs = max(1, math.ceil((wanted * seq_len + 1) / tokens_per_epoch))
         order = np.concatenate([np.random.default_rng([seed, e]).permutation(docs) for e in range(epochs)])
         self.doc_order = order
-        self.doc_end = np.cumsum(indexed.sizes[order].astype(np.int64))
+        self.doc_end = np.cumsum(indexed.doc_sizes[order])
         available = (int(self.doc_end[-1]) - 1) // seq_len
         self.shuffle = np.random.default_rng([seed, 1 << 20]).permutation(available)[:wanted]
         self.epochs = epochs
@@ -57,8 +59,8 @@ class PackedDataset:
         parts = []
         while need > 0:
             doc = int(self.doc_order[k])
-            doc_start = int(self.doc_end[k]) - int(self.indexed.sizes[doc])
-            piece = self.indexed.get(doc, pos - doc_start, min(need, int(self.doc_end[k]) - pos))
+            doc_start = int(self.doc_end[k]) - int(self.indexed.doc_sizes[doc])
+            piece = self.indexed.get_doc(doc, pos - doc_start, min(need, int(self.doc_end[k]) - pos))
             parts.append(piece)
             need -= len(piece)
             pos += len(piece)
@@ -102,7 +104,7 @@ def build_datasets(paths: list[str], weights: list[float] | None, split: list[fl
     for s, (name, wanted) in enumerate(zip(("train", "valid", "test"), num_samples)):
         parts = []
         for i, ix in enumerate(indexed):
-            lo, hi = split_ranges(len(ix), split)[s]
+            lo, hi = split_ranges(ix.num_docs, split)[s]
             if hi > lo and wanted > 0:
                 share = math.ceil(wanted * weights[i] / sum(weights) * 1.005) + 1
                 parts.append((i, PackedDataset(ix, (lo, hi), seq_len, share, seed + 7 * i + s,

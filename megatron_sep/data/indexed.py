@@ -6,6 +6,10 @@
   int32 sizes[N], int64 pointers[N] (byte offsets into .bin), int64 doc_idx[D].
 `.bin` is the token ids back to back. Files written by Megatron-LM or GPT-NeoX
 load unchanged, and files written here load there.
+
+A document is a `doc_idx` range of sequences: Megatron's `--split-sentences` writes
+one sequence per sentence and closes each document in `doc_idx`. Files written here
+hold one sequence per document. Documents are what the packer shuffles and splits.
 """
 from __future__ import annotations
 
@@ -136,6 +140,21 @@ class IndexedDataset:
         self.pointers = np.frombuffer(buf, dtype=np.int64, count=count, offset=off)
         off += count * 8
         self.doc_idx = np.frombuffer(buf, dtype=np.int64, count=doc_count, offset=off)
+        self._documents(fix)
+
+    def _documents(self, fix: str) -> None:
+        """Per-document token counts and starts; a document's sequences lie back to back in the .bin."""
+        d, n = self.doc_idx, len(self.sizes)
+        if len(d) == 0 or d[0] != 0 or d[-1] != n or np.any(np.diff(d) < 0):
+            raise IndexedDataError(f"{self.idx_path} has a corrupt document index (doc_idx must rise from 0 "
+                                   f"to its {n} sequences). {fix}")
+        item = self.dtype.itemsize
+        if n > 1 and np.any(self.pointers[1:] != self.pointers[:-1] + self.sizes[:-1].astype(np.int64) * item):
+            raise IndexedDataError(f"{self.idx_path}: its sequences are not stored back to back in the .bin, "
+                                   f"which documents need here. {fix}")
+        cum = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
+        self.doc_sizes = cum[d[1:]] - cum[d[:-1]]  # tokens per document
+        self.doc_starts = cum[d[:-1]]  # first token of each document in the .bin
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -147,6 +166,16 @@ class IndexedDataset:
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         start = int(self.pointers[i]) // self.dtype.itemsize + offset
         n = int(self.sizes[i]) - offset if length is None else length
+        return self.tokens[start: start + n]
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_idx) - 1
+
+    def get_doc(self, d: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens [offset, offset + length) of document d (all its sequences, in order)."""
+        n = int(self.doc_sizes[d]) - offset if length is None else length
+        start = int(self.doc_starts[d]) + offset
         return self.tokens[start: start + n]
 
     @property

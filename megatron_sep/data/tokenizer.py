@@ -1,4 +1,5 @@
-"""One tokenizer interface over sentencepiece models and HF `tokenizer.json` files."""
+"""One tokenizer interface over sentencepiece models, HF `tokenizer.json` files and GPT-2 BPE
+`vocab.json` + `merges.txt` pairs (Megatron-LM's and GPT-NeoX's GPT2BPETokenizer)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,11 +67,17 @@ class SentencePieceTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     kind = "hf"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tok=None):
         from tokenizers import Tokenizer as _Tok
 
         self.path = path
-        self.tok = _Tok.from_file(str(path))
+        if tok is None:
+            try:
+                tok = _Tok.from_file(str(path))
+            except Exception as e:  # the Rust library raises plain Exceptions with multi-line texts
+                raise TokenizerError(f"{path} is not an HF tokenizer.json ({str(e).splitlines()[0][:200]}). "
+                                     "Fix: pass a tokenizer.json saved by tokenizers or transformers") from None
+        self.tok = tok
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         eod = next((i for n in EOD_NAMES if (i := self.tok.token_to_id(n)) is not None), None)
         if eod is None:
@@ -92,22 +99,60 @@ class HFTokenizer(Tokenizer):
         return self.tok.token_to_id(piece)
 
 
+def gpt2_bpe(vocab: Path) -> HFTokenizer:
+    """GPT-2's byte-level BPE from its vocab.json and the merges.txt beside it (Megatron's and NeoX's
+    --vocab-file / --merge-file): the GPT-2 split pattern, bytes to unicode, <|endoftext|> kept whole."""
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers import decoders, models, pre_tokenizers
+
+    merges = next((m for m in (vocab.with_name("merges.txt"), vocab.with_name(vocab.name.replace("vocab.json",
+                   "merges.txt"))) if m.is_file()), None)
+    if merges is None:
+        raise TokenizerError(f"{vocab} is a GPT-2 BPE vocabulary but no merges.txt lies beside it. "
+                             "Fix: put the merges file next to it as merges.txt")
+    try:
+        tok = _Tok(models.BPE.from_file(str(vocab), str(merges)))
+    except Exception as e:
+        raise TokenizerError(f"{vocab} + {merges.name} do not load as GPT-2 BPE ({str(e).splitlines()[0][:200]}). "
+                             "Fix: pass Megatron's / GPT-2's vocab.json and merges.txt") from None
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [n for n in EOD_NAMES + PAD_NAMES if tok.token_to_id(n) is not None]
+    tok.add_special_tokens(specials)  # existing ids: encoded whole, never split into bytes
+    return HFTokenizer(vocab, tok)
+
+
+def _is_vocab_json(p: Path) -> bool:
+    """A flat {token: id} mapping (GPT-2's vocab.json), not a tokenizer.json (which has "model")."""
+    import json
+    if p.name.endswith("vocab.json"):
+        return True
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return False  # HFTokenizer then names the problem
+    return isinstance(data, dict) and "model" not in data and all(isinstance(v, int) for v in list(data.values())[:100])
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A sentencepiece `.model`, an HF `tokenizer.json`, or a folder holding either."""
+    """A sentencepiece `.model`, an HF `tokenizer.json`, a GPT-2 `vocab.json` (with `merges.txt` beside it),
+    or a folder holding one of them."""
     p = Path(path)
     if p.is_dir():
-        for name in ("tokenizer.json", "tokenizer.model"):
+        for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
             if (p / name).is_file():
                 p = p / name
                 break
         else:
-            raise TokenizerError(f"{path} holds neither tokenizer.json nor tokenizer.model. "
-                                 "Fix: point data.tokenizer at a tokenizer file")
+            raise TokenizerError(f"{path} holds none of tokenizer.json, tokenizer.model, vocab.json + merges.txt. "
+                                 "Fix: point data.tokenizer at a tokenizer file or folder")
+    if p.name == "merges.txt" and p.with_name("vocab.json").is_file():
+        p = p.with_name("vocab.json")
     if not p.is_file():
         raise TokenizerError(f"tokenizer {path} not found. Fix: train one with `megatron-sep tokenizer train` "
                              "or correct data.tokenizer")
     if p.suffix == ".json":
-        return HFTokenizer(p)
+        return gpt2_bpe(p) if _is_vocab_json(p) else HFTokenizer(p)
     try:
         return SentencePieceTokenizer(p)
     except (RuntimeError, OSError) as e:

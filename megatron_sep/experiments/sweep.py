@@ -176,8 +176,8 @@ def check_corpus(configs: dict[str, Config], tokens: int) -> None:
             sizes[key] = 0
             for p in d.paths:
                 ix = IndexedDataset(p)
-                lo, hi = split_ranges(len(ix), d.split)[0]
-                sizes[key] += int(ix.sizes[lo:hi].sum())
+                lo, hi = split_ranges(ix.num_docs, d.split)[0]
+                sizes[key] += int(ix.doc_sizes[lo:hi].sum())
         have = sizes[key]
         if tokens > have:
             raise ConfigError("--tokens", f"{tokens:,}", f"is more than the training split of run {name!r} holds "

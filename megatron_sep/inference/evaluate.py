@@ -181,10 +181,10 @@ def corpus_tokens(prefix: str, limit: int) -> np.ndarray:
     from ..data.indexed import IndexedDataset
     ix = IndexedDataset(prefix)
     parts, have = [], 0
-    for d in range(len(ix)):
+    for d in range(ix.num_docs):
         if have >= limit:
             break
-        parts.append(np.asarray(ix[d], dtype=np.int64))
+        parts.append(np.asarray(ix.get_doc(d, 0, min(int(ix.doc_sizes[d]), limit - have)), dtype=np.int64))
         have += len(parts[-1])
     return np.concatenate(parts)[:limit] if parts else np.zeros(0, dtype=np.int64)
 
