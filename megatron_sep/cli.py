@@ -418,8 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="the GPT-NeoX .yml")
     p.add_argument("--checkpoint", help="its save folder (latest + global_step*/layer_*-model_*-model_states.pt)")
     p.add_argument("--out", required=True, help="folder for config.yaml (and checkpoints/ with --checkpoint)")
-    p.add_argument("--gpus", type=int, default=1,
-                   help="GPUs the NeoX run used: its global batch is micro x accumulation x dp (default 1)")
+    p.add_argument("--gpus", type=int,
+                   help="GPUs the NeoX run used: its global batch is micro x accumulation x dp (default: one "
+                        "data-parallel replica, tp x pp GPUs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out (never over checkpoints)")
     p.set_defaults(func=cmd_import_neox)

@@ -172,3 +172,24 @@ def test_tokenizer_file_errors_are_one_line(tmp_path, corpus):
         with pytest.raises(TokenizerError, match=msg) as e:
             load_tokenizer(path)
         assert "\n" not in str(e.value)
+
+
+def test_bad_set_values_and_shared_names_are_one_line():
+    """Found by a new-user trial: invalid YAML in --set, infinite splits, odd weighted paths, our own keys
+    without their section, a GPT-NeoX file given to train."""
+    cases = (({}, ["optim.lr=[1"], "not valid YAML"), ({}, ["data.split=inf,1,1"], "finite"),
+             ({}, ["data.paths=0.3 A 0.7"], "give a path after every weight"),
+             ({}, ["data.paths=0.3 A 0.7 B", "data.weights=[0.5,0.5]"], "already carries weights"),
+             ({}, ["num_layers=2"], "write model.num_layers"), ({"lr": 1e-3}, [], "write optim.lr"),
+             ({"attention-config": [[["global"], 2]]}, [], "import-neox"))
+    for raw, overrides, match in cases:
+        with pytest.raises(ConfigError, match=match) as e:
+            config_from_dict({"data": {"mock": True}, **raw}, overrides)
+        assert "\n" not in str(e.value)
+
+
+def test_a_broken_tokenizer_json_in_a_folder_is_named_as_one(tmp_path):
+    from megatron_sep.data.tokenizer import TokenizerError, load_tokenizer
+    (tmp_path / "tokenizer.json").write_text('{"a": 1}')
+    with pytest.raises(TokenizerError, match="is not an HF tokenizer.json"):
+        load_tokenizer(tmp_path)

@@ -151,3 +151,15 @@ def test_bad_megatron_checkpoints_are_named(mcore, tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(ConversionError, match="is not a Megatron checkpoint"):
         import_megatron(tmp_path, tmp_path / "out")
+    # never written into: the source checkpoint itself, or a folder inside it (not even with --force)
+    for out in (tmp_path / "ok", tmp_path / "ok" / "iter_0000010" / "mp_rank_00"):
+        with pytest.raises(ConversionError, match="never done, even with --force"):
+            import_megatron(tmp_path / "ok", out, force=True)
+    (tmp_path / "ok" / "latest_checkpointed_iteration.txt").write_text("abc")
+    with pytest.raises(ConversionError, match="holds 'abc', not an iteration number"):
+        import_megatron(tmp_path / "ok", tmp_path / "out")
+    dist = tmp_path / "dist" / "iter_0000001"
+    dist.mkdir(parents=True)
+    (dist / ".metadata").write_bytes(b"")  # an empty (damaged) torch_dist index
+    with pytest.raises(ConversionError, match="torch_dist checkpoint .* cannot be read"):
+        import_megatron(dist, tmp_path / "out")

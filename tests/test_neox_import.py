@@ -148,3 +148,18 @@ def test_checkpoint_that_does_not_match_its_config(corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConversionError, match="holds no GPT-NeoX checkpoint"):
         import_neox(tmp_path / "wrong.yml", tmp_path / "out", tmp_path / "empty")
+    (tmp_path / "good.yml").write_text(yaml.safe_dump(neox_yaml(corpus)))
+    with pytest.raises(ConversionError, match="never done, even with --force"):  # into the source checkpoint
+        import_neox(tmp_path / "good.yml", tmp_path / "neox", tmp_path / "neox", force=True)
+    (tmp_path / "neox" / "global_step10" / "layer_03-model_01-model_states.pt").unlink()
+    with pytest.raises(ConversionError, match="layer 3 has tensor-parallel shards \\[0\\], not 0..1"):
+        import_neox(tmp_path / "good.yml", tmp_path / "out", tmp_path / "neox")
+
+
+@pytest.mark.parametrize("extra", [{"optimizer": "Adam"}, {"zero_optimization": 1}, {"rotary-pct": "quarter"},
+                                   {"model-parallel-size": "two"}, {"split": 0.9}])
+def test_wrongly_typed_neox_values_are_one_line(corpus, tmp_path, extra):
+    (tmp_path / "t.yml").write_text(yaml.safe_dump(neox_yaml(corpus, **extra)))
+    with pytest.raises(ConversionError) as e:
+        import_neox(tmp_path / "t.yml", tmp_path / "out")
+    assert "\n" not in str(e.value) and "Fix:" in str(e.value)

@@ -107,10 +107,14 @@ def megatron_paths(paths, weights):
         except (TypeError, ValueError):
             return None
 
+    if number(paths[0]) is None:
+        return paths, weights  # plain paths
     numbers = [number(p) for p in paths[0::2]]
-    if len(paths) % 2 == 0 and all(n is not None for n in numbers) and \
-            all(isinstance(p, str) and number(p) is None for p in paths[1::2]):
-        if weights is not None:
-            return paths, weights  # both forms at once: the length check names data.weights
-        return [str(p) for p in paths[1::2]], numbers
-    return paths, weights
+    if len(paths) % 2 or not all(n is not None for n in numbers) or \
+            not all(isinstance(p, str) and number(p) is None for p in paths[1::2]):
+        raise ConfigError("data.paths", " ".join(map(str, paths)), "reads as Megatron's weighted list (it starts with "
+                          "a number) but is not 'weight path weight path ...'", "give a path after every weight")
+    if weights is not None:
+        raise ConfigError("data.weights", weights, "is given twice: data.paths already carries weights",
+                          "drop data.weights, or the weights inside data.paths")
+    return [str(p) for p in paths[1::2]], numbers

@@ -17,11 +17,23 @@ def _closest(name: str, options) -> str:
     return f"did you mean '{hit[0]}'?" if hit else "valid keys: " + ", ".join(sorted(options))
 
 
+def _section_of(name: str) -> str | None:
+    hints = typing.get_type_hints(Config)
+    return next((f"{s}.{name}" for s in SECTIONS if name in {f.name for f in dataclasses.fields(hints[s])}), None)
+
+
 def _unknown(key: str, name: str, value, options, what: str = "unknown key") -> ConfigError:
-    """A Megatron-LM / GPT-NeoX name gets its key here; anything else the closest valid one."""
+    """A Megatron-LM / GPT-NeoX name gets its key here; one of ours without its section gets the section;
+    a GPT-NeoX file gets import-neox; anything else the closest valid key."""
     hint = alias_hint(name)
     if hint is not None:
         return ConfigError(key, value, f"{what}: {hint}", f"write {hint.split(' is ')[1].split(' (')[0]} instead")
+    ours = _section_of(name.replace("-", "_")) if "." not in key else None
+    if ours is not None:
+        return ConfigError(key, value, what, f"write {ours}")
+    if "-" in name:
+        return ConfigError(key, value, f"{what} (a GPT-NeoX style name)", "a GPT-NeoX config converts with "
+                           "`megatron-sep import-neox --config FILE --out DIR`")
     return ConfigError(key, value, what, _closest(name, options))
 
 
@@ -97,11 +109,15 @@ def parse_override(text: str) -> tuple[list[str], object]:
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        hint = alias_hint(parts[-1]) if len(parts) == 1 else None
+        hint = alias_hint(parts[-1]) or _section_of(parts[-1].replace("-", "_")) if len(parts) == 1 else None
         if hint is not None:
             raise _unknown(key, parts[-1], raw, (), "an override key must be section.key")
         raise ConfigError(key, raw, "an override key must be section.key", "write e.g. --set optim.lr=3e-4")
-    return parts, yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return parts, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(key, raw, f"the value is not valid YAML ({yaml_problem(e)})",
+                          "quote it, or write a list as [a, b] and a string in quotes") from None
 
 
 def set_value(raw: dict, section: str, key: str, value) -> None:

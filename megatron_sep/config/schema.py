@@ -5,6 +5,7 @@ consistency rules. A rule violation raises ConfigError naming key, value, fix.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
@@ -173,8 +174,8 @@ class DataConfig:
     def check(self) -> None:
         p = "data."
         _require(self.seq_len >= 2, p + "seq_len", self.seq_len, "must be >= 2", "use e.g. 2048")
-        _require(len(self.split) == 3 and all(s >= 0 for s in self.split) and sum(self.split) > 0,
-                 p + "split", self.split, "must be three non-negative fractions [train, valid, test]",
+        _require(len(self.split) == 3 and all(0 <= s < math.inf for s in self.split) and sum(self.split) > 0,
+                 p + "split", self.split, "must be three finite, non-negative fractions [train, valid, test]",
                  "use e.g. [0.98, 0.01, 0.01]")
         _require(self.split[0] > 0, p + "split", self.split, "the train fraction is 0",
                  "give the train split a positive share")
@@ -182,8 +183,8 @@ class DataConfig:
             _require(len(self.weights) == len(self.paths), p + "weights", self.weights,
                      f"has {len(self.weights)} entries for {len(self.paths)} data.paths",
                      "give one weight per path, or null for weights proportional to size")
-            _require(all(w >= 0 for w in self.weights) and sum(self.weights) > 0, p + "weights",
-                     self.weights, "must be non-negative with a positive sum", "use e.g. [0.7, 0.3]")
+            _require(all(0 <= w < math.inf for w in self.weights) and sum(self.weights) > 0, p + "weights",
+                     self.weights, "must be finite, non-negative, with a positive sum", "use e.g. [0.7, 0.3]")
 
 
 @dataclass

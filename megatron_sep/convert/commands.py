@@ -103,8 +103,19 @@ def sepllm_remote_code(cfg, model_type: str) -> dict:
                        "windows": a.layer_windows(m.num_layers, m.max_position_embeddings)}}
 
 
+def _holds_checkpoint(p: Path, folders: bool) -> bool:
+    """Ours (latest, meta.pt), GPT-NeoX / DeepSpeed (latest, global_step*, layer files) or Megatron's
+    (its tracker file, iter_* / mp_rank_* folders, torch_dist .metadata). Folder names count for `out`
+    itself only: a parent may well hold an unrelated iter_* folder."""
+    marks = ("latest", "meta.pt", "latest_checkpointed_iteration.txt", ".metadata", "model_optim_rng.pt")
+    if any((p / m).is_file() for m in marks):
+        return True
+    globs = ("global_step*", "iter_*", "mp_rank_*", "layer_*-model_*") if folders else ()
+    return p.is_dir() and any(next(p.glob(g), None) is not None for g in globs)
+
+
 def refuse_checkpoint_dir(out: Path) -> None:
-    inside = [p for p in (out, *out.parents) if (p / "latest").is_file() or (p / "meta.pt").is_file()]
+    inside = [p for p in (out, *out.parents) if _holds_checkpoint(p, p == out)]
     if list_checkpoints(out / "checkpoints") or (out / "checkpoints" / "latest").exists() or inside:
         raise ConversionError(f"{out} already holds checkpoints, or lies inside a checkpoint folder, which an "
                               "import would mix with. Fix: choose a new --out (this is never done, even with "
@@ -118,7 +129,8 @@ def save_imported(cfg, state: dict, out: Path, force: bool, source: str, config_
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ConversionError(f"the weights in {source} do not match {config_name} ({str(e).splitlines()[0]} "
-                              f"...). Fix: use the {config_name.removeprefix('its ')} saved with these weights") from None
+                              f"...). Fix: use the {config_name.removeprefix('its ').removeprefix('the ')} saved with "
+                              "these weights, and every file of the checkpoint") from None
     plan = ParallelPlan(model, cfg, ParallelContext())
     prepare_out(out, force, owned, "write its checkpoint beside the other files")
     save_checkpoint(out / "checkpoints", 0, plan, {"consumed_samples": 0}, dump_config(cfg), keep_last=1)

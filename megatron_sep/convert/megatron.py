@@ -20,7 +20,7 @@ import torch
 
 from ..config import ConfigError, config_from_dict
 from ..model.gpt import padded_vocab
-from .hf import ConversionError
+from .hf import ConversionError, first_line
 
 LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 # Megatron-Core names (local and Transformer Engine specs) -> our per-layer names
@@ -34,7 +34,10 @@ COLUMN, ROW = ("attn.qkv.weight", "embed.weight", "lm_head.weight"), ("attn.out.
 def _iteration_dir(ckpt: Path) -> Path:
     tracker = ckpt / "latest_checkpointed_iteration.txt"
     if tracker.is_file():
-        it = tracker.read_text().strip()
+        it = tracker.read_text(errors="replace").strip()
+        if it != "release" and not it.isdigit():
+            raise ConversionError(f"{tracker} holds {it[:40]!r}, not an iteration number. Fix: write the number of "
+                                  "the iter_* folder to import into it, or pass that folder")
         return ckpt / ("release" if it == "release" else f"iter_{int(it):07d}")
     if (ckpt / ".metadata").is_file() or list(ckpt.glob("mp_rank_*")):
         return ckpt
@@ -48,8 +51,7 @@ def _torch_load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ConversionError(f"{path} cannot be read ({str(e).splitlines()[0][:160]}). Fix: copy the "
-                              "checkpoint again") from None
+        raise ConversionError(f"{path} cannot be read ({first_line(e)}). Fix: copy the checkpoint again") from None
 
 
 def read_torch_dist(step: Path) -> tuple[dict, object]:
@@ -57,12 +59,16 @@ def read_torch_dist(step: Path) -> tuple[dict, object]:
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     reader = FileSystemReader(str(step))
-    meta = reader.read_metadata()
-    state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.state_dict_metadata.items()
-             if isinstance(v, TensorStorageMetadata) and "_extra_state" not in k}
-    with warnings.catch_warnings():  # a single-process load is intended
-        warnings.simplefilter("ignore")
-        load(state, storage_reader=reader)
+    try:
+        meta = reader.read_metadata()
+        state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.state_dict_metadata.items()
+                 if isinstance(v, TensorStorageMetadata) and "_extra_state" not in k}
+        with warnings.catch_warnings():  # a single-process load is intended
+            warnings.simplefilter("ignore")
+            load(state, storage_reader=reader)
+    except Exception as e:  # a damaged .metadata or .distcp file: name it, no traceback
+        raise ConversionError(f"the torch_dist checkpoint {step} cannot be read ({first_line(e)}). Fix: copy "
+                              "its .metadata and every .distcp file again") from None
     common = _torch_load(step / "common.pt") if (step / "common.pt").is_file() else {}
     out = {}
     for k, v in state.items():

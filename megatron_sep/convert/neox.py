@@ -18,7 +18,7 @@ import yaml
 from ..config import ConfigError, config_from_dict, dump_config
 from ..data.tokenizer import TokenizerError, load_tokenizer
 from ..model.gpt import padded_vocab
-from .hf import ConversionError, from_hf_state
+from .hf import ConversionError, first_line, from_hf_state
 
 # options that change what the model computes, and the reason we cannot take them
 UNSUPPORTED = {
@@ -64,6 +64,8 @@ def _sparse(config) -> list[str]:
 def read_neox_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConversionError(f"{path} is not text. Fix: pass the GPT-NeoX .yml") from None
     except yaml.YAMLError as e:
         raise ConversionError(f"{path} is not valid YAML ({str(e).splitlines()[0]}). Fix: pass a GPT-NeoX "
                               "config file") from None
@@ -78,7 +80,7 @@ def read_neox_yaml(path: Path) -> dict:
     return out
 
 
-def neox_to_raw(n: dict, gpus: int, run_dir: str) -> tuple[dict, list[str]]:
+def neox_to_raw(n: dict, gpus: int | None, run_dir: str) -> tuple[dict, list[str]]:
     """(our raw config mapping, notes on what changed meaning). Raises on options we cannot serve."""
     for key, bad in UNSUPPORTED.items():
         reason = bad(n[key]) if key in n else (key == "pos_emb" and bad("learned"))  # NeoX's default: learned
@@ -120,6 +122,14 @@ def neox_to_raw(n: dict, gpus: int, run_dir: str) -> tuple[dict, list[str]]:
         model["num_kv_heads"] = n["num_kv_heads"]
     tp, pp = n.get("model_parallel_size", 1), max(1, n.get("pipe_parallel_size", 1))
     micro = n.get("train_micro_batch_size_per_gpu", 1)
+    if gpus is None:
+        gpus = tp * pp
+        if "train_batch_size" not in n:
+            notes.append("the global batch assumes one data-parallel replica (micro x accumulation); pass --gpus "
+                         "with the run's GPU count for its real global batch")
+    if gpus % (tp * pp) and "train_batch_size" not in n:
+        raise ConversionError(f"--gpus {gpus} is not a multiple of model-parallel-size x pipe-parallel-size = "
+                              f"{tp * pp}, so the data-parallel size is unknown. Fix: pass the GPU count of the run")
     dp = max(1, gpus // (tp * pp))
     glob = n.get("train_batch_size") or micro * n.get("gradient_accumulation_steps", 1) * dp
     stage = (n.get("zero_optimization") or {}).get("stage", 0)
@@ -171,6 +181,9 @@ def _neox_data(n: dict, notes: list[str]) -> dict:
         data["split"] = [0.98, 0.02, 0.0]
     if isinstance(n.get("split"), str):
         data["split"] = n["split"]
+    elif "split" in n:
+        raise ConversionError(f"split: {n['split']!r} is not GPT-NeoX's 'train,valid,test' string. Fix: write e.g. "
+                              "split: '969,30,1'")
     if n.get("vocab_file"):  # a tokenizer.json, a sentencepiece .model, or GPT-2's vocab.json (+ merges.txt)
         data["tokenizer"] = n["vocab_file"]
         merge = n.get("merge_file")
@@ -231,11 +244,12 @@ def read_neox_checkpoint(ckpt: Path) -> dict:
         raise ConversionError(f"{step} holds no layer_*-model_*-model_states.pt files. Fix: pass a GPT-NeoX "
                               "(DeepSpeed pipeline) checkpoint")
     out, blocks = {}, []
+    tp = max(len(r) for r in files.values())
     for layer in sorted(files):
         ranks = files[layer]
-        if sorted(ranks) != list(range(len(ranks))):
-            raise ConversionError(f"{step}: layer {layer} has tensor-parallel shards {sorted(ranks)}, not 0..n-1. "
-                                  "Fix: copy every model_* file of the checkpoint")
+        if sorted(ranks) != list(range(tp)):
+            raise ConversionError(f"{step}: layer {layer} has tensor-parallel shards {sorted(ranks)}, not 0..{tp - 1}. "
+                                  "Fix: copy every layer_*-model_* file of the checkpoint")
         shards = [_load(ranks[r]) for r in range(len(ranks))]
         merged = {k: _merge(k, [s[k] for s in shards]) for k in shards[0] if not k.endswith("inv_freq")}
         if "attention.query_key_value.weight" in merged:
@@ -259,8 +273,7 @@ def _load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: name it, no traceback
-        raise ConversionError(f"{path} cannot be read ({str(e).splitlines()[0][:160]}). Fix: copy the "
-                              "checkpoint again") from None
+        raise ConversionError(f"{path} cannot be read ({first_line(e)}). Fix: copy the checkpoint again") from None
     state = state.get("module", state) if isinstance(state, dict) else state
     renamed = {}
     for k, v in state.items():
@@ -280,7 +293,7 @@ def _merge(key: str, parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0]  # replicated: norms, row-parallel biases
 
 
-def import_neox(config: str | Path, out: str | Path, checkpoint: str | Path | None = None, gpus: int = 1,
+def import_neox(config: str | Path, out: str | Path, checkpoint: str | Path | None = None, gpus: int | None = None,
                 overrides=(), force: bool = False) -> tuple[Path, list[str]]:
     """Writes out/config.yaml (and out/checkpoints/step_00000000 from a checkpoint). Returns (out, notes)."""
     from .commands import prepare_out, refuse_checkpoint_dir, save_imported
@@ -288,7 +301,16 @@ def import_neox(config: str | Path, out: str | Path, checkpoint: str | Path | No
     if not config.is_file():
         raise ConversionError(f"--config {config} not found. Fix: pass the GPT-NeoX .yml")
     refuse_checkpoint_dir(out)
-    raw, notes = neox_to_raw(read_neox_yaml(config), gpus, str(out.absolute()))
+    if gpus is not None and gpus < 1:
+        raise ConversionError(f"--gpus {gpus} must be at least 1. Fix: pass the number of GPUs the NeoX run used")
+    try:
+        raw, notes = neox_to_raw(read_neox_yaml(config), gpus, str(out.absolute()))
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
+        if isinstance(e, ConversionError):
+            raise
+        raise ConversionError(f"{config} holds a value of an unexpected type ({type(e).__name__}: {first_line(e)}). "
+                              "Fix: write it as GPT-NeoX documents it (numbers as numbers, optimizer and "
+                              "zero_optimization as mappings, paths as strings or lists)") from None
     state = None
     if checkpoint is not None:
         state = read_neox_checkpoint(Path(checkpoint))

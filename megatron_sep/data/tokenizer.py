@@ -12,6 +12,11 @@ class TokenizerError(ValueError):
     pass
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
 class Tokenizer:
     kind: str
     path: Path
@@ -75,7 +80,7 @@ class HFTokenizer(Tokenizer):
             try:
                 tok = _Tok.from_file(str(path))
             except Exception as e:  # the Rust library raises plain Exceptions with multi-line texts
-                raise TokenizerError(f"{path} is not an HF tokenizer.json ({str(e).splitlines()[0][:200]}). "
+                raise TokenizerError(f"{path} is not an HF tokenizer.json ({_first_line(e)}). "
                                      "Fix: pass a tokenizer.json saved by tokenizers or transformers") from None
         self.tok = tok
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -113,7 +118,7 @@ def gpt2_bpe(vocab: Path) -> HFTokenizer:
     try:
         tok = _Tok(models.BPE.from_file(str(vocab), str(merges)))
     except Exception as e:
-        raise TokenizerError(f"{vocab} + {merges.name} do not load as GPT-2 BPE ({str(e).splitlines()[0][:200]}). "
+        raise TokenizerError(f"{vocab} + {merges.name} do not load as GPT-2 BPE ({_first_line(e)}). "
                              "Fix: pass Megatron's / GPT-2's vocab.json and merges.txt") from None
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -127,6 +132,8 @@ def _is_vocab_json(p: Path) -> bool:
     import json
     if p.name.endswith("vocab.json"):
         return True
+    if p.name == "tokenizer.json":  # HF's name: a broken one should be reported as one
+        return False
     try:
         data = json.loads(p.read_text())
     except (OSError, ValueError):
@@ -145,12 +152,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                 break
         else:
             raise TokenizerError(f"{path} holds none of tokenizer.json, tokenizer.model, vocab.json + merges.txt. "
-                                 "Fix: point data.tokenizer at a tokenizer file or folder")
+                                 "Fix: point data.tokenizer (or --tokenizer) at a tokenizer file or folder")
     if p.name == "merges.txt" and p.with_name("vocab.json").is_file():
         p = p.with_name("vocab.json")
     if not p.is_file():
         raise TokenizerError(f"tokenizer {path} not found. Fix: train one with `megatron-sep tokenizer train` "
-                             "or correct data.tokenizer")
+                             "or correct data.tokenizer (or --tokenizer)")
     if p.suffix == ".json":
         return gpt2_bpe(p) if _is_vocab_json(p) else HFTokenizer(p)
     try:
