@@ -72,14 +72,14 @@ ALIASES: dict[str, tuple[str, str, str]] = {
 }
 
 
-def alias_hint(name: str) -> str | None:
-    """'Megatron-LM's train_iters is train.steps' (plus a note), for a foreign name; else None."""
+def alias_of(name: str) -> tuple[str, str] | None:
+    """(our key, "Megatron-LM's train_iters is train.steps" plus a note) for a foreign name; else None."""
     name = name.replace("-", "_").lstrip("_")
     hit = ALIASES.get(name)
     if hit is None:
         return None
     key, source, note = hit
-    return f"{source}'s {name} is {key}" + (f" ({note})" if note else "")
+    return key, f"{source}'s {name} is {key}" + (f" ({note})" if note else "")
 
 
 def megatron_split(value):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .aliases import alias_hint, megatron_paths, megatron_split
+from .aliases import alias_of, megatron_paths, megatron_split
 from .schema import SECTIONS, Config, ConfigError
 
 
@@ -25,9 +25,10 @@ def _section_of(name: str) -> str | None:
 def _unknown(key: str, name: str, value, options, what: str = "unknown key") -> ConfigError:
     """A Megatron-LM / GPT-NeoX name gets its key here; one of ours without its section gets the section;
     a GPT-NeoX file gets import-neox; anything else the closest valid key."""
-    hint = alias_hint(name)
-    if hint is not None:
-        return ConfigError(key, value, f"{what}: {hint}", f"write {hint.split(' is ')[1].split(' (')[0]} instead")
+    alias = alias_of(name)
+    if alias is not None:
+        ours, text = alias
+        return ConfigError(key, value, f"{what}: {text}", f"write {ours} instead")
     ours = _section_of(name.replace("-", "_")) if "." not in key else None
     if ours is not None:
         return ConfigError(key, value, what, f"write {ours}")
@@ -109,7 +110,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        hint = alias_hint(parts[-1]) or _section_of(parts[-1].replace("-", "_")) if len(parts) == 1 else None
+        hint = alias_of(parts[-1]) or _section_of(parts[-1].replace("-", "_")) if len(parts) == 1 else None
         if hint is not None:
             raise _unknown(key, parts[-1], raw, (), "an override key must be section.key")
         raise ConfigError(key, raw, "an override key must be section.key", "write e.g. --set optim.lr=3e-4")

@@ -9,7 +9,7 @@ import torch
 
 from ..config import dump_config, load_config
 from ..data.separators import resolve_separator_ids
-from ..data.tokenizer import TokenizerError, load_tokenizer
+from ..data.tokenizer import TokenizerError, first_line, load_tokenizer
 from ..model import GPT
 from ..model.gpt import padded_vocab
 from ..parallel.apply import ParallelPlan
@@ -128,7 +128,7 @@ def save_imported(cfg, state: dict, out: Path, force: bool, source: str, config_
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ConversionError(f"the weights in {source} do not match {config_name} ({str(e).splitlines()[0]} "
+        raise ConversionError(f"the weights in {source} do not match {config_name} ({first_line(e)} "
                               f"...). Fix: use the {config_name.removeprefix('its ').removeprefix('the ')} saved with "
                               "these weights, and every file of the checkpoint") from None
     plan = ParallelPlan(model, cfg, ParallelContext())

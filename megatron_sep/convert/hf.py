@@ -25,12 +25,6 @@ class ConversionError(ValueError):
     pass
 
 
-def first_line(e: BaseException, limit: int = 160) -> str:
-    """An exception's first line, for a one-line error (some libraries raise with an empty message)."""
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:limit]
-
-
 def hf_config(cfg: Config, eod_id: int | None, pad_id: int | None) -> dict:
     m = cfg.model  # rope settings under both names: `rope_parameters` (transformers 5), flat keys (4.x)
     common = {"vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, config_from_dict
+from ..data.tokenizer import first_line
 from ..model.gpt import padded_vocab
-from .hf import ConversionError, first_line
+from .hf import ConversionError
 
 LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 # Megatron-Core names (local and Transformer Engine specs) -> our per-layer names
@@ -167,9 +168,11 @@ def import_megatron(checkpoint: str | Path, out: str | Path, overrides=(), force
     step = _iteration_dir(checkpoint)
     if not step.is_dir():
         raise ConversionError(f"{step} (named by latest_checkpointed_iteration.txt) is missing. Fix: copy it")
-    tensors, args = read_torch_dist(step) if (step / ".metadata").is_file() else read_legacy(step)
     if (step / ".metadata").is_file():
+        tensors, args = read_torch_dist(step)
         tensors = {_our_layer_name(k): v for k, v in tensors.items()}
+    else:
+        tensors, args = read_legacy(step)  # already merged under our layer names
     embed = tensors.get("embedding.word_embeddings.weight")
     if embed is None:
         raise ConversionError(f"{step} holds no embedding.word_embeddings.weight. Fix: pass a GPT checkpoint")

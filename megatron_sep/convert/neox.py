@@ -16,9 +16,10 @@ import torch
 import yaml
 
 from ..config import ConfigError, config_from_dict, dump_config
-from ..data.tokenizer import TokenizerError, load_tokenizer
+from ..config.load import yaml_problem
+from ..data.tokenizer import TokenizerError, first_line, load_tokenizer
 from ..model.gpt import padded_vocab
-from .hf import ConversionError, first_line, from_hf_state
+from .hf import ConversionError, from_hf_state
 
 # options that change what the model computes, and the reason we cannot take them
 UNSUPPORTED = {
@@ -67,7 +68,7 @@ def read_neox_yaml(path: Path) -> dict:
     except UnicodeDecodeError:
         raise ConversionError(f"{path} is not text. Fix: pass the GPT-NeoX .yml") from None
     except yaml.YAMLError as e:
-        raise ConversionError(f"{path} is not valid YAML ({str(e).splitlines()[0]}). Fix: pass a GPT-NeoX "
+        raise ConversionError(f"{path} is not valid YAML ({yaml_problem(e)}). Fix: pass a GPT-NeoX "
                               "config file") from None
     if not isinstance(raw, dict):
         raise ConversionError(f"{path} does not hold a mapping of GPT-NeoX arguments. Fix: pass a NeoX .yml")

@@ -12,9 +12,10 @@ class TokenizerError(ValueError):
     pass
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's first line, for a one-line error (some libraries raise with an empty message)."""
     lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:200]
+    return (lines[0] if lines else type(e).__name__)[:limit]
 
 
 class Tokenizer:
@@ -80,7 +81,7 @@ class HFTokenizer(Tokenizer):
             try:
                 tok = _Tok.from_file(str(path))
             except Exception as e:  # the Rust library raises plain Exceptions with multi-line texts
-                raise TokenizerError(f"{path} is not an HF tokenizer.json ({_first_line(e)}). "
+                raise TokenizerError(f"{path} is not an HF tokenizer.json ({first_line(e)}). "
                                      "Fix: pass a tokenizer.json saved by tokenizers or transformers") from None
         self.tok = tok
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -118,7 +119,7 @@ def gpt2_bpe(vocab: Path) -> HFTokenizer:
     try:
         tok = _Tok(models.BPE.from_file(str(vocab), str(merges)))
     except Exception as e:
-        raise TokenizerError(f"{vocab} + {merges.name} do not load as GPT-2 BPE ({_first_line(e)}). "
+        raise TokenizerError(f"{vocab} + {merges.name} do not load as GPT-2 BPE ({first_line(e)}). "
                              "Fix: pass Megatron's / GPT-2's vocab.json and merges.txt") from None
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
