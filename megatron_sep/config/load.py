@@ -84,6 +84,9 @@ def _coerce(key: str, value, tp):
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
     else:
         raise TypeError(f"unsupported config annotation {tp}")
     raise ConfigError(key, value, f"has the wrong type (expected {_type_name(tp)})",

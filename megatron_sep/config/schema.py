@@ -146,7 +146,13 @@ class ParallelConfig:
     sequence_parallel: bool = False
     schedule: Literal["1f1b", "interleaved", "gpipe"] = "1f1b"
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
-    zero: int = 0  # 1: shard fp32 master weights and Adam states over data-parallel ranks
+    # native: this project's data parallelism (ZeRO-1 at most); deepspeed: DeepSpeed wraps model and optimizer
+    engine: Literal["native", "deepspeed"] = "native"
+    # 1: shard fp32 master weights and Adam states over data-parallel ranks; 2: also gradients; 3: also the
+    # weights (2 and 3 with engine: deepspeed)
+    zero: int = 0
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"  # to CPU memory (engine: deepspeed)
+    deepspeed: Optional[dict] = None  # keys merged over the DeepSpeed config generated from this one (experts)
     bucket_mb: float = 25.0  # gradient all-reduce bucket size
 
     def check(self) -> None:
@@ -155,7 +161,8 @@ class ParallelConfig:
             v = getattr(self, k)
             _require(v >= 1, p + k, v, "must be >= 1", "use a positive integer")
         _require(self.dp == "auto" or self.dp >= 1, p + "dp", self.dp, "must be >= 1 or auto", "use auto")
-        _require(self.zero in (0, 1), p + "zero", self.zero, "must be 0 or 1", "use 1 to shard optimizer state")
+        _require(self.zero in (0, 1, 2, 3), p + "zero", self.zero, "must be 0, 1, 2 or 3",
+                 "use 1 to shard optimizer state (2 and 3 need parallel.engine: deepspeed)")
         _require(self.bucket_mb > 0, p + "bucket_mb", self.bucket_mb, "must be > 0", "use e.g. 25")
         _require(self.schedule == "interleaved" or self.virtual_stages == 1, p + "virtual_stages",
                  self.virtual_stages, "needs schedule: interleaved", "set parallel.schedule=interleaved")
@@ -309,6 +316,7 @@ class Config:
                  f"exceeds model.max_position_embeddings={m.max_position_embeddings}",
                  "lower data.seq_len or raise model.max_position_embeddings")
         self._check_context_parallel()
+        self._check_engine()
         if a.kind != "dense":  # what a backend cannot serve stops here, not mid-run
             _require(m.attention_dropout == 0, "model.attention_dropout", m.attention_dropout,
                      f"is not supported by attention.kind={a.kind}", "set it to 0")
@@ -338,6 +346,31 @@ class Config:
                  f"neither divides nor is a multiple of the {kv} kv heads per tp rank "
                  f"(model.num_kv_heads={m.kv_heads} / tp={tp})",
                  "use a cp that divides the kv heads per tp rank or is a multiple of them (then they are replicated)")
+
+    def _check_engine(self) -> None:
+        """What each engine serves, before any process starts (parallel/ds_engine.py says why for DeepSpeed)."""
+        p, e = self.parallel, self.parallel.engine
+        if e == "native":
+            _require(p.zero <= 1, "parallel.zero", p.zero, "ZeRO-2 and ZeRO-3 come from DeepSpeed",
+                     "set parallel.engine: deepspeed (pip install 'megatron-sep[deepspeed]'), or use zero 0 or 1")
+            _require(p.offload == "none", "parallel.offload", p.offload, "offload to CPU comes from DeepSpeed",
+                     "set parallel.engine: deepspeed, or offload: none")
+            _require(p.deepspeed is None, "parallel.deepspeed", p.deepspeed, "is set but parallel.engine is native",
+                     "set parallel.engine: deepspeed, or remove parallel.deepspeed")
+            return
+        for key, why in (("tp", "its gradient partitioning and norm do not see our tensor-parallel shards"),
+                         ("pp", "our pipeline schedules run their own backward passes between stages"),
+                         ("cp", "its gradient reduction does not span the context-parallel ranks")):
+            value = getattr(p, key)
+            _require(value == 1, "parallel." + key, value, f"is not served by parallel.engine=deepspeed: {why}",
+                     f"use parallel.engine: native for {key} > 1 (ZeRO-1 there), or {key}: 1 with DeepSpeed")
+        _require(p.zero >= 1, "parallel.zero", p.zero, "DeepSpeed without ZeRO is plain data parallelism",
+                 "use zero 1, 2 or 3 with DeepSpeed, or parallel.engine: native")
+        _require(p.offload != "optimizer+params" or p.zero == 3, "parallel.offload", p.offload,
+                 f"offloading the weights needs ZeRO-3, not zero={p.zero}", "set parallel.zero: 3, or offload: optimizer")
+        _require(self.train.precision != "fp8", "train.precision", "fp8",
+                 "is not served by parallel.engine=deepspeed (torchao's float8 layers and ZeRO's flat buffers)",
+                 "use bf16 with DeepSpeed, or the native engine for fp8")
 
 
 def check_backend_device(backend: str, device_type: str) -> None:

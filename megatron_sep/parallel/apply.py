@@ -9,6 +9,7 @@ from ..config import Config
 from .context import ParallelContext
 from .data import GradSync, ZeroAdamW, global_grad_norm
 from .pipeline import Pipeline
+from .state import load_model_state, load_optim_state, model_state, optim_state
 from .tensor import apply_tensor_parallel, sync_sequence_parallel_grads
 from .ulysses import apply_context_parallel
 
@@ -40,6 +41,23 @@ class ParallelPlan:
                       {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}]
             # fused on CPU too: its grad_scale / found_inf inputs carry clipping and the non-finite skip
             self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+
+    @property
+    def describe(self) -> str:
+        return " zero1" if self.zero else ""
+
+    def checkpoint_state(self) -> dict:
+        return {"model": model_state(self.model, self.ctx), "optim": optim_state(self)}
+
+    def load_checkpoint_state(self, read, with_optimizer: bool) -> None:
+        """read(state) fills a state dict in place from the checkpoint (DCP, resharded to this layout)."""
+        state = {"model": model_state(self.model, self.ctx)}
+        if with_optimizer:
+            state["optim"] = optim_state(self)
+        read(state)
+        load_model_state(self.model, state["model"])
+        if with_optimizer:
+            load_optim_state(self, state["optim"])
 
     def set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:
@@ -86,3 +104,11 @@ class ParallelPlan:
         if self.ctx.world > 1:
             torch.distributed.all_reduce(bad)
         return bad.item() == 0.0
+
+
+def build_plan(model, cfg: Config, ctx: ParallelContext):
+    """The native plan, or DeepSpeed's engine around the same model when parallel.engine says so."""
+    if cfg.parallel.engine == "deepspeed":
+        from .ds_engine import DeepSpeedPlan
+        return DeepSpeedPlan(model, cfg, ctx)
+    return ParallelPlan(model, cfg, ctx)

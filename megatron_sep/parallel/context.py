@@ -38,6 +38,7 @@ class ParallelContext:
     mesh: object = None
     device: torch.device = torch.device("cpu")
     sequence_parallel: bool = False
+    owns_group: bool = False  # this run started the process group (and ends it); else its caller did
 
     @property
     def grad_size(self) -> int:
@@ -146,7 +147,8 @@ def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         if "MASTER_ADDR" not in os.environ:
             raise ConfigError("MASTER_ADDR", None, "not set for a multi-process run",
                               "launch with torchrun or srun (see launch/), or export MASTER_ADDR / MASTER_PORT")
@@ -173,7 +175,7 @@ def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
                 group = dist.new_group(members)
                 if rank in members:
                     grad_group = group
-    return ParallelContext(embedding_group=embedding_group,
+    return ParallelContext(embedding_group=embedding_group, owns_group=owns,
         world=world, rank=rank, tp=tp, pp=pp, dp=dp, cp=cp, tp_rank=mesh["tp"].get_local_rank(),
         pp_rank=mesh["pp"].get_local_rank(), dp_rank=mesh["dp"].get_local_rank(),
         cp_rank=mesh["cp"].get_local_rank(), tp_group=mesh["tp"].get_group(), pp_group=mesh["pp"].get_group(),
@@ -182,6 +184,10 @@ def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
 
 
 def shutdown(ctx: ParallelContext) -> None:
-    if ctx.world > 1 and dist.is_initialized():
+    """End the process group this run started; one started by the caller (several runs in one job) stays."""
+    if not dist.is_initialized():
+        return
+    if ctx.world > 1:
         dist.barrier()  # gloo with subgroups crashes at exit without it
+    if ctx.owns_group:
         dist.destroy_process_group()

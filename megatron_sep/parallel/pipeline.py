@@ -60,6 +60,8 @@ class Pipeline:
             self.tied_param = model.embed.weight if has_first else (model.lm_head.weight if has_last else None)
         self.tied_group = ctx.embedding_group
         self.before_last_backward = None  # set by the plan: enables the data-parallel gradient hooks
+        # DeepSpeed's plan routes the whole model's forward and the loss's backward through its engine
+        self.whole_model, self.backward_loss = model, torch.Tensor.backward
 
     # ---- one chunk ---------------------------------------------------------------------------
     def run_chunk(self, g: int, x, tokens, labels, batch):
@@ -68,6 +70,8 @@ class Pipeline:
         whole: attention runs over the full sequence)."""
         m, ctx = self.model, self.ctx
         pos = shard_seq(torch.arange(tokens.shape[1], device=tokens.device), ctx, dim=0)
+        if g == 0 == self.last_chunk:  # the whole model: through its forward, so module hooks (ZeRO-3) see it
+            return self.whole_model(shard_seq(tokens, ctx), shard_seq(labels, ctx), pos, batch)
         if g == 0:
             x = m.embed_tokens(shard_seq(tokens, ctx))
         x = m.run_layers(x, pos, batch, self.chunk_layers[g])
@@ -146,7 +150,7 @@ class Pipeline:
                 if self.before_last_backward is not None and self._is_last_backward(actions, i):
                     self.before_last_backward()
                 if g == self.last_chunk:
-                    y.backward()
+                    self.backward_loss(y)
                 else:
                     grad = self._recv(y.shape, self._peer(g, 1))
                     torch.autograd.backward(y, grad.to(y.dtype))

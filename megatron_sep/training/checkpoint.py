@@ -22,7 +22,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..parallel.state import load_model_state, load_optim_state, model_state, optim_state
 
 LATEST = "latest"
 # Test-only fault point: exit hard inside the save of step N: "N" or "N:tensors" after the tensors are
@@ -80,7 +79,7 @@ def save_checkpoint(root: Path, step: int, plan, meta: dict, config_text: str, k
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier(ctx)
-    state = {"model": model_state(plan.model, ctx), "optim": optim_state(plan)}
+    state = plan.checkpoint_state()  # {"model": ..., "optim": ...} keyed by parameter name, any engine
     try:
         with warnings.catch_warnings():  # single-process saves are intended; DCP warns about them
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -234,19 +233,18 @@ def load_checkpoint(path: Path, plan, with_optimizer: bool = True) -> dict:
     ctx = plan.ctx
     meta = read_meta(path)
     check_matches(path, plan.cfg, with_optimizer)
-    state = {"model": model_state(plan.model, ctx)}
+
+    def read(state: dict) -> None:  # the plan asks for what it holds, in one or several parts
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, checkpoint_id=str(path))
+        except (Exception, CheckpointException) as e:  # DCP's own type is a BaseException, with tracebacks inside
+            raise CheckpointError(f"cannot load {path}: {_reason(e)} Fix: the checkpoint must come from a model "
+                                  "with the same architecture (compare its config.yaml with yours)") from None
+
+    plan.load_checkpoint_state(read, with_optimizer)
     if with_optimizer:
-        state["optim"] = optim_state(plan)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
-    except (Exception, CheckpointException) as e:  # DCP's own type is a BaseException, with tracebacks inside
-        raise CheckpointError(f"cannot load {path}: {_reason(e)} Fix: the checkpoint must come from a model with "
-                              "the same architecture (compare its config.yaml with yours)") from None
-    load_model_state(plan.model, state["model"])
-    if with_optimizer:
-        load_optim_state(plan, state["optim"])
         rng = path / f"rng_{ctx.rank}.pt"
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))

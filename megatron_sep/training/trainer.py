@@ -20,7 +20,7 @@ from ..data.separators import resolve_separator_ids
 from ..model import GPT
 from ..model.attention import attention_stats, prepare_batch, sep_inputs
 from ..parallel import init_parallel, shutdown
-from ..parallel.apply import ParallelPlan
+from ..parallel.apply import build_plan
 from . import fp8
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .metrics import (FLOPS_CONVENTION, MetricsLogger, flops_per_token, format_step, matmul_params, peak_flops,
@@ -54,6 +54,9 @@ class Trainer:
         _absolute_paths(cfg)  # the saved config then works from any directory (export-hf, generate)
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if cfg.parallel.engine == "deepspeed":  # missing: one line naming the install, before any work
+            from ..parallel.ds_engine import import_deepspeed
+            import_deepspeed()
         self.ctx = init_parallel(cfg, pick_device(cfg))
         self.device = self.ctx.device
         if cfg.attention.kind != "dense":  # train.device auto: known only now, still before any work
@@ -86,8 +89,11 @@ class Trainer:
         model = GPT(cfg)
         self.matmul_params = matmul_params(model)  # of the whole model, before sharding (for MFU)
         self.num_params = model.num_params()  # of the whole model, before sharding
-        self.plan = ParallelPlan(model, cfg, self.ctx)
+        self.plan = build_plan(model, cfg, self.ctx)
         self.model, self.opt = self.plan.model, self.plan.opt
+        if cfg.parallel.engine == "deepspeed":
+            self.notes.append("deepspeed config (generated from this config; parallel.deepspeed overrides keys): "
+                              + self.plan.config_json())
         self.step, self.consumed, self.saved_step = 0, 0, None
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and t.precision in ("auto", "bf16", "fp8")
@@ -312,7 +318,7 @@ class Trainer:
                               f"(None = dense), separator share in the data {self._separator_share():.2%}")
         self.logger.print(f"model: {cfg.model.family}, {self.num_params / 1e6:.2f}M parameters, "
                           f"device {self.device}, layout tp={self.ctx.tp} pp={self.ctx.pp} cp={self.ctx.cp} dp={self.ctx.dp}"
-                          f"{' zero1' if self.plan.zero else ''}, "
+                          f"{self.plan.describe}, "
                           f"{self.global_batch // (t.micro_batch_size * self.ctx.dp)} micro-batches per step")
         peak = f"{self.peak / 1e12:.0f} TFLOP/s per device ({self.peak_source})" \
             if self.peak else f"n/a ({self.peak_source})"
