@@ -25,11 +25,12 @@ setup(
                  "triton>=3.6", "torchao>=0.17",
                  # megatron-core's own builder, checkpoint writer and forward are the references of the Megatron
                  # compatibility tests; psutil is what its checkpoint writer needs
-                 "megatron-core>=0.16.1", "psutil>=7"],
+                 "megatron-core>=0.16.1", "psutil>=7",
+                 "deepspeed>=0.19.8"],  # parallel.engine: deepspeed, on DeepSpeed's CPU path
         "gpu": ["triton>=3.6"],
         "fp8": ["torchao>=0.17"],  # train.precision: fp8 (torchao's float8 training)
         "wandb": ["wandb>=0.31"],
-        "deepspeed": ["deepspeed"],
+        "deepspeed": ["deepspeed>=0.19.8"],  # parallel.engine: deepspeed (ZeRO-2/3, CPU offload)
     },
     entry_points={"console_scripts": ["megatron-sep=megatron_sep.cli:main"]},
 )
