@@ -20,12 +20,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 
 import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError
-from .context import ParallelContext
+from .context import ParallelContext, env_world
 from .pipeline import Pipeline
 
 LOAD_PART_BYTES = 1 << 30  # fp32 weights + Adam states read per part of a load, per rank
@@ -86,6 +87,9 @@ class DeepSpeedPlan:
     def __init__(self, model, cfg: Config, ctx: ParallelContext):
         deepspeed = import_deepspeed()
         self.ctx, self.cfg = ctx, cfg
+        os.environ.setdefault("LOCAL_RANK", str(env_world()[2]))  # DeepSpeed asserts it; srun and one process lack it
+        if ctx.device.type == "cuda":
+            torch.cuda.set_device(ctx.device.index or 0)
         if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
             backend = "nccl" if ctx.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -103,8 +107,6 @@ class DeepSpeedPlan:
         else:  # on a CPU-only run the states already live on the CPU: torch's AdamW, no C++ build
             fused = ctx.device.type == "cuda" and p.offload == "none"
             opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
-        if ctx.device.type == "cuda":
-            torch.cuda.set_device(ctx.device)
         self.engine, self.opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds_config,
                                                            dist_init_required=False)
         self.model = self.engine.module
