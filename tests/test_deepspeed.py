@@ -9,6 +9,7 @@ communication op's build dominate a spawn.
 """
 import contextlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -58,13 +59,30 @@ def train(corpus, run_dir, kind, parallel=None, until=None):
         Trainer(config(corpus, run_dir, kind, parallel)).run(until=until)
 
 
+def _nan_step(corpus, run_dir, zero):
+    """One step, then one whose first weight's gradient is NaN on every rank, then one more.
+    -> (skipped steps, weights unchanged by the NaN step, next loss)."""
+    import torch
+    cfg = config(corpus, run_dir, "dense", {**DS, "zero": zero})
+    cfg.optim.skip_nonfinite = 1
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    before = [trainer.plan._full(p).clone() for _, p in trainer.plan._named()]
+    hook = next(trainer.model.parameters()).register_hook(lambda g: g * float("nan"))
+    trainer.train_step()
+    hook.remove()
+    same = all(torch.equal(trainer.plan._full(p), b) for (_, p), b in zip(trainer.plan._named(), before))
+    return trainer.skipped, same, trainer.train_step()[0].item()
+
+
 def _deepspeed_cases(rank, world, corpus, root):
     import torch.distributed as dist
     dist.init_process_group("gloo", rank=rank, world_size=world)
     for name, kind, parallel, until in CASES:
         train(corpus, Path(root) / name, kind, parallel, until)
+    nan = {zero: _nan_step(corpus, Path(root) / f"nan_zero{zero}", zero) for zero in (2, 3)}
     dist.destroy_process_group()
-    return True
+    return nan
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +93,9 @@ def runs(corpus, tmp_path_factory):
     for kind in ("dense", "sepllm"):
         train(corpus, root / f"native_{kind}", kind)
     train(corpus, root / "native_to_zero2", "sepllm", until=3)  # saved at step 3
-    run_distributed(_deepspeed_cases, 2, corpus, str(root), timeout=600)
+    nan = run_distributed(_deepspeed_cases, 2, corpus, str(root), timeout=600)[0]
     train(corpus, root / "zero1_offload", "sepllm")  # native, one process, from step 3
-    return {p.name: p for p in root.iterdir()}
+    return {**{p.name: p for p in root.iterdir()}, "nan": nan}
 
 
 @pytest.mark.parametrize("name", ["zero2_dense", "zero2_sepllm", "zero3_dense", "zero3_sepllm"])
@@ -97,6 +115,13 @@ def test_offload_and_resume_across_engines_match_the_uninterrupted_run(runs, nam
     assert sorted(got) == list(range(1, 7))
     assert all(abs(got[s] - ref[s]) < TOL for s in ref), (name, got, ref)
     assert "resumed from" in (runs[name] / "stdout.txt").read_text()
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_a_non_finite_gradient_drops_the_step(runs, zero):
+    """DeepSpeed drops the update; the Trainer counts it against optim.skip_nonfinite and trains on."""
+    skipped, unchanged, next_loss = runs["nan"][zero]
+    assert skipped == 1 and unchanged and math.isfinite(next_loss)
 
 
 def test_export_hf_reads_a_zero3_checkpoint(runs, tmp_path):

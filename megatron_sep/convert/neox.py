@@ -135,8 +135,9 @@ def neox_to_raw(n: dict, gpus: int | None, run_dir: str) -> tuple[dict, list[str
     glob = n.get("train_batch_size") or micro * n.get("gradient_accumulation_steps", 1) * dp
     stage = (n.get("zero_optimization") or {}).get("stage", 0)
     if stage > 1:
-        notes.append(f"ZeRO stage {stage} becomes parallel.zero: 1 (optimizer state sharded; gradients and "
-                     "weights are not)")
+        notes.append(f"ZeRO stage {stage} becomes parallel.zero: 1 on the native engine (optimizer state sharded; "
+                     f"gradients and weights are not); with tp = pp = 1, parallel.engine: deepspeed and "
+                     f"parallel.zero: {stage} give DeepSpeed's ZeRO-{stage}")
     fp16 = (n.get("fp16") or {}).get("enabled", False) or n.get("precision") == "fp16"
     if fp16:
         notes.append("fp16 becomes bf16 autocast (train.precision: auto); fp16 loss scaling is not offered")

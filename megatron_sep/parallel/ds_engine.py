@@ -17,6 +17,7 @@ without ZeRO-3.
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import math
@@ -93,7 +94,9 @@ class DeepSpeedPlan:
         if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
             backend = "nccl" if ctx.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-            ctx.owns_group = True
+            # kept for the process's life: DeepSpeed caches its groups, so a later run in this process
+            # (a sweep, a notebook) must find the same one
+            atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
         bf16 = ctx.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
         self.ds_config = ds_config(cfg, ctx.dp, bf16)
         self.pipe = Pipeline(model, ctx, "1f1b", 1)  # one stage: the same schedule code as the native plan
