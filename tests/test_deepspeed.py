@@ -10,6 +10,7 @@ communication op's build dominate a spawn.
 import contextlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,23 @@ def test_a_non_finite_gradient_drops_the_step(runs, zero):
     """DeepSpeed drops the update; the Trainer counts it against optim.skip_nonfinite and trains on."""
     skipped, unchanged, next_loss = runs["nan"][zero]
     assert skipped == 1 and unchanged and math.isfinite(next_loss)
+
+
+def test_a_kill_during_a_deepspeed_save_keeps_the_last_checkpoint(corpus, runs, tmp_path):
+    """One DeepSpeed process (ZeRO-3, the CLI) killed inside its step-6 save, after the tensors are written:
+    `latest` stays at step 3, and the native engine resumes from it to the uninterrupted losses."""
+    from megatron_sep.config import dump_config
+    from megatron_sep.training.checkpoint import CRASH_ENV, latest_checkpoint
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(dump_config(config(corpus, tmp_path / "run", "sepllm", {**DS, "zero": 3})))
+    r = subprocess.run([sys.executable, "-m", "megatron_sep", "train", "-c", str(cfg_file)], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, CRASH_ENV: "6"})
+    assert r.returncode == 86, r.stderr[-2000:]
+    root = tmp_path / "run" / "checkpoints"
+    assert latest_checkpoint(root).name == "step_00000003" and list(root.glob(".tmp-step_00000006"))
+    train(corpus, tmp_path / "run", "sepllm")
+    got, ref = losses(tmp_path / "run"), losses(runs["native_sepllm"])
+    assert all(abs(got[s] - ref[s]) < TOL for s in ref) and sorted(got) == list(range(1, 7))
 
 
 def test_export_hf_reads_a_zero3_checkpoint(runs, tmp_path):
