@@ -11,7 +11,7 @@ DEMO := data/demo
 HF ?= transformers tokenizers safetensors
 HF_VENV := .venv-hf
 HF_TESTS := tests/test_convert_hf.py tests/test_hf_generation.py tests/test_hf_tokenizer.py tests/test_neox_import.py \
-	tests/test_megatron_compat.py tests/test_megatron_import.py tests_compat
+	tests/test_megatron_compat.py tests/test_megatron_import.py tests/test_deepspeed.py tests_compat
 
 .PHONY: demo test env lock test-latest test-hf clean-demo
 
@@ -51,10 +51,11 @@ lock:
 	  .venv-lock/bin/pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > $(LOCK)
 	rm -rf .venv-lock
 
-# The compatibility check: conversion, generation and tokenizer tests plus lm-eval on the newest
-# transformers / tokenizers / safetensors. Not run by CI, so an upstream release never turns main red.
+# The compatibility check: conversion, generation, tokenizer, import and DeepSpeed-engine tests plus lm-eval
+# on the newest transformers / tokenizers / safetensors / megatron-core / deepspeed. Not run by CI, so an
+# upstream release never turns main red.
 test-latest:
-	$(MAKE) test-hf HF="transformers tokenizers safetensors megatron-core"
+	$(MAKE) test-hf HF="transformers tokenizers safetensors megatron-core deepspeed"
 
 test-hf:
 	rm -rf $(HF_VENV)
@@ -62,7 +63,7 @@ test-hf:
 	$(HF_VENV)/bin/pip install -q -U pip setuptools wheel
 	$(HF_VENV)/bin/pip install -q "torch==$(TORCH_VERSION)"
 	$(HF_VENV)/bin/pip install -q -U --no-build-isolation -e ".[test]" "torch==$(TORCH_VERSION)" "lm-eval[hf]" $(HF)
-	$(HF_VENV)/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|safetensors|huggingface.hub|lm.eval|megatron.core) '
+	$(HF_VENV)/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|safetensors|huggingface.hub|lm.eval|megatron.core|deepspeed) '
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(HF_VENV)/bin/python -m pytest -q $(HF_TESTS)
 
 clean-demo:
