@@ -39,6 +39,7 @@ CASES = [
     ("zero1_offload", "sepllm", {**DS, "zero": 1, "offload": "optimizer"}, 3),  # the native engine resumes it
     ("native_to_zero2", "sepllm", {**DS, "zero": 2}, None),  # resumes a native single-process checkpoint
 ]
+CASES_BY_NAME = {name: parallel for name, _, parallel, _ in CASES}
 
 
 def config(corpus, run_dir, kind, parallel=None, steps=6):
@@ -116,6 +117,9 @@ def test_offload_and_resume_across_engines_match_the_uninterrupted_run(runs, nam
     assert sorted(got) == list(range(1, 7))
     assert all(abs(got[s] - ref[s]) < TOL for s in ref), (name, got, ref)
     assert "resumed from" in (runs[name] / "stdout.txt").read_text()
+    if name != "zero1_offload":  # run by DeepSpeed last: what it was given is next to config.yaml
+        given = json.loads((runs[name] / "deepspeed_config.json").read_text())
+        assert given["zero_optimization"]["stage"] == CASES_BY_NAME[name]["zero"]
 
 
 @pytest.mark.parametrize("zero", [2, 3])
