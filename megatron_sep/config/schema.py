@@ -46,6 +46,11 @@ class ModelConfig:
     # inductor-generated code, which fuses each norm with the next float8 cast)
     kernels: Literal["auto", "triton", "reference"] = "auto"
     fused_loss: bool = True  # LM head + cross-entropy in chunks of tokens: no full [tokens, vocab] logits
+    # SUBLLM (model/subllm.py): T a block, ( learned downsampling, ) upsampling + bypass; None: T * num_layers
+    structure: Optional[str] = None
+    subsample_keep: Union[float, list[float]] = 0.64  # share of tokens each ( keeps: one value, or one per (
+    subsample_causal: bool = False  # keep positive scores in training too (no top-k look-ahead)
+    bypass_warmup_steps: int = 20000  # the bypass scale's minimum falls from 0.9 to 0.2 over these steps
 
     def check(self) -> None:
         p = "model."
@@ -74,6 +79,38 @@ class ModelConfig:
         if self.ffn_hidden_size is not None:
             _require(self.ffn_hidden_size >= 1, p + "ffn_hidden_size", self.ffn_hidden_size,
                      "must be >= 1", "leave it null for the family default")
+        self._check_structure()
+
+    def _check_structure(self) -> None:
+        from .structure import levels, parse_structure
+        if self.structure is None:
+            return
+        try:
+            chars = parse_structure(self.structure, self.num_layers)
+        except ValueError as e:
+            raise ConfigError("model.structure", self.structure, str(e),
+                              "write it as SUBLLM does, e.g. TT(TT(TT)TT)TT, with one T per layer") from None
+        keep = self.subsample_keep
+        keeps = keep if isinstance(keep, list) else [keep]
+        _require(all(0.0 < k <= 1.0 for k in keeps), "model.subsample_keep", keep, "must be in (0, 1]",
+                 "use e.g. 0.64 (SUBLLM's 1.3B model)")
+        _require(not isinstance(keep, list) or len(keep) == levels(chars), "model.subsample_keep", keep,
+                 f"has {len(keeps)} entries for the {levels(chars)} ( in model.structure",
+                 "give one keep ratio per (, or a single number")
+        _require(self.bypass_warmup_steps >= 1, "model.bypass_warmup_steps", self.bypass_warmup_steps,
+                 "must be >= 1", "use e.g. 20000")
+
+    def level_keeps(self) -> list[float]:
+        """The keep ratio of each ( in order; empty without subsampling."""
+        from .structure import levels, parse_structure
+        if self.structure is None:
+            return []
+        n = levels(parse_structure(self.structure, self.num_layers))
+        return list(self.subsample_keep) if isinstance(self.subsample_keep, list) else [self.subsample_keep] * n
+
+    @property
+    def subsampled(self) -> bool:
+        return any(k < 1.0 for k in self.level_keeps())
 
     @property
     def head_dim(self) -> int:
@@ -317,6 +354,15 @@ class Config:
                  "lower data.seq_len or raise model.max_position_embeddings")
         self._check_context_parallel()
         self._check_engine()
+        if m.subsampled:  # SUBLLM's levels select tokens over the whole sequence of one rank
+            p = self.parallel
+            for key, bad, why in (("pp", p.pp > 1, "a level's ( and ) would have to sit in one stage, not yet split"),
+                                  ("cp", p.cp > 1, "the scorer's top-k needs the whole sequence on one rank"),
+                                  ("sequence_parallel", p.sequence_parallel and p.tp > 1,
+                                   "the scorer's top-k needs the whole sequence, not a shard")):
+                _require(not bad, "parallel." + key, getattr(p, key),
+                         f"does not serve a subsampling model.structure yet: {why}",
+                         f"use tp and data parallelism with SUBLLM, or model.structure: null")
         if a.kind != "dense":  # what a backend cannot serve stops here, not mid-run
             _require(m.attention_dropout == 0, "model.attention_dropout", m.attention_dropout,
                      f"is not supported by attention.kind={a.kind}", "set it to 0")

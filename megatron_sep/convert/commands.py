@@ -40,6 +40,9 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "m
 def export_hf(load: str | Path, out: str | Path, dtype: str = "fp32", tokenizer: str | None = None,
               force: bool = False) -> Path:
     model, cfg = load_project_model(load)
+    if cfg.model.subsampled:
+        raise ConversionError(f"model.structure={cfg.model.structure!r} (SUBLLM subsampling) has no transformers "
+                              "export yet. Fix: evaluate it with `megatron-sep eval`, which runs the project model")
     if cfg.attention.reset_per_document:
         raise ConversionError("attention.reset_per_document has no transformers equivalent (inference sees one "
                               "document). Fix: export with reset_per_document off (weights are unaffected)")

@@ -31,14 +31,26 @@ def prepare_batch(cfg: Config, tokens: torch.Tensor, sep_ids: torch.Tensor) -> A
     inputs = sep_inputs(cfg, tokens, sep_ids)
     if not inputs:
         return AttentionBatch()
-    a, s = cfg.attention, tokens.shape[1]
+    return planned_batch(cfg, inputs["is_sep"], inputs.get("segment_ids"))
+
+
+def planned_batch(cfg: Config, is_sep: torch.Tensor, segment_ids: torch.Tensor | None) -> AttentionBatch:
+    a, s = cfg.attention, is_sep.shape[1]
     windows = [w or DENSE for w in a.layer_windows(cfg.model.num_layers, cfg.model.max_position_embeddings)
                if (w is not None and w < s) or a.reset_per_document]
     plan = None
     if windows:
-        plan = fused_ops.plan_for(inputs["is_sep"], a.init_tokens, windows, a.backend, inputs.get("segment_ids"),
-                                  cfg.model.head_dim)
-    return AttentionBatch(is_sep=inputs["is_sep"], segment_ids=inputs.get("segment_ids"), plan=plan)
+        plan = fused_ops.plan_for(is_sep, a.init_tokens, windows, a.backend, segment_ids, cfg.model.head_dim)
+    return AttentionBatch(is_sep=is_sep, segment_ids=segment_ids, plan=plan)
+
+
+def subsample_batch(cfg: Config, batch: AttentionBatch, index: torch.Tensor) -> AttentionBatch:
+    """The batch of the tokens at index [b, k] (SUBLLM's inner levels): their is_sep and documents; the
+    window and initial tokens count in the shorter sequence."""
+    if batch.is_sep is None:
+        return AttentionBatch()
+    seg = None if batch.segment_ids is None else torch.gather(batch.segment_ids, 1, index)
+    return planned_batch(cfg, torch.gather(batch.is_sep, 1, index), seg)
 
 
 def dense_causal(q, k, v, batch, dropout=0.0):

@@ -18,8 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 import fused_ops
 from ..config import Config, ModelConfig
-from .attention import build_core_attention, prepare_batch, separator_ids_of
+from .attention import build_core_attention, prepare_batch, separator_ids_of, subsample_batch
 from .loss import linear_cross_entropy
+from .subllm import Bypass, Downsample, bypass_minimum, gather_seq, parse_structure, upsample
 
 
 class Norm(nn.Module):
@@ -136,12 +137,19 @@ class GPT(nn.Module):
             Block(m, build_core_attention(cfg, i), i) for i in range(m.num_layers))
         self.register_buffer("sep_ids", torch.tensor(separator_ids_of(cfg), dtype=torch.long),
                              persistent=False)
+        self.structure = None  # SUBLLM: the structure's characters (model/subllm.py)
+        if m.subsampled:
+            self.structure = parse_structure(m.structure, m.num_layers)
+            self.down = nn.ModuleList(Downsample(m.hidden_size, k, m.subsample_causal) for k in m.level_keeps())
+            self.bypass = nn.ModuleList(Bypass(m.hidden_size) for _ in self.down)
         self.final_norm = Norm(m)
         self.lm_head = nn.Linear(m.hidden_size, self.padded_vocab_size, bias=False)
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         from .init import init_weights
         init_weights(self, m)
+        for d in getattr(self, "down", ()):  # scores of about unit size from a unit-size stream
+            nn.init.normal_(d.score.weight, std=m.hidden_size ** -0.5)
 
     def forward(self, tokens, labels=None, position_ids=None, batch=None):
         """tokens [b, s] -> logits [b, s, vocab] or, with labels, the mean cross-entropy.
@@ -158,6 +166,8 @@ class GPT(nn.Module):
 
     def run_layers(self, x, position_ids, batch, indices=None):
         """The blocks in order, or those with these global indices (a pipeline chunk)."""
+        if self.structure is not None and indices is None:
+            return self.run_structure(x, position_ids, batch)
         layers = self.layers
         if indices is not None:
             layers = [layers[str(i)] if isinstance(layers, nn.ModuleDict) else layers[i] for i in indices]
@@ -166,6 +176,34 @@ class GPT(nn.Module):
         for layer in layers:
             x = layer(x, position_ids, batch)
         return x
+
+    def run_structure(self, x, position_ids, batch):
+        """SUBLLM: the blocks in structure order; each ( ... ) runs on the tokens its scorer keeps, in
+        order, at their own positions, with their is_sep (model/subllm.py)."""
+        if batch.kv_cache is not None:
+            raise ValueError("generation from a model with a subsampling model.structure is not supported yet")
+        b, s = x.shape[:2]
+        pos = position_ids.expand(b, s) if position_ids.dim() == 1 else position_ids
+        stack, layer, level = [], 0, 0
+        for c in self.structure:
+            if c == "T":
+                x = self.layers[layer](x, pos, batch)
+                layer += 1
+            elif c == "(":
+                sel = self.down[level](x)
+                stack.append((x, pos, batch, sel, level))
+                level += 1
+                pos, batch = torch.gather(pos, 1, sel.index), subsample_batch(self.cfg, batch, sel.index)
+                x = gather_seq(x, sel.index)
+            else:
+                outer, pos, batch, sel, lv = stack.pop()
+                x = self.bypass[lv](outer, upsample(outer, x, sel))
+        return x
+
+    def set_train_step(self, step: int) -> None:
+        """Step-dependent settings: the SUBLLM bypass scale's minimum."""
+        for bypass in getattr(self, "bypass", ()):
+            bypass.minimum = bypass_minimum(step, self.cfg.model.bypass_warmup_steps)
 
     def head(self, x, labels=None):
         x = self.final_norm(x)

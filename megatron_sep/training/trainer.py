@@ -216,6 +216,7 @@ class Trainer:
         micros = self.global_batch // (mb * ctx.dp)
         base = self.consumed + ctx.dp_rank * (self.global_batch // ctx.dp)
         self.plan.set_lr(lr_at(self.step, self.cfg))
+        self.model.set_train_step(self.step)
         batches = [self.micro_batch(self.train_ds, base + m * mb, mb) for m in range(micros)]
         with self.autocast:  # one schedule runs every forward and backward (one stage without pp)
             total = self.plan.pipe.run(batches)

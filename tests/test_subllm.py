@@ -1,0 +1,131 @@
+"""SUBLLM (model.structure): parsing, the plain-model limit, the scorer's gradients and balancer, causality
+of the causal variant, training with resume, and tensor parallelism against one process (fp32)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_sep.config import ConfigError, config_from_dict
+from megatron_sep.model import GPT
+from megatron_sep.model.subllm import _Balance
+from megatron_sep.training import Trainer
+
+from .conftest import tiny_config
+from .dist_utils import run_distributed
+
+STRUCT = {"num_layers": 4, "structure": "T(TT)T", "subsample_keep": 0.5}
+
+
+def model_config(**model):
+    return config_from_dict({"model": {"num_layers": 4, "hidden_size": 32, "num_heads": 4, "vocab_size": 97,
+                                       "max_position_embeddings": 64, **model}, "data": {"seq_len": 32}})
+
+
+@pytest.mark.parametrize("structure,layers,words", [
+    ("TT(TT", 4, "open"), ("T)T(TT", 4, "never opened"), ("TX(TT)", 4, "only T"), ("TT()TT", 4, "empty level"),
+    ("T(TT)T", 5, "4 blocks"), ("T(T(T)T)", 4, "one keep ratio per ("),
+])
+def test_structure_errors_name_the_problem(structure, layers, words):
+    keep = [0.5] if words == "one keep ratio per (" else 0.5
+    with pytest.raises(ConfigError, match="model.(structure|subsample_keep).*Fix:") as e:
+        model_config(num_layers=layers, structure=structure, subsample_keep=keep)
+    assert words in str(e.value)
+
+
+def test_bad_layouts_for_subsampling_are_rejected(corpus, tmp_path):
+    for parallel, key in (({"pp": 2}, "parallel.pp"), ({"cp": 2}, "parallel.cp"),
+                          ({"tp": 2, "sequence_parallel": True}, "parallel.sequence_parallel")):
+        with pytest.raises(ConfigError, match=key):
+            tiny_config(corpus, tmp_path, model=STRUCT, parallel=parallel)
+
+
+def test_keep_ratio_one_is_the_plain_model():
+    torch.manual_seed(0)
+    plain = GPT(model_config())
+    torch.manual_seed(0)
+    sub = GPT(model_config(structure="T(TT)T", subsample_keep=1.0))
+    tokens = torch.randint(0, 97, (2, 32))
+    assert torch.equal(plain(tokens), sub(tokens))
+
+
+def test_scorer_gets_finite_gradients_and_dropped_tokens_skip_the_inner_blocks():
+    torch.manual_seed(0)
+    model = GPT(model_config(**STRUCT))
+    tokens = torch.randint(0, 97, (2, 32))
+    model(tokens, tokens).backward()
+    for p in (model.down[0].score.weight, model.bypass[0].scale):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    # a dropped token's stream passes the level unchanged: its output at ) is its input at (
+    seen = {}
+    model.down[0].register_forward_hook(lambda m, i, o: seen.update(x=i[0], sel=o))
+    model.bypass[0].register_forward_hook(lambda m, i, o: seen.update(out=o))
+    with torch.no_grad():
+        model(tokens)
+    kept = torch.zeros(2, 32, dtype=torch.bool).scatter(1, seen["sel"].index, seen["sel"].valid)
+    assert kept.sum(1).tolist() == [16, 16]  # top-k of 0.5 x 32
+    assert torch.equal(seen["out"][~kept], seen["x"][~kept])
+
+
+def test_balancer_moves_the_share_of_positive_scores_toward_keep():
+    """SGD on scores under gradient noise alone, with and without the balancer: only the balanced ones
+    move toward `keep` of them positive."""
+    def share_after(balanced: bool) -> tuple[float, float]:
+        torch.manual_seed(0)
+        x = (torch.randn(4, 256) - 2.0).requires_grad_(True)  # ~3% positive; keep 0.5 wants ~50%
+        for _ in range(200):
+            y = _Balance.apply(x, 0.5) if balanced else x * 1.0
+            y.backward(torch.randn_like(y) * 0.1)  # noise from the loss: no direction of its own
+            with torch.no_grad():
+                x -= 0.5 * x.grad
+            x.grad = None
+        return x.mean().item(), (x > 0).float().mean().item()
+    (plain_mean, plain), (balanced_mean, balanced) = share_after(False), share_after(True)
+    # seen: mean -1.93 and 6% positive without, -1.75 and 12% with (the balancer's push is 0.04 x |grad|)
+    assert balanced_mean - plain_mean > 0.1 and balanced > 1.5 * plain, (plain_mean, plain, balanced_mean, balanced)
+
+
+def test_causal_variant_outputs_do_not_see_later_tokens():
+    """subsample_causal keeps positive scores: what position t gets cannot depend on tokens after t."""
+    torch.manual_seed(0)
+    model = GPT(model_config(**STRUCT, subsample_causal=True)).train()
+    with torch.no_grad():  # scores around zero: about half kept
+        model.down[0].score.weight.normal_(std=3.0)
+    a = torch.randint(0, 97, (2, 32))
+    b = a.clone()
+    b[:, 20:] = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        la, lb = model(a), model(b)
+    assert torch.equal(la[:, :20], lb[:, :20])
+    assert not torch.equal(la[:, 20:], lb[:, 20:])
+
+
+def _config(corpus, run_dir, parallel=None):
+    return tiny_config(corpus, run_dir, model=STRUCT, parallel=parallel or {},
+                       attention={"kind": "sepllm", "window": 6, "init_tokens": 2},
+                       train={"steps": 6, "micro_batch_size": 2, "global_batch_size": 4, "eval_interval": 3},
+                       checkpoint={"save_interval": 3})
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _train_tp(rank, world, corpus, run_dir):
+    Trainer(_config(corpus, run_dir, {"tp": 2})).run()
+    return True
+
+
+def test_trains_resumes_and_matches_under_tensor_parallelism(corpus, tmp_path):
+    """SepLLM attention inside the levels. A stop at step 3 and a resume give the uninterrupted losses;
+    tp2 (scorer and bypass replicated, identical selections) matches one process within 1e-5."""
+    Trainer(_config(corpus, tmp_path / "ref")).run()
+    Trainer(_config(corpus, tmp_path / "resumed")).run(until=3)
+    Trainer(_config(corpus, tmp_path / "resumed")).run()
+    run_distributed(_train_tp, 2, corpus, str(tmp_path / "tp2"))
+    ref = losses(tmp_path / "ref")
+    assert sorted(ref) == list(range(1, 7)) and ref[6] < ref[1]
+    for name in ("resumed", "tp2"):
+        got = losses(tmp_path / name)
+        assert all(abs(got[s] - ref[s]) < 1e-5 for s in ref), (name, got, ref)
