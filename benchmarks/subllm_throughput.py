@@ -1,0 +1,69 @@
+"""SUBLLM against the plain model of the same shape: training tokens/s and peak memory, same run, one GPU.
+
+  PYTHONPATH=. python3 benchmarks/subllm_throughput.py --out DIR [--steps 8] [--compile]
+
+Llama 1.3B shape (24 x 2048, 16 heads, FFN 5504, vocab 32000), dense attention (as in the SUBLLM paper),
+seq 4096, micro-batch 2, bf16, data.mock, through the Trainer's own step. SUBLLM: structure
+TTTTT(TTTTT(TTTT)TTTTT)TTTTT with keep 0.64 per level (the paper's 1.3B). Median step after 2 warm-up steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from megatron_sep.config import config_from_dict
+from megatron_sep.training import Trainer
+
+MODEL = {"family": "llama", "num_layers": 24, "hidden_size": 2048, "num_heads": 16, "ffn_hidden_size": 5504,
+         "vocab_size": 32000, "max_position_embeddings": 4096}
+VARIANTS = {"dense": {}, "subllm": {"structure": "TTTTT(TTTTT(TTTT)TTTTT)TTTTT", "subsample_keep": 0.64}}
+
+
+def measure(name: str, args) -> dict:
+    cfg = config_from_dict({"model": {**MODEL, **VARIANTS[name]}, "data": {"seq_len": 4096, "mock": True},
+                            "train": {"run_dir": os.path.join(args.out, name), "micro_batch_size": 2,
+                                      "steps": 10_000, "compile": args.compile, "precision": "bf16"},
+                            "optim": {"warmup_steps": 2}})
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, log=False)
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(args.steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss, _ = trainer.train_step()
+        losses.append(loss.item())
+        times.append(time.perf_counter() - t)
+    step = statistics.median(times[2:])
+    row = {"variant": name, "tokens_per_s": 2 * 4096 / step, "step_s": step, "compile": args.compile,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "losses": losses, "step_times": times}
+    del trainer
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows = [measure(name, args) for name in VARIANTS]
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["x_vs_dense"] = r["tokens_per_s"] / base
+        print(f"{r['variant']:<8} {r['tokens_per_s']:>10,.0f} tok/s  x{r['x_vs_dense']:.2f} vs dense  "
+              f"{r['peak_gib']:.1f} GiB", flush=True)
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    with open(os.path.join(args.out, "subllm_throughput.json"), "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
