@@ -30,8 +30,9 @@ def test_unknown_section_and_override_key():
 
 def test_wrong_type():
     msg = error({"train": {"steps": "many"}})
-    assert "train.steps" in msg and "expected int" in msg
-    assert "expected bool" in error({"train": {"compile": 3}})
+    assert "train.steps" in msg and "expected integer" in msg and "Fix: give a value of type integer" in msg
+    assert "expected boolean" in error({"train": {"compile": 3}})
+    assert "expected mapping or null" in error({"parallel": {"deepspeed": 3}})
     assert "one of 'neox', 'llama'" in error({"model": {"family": "gpt2"}})
 
 

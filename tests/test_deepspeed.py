@@ -163,6 +163,9 @@ def test_export_hf_reads_a_zero3_checkpoint(runs, tmp_path):
     ({**DS, "zero": 3, "cp": 2}, "parallel.cp=2"), ({**DS, "zero": 0}, "plain data parallelism"),
     ({**DS, "zero": 2, "offload": "optimizer+params"}, "needs ZeRO-3"), ({"zero": 2}, "engine: deepspeed"),
     ({"offload": "optimizer"}, "engine: deepspeed"), ({"deepspeed": {"x": 1}}, "engine is native"),
+    ({**DS, "zero": 2, "deepspeed": {"train_batch_size": 16}}, "generated from train.global_batch_size"),
+    ({**DS, "zero": 2, "deepspeed": {"zero_optimization": {"stage": 1}}}, "generated from parallel.zero"),
+    ({**DS, "zero": 2, "deepspeed": {"fp16": {"enabled": True}}}, "fp16 loss scaling is not offered"),
 ])
 def test_combinations_the_engines_cannot_serve_are_rejected_at_load(corpus, tmp_path, parallel, words):
     with pytest.raises(ConfigError, match="Fix:") as e:
@@ -185,17 +188,30 @@ def test_generated_config_and_expert_overrides():
     assert out["gradient_clipping"] == 0.5 and out["bf16"]["enabled"] and out["x"] == [1]
 
 
-def test_missing_deepspeed_is_one_line_naming_the_install(corpus, tmp_path):
-    """DeepSpeed made unimportable in a child process (sys.modules entry None), the CLI as a user runs it."""
+def _cli_train(corpus, tmp_path, parallel, hide_deepspeed=False):
+    """The CLI as a user runs it, in a child process; DeepSpeed unimportable there when asked."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"model": {"num_layers": 2, "hidden_size": 32, "num_heads": 4},
                                "data": {"tokenizer": str(corpus["tokenizer"]), "paths": [corpus["prefix"]],
                                         "seq_len": 32},
-                               "parallel": {**DS, "zero": 2}, "train": {"run_dir": str(tmp_path / "run"),
-                                                                         "device": "cpu"}}))
-    code = ("import sys; sys.modules['deepspeed'] = None; from megatron_sep.cli import main; "
-            f"sys.exit(main(['train', '--config', {str(cfg)!r}]))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+                               "parallel": parallel, "train": {"run_dir": str(tmp_path / "run"), "device": "cpu"}}))
+    hide = "sys.modules['deepspeed'] = None; " if hide_deepspeed else ""
+    code = f"import sys; {hide}from megatron_sep.cli import main; sys.exit(main(['train', '--config', {str(cfg)!r}]))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_missing_deepspeed_is_one_line_naming_the_install(corpus, tmp_path):
+    r = _cli_train(corpus, tmp_path, {**DS, "zero": 2}, hide_deepspeed=True)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "pip install 'megatron-sep[deepspeed]'" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_key_deepspeed_rejects_is_one_line_naming_it(corpus, tmp_path):
+    """DeepSpeed validates its JSON itself (pydantic); a misspelt nested key comes back as one config error."""
+    r = _cli_train(corpus, tmp_path, {**DS, "zero": 2, "deepspeed": {"zero_optimization": {"overlap_com": True}}})
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: config error: parallel.deepspeed.zero_optimization.overlap_com=True: "
+                           "DeepSpeed rejects it") and "Fix:" in line, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr

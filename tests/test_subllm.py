@@ -129,3 +129,37 @@ def test_trains_resumes_and_matches_under_tensor_parallelism(corpus, tmp_path):
     for name in ("resumed", "tp2"):
         got = losses(tmp_path / name)
         assert all(abs(got[s] - ref[s]) < 1e-5 for s in ref), (name, got, ref)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sepllm"])
+def test_incremental_generation_equals_full_recomputation(kind):
+    """Eval mode keeps the positive scores (causal). Decoding through the KV cache, one token at a time and
+    with the prompt in chunks, gives the logits of one full forward over the final tokens; the blocks of a
+    level only cache the tokens it kept."""
+    from megatron_sep.inference.generate import generate, make_cache
+    from megatron_sep.model.attention import AttentionBatch
+    attention = {"kind": "sepllm", "window": 3, "init_tokens": 2, "separators": [5, 6, 7, 8, 9]} \
+        if kind == "sepllm" else {"kind": "dense"}
+    cfg = config_from_dict({"model": {"num_layers": 5, "hidden_size": 32, "num_heads": 4, "vocab_size": 97,
+                                      "max_position_embeddings": 64, "structure": "T(T(T)T)T",
+                                      "subsample_keep": 0.5}, "attention": attention, "data": {"seq_len": 32}})
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for d in model.down:
+            d.score.weight.normal_(std=3.0)  # about half the tokens kept at each level
+    prompt = torch.randint(0, 20, (2, 9))
+    for chunk in (0, 4):
+        tokens, steps = generate(model, prompt, 8, output_logits=True, prefill_chunk=chunk)
+        with torch.no_grad():
+            full = model(tokens)[:, prompt.shape[1] - 1: -1].float()
+        assert (full - steps).abs().max().item() < 1e-4, chunk
+    # one row: a level's blocks hold exactly the tokens its scorer kept
+    kv, kept = make_cache(model, "full"), {}
+    model.down[0].register_forward_hook(lambda m, i, o: kept.setdefault("n", []).append(int(o.valid.sum())))
+    with torch.no_grad():
+        for t in range(12):
+            piece = tokens[:1, t:t + 1]
+            model(piece, position_ids=kv.begin(piece), batch=AttentionBatch(kv_cache=kv))
+    inner = kv.kv[1][0].shape[2]  # layer 1 is the first block inside (
+    assert inner == sum(kept["n"]) and 0 < inner < 12 and kv.kv[0][0].shape[2] == 12

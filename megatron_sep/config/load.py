@@ -39,7 +39,10 @@ def _unknown(key: str, name: str, value, options, what: str = "unknown key") -> 
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    names = {dict: "mapping", type(None): "null", int: "integer", float: "number", str: "string", bool: "boolean"}
+    return names.get(tp) or getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(key: str, value, tp):
@@ -53,7 +56,7 @@ def _coerce(key: str, value, tp):
             except ConfigError as e:
                 errors.append(e)
         raise ConfigError(key, value, f"has the wrong type (expected {_type_name(tp)})",
-                          "give a value of one of the listed types")
+                          f"give a value of type {_type_name(tp)}")
     if tp is type(None):
         if value is None:
             return None
@@ -90,7 +93,7 @@ def _coerce(key: str, value, tp):
     else:
         raise TypeError(f"unsupported config annotation {tp}")
     raise ConfigError(key, value, f"has the wrong type (expected {_type_name(tp)})",
-                      f"give a {_type_name(tp)} value")
+                      f"give a value of type {_type_name(tp)}")
 
 
 def _build_section(name: str, cls, values: dict):

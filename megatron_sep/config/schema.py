@@ -410,6 +410,12 @@ class Config:
             value = getattr(p, key)
             _require(value == 1, "parallel." + key, value, f"is not served by parallel.engine=deepspeed: {why}",
                      f"use parallel.engine: native for {key} > 1 (ZeRO-1 there), or {key}: 1 with DeepSpeed")
+        for path, ours in DEEPSPEED_OWNED.items():  # generated from our keys: one place to set each
+            head, _, tail = path.partition(".")
+            given = (p.deepspeed or {}).get(head)
+            if given is not None and (not tail or (isinstance(given, dict) and tail in given)):
+                _require(False, "parallel.deepspeed." + path, given if not tail else given[tail],
+                         f"is generated from {ours}", f"set {ours} instead, and remove it from parallel.deepspeed")
         _require(p.zero >= 1, "parallel.zero", p.zero, "DeepSpeed without ZeRO is plain data parallelism",
                  "use zero 1, 2 or 3 with DeepSpeed, or parallel.engine: native")
         _require(p.offload != "optimizer+params" or p.zero == 3, "parallel.offload", p.offload,
@@ -417,6 +423,17 @@ class Config:
         _require(self.train.precision != "fp8", "train.precision", "fp8",
                  "is not served by parallel.engine=deepspeed (torchao's float8 layers and ZeRO's flat buffers)",
                  "use bf16 with DeepSpeed, or the native engine for fp8")
+
+
+# DeepSpeed keys that parallel/ds_engine.py generates from ours, or that the project's own loop replaces
+DEEPSPEED_OWNED = {
+    "train_batch_size": "train.global_batch_size", "gradient_accumulation_steps": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_clipping": "optim.clip_grad",
+    "bf16": "train.precision", "fp16": "train.precision (bf16 or fp32; fp16 loss scaling is not offered)",
+    "optimizer": "optim.* (the project builds the AdamW)", "scheduler": "optim.schedule",
+    "zero_optimization.stage": "parallel.zero", "zero_optimization.offload_optimizer": "parallel.offload",
+    "zero_optimization.offload_param": "parallel.offload",
+}
 
 
 def check_backend_device(backend: str, device_type: str) -> None:

@@ -35,24 +35,29 @@ class SepKVCache:
         """Register the next tokens; returns their position ids."""
         b, s = tokens.shape
         pos = torch.arange(self.length, self.length + s, device=tokens.device)
-        is_sep = separators_at(self.cfg, tokens, self.sep_ids, pos)
-        self.new_keep = is_sep | (pos < self.init)[None, :]
+        self.new_sep = separators_at(self.cfg, tokens, self.sep_ids, pos)
+        self.new_keep = self.new_sep | (pos < self.init)[None, :]
         self.new_pos = pos
         self.length += s
         return pos
 
     def attend(self, layer: int, q, k, v):
         """q [b, hq, s, d], new k/v [b, hk, s, d] -> attention output over cache + new keys."""
+        return self.attend_at(layer, q, k, v, self.new_pos, self.new_keep, self.length)
+
+    def attend_at(self, layer: int, q, k, v, pos_new, keep_new, next_pos):
+        """attend, with the new keys' mask positions [s] or [b, s], their keep flags [b, s], and the next
+        query's position (scalar or [b]) for eviction."""
         b, s = q.shape[0], q.shape[2]
-        pos_new = self.new_pos
+        pos_new = pos_new.expand(b, s)
         if self.kv[layer] is None:
-            ck, cv, cpos, ckeep = k, v, pos_new.expand(b, s), self.new_keep
+            ck, cv, cpos, ckeep = k, v, pos_new, keep_new
         else:
             ok, ov, opos, okeep = self.kv[layer]
             ck, cv = torch.cat([ok, k], 2), torch.cat([ov, v], 2)
-            cpos, ckeep = torch.cat([opos, pos_new.expand(b, s)], 1), torch.cat([okeep, self.new_keep], 1)
+            cpos, ckeep = torch.cat([opos, pos_new], 1), torch.cat([okeep, keep_new], 1)
         n = self.windows[layer]
-        qpos = pos_new[None, :, None]  # [1, s, 1]
+        qpos = pos_new[:, :, None]  # [b, s, 1]
         kpos = cpos[:, None, :]  # [b, 1, T]
         mask = kpos <= qpos
         if n is not None:
@@ -60,9 +65,41 @@ class SepKVCache:
         out = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask[:, None],
                                              enable_gqa=ck.shape[1] != q.shape[1])
         if self.evict and n is not None:
-            # the next query sits at position `length`: a key it cannot see, no later query sees either;
+            # the next query sits at position `next_pos`: a key it cannot see, no later query sees either;
             # a column goes once no batch row needs it
-            live = (ckeep | (self.length - cpos < n)).any(0)
+            nxt = torch.as_tensor(next_pos, device=cpos.device).reshape(-1, 1)
+            live = (ckeep | (nxt - cpos < n)).any(0)
             ck, cv, cpos, ckeep = ck[:, :, live], cv[:, :, live], cpos[:, live], ckeep[:, live]
         self.kv[layer] = (ck, cv, cpos, ckeep)
         return out
+
+    def level(self, level: int, index: torch.Tensor, valid: torch.Tensor) -> "LevelCache":
+        """SUBLLM: the cache as the blocks inside level `level` see it (the tokens at index [b, k] kept)."""
+        return LevelCache(self, level, self.new_sep, index, valid)
+
+
+PADDING = 1 << 40  # the mask position of a padded entry: no real query ever sees it
+
+
+class LevelCache:
+    """The blocks of a SUBLLM level attend over the kept tokens only, at mask positions that count kept
+    tokens (as in training, where the level's sequence is the kept tokens in order); RoPE keeps the original
+    positions. A padded entry (a batch row that kept fewer tokens this step) is stored at PADDING, where no
+    real query sees it; a step in which no row keeps a token adds nothing."""
+
+    def __init__(self, base: SepKVCache, level: int, outer_sep, index, valid):
+        self.base, self.level_id = base, level
+        counts = base.__dict__.setdefault("level_counts", {})
+        count = counts.get(level, torch.zeros(index.shape[0], dtype=torch.long, device=index.device))
+        rank = torch.cumsum(valid.long(), 1) - 1
+        self.new_pos = torch.where(valid, count[:, None] + rank, torch.full_like(rank, PADDING))
+        self.new_sep = torch.gather(outer_sep.expand(index.shape[0], -1), 1, index) & valid
+        self.new_keep = self.new_sep | (self.new_pos < base.init)
+        counts[level] = count + valid.long().sum(1)
+        self.next_pos = counts[level]
+
+    def attend(self, layer: int, q, k, v):
+        return self.base.attend_at(layer, q, k, v, self.new_pos, self.new_keep, self.next_pos)
+
+    def level(self, level: int, index, valid) -> "LevelCache":
+        return LevelCache(self.base, level, self.new_sep, index, valid & torch.gather(self.new_pos < PADDING, 1, index))

@@ -18,9 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 import fused_ops
 from ..config import Config, ModelConfig
-from .attention import build_core_attention, prepare_batch, separator_ids_of, subsample_batch
+from .attention import AttentionBatch, build_core_attention, prepare_batch, separator_ids_of, subsample_batch
 from .loss import linear_cross_entropy
-from .subllm import Bypass, Downsample, bypass_minimum, gather_seq, parse_structure, upsample
+from .subllm import Bypass, Downsample, bypass_minimum, gather_seq, parse_structure, skip_level, upsample
 
 
 class Norm(nn.Module):
@@ -180,20 +180,32 @@ class GPT(nn.Module):
     def run_structure(self, x, position_ids, batch):
         """SUBLLM: the blocks in structure order; each ( ... ) runs on the tokens its scorer keeps, in
         order, at their own positions, with their is_sep (model/subllm.py)."""
-        if batch.kv_cache is not None:
-            raise ValueError("generation from a model with a subsampling model.structure is not supported yet")
+        cache = batch.kv_cache
+        if cache is not None and not hasattr(cache, "level"):
+            raise ValueError("a model with a subsampling model.structure decodes with the full KV cache only "
+                             "(cache full), not the bounded SepCache")
         b, s = x.shape[:2]
         pos = position_ids.expand(b, s) if position_ids.dim() == 1 else position_ids
-        stack, layer, level = [], 0, 0
-        for c in self.structure:
+        stack, layer, level, i = [], 0, 0, 0
+        while i < len(self.structure):
+            c = self.structure[i]
+            i += 1
             if c == "T":
                 x = self.layers[layer](x, pos, batch)
                 layer += 1
             elif c == "(":
                 sel = self.down[level](x)
+                if cache is not None and not sel.valid.any():  # decoding, nothing kept: the level is a no-op
+                    end = skip_level(self.structure, i - 1)
+                    layer += self.structure[i:end].count("T")
+                    level += self.structure[i - 1:end].count("(")
+                    i = end + 1
+                    continue
                 stack.append((x, pos, batch, sel, level))
                 level += 1
-                pos, batch = torch.gather(pos, 1, sel.index), subsample_batch(self.cfg, batch, sel.index)
+                pos = torch.gather(pos, 1, sel.index)
+                batch = (AttentionBatch(kv_cache=batch.kv_cache.level(level - 1, sel.index, sel.valid))
+                         if cache is not None else subsample_batch(self.cfg, batch, sel.index))
                 x = gather_seq(x, sel.index)
             else:
                 outer, pos, batch, sel, lv = stack.pop()

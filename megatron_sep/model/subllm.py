@@ -115,6 +115,16 @@ def _threshold(scores) -> Selection:
     return Selection(index, w, valid)
 
 
+def skip_level(chars: list[str], start: int) -> int:
+    """The index of the ) matching the ( at start."""
+    depth = 0
+    for i in range(start, len(chars)):
+        depth += (chars[i] == "(") - (chars[i] == ")")
+        if depth == 0:
+            return i
+    raise ValueError("unbalanced structure")
+
+
 def gather_seq(x, index):
     """x [b, s, ...] -> [b, k, ...] at index [b, k]."""
     shape = index.shape + x.shape[2:]

@@ -123,9 +123,11 @@ def resolve_layout(cfg: Config, world: int) -> tuple[int, int, int, int]:
                           "pick virtual_stages so that every model chunk holds the same number of layers")
     gb = t.global_batch_size or t.micro_batch_size
     if gb % (t.micro_batch_size * dp):
-        raise ConfigError("train.global_batch_size", gb,
-                          f"is not a multiple of micro_batch_size x dp = {t.micro_batch_size} x {dp}",
-                          "make global_batch_size a multiple of micro_batch_size * dp")
+        unset = " (unset, so one micro-batch)" if t.global_batch_size is None else ""
+        raise ConfigError("train.global_batch_size", t.global_batch_size,
+                          f"gives {gb} samples a step{unset}, not a multiple of micro_batch_size x dp = "
+                          f"{t.micro_batch_size} x {dp}",
+                          f"set train.global_batch_size to a multiple of {t.micro_batch_size * dp}")
     micros = gb // (t.micro_batch_size * dp)
     if p.schedule == "interleaved" and pp > 1 and micros % pp:
         raise ConfigError("train.global_batch_size", gb, f"gives {micros} micro-batches per step, not a multiple "

@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,19 @@ def import_deepspeed():
         raise ConfigError("parallel.engine", "deepspeed", f"needs DeepSpeed, which cannot be imported ({e})",
                           f"{INSTALL}, or set parallel.engine: native") from None
     return deepspeed
+
+
+def _config_problem(e: Exception) -> Exception:
+    """DeepSpeed's validation of its JSON (pydantic) as one config error naming the key; other errors as they are."""
+    errors = getattr(e, "errors", None)
+    if type(e).__name__ != "ValidationError" or not callable(errors):
+        return e
+    first = errors()[0]
+    where = ".".join(str(x) for x in first.get("loc", ()))
+    section = {"DeepSpeedZeroConfig": "zero_optimization."}.get(getattr(e, "title", ""), "")
+    return ConfigError(f"parallel.deepspeed.{section}{where}", first.get("input"),
+                       f"DeepSpeed rejects it: {first.get('msg')}",
+                       "fix or remove the key in parallel.deepspeed (DeepSpeed's configuration reference lists them)")
 
 
 def decays(p) -> bool:
@@ -110,8 +124,14 @@ class DeepSpeedPlan:
         else:  # on a CPU-only run the states already live on the CPU: torch's AdamW, no C++ build
             fused = ctx.device.type == "cuda" and p.offload == "none"
             opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
-        self.engine, self.opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds_config,
-                                                           dist_init_required=False)
+        # ZeRO-3 calls collectives that torch marks deprecated, on every step of every rank: not the user's to fix
+        warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                                r"is deprecated", FutureWarning)
+        try:
+            self.engine, self.opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds_config,
+                                                               dist_init_required=False)
+        except Exception as e:
+            raise _config_problem(e) from None
         self.model = self.engine.module
         if cfg.model.fused_loss and p.zero == 3:  # the fused loss reads lm_head.weight outside lm_head's forward
             deepspeed.zero.register_external_parameter(self.model, self.model.lm_head.weight)

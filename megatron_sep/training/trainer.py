@@ -280,8 +280,11 @@ class Trainer:
             self.maybe_resume()  # strict: a mismatched checkpoint stops here, before anything is written
             if self.ctx.rank == 0:
                 (self.run_dir / "config.yaml").write_text(self.config_text)
-                if cfg.parallel.engine == "deepspeed":  # what DeepSpeed was given, generated from config.yaml
-                    (self.run_dir / "deepspeed_config.json").write_text(self.plan.config_json() + "\n")
+                given = self.run_dir / "deepspeed_config.json"  # what DeepSpeed was given (an earlier run's: gone)
+                if cfg.parallel.engine == "deepspeed":
+                    given.write_text(self.plan.config_json() + "\n")
+                else:
+                    given.unlink(missing_ok=True)
             if self.step >= t.steps:
                 self.logger.print(f"the run is finished: it is at step {self.step} of train.steps={t.steps}. "
                                   "Nothing to do (raise train.steps to train further)")
