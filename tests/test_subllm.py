@@ -34,10 +34,13 @@ def test_structure_errors_name_the_problem(structure, layers, words):
 
 
 def test_bad_layouts_for_subsampling_are_rejected(corpus, tmp_path):
-    for parallel, key in (({"pp": 2}, "parallel.pp"), ({"cp": 2}, "parallel.cp"),
-                          ({"tp": 2, "sequence_parallel": True}, "parallel.sequence_parallel")):
+    for parallel, key in (({"cp": 2}, "parallel.cp"), ({"tp": 2, "sequence_parallel": True}, "parallel.sequence_parallel")):
         with pytest.raises(ConfigError, match=key):
             tiny_config(corpus, tmp_path, model=STRUCT, parallel=parallel)
+    from megatron_sep.parallel.context import resolve_layout
+    cfg = tiny_config(corpus, tmp_path, model=STRUCT, parallel={"pp": 4})  # T(TT)T: stages start at 0, 1, 3
+    with pytest.raises(ConfigError, match="parallel.pp=4: cannot split model.structure='T\\(TT\\)T' into 4"):
+        resolve_layout(cfg, 4)
 
 
 def test_keep_ratio_one_is_the_plain_model():
@@ -112,21 +115,26 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def _train_tp(rank, world, corpus, run_dir):
-    Trainer(_config(corpus, run_dir, {"tp": 2})).run()
+def _train_layouts(rank, world, corpus, root):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    for name, parallel in (("tp2", {"tp": 2}), ("pp2", {"pp": 2}), ("dp2_zero1", {"zero": 1})):
+        Trainer(_config(corpus, Path(root) / name, parallel)).run()
+    dist.destroy_process_group()
     return True
 
 
-def test_trains_resumes_and_matches_under_tensor_parallelism(corpus, tmp_path):
+def test_trains_resumes_and_matches_under_parallel_layouts(corpus, tmp_path):
     """SepLLM attention inside the levels. A stop at step 3 and a resume give the uninterrupted losses;
-    tp2 (scorer and bypass replicated, identical selections) matches one process within 1e-5."""
+    tp2 (scorer and bypass replicated, identical selections), pp2 (T | (TT)T: the level in stage 1) and
+    dp2 with ZeRO-1 match one process within 1e-5 (fp32; only the order of sums differs)."""
     Trainer(_config(corpus, tmp_path / "ref")).run()
     Trainer(_config(corpus, tmp_path / "resumed")).run(until=3)
     Trainer(_config(corpus, tmp_path / "resumed")).run()
-    run_distributed(_train_tp, 2, corpus, str(tmp_path / "tp2"))
+    run_distributed(_train_layouts, 2, corpus, str(tmp_path))
     ref = losses(tmp_path / "ref")
     assert sorted(ref) == list(range(1, 7)) and ref[6] < ref[1]
-    for name in ("resumed", "tp2"):
+    for name in ("resumed", "tp2", "pp2", "dp2_zero1"):
         got = losses(tmp_path / name)
         assert all(abs(got[s] - ref[s]) < 1e-5 for s in ref), (name, got, ref)
 

@@ -37,3 +37,33 @@ def depth_of_levels(chars: list[str]) -> list[int]:
         elif c == ")":
             depth -= 1
     return out
+
+
+def cuts(chars: list[str]) -> list[tuple[int, int]]:
+    """For each block i, where a pipeline chunk starting at block i begins in `chars` (after the ) that close
+    levels behind block i-1, before the ( that open levels for block i), and how many levels are open there.
+    A chunk may start at block i only where that count is 0, so that each ( ... ) sits inside one stage."""
+    out, depth, i = [], 0, 0
+    while i < len(chars):
+        while i < len(chars) and chars[i] == ")":
+            depth -= 1
+            i += 1
+        out.append((i, depth))
+        while chars[i] == "(":
+            depth += 1
+            i += 1
+        i += 1  # the T
+    return out
+
+
+def stage_starts(chars: list[str]) -> list[bool]:
+    return [depth == 0 for _, depth in cuts(chars)]
+
+
+def chunk_structure(chars: list[str], layers: list[int]) -> tuple[list[str], int]:
+    """The part of the structure that runs blocks `layers` (contiguous, starting where no level is open),
+    and the index of its first ( among all of them."""
+    at = cuts(chars)
+    start = at[layers[0]][0]
+    end = at[layers[-1] + 1][0] if layers[-1] + 1 < len(at) else len(chars)
+    return chars[start:end], chars[:start].count("(")

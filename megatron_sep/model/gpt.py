@@ -20,6 +20,7 @@ import fused_ops
 from ..config import Config, ModelConfig
 from .attention import AttentionBatch, build_core_attention, prepare_batch, separator_ids_of, subsample_batch
 from .loss import linear_cross_entropy
+from ..config.structure import chunk_structure, stage_starts
 from .subllm import Bypass, Downsample, bypass_minimum, gather_seq, parse_structure, skip_level, upsample
 
 
@@ -166,8 +167,11 @@ class GPT(nn.Module):
 
     def run_layers(self, x, position_ids, batch, indices=None):
         """The blocks in order, or those with these global indices (a pipeline chunk)."""
-        if self.structure is not None and indices is None:
-            return self.run_structure(x, position_ids, batch)
+        if self.structure is not None:
+            if indices is None:
+                return self.run_structure(x, position_ids, batch, self.structure, 0, 0)
+            chars, level = chunk_structure(self.structure, list(indices))
+            return self.run_structure(x, position_ids, batch, chars, indices[0], level)
         layers = self.layers
         if indices is not None:
             layers = [layers[str(i)] if isinstance(layers, nn.ModuleDict) else layers[i] for i in indices]
@@ -177,28 +181,43 @@ class GPT(nn.Module):
             x = layer(x, position_ids, batch)
         return x
 
-    def run_structure(self, x, position_ids, batch):
-        """SUBLLM: the blocks in structure order; each ( ... ) runs on the tokens its scorer keeps, in
-        order, at their own positions, with their is_sep (model/subllm.py)."""
+    def stage_starts(self) -> list[bool] | None:
+        """Where a pipeline stage may start: any layer, or with SUBLLM only outside every ( ... )."""
+        return None if self.structure is None else stage_starts(self.structure)
+
+    def keep_levels_of(self, chunks: list[list[int]]) -> None:
+        """A pipeline stage keeps the scorers and bypasses of the levels in its chunks (names unchanged)."""
+        if self.structure is None:
+            return
+        mine = set()
+        for layers in chunks:
+            chars, first = chunk_structure(self.structure, layers)
+            mine.update(range(first, first + chars.count("(")))
+        for name in ("down", "bypass"):
+            setattr(self, name, nn.ModuleDict({str(i): m for i, m in enumerate(getattr(self, name)) if i in mine}))
+
+    def run_structure(self, x, position_ids, batch, chars, layer, level):
+        """SUBLLM: the blocks of `chars` (from block `layer` and level `level` on) in order; each ( ... ) runs
+        on the tokens its scorer keeps, in order, at their own positions, with their is_sep (model/subllm.py)."""
         cache = batch.kv_cache
         if cache is not None and not hasattr(cache, "level"):
             raise ValueError("a model with a subsampling model.structure decodes with the full KV cache only "
                              "(cache full), not the bounded SepCache")
         b, s = x.shape[:2]
         pos = position_ids.expand(b, s) if position_ids.dim() == 1 else position_ids
-        stack, layer, level, i = [], 0, 0, 0
-        while i < len(self.structure):
-            c = self.structure[i]
+        stack, i = [], 0
+        while i < len(chars):
+            c = chars[i]
             i += 1
             if c == "T":
-                x = self.layers[layer](x, pos, batch)
+                x = self.layers[layer if isinstance(self.layers, nn.ModuleList) else str(layer)](x, pos, batch)
                 layer += 1
             elif c == "(":
-                sel = self.down[level](x)
+                sel = self._level(self.down, level)(x)
                 if cache is not None and not sel.valid.any():  # decoding, nothing kept: the level is a no-op
-                    end = skip_level(self.structure, i - 1)
-                    layer += self.structure[i:end].count("T")
-                    level += self.structure[i - 1:end].count("(")
+                    end = skip_level(chars, i - 1)
+                    layer += chars[i:end].count("T")
+                    level += chars[i - 1:end].count("(")
                     i = end + 1
                     continue
                 stack.append((x, pos, batch, sel, level))
@@ -209,13 +228,18 @@ class GPT(nn.Module):
                 x = gather_seq(x, sel.index)
             else:
                 outer, pos, batch, sel, lv = stack.pop()
-                x = self.bypass[lv](outer, upsample(outer, x, sel))
+                x = self._level(self.bypass, lv)(outer, upsample(outer, x, sel))
         return x
+
+    @staticmethod
+    def _level(modules, i: int):
+        return modules[i] if isinstance(modules, nn.ModuleList) else modules[str(i)]
 
     def set_train_step(self, step: int) -> None:
         """Step-dependent settings: the SUBLLM bypass scale's minimum."""
-        for bypass in getattr(self, "bypass", ()):
-            bypass.minimum = bypass_minimum(step, self.cfg.model.bypass_warmup_steps)
+        for m in self.modules():
+            if isinstance(m, Bypass):
+                m.minimum = bypass_minimum(step, self.cfg.model.bypass_warmup_steps)
 
     def head(self, x, labels=None):
         x = self.final_norm(x)

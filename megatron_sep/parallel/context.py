@@ -121,6 +121,15 @@ def resolve_layout(cfg: Config, world: int) -> tuple[int, int, int, int]:
         raise ConfigError("parallel.virtual_stages", p.virtual_stages,
                           f"pp x virtual_stages = {chunks} does not divide model.num_layers={m.num_layers}",
                           "pick virtual_stages so that every model chunk holds the same number of layers")
+    if m.subsampled and chunks > 1:  # SUBLLM: each ( ... ) inside one stage
+        from .pipeline import split_layers
+        from ..config.structure import parse_structure, stage_starts
+        try:
+            split_layers(m.num_layers, chunks, stage_starts(parse_structure(m.structure, m.num_layers)))
+        except ValueError as e:
+            raise ConfigError("parallel.pp", pp, f"cannot split model.structure={m.structure!r} into {chunks} stages "
+                              f"or chunks: {e}", "use fewer pipeline stages, or a structure with more blocks "
+                              "outside its levels") from None
     gb = t.global_batch_size or t.micro_batch_size
     if gb % (t.micro_batch_size * dp):
         unset = " (unset, so one micro-batch)" if t.global_batch_size is None else ""

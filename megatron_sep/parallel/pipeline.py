@@ -18,17 +18,21 @@ from .context import ParallelContext
 from .ulysses import shard_seq
 
 
-def split_layers(num_layers: int, chunks: int) -> list[list[int]]:
+def split_layers(num_layers: int, chunks: int, allowed=None) -> list[list[int]]:
     """Contiguous layer ranges per global chunk; leftover layers go to the middle chunks, since the
-    first chunk also embeds and the last also runs the head."""
+    first chunk also embeds and the last also runs the head. `allowed[i]`: a chunk may start at layer i
+    (SUBLLM: not inside a level); each boundary moves to the nearest allowed one, ValueError if none is."""
     base, extra = divmod(num_layers, chunks)
     order = sorted(range(chunks), key=lambda c: (c in (0, chunks - 1), abs(c - (chunks - 1) / 2)))
     sizes = [base + (1 if c in order[:extra] else 0) for c in range(chunks)]
-    out, start = [], 0
-    for n in sizes:
-        out.append(list(range(start, start + n)))
-        start += n
-    return out
+    starts = [sum(sizes[:c]) for c in range(chunks)]
+    if allowed is not None:
+        for c in range(1, chunks):
+            options = [i for i in range(starts[c - 1] + 1, num_layers - (chunks - c) + 1) if allowed[i]]
+            if not options:
+                raise ValueError(f"no stage boundary after layer {starts[c - 1]} leaves every ( ... ) in one stage")
+            starts[c] = min(options, key=lambda i: (abs(i - starts[c]), i))
+    return [list(range(a, b)) for a, b in zip(starts, starts[1:] + [num_layers])]
 
 
 class Pipeline:
@@ -36,7 +40,7 @@ class Pipeline:
         self.ctx, self.model = ctx, model
         self.vp = virtual_stages if schedule == "interleaved" else 1
         self.schedule = schedule
-        chunks = split_layers(len(model.layers), ctx.pp * self.vp)
+        chunks = split_layers(len(model.layers), ctx.pp * self.vp, model.stage_starts())
         self.my_chunks = [k * ctx.pp + ctx.pp_rank for k in range(self.vp)]  # global chunk ids
         self.chunk_layers = {g: chunks[g] for g in self.my_chunks}
         self.last_chunk = ctx.pp * self.vp - 1
@@ -44,6 +48,7 @@ class Pipeline:
         owned = [i for g in self.my_chunks for i in chunks[g]]
         if ctx.pp > 1:  # keyed by global index, so parameter names stay the plain model's
             model.layers = nn.ModuleDict({str(i): model.layers[i] for i in owned})
+            model.keep_levels_of([chunks[g] for g in self.my_chunks])  # SUBLLM: this rank's levels
         has_first, has_last = 0 in self.my_chunks, self.last_chunk in self.my_chunks
         if has_last and tied and not has_first:  # the head keeps its own copy, kept equal by grad sync
             model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
