@@ -115,10 +115,18 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+LAYOUTS = {"tp2": {"tp": 2}, "pp2": {"pp": 2}, "dp2_zero1": {"zero": 1},
+           "dp2_deepspeed_zero3": {"engine": "deepspeed", "zero": 3}}  # the last: with DeepSpeed installed
+try:
+    import deepspeed  # noqa: F401
+except ImportError:
+    LAYOUTS.pop("dp2_deepspeed_zero3")
+
+
 def _train_layouts(rank, world, corpus, root):
     import torch.distributed as dist
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    for name, parallel in (("tp2", {"tp": 2}), ("pp2", {"pp": 2}), ("dp2_zero1", {"zero": 1})):
+    for name, parallel in LAYOUTS.items():
         Trainer(_config(corpus, Path(root) / name, parallel)).run()
     dist.destroy_process_group()
     return True
@@ -126,15 +134,16 @@ def _train_layouts(rank, world, corpus, root):
 
 def test_trains_resumes_and_matches_under_parallel_layouts(corpus, tmp_path):
     """SepLLM attention inside the levels. A stop at step 3 and a resume give the uninterrupted losses;
-    tp2 (scorer and bypass replicated, identical selections), pp2 (T | (TT)T: the level in stage 1) and
-    dp2 with ZeRO-1 match one process within 1e-5 (fp32; only the order of sums differs)."""
+    tp2 (scorer and bypass replicated, identical selections), pp2 (T | (TT)T: the level in stage 1),
+    dp2 with ZeRO-1 and DeepSpeed ZeRO-3 on dp2 match one process within 1e-5 (fp32; only the order of
+    sums differs)."""
     Trainer(_config(corpus, tmp_path / "ref")).run()
     Trainer(_config(corpus, tmp_path / "resumed")).run(until=3)
     Trainer(_config(corpus, tmp_path / "resumed")).run()
     run_distributed(_train_layouts, 2, corpus, str(tmp_path))
     ref = losses(tmp_path / "ref")
     assert sorted(ref) == list(range(1, 7)) and ref[6] < ref[1]
-    for name in ("resumed", "tp2", "pp2", "dp2_zero1"):
+    for name in ("resumed", *LAYOUTS):
         got = losses(tmp_path / name)
         assert all(abs(got[s] - ref[s]) < 1e-5 for s in ref), (name, got, ref)
 
