@@ -11,7 +11,7 @@ DEMO := data/demo
 HF ?= transformers tokenizers safetensors
 HF_VENV := .venv-hf
 HF_TESTS := tests/test_convert_hf.py tests/test_hf_generation.py tests/test_hf_tokenizer.py tests/test_neox_import.py \
-	tests/test_megatron_compat.py tests/test_megatron_import.py tests/test_deepspeed.py tests_compat
+	tests/test_megatron_compat.py tests/test_megatron_import.py tests/test_deepspeed.py tests/test_subllm_export.py tests_compat
 
 .PHONY: demo test env lock test-latest test-hf clean-demo
 

@@ -33,16 +33,17 @@ def load_project_model(load: str | Path):
 
 # Every file an export may write; --force replaces these and leaves anything else in the directory alone.
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                "model-*-of-*.safetensors", "modeling_sepllm.py", "tokenizer.json", "tokenizer.model",
+                "model-*-of-*.safetensors", "modeling_sepllm.py", "modeling_subllm.py", "tokenizer.json", "tokenizer.model",
                 "tokenizer_config.json", "special_tokens_map.json")
 
 
 def export_hf(load: str | Path, out: str | Path, dtype: str = "fp32", tokenizer: str | None = None,
               force: bool = False) -> Path:
     model, cfg = load_project_model(load)
-    if cfg.model.subsampled:
-        raise ConversionError(f"model.structure={cfg.model.structure!r} (SUBLLM subsampling) has no transformers "
-                              "export yet. Fix: evaluate it with `megatron-sep eval`, which runs the project model")
+    if cfg.model.subsampled and (cfg.model.family != "llama" or cfg.attention.kind != "dense"):
+        raise ConversionError(f"model.structure={cfg.model.structure!r} (SUBLLM) exports for the llama family with "
+                              "dense attention only (modeling_subllm.py). Fix: evaluate it with `megatron-sep eval`, "
+                              "which runs the project model")
     if cfg.attention.reset_per_document:
         raise ConversionError("attention.reset_per_document has no transformers equivalent (inference sees one "
                               "document). Fix: export with reset_per_document off (weights are unaffected)")
@@ -54,10 +55,20 @@ def export_hf(load: str | Path, out: str | Path, dtype: str = "fp32", tokenizer:
     if cfg.attention.kind != "dense":  # stock classes plus a small subclass that swaps the attention mask
         conf.update(sepllm_remote_code(cfg, conf["model_type"]))
         shutil.copy(Path(__file__).with_name("modeling_sepllm.py"), out / "modeling_sepllm.py")
+    if cfg.model.subsampled:  # the stock Llama layers, run in the structure's order
+        conf.update({"model_type": "subllm_llama", "architectures": ["SubLLMLlamaForCausalLM"], "use_cache": False,
+                     "auto_map": {"AutoConfig": "modeling_subllm.SubLLMLlamaConfig",
+                                  "AutoModelForCausalLM": "modeling_subllm.SubLLMLlamaForCausalLM"},
+                     "subllm": {"structure": "".join(model.structure)}})
+        shutil.copy(Path(__file__).with_name("modeling_subllm.py"), out / "modeling_subllm.py")
     (out / "config.json").write_text(json.dumps(conf, indent=1))
+    gen = {"eos_token_id": eod, "pad_token_id": pad, "bos_token_id": eod}
     (out / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": eod, "pad_token_id": pad, "bos_token_id": eod}, indent=1))
+        {**gen, "use_cache": False} if cfg.model.subsampled else gen, indent=1))
     state = to_hf_state(model.state_dict(), cfg)
+    for i in range(len(getattr(model, "down", ()))):  # SUBLLM's scorers and bypass scales
+        state[f"model.down.{i}.weight"] = model.down[i].score.weight
+        state[f"model.bypass.{i}"] = model.bypass[i].scale
     if cfg.attention.kind != "dense" and "embed_out.weight" in state:
         # transformers maps Pythia's embed_out only for model_type gpt_neox; the remote code says lm_head
         state["lm_head.weight"] = state.pop("embed_out.weight")
