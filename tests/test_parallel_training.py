@@ -55,6 +55,17 @@ def _train(rank, world, corpus, run_dir, kind, parallel, until, tied=False):
     return True
 
 
+def _train_many(rank, world, corpus, root, runs):
+    """Several runs in turn on one process group (the Trainer leaves a group it did not start): a spawn's
+    start-up and imports cost more than a tiny run."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    for name, kind, parallel, until, tied in runs:
+        Trainer(config(corpus, Path(root) / name, kind, parallel, tied=tied)).run(until=until)
+    dist.destroy_process_group()
+    return True
+
+
 @pytest.fixture(scope="module")
 def single(corpus, tmp_path_factory):
     out = {}
@@ -66,45 +77,70 @@ def single(corpus, tmp_path_factory):
     return out
 
 
+# tp shards (tp2_pp2, cp2_tp2_sp) and ZeRO shards over dp x cp (cp2_dp2_zero1) gathered for one process or
+# another layout; ZeRO over dp alone into a pipeline (dp2_zero1 -> pp2); and the reverse ways
+RESUMES = [("tp2_pp2", None), ("tp2_pp2", ({}, 4)), ("dp2_zero1", LAYOUTS["pp2_1f1b"]), ("cp2_dp2_zero1", None),
+           ("cp2_tp2_sp", LAYOUTS["tp2"]), ("tp2", LAYOUTS["cp2"])]
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+    """Every layout case (6 steps), the first half of each resume case (saved at step 3) and the tied-embedding
+    pipelines, grouped by world size into one spawn each; then the resumes, grouped the same way.
+    -> {run name: run dir}."""
+    root = tmp_path_factory.mktemp("layouts")
+    first = {2: [], 4: []}
+    for layout, kind in CASES:
+        parallel, world = LAYOUTS[layout]
+        first[world].append((f"{layout}_{kind}", kind, parallel, None, False))
+    for i, (saved, _) in enumerate(RESUMES):
+        parallel, world = LAYOUTS[saved]
+        first[world].append((f"resume{i}", "sepllm", parallel, 3, False))
+    for zero in (0, 1):  # (dp2, pp2): first and last stage hold one tied weight
+        first[4].append((f"tied_zero{zero}", "sepllm", {"pp": 2, "zero": zero}, None, True))
+    first[4].append(("export_tp2_pp2", "dense", {"tp": 2, "pp": 2}, 3, True))
+    then = {2: [], 4: []}
+    for i, (_, resumed) in enumerate(RESUMES):
+        if resumed is None:  # in this process
+            continue
+        then[resumed[1]].append((f"resume{i}", "sepllm", resumed[0], None, False))
+    for group in (first, then):
+        for world, todo in group.items():
+            if todo:
+                run_distributed(_train_many, world, corpus, str(root), todo, timeout=900)
+        if group is first:
+            for i, (_, resumed) in enumerate(RESUMES):
+                if resumed is None:
+                    Trainer(config(corpus, root / f"resume{i}", "sepllm")).run()
+    return {p.name: p for p in root.iterdir()}
+
+
 @pytest.mark.parametrize("layout,kind", CASES)
-def test_layout_matches_single_process(corpus, tmp_path, single, kind, layout):
-    parallel, world = LAYOUTS[layout]
-    run_distributed(_train, world, corpus, str(tmp_path), kind, parallel, None)
-    got, got_val = losses(tmp_path)
+def test_layout_matches_single_process(runs, single, kind, layout):
+    got, got_val = losses(runs[f"{layout}_{kind}"])
     ref, ref_val = single[kind]
     assert sorted(got) == sorted(ref) == list(range(1, 7))
     for step in ref:
         assert abs(got[step] - ref[step]) < 1e-5, (layout, step, got[step], ref[step])
     assert all(abs(a - b) < 1e-5 for a, b in zip(got_val, ref_val)) and len(got_val) == len(ref_val) == 2
-    norms, ref_norms = losses(tmp_path, "grad_norm")[0], single[kind + "_grad_norm"]
+    norms, ref_norms = losses(runs[f"{layout}_{kind}"], "grad_norm")[0], single[kind + "_grad_norm"]
     assert all(abs(norms[s] - ref_norms[s]) < 1e-5 for s in ref_norms), (layout, norms, ref_norms)
 
 
-# tp shards (tp2_pp2, cp2_tp2_sp) and ZeRO shards over dp x cp (cp2_dp2_zero1) gathered for one process or
-# another layout; ZeRO over dp alone into a pipeline (dp2_zero1 -> pp2); and the reverse ways
-@pytest.mark.parametrize("saved,resumed", [("tp2_pp2", None), ("tp2_pp2", ({}, 4)), ("dp2_zero1", LAYOUTS["pp2_1f1b"]),
-                                           ("cp2_dp2_zero1", None), ("cp2_tp2_sp", LAYOUTS["tp2"]),
-                                           ("tp2", LAYOUTS["cp2"])])
-def test_checkpoint_resumes_under_another_layout(corpus, tmp_path, single, saved, resumed):
-    parallel, world = LAYOUTS[saved]
-    run_distributed(_train, world, corpus, str(tmp_path), "sepllm", parallel, 3)  # saves at step 3
-    if resumed is None:
-        Trainer(config(corpus, tmp_path, "sepllm")).run()  # resumes in one process
-    else:
-        run_distributed(_train, resumed[1], corpus, str(tmp_path), "sepllm", resumed[0], None)
-    got, _ = losses(tmp_path)
+@pytest.mark.parametrize("case", range(len(RESUMES)), ids=[f"{a}->{b[1] if b else 1}" for a, b in RESUMES])
+def test_checkpoint_resumes_under_another_layout(runs, single, case):
+    got, _ = losses(runs[f"resume{case}"])
     ref, _ = single["sepllm"]
     for step in range(1, 7):
-        assert abs(got[step] - ref[step]) < 1e-5, (saved, resumed, step, got[step], ref[step])
+        assert abs(got[step] - ref[step]) < 1e-5, (RESUMES[case], step, got[step], ref[step])
 
 
 @pytest.mark.parametrize("zero", [0, 1])
-def test_pipeline_with_tied_embeddings(corpus, tmp_path, tmp_path_factory, zero):
+def test_pipeline_with_tied_embeddings(corpus, runs, tmp_path_factory, zero):
     """First and last stage hold one tied weight: their grads are summed, updates stay equal."""
     ref_dir = tmp_path_factory.mktemp("tied_single")
     Trainer(config(corpus, ref_dir, "sepllm", tied=True)).run()
-    run_distributed(_train, 4, corpus, str(tmp_path), "sepllm", {"pp": 2, "zero": zero}, None, True)  # (dp2, pp2)
-    got, ref = losses(tmp_path)[0], losses(ref_dir)[0]
+    got, ref = losses(runs[f"tied_zero{zero}"])[0], losses(ref_dir)[0]
     assert all(abs(got[s] - ref[s]) < 1e-5 for s in ref)
 
 
@@ -157,15 +193,15 @@ def test_preemption_signal_on_one_rank_stops_all_at_the_same_step(corpus, tmp_pa
     assert (tmp_path / "preempted").read_text().strip() == str(steps[0])
 
 
-def test_export_from_a_sharded_checkpoint(corpus, tmp_path):
+def test_export_from_a_sharded_checkpoint(runs, tmp_path):
     """export-hf reads a (tp2, pp2) checkpoint; transformers gives the logits of the single-process load."""
     import torch
     import transformers
 
     from megatron_sep.convert import export_hf, load_project_model
-    run_distributed(_train, 4, corpus, str(tmp_path), "dense", {"tp": 2, "pp": 2}, 3, True)
-    ours, _ = load_project_model(tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(tmp_path, tmp_path / "hf")).eval()
+    run = runs["export_tp2_pp2"]  # (tp2, pp2), tied embeddings, saved at step 3
+    ours, _ = load_project_model(run)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(run, tmp_path / "hf")).eval()
     tokens = torch.randint(0, 384, (2, 20))
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-4
