@@ -27,16 +27,14 @@ def levels(chars: list[str]) -> int:
     return chars.count("(")
 
 
-def depth_of_levels(chars: list[str]) -> list[int]:
-    """For each '(' in order, its nesting depth (1 = outermost)."""
-    out, depth = [], 0
-    for c in chars:
-        if c == "(":
-            depth += 1
-            out.append(depth)
-        elif c == ")":
-            depth -= 1
-    return out
+def skip_level(chars: list[str], start: int) -> int:
+    """The index of the ) matching the ( at start."""
+    depth = 0
+    for i in range(start, len(chars)):
+        depth += (chars[i] == "(") - (chars[i] == ")")
+        if depth == 0:
+            return i
+    raise ValueError("unbalanced structure")
 
 
 def cuts(chars: list[str]) -> list[tuple[int, int]]:

@@ -30,6 +30,7 @@ class SepKVCache:
         self.kv = [None] * m.num_layers  # per layer: (k, v, positions [b?, T], keep [b, T])
         self.length = 0  # tokens seen
         self.new_keep = None
+        self.level_counts = {}  # SUBLLM: per level, the kept tokens each row has cached ([b])
 
     def begin(self, tokens: torch.Tensor) -> torch.Tensor:
         """Register the next tokens; returns their position ids."""
@@ -88,8 +89,8 @@ class LevelCache:
     real query sees it; a step in which no row keeps a token adds nothing."""
 
     def __init__(self, base: SepKVCache, level: int, outer_sep, index, valid):
-        self.base, self.level_id = base, level
-        counts = base.__dict__.setdefault("level_counts", {})
+        self.base = base
+        counts = base.level_counts
         count = counts.get(level, torch.zeros(index.shape[0], dtype=torch.long, device=index.device))
         rank = torch.cumsum(valid.long(), 1) - 1
         self.new_pos = torch.where(valid, count[:, None] + rank, torch.full_like(rank, PADDING))

@@ -20,8 +20,8 @@ import fused_ops
 from ..config import Config, ModelConfig
 from .attention import AttentionBatch, build_core_attention, prepare_batch, separator_ids_of, subsample_batch
 from .loss import linear_cross_entropy
-from ..config.structure import chunk_structure, stage_starts
-from .subllm import Bypass, Downsample, bypass_minimum, gather_seq, parse_structure, skip_level, upsample
+from ..config.structure import chunk_structure, parse_structure, skip_level, stage_starts
+from .subllm import Bypass, Downsample, bypass_minimum, gather_seq, upsample
 
 
 class Norm(nn.Module):
@@ -174,7 +174,7 @@ class GPT(nn.Module):
             return self.run_structure(x, position_ids, batch, chars, indices[0], level)
         layers = self.layers
         if indices is not None:
-            layers = [layers[str(i)] if isinstance(layers, nn.ModuleDict) else layers[i] for i in indices]
+            layers = [self._at(layers, i) for i in indices]
         elif isinstance(layers, nn.ModuleDict):
             layers = layers.values()
         for layer in layers:
@@ -210,10 +210,10 @@ class GPT(nn.Module):
             c = chars[i]
             i += 1
             if c == "T":
-                x = self.layers[layer if isinstance(self.layers, nn.ModuleList) else str(layer)](x, pos, batch)
+                x = self._at(self.layers, layer)(x, pos, batch)
                 layer += 1
             elif c == "(":
-                sel = self._level(self.down, level)(x)
+                sel = self._at(self.down, level)(x)
                 if cache is not None and not sel.valid.any():  # decoding, nothing kept: the level is a no-op
                     end = skip_level(chars, i - 1)
                     layer += chars[i:end].count("T")
@@ -228,12 +228,13 @@ class GPT(nn.Module):
                 x = gather_seq(x, sel.index)
             else:
                 outer, pos, batch, sel, lv = stack.pop()
-                x = self._level(self.bypass, lv)(outer, upsample(outer, x, sel))
+                x = self._at(self.bypass, lv)(outer, upsample(outer, x, sel))
         return x
 
     @staticmethod
-    def _level(modules, i: int):
-        return modules[i] if isinstance(modules, nn.ModuleList) else modules[str(i)]
+    def _at(modules, i: int):
+        """Module i of a list, or of a pipeline stage's dict keyed by global index."""
+        return modules[str(i)] if isinstance(modules, nn.ModuleDict) else modules[i]
 
     def set_train_step(self, step: int) -> None:
         """Step-dependent settings: the SUBLLM bypass scale's minimum."""

@@ -27,8 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..config.structure import depth_of_levels, levels, parse_structure  # noqa: F401 (re-exported)
-
 BALANCER_SCALE = 0.04  # the balancer's gradient, relative to the scores' own gradient magnitude
 SCORE_ABS = (1.0, 4.0)  # the scores' mean absolute value is kept in this range
 
@@ -113,16 +111,6 @@ def _threshold(scores) -> Selection:
     index = torch.where(valid, index, torch.full_like(index, s - 1))
     w = torch.gather(scores.clamp(0.0, 1.0), 1, index) * valid
     return Selection(index, w, valid)
-
-
-def skip_level(chars: list[str], start: int) -> int:
-    """The index of the ) matching the ( at start."""
-    depth = 0
-    for i in range(start, len(chars)):
-        depth += (chars[i] == "(") - (chars[i] == ")")
-        if depth == 0:
-            return i
-    raise ValueError("unbalanced structure")
 
 
 def gather_seq(x, index):

@@ -19,6 +19,12 @@ def decays(p) -> bool:
     return p.dim() >= 2
 
 
+def decay_groups(params, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on the matrices only (both engines)."""
+    return [{"params": [p for p in params if decays(p)], "weight_decay": weight_decay},
+            {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}]
+
+
 class ParallelPlan:
     """The model as this rank holds it, its optimizer, and the gradient reduction around a step."""
 
@@ -37,8 +43,7 @@ class ParallelPlan:
         if self.zero:
             self.opt = ZeroAdamW(self.sync, decays, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
         else:
-            groups = [{"params": [p for p in params if decays(p)], "weight_decay": o.weight_decay},
-                      {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}]
+            groups = decay_groups(params, o.weight_decay)
             # fused on CPU too: its grad_scale / found_inf inputs carry clipping and the non-finite skip
             self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
 

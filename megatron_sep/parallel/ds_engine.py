@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from ..config import Config, ConfigError
 from .context import ParallelContext, env_world
+from .apply import decay_groups
 from .pipeline import Pipeline
 
 LOAD_PART_BYTES = 1 << 30  # fp32 weights + Adam states read per part of a load, per rank
@@ -58,8 +59,8 @@ def _config_problem(e: Exception) -> Exception:
                        "fix or remove the key in parallel.deepspeed (DeepSpeed's configuration reference lists them)")
 
 
-def decays(p) -> bool:
-    return p.dim() >= 2  # as the native plan: no weight decay on biases and norm weights
+def _shape(p) -> tuple:
+    return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape aside from its partition
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -115,9 +116,7 @@ class DeepSpeedPlan:
         self.ds_config = ds_config(cfg, ctx.dp, bf16)
         self.pipe = Pipeline(model, ctx, "1f1b", 1)  # one stage: the same schedule code as the native plan
         o, p = cfg.optim, cfg.parallel
-        params = list(model.parameters())
-        groups = [{"params": [q for q in params if decays(q)], "weight_decay": o.weight_decay},
-                  {"params": [q for q in params if not decays(q)], "weight_decay": 0.0}]
+        groups = decay_groups(list(model.parameters()), o.weight_decay)
         if p.offload != "none" and ctx.device.type == "cuda":  # DeepSpeed's vectorised Adam for CPU states
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             opt = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
@@ -187,7 +186,7 @@ class DeepSpeedPlan:
         """Collective: the whole fp32 weight (key None) or Adam state of p, gathered from the partitions."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         out = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-        return out.reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape).float()
+        return out.reshape(_shape(p)).float()
 
     def _ensure_states(self) -> None:
         """Adam states exist from the start (zeros, step 0, as a first step would make them), so they can be
@@ -243,7 +242,7 @@ class DeepSpeedPlan:
         step = None
         for i, (name, p) in enumerate(named):
             part.append((name, p))
-            size += per * 4 * math.prod(getattr(p, "ds_shape", p.shape))
+            size += per * 4 * math.prod(_shape(p))
             if size >= LOAD_PART_BYTES or i == len(named) - 1:
                 step = self._load_part(read, part, with_optimizer)
                 part, size = [], 0
@@ -252,7 +251,7 @@ class DeepSpeedPlan:
 
     def _load_part(self, read, part, with_optimizer: bool):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-        shape = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in part}
+        shape = {n: _shape(p) for n, p in part}
         state = {"model": {n: torch.empty(shape[n]) for n, _ in part}}
         if with_optimizer:
             state["optim"] = {n: {"exp_avg": torch.empty(shape[n]), "exp_avg_sq": torch.empty(shape[n]),
