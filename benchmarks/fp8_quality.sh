@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bf16 vs fp8 training quality on one GPU (issue 18): the same 1.3B model, seed and tokens through the CLI,
-# then benchmarks/fp8_report.py compares the loss curves (PNG + JSON + Markdown in OUT).
+# then benchmarks/loss_compare.py compares the loss curves (PNG + JSON + Markdown in OUT).
 #   bash benchmarks/fp8_quality.sh OUT [STEPS]
 # data/stream comes from benchmarks/streaming_corpus.py, `megatron-sep tokenizer train` and `preprocess`.
 set -euo pipefail
@@ -25,4 +25,5 @@ for precision in bf16 fp8; do
   cp $run/metrics.jsonl "$out/metrics_$precision.jsonl"
   rm -rf $run/checkpoints  # 16 GB each; the GPU tests check fp8 checkpoints at a small size
 done
-python3 benchmarks/fp8_report.py "$out/metrics_bf16.jsonl" "$out/metrics_fp8.jsonl" --out "$out"
+python3 benchmarks/loss_compare.py "$out/metrics_bf16.jsonl" "$out/metrics_fp8.jsonl" --labels bf16,fp8 \
+  --name fp8_quality --out "$out"

@@ -52,6 +52,18 @@ def test_keep_ratio_one_is_the_plain_model():
     assert torch.equal(plain(tokens), sub(tokens))
 
 
+def test_mfu_flops_count_each_block_at_its_level_share():
+    from megatron_sep.config.structure import block_shares, parse_structure
+    from megatron_sep.training.metrics import flops_per_token, matmul_params
+    assert block_shares(parse_structure("T(T(T)T)T", 5), [0.5, 0.4]) == [1.0, 0.5, 0.2, 0.5, 1.0]
+    dense, sub = model_config(), model_config(structure="TT(T)T", subsample_keep=0.5)
+    n = matmul_params(GPT(dense))
+    per_block = (n - GPT(dense).lm_head.weight.numel()) / 4
+    attention = 12.0 * dense.model.hidden_size * dense.data.seq_len
+    # one of four blocks runs half the tokens: half its matmuls, a quarter of its attention per token
+    assert flops_per_token(sub, n) == pytest.approx(flops_per_token(dense, n) - 6 * per_block / 2 - attention * 0.75)
+
+
 def test_scorer_gets_finite_gradients_and_dropped_tokens_skip_the_inner_blocks():
     torch.manual_seed(0)
     model = GPT(model_config(**STRUCT))

@@ -27,6 +27,20 @@ def levels(chars: list[str]) -> int:
     return chars.count("(")
 
 
+def block_shares(chars: list[str], keeps: list[float]) -> list[float]:
+    """Each block's share of the sequence in training: the product of the keeps of the levels around it."""
+    shares, stack, level = [], [1.0], 0
+    for c in chars:
+        if c == "T":
+            shares.append(stack[-1])
+        elif c == "(":
+            stack.append(stack[-1] * keeps[level])
+            level += 1
+        else:
+            stack.pop()
+    return shares
+
+
 def skip_level(chars: list[str], start: int) -> int:
     """The index of the ) matching the ( at start."""
     depth = 0

@@ -67,6 +67,7 @@ class Selection:
     index: torch.Tensor  # [b, k] kept positions, ascending (padding repeats the last position)
     weight: torch.Tensor  # [b, k] w of each kept token (0 for padding)
     valid: torch.Tensor  # [b, k] bool: a real kept token, not padding
+    padded: bool = True  # False: every entry is valid (training's top-k)
 
 
 class Downsample(nn.Module):
@@ -93,7 +94,7 @@ def _top_k(scores, k: int) -> Selection:
     nxt = torch.cat([nxt, nxt.new_zeros(nxt.shape[0], k - nxt.shape[1])], dim=1)  # the next k, zero-padded
     w, index = w[:, :k] - nxt, order[:, :k]
     index, back = index.sort(dim=-1)  # original order
-    return Selection(index, torch.gather(w, 1, back), torch.ones_like(index, dtype=torch.bool))
+    return Selection(index, torch.gather(w, 1, back), torch.ones_like(index, dtype=torch.bool), padded=False)
 
 
 def _threshold(scores) -> Selection:
@@ -125,6 +126,8 @@ def upsample(x, y, sel: Selection):
     kept = gather_seq(x, sel.index)
     mixed = w * y + (1 - w) * kept
     b, s, h = x.shape
+    if not sel.padded:  # no padding: scatter straight into a copy of x
+        return x.scatter(1, sel.index.unsqueeze(-1).expand(-1, -1, h), mixed)
     dump = torch.where(sel.valid, sel.index, torch.full_like(sel.index, s))  # padding goes to a spare row
     out = torch.cat([x, x.new_zeros(b, 1, h)], dim=1)
     out = out.scatter(1, dump.unsqueeze(-1).expand(-1, -1, h), mixed)

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..config.structure import block_shares, parse_structure
+from ..model.gpt import padded_vocab
 
 # Dense peaks (TFLOP/s) for MFU when logging.peak_tflops is unset: bf16, and fp8 where the chip has it.
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp8": 1979.0}, "H200": {"bf16": 989.0, "fp8": 1979.0},
@@ -17,7 +19,8 @@ PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp8": 1979.0}, "H200": {"bf16": 989.0, "
 
 
 FLOPS_CONVENTION = ("6 x matmul params + 12 x layers x hidden x seq x kept-pair share FLOPs per token (PaLM's "
-                    "count; sparse attention counts only the causal pairs it computes)")
+                    "count; sparse attention counts only the causal pairs it computes; SUBLLM blocks count at their level's "
+                    "share of the tokens)")
 
 
 def matmul_params(model) -> int:
@@ -29,9 +32,16 @@ def matmul_params(model) -> int:
 def flops_per_token(cfg: Config, n_matmul_params: int, kept_pairs: float = 1.0) -> float:
     """Training FLOPs per token (FLOPS_CONVENTION): 6N for the weight matmuls plus 12*L*h*s for attention
     scores and values, dense at full s as PaLM and Megatron count it, scaled for SepLLM-style attention by
-    the share of causal (query, key) pairs it keeps."""
+    the share of causal (query, key) pairs it keeps. SUBLLM: a block at a level keeping share r of the tokens
+    does r of its matmuls and r^2 of its attention per token (its sequence is r times shorter)."""
     m = cfg.model
-    return 6.0 * n_matmul_params + 12.0 * m.num_layers * m.hidden_size * cfg.data.seq_len * kept_pairs
+    attention = 12.0 * m.hidden_size * cfg.data.seq_len * kept_pairs
+    if not m.subsampled:
+        return 6.0 * n_matmul_params + m.num_layers * attention
+    shares = block_shares(parse_structure(m.structure, m.num_layers), m.level_keeps())
+    head = padded_vocab(m.vocab_size) * m.hidden_size
+    per_block = (n_matmul_params - head) / m.num_layers  # the scorers' few weights count with the blocks
+    return 6.0 * (head + per_block * sum(shares)) + attention * sum(r * r for r in shares)
 
 
 def peak_flops(cfg: Config, device: torch.device) -> tuple[float | None, str]:

@@ -106,9 +106,13 @@ class Trainer:
             done, kept = fp8.convert(layers)
             self.notes.append(f"fp8: {done} linear layers in float8 (torchao, tensorwise scales)"
                               + (f"; kept in bf16 (a dimension not a multiple of 16): {', '.join(kept)}" if kept else ""))
+        # SUBLLM's top-k gives each level a fixed length in training: one static graph per length (automatic
+        # dynamic shapes cost it ~10% of its speed); evaluation keeps score > 0, a new length each batch, so it
+        # runs eager (self.eval_stance)
+        self.static_levels = cfg.model.subsampled and not cfg.model.subsample_causal
         if t.compile:  # per block, in place: parameter names and the pipeline's layer dict stay as they are
             for layer in layers:
-                layer.compile()
+                layer.compile(dynamic=False if self.static_levels else None)
 
         self.peak, self.peak_source = peak_flops(cfg, self.device)  # per device; None: no MFU
         self.log_enabled = log and self.ctx.is_logging_rank
@@ -246,13 +250,18 @@ class Trainer:
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         mine = range(ctx.dp_rank, self.cfg.train.eval_iters, ctx.dp)
         if mine:  # forward-only schedule; the last stage has the loss
-            with self.autocast, torch.no_grad():
+            with self.autocast, torch.no_grad(), self.eval_stance():
                 total += self.plan.pipe.run([self.micro_batch(self.valid_ds, i * mb, mb) for i in mine],
                                             forward_only=True).double() * len(mine)
         if ctx.grad_size > 1:  # the cp ranks of one batch each hold the mean over their slice
             torch.distributed.all_reduce(total, group=ctx.grad_group)
         self.model.train()
         return (total / (self.cfg.train.eval_iters * ctx.cp)).item()
+
+    def eval_stance(self):
+        if self.static_levels and self.cfg.train.compile:
+            return torch.compiler.set_stance("force_eager")
+        return contextlib.nullcontext()
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGINT and self.stop_signal is not None:
