@@ -188,20 +188,30 @@ def cmd_import_megatron(args) -> int:
     return 0
 
 
+def _generation_tokenizer(path: str, flag: str):
+    from .data.tokenizer import TokenizerError, load_tokenizer
+    try:
+        return load_tokenizer(path)
+    except TokenizerError as e:
+        raise ValueError(f"the tokenizer {path} cannot be loaded ({str(e).split('. Fix:')[0]}). Fix: pass the one "
+                         f"the model was trained with: {flag} PATH") from None
+
+
+def _same_vocabulary(a, b) -> bool:
+    return a.vocab_size == b.vocab_size and all(a.id_to_piece(i) == b.id_to_piece(i) for i in range(a.vocab_size))
+
+
 def cmd_generate(args) -> int:
     import torch
 
     from .convert import load_project_model
-    from .data.tokenizer import TokenizerError, load_tokenizer
     from .inference import generate
 
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model, cfg = load_project_model(args.load)
-    path = args.tokenizer or cfg.data.tokenizer
-    try:
-        tok = load_tokenizer(path)
-    except TokenizerError as e:
-        raise ValueError(f"the tokenizer {path} cannot be loaded ({str(e).split('. Fix:')[0]}). Fix: pass the one "
-                         "the model was trained with: --tokenizer PATH") from None
+    model.to(device, dtype)
+    tok = _generation_tokenizer(args.tokenizer or cfg.data.tokenizer, "--tokenizer")
     ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt is empty (it encodes to no tokens). Fix: pass some text with --prompt")
@@ -209,11 +219,28 @@ def cmd_generate(args) -> int:
     if len(ids) + args.max_new_tokens > limit:
         print(f"warning: {len(ids)} prompt + {args.max_new_tokens} new tokens pass the {limit} positions the model "
               "was trained with; later tokens may degrade", file=sys.stderr)
-    prompt = torch.tensor([ids])
-    out = generate(model, prompt, args.max_new_tokens, greedy=args.temperature == 0, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, eod_id=tok.eod_id, seed=args.seed, evict=args.evict,
-                   cache=args.cache, cache_sizes=args.cache_sizes, positions=args.cache_positions,
-                   prefill_chunk=args.prefill_chunk)
+    prompt = torch.tensor([ids], device=device)
+    sampling = dict(greedy=args.temperature == 0, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    eod_id=tok.eod_id, seed=args.seed, evict=args.evict, cache=args.cache,
+                    cache_sizes=args.cache_sizes, positions=args.cache_positions)
+    if args.draft:
+        from .inference.speculative import speculative_generate
+        if args.prefill_chunk:
+            raise ValueError("--prefill-chunk applies to plain decoding; speculative decoding (--draft) feeds the "
+                             "prompt at once. Fix: drop one of them")
+        draft, draft_cfg = load_project_model(args.draft)
+        draft.to(device, dtype)
+        draft_tok = _generation_tokenizer(args.draft_tokenizer or draft_cfg.data.tokenizer, "--draft-tokenizer")
+        if not _same_vocabulary(tok, draft_tok):
+            raise ValueError(f"the draft's tokenizer ({draft_tok.path}, {draft_tok.vocab_size} tokens) is not the "
+                             f"target's ({tok.path}, {tok.vocab_size} tokens): speculative decoding compares token "
+                             "ids. Fix: train the draft with the target's tokenizer (data.tokenizer)")
+        out, stats = speculative_generate(model, draft, prompt, args.max_new_tokens, draft_tokens=args.draft_tokens,
+                                          draft_cache=args.draft_cache, **sampling)
+        print(tok.decode(out[0, prompt.shape[1]:].tolist()))
+        print(f"speculative decoding, {args.draft_tokens} draft tokens per round: {stats.line()}", file=sys.stderr)
+        return 0
+    out = generate(model, prompt, args.max_new_tokens, prefill_chunk=args.prefill_chunk, **sampling)
     print(tok.decode(out[0, prompt.shape[1]:].tolist()))
     return 0
 
@@ -453,6 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=_at_least(0, int), default=0,
                    help="feed the prompt this many tokens at a time (0: all at once)")
     p.add_argument("--tokenizer", help="override the checkpoint's data.tokenizer")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--draft", help="a draft model's run dir, checkpoints dir or step_* dir: speculative decoding "
+                   "(same output distribution as the target alone; greedy gives the same tokens)")
+    p.add_argument("--draft-tokens", type=_at_least(1, int), default=4, help="tokens the draft proposes per round")
+    p.add_argument("--draft-cache", choices=["full", "sep", "streaming"],
+                   help="the draft's KV cache (default: --cache); sizes from --cache-sizes")
+    p.add_argument("--draft-tokenizer", help="override the draft checkpoint's data.tokenizer")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="perplexity, loss by position and streaming perplexity of a checkpoint")

@@ -31,6 +31,7 @@ class SepKVCache:
         self.length = 0  # tokens seen
         self.new_keep = None
         self.level_counts = {}  # SUBLLM: per level, the kept tokens each row has cached ([b])
+        self.hold = None  # speculative decoding: the length at mark(); eviction keeps what a query there sees
 
     def begin(self, tokens: torch.Tensor) -> torch.Tensor:
         """Register the next tokens; returns their position ids."""
@@ -58,25 +59,53 @@ class SepKVCache:
             ck, cv = torch.cat([ok, k], 2), torch.cat([ov, v], 2)
             cpos, ckeep = torch.cat([opos, pos_new], 1), torch.cat([okeep, keep_new], 1)
         n = self.windows[layer]
-        qpos = pos_new[:, :, None]  # [b, s, 1]
-        kpos = cpos[:, None, :]  # [b, 1, T]
-        mask = kpos <= qpos
-        if n is not None:
-            mask = mask & (ckeep[:, None, :] | (qpos - kpos < n))
-        out = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask[:, None],
-                                             enable_gqa=ck.shape[1] != q.shape[1])
+        if n is None and s == 1 and not self.level_counts:
+            mask = None  # one new token of a dense layer sees every cached key: no mask to build per layer
+        else:
+            qpos = pos_new[:, :, None]  # [b, s, 1]
+            kpos = cpos[:, None, :]  # [b, 1, T]
+            mask = kpos <= qpos
+            if n is not None:
+                mask = mask & (ckeep[:, None, :] | (qpos - kpos < n))
+            mask = mask[:, None]
+        out = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask, enable_gqa=ck.shape[1] != q.shape[1])
         if self.evict and n is not None:
             # the next query sits at position `next_pos`: a key it cannot see, no later query sees either;
             # a column goes once no batch row needs it
-            nxt = torch.as_tensor(next_pos, device=cpos.device).reshape(-1, 1)
+            nxt = torch.as_tensor(next_pos if self.hold is None else self.hold, device=cpos.device).reshape(-1, 1)
             live = (ckeep | (nxt - cpos < n)).any(0)
             ck, cv, cpos, ckeep = ck[:, :, live], cv[:, :, live], cpos[:, live], ckeep[:, live]
         self.kv[layer] = (ck, cv, cpos, ckeep)
         return out
 
+    def mark(self) -> None:
+        """Speculative decoding: the tokens fed from here on may be taken back with rollback(). Until then,
+        eviction keeps every key a query at this length could see (a key no query there sees, no later one
+        does either)."""
+        self.hold = self.length
+
+    def rollback(self, length: int) -> None:
+        """Forget the tokens fed since mark() from position `length` on (mark's length <= length)."""
+        check_rollback(self.hold, length, self.length)
+        drop = self.length - length  # the newest entries of every layer: eviction spares them while held
+        for i, entry in enumerate(self.kv):
+            if entry is not None and drop:
+                k, v, pos, keep = entry
+                n = pos.shape[1] - drop  # slices, not a mask: no device sync
+                self.kv[i] = (k[:, :, :n], v[:, :, :n], pos[:, :n], keep[:, :n])
+        self.length, self.hold = length, None
+
     def level(self, level: int, index: torch.Tensor, valid: torch.Tensor) -> "LevelCache":
         """SUBLLM: the cache as the blocks inside level `level` see it (the tokens at index [b, k] kept)."""
         return LevelCache(self, level, self.new_sep, index, valid)
+
+
+def check_rollback(mark: int | None, length: int, now: int) -> None:
+    if mark is None:
+        raise RuntimeError("rollback() without mark(): mark the cache before feeding tokens that may be taken back")
+    if not mark <= length <= now:
+        raise ValueError(f"rollback to length {length}: it must lie between the marked length {mark} and the "
+                         f"current length {now}")
 
 
 PADDING = 1 << 40  # the mask position of a padded entry: no real query ever sees it

@@ -60,7 +60,10 @@ def make_cache(model, kind: str, sizes=(4, 64, 256, 512), positions: str = "orig
                     positions=positions, streaming=kind == "streaming")
 
 
-def sample(logits, top_k: int, top_p: float, gen) -> torch.Tensor:
+def filtered_probs(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The sampling distribution [n, vocab] of logits [n, vocab]: temperature, then top-k, then top-p
+    (the smallest prefix of the sorted probabilities reaching top_p)."""
+    logits = logits.float() / max(temperature, 1e-6)
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -69,4 +72,8 @@ def sample(logits, top_k: int, top_p: float, gen) -> torch.Tensor:
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+    return logits.softmax(-1)
+
+
+def sample(logits, top_k: int, top_p: float, gen) -> torch.Tensor:
+    return torch.multinomial(filtered_probs(logits, 1.0, top_k, top_p), 1, generator=gen)[:, 0]

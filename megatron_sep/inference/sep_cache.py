@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from fused_ops.rope import rotate
 from ..config import Config
-from .cache import separators_at
+from .cache import check_rollback, separators_at
 
 
 class SepCache:
@@ -60,6 +60,7 @@ class SepCache:
         self.pos = self.sep = self.valid = None  # [b, L] shared column bookkeeping
         self.length = 0
         self._step = None
+        self._mark = None  # speculative decoding: the state at mark(), and each step fed since (tokens, k/v)
 
     def entries(self) -> torch.Tensor:
         """Retained entries per row [b] (after the last completed step)."""
@@ -87,6 +88,8 @@ class SepCache:
         slots = None
         if self.rotates:  # slot of each column among the valid ones at the chunk's start
             slots = torch.cumsum(valid.long(), 1) - 1
+        if self._mark is not None:
+            self._mark["steps"].append((tokens, {}))
         self._step = dict(qpos=qpos, pos=pos, keep=keep_mask, base=base, idx=idx, slots=slots,
                           next=(pos.gather(1, idx), sep.gather(1, idx), alive.gather(1, idx)))
         self.length += s
@@ -139,9 +142,39 @@ class SepCache:
             rk, rq = ck, q
         out = F.scaled_dot_product_attention(rq, rk, cv, attn_mask=mask[:, None],
                                              enable_gqa=ck.shape[1] != q.shape[1])
-        idx = st["idx"][:, None, :, None].expand(ck.shape[0], ck.shape[1], -1, ck.shape[3])
-        self.kv[layer] = (ck.gather(2, idx), cv.gather(2, idx))
+        if self._mark is not None:
+            self._mark["steps"][-1][1][layer] = (k, v)
+        self._store(layer, ck, cv)
         return out
+
+    def _store(self, layer: int, ck, cv):
+        idx = self._step["idx"][:, None, :, None].expand(ck.shape[0], ck.shape[1], -1, ck.shape[3])
+        self.kv[layer] = (ck.gather(2, idx), cv.gather(2, idx))
+
+    def mark(self) -> None:
+        """Speculative decoding: the tokens fed from here on may be taken back with rollback()."""
+        self._commit()
+        self._mark = dict(state=(self.pos, self.sep, self.valid, list(self.kv), self.length), steps=[])
+
+    def rollback(self, length: int) -> None:
+        """Forget the tokens fed since mark() from position `length` on. A compression may have dropped
+        entries since the mark, so the cache returns to its marked state and replays the kept tokens' keys
+        and values (saved as they were fed) through the same retention as one chunk: no model call."""
+        m = self._mark
+        check_rollback(None if m is None else m["state"][-1], length, self.length)
+        self._commit()
+        self.pos, self.sep, self.valid, self.kv, self.length = m["state"]
+        self._mark = None
+        n = length - self.length
+        if n == 0:
+            return
+        tokens = torch.cat([t for t, _ in m["steps"]], 1)[:, :n]
+        self.begin(tokens)
+        for layer in range(len(self.kv)):
+            k, v = (torch.cat([kv[layer][j] for _, kv in m["steps"]], 2)[:, :, :n] for j in (0, 1))
+            old = self.kv[layer]
+            self._store(layer, k if old is None else torch.cat([old[0], k], 2),
+                        v if old is None else torch.cat([old[1], v], 2))
 
     def _commit(self):
         if self._step is not None:

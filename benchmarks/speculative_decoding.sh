@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Speculative decoding on one GPU (issue 24): trains the ~344M target (configs/llama350m_text.yaml) and its
+# 4-layer draft (configs/draft4_text.yaml) on data/stream with the normal trainer, then decodes held-out
+# prompts with the target alone and with the draft (benchmarks/speculative_decoding.py).
+#   bash benchmarks/speculative_decoding.sh OUT [TARGET_STEPS] [DRAFT_STEPS]
+# data/stream comes from benchmarks/streaming_corpus.py, `megatron-sep tokenizer train` and `preprocess`.
+set -euo pipefail
+out=$1 tsteps=${2:-400} dsteps=${3:-400}
+for v in target draft; do
+  if [ -e runs/spec_$v ]; then
+    echo "error: runs/spec_$v exists (an earlier run). Fix: move it away, or decode it with speculative_decoding.py" >&2
+    exit 2
+  fi
+done
+if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null || echo file)" ]; then
+  echo "error: $out is not an empty directory. Fix: choose a new OUT" >&2
+  exit 2
+fi
+mkdir -p "$out"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 -m megatron_sep train --config configs/llama350m_text.yaml --set train.run_dir=runs/spec_target \
+  --set train.steps="$tsteps" --set checkpoint.save_interval="$tsteps" 2>&1 | tee "$out/train_target.log"
+python3 -m megatron_sep train --config configs/draft4_text.yaml --set train.run_dir=runs/spec_draft \
+  --set train.steps="$dsteps" --set checkpoint.save_interval="$dsteps" 2>&1 | tee "$out/train_draft.log"
+python3 benchmarks/speculative_decoding.py --target runs/spec_target --draft runs/spec_draft --out "$out" \
+  2>&1 | tee "$out/decode.log"

@@ -1,0 +1,151 @@
+"""Speculative decoding: a small draft model proposes k tokens, the target checks them in one forward pass.
+
+Each round the draft decodes k tokens one at a time; the target runs once over its pending token and the k
+proposals, which gives its distribution at all k + 1 positions. Greedy keeps the proposals up to the first
+one that is not the target's argmax, then adds the target's own token there (or after the last proposal):
+the output is the target's greedy output. Sampling uses the rejection rule of Leviathan et al. and Chen et
+al. (2023): proposal x with draft probability q(x) is kept with probability min(1, p(x) / q(x)); at the first
+rejection the next token is drawn from norm(max(0, p - q)); if all k are kept, one more from p. Every token
+then follows the target's own sampling distribution exactly, with temperature, top-k and top-p applied the
+same way to both models (`filtered_probs`).
+
+Both KV caches mark their length before a round and roll back what the round took back (inference/cache.py,
+inference/sep_cache.py), with or without SepLLM eviction and with the bounded SepCache.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..model.attention import AttentionBatch
+from .generate import filtered_probs, make_cache
+
+
+def accept_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The chance to keep a proposal the draft drew with probability q and the target gives p."""
+    return (p / q).clamp(max=1.0)
+
+
+@dataclass
+class Stats:
+    new_tokens: int = 0
+    rounds: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    target_passes: int = 0  # forward passes of the target after the prompt (one per round)
+    draft_passes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / max(1, self.proposed)
+
+    def line(self) -> str:
+        return (f"acceptance {self.acceptance:.1%} ({self.accepted}/{self.proposed} proposals) | "
+                f"{self.new_tokens / max(1, self.target_passes):.2f} tokens per target pass | "
+                f"{self.new_tokens / max(self.seconds, 1e-9):.1f} tokens/s")
+
+
+def check_pair(target, draft) -> None:
+    """The two models must share the token ids: same vocabulary size, and a model a draft can roll back."""
+    vt, vd = target.cfg.model.vocab_size, draft.cfg.model.vocab_size
+    if vt != vd:
+        raise ValueError(f"the draft's vocabulary ({vd} tokens) differs from the target's ({vt}): speculative "
+                         "decoding compares token ids. Fix: train the draft with the target's tokenizer "
+                         "(data.tokenizer)")
+    for name, m in (("target", target), ("draft", draft)):
+        if m.cfg.model.subsampled:
+            raise ValueError(f"the {name} is a SUBLLM model (model.structure subsamples): its level caches do not "
+                             "roll back, so it cannot take part in speculative decoding. Fix: decode it alone")
+
+
+def _forward(model, kv, tokens) -> torch.Tensor:
+    pos = kv.begin(tokens)
+    return model(tokens, position_ids=pos, batch=AttentionBatch(kv_cache=kv))
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, draft_tokens: int = 4,
+                         greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                         eod_id: int | None = None, seed: int = 0, cache: str = "full", draft_cache: str | None = None,
+                         evict: bool = False, cache_sizes=(4, 64, 256, 512), positions: str = "original",
+                         accept=accept_probability):
+    """prompt [1, s] -> ([1, s + new] token ids, Stats). Caches as in `generate` (`draft_cache` defaults to
+    `cache`). `accept(p, q)` is the keep probability of a proposal (a parameter so a test can break it)."""
+    if prompt.shape[0] != 1:
+        raise ValueError(f"speculative decoding runs one sequence at a time (batch 1); got a batch of "
+                         f"{prompt.shape[0]}. Fix: decode the prompts one by one")
+    if positions != "original":
+        raise ValueError(f"positions={positions!r} (StreamingLLM's shift) rotates a chunk by the slots at its "
+                         "start, so the target's check of k + 1 tokens would not be what one-token steps give. "
+                         "Fix: use positions='original' (--cache-positions original)")
+    if draft_tokens < 1:
+        raise ValueError(f"draft_tokens={draft_tokens}: propose at least 1 token per round")
+    check_pair(target, draft)
+    target.eval(), draft.eval()
+    tkv = make_cache(target, cache, cache_sizes, positions, evict)
+    dkv = make_cache(draft, draft_cache or cache, cache_sizes, positions, evict)
+    gen = torch.Generator(device=prompt.device).manual_seed(seed)
+    stats, start = Stats(), time.perf_counter()
+    if prompt.shape[1] > 1:  # both caches hold everything but the last token, which each round feeds
+        _forward(target, tkv, prompt[:, :-1])
+        _forward(draft, dkv, prompt[:, :-1])
+    out, k = prompt, draft_tokens
+
+    def choose(probs_or_logits):
+        if greedy:
+            return probs_or_logits.argmax(-1)
+        return torch.multinomial(probs_or_logits, 1, generator=gen)[:, 0]
+
+    def dist(logits):
+        return logits.float() if greedy else filtered_probs(logits, temperature, top_k, top_p)
+
+    while out.shape[1] - prompt.shape[1] < max_new_tokens:
+        dkv.mark()
+        inp, proposals, q = out[:, dkv.length:], [], []
+        for _ in range(k):  # the draft proposes k tokens; the last is not fed to it
+            d = dist(_forward(draft, dkv, inp)[:, -1])
+            x = choose(d)
+            proposals.append(x)
+            q.append(d)
+            inp = x[:, None]
+        stats.draft_passes += k
+        tkv.mark()
+        chunk = torch.cat([out[:, tkv.length:], torch.stack(proposals, 1)], 1)  # pending token + proposals
+        p = dist(_forward(target, tkv, chunk)[0])  # [k + 1, vocab]
+        stats.target_passes += 1
+        drafted = torch.cat(proposals)  # [k]
+        if greedy:
+            match = (p[:-1].argmax(-1) == drafted).long()
+            n = int(match.cumprod(0).sum())
+            nxt = p[n].argmax()
+        else:
+            q = torch.cat(q)  # [k, vocab]
+            rows = torch.arange(k, device=p.device)
+            keep = torch.rand(k, generator=gen, device=p.device) < accept(p[rows, drafted], q[rows, drafted])
+            n = int(keep.long().cumprod(0).sum())
+            if n < k:  # the first rejection: draw from what p has beyond q
+                residual = (p[n] - q[n]).clamp(min=0)
+                residual = residual if residual.sum() > 0 else p[n]  # p == q: the rejection had chance 0
+                nxt = torch.multinomial(residual / residual.sum(), 1, generator=gen)[0]
+            else:
+                nxt = torch.multinomial(p[k], 1, generator=gen)[0]
+        stats.rounds += 1
+        stats.proposed += k
+        stats.accepted += n
+        new = torch.cat([drafted[:n], nxt[None]])[None]
+        tkv.rollback(tkv.length - (k - n))  # keep the pending token and the n kept proposals
+        dkv.rollback(min(dkv.length, out.shape[1] + n))  # the draft fed proposals up to k - 1
+        if eod_id is not None and bool((new == eod_id).any()):
+            new = new[:, : int((new[0] == eod_id).nonzero()[0]) + 1]
+            out = torch.cat([out, new], 1)
+            break
+        out = torch.cat([out, new], 1)
+    out = out[:, : prompt.shape[1] + max_new_tokens]
+    if prompt.is_cuda:
+        torch.cuda.synchronize()
+    stats.seconds = time.perf_counter() - start
+    stats.new_tokens = out.shape[1] - prompt.shape[1]
+    return out, stats
