@@ -59,16 +59,15 @@ class SepKVCache:
             ck, cv = torch.cat([ok, k], 2), torch.cat([ov, v], 2)
             cpos, ckeep = torch.cat([opos, pos_new], 1), torch.cat([okeep, keep_new], 1)
         n = self.windows[layer]
-        if n is None and s == 1 and not self.level_counts:
-            mask = None  # one new token of a dense layer sees every cached key: no mask to build per layer
-        else:
-            qpos = pos_new[:, :, None]  # [b, s, 1]
-            kpos = cpos[:, None, :]  # [b, 1, T]
-            mask = kpos <= qpos
-            if n is not None:
-                mask = mask & (ckeep[:, None, :] | (qpos - kpos < n))
-            mask = mask[:, None]
-        out = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask, enable_gqa=ck.shape[1] != q.shape[1])
+        qpos = pos_new[:, :, None]  # [b, s, 1]
+        kpos = cpos[:, None, :]  # [b, 1, T]
+        mask = kpos <= qpos
+        if n is not None:
+            mask = mask & (ckeep[:, None, :] | (qpos - kpos < n))
+        # always masked, also where one new token sees every key: the same SDPA kernel for one-token steps
+        # and a speculative check of k + 1 tokens, so bf16 greedy decoding gives the same tokens both ways
+        out = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask[:, None],
+                                             enable_gqa=ck.shape[1] != q.shape[1])
         if self.evict and n is not None:
             # the next query sits at position `next_pos`: a key it cannot see, no later query sees either;
             # a column goes once no batch row needs it
