@@ -5,18 +5,9 @@
 # data/stream comes from benchmarks/streaming_corpus.py, `megatron-sep tokenizer train` and `preprocess`.
 set -euo pipefail
 out=$1 steps=${2:-300}
-# it deletes its runs' checkpoints at the end, so it trains only into run dirs it makes itself
-for p in bf16 fp8; do
-  if [ -e runs/fp8_quality_$p ]; then
-    echo "error: runs/fp8_quality_$p exists (an earlier check). Fix: move it away; this script removes its checkpoints" >&2
-    exit 2
-  fi
-done
-if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null || echo file)" ]; then
-  echo "error: $out is not an empty directory. Fix: choose a new OUT" >&2
-  exit 2
-fi
-mkdir -p "$out"
+source "$(dirname "$0")/run_guard.sh"
+fresh_runs "this script removes its checkpoints" runs/fp8_quality_bf16 runs/fp8_quality_fp8
+fresh_out "$out"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 for precision in bf16 fp8; do
   run=runs/fp8_quality_$precision

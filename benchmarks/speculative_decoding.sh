@@ -6,17 +6,9 @@
 # data/stream comes from benchmarks/streaming_corpus.py, `megatron-sep tokenizer train` and `preprocess`.
 set -euo pipefail
 out=$1 tsteps=${2:-400} dsteps=${3:-400}
-for v in target draft; do
-  if [ -e runs/spec_$v ]; then
-    echo "error: runs/spec_$v exists (an earlier run). Fix: move it away, or decode it with speculative_decoding.py" >&2
-    exit 2
-  fi
-done
-if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null || echo file)" ]; then
-  echo "error: $out is not an empty directory. Fix: choose a new OUT" >&2
-  exit 2
-fi
-mkdir -p "$out"
+source "$(dirname "$0")/run_guard.sh"
+fresh_runs "this script trains both anew (decode existing runs with benchmarks/speculative_decoding.py)" runs/spec_target runs/spec_draft
+fresh_out "$out"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -m megatron_sep train --config configs/llama350m_text.yaml --set train.run_dir=runs/spec_target \
   --set train.steps="$tsteps" --set checkpoint.save_interval="$tsteps" 2>&1 | tee "$out/train_target.log"
