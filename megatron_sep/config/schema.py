@@ -356,12 +356,9 @@ class Config:
         self._check_engine()
         if m.subsampled:  # SUBLLM's levels select tokens over the whole sequence of one rank
             p = self.parallel
-            for key, bad, why in (("cp", p.cp > 1, "the scorer's top-k needs the whole sequence on one rank"),
-                                  ("sequence_parallel", p.sequence_parallel and p.tp > 1,
-                                   "the scorer's top-k needs the whole sequence, not a shard")):
-                _require(not bad, "parallel." + key, getattr(p, key),
-                         f"does not serve a subsampling model.structure yet: {why}",
-                         "use tp, pp and data parallelism with SUBLLM, or model.structure: null")
+            _require(p.cp == 1, "parallel.cp", p.cp, "does not serve a subsampling model.structure yet: the "
+                     "scorer's top-k needs the whole sequence on one rank",
+                     "use tp (+ sequence_parallel), pp and data parallelism with SUBLLM, or model.structure: null")
         if a.kind != "dense":  # what a backend cannot serve stops here, not mid-run
             _require(m.attention_dropout == 0, "model.attention_dropout", m.attention_dropout,
                      f"is not supported by attention.kind={a.kind}", "set it to 0")

@@ -21,7 +21,7 @@ from ..config import Config, ModelConfig
 from .attention import AttentionBatch, build_core_attention, prepare_batch, separator_ids_of, subsample_batch
 from .loss import linear_cross_entropy
 from ..config.structure import chunk_structure, parse_structure, skip_level, stage_starts
-from .subllm import Bypass, Downsample, bypass_minimum, gather_seq, upsample
+from .subllm import Bypass, Downsample, bypass_minimum, gather_seq, pad_selection, upsample
 
 
 class Norm(nn.Module):
@@ -139,6 +139,7 @@ class GPT(nn.Module):
         self.register_buffer("sep_ids", torch.tensor(separator_ids_of(cfg), dtype=torch.long),
                              persistent=False)
         self.structure = None  # SUBLLM: the structure's characters (model/subllm.py)
+        self.seq_shards = None  # set by parallel/tensor.py under sequence parallelism (SeqShards)
         if m.subsampled:
             self.structure = parse_structure(m.structure, m.num_layers)
             self.down = nn.ModuleList(Downsample(m.hidden_size, k, m.subsample_causal) for k in m.level_keeps())
@@ -203,8 +204,8 @@ class GPT(nn.Module):
         if cache is not None and not hasattr(cache, "level"):
             raise ValueError("a model with a subsampling model.structure decodes with the full KV cache only "
                              "(cache full), not the bounded SepCache")
-        b, s = x.shape[:2]
-        pos = position_ids.expand(b, s) if position_ids.dim() == 1 else position_ids
+        b = x.shape[0]  # x may be a sequence-parallel shard; positions cover the whole sequence
+        pos = position_ids.expand(b, -1) if position_ids.dim() == 1 else position_ids
         stack, i = [], 0
         while i < len(chars):
             c = chars[i]
@@ -213,7 +214,12 @@ class GPT(nn.Module):
                 x = self._at(self.layers, layer)(x, pos, batch)
                 layer += 1
             elif c == "(":
+                shards = self.seq_shards if cache is None else None
+                if shards is not None:  # the level selects over the whole sequence
+                    x = shards.gather(x)
                 sel = self._at(self.down, level)(x)
+                if shards is not None:
+                    sel = pad_selection(sel, shards.size, x.shape[1])
                 if cache is not None and not sel.valid.any():  # decoding, nothing kept: the level is a no-op
                     end = skip_level(chars, i - 1)
                     layer += chars[i:end].count("T")
@@ -226,9 +232,16 @@ class GPT(nn.Module):
                 batch = (AttentionBatch(kv_cache=batch.kv_cache.level(level - 1, sel.index, sel.valid))
                          if cache is not None else subsample_batch(self.cfg, batch, sel.index))
                 x = gather_seq(x, sel.index)
+                if shards is not None:
+                    x = shards.split(x)
             else:
                 outer, pos, batch, sel, lv = stack.pop()
+                shards = self.seq_shards if cache is None else None
+                if shards is not None:
+                    x = shards.gather(x)
                 x = self._at(self.bypass, lv)(outer, upsample(outer, x, sel))
+                if shards is not None:
+                    x = shards.split(x)
         return x
 
     @staticmethod

@@ -114,6 +114,18 @@ def _threshold(scores) -> Selection:
     return Selection(index, w, valid)
 
 
+def pad_selection(sel: Selection, multiple: int, s: int) -> Selection:
+    """Pad the kept tokens to a multiple of `multiple` (sequence-parallel shards) with invalid entries at
+    the end, after every real token (causal attention never lets a real token see them)."""
+    extra = -sel.index.shape[1] % multiple
+    if not extra:
+        return sel
+    b = sel.index.shape[0]
+    return Selection(torch.cat([sel.index, sel.index.new_full((b, extra), s - 1)], 1),
+                     torch.cat([sel.weight, sel.weight.new_zeros(b, extra)], 1),
+                     torch.cat([sel.valid, sel.valid.new_zeros(b, extra)], 1), padded=True)
+
+
 def gather_seq(x, index):
     """x [b, s, ...] -> [b, k, ...] at index [b, k]."""
     shape = index.shape + x.shape[2:]

@@ -5,6 +5,8 @@ reduce_from_tp    fwd all-reduce        bwd identity        (output of a row-par
 gather_seq        fwd all-gather seq    bwd reduce-scatter  (sequence parallel -> full sequence)
 reduce_scatter_seq fwd reduce-scatter   bwd all-gather      (row-parallel output -> sequence shards)
 split_seq         fwd take own shard    bwd all-gather      (full sequence -> sequence shards)
+gather_seq_whole  fwd all-gather seq    bwd take own shard  (shards -> a full sequence every rank then
+                                                             uses alike: SUBLLM's scorer and upsampling)
 The sequence dimension is dim 1 ([batch, seq, hidden]).
 """
 from __future__ import annotations
@@ -89,6 +91,17 @@ class _ReduceScatterSeq(torch.autograd.Function):
         return _all_gather(g, ctx.group, 1), None
 
 
+class _GatherWhole(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split(g, ctx.group, 1), None
+
+
 class _SplitSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -118,3 +131,7 @@ def reduce_scatter_seq(x, group):
 
 def split_seq(x, group):
     return _SplitSeq.apply(x, group)
+
+
+def gather_seq_whole(x, group):
+    return _GatherWhole.apply(x, group)

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from .context import ParallelContext
+from .mappings import gather_seq_whole, split_seq
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 
@@ -38,7 +39,24 @@ def apply_tensor_parallel(model, ctx: ParallelContext):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.sequence_parallel = True
+        if model.structure is not None:
+            model.seq_shards = SeqShards(ctx.tp_group, ctx.tp)
     return model
+
+
+class SeqShards:
+    """SUBLLM under sequence parallelism: a level's scorer, selection and upsampling run on the whole
+    sequence, alike on every tp rank (their weights get whole gradients, no sum over tp); the blocks inside
+    run on shards of the kept tokens, padded to a multiple of tp."""
+
+    def __init__(self, group, size: int):
+        self.group, self.size = group, size
+
+    def gather(self, x):
+        return gather_seq_whole(x, self.group)
+
+    def split(self, x):
+        return split_seq(x, self.group)
 
 
 def sync_sequence_parallel_grads(model, ctx: ParallelContext) -> None:
