@@ -207,6 +207,14 @@ def cmd_generate(args) -> int:
     from .convert import load_project_model
     from .inference import generate
 
+    given = [flag for flag, value in (("--draft-tokens", args.draft_tokens), ("--draft-cache", args.draft_cache),
+                                      ("--draft-tokenizer", args.draft_tokenizer)) if value is not None]
+    if args.draft is None and given:
+        raise ValueError(f"{', '.join(given)} set without --draft. Fix: add --draft DRAFT_RUN, or drop them")
+    if args.draft is not None and not args.draft.strip():
+        raise ValueError("--draft is empty. Fix: pass the draft's run dir, checkpoints dir or step_* dir")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but this torch sees no CUDA device. Fix: use --device cpu (or auto)")
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model, cfg = load_project_model(args.load)
@@ -230,15 +238,21 @@ def cmd_generate(args) -> int:
                              "prompt at once. Fix: drop one of them")
         draft, draft_cfg = load_project_model(args.draft)
         draft.to(device, dtype)
+        if len(ids) + args.max_new_tokens > draft_cfg.model.max_position_embeddings:
+            print(f"warning: {len(ids)} prompt + {args.max_new_tokens} new tokens pass the draft's "
+                  f"{draft_cfg.model.max_position_embeddings} positions; its proposals may degrade (the output "
+                  "stays the target's)", file=sys.stderr)
         draft_tok = _generation_tokenizer(args.draft_tokenizer or draft_cfg.data.tokenizer, "--draft-tokenizer")
         if not _same_vocabulary(tok, draft_tok):
             raise ValueError(f"the draft's tokenizer ({draft_tok.path}, {draft_tok.vocab_size} tokens) is not the "
                              f"target's ({tok.path}, {tok.vocab_size} tokens): speculative decoding compares token "
                              "ids. Fix: train the draft with the target's tokenizer (data.tokenizer)")
-        out, stats = speculative_generate(model, draft, prompt, args.max_new_tokens, draft_tokens=args.draft_tokens,
+        k = args.draft_tokens or 4
+        out, stats = speculative_generate(model, draft, prompt, args.max_new_tokens, draft_tokens=k,
                                           draft_cache=args.draft_cache, **sampling)
         print(tok.decode(out[0, prompt.shape[1]:].tolist()))
-        print(f"speculative decoding, {args.draft_tokens} draft tokens per round: {stats.line()}", file=sys.stderr)
+        print(f"speculative decoding, up to {k} draft token{'s' if k > 1 else ''} per round: {stats.line()}",
+              file=sys.stderr)
         return 0
     out = generate(model, prompt, args.max_new_tokens, prefill_chunk=args.prefill_chunk, **sampling)
     print(tok.decode(out[0, prompt.shape[1]:].tolist()))
@@ -338,7 +352,7 @@ def _at_least(low, kind):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < low:
@@ -484,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--draft", help="a draft model's run dir, checkpoints dir or step_* dir: speculative decoding "
                    "(same output distribution as the target alone; greedy gives the same tokens)")
-    p.add_argument("--draft-tokens", type=_at_least(1, int), default=4, help="tokens the draft proposes per round")
+    p.add_argument("--draft-tokens", type=_at_least(1, int), help="tokens the draft proposes per round (default 4; "
+                   "fewer when fewer are still wanted)")
     p.add_argument("--draft-cache", choices=["full", "sep", "streaming"],
                    help="the draft's KV cache (default: --cache); sizes from --cache-sizes")
     p.add_argument("--draft-tokenizer", help="override the draft checkpoint's data.tokenizer")

@@ -65,6 +65,7 @@ def test_greedy_equals_target_only(kind, cache, k):
     assert torch.equal(out, ref)
     assert 0 < stats.accepted < stats.proposed  # rounds kept some proposals and rolled back others
     assert stats.target_passes < 40 and stats.new_tokens == 40
+    assert stats.proposed <= stats.rounds * k and stats.proposed + stats.rounds >= 40  # none past the end
 
 
 def test_draft_of_another_family_and_a_dense_draft_for_a_sepllm_target():
@@ -73,6 +74,8 @@ def test_draft_of_another_family_and_a_dense_draft_for_a_sepllm_target():
         ref = generate(target, prompt(), 24, evict=True)
         out, _ = speculative_generate(target, draft, prompt(), 24, draft_tokens=3, evict=True)
         assert torch.equal(out, ref)
+    _, stats = speculative_generate(target, draft, prompt(), 1, draft_tokens=8)
+    assert stats.proposed == 1  # proposals stop at the tokens still wanted
 
 
 @torch.no_grad()
@@ -194,7 +197,7 @@ def test_mismatched_pairs_and_batches_are_refused():
         check_pair(model(), sub)
     with pytest.raises(ValueError, match="batch 1"):
         speculative_generate(model(), model(), prompt().expand(2, -1), 4)
-    with pytest.raises(ValueError, match="positions='cache'.*Fix: use positions='original'"):
+    with pytest.raises(ValueError, match="positions='cache'.*Fix: use --cache-positions original"):
         speculative_generate(model(), model(), prompt(), 4, cache="streaming", positions="cache")
 
 
@@ -207,10 +210,15 @@ def test_generate_command_with_a_draft(corpus, tmp_path):
     proc = cli("generate", "--load", tmp_path / "target", "--draft", tmp_path / "draft", "--draft-tokens", "3",
                "--prompt", "The model reads.", "--max-new-tokens", "12")
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
-    assert "speculative decoding, 3 draft tokens per round: acceptance" in proc.stderr
+    assert "speculative decoding, up to 3 draft tokens per round: acceptance" in proc.stderr
     assert "tokens per target pass" in proc.stderr and "tokens/s" in proc.stderr
     plain = cli("generate", "--load", tmp_path / "target", "--prompt", "The model reads.", "--max-new-tokens", "12")
     assert plain.stdout == proc.stdout  # greedy: the same text as the target alone
     other = train_sentencepiece([str(corpus["jsonl"])], tmp_path / "other", vocab_size=400)
     assert_one_line_error(cli("generate", "--load", tmp_path / "target", "--draft", tmp_path / "draft",
                               "--draft-tokenizer", other, "--prompt", "x"), "the draft's tokenizer")
+    assert_one_line_error(cli("generate", "--load", tmp_path / "target", "--draft-tokens", "3", "--prompt", "x"),
+                          "--draft-tokens set without --draft")
+    assert_one_line_error(cli("generate", "--load", tmp_path / "target", "--draft", tmp_path / "draft",
+                              "--draft-cache", "sep", "--prompt", "x"), "the draft's KV cache (--draft-cache sep)",
+                          "--cache streaming")

@@ -1,6 +1,7 @@
 """SUBLLM (model.structure): parsing, the plain-model limit, the scorer's gradients and balancer, causality
 of the causal variant, training with resume, and tensor parallelism against one process (fp32)."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,16 @@ def test_bad_layouts_for_subsampling_are_rejected(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path, model=STRUCT, parallel={"pp": 4})  # T(TT)T: stages start at 0, 1, 3
     with pytest.raises(ConfigError, match="parallel.pp=4: cannot split model.structure='T\\(TT\\)T' into 4"):
         resolve_layout(cfg, 4)
+
+
+@pytest.mark.parametrize("structure,layers", [("T(T)", 2), ("(T)", 1), ("TT(TT)", 4), ("T(T(T)T)", 4)])
+def test_structures_that_end_inside_or_after_a_level_train(corpus, tmp_path, structure, layers):
+    """A structure ending with `)` (a crash in the stage split once) trains, one cut per block."""
+    from megatron_sep.config.structure import cuts, parse_structure
+    assert len(cuts(parse_structure(structure, layers))) == layers
+    cfg = tiny_config(corpus, tmp_path, model={"num_layers": layers, "structure": structure, "subsample_keep": 0.5},
+                      train={"steps": 1, "eval_interval": 1}, checkpoint={"save_interval": 1})
+    assert math.isfinite(Trainer(cfg, log=False).run()["loss"])
 
 
 def test_keep_ratio_one_is_the_plain_model():

@@ -60,6 +60,8 @@ def cuts(chars: list[str]) -> list[tuple[int, int]]:
         while i < len(chars) and chars[i] == ")":
             depth -= 1
             i += 1
+        if i == len(chars):  # the structure ends with levels closing after the last block
+            break
         out.append((i, depth))
         while chars[i] == "(":
             depth += 1

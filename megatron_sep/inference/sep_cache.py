@@ -49,8 +49,9 @@ class SepCache:
         a, m = cfg.attention, cfg.model
         if not streaming and a.kind != "fixed_interval" and (sep_ids is None or sep_ids.numel() == 0):
             raise ValueError("SepCache needs separator token ids, and this model has none (it was not trained "
-                             "with attention.kind=sepllm). Fix: pass sep_ids (e.g. resolved from the tokenizer "
-                             "with megatron_sep.data.separators), or use a StreamingLLM cache (streaming=True)")
+                             "with attention.kind=sepllm). Fix: use a StreamingLLM cache (--cache streaming; streaming=True "
+                             "in Python) or the full cache (--cache full), or pass sep_ids resolved from the "
+                             "tokenizer (megatron_sep.data.separators)")
         self.cfg, self.sep_ids, self.streaming = cfg, sep_ids, streaming
         self.init, self.seps, self.window, self.capacity = init, seps, window, capacity
         self.rotates = positions == "cache"

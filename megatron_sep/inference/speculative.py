@@ -54,11 +54,13 @@ def check_pair(target, draft) -> None:
     if vt != vd:
         raise ValueError(f"the draft's vocabulary ({vd} tokens) differs from the target's ({vt}): speculative "
                          "decoding compares token ids. Fix: train the draft with the target's tokenizer "
-                         "(data.tokenizer)")
+                         "(data.tokenizer) and leave model.vocab_size to it, or set it to the target's")
     for name, m in (("target", target), ("draft", draft)):
         if m.cfg.model.subsampled:
+            fix = ("decode it alone (drop --draft)" if name == "target" else
+                   "drop --draft, or use a draft without model.structure")
             raise ValueError(f"the {name} is a SUBLLM model (model.structure subsamples): its level caches do not "
-                             "roll back, so it cannot take part in speculative decoding. Fix: decode it alone")
+                             f"roll back, so it cannot take part in speculative decoding. Fix: {fix}")
 
 
 def _forward(model, kv, tokens) -> torch.Tensor:
@@ -78,21 +80,27 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
         raise ValueError(f"speculative decoding runs one sequence at a time (batch 1); got a batch of "
                          f"{prompt.shape[0]}. Fix: decode the prompts one by one")
     if positions != "original":
-        raise ValueError(f"positions={positions!r} (StreamingLLM's shift) rotates a chunk by the slots at its "
-                         "start, so the target's check of k + 1 tokens would not be what one-token steps give. "
-                         "Fix: use positions='original' (--cache-positions original)")
+        raise ValueError(f"--cache-positions {positions} (positions={positions!r}, StreamingLLM's shift) rotates "
+                         "a chunk by the slots at its start, so the target's check of k + 1 tokens would not be "
+                         "what one-token steps give. Fix: use --cache-positions original (positions='original')")
     if draft_tokens < 1:
         raise ValueError(f"draft_tokens={draft_tokens}: propose at least 1 token per round")
     check_pair(target, draft)
     target.eval(), draft.eval()
-    tkv = make_cache(target, cache, cache_sizes, positions, evict)
-    dkv = make_cache(draft, draft_cache or cache, cache_sizes, positions, evict)
+    caches = []
+    for name, m, kind, flag in (("target", target, cache, "--cache"), ("draft", draft, draft_cache or cache,
+                                                                       "--draft-cache")):
+        try:
+            caches.append(make_cache(m, kind, cache_sizes, positions, evict))
+        except ValueError as e:
+            raise ValueError(f"the {name}'s KV cache ({flag} {kind}): {e}") from None
+    tkv, dkv = caches
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
     stats, start = Stats(), time.perf_counter()
     if prompt.shape[1] > 1:  # both caches hold everything but the last token, which each round feeds
         _forward(target, tkv, prompt[:, :-1])
         _forward(draft, dkv, prompt[:, :-1])
-    out, k = prompt, draft_tokens
+    out = prompt
 
     def choose(probs_or_logits):
         if greedy:
@@ -103,6 +111,7 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
         return logits.float() if greedy else filtered_probs(logits, temperature, top_k, top_p)
 
     while out.shape[1] - prompt.shape[1] < max_new_tokens:
+        k = min(draft_tokens, max_new_tokens - (out.shape[1] - prompt.shape[1]))  # no proposals past the end
         dkv.mark()
         inp, proposals, q = out[:, dkv.length:], [], []
         for _ in range(k):  # the draft proposes k tokens; the last is not fed to it
