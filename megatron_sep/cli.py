@@ -228,7 +228,7 @@ def cmd_generate(args) -> int:
         print(f"warning: {len(ids)} prompt + {args.max_new_tokens} new tokens pass the {limit} positions the model "
               "was trained with; later tokens may degrade", file=sys.stderr)
     prompt = torch.tensor([ids], device=device)
-    sampling = dict(greedy=args.temperature == 0, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+    decoding = dict(greedy=args.temperature == 0, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     eod_id=tok.eod_id, seed=args.seed, evict=args.evict, cache=args.cache,
                     cache_sizes=args.cache_sizes, positions=args.cache_positions)
     if args.draft:
@@ -249,12 +249,12 @@ def cmd_generate(args) -> int:
                              "ids. Fix: train the draft with the target's tokenizer (data.tokenizer)")
         k = args.draft_tokens or 4
         out, stats = speculative_generate(model, draft, prompt, args.max_new_tokens, draft_tokens=k,
-                                          draft_cache=args.draft_cache, **sampling)
+                                          draft_cache=args.draft_cache, **decoding)
         print(tok.decode(out[0, prompt.shape[1]:].tolist()))
         print(f"speculative decoding, up to {k} draft token{'s' if k > 1 else ''} per round: {stats.line()}",
               file=sys.stderr)
         return 0
-    out = generate(model, prompt, args.max_new_tokens, prefill_chunk=args.prefill_chunk, **sampling)
+    out = generate(model, prompt, args.max_new_tokens, prefill_chunk=args.prefill_chunk, **decoding)
     print(tok.decode(out[0, prompt.shape[1]:].tolist()))
     return 0
 

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data.dataset import sample_batch
-from ..model.attention import AttentionBatch
-from .generate import make_cache
+from .generate import feed, make_cache
 
 
 def autocast_for(device: torch.device):
@@ -77,7 +76,7 @@ def streaming_perplexity(model, stream: torch.Tensor, cache: str, sizes, positio
         for start in range(0, n, chunk):
             piece = inputs[start:start + chunk][None]
             try:
-                logits = model(piece, position_ids=kv.begin(piece), batch=AttentionBatch(kv_cache=kv))[0].float()
+                logits = feed(model, kv, piece)[0].float()
             except torch.OutOfMemoryError:
                 stopped = "out of memory"
                 break

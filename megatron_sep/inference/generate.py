@@ -28,12 +28,10 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool =
     steps = []
     chunk = prefill_chunk if prefill_chunk > 0 else prompt.shape[1]
     for start in range(0, prompt.shape[1] - chunk, chunk):  # all but the prompt's last chunk
-        piece = prompt[:, start:start + chunk]
-        model(piece, position_ids=kv.begin(piece), batch=AttentionBatch(kv_cache=kv))
+        feed(model, kv, prompt[:, start:start + chunk])
     step_input = prompt[:, (prompt.shape[1] - 1) // chunk * chunk:]
     for _ in range(max_new_tokens):
-        pos = kv.begin(step_input)
-        logits = model(step_input, position_ids=pos, batch=AttentionBatch(kv_cache=kv))[:, -1].float()
+        logits = feed(model, kv, step_input)[:, -1].float()
         steps.append(logits)
         if greedy:
             nxt = logits.argmax(-1)
@@ -47,6 +45,11 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool =
         if eod_id is not None and done.all():
             break
     return (out, torch.stack(steps, 1)) if output_logits else out
+
+
+def feed(model, kv, tokens: torch.Tensor) -> torch.Tensor:
+    """The model's logits for the next tokens [b, s] of a stream, through (and into) the KV cache `kv`."""
+    return model(tokens, position_ids=kv.begin(tokens), batch=AttentionBatch(kv_cache=kv))
 
 
 def make_cache(model, kind: str, sizes=(4, 64, 256, 512), positions: str = "original", evict: bool = False):

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.attention import AttentionBatch
-from .generate import filtered_probs, make_cache
+from .generate import feed, filtered_probs, make_cache
 
 
 def accept_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -63,11 +62,6 @@ def check_pair(target, draft) -> None:
                              f"roll back, so it cannot take part in speculative decoding. Fix: {fix}")
 
 
-def _forward(model, kv, tokens) -> torch.Tensor:
-    pos = kv.begin(tokens)
-    return model(tokens, position_ids=pos, batch=AttentionBatch(kv_cache=kv))
-
-
 @torch.no_grad()
 def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, draft_tokens: int = 4,
                          greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -98,8 +92,8 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
     stats, start = Stats(), time.perf_counter()
     if prompt.shape[1] > 1:  # both caches hold everything but the last token, which each round feeds
-        _forward(target, tkv, prompt[:, :-1])
-        _forward(draft, dkv, prompt[:, :-1])
+        feed(target, tkv, prompt[:, :-1])
+        feed(draft, dkv, prompt[:, :-1])
     out = prompt
 
     def choose(probs_or_logits):
@@ -115,7 +109,7 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
         dkv.mark()
         inp, proposals, q = out[:, dkv.length:], [], []
         for _ in range(k):  # the draft proposes k tokens; the last is not fed to it
-            d = dist(_forward(draft, dkv, inp)[:, -1])
+            d = dist(feed(draft, dkv, inp)[:, -1])
             x = choose(d)
             proposals.append(x)
             q.append(d)
@@ -123,7 +117,7 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
         stats.draft_passes += k
         tkv.mark()
         chunk = torch.cat([out[:, tkv.length:], torch.stack(proposals, 1)], 1)  # pending token + proposals
-        p = dist(_forward(target, tkv, chunk)[0])  # [k + 1, vocab]
+        p = dist(feed(target, tkv, chunk)[0])  # [k + 1, vocab]
         stats.target_passes += 1
         drafted = torch.cat(proposals)  # [k]
         if greedy:

@@ -206,6 +206,7 @@ class GPT(nn.Module):
                              "(cache full), not the bounded SepCache")
         b = x.shape[0]  # x may be a sequence-parallel shard; positions cover the whole sequence
         pos = position_ids.expand(b, -1) if position_ids.dim() == 1 else position_ids
+        shards = self.seq_shards if cache is None else None  # sequence parallelism (training only)
         stack, i = [], 0
         while i < len(chars):
             c = chars[i]
@@ -214,7 +215,6 @@ class GPT(nn.Module):
                 x = self._at(self.layers, layer)(x, pos, batch)
                 layer += 1
             elif c == "(":
-                shards = self.seq_shards if cache is None else None
                 if shards is not None:  # the level selects over the whole sequence
                     x = shards.gather(x)
                 sel = self._at(self.down, level)(x)
@@ -236,7 +236,6 @@ class GPT(nn.Module):
                     x = shards.split(x)
             else:
                 outer, pos, batch, sel, lv = stack.pop()
-                shards = self.seq_shards if cache is None else None
                 if shards is not None:
                     x = shards.gather(x)
                 x = self._at(self.bypass, lv)(outer, upsample(outer, x, sel))

@@ -91,11 +91,9 @@ class _ReduceScatterSeq(torch.autograd.Function):
         return _all_gather(g, ctx.group, 1), None
 
 
-class _GatherWhole(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, group, 1)
+class _GatherWhole(_GatherSeq):
+    """_GatherSeq's forward; every rank then computes alike on the whole sequence, so each rank's gradient
+    is already the whole one and the backward keeps its own shard (no sum)."""
 
     @staticmethod
     def backward(ctx, g):
