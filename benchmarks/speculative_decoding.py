@@ -1,12 +1,14 @@
 """Speculative decoding against the target alone: acceptance, target passes per token and tokens/s, batch 1.
 
   PYTHONPATH=. python3 benchmarks/speculative_decoding.py --target RUN --draft RUN --out DIR \
-      [--prompts data/stream/heldout.jsonl] [--n 8] [--prompt-tokens 64] [--new 128] [--k 1,2,4,8]
+      [--prompts data/stream/heldout.jsonl] [--n 8] [--prompt-tokens 64] [--new 128] [--k 1,2,4,8] [--cuda-graphs]
 
 Prompts are the first --prompt-tokens tokens of the first --n documents of the held-out stream (text the models
 never trained on). Each prompt is decoded greedily by the target alone (`generate`) and with the draft
 (`speculative_generate`) at each k, and once sampled (temperature 1) at k=4. Every decode is timed whole,
-prompt included, after a warm-up decode at the same k (a new k's first decode meets new kernel shapes); both models in --dtype on the GPU. Writes DIR/speculative.{json,md,png}.
+prompt included, after a warm-up decode at the same k (a new k's first decode meets new kernel shapes); both
+models in --dtype on the GPU. --cuda-graphs decodes both ways with CUDA graphs (inference/graphs.py), the
+target alone included. Writes DIR/speculative.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--k", default="1,2,4,8")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script, not a measurement")
+    ap.add_argument("--cuda-graphs", action="store_true", help="decode with CUDA graphs, the target alone too")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     target, cfg = load_project_model(args.target)
@@ -65,20 +68,22 @@ def main() -> None:
     tok = load_tokenizer(cfg.data.tokenizer)
     rows = prompts(args.prompts, tok, args.n, args.prompt_tokens, args.device)
     ks = [int(k) for k in args.k.split(",")]
-    generate(target, rows[0], 8), speculative_generate(target, draft, rows[0], 8)  # warm-up (kernels, caches)
+    graphs = {"cuda_graphs": args.cuda_graphs}
+    for _ in range(2):  # warm-up: kernels, and with graphs the prompt's shape (captured at its second sighting)
+        generate(target, rows[0], 8, **graphs), speculative_generate(target, draft, rows[0], 8, **graphs)
 
     base, results = [], {}
     for p in rows:
-        out, s = timed(lambda: generate(target, p, args.new))
+        out, s = timed(lambda: generate(target, p, args.new, **graphs))
         base.append({"tokens": out[0, p.shape[1]:].tolist(), "seconds": s})
     base_tps = sum(len(b["tokens"]) for b in base) / sum(b["seconds"] for b in base)
     runs = [(k, True) for k in ks] + [(4, False)]
     for k, greedy in runs:
-        speculative_generate(target, draft, rows[0], 2 * k + 2, draft_tokens=k, greedy=greedy)  # this k's shapes
+        speculative_generate(target, draft, rows[0], 2 * k + 2, draft_tokens=k, greedy=greedy, **graphs)  # its shapes
         rec = []
         for i, p in enumerate(rows):
             (out, st), s = timed(lambda: speculative_generate(target, draft, p, args.new, draft_tokens=k,
-                                                              greedy=greedy, seed=i))
+                                                              greedy=greedy, seed=i, **graphs))
             new = out[0, p.shape[1]:].tolist()
             same = next((j for j, (a, b) in enumerate(zip(new, base[i]["tokens"])) if a != b), len(new))
             rec.append({"seconds": s, "new": len(new), "proposed": st.proposed, "accepted": st.accepted,
@@ -95,7 +100,8 @@ def main() -> None:
         print(f"{name:<16} {tps:8.1f} tok/s  {tps / base_tps:5.2f}x  acceptance {results[name]['acceptance']:.1%}  "
               f"target passes/token {results[name]['target_passes_per_token']:.3f}  "
               f"identical {results[name]['identical_to_target_only']}/{len(rec)}", flush=True)
-    env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__, "dtype": args.dtype,
+    env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+           "torch": torch.__version__, "dtype": args.dtype, "cuda_graphs": args.cuda_graphs,
            "target_params": target.num_params(), "draft_params": draft.num_params(),
            "target_layers": cfg.model.num_layers, "draft_layers": draft.cfg.model.num_layers}
     summary = {"env": env, "args": vars(args), "target_only_tokens_per_s": base_tps,
@@ -105,7 +111,7 @@ def main() -> None:
     (out / "speculative.json").write_text(json.dumps(summary, indent=1))
     lines = [f"Target {env['target_params'] / 1e6:.0f}M ({env['target_layers']} layers), draft "
              f"{env['draft_params'] / 1e6:.0f}M ({env['draft_layers']} layers), {env['device']}, {args.dtype}, "
-             f"batch 1, {len(rows)} prompts of {args.prompt_tokens} tokens, {args.new} new tokens each.", "",
+             f"{'CUDA graphs' if args.cuda_graphs else 'eager'}, batch 1, {len(rows)} prompts of {args.prompt_tokens} tokens, {args.new} new tokens each.", "",
              f"Target alone (greedy): {base_tps:.1f} tokens/s.", "",
              "| run | tokens/s | vs target alone | acceptance | target passes per token | identical to target alone |",
              "|---|---|---|---|---|---|"]

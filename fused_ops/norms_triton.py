@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import multiprocessors
+from .dispatch import multiprocessors, plain_call
 
 
 @triton.jit
@@ -116,6 +116,10 @@ def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
              bias: Optional[torch.Tensor], eps: float, is_rms: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> y, x + residual (empty without residual), mean, rstd (fp32, per row)."""
+    return _norm_fwd_launch(x, residual, weight, bias, eps, is_rms)
+
+
+def _norm_fwd_launch(x, residual, weight, bias, eps, is_rms):
     shape, n = x.shape, x.shape[-1]
     x2 = _rows(x, n)
     m = x2.shape[0]
@@ -200,5 +204,6 @@ norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup)
 
 def norm_triton(x, weight, bias, eps, residual, is_rms):
     """Returns y, or (y, x + residual) when residual is given."""
-    y, s, _, _ = norm_fwd(x, residual, weight, bias, eps, is_rms)
+    fwd = _norm_fwd_launch if plain_call(x, residual, weight, bias) else norm_fwd
+    y, s, _, _ = fwd(x, residual, weight, bias, eps, is_rms)
     return (y, s) if residual is not None else y

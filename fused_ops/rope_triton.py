@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import plain_call
+
 
 @triton.jit
 def _rope_heads(X, Y, sxb, sxs, sxh, syb, sys, syh, b, t, H, cos, sin, half, offs_h, offs_r, offs_p,
@@ -106,4 +108,6 @@ rope.register_autograd(_rope_backward, setup_context=_rope_setup)
 def apply_rope_triton(q, k, position_ids, rotary_dim, base):
     if rotary_dim % 2 or rotary_dim > q.shape[-1]:
         raise ValueError(f"rotary_dim {rotary_dim} must be even and <= head dim {q.shape[-1]}")
+    if plain_call(q, k):
+        return _launch(q, k, position_ids, rotary_dim, float(base), 1.0)
     return rope(q, k, position_ids, rotary_dim, float(base), 1.0)

@@ -230,7 +230,7 @@ def cmd_generate(args) -> int:
     prompt = torch.tensor([ids], device=device)
     decoding = dict(greedy=args.temperature == 0, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     eod_id=tok.eod_id, seed=args.seed, evict=args.evict, cache=args.cache,
-                    cache_sizes=args.cache_sizes, positions=args.cache_positions)
+                    cache_sizes=args.cache_sizes, positions=args.cache_positions, cuda_graphs=args.cuda_graphs)
     if args.draft:
         from .inference.speculative import speculative_generate
         if args.prefill_chunk:
@@ -484,9 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--evict", action="store_true",
                    help="drop cached keys no later token can see (SepLLM's streaming memory saving)")
-    p.add_argument("--cache", choices=["full", "sep", "streaming"], default="full",
+    p.add_argument("--cache", choices=["full", "sep", "streaming", "static"], default="full",
                    help="full: every key the mask can reach; sep: SepCache, fixed capacity (bounded memory); "
-                   "streaming: StreamingLLM (initial tokens + window)")
+                   "streaming: StreamingLLM (initial tokens + window); static: every key, in buffers sized for "
+                   "prompt + new tokens (what --cuda-graphs replays)")
     p.add_argument("--cache-sizes", type=_cache_sizes, default=(4, 64, 256, 512),
                    help="SepCache initial,separators,window,capacity (default 4,64,256,512 as in the paper)")
     p.add_argument("--cache-positions", choices=["original", "cache"], default="original",
@@ -496,11 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="override the checkpoint's data.tokenizer")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay each decode step as a CUDA graph (the "
+                   "static cache): small models decode many times faster at batch 1, where launches bind")
     p.add_argument("--draft", help="a draft model's run dir, checkpoints dir or step_* dir: speculative decoding "
                    "(same output distribution as the target alone; greedy gives the same tokens)")
     p.add_argument("--draft-tokens", type=_at_least(1, int), help="tokens the draft proposes per round (default 4; "
                    "fewer when fewer are still wanted)")
-    p.add_argument("--draft-cache", choices=["full", "sep", "streaming"],
+    p.add_argument("--draft-cache", choices=["full", "sep", "streaming", "static"],
                    help="the draft's KV cache (default: --cache); sizes from --cache-sizes")
     p.add_argument("--draft-tokenizer", help="override the draft checkpoint's data.tokenizer")
     p.set_defaults(func=cmd_generate)

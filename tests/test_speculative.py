@@ -21,10 +21,11 @@ from .test_data_safety import assert_one_line_error, cli
 SEPS = [1, 2, 3]
 
 
-def model(family="llama", kind="dense", vocab=40, layers=2, seed=0):
+def model(family="llama", kind="dense", vocab=40, layers=2, seed=0, **extra):
     attention = {"kind": kind, "backend": "reference"}
     if kind == "sepllm":
         attention.update(separators=SEPS, window=6, init_tokens=2)
+    attention.update(extra)
     cfg = config_from_dict({"model": {"family": family, "num_layers": layers, "hidden_size": 32, "num_heads": 2,
                                       "num_kv_heads": 1, "vocab_size": vocab, "max_position_embeddings": 256},
                             "attention": attention, "data": {"seq_len": 256}})
@@ -50,12 +51,13 @@ def prompt(seed=0, n=12, vocab=40):
 
 
 CACHES = {"full": {}, "full-evict": {"evict": True}, "sep": {"cache": "sep", "cache_sizes": (2, 3, 6, 14)},
-          "streaming": {"cache": "streaming", "cache_sizes": (2, 0, 6, 10)}}
+          "streaming": {"cache": "streaming", "cache_sizes": (2, 0, 6, 10)}, "static": {"cache": "static"}}
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
 @pytest.mark.parametrize("kind,cache", [("dense", "full"), ("sepllm", "full"), ("sepllm", "full-evict"),
-                                        ("sepllm", "sep"), ("sepllm", "streaming")])
+                                        ("sepllm", "sep"), ("sepllm", "streaming"), ("dense", "static"),
+                                        ("sepllm", "static")])
 def test_greedy_equals_target_only(kind, cache, k):
     target = model(kind=kind)
     draft = perturbed(target)
@@ -93,7 +95,7 @@ def test_rollback_leaves_the_cache_as_if_the_tokens_were_never_fed(cache):
     def feed(kv, t):
         return m(t, position_ids=kv.begin(t), batch=AttentionBatch(kv_cache=kv))[:, -1]
 
-    kv = make_cache(m, *args)
+    kv = make_cache(m, *args, capacity=64)
     feed(kv, tokens[:, :16])
     done = 16
     for keep in (2, 0, 7, 3):
@@ -103,12 +105,39 @@ def test_rollback_leaves_the_cache_as_if_the_tokens_were_never_fed(cache):
             feed(kv, piece)
         kv.rollback(done + keep)
         done += keep
-        fresh = make_cache(m, *args)
+        fresh = make_cache(m, *args, capacity=64)
         feed(fresh, tokens[:, :done])
         assert kv.length == fresh.length == done
         nxt = tokens[:, done:done + 1]
         assert torch.allclose(feed(kv, nxt), feed(fresh, nxt), atol=1e-5)
         done += 1
+
+
+@pytest.mark.parametrize("kind", ["dense", "sepllm", "fixed_interval"])
+def test_static_cache_gives_the_full_caches_logits(kind):
+    """The preallocated cache (what CUDA graphs replay) attends over its whole buffer under the mask: the
+    same logits as the growing cache to fp32 rounding (1e-5 on logits of about unit size), prompt fed whole
+    or in chunks."""
+    m = model(kind=kind, **({"fixed_interval": 3, "window": 6} if kind == "fixed_interval" else {}))
+    for chunk in (0, 5):
+        ref, ref_logits = generate(m, prompt(n=20), 30, output_logits=True, prefill_chunk=chunk)
+        out, logits = generate(m, prompt(n=20), 30, output_logits=True, prefill_chunk=chunk, cache="static")
+        assert torch.equal(out, ref)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_static_cache_and_cuda_graphs_refuse_what_they_cannot_do():
+    m = model(kind="sepllm")
+    kv = make_cache(m, "static", capacity=10)
+    kv.begin(prompt(n=64)[:, :60])
+    with pytest.raises(ValueError, match="holds 64 positions; 5 more tokens at length 60 do not fit"):
+        kv.begin(prompt(n=5))
+    with pytest.raises(ValueError, match="keeps every key.*Fix: use --cache full with --evict"):
+        generate(m, prompt(), 4, cache="static", evict=True)
+    with pytest.raises(ValueError, match="--cache sep changes the cache's shape"):
+        generate(m, prompt(), 4, cache="sep", cuda_graphs=True)
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        generate(m, prompt(), 4, cuda_graphs=True)
 
 
 def test_rollback_needs_a_mark_and_a_length_inside_the_round():
@@ -214,6 +243,11 @@ def test_generate_command_with_a_draft(corpus, tmp_path):
     assert "tokens per target pass" in proc.stderr and "tokens/s" in proc.stderr
     plain = cli("generate", "--load", tmp_path / "target", "--prompt", "The model reads.", "--max-new-tokens", "12")
     assert plain.stdout == proc.stdout  # greedy: the same text as the target alone
+    static = cli("generate", "--load", tmp_path / "target", "--draft", tmp_path / "draft", "--cache", "static",
+                 "--prompt", "The model reads.", "--max-new-tokens", "12")
+    assert static.returncode == 0 and static.stdout == plain.stdout, static.stderr
+    assert_one_line_error(cli("generate", "--load", tmp_path / "target", "--cuda-graphs", "--device", "cpu",
+                              "--prompt", "x"), "CUDA graphs need the model on a CUDA device")
     other = train_sentencepiece([str(corpus["jsonl"])], tmp_path / "other", vocab_size=400)
     assert_one_line_error(cli("generate", "--load", tmp_path / "target", "--draft", tmp_path / "draft",
                               "--draft-tokenizer", other, "--prompt", "x"), "the draft's tokenizer")

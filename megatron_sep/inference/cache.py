@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import Config
 
@@ -18,7 +19,12 @@ def separators_at(cfg: Config, tokens: torch.Tensor, sep_ids: torch.Tensor, pos:
     the other kinds the separator token ids (models not trained as SepLLM have none)."""
     if cfg.attention.kind == "fixed_interval":
         return ((pos + 1) % cfg.attention.fixed_interval == 0).expand(tokens.shape)
-    return torch.isin(tokens, sep_ids.to(tokens.device))
+    # a broadcast compare, not torch.isin: no host sync for a CUDA graph to trip on, and few separator ids
+    return (tokens[..., None] == sep_ids.to(tokens.device)).any(-1)
+
+
+# not cuDNN: its attention builds an execution plan per shape, and the key length here changes every step
+GROWING = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 class SepKVCache:
@@ -66,8 +72,9 @@ class SepKVCache:
             mask = mask & (ckeep[:, None, :] | (qpos - kpos < n))
         # always masked, also where one new token sees every key: the same SDPA kernel for one-token steps
         # and a speculative check of k + 1 tokens, so bf16 greedy decoding gives the same tokens both ways
-        out = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask[:, None],
-                                             enable_gqa=ck.shape[1] != q.shape[1])
+        with sdpa_kernel(GROWING):
+            out = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask[:, None],
+                                                 enable_gqa=ck.shape[1] != q.shape[1])
         if self.evict and n is not None:
             # the next query sits at position `next_pos`: a key it cannot see, no later query sees either;
             # a column goes once no batch row needs it

@@ -6,22 +6,26 @@ import torch
 from ..model.attention import AttentionBatch
 from .cache import SepKVCache
 from .sep_cache import SepCache
+from .static_cache import StaticKVCache
 
 
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, eod_id: int | None = None, seed: int = 0,
              evict: bool = False, output_logits: bool = False, cache: str = "full", cache_sizes=(4, 64, 256, 512),
-             positions: str = "original", prefill_chunk: int = 0):
+             positions: str = "original", prefill_chunk: int = 0, cuda_graphs: bool = False):
     """prompt [b, s] -> [b, s + new] token ids. Stops early when every row has produced eod_id.
 
     `cache`: "full" (every key the mask can still reach; `evict` drops the others), "sep" (SepCache with
-    `cache_sizes` = (initial, separators, window, capacity): bounded memory) or "streaming" (SepCache
-    without separators: StreamingLLM). `prefill_chunk` > 0 feeds the prompt that many tokens at a time.
+    `cache_sizes` = (initial, separators, window, capacity): bounded memory), "streaming" (SepCache
+    without separators: StreamingLLM) or "static" (every key, in buffers sized for prompt + new tokens).
+    `cuda_graphs` replays each decode step as a CUDA graph (the static cache; "full" switches to it).
+    `prefill_chunk` > 0 feeds the prompt that many tokens at a time.
     With output_logits, also returns each step's logits [b, new, vocab] (fp32, before sampling).
     """
     model.eval()
-    kv = make_cache(model, cache, cache_sizes, positions, evict)
+    kv = make_cache(model, cache, cache_sizes, positions, evict, capacity=prompt.shape[1] + max_new_tokens,
+                    cuda_graphs=cuda_graphs, batch=prompt.shape[0])
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
     out = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
@@ -49,15 +53,36 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool =
 
 def feed(model, kv, tokens: torch.Tensor) -> torch.Tensor:
     """The model's logits for the next tokens [b, s] of a stream, through (and into) the KV cache `kv`."""
+    if getattr(kv, "graphs", None) is not None:
+        return kv.graphs(tokens)
     return model(tokens, position_ids=kv.begin(tokens), batch=AttentionBatch(kv_cache=kv))
 
 
-def make_cache(model, kind: str, sizes=(4, 64, 256, 512), positions: str = "original", evict: bool = False):
-    """The KV cache generation and streaming evaluation decode with (see `generate`)."""
+def make_cache(model, kind: str, sizes=(4, 64, 256, 512), positions: str = "original", evict: bool = False,
+               capacity: int | None = None, cuda_graphs: bool = False, batch: int = 1):
+    """The KV cache generation and streaming evaluation decode with (see `generate`); `capacity`: the tokens
+    a static cache must hold."""
+    if cuda_graphs:
+        if kind not in ("full", "static") or evict:
+            what = "--evict" if evict else f"--cache {kind}"
+            raise ValueError(f"CUDA graphs replay steps of fixed shape, through the static cache; {what} changes "
+                             "the cache's shape as it decodes. Fix: use --cache full (or static) without --evict, "
+                             "or drop --cuda-graphs")
+        if not model.sep_ids.is_cuda:
+            raise ValueError("CUDA graphs need the model on a CUDA device. Fix: --device cuda, or drop --cuda-graphs")
+        from .graphs import graphed_cache
+        return graphed_cache(model, capacity, batch)
+    if kind == "static":
+        if evict:
+            raise ValueError("the static cache keeps every key (--evict would change its shape). Fix: use --cache "
+                             "full with --evict, or drop --evict")
+        if capacity is None:
+            raise ValueError("the static cache needs its capacity: the prompt's tokens plus the new ones")
+        return StaticKVCache(model.cfg, model.sep_ids, capacity, batch)
     if kind == "full":
         return SepKVCache(model.cfg, model.sep_ids, evict=evict)
     if kind not in ("sep", "streaming"):
-        raise ValueError(f"cache {kind!r} is unknown; use full, sep or streaming")
+        raise ValueError(f"cache {kind!r} is unknown; use full, sep, streaming or static")
     a, s, w, c = sizes
     return SepCache(model.cfg, model.sep_ids, init=a, seps=0 if kind == "streaming" else s, window=w, capacity=c,
                     positions=positions, streaming=kind == "streaming")

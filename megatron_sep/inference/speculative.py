@@ -67,9 +67,9 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
                          greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                          eod_id: int | None = None, seed: int = 0, cache: str = "full", draft_cache: str | None = None,
                          evict: bool = False, cache_sizes=(4, 64, 256, 512), positions: str = "original",
-                         accept=accept_probability):
-    """prompt [1, s] -> ([1, s + new] token ids, Stats). Caches as in `generate` (`draft_cache` defaults to
-    `cache`). `accept(p, q)` is the keep probability of a proposal (a parameter so a test can break it)."""
+                         cuda_graphs: bool = False, accept=accept_probability):
+    """prompt [1, s] -> ([1, s + new] token ids, Stats). Caches and `cuda_graphs` as in `generate`
+    (`draft_cache` defaults to `cache`). `accept(p, q)` is the keep probability of a proposal (a parameter so a test can break it)."""
     if prompt.shape[0] != 1:
         raise ValueError(f"speculative decoding runs one sequence at a time (batch 1); got a batch of "
                          f"{prompt.shape[0]}. Fix: decode the prompts one by one")
@@ -85,7 +85,8 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
     for name, m, kind, flag in (("target", target, cache, "--cache"), ("draft", draft, draft_cache or cache,
                                                                        "--draft-cache")):
         try:
-            caches.append(make_cache(m, kind, cache_sizes, positions, evict))
+            caches.append(make_cache(m, kind, cache_sizes, positions, evict,
+                                     capacity=prompt.shape[1] + max_new_tokens, cuda_graphs=cuda_graphs))
         except ValueError as e:
             raise ValueError(f"the {name}'s KV cache ({flag} {kind}): {e}") from None
     tkv, dkv = caches

@@ -1,0 +1,88 @@
+"""A full KV cache in preallocated buffers: decode steps of fixed shape, which CUDA graphs can replay.
+
+SepKVCache concatenates every layer's keys each step (and may evict), so each step allocates and its shapes
+grow. Here each layer's keys and values live in buffers of `capacity` positions, written in place at the new
+tokens' positions, and attention runs over the whole buffer under the SepLLM mask. Positions not written yet
+lie in every query's future, so causality hides them; rolling back only moves the length, and the next step
+overwrites what was taken back. The masks are built once per step for each distinct window, not per layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config
+from .cache import check_rollback, separators_at
+
+ALIGN = 64  # buffer length multiple: SDPA's fused kernels want the mask's last dimension aligned
+
+
+class StaticKVCache:
+    def __init__(self, cfg: Config, sep_ids: torch.Tensor, capacity: int, batch: int = 1):
+        if cfg.model.subsampled:
+            raise ValueError("the static KV cache holds one sequence of keys per layer; a SUBLLM model "
+                             "(model.structure) keeps per-level ones. Fix: use --cache full, without --cuda-graphs")
+        m, a = cfg.model, cfg.attention
+        self.cfg, self.sep_ids, self.init = cfg, sep_ids, a.init_tokens
+        self.windows = a.layer_windows(m.num_layers, m.max_position_embeddings)
+        self.capacity = -(-capacity // ALIGN) * ALIGN
+        self.slots = torch.arange(self.capacity, device=sep_ids.device)
+        self.keep = torch.zeros(batch, self.capacity, dtype=torch.bool, device=sep_ids.device)
+        self.k = [None] * m.num_layers  # [b, kv heads, capacity, head dim], made at the first step (its dtype)
+        self.v = [None] * m.num_layers
+        self.length = 0
+        self.hold = None
+        self.graphs = None  # inference/graphs.GraphedSteps when decoding replays CUDA graphs
+
+    def advance(self, s: int) -> torch.Tensor:
+        """Take the next s positions (host bookkeeping only); returns them, a view of `slots`."""
+        if self.length + s > self.capacity:
+            raise ValueError(f"the static KV cache holds {self.capacity} positions; {s} more tokens at length "
+                             f"{self.length} do not fit. Fix: size it for the prompt plus every new token")
+        pos = self.slots[self.length:self.length + s]
+        self.length += s
+        return pos
+
+    def begin(self, tokens: torch.Tensor) -> torch.Tensor:
+        pos = self.advance(tokens.shape[1])
+        self.prepare(tokens, pos)
+        return pos
+
+    def prepare(self, tokens: torch.Tensor, pos: torch.Tensor) -> None:
+        """The step's device work before the layers (no host sync): the new tokens' keep flags, one mask per
+        window ([b, 1, s, capacity], True = visible)."""
+        b, s = tokens.shape
+        self.new_pos = pos
+        sparse = any(w is not None for w in self.windows)
+        if sparse:  # dense layers never read the keep flags
+            new_keep = separators_at(self.cfg, tokens, self.sep_ids, pos) | (pos < self.init)[None, :]
+            self.keep.index_copy_(1, pos, new_keep.expand(b, s))
+        qpos, kpos = pos[:, None], self.slots[None, :]
+        causal = kpos <= qpos  # [s, capacity]
+        self.masks, self.biases = {}, {}
+        for w in set(self.windows):
+            m = causal if w is None else causal & (self.keep[:, None, :] | (qpos - kpos < w))
+            self.masks[w] = m.expand(b, s, self.capacity)[:, None]
+
+    def attend(self, layer: int, q, k, v):
+        if self.k[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.k[layer] = k.new_zeros(shape)
+            self.v[layer] = v.new_zeros(shape)
+        ck, cv = self.k[layer], self.v[layer]
+        ck.index_copy_(2, self.new_pos, k)
+        cv.index_copy_(2, self.new_pos, v)
+        w = self.windows[layer]
+        if w not in self.biases:  # SDPA would turn a boolean mask into this in every layer
+            self.biases[w] = torch.zeros(self.masks[w].shape, dtype=q.dtype, device=q.device).masked_fill_(
+                ~self.masks[w], float("-inf"))
+        return F.scaled_dot_product_attention(q, ck, cv, attn_mask=self.biases[w],
+                                              enable_gqa=ck.shape[1] != q.shape[1])
+
+    def mark(self) -> None:
+        """Speculative decoding: the tokens fed from here on may be taken back with rollback()."""
+        self.hold = self.length
+
+    def rollback(self, length: int) -> None:
+        check_rollback(self.hold, length, self.length)
+        self.length, self.hold = length, None
