@@ -134,7 +134,7 @@ def test_static_cache_and_cuda_graphs_refuse_what_they_cannot_do():
         kv.begin(prompt(n=5))
     with pytest.raises(ValueError, match="keeps every key.*Fix: use --cache full with --evict"):
         generate(m, prompt(), 4, cache="static", evict=True)
-    with pytest.raises(ValueError, match="--cache sep changes the cache's shape"):
+    with pytest.raises(ValueError, match="the sep cache changes its shape"):
         generate(m, prompt(), 4, cache="sep", cuda_graphs=True)
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
         generate(m, prompt(), 4, cuda_graphs=True)

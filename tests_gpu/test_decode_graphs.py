@@ -63,5 +63,5 @@ def test_speculative_under_graphs_equals_target_alone(kind, k):
 
 def test_graphs_refuse_a_cache_that_changes_shape():
     m, p = model("sepllm", 2, torch.bfloat16), prompt()
-    with pytest.raises(ValueError, match="--cache sep"):
+    with pytest.raises(ValueError, match="the sep cache changes its shape"):
         generate(m, p, 4, cuda_graphs=True, cache="sep")

@@ -64,10 +64,10 @@ def make_cache(model, kind: str, sizes=(4, 64, 256, 512), positions: str = "orig
     a static cache must hold."""
     if cuda_graphs:
         if kind not in ("full", "static") or evict:
-            what = "--evict" if evict else f"--cache {kind}"
+            what = "--evict" if evict else f"the {kind} cache"
             raise ValueError(f"CUDA graphs replay steps of fixed shape, through the static cache; {what} changes "
-                             "the cache's shape as it decodes. Fix: use --cache full (or static) without --evict, "
-                             "or drop --cuda-graphs")
+                             "its shape as it decodes. Fix: use the full (or static) cache without --evict, or "
+                             "drop --cuda-graphs")
         if not model.sep_ids.is_cuda:
             raise ValueError("CUDA graphs need the model on a CUDA device. Fix: --device cuda, or drop --cuda-graphs")
         from .graphs import graphed_cache
