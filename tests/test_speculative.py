@@ -140,6 +140,17 @@ def test_static_cache_and_cuda_graphs_refuse_what_they_cannot_do():
         generate(m, prompt(), 4, cuda_graphs=True)
 
 
+def test_graphs_kept_on_a_model_stay_behind_when_it_is_copied_or_pickled():
+    """CUDA graphs cannot be copied: a deep copy or a pickle of a model that decoded with them starts empty."""
+    import pickle
+    from megatron_sep.inference.graphs import Kept
+    m = model()
+    m.__dict__["_decode_graphs"] = Kept({(256,): object()})
+    for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert other.__dict__["_decode_graphs"] == {} and isinstance(other.__dict__["_decode_graphs"], Kept)
+        assert torch.equal(other(prompt()), m(prompt()))
+
+
 def test_rollback_needs_a_mark_and_a_length_inside_the_round():
     m = model()
     kv = make_cache(m, "full")

@@ -44,6 +44,9 @@ def test_graphs_match_eager_static_cache(kind):
     graphed, lg = generate(m, p, 60, cuda_graphs=True, output_logits=True)
     assert torch.equal(eager, graphed)
     torch.testing.assert_close(lg, le, atol=2e-2, rtol=0)
+    again = generate(m, prompt(seed=3), 60, cuda_graphs=True)  # the kept graphs, replayed for another prompt
+    assert torch.equal(again, generate(m, prompt(seed=3), 60, cache="static"))
+    assert torch.equal(generate(copy.deepcopy(m), p, 60, cuda_graphs=True), graphed)  # a copy captures anew
 
 
 @pytest.mark.parametrize("kind", ["dense", "sepllm"])

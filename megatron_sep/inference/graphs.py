@@ -16,12 +16,22 @@ from ..model.attention import AttentionBatch
 from .static_cache import StaticKVCache
 
 
+class Kept(dict):
+    """The graphs kept on a model: a copy or a pickle of the model starts without them (graphs do not copy)."""
+
+    def __deepcopy__(self, memo):
+        return Kept()
+
+    def __reduce__(self):
+        return Kept, ()
+
+
 def graphed_cache(model, capacity: int, batch: int) -> StaticKVCache:
     """The model's static cache for `capacity` tokens (rounded up to a power of two, at least 256, so decodes
     of similar lengths share one), its graphs kept from earlier decodes, emptied."""
     capacity = max(256, 1 << (capacity - 1).bit_length())
     key = (capacity, batch, next(model.parameters()).dtype, model.sep_ids.device)
-    kept = model.__dict__.setdefault("_decode_graphs", {})  # a plain attribute: not state, not a submodule
+    kept = model.__dict__.setdefault("_decode_graphs", Kept())  # a plain attribute: not state, not a submodule
     if key not in kept:
         kv = StaticKVCache(model.cfg, model.sep_ids, capacity, batch)
         kv.graphs = GraphedSteps(model, kv)
