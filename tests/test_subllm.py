@@ -121,8 +121,10 @@ def test_causal_variant_outputs_do_not_see_later_tokens():
     b[:, 20:] = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         la, lb = model(a), model(b)
-    assert torch.equal(la[:, :20], lb[:, :20])
-    assert not torch.equal(la[:, 20:], lb[:, 20:])
+    # not bitwise: the level's length differs, and on some CPUs the GEMM kernel (so fp32 rounding, ~1e-8 here)
+    # changes with it; a leak of a later token moves these logits by ~0.1, as it does after position 20
+    torch.testing.assert_close(la[:, :20], lb[:, :20], atol=1e-6, rtol=0)
+    assert (la[:, 20:] - lb[:, 20:]).abs().max() > 1e-2
 
 
 def _config(corpus, run_dir, parallel=None):
