@@ -138,6 +138,8 @@ def test_static_cache_and_cuda_graphs_refuse_what_they_cannot_do():
         generate(m, prompt(), 4, cache="sep", cuda_graphs=True)
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
         generate(m, prompt(), 4, cuda_graphs=True)
+    with pytest.raises(ValueError, match="the draft is the target model itself"):
+        speculative_generate(m, m, prompt(), 4, cuda_graphs=True)
 
 
 def test_graphs_kept_on_a_model_stay_behind_when_it_is_copied_or_pickled():

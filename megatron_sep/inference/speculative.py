@@ -69,7 +69,8 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
                          evict: bool = False, cache_sizes=(4, 64, 256, 512), positions: str = "original",
                          cuda_graphs: bool = False, accept=accept_probability):
     """prompt [1, s] -> ([1, s + new] token ids, Stats). Caches and `cuda_graphs` as in `generate`
-    (`draft_cache` defaults to `cache`). `accept(p, q)` is the keep probability of a proposal (a parameter so a test can break it)."""
+    (`draft_cache` defaults to `cache`). `accept(p, q)` is the keep probability of a proposal (a parameter so a
+    test can break it)."""
     if prompt.shape[0] != 1:
         raise ValueError(f"speculative decoding runs one sequence at a time (batch 1); got a batch of "
                          f"{prompt.shape[0]}. Fix: decode the prompts one by one")
@@ -80,6 +81,9 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
     if draft_tokens < 1:
         raise ValueError(f"draft_tokens={draft_tokens}: propose at least 1 token per round")
     check_pair(target, draft)
+    if cuda_graphs and draft is target:  # one model keeps one graphed cache: the two would share it
+        raise ValueError("the draft is the target model itself, and with CUDA graphs both would decode through "
+                         "one cache. Fix: pass a separate (smaller) draft model")
     target.eval(), draft.eval()
     caches = []
     for name, m, kind, flag in (("target", target, cache, "--cache"), ("draft", draft, draft_cache or cache,
