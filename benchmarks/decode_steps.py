@@ -22,6 +22,10 @@ from megatron_sep.inference.generate import feed, make_cache
 from megatron_sep.model import GPT
 
 
+def random_model(path: str, vocab: int):
+    return GPT(load_config(path, [f"model.vocab_size={vocab}"])).to("cuda", torch.bfloat16).eval()
+
+
 def step_ms(model, path: str, s: int, steps: int = 64) -> float:
     prompt = torch.randint(0, model.vocab_size, (1, 64), device="cuda")
     kv = make_cache(model, "full" if path == "full" else "static", capacity=64 + 2 * steps * s + 16,
@@ -56,8 +60,7 @@ def main() -> None:
         return profile(args)
     rows = {}
     for name, path in (("target", args.target), ("draft", args.draft)):
-        cfg = load_config(path, [f"model.vocab_size={args.vocab}"])
-        model = GPT(cfg).to("cuda", torch.bfloat16).eval()
+        model = random_model(path, args.vocab)
         with torch.no_grad():
             for mode in ("full", "static", "graphs"):
                 for s in ((1, args.k + 1) if name == "target" else (1,)):
@@ -77,7 +80,7 @@ def main() -> None:
 def profile(args) -> None:
     import cProfile
     import pstats
-    model = GPT(load_config(args.target, [f"model.vocab_size={args.vocab}"])).to("cuda", torch.bfloat16).eval()
+    model = random_model(args.target, args.vocab)
     with torch.no_grad():
         for path in ("full", "static"):
             step_ms(model, path, 1, steps=8)

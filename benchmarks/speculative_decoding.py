@@ -79,7 +79,8 @@ def main() -> None:
     base_tps = sum(len(b["tokens"]) for b in base) / sum(b["seconds"] for b in base)
     runs = [(k, True) for k in ks] + [(4, False)]
     for k, greedy in runs:
-        speculative_generate(target, draft, rows[0], 2 * k + 2, draft_tokens=k, greedy=greedy, **graphs)  # its shapes
+        # this k's shapes first
+        speculative_generate(target, draft, rows[0], 2 * k + 2, draft_tokens=k, greedy=greedy, **graphs)
         rec = []
         for i, p in enumerate(rows):
             (out, st), s = timed(lambda: speculative_generate(target, draft, p, args.new, draft_tokens=k,
@@ -111,7 +112,8 @@ def main() -> None:
     (out / "speculative.json").write_text(json.dumps(summary, indent=1))
     lines = [f"Target {env['target_params'] / 1e6:.0f}M ({env['target_layers']} layers), draft "
              f"{env['draft_params'] / 1e6:.0f}M ({env['draft_layers']} layers), {env['device']}, {args.dtype}, "
-             f"{'CUDA graphs' if args.cuda_graphs else 'eager'}, batch 1, {len(rows)} prompts of {args.prompt_tokens} tokens, {args.new} new tokens each.", "",
+             f"{'CUDA graphs' if args.cuda_graphs else 'eager'}, batch 1, {len(rows)} prompts of "
+             f"{args.prompt_tokens} tokens, {args.new} new tokens each.", "",
              f"Target alone (greedy): {base_tps:.1f} tokens/s.", "",
              "| run | tokens/s | vs target alone | acceptance | target passes per token | identical to target alone |",
              "|---|---|---|---|---|---|"]

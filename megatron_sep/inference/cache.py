@@ -23,6 +23,13 @@ def separators_at(cfg: Config, tokens: torch.Tensor, sep_ids: torch.Tensor, pos:
     return (tokens[..., None] == sep_ids.to(tokens.device)).any(-1)
 
 
+def visible(causal: torch.Tensor, keep: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
+            window: int | None) -> torch.Tensor:
+    """SepLLM's rule over cached keys (shapes broadcast): a causal key stays visible inside the query's window,
+    and outside it only if kept (an initial token or a separator). A dense layer (window None): causal."""
+    return causal if window is None else causal & (keep | (qpos - kpos < window))
+
+
 # not cuDNN: its attention builds an execution plan per shape, and the key length here changes every step
 GROWING = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
@@ -67,9 +74,7 @@ class SepKVCache:
         n = self.windows[layer]
         qpos = pos_new[:, :, None]  # [b, s, 1]
         kpos = cpos[:, None, :]  # [b, 1, T]
-        mask = kpos <= qpos
-        if n is not None:
-            mask = mask & (ckeep[:, None, :] | (qpos - kpos < n))
+        mask = visible(kpos <= qpos, ckeep[:, None, :], qpos, kpos, n)
         # always masked, also where one new token sees every key: the same SDPA kernel for one-token steps
         # and a speculative check of k + 1 tokens, so bf16 greedy decoding gives the same tokens both ways
         with sdpa_kernel(GROWING):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from fused_ops.rope import rotate
 from ..config import Config
-from .cache import check_rollback, separators_at
+from .cache import check_rollback, separators_at, visible
 
 
 class SepCache:
@@ -131,10 +131,8 @@ class SepCache:
         old = self.kv[layer]
         ck = k if old is None else torch.cat([old[0], k], 2)
         cv = v if old is None else torch.cat([old[1], v], 2)
-        mask = st["base"]
-        n = self.windows[layer]
-        if n is not None:
-            mask = mask & (st["keep"][:, None, :] | (st["qpos"][None, :, None] - st["pos"][:, None, :] < n))
+        mask = visible(st["base"], st["keep"][:, None, :], st["qpos"][None, :, None], st["pos"][:, None, :],
+                       self.windows[layer])
         if self.rotates:
             slots = st["slots"]
             rk = rotate(ck.transpose(1, 2), slots, *rope).transpose(1, 2)

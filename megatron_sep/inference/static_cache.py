@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
-from .cache import check_rollback, separators_at
+from .cache import check_rollback, separators_at, visible
 
 ALIGN = 64  # buffer length multiple: SDPA's fused kernels want the mask's last dimension aligned
 
@@ -25,6 +25,7 @@ class StaticKVCache:
         m, a = cfg.model, cfg.attention
         self.cfg, self.sep_ids, self.init = cfg, sep_ids, a.init_tokens
         self.windows = a.layer_windows(m.num_layers, m.max_position_embeddings)
+        self.sparse = any(w is not None for w in self.windows)  # dense layers never read the keep flags
         self.capacity = -(-capacity // ALIGN) * ALIGN
         self.slots = torch.arange(self.capacity, device=sep_ids.device)
         self.keep = torch.zeros(batch, self.capacity, dtype=torch.bool, device=sep_ids.device)
@@ -50,19 +51,16 @@ class StaticKVCache:
 
     def prepare(self, tokens: torch.Tensor, pos: torch.Tensor) -> None:
         """The step's device work before the layers (no host sync): the new tokens' keep flags, one mask per
-        window ([b, 1, s, capacity], True = visible)."""
+        window ([b, 1, s, capacity], True = visible; the first layer to read it turns it into SDPA's bias)."""
         b, s = tokens.shape
         self.new_pos = pos
-        sparse = any(w is not None for w in self.windows)
-        if sparse:  # dense layers never read the keep flags
+        if self.sparse:
             new_keep = separators_at(self.cfg, tokens, self.sep_ids, pos) | (pos < self.init)[None, :]
             self.keep.index_copy_(1, pos, new_keep.expand(b, s))
         qpos, kpos = pos[:, None], self.slots[None, :]
         causal = kpos <= qpos  # [s, capacity]
-        self.masks, self.biases = {}, {}
-        for w in set(self.windows):
-            m = causal if w is None else causal & (self.keep[:, None, :] | (qpos - kpos < w))
-            self.masks[w] = m.expand(b, s, self.capacity)[:, None]
+        self.masks = {w: visible(causal, self.keep[:, None, :], qpos, kpos, w).expand(b, s, self.capacity)[:, None]
+                      for w in set(self.windows)}
 
     def attend(self, layer: int, q, k, v):
         if self.k[layer] is None:
@@ -73,11 +71,11 @@ class StaticKVCache:
         ck.index_copy_(2, self.new_pos, k)
         cv.index_copy_(2, self.new_pos, v)
         w = self.windows[layer]
-        if w not in self.biases:  # SDPA would turn a boolean mask into this in every layer
-            self.biases[w] = torch.zeros(self.masks[w].shape, dtype=q.dtype, device=q.device).masked_fill_(
-                ~self.masks[w], float("-inf"))
-        return F.scaled_dot_product_attention(q, ck, cv, attn_mask=self.biases[w],
-                                              enable_gqa=ck.shape[1] != q.shape[1])
+        mask = self.masks[w]
+        if mask.dtype == torch.bool:  # once per step and window: SDPA would do this in every layer
+            mask = self.masks[w] = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                ~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask, enable_gqa=ck.shape[1] != q.shape[1])
 
     def mark(self) -> None:
         """Speculative decoding: the tokens fed from here on may be taken back with rollback()."""
