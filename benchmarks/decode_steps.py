@@ -2,7 +2,7 @@
 of a step does not depend on them). Batch 1, bf16, after a 64-token prompt:
 
   PYTHONPATH=. python3 benchmarks/decode_steps.py [--target configs/llama350m_text.yaml]
-      [--draft configs/draft4_text.yaml] [--vocab 8192] [--k 4] [--out DIR]
+      [--draft configs/draft4_text.yaml] [--vocab 8192] [--k 4] [--out DIR [--force]]
 
 For each model and decode path (full: the growing SepKVCache; static: the preallocated cache; graphs: the
 static cache replayed as CUDA graphs) it times one-token steps and, for the target, the check of k + 1
@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from megatron_sep.config import load_config
+from megatron_sep.convert.commands import prepare_out
+from megatron_sep.convert.hf import ConversionError
 from megatron_sep.inference.generate import feed, make_cache
 from megatron_sep.model import GPT
 
@@ -54,10 +56,16 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--out")
+    ap.add_argument("--force", action="store_true", help="replace decode_steps.json in a non-empty --out")
     ap.add_argument("--profile", action="store_true", help="only cProfile eager one-token steps of the target")
     args = ap.parse_args()
     if args.profile:
         return profile(args)
+    if args.out:  # before any timing: never over a file this script did not write
+        try:
+            prepare_out(Path(args.out), args.force, ("decode_steps.json",), "replace decode_steps.json")
+        except (ConversionError, OSError) as e:
+            raise SystemExit(f"error: {e}") from None
     rows = {}
     for name, path in (("target", args.target), ("draft", args.draft)):
         model = random_model(path, args.vocab)
@@ -72,7 +80,6 @@ def main() -> None:
         print(f"{mode:<7} a round at k={args.k} costs {tk + args.k * d1:6.2f} ms = "
               f"{(tk + args.k * d1) / t1:4.2f} target steps (draft step / target step {d1 / t1:.3f})")
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "k": args.k}
         Path(args.out, "decode_steps.json").write_text(json.dumps({"env": env, "ms_per_step": rows}, indent=1))
 
