@@ -6,7 +6,9 @@ of a step does not depend on them). Batch 1, bf16, after a 64-token prompt:
 
 For each model and decode path (full: the growing SepKVCache; static: the preallocated cache; graphs: the
 static cache replayed as CUDA graphs) it times one-token steps and, for the target, the check of k + 1
-tokens a speculative round runs (fed, then rolled back). Prints ms per step; DIR/decode_steps.json.
+tokens a speculative round runs (fed, then rolled back); then a whole greedy round under graphs, with the host
+loop and as device rounds (the prompt's time included, over 128 new tokens). Prints ms per step;
+DIR/decode_steps.json. --kernels: the target's GPU time per kernel instead.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from megatron_sep.config import load_config
 from megatron_sep.convert.commands import prepare_out
 from megatron_sep.convert.hf import ConversionError
 from megatron_sep.inference.generate import feed, make_cache
+from megatron_sep.inference.speculative import speculative_generate
 from megatron_sep.model import GPT
 
 
@@ -28,7 +31,8 @@ def random_model(path: str, vocab: int):
     return GPT(load_config(path, [f"model.vocab_size={vocab}"])).to("cuda", torch.bfloat16).eval()
 
 
-def step_ms(model, path: str, s: int, steps: int = 64) -> float:
+def stepper(model, path: str, s: int, steps: int):
+    """A decode step of s tokens after a 64-token prompt, warmed up; it keeps one token and takes the rest back."""
     prompt = torch.randint(0, model.vocab_size, (1, 64), device="cuda")
     kv = make_cache(model, "full" if path == "full" else "static", capacity=64 + 2 * steps * s + 16,
                     cuda_graphs=path == "graphs")
@@ -38,15 +42,30 @@ def step_ms(model, path: str, s: int, steps: int = 64) -> float:
     def one():
         kv.mark()
         out = feed(model, kv, tokens)
-        kv.rollback(kv.length - s + 1)  # a round keeps one token and takes the rest back
+        kv.rollback(kv.length - s + 1)
         return out
     for _ in range(3):
         one()
     torch.cuda.synchronize()
+    return one
+
+
+def step_ms(model, path: str, s: int, steps: int = 64) -> float:
+    one = stepper(model, path, s, steps)
     t = time.perf_counter()
     for _ in range(steps):
         one()[0, -1].argmax().item()  # a decode step ends in a host sync (the next token)
     return (time.perf_counter() - t) / steps * 1e3
+
+
+def round_ms(models, k: int, device_rounds: bool, new: int = 128) -> float:
+    target, draft = models
+    prompt = torch.randint(0, target.vocab_size, (1, 64), device="cuda")
+    for _ in range(2):  # captures
+        speculative_generate(target, draft, prompt, new, draft_tokens=k, cuda_graphs=True, device_rounds=device_rounds)
+    _, stats = speculative_generate(target, draft, prompt, new, draft_tokens=k, cuda_graphs=True,
+                                    device_rounds=device_rounds)
+    return stats.seconds / stats.rounds * 1e3
 
 
 def main() -> None:
@@ -58,22 +77,30 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--force", action="store_true", help="replace decode_steps.json in a non-empty --out")
     ap.add_argument("--profile", action="store_true", help="only cProfile eager one-token steps of the target")
+    ap.add_argument("--kernels", action="store_true",
+                    help="only the target's GPU time per kernel, one token against a check of k + 1")
     args = ap.parse_args()
     if args.profile:
         return profile(args)
+    if args.kernels:
+        return kernels(args)
     if args.out:  # before any timing: never over a file this script did not write
         try:
             prepare_out(Path(args.out), args.force, ("decode_steps.json",), "replace decode_steps.json")
         except (ConversionError, OSError) as e:
             raise SystemExit(f"error: {e}") from None
-    rows = {}
+    rows, models = {}, []
     for name, path in (("target", args.target), ("draft", args.draft)):
         model = random_model(path, args.vocab)
+        models.append(model)
         with torch.no_grad():
             for mode in ("full", "static", "graphs"):
                 for s in ((1, args.k + 1) if name == "target" else (1,)):
                     rows[f"{name} {mode} {s} token{'s' if s > 1 else ''}"] = ms = step_ms(model, mode, s)
                     print(f"{name:<7} {mode:<7} {s} token(s) per step: {ms:7.2f} ms", flush=True)
+    for where in ("host", "device"):  # a whole greedy round under graphs (random models: each keeps ~1 token)
+        rows[f"round graphs, {where} loop"] = ms = round_ms(models, args.k, where == "device")
+        print(f"a k={args.k} round under graphs, {where} loop: {ms:6.2f} ms", flush=True)
     for mode in ("full", "static", "graphs"):
         t1, tk, d1 = (rows[f"target {mode} 1 token"], rows[f"target {mode} {args.k + 1} tokens"],
                       rows[f"draft {mode} 1 token"])
@@ -96,6 +123,25 @@ def profile(args) -> None:
             print(f"{path}: {step_ms(model, path, 1, steps=16):.2f} ms per step under cProfile")
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+def kernels(args) -> None:
+    """GPU time per kernel name in a static-cache step (graphs replay the same kernels, without the gaps)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    model = random_model(args.target, args.vocab)
+    with torch.no_grad():
+        for s in (1, args.k + 1):
+            one = stepper(model, "static", s, 8)
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(8):
+                    one()
+                torch.cuda.synchronize()
+            rows = sorted(((e.key, e.device_time_total / 8e3, e.count / 8) for e in prof.key_averages()
+                           if e.device_time_total > 0), key=lambda r: -r[1])
+            total = sum(r[1] for r in rows)
+            print(f"target, {s} token(s) per step: {total:.3f} ms of GPU time in kernels per step")
+            for key, ms, n in rows[:18]:
+                print(f"  {ms:7.3f} ms  {n:5.0f}x  {key[:110]}")
 
 
 if __name__ == "__main__":

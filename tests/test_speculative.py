@@ -70,6 +70,24 @@ def test_greedy_equals_target_only(kind, cache, k):
     assert stats.proposed <= stats.rounds * k and stats.proposed + stats.rounds >= 40  # none past the end
 
 
+def test_device_rounds_stop_at_eod_and_a_one_token_prompt_takes_the_host_loop():
+    """Greedy decoding with static caches runs each round as device work (inference/device_rounds.py); it must
+    stop where target-only decoding stops at eod_id, and a prompt too short for its two-token draft feed
+    falls back to the host loop with the same output."""
+    target = model(kind="sepllm")
+    draft = perturbed(target)
+    ref = generate(target, prompt(), 40)
+    eod = int(ref[0, prompt().shape[1] + 17])  # a token the target produces mid-way
+    want = generate(target, prompt(), 40, eod_id=eod)
+    assert want.shape[1] < ref.shape[1]
+    for k in (1, 4):
+        out, stats = speculative_generate(target, draft, prompt(), 40, draft_tokens=k, eod_id=eod, cache="static")
+        assert torch.equal(out, want) and stats.new_tokens == want.shape[1] - prompt().shape[1]
+    one = prompt()[:, :1]
+    out, _ = speculative_generate(target, draft, one, 20, draft_tokens=3, cache="static")
+    assert torch.equal(out, generate(target, one, 20))
+
+
 def test_draft_of_another_family_and_a_dense_draft_for_a_sepllm_target():
     target = model(kind="sepllm", family="neox")
     for draft in (model(kind="dense", family="llama", layers=1, seed=3), perturbed(target)):

@@ -62,6 +62,14 @@ def test_speculative_under_graphs_equals_target_alone(kind, k):
     out, stats = speculative_generate(target, draft, p, 50, draft_tokens=k, cuda_graphs=True)
     assert torch.equal(out, alone)
     assert 0 < stats.accepted < stats.proposed  # rounds both kept proposals and took some back
+    rounds = next(iter(target._decode_graphs.values())).rounds[k]  # greedy: one graph per round
+    assert rounds.graph is not None
+    other = prompt(n=33, seed=7)  # another prompt and length replays the kept round graph
+    again, _ = speculative_generate(target, draft, other, 40, draft_tokens=k, cuda_graphs=True)
+    assert next(iter(target._decode_graphs.values())).rounds[k] is rounds
+    assert torch.equal(again, generate(target, other, 40, cuda_graphs=True))
+    sampled, _ = speculative_generate(target, draft, p, 30, draft_tokens=k, cuda_graphs=True, greedy=False, seed=1)
+    assert sampled.shape == (1, p.shape[1] + 30)  # sampling keeps the host loop, with per-step graphs
 
 
 def test_graphs_refuse_a_cache_that_changes_shape():

@@ -282,6 +282,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block
     # recompute in backward: a whole block (full) or only its core attention (selective), as in Megatron
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # knowledge distillation (training/distill.py): a trained model (run, checkpoints or step_* dir) of the same
+    # tokenizer whose logits the loss follows, e.g. the target of a speculative-decoding draft. distill_weight
+    # is the KL term's share of the loss (the rest is cross-entropy on the data); validation stays cross-entropy
+    distill_from: Optional[str] = None
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
 
     def check(self) -> None:
         p = "train."
@@ -294,6 +300,12 @@ class TrainConfig:
                      f"is not a multiple of train.micro_batch_size={mb}",
                      "use a multiple of micro_batch_size (x data-parallel size)")
         _require(bool(self.run_dir), p + "run_dir", self.run_dir, "is empty", "name a directory for the run")
+        _require(0 < self.distill_weight <= 1, p + "distill_weight", self.distill_weight, "must be in (0, 1]",
+                 "use 1 for distillation alone, or e.g. 0.5 to mix it with cross-entropy")
+        _require(self.distill_temperature > 0, p + "distill_temperature", self.distill_temperature, "must be > 0",
+                 "use 1 (the teacher's own distribution) or a softer 2")
+        _require(self.distill_from is None or bool(str(self.distill_from).strip()), p + "distill_from",
+                 self.distill_from, "is empty", "name the teacher's run dir, or leave it null")
 
     @property
     def accumulation(self) -> int:
@@ -354,6 +366,14 @@ class Config:
                  "lower data.seq_len or raise model.max_position_embeddings")
         self._check_context_parallel()
         self._check_engine()
+        if self.train.distill_from:  # the teacher runs whole on every rank, next to an unsharded head
+            for key in ("tp", "pp", "cp"):
+                value = getattr(self.parallel, key)
+                _require(value == 1, "parallel." + key, value, "is not served with train.distill_from: the "
+                         "teacher runs whole on every rank and the loss needs the student's whole logits",
+                         f"distill with data parallelism only ({key}: 1), or drop train.distill_from")
+            _require(self.parallel.engine == "native", "parallel.engine", self.parallel.engine,
+                     "is not served with train.distill_from", "use parallel.engine: native to distill")
         if m.subsampled:  # SUBLLM's levels select tokens over the whole sequence of one rank
             p = self.parallel
             _require(p.cp == 1, "parallel.cp", p.cp, "does not serve a subsampling model.structure yet: the "

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .device_rounds import DeviceRounds
 from .generate import feed, filtered_probs, make_cache
+from .static_cache import StaticKVCache
 
 
 def accept_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -67,10 +69,12 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
                          greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                          eod_id: int | None = None, seed: int = 0, cache: str = "full", draft_cache: str | None = None,
                          evict: bool = False, cache_sizes=(4, 64, 256, 512), positions: str = "original",
-                         cuda_graphs: bool = False, accept=accept_probability):
+                         cuda_graphs: bool = False, device_rounds: bool = True, accept=accept_probability):
     """prompt [1, s] -> ([1, s + new] token ids, Stats). Caches and `cuda_graphs` as in `generate`
-    (`draft_cache` defaults to `cache`). `accept(p, q)` is the keep probability of a proposal (a parameter so a
-    test can break it)."""
+    (`draft_cache` defaults to `cache`). Greedy decoding with static caches (or graphs) runs each round as
+    device work (inference/device_rounds.py) unless `device_rounds` is False (the host loop below, which
+    sampling and the other caches use). `accept(p, q)` is the keep probability of a proposal (a parameter so
+    a test can break it)."""
     if prompt.shape[0] != 1:
         raise ValueError(f"speculative decoding runs one sequence at a time (batch 1); got a batch of "
                          f"{prompt.shape[0]}. Fix: decode the prompts one by one")
@@ -89,8 +93,8 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
     for name, m, kind, flag in (("target", target, cache, "--cache"), ("draft", draft, draft_cache or cache,
                                                                        "--draft-cache")):
         try:
-            caches.append(make_cache(m, kind, cache_sizes, positions, evict,
-                                     capacity=prompt.shape[1] + max_new_tokens, cuda_graphs=cuda_graphs))
+            caches.append(make_cache(m, kind, cache_sizes, positions, evict, cuda_graphs=cuda_graphs,
+                                     capacity=prompt.shape[1] + max_new_tokens + draft_tokens))
         except ValueError as e:
             raise ValueError(f"the {name}'s KV cache ({flag} {kind}): {e}") from None
     tkv, dkv = caches
@@ -99,6 +103,11 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
     if prompt.shape[1] > 1:  # both caches hold everything but the last token, which each round feeds
         feed(target, tkv, prompt[:, :-1])
         feed(draft, dkv, prompt[:, :-1])
+    if (device_rounds and greedy and isinstance(tkv, StaticKVCache) and isinstance(dkv, StaticKVCache)
+            and prompt.shape[1] > 1):
+        out = greedy_rounds_on_device(target, draft, tkv, dkv, prompt, max_new_tokens, draft_tokens, eod_id,
+                                      cuda_graphs, stats)
+        return out, finish(out, prompt, stats, start)
     out = prompt
 
     def choose(probs_or_logits):
@@ -152,8 +161,39 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
             break
         out = torch.cat([out, new], 1)
     out = out[:, : prompt.shape[1] + max_new_tokens]
+    return out, finish(out, prompt, stats, start)
+
+
+def finish(out, prompt, stats: Stats, start: float) -> Stats:
     if prompt.is_cuda:
         torch.cuda.synchronize()
     stats.seconds = time.perf_counter() - start
     stats.new_tokens = out.shape[1] - prompt.shape[1]
-    return out, stats
+    return stats
+
+
+def greedy_rounds_on_device(target, draft, tkv, dkv, prompt, max_new_tokens, k, eod_id, graphed, stats):
+    """Greedy decoding with static caches: each round one device-side step (inference/device_rounds.py; one
+    CUDA graph with `graphed`, kept with the target's cache for later decodes). The host reads the output's
+    length after each round."""
+    rounds = tkv.rounds.get(k)
+    if rounds is None or rounds.dkv is not dkv or rounds.draft is not draft:
+        rounds = tkv.rounds[k] = DeviceRounds(target, draft, tkv, dkv, k, graphed)
+    rounds.start(prompt, max_new_tokens, eod_id)
+    end, n, found = prompt.shape[1] + max_new_tokens, prompt.shape[1], 0
+    while n < end and not found:
+        before = n
+        rounds.replay()
+        stats.rounds += 1
+        n, found = rounds.state.tolist()
+    # counted as the host loop counts: its last round proposes only up to the end
+    last, kept = min(k, end - before), n - before - 1
+    stats.proposed = stats.draft_passes = k * (stats.rounds - 1) + last
+    stats.target_passes = stats.rounds
+    stats.accepted = int(rounds.accepted) - kept + min(kept, last)
+    out = rounds.out[:, : min(n, end)].clone()
+    if found:  # stop after the first eod_id among the new tokens, as target-only decoding does
+        new = out[0, prompt.shape[1]:]
+        out = out[:, : prompt.shape[1] + int((new == eod_id).nonzero()[0]) + 1]
+    tkv.length = dkv.length = out.shape[1] - 1  # what both caches hold for certain (the last token is pending)
+    return out

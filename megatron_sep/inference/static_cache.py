@@ -34,6 +34,7 @@ class StaticKVCache:
         self.length = 0
         self.hold = None
         self.graphs = None  # inference/graphs.GraphedSteps when decoding replays CUDA graphs
+        self.rounds = {}  # draft tokens -> inference/device_rounds.DeviceRounds, on the target's cache
 
     def advance(self, s: int) -> torch.Tensor:
         """Take the next s positions (host bookkeeping only); returns them, a view of `slots`."""

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 import fused_ops
 from ..config import Config, ModelConfig
 from .attention import AttentionBatch, build_core_attention, prepare_batch, separator_ids_of, subsample_batch
-from .loss import linear_cross_entropy
+from .loss import TeacherTargets, distill_loss, linear_cross_entropy
 from ..config.structure import chunk_structure, parse_structure, skip_level, stage_starts
 from .subllm import Bypass, Downsample, bypass_minimum, gather_seq, pad_selection, upsample
 
@@ -258,6 +258,8 @@ class GPT(nn.Module):
         x = self.final_norm(x)
         if labels is None:
             return self.lm_head(x)[..., : self.vocab_size]
+        if isinstance(labels, TeacherTargets):  # distillation (train.distill_from): the logits are needed whole
+            return distill_loss(self.lm_head(x)[..., : self.vocab_size], labels)
         if self.cfg.model.fused_loss:
             head = self.lm_head
             if hasattr(head, "gather_input"):  # a vocabulary-parallel head: this rank's rows of the vocabulary

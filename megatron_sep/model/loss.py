@@ -12,6 +12,9 @@ the group (the column-parallel input region's backward does).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -72,3 +75,27 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     grad = torch.is_grad_enabled()
     return _LinearCE.apply(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), rows, start, group,
                            grad and x.requires_grad, grad and weight.requires_grad)
+
+
+@dataclass
+class TeacherTargets:
+    """A micro-batch's labels plus its teacher (training/distill.py): the head's loss becomes distillation's.
+    The teacher's logits are computed when the loss needs them, so one micro-batch's are in memory at a time."""
+    labels: torch.Tensor
+    teacher_logits: Callable[[], torch.Tensor]  # () -> [b, s, vocab]
+    weight: float  # share of the distillation term; the rest is cross-entropy on the labels
+    temperature: float
+
+
+def distill_loss(logits: torch.Tensor, targets: TeacherTargets) -> torch.Tensor:
+    """(1 - w) CE(labels) + w T^2 KL(softmax(teacher / T) || softmax(student / T)), means over tokens (Hinton
+    et al. 2015). The forward KL is what DistillSpec (Zhou et al. 2023) found to raise a draft's acceptance.
+    T^2 keeps the gradient's scale independent of T."""
+    v, w, t = logits.shape[-1], targets.weight, targets.temperature
+    student = logits.float().reshape(-1, v)
+    with torch.no_grad():
+        teacher = F.log_softmax(targets.teacher_logits().float().reshape(-1, v) / t, -1)
+    loss = w * t * t * F.kl_div(F.log_softmax(student / t, -1), teacher, log_target=True, reduction="batchmean")
+    if w < 1:
+        loss = loss + (1 - w) * F.cross_entropy(student, targets.labels.reshape(-1))
+    return loss

@@ -23,6 +23,7 @@ from ..parallel import init_parallel, shutdown
 from ..parallel.apply import build_plan
 from . import fp8
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .distill import Teacher
 from .metrics import (FLOPS_CONVENTION, MetricsLogger, flops_per_token, format_step, matmul_params, peak_flops,
                       peak_memory_gb)
 from .optim import lr_at
@@ -114,6 +115,11 @@ class Trainer:
             for layer in layers:
                 layer.compile(dynamic=False if self.static_levels else None)
 
+        self.teacher = Teacher(cfg, self.tokenizer, self.device) if t.distill_from else None
+        if self.teacher is not None:
+            self.notes.append(self.teacher.describe())
+            if t.compile:
+                self.teacher.compile()
         self.peak, self.peak_source = peak_flops(cfg, self.device)  # per device; None: no MFU
         self.log_enabled = log and self.ctx.is_logging_rank
         self.logger = MetricsLogger(cfg, self.run_dir, {}, enabled=False)  # opened by run(), under the run lock
@@ -222,6 +228,8 @@ class Trainer:
         self.plan.set_lr(lr_at(self.step, self.cfg))
         self.model.set_train_step(self.step)
         batches = [self.micro_batch(self.train_ds, base + m * mb, mb) for m in range(micros)]
+        if self.teacher is not None:  # the loss follows the teacher's logits (validation stays cross-entropy)
+            batches = [(tokens, self.teacher.targets(tokens, labels), b) for tokens, labels, b in batches]
         with self.autocast:  # one schedule runs every forward and backward (one stage without pp)
             total = self.plan.pipe.run(batches)
         self.last_batch = batches[-1]
@@ -405,3 +413,5 @@ def _absolute_paths(cfg: Config) -> None:
     d.paths = [os.path.abspath(p) for p in d.paths]
     if c.load:
         c.load = os.path.abspath(c.load)
+    if cfg.train.distill_from:
+        cfg.train.distill_from = os.path.abspath(cfg.train.distill_from)

@@ -1,0 +1,74 @@
+"""Knowledge distillation (train.distill_from): a frozen teacher's logits become the student's targets.
+
+The use it was built for is a speculative-decoding draft (inference/speculative.py): a draft trained to match
+its target's distribution proposes what the target would pick more often than one trained on the data alone.
+The teacher is any checkpoint this project saved, under any layout; it is loaded whole on every rank and runs
+forward only, in the student's autocast, once per micro-batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import Config, ConfigError, load_config
+from ..data.tokenizer import load_tokenizer
+from ..model import GPT
+from ..model.attention import prepare_batch
+from ..model.loss import TeacherTargets
+from ..parallel.apply import ParallelPlan
+from ..parallel.context import ParallelContext
+from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+
+
+class Teacher:
+    def __init__(self, cfg: Config, tokenizer, device: torch.device):
+        t = cfg.train
+        try:
+            path = resolve_checkpoint(t.distill_from)
+        except CheckpointError as e:
+            raise ConfigError("train.distill_from", t.distill_from, str(e).split(". Fix:")[0],
+                              "pass the teacher's run dir, checkpoints dir or step_* dir") from None
+        self.cfg = tcfg = load_config(path / "config.yaml")
+        _check_vocabulary(cfg, tcfg, tokenizer)
+        model = GPT(tcfg)
+        load_checkpoint(path, ParallelPlan(model, tcfg, ParallelContext()), with_optimizer=False)
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.path, self.weight, self.temperature = path, t.distill_weight, t.distill_temperature
+
+    def compile(self) -> None:
+        blocks = self.model.layers
+        for layer in blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks:
+            layer.compile()
+
+    def targets(self, tokens: torch.Tensor, labels: torch.Tensor) -> TeacherTargets:
+        return TeacherTargets(labels, lambda: self.logits(tokens), self.weight, self.temperature)
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch = prepare_batch(self.cfg, tokens, self.model.sep_ids)  # the teacher's own attention (kind, windows)
+        return self.model(tokens, batch=batch)
+
+    def describe(self) -> str:
+        m = self.cfg.model
+        return (f"distilling from {self.path} ({m.family}, {m.num_layers} layers, {self.model.num_params() / 1e6:.2f}M "
+                f"parameters, attention {self.cfg.attention.kind}): loss = {self.weight:g} x T^2 KL(teacher || "
+                f"student) at T={self.temperature:g}" + (f" + {1 - self.weight:g} x cross-entropy"
+                                                          if self.weight < 1 else ""))
+
+
+def _check_vocabulary(cfg: Config, tcfg: Config, tokenizer) -> None:
+    """Same token ids: the KL compares distributions over them."""
+    theirs, ours = tcfg.model.vocab_size, cfg.model.vocab_size
+    same = theirs == ours
+    if same and tokenizer is not None and tcfg.data.tokenizer:
+        try:
+            other = load_tokenizer(tcfg.data.tokenizer)
+        except Exception:  # moved or deleted since: the sizes are all there is to compare
+            other = None
+        if other is not None:
+            same = other.vocab_size == tokenizer.vocab_size and all(
+                other.id_to_piece(i) == tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size))
+    if not same:
+        raise ConfigError("train.distill_from", cfg.train.distill_from,
+                          f"is a model of another vocabulary ({theirs} tokens, tokenizer {tcfg.data.tokenizer}) "
+                          f"than this run's ({ours} tokens, tokenizer {cfg.data.tokenizer})",
+                          "distill from a model trained with this run's data.tokenizer")
