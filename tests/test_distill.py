@@ -96,6 +96,9 @@ def test_bad_teachers_and_layouts_are_refused(corpus, tmp_path):
                         checkpoint={"save_interval": 1})).run()
     with pytest.raises(ConfigError, match=r"another vocabulary \(400 tokens.*than this run's \(384 tokens"):
         Trainer(tiny_config(corpus, tmp_path / "s", train={"distill_from": str(tmp_path / "wide")}))
+    with pytest.raises(ConfigError, match=r"a model of 64 positions, shorter than data.seq_len=128"):
+        Trainer(tiny_config(corpus, tmp_path / "s", model={"max_position_embeddings": 128, "vocab_size": 400}, data={"seq_len": 128},
+                            train={"distill_from": str(tmp_path / "wide")}))
     for section, values, key in (("parallel", {"tp": 2}, "parallel.tp"), ("parallel", {"pp": 2}, "parallel.pp"),
                                  ("train", {"distill_weight": 0.0}, "train.distill_weight"),
                                  ("train", {"distill_temperature": -1.0}, "train.distill_temperature")):

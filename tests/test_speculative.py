@@ -86,6 +86,8 @@ def test_device_rounds_stop_at_eod_and_a_one_token_prompt_takes_the_host_loop():
     one = prompt()[:, :1]
     out, _ = speculative_generate(target, draft, one, 20, draft_tokens=3, cache="static")
     assert torch.equal(out, generate(target, one, 20))
+    out, stats = speculative_generate(target, draft, prompt(), 0, cache="static")  # nothing wanted: no round
+    assert torch.equal(out, prompt()) and stats.rounds == stats.proposed == 0
 
 
 def test_draft_of_another_family_and_a_dense_draft_for_a_sepllm_target():

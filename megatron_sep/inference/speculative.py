@@ -181,16 +181,17 @@ def greedy_rounds_on_device(target, draft, tkv, dkv, prompt, max_new_tokens, k, 
         rounds = tkv.rounds[k] = DeviceRounds(target, draft, tkv, dkv, k, graphed)
     rounds.start(prompt, max_new_tokens, eod_id)
     end, n, found = prompt.shape[1] + max_new_tokens, prompt.shape[1], 0
+    before = n
     while n < end and not found:
         before = n
         rounds.replay()
         stats.rounds += 1
         n, found = rounds.state.tolist()
-    # counted as the host loop counts: its last round proposes only up to the end
-    last, kept = min(k, end - before), n - before - 1
-    stats.proposed = stats.draft_passes = k * (stats.rounds - 1) + last
-    stats.target_passes = stats.rounds
-    stats.accepted = int(rounds.accepted) - kept + min(kept, last)
+    if stats.rounds:  # counted as the host loop counts: its last round proposes only up to the end
+        last, kept = min(k, end - before), n - before - 1
+        stats.proposed = stats.draft_passes = k * (stats.rounds - 1) + last
+        stats.target_passes = stats.rounds
+        stats.accepted = int(rounds.accepted) - kept + min(kept, last)
     out = rounds.out[:, : min(n, end)].clone()
     if found:  # stop after the first eod_id among the new tokens, as target-only decoding does
         new = out[0, prompt.shape[1]:]

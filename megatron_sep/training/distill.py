@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Config, ConfigError, load_config
+from ..config.schema import check_backend_device
 from ..data.tokenizer import load_tokenizer
 from ..model import GPT
 from ..model.attention import prepare_batch
@@ -29,6 +30,12 @@ class Teacher:
                               "pass the teacher's run dir, checkpoints dir or step_* dir") from None
         self.cfg = tcfg = load_config(path / "config.yaml")
         _check_vocabulary(cfg, tcfg, tokenizer)
+        if tcfg.model.max_position_embeddings < cfg.data.seq_len:
+            raise ConfigError("train.distill_from", t.distill_from, f"is a model of {tcfg.model.max_position_embeddings}"
+                              f" positions, shorter than data.seq_len={cfg.data.seq_len}",
+                              "distill at a data.seq_len the teacher was built for, or from a longer teacher")
+        if tcfg.attention.kind != "dense":  # its backend runs here, on the student's device
+            check_backend_device(tcfg.attention.backend, device.type)
         model = GPT(tcfg)
         load_checkpoint(path, ParallelPlan(model, tcfg, ParallelContext()), with_optimizer=False)
         self.model = model.to(device).eval().requires_grad_(False)
