@@ -197,14 +197,11 @@ def _generation_tokenizer(path: str, flag: str):
                          f"the model was trained with: {flag} PATH") from None
 
 
-def _same_vocabulary(a, b) -> bool:
-    return a.vocab_size == b.vocab_size and all(a.id_to_piece(i) == b.id_to_piece(i) for i in range(a.vocab_size))
-
-
 def cmd_generate(args) -> int:
     import torch
 
     from .convert import load_project_model
+    from .data.tokenizer import same_vocabulary
     from .inference import generate
 
     given = [flag for flag, value in (("--draft-tokens", args.draft_tokens), ("--draft-cache", args.draft_cache),
@@ -243,7 +240,7 @@ def cmd_generate(args) -> int:
                   f"{draft_cfg.model.max_position_embeddings} positions; its proposals may degrade (the output "
                   "stays the target's)", file=sys.stderr)
         draft_tok = _generation_tokenizer(args.draft_tokenizer or draft_cfg.data.tokenizer, "--draft-tokenizer")
-        if not _same_vocabulary(tok, draft_tok):
+        if not same_vocabulary(tok, draft_tok):
             raise ValueError(f"the draft's tokenizer ({draft_tok.path}, {draft_tok.vocab_size} tokens) is not the "
                              f"target's ({tok.path}, {tok.vocab_size} tokens): speculative decoding compares token "
                              "ids. Fix: train the draft with the target's tokenizer (data.tokenizer)")

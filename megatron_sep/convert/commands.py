@@ -14,7 +14,8 @@ from ..model import GPT
 from ..model.gpt import padded_vocab
 from ..parallel.apply import ParallelPlan
 from ..parallel.context import ParallelContext
-from ..training.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..training.checkpoint import (list_checkpoints, load_checkpoint, load_whole_model, resolve_checkpoint,
+                                   save_checkpoint)
 from .hf import (ConversionError, config_from_hf, from_hf_state, hf_config, read_hf_weights, to_hf_state,
                  write_hf_weights)
 from .hf_tokenizer import write_hf_tokenizer
@@ -26,9 +27,7 @@ def load_project_model(load: str | Path):
     """A single-process model with the weights of a checkpoint saved under any layout."""
     path = resolve_checkpoint(load)
     cfg = load_config(path / "config.yaml")
-    model = GPT(cfg)
-    load_checkpoint(path, ParallelPlan(model, cfg, ParallelContext()), with_optimizer=False)
-    return model.eval(), cfg
+    return load_whole_model(path, cfg), cfg
 
 
 # Every file an export may write; --force replaces these and leaves anything else in the directory alone.

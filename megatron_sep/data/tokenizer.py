@@ -142,6 +142,11 @@ def _is_vocab_json(p: Path) -> bool:
     return isinstance(data, dict) and "model" not in data and all(isinstance(v, int) for v in list(data.values())[:100])
 
 
+def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    """Every id gives the same piece: models of the two tokenizers compare token ids."""
+    return a.vocab_size == b.vocab_size and all(a.id_to_piece(i) == b.id_to_piece(i) for i in range(a.vocab_size))
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A sentencepiece `.model`, an HF `tokenizer.json`, a GPT-2 `vocab.json` (with `merges.txt` beside it),
     or a folder holding one of them."""

@@ -20,13 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model.attention import AttentionBatch
+from .graphs import capture
 from .static_cache import StaticKVCache
-
-
-def step(model, kv: StaticKVCache, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    kv.prepare(tokens, pos)
-    return model(tokens, position_ids=pos, batch=AttentionBatch(kv_cache=kv))
 
 
 class DeviceRounds:
@@ -57,14 +52,14 @@ class DeviceRounds:
     def round(self) -> None:
         n, k, out = self.n[None], self.k, self.out[0]  # 1-d indices: a 0-d one would be read on the host
         pos = n - 2 + self.two
-        x = step(self.draft, self.dkv, out[pos][None], pos)[:, -1].argmax(-1)
+        x = self.dkv.step(self.draft, out[pos][None], pos)[:, -1].argmax(-1)
         proposals = [x]
         for j in range(1, k):  # the last proposal is not fed to the draft
-            x = step(self.draft, self.dkv, x[:, None], n + j - 1)[:, -1].argmax(-1)
+            x = self.dkv.step(self.draft, x[:, None], n + j - 1)[:, -1].argmax(-1)
             proposals.append(x)
         drafted = torch.cat(proposals)
         pos = n - 1 + self.checked
-        picks = step(self.target, self.tkv, torch.cat([out[n - 1], drafted])[None], pos)[0].argmax(-1)
+        picks = self.tkv.step(self.target, torch.cat([out[n - 1], drafted])[None], pos)[0].argmax(-1)
         kept = (picks[:k] == drafted).long().cumprod(0).sum()
         out.index_copy_(0, n + self.checked, picks)
         self.found |= ((picks == self.eod_id) & (self.checked <= kept)).any().long()
@@ -78,15 +73,9 @@ class DeviceRounds:
             return self.round()
         if self.graph is None:
             saved = [t.clone() for t in (self.state, self.accepted)]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # each from the same state: its writes stay within the caches' capacity
-                    self.round()
-                    for t, s in zip((self.state, self.accepted), saved):
-                        t.copy_(s)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.round()
+
+            def undo():  # each warm-up from the same state: its writes stay within the caches' capacity
+                for t, s in zip((self.state, self.accepted), saved):
+                    t.copy_(s)
+            self.graph, _ = capture(self.round, undo)
         self.graph.replay()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from ..model.attention import AttentionBatch
 from .static_cache import StaticKVCache
 
 
@@ -65,21 +64,28 @@ class GraphedSteps:
         return logits.clone()  # the next replay overwrites the graph's output
 
     def _step(self, tokens, pos):
-        self.cache.prepare(tokens, pos)
-        return self.model(tokens, position_ids=pos, batch=AttentionBatch(kv_cache=self.cache))
+        return self.cache.step(self.model, tokens, pos)
 
     def _capture(self, tokens):
-        """Warm up (Triton compiles, allocations) on a side stream, then capture. Both write the step's own
-        keys at its own positions, which the replay writes again."""
+        """Warm-up and capture both write the step's own keys at its own positions, which the replay writes
+        again."""
         c = self.cache
         tok, pos = tokens.clone(), c.slots[c.length:c.length + tokens.shape[1]].clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step(tok, pos)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._step(tok, pos)
+        graph, logits = capture(lambda: self._step(tok, pos))
         return graph, tok, pos, logits
+
+
+def capture(run, undo=lambda: None):
+    """run() captured as a CUDA graph, after two warm-up calls on a side stream (Triton compiles, allocations),
+    each followed by undo(). Returns (graph, what the captured call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+            undo()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out

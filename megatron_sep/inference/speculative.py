@@ -181,7 +181,6 @@ def greedy_rounds_on_device(target, draft, tkv, dkv, prompt, max_new_tokens, k, 
         rounds = tkv.rounds[k] = DeviceRounds(target, draft, tkv, dkv, k, graphed)
     rounds.start(prompt, max_new_tokens, eod_id)
     end, n, found = prompt.shape[1] + max_new_tokens, prompt.shape[1], 0
-    before = n
     while n < end and not found:
         before = n
         rounds.replay()

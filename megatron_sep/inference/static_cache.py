@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
+from ..model.attention import AttentionBatch
 from .cache import check_rollback, separators_at, visible
 
 ALIGN = 64  # buffer length multiple: SDPA's fused kernels want the mask's last dimension aligned
@@ -44,6 +45,11 @@ class StaticKVCache:
         pos = self.slots[self.length:self.length + s]
         self.length += s
         return pos
+
+    def step(self, model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The model's logits for tokens [b, s] at positions pos [s] (a device tensor: no host bookkeeping)."""
+        self.prepare(tokens, pos)
+        return model(tokens, position_ids=pos, batch=AttentionBatch(kv_cache=self))
 
     def begin(self, tokens: torch.Tensor) -> torch.Tensor:
         pos = self.advance(tokens.shape[1])

@@ -22,6 +22,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..model import GPT
+from ..parallel.apply import ParallelPlan
+from ..parallel.context import ParallelContext
+
 
 LATEST = "latest"
 # Test-only fault point: exit hard inside the save of step N: "N" or "N:tensors" after the tensors are
@@ -172,6 +176,13 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def list_checkpoints(root: Path) -> list[str]:
     return sorted(p.name for p in root.glob("step_*") if (p / "meta.pt").is_file()) if root.is_dir() else []
+
+
+def load_whole_model(path: Path, cfg):
+    """A single-process model of `cfg` with the weights of the checkpoint at `path`, saved under any layout."""
+    model = GPT(cfg)
+    load_checkpoint(path, ParallelPlan(model, cfg, ParallelContext()), with_optimizer=False)
+    return model.eval()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

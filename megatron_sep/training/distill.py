@@ -11,13 +11,10 @@ import torch
 
 from ..config import Config, ConfigError, load_config
 from ..config.schema import check_backend_device
-from ..data.tokenizer import load_tokenizer
-from ..model import GPT
+from ..data.tokenizer import load_tokenizer, same_vocabulary
 from ..model.attention import prepare_batch
 from ..model.loss import TeacherTargets
-from ..parallel.apply import ParallelPlan
-from ..parallel.context import ParallelContext
-from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from .checkpoint import CheckpointError, load_whole_model, resolve_checkpoint
 
 
 class Teacher:
@@ -36,9 +33,7 @@ class Teacher:
                               "distill at a data.seq_len the teacher was built for, or from a longer teacher")
         if tcfg.attention.kind != "dense":  # its backend runs here, on the student's device
             check_backend_device(tcfg.attention.backend, device.type)
-        model = GPT(tcfg)
-        load_checkpoint(path, ParallelPlan(model, tcfg, ParallelContext()), with_optimizer=False)
-        self.model = model.to(device).eval().requires_grad_(False)
+        self.model = load_whole_model(path, tcfg).to(device).requires_grad_(False)
         self.path, self.weight, self.temperature = path, t.distill_weight, t.distill_temperature
 
     def compile(self) -> None:
@@ -72,8 +67,7 @@ def _check_vocabulary(cfg: Config, tcfg: Config, tokenizer) -> None:
         except Exception:  # moved or deleted since: the sizes are all there is to compare
             other = None
         if other is not None:
-            same = other.vocab_size == tokenizer.vocab_size and all(
-                other.id_to_piece(i) == tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size))
+            same = same_vocabulary(other, tokenizer)
     if not same:
         raise ConfigError("train.distill_from", cfg.train.distill_from,
                           f"is a model of another vocabulary ({theirs} tokens, tokenizer {tcfg.data.tokenizer}) "
