@@ -1,7 +1,9 @@
 """Several drafts of one target side by side: speedup and acceptance against k, from the speculative.json files
 that benchmarks/speculative_decoding.py wrote.
 
-  python3 benchmarks/speculative_compare.py --out PNG NAME=DIR [NAME=DIR ...]
+  python3 benchmarks/speculative_compare.py --out PNG [--force] NAME=DIR [NAME=DIR ...]
+
+An existing PNG is replaced only with --force.
 """
 from __future__ import annotations
 
@@ -13,8 +15,19 @@ from pathlib import Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="the PNG to write")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out")
     ap.add_argument("runs", nargs="+", help="NAME=DIR, DIR holding speculative.json")
     args = ap.parse_args()
+    if Path(args.out).exists() and not (args.force and Path(args.out).is_file()):
+        raise SystemExit(f"error: {args.out} exists. Fix: choose another --out, or pass --force to replace the file")
+    try:
+        plot(args)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable or foreign JSON, an unwritable --out
+        raise SystemExit(f"error: {type(e).__name__}: {e}. Fix: pass NAME=DIR with DIR written by "
+                         "benchmarks/speculative_decoding.py, and an --out in a writable directory") from None
+
+
+def plot(args) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
