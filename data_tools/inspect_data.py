@@ -22,6 +22,9 @@ def inspect(prefix, tokenizer=None, separator_ids=None, top=20, bins=10) -> str:
         lines.append("length histogram (tokens per document)")
         for c, lo, hi in zip(hist, edges[:-1], edges[1:]):
             lines.append(f"  [{lo:>7}, {hi:>7})  {c:>8}  " + "#" * int(40 * c / width))
+    from .offline_corpus import source_mix
+    mix = source_mix(str(prefix), sizes) if ds.num_docs == len(ds) else None
+    lines += mix or []
     counts = np.bincount(np.asarray(ds.tokens), minlength=1) if len(ds.tokens) else np.zeros(1, np.int64)
     if tokenizer is not None and len(counts) > tokenizer.vocab_size:
         raise ValueError(f"{prefix} holds token id {len(counts) - 1}, outside the tokenizer's vocabulary of "

@@ -14,7 +14,7 @@ SEPARATORS = [".", ",", "?", "!", ";", ":", "\n", "\t"]
 
 def train_sentencepiece(files, out_prefix, vocab_size, model_type="bpe", text_key="text",
                         byte_fallback=True, split_separators=True, max_sentences=2_000_000,
-                        extra_symbols=()):
+                        extra_symbols=(), threads=None):
     import sentencepiece as spm
 
     out_prefix = Path(out_prefix)
@@ -34,7 +34,7 @@ def train_sentencepiece(files, out_prefix, vocab_size, model_type="bpe", text_ke
                 eos_piece=EOD, user_defined_symbols=symbols, normalization_rule_name="identity",
                 remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
                 input_sentence_size=max_sentences, shuffle_input_sentence=True,
-                num_threads=os.cpu_count() or 1, minloglevel=2)
+                num_threads=threads or os.cpu_count() or 1, minloglevel=2)
         except RuntimeError as e:  # sentencepiece reports bad settings as RuntimeError
             raise ValueError(f"sentencepiece training failed: {e}. Fix: adjust --vocab-size (byte fallback "
                              "alone needs 256 + special pieces) or the input") from None

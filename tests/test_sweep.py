@@ -47,7 +47,8 @@ def test_sweep_reports_resumes_and_skips(corpus, tmp_path, capsys):
     assert "resumed from" in (out / "logs" / "sepllm_n8.log").read_text()
 
     report = (out / "report.md").read_text()
-    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    table = report.split("\n\n")[1]  # the first table: one row per run
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| run")]
     assert len(rows) == 3
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -60,7 +61,14 @@ def test_sweep_reports_resumes_and_skips(corpus, tmp_path, capsys):
     assert by["sepllm_n8"]["attention_flops_share"] < by["dense"]["attention_flops_share"]
     assert all(r["tokens"] == 1536 and len(r["val"]) >= 3 for r in data)
     assert re.search(r"Ordering at this budget.*<.*<", report)
-    for png in ("val_loss_vs_tokens.png", "loss_by_position.png", "tokens_per_s.png"):
+    whole = json.loads((out / "report.json").read_text())
+    # Figure 1: every sparse run has its compute-to-dense-loss entry; copy-distance gaps are paired with dense
+    assert whole["reference_run"] == "dense" and set(whole["compute_to_reference_loss"]) == {"sepllm_n8", "streaming_n8"}
+    assert all(c["gap_ci"][0] <= c["gap"] <= c["gap_ci"][1] for run in ("sepllm_n8", "streaming_n8")
+               for c in whole["copy_distance_gaps"][run] if "gap" in c)
+    assert all(r["curve"][-1]["flops"] > r["curve"][0]["flops"] > 0 for r in data)
+    for png in ("val_loss_vs_tokens.png", "loss_by_position.png", "tokens_per_s.png", "val_loss_vs_flops_time.png",
+                "loss_by_copy_distance.png"):
         img = mpimg.imread(out / png)
         assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0  # a drawn figure, not blank
         assert f"]({png})" in report

@@ -18,7 +18,9 @@ import torch  # noqa: E402
 from ..config import Config  # noqa: E402
 from ..inference.plots import bucket_mids, save_figure  # noqa: E402
 from ..training.metrics import flops_per_token, matmul_params  # noqa: E402
+from . import figure1, probe_report  # noqa: E402
 
+PASSKEY_TRIALS = 20
 COLUMNS = ("run", "attention", "final val loss", "best val loss", "final val ppl", "tokens", "kept pairs",
            "kept KV at end", "attention FLOPs", "tokens/s", "MFU", "peak mem GB", "wall")
 
@@ -50,8 +52,30 @@ def eval_run(cfg: Config, device: torch.device) -> dict:
     is_sep = sep_inputs(saved, tokens, model.sep_ids.cpu()).get("is_sep")  # none for dense attention
     result["stats"] = (attention_stats(saved, is_sep) if is_sep is not None
                        else {"kept_pairs": 1.0, "kept_kv": 1.0, "sep_share": None})
+    result.update(run_probes(model, saved, ds, iters, mb, device))
     cache.write_text(json.dumps(result))
     return result
+
+
+def run_probes(model, cfg: Config, ds, iters: int, mb: int, device) -> dict:
+    """The beyond-window probes on the validation batches: loss by copy distance, and passkey retrieval with
+    filler from the validation samples after those batches."""
+    import numpy as np
+
+    from ..data.tokenizer import load_tokenizer
+    from ..inference import probes
+    out = {"copy_distance": probes.copy_distance(model, ds, iters, mb, device)}
+    if cfg.data.mock or not cfg.data.tokenizer:
+        return out
+    tok = load_tokenizer(cfg.data.tokenizer)
+    first = min(iters * mb, max(len(ds) - 4, 0))
+    filler = np.concatenate([np.asarray(ds[i]) for i in range(first, min(first + 4, len(ds)))])
+    keys = probes.passkey_trials(1, 0)
+    if probes.passkey_room(tok, cfg.data.seq_len, keys)[0] < probes.DISTANCES[0]:
+        return out  # a key, a question and an answer do not fit the sequence: no passkey column
+    out["passkey"] = probes.passkey(model, tok, filler, probes.default_distances(tok, cfg.data.seq_len, keys),
+                                    trials=PASSKEY_TRIALS, device=device)
+    return out
 
 
 def attention_label(cfg: Config) -> str:
@@ -80,8 +104,10 @@ def collect(name: str, cfg: Config, state: dict, device: torch.device) -> dict:
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
             "mfu": statistics.median(mfu) if mfu else None,
             "peak_mem_gb": max(r["peak_mem_gb"] for r in train), "wall_s": state.get("wall_s", 0.0),
-            "parallel": state.get("parallel", 1),
-            "loss_by_position": ev["loss_by_position"]["buckets"]}
+            "parallel": state.get("parallel", 1), "kind": cfg.attention.kind,
+            "curve": figure1.compute_curve(train, val, per_step),
+            "loss_by_position": ev["loss_by_position"]["buckets"],
+            "copy_distance": ev.get("copy_distance"), "passkey": ev.get("passkey")}
 
 
 def _cells(r: dict) -> list[str]:
@@ -116,13 +142,33 @@ def write_report(out: Path, name: str, tokens: int, rows: list[dict], reference:
                       + " < ".join(f"{k} ({v})" for k, v in sorted(ref.items(), key=lambda kv: kv[1])) + "."]
         if reference.get("note"):
             lines += ["", str(reference["note"])]
+    compute = {}
+    ref = reference_run(rows)
+    if ref and len(rows) > 1:
+        compute = figure1.ratios(rows, ref)
+        figs.append(figure1.plot(out, rows, ref))
+        lines += ["", f"**Compute to {ref}'s final loss** (the paper's Figure 1; FLOPs count kept pairs only, time "
+                  "is training time without evaluation, saves and compilation): ratios above 1 favour the run.", ""]
+        lines += figure1.describe(rows, ref, compute)
+    gaps = probe_report.gap_rows(rows, ref)
+    if gaps:
+        lines += probe_report.lines(rows, ref, gaps)
+        figs.append(probe_report.plot(out, rows, gaps))
     if missing:
         lines += ["", f"Not in this report (not finished): {', '.join(missing)}."]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in figs]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    (out / "report.json").write_text(json.dumps({"name": name, "tokens": tokens, "runs": rows}, indent=1))
+    (out / "report.json").write_text(json.dumps({"name": name, "tokens": tokens, "reference_run": ref,
+                                                 "compute_to_reference_loss": compute, "copy_distance_gaps": gaps,
+                                                 "runs": rows}, indent=1))
     return path
+
+
+def reference_run(rows: list[dict]) -> str | None:
+    """The dense run the others are measured against: one named vanilla, else the first dense one."""
+    names = [r["run"] for r in rows if r["kind"] == "dense"]
+    return "vanilla" if "vanilla" in names else names[0] if names else None
 
 
 def plot_val(out: Path, rows: list[dict]) -> Path:

@@ -190,6 +190,16 @@ def finished_step(cfg: Config) -> int:
     return int(done[-1].split("_")[1]) if done else 0
 
 
+def finished(cfg: Config, record: dict | None) -> bool:
+    """Trained to the end: its last checkpoint says so, or, in a sweep folder copied without checkpoints (off a
+    GPU machine), sweep.json says done and the run's metrics and cached evaluation are there."""
+    if finished_step(cfg) >= cfg.train.steps:
+        return True
+    run = Path(cfg.train.run_dir)
+    return bool(record) and record.get("status") == "done" and (run / "metrics.jsonl").is_file() \
+        and (run / "sweep_eval.json").is_file()
+
+
 class State:
     """SWEEP/sweep.json: the budget, each run's resolved config and wall time."""
 
@@ -231,8 +241,8 @@ def execute(configs: dict[str, Config], out: Path, state: State, parallel: int, 
     todo = []
     for name, cfg in configs.items():
         step = finished_step(cfg)
-        if step >= cfg.train.steps:
-            echo(f"[{name}] finished at step {step}: skipped")
+        if finished(cfg, state.data["runs"].get(name)):
+            echo(f"[{name}] finished at step {max(step, cfg.train.steps)}: skipped")
             state.update(name, status="done")
             continue
         path = out / "configs" / f"{name}.yaml"

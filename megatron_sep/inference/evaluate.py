@@ -204,4 +204,8 @@ def write_report(out: Path, result: dict) -> list[Path]:
         written.append(plot_loss_by_position(result["loss_by_position"], out / "loss_by_position.png"))
     if "streaming" in result:
         written += plot_streaming(result["streaming"], out, result.get("stream_reference"))
+    if "probes" in result:
+        from .plots import plot_loss_by_distance, plot_passkey
+        written.append(plot_loss_by_distance(result["probes"]["copy_distance"], out / "loss_by_distance.png"))
+        written.append(plot_passkey(result["probes"]["passkey"], out / "passkey.png"))
     return written
