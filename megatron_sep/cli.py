@@ -47,7 +47,8 @@ def cmd_sweep(args) -> int:
         raise ConfigError("--report-only", str(out), "holds no sweep (no sweep.json)",
                           "run the sweep first, or point --out at a sweep directory")
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-    configs = sweep.resolve_runs(plan, tokens, out, args.overrides, only, args.allow_repeat)
+    configs = sweep.resolve_runs(plan, tokens, out, args.overrides, only,
+                                 args.allow_repeat or args.report_only)  # a report reads no corpus
     tokens = tokens or plan.tokens
     gpu = torch.cuda.is_available() and any(c.train.device != "cpu" for c in configs.values())
     if args.parallel > 1 and gpu:
