@@ -153,7 +153,9 @@ def documents(member: str, data: bytes) -> Iterator[tuple[str, str]]:
     ext = "." + name.rsplit(".", 1)[-1] if "." in name else ""
     man = bool(MAN.search(p))
     dictionary = "/dictd/" in p and name.endswith(".dict")
-    if not (man or dictionary or ext in CODE or (ext in PROSE and (ext or "/doc/" in p))) or (ext in (".html", ".htm") and INDEX_PAGE.match(name)):
+    if not (man or dictionary or ext in CODE or (ext in PROSE and (ext or "/doc/" in p))):
+        return
+    if ext in (".html", ".htm") and INDEX_PAGE.match(name):
         return
     if b"\0" in data:
         return

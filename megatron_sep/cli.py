@@ -317,16 +317,12 @@ def cmd_eval(args) -> int:
         raise ValueError(f"{source} holds {len(ds)} samples of {seq + 1} tokens; --iters {iters} x --micro-batch {mb}"
                          " are asked. Fix: lower --iters, --micro-batch or --seq-len, or give more data")
     if args.probes:  # bad probe settings fail here, before any evaluation
-        from .inference import probes
-        edges = probes.check_edges(args.distance_edges)
+        from .inference.probes import Probes
         if not (args.tokenizer or cfg.data.tokenizer):
             raise ValueError("--probes needs the run's tokenizer for the passkey, and this run has none "
                              "(data.mock). Fix: pass --tokenizer PATH")
         tok = _generation_tokenizer(args.tokenizer or cfg.data.tokenizer, "--tokenizer")
-        keys = probes.passkey_trials(args.passkey_trials, 0)
-        if args.passkey_distances is None:
-            args.passkey_distances = probes.default_distances(tok, cfg.data.seq_len, keys)
-        probes.check_passkey(tok, cfg.data.seq_len, args.passkey_distances, keys)
+        probes = Probes(cfg, tok, args.distance_edges, args.passkey_distances, args.passkey_trials)
     result = {"checkpoint": str(args.load), "source": source, "seq_len": seq, "iters": iters, "micro_batch": mb,
               "device": str(device), "attention": cfg.attention.kind}
     result["val_loss"] = ev.validation_loss(model, ds, iters, mb, device)
@@ -335,17 +331,9 @@ def cmd_eval(args) -> int:
           f"of {seq} tokens from {source})")
     result["loss_by_position"] = ev.loss_by_position(model, ds, iters, mb, device, args.buckets)
     if args.probes:
-        import numpy as np
-        # held-out filler: the eval's own text, or the validation samples (each contiguous) end to end
-        need = (max(args.passkey_distances) + probes.PREFIX) * args.passkey_trials
-        filler = tokens if tokens is not None else np.concatenate(
-            [ds[i][:-1] for i in range(min(len(ds), need // (len(ds[0]) - 1) + 2))])
-        result["probes"] = {
-            "copy_distance": probes.copy_distance(model, ds, iters, mb, device, edges),
-            # the full cache applies the model's training mask exactly, whatever its attention kind
-            "passkey": probes.passkey(model, tok, filler, args.passkey_distances, args.passkey_trials, "full",
-                                      device)}
-        for line in probes.summary_lines(result["probes"]):
+        from .inference.probes import summary_lines
+        result["probes"] = probes.run(model, ds, iters, mb, device, filler=tokens)
+        for line in summary_lines(result["probes"]):
             print(line)
     if args.stream_tokens:
         stream = tokens if tokens is not None else ev.corpus_tokens(cfg.data.paths[0], args.stream_tokens + 1)

@@ -63,7 +63,8 @@ def test_sweep_reports_resumes_and_skips(corpus, tmp_path, capsys):
     assert re.search(r"Ordering at this budget.*<.*<", report)
     whole = json.loads((out / "report.json").read_text())
     # Figure 1: every sparse run has its compute-to-dense-loss entry; copy-distance gaps are paired with dense
-    assert whole["reference_run"] == "dense" and set(whole["compute_to_reference_loss"]) == {"sepllm_n8", "streaming_n8"}
+    assert whole["reference_run"] == "dense"
+    assert set(whole["compute_to_reference_loss"]) == {"sepllm_n8", "streaming_n8"}
     assert all(c["gap_ci"][0] <= c["gap"] <= c["gap_ci"][1] for run in ("sepllm_n8", "streaming_n8")
                for c in whole["copy_distance_gaps"][run] if "gap" in c)
     assert all(r["curve"][-1]["flops"] > r["curve"][0]["flops"] > 0 for r in data)

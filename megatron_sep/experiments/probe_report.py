@@ -34,7 +34,8 @@ def lines(rows: list[dict], reference: str | None, gaps: dict) -> list[str]:
     out = ["", "**Beyond the window: loss by copy distance** (held-out tokens whose preceding bigram occurred "
            "earlier in the sequence followed by the same token, bucketed by how far back that answer is from the "
            "query; `none`: no earlier occurrence). Cells: mean loss, and for each run its gap to "
-           f"{reference} with a paired bootstrap 95% interval over the {seqs} evaluated sequences (negative: better than the reference).", "",
+           f"{reference} with a paired bootstrap 95% interval over the {seqs} evaluated sequences (negative: better "
+           "than the reference).", "",
            "| run | window | " + " | ".join(f"d {n}" for n in names) + " |", "|---|---|" + "---|" * len(names)]
     for r in rows:
         if r["run"] not in gaps:

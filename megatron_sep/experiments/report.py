@@ -58,24 +58,13 @@ def eval_run(cfg: Config, device: torch.device) -> dict:
 
 
 def run_probes(model, cfg: Config, ds, iters: int, mb: int, device) -> dict:
-    """The beyond-window probes on the validation batches: loss by copy distance, and passkey retrieval with
-    filler from the validation samples after those batches."""
-    import numpy as np
-
+    """The beyond-window probes (inference/probes.py) on the validation batches; passkey filler from the
+    validation samples. A mock-data run has no tokenizer: loss by copy distance only."""
     from ..data.tokenizer import load_tokenizer
-    from ..inference import probes
-    out = {"copy_distance": probes.copy_distance(model, ds, iters, mb, device)}
+    from ..inference.probes import Probes, copy_distance
     if cfg.data.mock or not cfg.data.tokenizer:
-        return out
-    tok = load_tokenizer(cfg.data.tokenizer)
-    first = min(iters * mb, max(len(ds) - 4, 0))
-    filler = np.concatenate([np.asarray(ds[i]) for i in range(first, min(first + 4, len(ds)))])
-    keys = probes.passkey_trials(1, 0)
-    if probes.passkey_room(tok, cfg.data.seq_len, keys)[0] < probes.DISTANCES[0]:
-        return out  # a key, a question and an answer do not fit the sequence: no passkey column
-    out["passkey"] = probes.passkey(model, tok, filler, probes.default_distances(tok, cfg.data.seq_len, keys),
-                                    trials=PASSKEY_TRIALS, device=device)
-    return out
+        return {"copy_distance": copy_distance(model, ds, iters, mb, device)}
+    return Probes(cfg, load_tokenizer(cfg.data.tokenizer), trials=PASSKEY_TRIALS).run(model, ds, iters, mb, device)
 
 
 def attention_label(cfg: Config) -> str:

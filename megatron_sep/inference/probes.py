@@ -246,7 +246,7 @@ def passkey(model, tokenizer, filler_tokens, distances=DISTANCES, trials: int = 
 
 def summary_lines(probes: dict) -> list[str]:
     """One line per probe for the terminal."""
-    lines = []
+    lines = [f"probe passkey skipped: {probes['passkey_skipped']}"] if "passkey_skipped" in probes else []
     if "copy_distance" in probes:
         buckets = probes["copy_distance"]["buckets"]
         parts = [f"{b['name']} {b['loss']:.3f} ({b['tokens']})" for b in buckets if b["tokens"]]
@@ -258,3 +258,33 @@ def summary_lines(probes: dict) -> list[str]:
                      + ", ".join(parts) + "; first digit "
                      + ", ".join(f"{r['first_digit']:.2f}" for r in p["distances"]) + " (chance 0.1)")
     return lines
+
+
+class Probes:
+    """Both probes with their settings checked up front (bad values fail before any evaluation): used by
+    `megatron-sep eval --probes` and by the sweep report, on the same validation batches as the loss."""
+
+    def __init__(self, cfg, tokenizer, edges=EDGES, distances=None, trials: int = 20):
+        self.edges = check_edges(edges)
+        self.tok, self.trials, self.seq_len = tokenizer, trials, cfg.data.seq_len
+        keys = passkey_trials(trials, 0)
+        self.distances = list(distances) if distances is not None else default_distances(tokenizer, self.seq_len,
+                                                                                          keys)
+        self.passkey_fits = passkey_room(tokenizer, self.seq_len, keys)[0] >= 0
+        if distances is not None or self.passkey_fits:
+            check_passkey(tokenizer, self.seq_len, self.distances, keys)
+
+    def run(self, model, ds, iters: int, micro_batch: int, device, filler=None) -> dict:
+        """copy_distance on the batches, and passkey with `filler` (default: the validation samples end to end,
+        each contiguous) where a key, a question and an answer fit the sequence."""
+        out = {"copy_distance": copy_distance(model, ds, iters, micro_batch, device, self.edges)}
+        if not self.passkey_fits:
+            out["passkey_skipped"] = (f"a key, a question and {NEW_TOKENS} answer tokens do not fit the "
+                                      f"{self.seq_len} positions the model was trained on")
+            return out
+        if filler is None:
+            need = (max(self.distances) + PREFIX) * self.trials
+            filler = np.concatenate([np.asarray(ds[i][:-1]) for i in range(min(len(ds), need // self.seq_len + 2))])
+        # the full cache applies the model's training mask exactly, whatever its attention kind
+        out["passkey"] = passkey(model, self.tok, filler, self.distances, self.trials, "full", device)
+        return out
