@@ -227,11 +227,11 @@ def subset(prefix: str, out: str, tokens: int, seed: int = 0, force: bool = Fals
 
     from megatron_sep.data.indexed import IndexedDataset, IndexedDatasetWriter, paths
     src = IndexedDataset(prefix)
+    if Path(out).resolve() == Path(prefix).resolve():
+        raise ValueError("--out is the corpus itself. Fix: choose another --out")
     targets = [p for p in paths(out) if p.exists()]
     if targets and not force:
         raise ValueError(f"{targets[0]} exists. Fix: choose another --out, or pass --force to replace it")
-    if Path(out).resolve() == Path(prefix).resolve():
-        raise ValueError("--out is the corpus itself. Fix: choose another --out")
     sizes = src.doc_sizes.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(sizes))
     take = order[:int(np.searchsorted(np.cumsum(sizes[order]), tokens)) + 1]
