@@ -181,3 +181,26 @@ def test_a_block_without_blank_lines_is_cut_at_line_ends():
     parts = split_large(text)
     assert len(parts) > 1 and all(len(p.encode()) <= MAX_DOC for p in parts)
     assert "\n".join(parts) == text
+
+
+def test_subset_takes_whole_documents_in_corpus_order(small, tmp_path):
+    import numpy as np
+    prefix = str(small[0] / "a" / "train_text_document")
+    src = IndexedDataset(prefix)
+    want = int(src.doc_sizes.sum()) // 3
+    docs, tokens = oc.subset(prefix, str(tmp_path / "s"), want, seed=3)
+    sub = IndexedDataset(tmp_path / "s")
+    assert sub.num_docs == docs < src.num_docs and tokens == int(sub.doc_sizes.sum()) >= want
+    originals = {tuple(src.get_doc(d)): d for d in range(src.num_docs)}
+    picked = [originals[tuple(sub.get_doc(d))] for d in range(sub.num_docs)]  # every document whole
+    assert picked == sorted(picked)
+    meta = json.loads((tmp_path / "s.sources.json").read_text())
+    full = json.loads(open(prefix + ".sources.json").read())
+    assert meta["doc_source"] == [full["doc_source"][d] for d in picked]
+    oc.subset(prefix, str(tmp_path / "t"), want, seed=3)
+    assert (tmp_path / "t.bin").read_bytes() == (tmp_path / "s.bin").read_bytes()  # the seed decides
+    assert np.array_equal(IndexedDataset(tmp_path / "t").doc_sizes, sub.doc_sizes)
+    with pytest.raises(ValueError, match="exists"):
+        oc.subset(prefix, str(tmp_path / "s"), want)
+    with pytest.raises(ValueError, match="the corpus itself"):
+        oc.subset(prefix, prefix, want, force=True)
