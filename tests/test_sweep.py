@@ -78,6 +78,15 @@ def test_sweep_reports_resumes_and_skips(corpus, tmp_path, capsys):
     assert cli.main(["sweep", str(plan), "--out", str(out), "--only", "dense", "--report-only"]) == 0
     assert len(json.loads((out / "report.json").read_text())["runs"]) == 3
 
+    # a sweep folder copied without checkpoints (off a GPU machine) reports the same numbers, and trains nothing
+    import shutil
+    copy = tmp_path / "copied"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    assert cli.main(["sweep", str(plan), "--out", str(copy), "--report-only"]) == 0
+    again = {r["run"]: r for r in json.loads((copy / "report.json").read_text())["runs"]}
+    assert {n: r["final_val_loss"] for n, r in again.items()} == {n: r["final_val_loss"] for n, r in by.items()}
+    assert again["sepllm_n8"]["copy_distance"] == by["sepllm_n8"]["copy_distance"]
+
     before = {n: (out / "runs" / n / "metrics.jsonl").read_text() for n in by}
     assert cli.main(["sweep", str(plan), "--out", str(out)]) == 0
     said = capsys.readouterr().out
