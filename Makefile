@@ -40,8 +40,11 @@ demo: $(DEMO)/corpus_text_document.idx
 corpus: env
 	$(BIN)/megatron-sep offline-corpus --out data/offline
 
+# Two pytest-xdist workers (the CI machine has 2 cores; tests/conftest.py gives each worker its share of torch
+# threads), one test module per worker at a time (--dist loadfile) so a module's fixtures are built once.
+TEST_WORKERS ?= 2
 test: env
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Resolve the newest releases that setup.py admits into a scratch venv and write them as the lock.
 # Then `make test` (it rebuilds .venv from the new lock) and `make test-latest` before committing.

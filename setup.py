@@ -21,7 +21,7 @@ setup(
         "matplotlib>=3.10",  # the PNG plots of eval (loss by position, streaming perplexity, KV memory)
     ],
     extras_require={
-        "test": ["pytest>=9.0", "pytest-timeout>=2.4", "packaging>=26.0", "transformers>=4.57.6", "wandb>=0.31", "tensorboard>=2.21",
+        "test": ["pytest>=9.0", "pytest-timeout>=2.4", "pytest-xdist>=3.8", "packaging>=26.0", "transformers>=4.57.6", "wandb>=0.31", "tensorboard>=2.21",
                  "triton>=3.6", "torchao>=0.17",
                  # megatron-core's own builder, checkpoint writer and forward are the references of the Megatron
                  # compatibility tests; psutil is what its checkpoint writer needs

@@ -2,6 +2,14 @@ import os
 
 # Triton kernels run on the CPU only through the interpreter; it must be on before any kernel is defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (`make test` runs `-n 2`), the cores are shared among the workers: each worker's torch
+# gets its share of threads, and so do the processes it starts (spawned gloo ranks, CLI subprocesses inherit
+# OMP_NUM_THREADS). The suite's models are tiny: more threads than cores only wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    import torch
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import json
 import random
@@ -62,3 +70,17 @@ def tiny_config(corpus: dict, run_dir, **sections):
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return config_from_dict(raw)
+
+
+# The slowest modules, slowest first (measured on 2 cores, one process: module fixtures included). Under
+# `--dist loadfile` each worker takes the next whole module when it is free, so a long module collected last
+# would run alone at the end; collected first, the short ones fill in beside it. Order within a module is kept.
+SLOW_MODULES_FIRST = ("test_parallel_training", "test_data_safety", "test_training", "test_deepspeed",
+                      "test_sep_attention_op", "test_sep_attention_triton", "test_speculative", "test_hf_generation",
+                      "test_subllm", "test_sweep", "test_fp8", "test_tokenizer_preprocess", "test_distill",
+                      "test_context_parallel", "test_sep_cache", "test_probes")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order

@@ -16,7 +16,7 @@ def _free_port() -> int:
     raise RuntimeError("no free port in [20000, 40000)")
 
 
-def _worker(rank, world, port, fn, args, queue, env, slurm_nodes):
+def _worker(rank, world, port, fn, args, queue, env, slurm_nodes, threads):
     if slurm_nodes:  # what srun gives each task: no RANK / MASTER_* at all
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(k, None)
@@ -27,6 +27,8 @@ def _worker(rank, world, port, fn, args, queue, env, slurm_nodes):
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     os.environ.update(env)
+    import torch
+    torch.set_num_threads(threads)  # the parent's share of the cores, split among the ranks
     try:
         queue.put((rank, fn(rank, world, *args), None))
     except BaseException:
@@ -36,10 +38,12 @@ def _worker(rank, world, port, fn, args, queue, env, slurm_nodes):
 def run_distributed(fn, world: int, *args, timeout: float = 240, env=None, slurm_nodes: int = 0):
     """fn(rank, world, *args) runs in each process (a module-level function); returns results by rank.
     With slurm_nodes, processes see only the SLURM_* variables srun sets (one task per GPU)."""
+    import torch
+    threads = max(1, torch.get_num_threads() // world)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, env or {}, slurm_nodes)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, env or {}, slurm_nodes, threads)) for r in range(world)]
     for p in procs:
         p.start()
     results, errors = {}, []
