@@ -34,10 +34,14 @@ def brute_force(x: list[int]) -> list[int]:
 def test_occurrence_search_matches_brute_force():
     g = torch.Generator().manual_seed(torch.seed() % 2 ** 31)  # fresh inputs every run
     for vocab in (2, 3, 4, 7):
-        x = torch.randint(0, vocab, (5, 1 + int(torch.randint(3, 90, (1,), generator=g))), generator=g)
+        # rows of 41-120 tokens: with at most 343 trigrams a match is all but certain (P(none in 5 rows) < 1e-4)
+        x = torch.randint(0, vocab, (5, 1 + int(torch.randint(40, 120, (1,), generator=g))), generator=g)
         d = probes.copy_distances(x)
         assert d.tolist() == [brute_force(row) for row in x.tolist()], (vocab, x)
         assert (d >= 0).any()  # tiny vocabularies repeat: the test exercises real matches
+    for n in (1, 2, 3, 4):  # rows too short for any earlier trigram
+        short = torch.randint(0, 2, (3, n), generator=g)
+        assert probes.copy_distances(short).tolist() == [brute_force(row) for row in short.tolist()]
     big = torch.randint(0, 50_000, (4, 300), generator=g) * 997  # large ids: recoded, no int64 overflow
     assert probes.copy_distances(big).tolist() == [brute_force(r) for r in big.tolist()]
 
