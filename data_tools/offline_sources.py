@@ -62,12 +62,16 @@ def fetch(pkg: dict, cache: Path) -> Path:
             found = ", ".join(p.name for p in Path(tmp).iterdir()) or "nothing"
             raise ManifestError(f"{pkg['source']} gave {found} for {pkg['name']} {pkg['version']}, not "
                                 f"{pkg['file']}. Fix: correct the manifest entry")
-        digest = sha256_of(got)
-        if digest != pkg["sha256"]:
-            raise ManifestError(f"{pkg['file']} has sha256 {digest}, the manifest pins {pkg['sha256']}: the "
-                                "download is not the pinned file. Fix: check the mirror, or re-pin the manifest")
+        check_hash(got, pkg)
         shutil.move(str(got), path)
     return path
+
+
+def check_hash(path: Path, pkg: dict) -> None:
+    digest = sha256_of(path)
+    if digest != pkg["sha256"]:
+        raise ManifestError(f"{pkg['file']} has sha256 {digest}, the manifest pins {pkg['sha256']}: the "
+                            "download is not the pinned file. Fix: check the mirror, or re-pin the manifest")
 
 
 def _pip_download(pkg: dict, tmp: Path) -> None:

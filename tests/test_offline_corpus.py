@@ -12,7 +12,7 @@ import zipfile
 import pytest
 
 from data_tools import offline_corpus as oc
-from data_tools.offline_sources import ManifestError, documents, html_to_text, strip_license_header
+from data_tools.offline_sources import ManifestError, check_hash, documents, html_to_text, strip_license_header
 from megatron_sep.data.indexed import IndexedDataset
 
 WORDS = ("the model reads a token and writes the next one while separators mark where a segment ends "
@@ -150,11 +150,13 @@ def test_refusals(small, tmp_path):
     with pytest.raises(ManifestError, match="another manifest"):
         oc.build(root / "a", m2, cache, progress=False)
     bad = json.loads(manifest.read_text())
-    bad["packages"][0]["sha256"] = "0" * 64
+    bad["packages"][1]["sha256"] = "0" * 64
+    with pytest.raises(ManifestError, match="not the pinned file"):  # what every download is checked with
+        check_hash(cache / bad["packages"][1]["file"], bad["packages"][1])
+    unknown = dict(bad["packages"][1], name="no-such-package-here")  # apt-get answers from its lists: no network
+    with pytest.raises(ManifestError, match="no-such-package-here"):
+        oc.fetch(unknown, tmp_path / "empty_cache")
     m3 = tmp_path / "m3.json"
-    m3.write_text(json.dumps(bad))
-    with pytest.raises(ManifestError):  # the cached file does not match: a download is tried, and checked
-        oc.fetch(bad["packages"][0], tmp_path / "empty_cache")
     for text, why in [("[1]", "non-empty"), ("{", "not valid JSON"),
                       (json.dumps({"packages": [{"source": "ftp"}]}), "exactly the keys")]:
         m3.write_text(text)
