@@ -1,5 +1,6 @@
 """The environment the suite runs in is exactly the committed lock (constraints.txt)."""
 import re
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -26,10 +27,18 @@ def read_lock(path=ROOT / "constraints.txt") -> dict:
     return pins
 
 
+def installed():
+    """The distributions installed in the environment's site-packages. Not `sys.path` as it is during the suite:
+    once a test imports setuptools (torch's extension and compile builders do), its vendored packages (jaraco-*,
+    zipp, tomli, ...) sit on `sys.path` as distributions nobody installed."""
+    sites = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+    return metadata.distributions(path=sites)
+
+
 def test_every_installed_distribution_is_pinned_at_its_version():
     pins = read_lock()
     unpinned, wrong = [], []
-    for dist in metadata.distributions():
+    for dist in installed():
         name = canonicalize_name(dist.metadata["Name"])
         if name == PROJECT:
             continue
