@@ -66,7 +66,7 @@ def lines(rows: list[dict], reference: str | None, gaps: dict) -> list[str]:
     return out
 
 
-def plot(out, rows: list[dict], gaps: dict):
+def plot(out, rows: list[dict]):
     import matplotlib.pyplot as plt
 
     from ..inference.plots import save_figure

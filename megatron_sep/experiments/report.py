@@ -142,7 +142,7 @@ def write_report(out: Path, name: str, tokens: int, rows: list[dict], reference:
     gaps = probe_report.gap_rows(rows, ref)
     if gaps:
         lines += probe_report.lines(rows, ref, gaps)
-        figs.append(probe_report.plot(out, rows, gaps))
+        figs.append(probe_report.plot(out, rows))
     if missing:
         lines += ["", f"Not in this report (not finished): {', '.join(missing)}."]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in figs]
