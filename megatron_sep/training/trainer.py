@@ -252,15 +252,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over eval_iters fixed validation batches, shared out over the dp ranks."""
+        """Mean loss over eval_iters fixed validation batches, shared out over the dp ranks. Every dp rank
+        runs ceil(eval_iters / dp) forwards: ZeRO-3 gathers the weights inside each forward, so a rank that
+        ran fewer (eval_iters < dp, or not a multiple) would leave the others waiting in that gather. A rank
+        short of batches repeats batch 0 and drops its loss."""
         self.model.eval()
-        ctx, mb = self.ctx, self.cfg.train.micro_batch_size
+        ctx, mb, iters = self.ctx, self.cfg.train.micro_batch_size, self.cfg.train.eval_iters
         total = torch.zeros((), device=self.device, dtype=torch.float64)
-        mine = range(ctx.dp_rank, self.cfg.train.eval_iters, ctx.dp)
-        if mine:  # forward-only schedule; the last stage has the loss
-            with self.autocast, torch.no_grad(), self.eval_stance():
+        mine = range(ctx.dp_rank, iters, ctx.dp)
+        pad = -(-iters // ctx.dp) - len(mine)
+        with self.autocast, torch.no_grad(), self.eval_stance():  # forward-only; the last stage has the loss
+            if mine:
                 total += self.plan.pipe.run([self.micro_batch(self.valid_ds, i * mb, mb) for i in mine],
                                             forward_only=True).double() * len(mine)
+            if pad:  # the other ranks' number of forwards (and collectives); the loss is not counted
+                self.plan.pipe.run([self.micro_batch(self.valid_ds, 0, mb)] * pad, forward_only=True)
         if ctx.grad_size > 1:  # the cp ranks of one batch each hold the mean over their slice
             torch.distributed.all_reduce(total, group=ctx.grad_group)
         self.model.train()
