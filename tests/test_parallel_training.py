@@ -37,12 +37,12 @@ CASES = [(layout, kind) for layout in LAYOUTS for kind in ("dense", "sepllm")
          if kind == "sepllm" or layout in BOTH_KINDS]
 
 
-def config(corpus, run_dir, kind, parallel=None, steps=6, tied=False):
+def config(corpus, run_dir, kind, parallel=None, steps=6, tied=False, async_save=False):
     attention = {"kind": kind, "window": 6, "init_tokens": 2} if kind == "sepllm" else {"kind": "dense"}
     return tiny_config(corpus, run_dir, attention=attention, parallel=parallel or {},
                        model={"num_layers": 4, "tie_embeddings": tied},
                        train={"steps": steps, "micro_batch_size": 2, "global_batch_size": 8, "eval_interval": 3},
-                       checkpoint={"save_interval": 3})
+                       checkpoint={"save_interval": 3, "async_save": async_save})
 
 
 def losses(run_dir, key="loss"):
@@ -60,8 +60,9 @@ def _train_many(rank, world, corpus, root, runs):
     start-up and imports cost more than a tiny run."""
     import torch.distributed as dist
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    for name, kind, parallel, until, tied in runs:
-        Trainer(config(corpus, Path(root) / name, kind, parallel, tied=tied)).run(until=until)
+    for name, kind, parallel, until, tied, *async_save in runs:
+        Trainer(config(corpus, Path(root) / name, kind, parallel, tied=tied, async_save=bool(async_save))).run(
+            until=until)
     dist.destroy_process_group()
     return True
 
@@ -99,6 +100,8 @@ def runs(corpus, tmp_path_factory):
     for zero in (0, 1):  # (dp2, pp2): first and last stage hold one tied weight
         first[4].append((f"tied_zero{zero}", "sepllm", {"pp": 2, "zero": zero}, None, True))
     first[4].append(("export_tp2_pp2", "dense", {"tp": 2, "pp": 2}, 3, True))
+    # an async save (the step-3 one) of ZeRO shards over dp x cp, resumed in one process below
+    first[4].append(("async_resume", "sepllm", LAYOUTS["cp2_dp2_zero1"][0], 3, False, True))
     then = {2: [], 4: []}
     for i, (_, resumed) in enumerate(RESUMES):
         if resumed is None:  # in this process
@@ -112,6 +115,7 @@ def runs(corpus, tmp_path_factory):
             for i, (_, resumed) in enumerate(RESUMES):
                 if resumed is None:
                     Trainer(config(corpus, root / f"resume{i}", "sepllm")).run()
+            Trainer(config(corpus, root / "async_resume", "sepllm")).run()
     return {p.name: p for p in root.iterdir()}
 
 
@@ -127,12 +131,13 @@ def test_layout_matches_single_process(runs, single, kind, layout):
     assert all(abs(norms[s] - ref_norms[s]) < 1e-5 for s in ref_norms), (layout, norms, ref_norms)
 
 
-@pytest.mark.parametrize("case", range(len(RESUMES)), ids=[f"{a}->{b[1] if b else 1}" for a, b in RESUMES])
+@pytest.mark.parametrize("case", [*range(len(RESUMES)), "async"],
+                         ids=[f"{a}->{b[1] if b else 1}" for a, b in RESUMES] + ["async_cp2_dp2_zero1->1"])
 def test_checkpoint_resumes_under_another_layout(runs, single, case):
-    got, _ = losses(runs[f"resume{case}"])
+    got, _ = losses(runs["async_resume" if case == "async" else f"resume{case}"])
     ref, _ = single["sepllm"]
     for step in range(1, 7):
-        assert abs(got[step] - ref[step]) < 1e-5, (RESUMES[case], step, got[step], ref[step])
+        assert abs(got[step] - ref[step]) < 1e-5, (case, step, got[step], ref[step])
 
 
 @pytest.mark.parametrize("zero", [0, 1])

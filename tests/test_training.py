@@ -12,7 +12,7 @@ import torch
 
 from megatron_sep.config import dump_config
 from megatron_sep.training import Trainer
-from megatron_sep.training.checkpoint import CRASH_ENV, latest_checkpoint, load_checkpoint
+from megatron_sep.training.checkpoint import CRASH_ENV, latest_checkpoint, load_checkpoint, read_meta
 from megatron_sep.training.optim import lr_at
 
 from .conftest import tiny_config
@@ -102,7 +102,7 @@ def test_signal_saves_and_exits_zero(corpus, tmp_path, sig):
     assert proc.returncode == 0, out
     assert f"received {sig.name}" in out
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
-    step = torch.load(ckpt / "meta.pt", weights_only=False)["step"]
+    step = read_meta(ckpt)["step"]
     assert ckpt.name == f"step_{step:08d}" and step >= 3
     assert max(losses(tmp_path / "run")) == step
 

@@ -318,6 +318,9 @@ class CheckpointConfig:
     keep_last: int = 2
     load: Optional[str] = None  # initialise from this checkpoint dir when run_dir has none
     resume: bool = True  # continue from run_dir's `latest` when it exists
+    # copy the state to host memory and write it in a background thread (DCP's async_save); `latest` moves
+    # only once the write is complete and fsynced. The final save of a run is always synchronous.
+    async_save: bool = False
 
     def check(self) -> None:
         _require(self.save_interval >= 1, "checkpoint.save_interval", self.save_interval, "must be >= 1",

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from ..config import dump_config, load_config
 from ..data.separators import resolve_separator_ids
-from ..data.tokenizer import TokenizerError, first_line, load_tokenizer
+from ..data.tokenizer import TokenizerError, first_line, load_tokenizer, same_vocabulary
 from ..model import GPT
 from ..model.gpt import padded_vocab
 from ..parallel.apply import ParallelPlan
@@ -47,7 +49,21 @@ def export_hf(load: str | Path, out: str | Path, dtype: str = "fp32", tokenizer:
         raise ConversionError("attention.reset_per_document has no transformers equivalent (inference sees one "
                               "document). Fix: export with reset_per_document off (weights are unaffected)")
     tok = _export_tokenizer(tokenizer or cfg.data.tokenizer, cfg)
-    out = prepare_out(Path(out), force, EXPORT_FILES, "replace only the files an export writes")
+    if tok is not None:
+        _check_vocabulary(tok, cfg, given=tokenizer is not None)
+    final = prepare_out(Path(out), force, (), "replace only the files an export writes")
+    # everything is written beside the old files first, then moved in: a failed export deletes nothing,
+    # and a tokenizer (or anything else the export reads) inside --out is read before it is replaced
+    out = Path(tempfile.mkdtemp(prefix=".export-", dir=final))
+    try:
+        _write_export(model, cfg, tok, out, dtype)
+        _move_in(out, final, EXPORT_FILES)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return final
+
+
+def _write_export(model, cfg, tok, out: Path, dtype: str) -> None:
     eod, pad = (tok.eod_id, tok.pad_id) if tok else (None, None)
     conf = hf_config(cfg, eod, pad)
     conf["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
@@ -74,7 +90,42 @@ def export_hf(load: str | Path, out: str | Path, dtype: str = "fp32", tokenizer:
     write_hf_weights(state, out, DTYPES[dtype])
     if tok:
         write_hf_tokenizer(tok, out, cfg.model.max_position_embeddings)
-    return out
+
+
+def _move_in(stage: Path, out: Path, owned: tuple[str, ...]) -> None:
+    """Move the staged files over their old versions, then drop the export files the new export did not
+    write (the shards of an earlier, differently sharded export)."""
+    new = sorted(p.name for p in stage.iterdir())
+    for name in new:
+        os.replace(stage / name, out / name)
+    for pattern in owned:
+        for p in out.glob(pattern):
+            if p.is_file() and p.name not in new:
+                p.unlink()
+
+
+def _check_vocabulary(tok, cfg, given: bool) -> None:
+    """The exported tokenizer must be the model's: ids it lacks would decode as nothing, ids past the model's
+    vocabulary have no embedding. With --tokenizer, it is compared with the run's own when that loads."""
+    V = cfg.model.vocab_size
+    if tok.vocab_size > V:
+        raise ConversionError(f"the tokenizer {tok.path} has {tok.vocab_size} tokens, more than the model's {V} "
+                              f"(model.vocab_size): ids >= {V} have no embedding. Fix: pass the tokenizer the run "
+                              "trained with")
+    if not given:
+        return
+    try:
+        own = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    except TokenizerError:
+        own = None
+    if own is not None and not same_vocabulary(tok, own):
+        raise ConversionError(f"the tokenizer {tok.path} ({tok.vocab_size} tokens) is not the one the run trained "
+                              f"with ({own.path}, {own.vocab_size} tokens): text would map to other ids. Fix: "
+                              "pass that tokenizer, or leave --tokenizer out")
+    if own is None and tok.vocab_size < V:
+        raise ConversionError(f"the tokenizer {tok.path} has {tok.vocab_size} tokens, fewer than the model's {V} "
+                              f"(model.vocab_size): ids {tok.vocab_size}..{V - 1} would decode as nothing. Fix: "
+                              "pass the tokenizer the run trained with")
 
 
 def _export_tokenizer(path: str | None, cfg):
@@ -117,10 +168,10 @@ def sepllm_remote_code(cfg, model_type: str) -> dict:
 
 
 def _holds_checkpoint(p: Path, folders: bool) -> bool:
-    """Ours (latest, meta.pt), GPT-NeoX / DeepSpeed (latest, global_step*, layer files) or Megatron's
+    """Ours (latest, meta.json or meta.pt), GPT-NeoX / DeepSpeed (latest, global_step*, layer files) or Megatron's
     (its tracker file, iter_* / mp_rank_* folders, torch_dist .metadata). Folder names count for `out`
     itself only: a parent may well hold an unrelated iter_* folder."""
-    marks = ("latest", "meta.pt", "latest_checkpointed_iteration.txt", ".metadata", "model_optim_rng.pt")
+    marks = ("latest", "meta.json", "meta.pt", "latest_checkpointed_iteration.txt", ".metadata", "model_optim_rng.pt")
     if any((p / m).is_file() for m in marks):
         return True
     globs = ("global_step*", "iter_*", "mp_rank_*", "layer_*-model_*") if folders else ()

@@ -153,12 +153,27 @@ def config_from_hf(hf: dict, overrides=()) -> Config:
     return config_from_dict(raw, overrides)
 
 
+def _index_files(index: Path) -> list[str]:
+    """The shard names of a safetensors index: plain file names beside it, never a path out of the folder."""
+    try:
+        files = set(json.loads(index.read_bytes().decode("utf-8"))["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(f"{index} is not a safetensors index ({type(e).__name__}: {e}). Fix: save the "
+                              "model again with save_pretrained, or copy the file again") from None
+    for f in sorted(files, key=str):
+        if not isinstance(f, str) or not f or Path(f).name != f or f in (".", ".."):
+            raise ConversionError(f"{index} names the shard {f!r}, which is not a file name beside it (a path "
+                                  f"is never followed out of {index.parent}). Fix: use a model folder from a "
+                                  "source you trust, with plain shard names")
+    return sorted(files)
+
+
 def read_hf_weights(hf_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = _index_files(index)
     elif (hf_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:

@@ -118,11 +118,34 @@ def build_datasets(paths: list[str], weights: list[float] | None, split: list[fl
     return tuple(out)
 
 
-def sample_batch(ds, start: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(ds, start: int, size: int, device, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, labels) of samples [start, start + size) of a packed dataset: the trainer's micro-batches,
-    and eval's, so both read the same numbers."""
-    data = torch.from_numpy(np.stack([ds[i] for i in range(start, start + size)])).to(device, non_blocking=True)
+    and eval's, so both read the same numbers. With vocab_size, an id outside it is an error here, on the
+    host, not an index error inside the embedding."""
+    rows = np.stack([ds[i] for i in range(start, start + size)])
+    if vocab_size is not None and rows.size and int(rows.max()) >= vocab_size:
+        raise IndexedDataError(_outside(getattr(ds, "name", "") or "the corpus", int(rows.max()), vocab_size))
+    data = torch.from_numpy(rows).to(device, non_blocking=True)
     return data[:, :-1], data[:, 1:]
+
+
+def _outside(where: str, top: int, vocab_size: int) -> str:
+    return (f"{where} holds token id {top}, outside the model's vocabulary of {vocab_size} (model.vocab_size, "
+            "set from data.tokenizer): the corpus was made with another tokenizer. Fix: set data.tokenizer to the "
+            "one it was preprocessed with (`megatron-sep inspect PREFIX --tokenizer T` checks a pair)")
+
+
+def check_token_range(paths: list[str], vocab_size: int, scan_bytes: int = 2 << 30) -> None:
+    """Every corpus's ids fit the vocabulary. Corpora up to `scan_bytes` are scanned whole at start (about
+    a second per GiB); larger ones are checked batch by batch in sample_batch."""
+    for p in paths:
+        ix = IndexedDataset(p)
+        if np.iinfo(ix.dtype).max < vocab_size or ix.tokens.nbytes > scan_bytes or not len(ix.tokens):
+            continue
+        step = 1 << 26
+        top = max(int(ix.tokens[i:i + step].max()) for i in range(0, len(ix.tokens), step))
+        if top >= vocab_size:
+            raise IndexedDataError(_outside(str(p), top, vocab_size))
 
 
 def run_datasets(cfg):

@@ -28,7 +28,7 @@ COLUMNS = ("run", "attention", "final val loss", "best val loss", "final val ppl
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     train, val = [], []
     for line in open(run_dir / "metrics.jsonl"):
-        r = json.loads(line)
+        r = {k: float("nan") if v is None else v for k, v in json.loads(line).items()}  # null: NaN or inf
         (train if "loss" in r else val if "val_loss" in r else []).append(r)
     return train, val
 

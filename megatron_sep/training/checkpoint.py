@@ -2,21 +2,21 @@
 
 Layout: `step_00000100/` holds the tensors (model and Adam state keyed by
 parameter name, written by all ranks with torch.distributed.checkpoint in a
-layout-independent form, see parallel/state.py), `meta.pt` (step, consumed
-samples, the layout it was saved under), `rng_<rank>.pt` and `config.yaml`;
+layout-independent form, see parallel/state.py), `meta.json` (step, consumed
+samples, the layout it was saved under), `rng_<rank>.safetensors` and `config.yaml`;
 `latest` names the newest complete one. A save writes into a hidden temporary directory, fsyncs it,
 renames it into place and only then moves `latest`, so a kill at any moment
-leaves the previous checkpoint loadable.
+leaves the previous checkpoint loadable. An async save (checkpoint.async_save) copies the state to
+host memory, writes it in a background thread, and publishes it the same way once the write is done.
+Nothing here unpickles: see ckpt_files.py.
 """
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -25,16 +25,17 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..model import GPT
 from ..parallel.apply import ParallelPlan
 from ..parallel.context import ParallelContext
+from .ckpt_files import (META, STEP_NAME, CheckpointError, SafeReader, is_complete, load_rng,
+                         read_meta, rng_file, save_rng, write_meta)
 
+__all__ = ["CheckpointError", "read_meta", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+           "list_checkpoints", "resolve_checkpoint", "load_whole_model", "prune", "PendingSave"]
 
 LATEST = "latest"
 # Test-only fault point: exit hard inside the save of step N: "N" or "N:tensors" after the tensors are
-# written (before any rename), "N:swap" in a re-save between moving the old folder aside and renaming.
+# written (before any rename), "N:swap" in a re-save between moving the old folder aside and renaming,
+# "N:async" right after an async save has handed its write to the background thread.
 CRASH_ENV = "MEGATRON_SEP_CRASH_IN_SAVE"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def _fsync_tree(path: Path) -> None:
@@ -53,61 +54,107 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def _barrier(ctx) -> None:
     if ctx.world > 1:
         dist.barrier()
 
 
-def save_checkpoint(root: Path, step: int, plan, meta: dict, config_text: str, keep_last: int) -> Path:
+def save_checkpoint(root: Path, step: int, plan, meta: dict, config_text: str, keep_last: int,
+                    verified_step: int | None = None, async_save: bool = False):
     """Collective: every rank writes its shards; rank 0 publishes the directory and `latest`.
+    Returns the published path, or with async_save a PendingSave whose write runs in the background.
     A failed write (disk full, ...) raises CheckpointError and leaves every earlier checkpoint as it was."""
     ctx = plan.ctx
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
     if ctx.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for old in root.glob(".tmp-step_*"):  # leftovers of crashed saves (no save is in flight now)
+            shutil.rmtree(old, ignore_errors=True)
     _barrier(ctx)
     state = plan.checkpoint_state()  # {"model": ..., "optim": ...} keyed by parameter name, any engine
+    layout = {"tp": ctx.tp, "pp": ctx.pp, "cp": ctx.cp, "dp": ctx.dp}
+    pending = PendingSave(ctx, root, tmp, final, {**meta, "step": step, "layout": layout}, config_text, keep_last)
     try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_rng(tmp / f"rng_{ctx.rank}.safetensors")
         with warnings.catch_warnings():  # single-process saves are intended; DCP warns about them
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(state, checkpoint_id=str(tmp))
-        torch.save(rng_state(), tmp / f"rng_{ctx.rank}.pt")
-        _barrier(ctx)
-        if ctx.rank == 0:
-            layout = {"tp": ctx.tp, "pp": ctx.pp, "cp": ctx.cp, "dp": ctx.dp}
-            torch.save({**meta, "step": step, "layout": layout}, tmp / "meta.pt")
-            (tmp / "config.yaml").write_text(config_text)
-            _crash_point(step, "tensors")
-            _fsync_tree(tmp)
-            _publish(root, tmp, final)
-            _prune(root, keep_last, keep=name)
+            if async_save:
+                pending.fut = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(str(tmp)),
+                                             process_group=_cpu_group(ctx), no_dist=not dist.is_initialized())
+            else:
+                dcp.save(state, checkpoint_id=str(tmp))
     except (Exception, CheckpointException) as e:  # DCP wraps OSError (ENOSPC, ...) in its own BaseException
-        if ctx.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if "KeyboardInterrupt" in str(e):  # Ctrl-C inside DCP's workers: an interrupt, not a write error
-            raise KeyboardInterrupt from None
-        raise CheckpointError(f"cannot write checkpoint {final}: {_reason(e)}. The earlier checkpoints are "
-                              "untouched. Fix: free disk space or check permissions, then run again to "
-                              "resume") from None
+        pending.fail(e)
+    if async_save:
+        _crash_point(step, "async")
+        return pending
+    pending.complete(verified_step)
     _barrier(ctx)
     return final
+
+
+_CPU_GROUPS: dict = {}
+
+
+def _cpu_group(ctx):
+    """Async saves gather their write results from a background thread: over gloo, beside NCCL's traffic."""
+    if ctx.world == 1 or str(dist.get_backend()) == "gloo" or "cpu:" in str(dist.get_backend()):
+        return None
+    if "group" not in _CPU_GROUPS:
+        _CPU_GROUPS["group"] = dist.new_group(backend="gloo")
+    return _CPU_GROUPS["group"]
+
+
+class PendingSave:
+    """A save whose tensors are (being) written. `complete` is per rank: it waits for this rank's write
+    and, on rank 0, publishes the folder. Rank 0's write finishes only after every rank's data files and
+    RNG states are written (DCP gathers their results to write its index), so rank 0 alone may publish."""
+
+    def __init__(self, ctx, root: Path, tmp: Path, final: Path, meta: dict, config_text: str, keep_last: int):
+        self.ctx, self.root, self.tmp, self.final = ctx, root, tmp, final
+        self.meta, self.config_text, self.keep_last = meta, config_text, keep_last
+        self.fut, self.finished = None, False
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+    def done(self) -> bool:
+        return self.finished or self.fut is None or self.fut.done()
+
+    def complete(self, verified_step: int | None) -> Path:
+        if self.finished:
+            return self.final
+        if self.fut is not None:
+            try:
+                self.fut.result()
+            except (Exception, CheckpointException) as e:
+                self.fail(e)
+        try:
+            if self.ctx.rank == 0:
+                good = None if verified_step is None else min(verified_step, self.step)
+                write_meta(self.tmp, {**self.meta, "verified_step": good})
+                (self.tmp / "config.yaml").write_text(self.config_text)
+                _crash_point(self.step, "tensors")
+                _fsync_tree(self.tmp)
+                _publish(self.root, self.tmp, self.final)
+                prune(self.root, self.keep_last, verified_step, keep=self.final.name)
+        except OSError as e:
+            self.fail(e)
+        self.finished = True
+        return self.final
+
+    def fail(self, e: BaseException):
+        self.finished = True
+        if self.ctx.rank == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        if "KeyboardInterrupt" in str(e):  # Ctrl-C inside DCP's workers: an interrupt, not a write error
+            raise KeyboardInterrupt from None
+        raise CheckpointError(f"cannot write checkpoint {self.final}: {_reason(e)}. The earlier checkpoints are "
+                              "untouched. Fix: free disk space or check permissions, then run again to "
+                              "resume") from None
 
 
 def _crash_point(step: int, phase: str) -> None:
@@ -118,9 +165,16 @@ def _crash_point(step: int, phase: str) -> None:
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> None:
-    """Rename the complete `tmp` to `final`, then point `latest` at it. A re-save of an existing step
-    moves the old folder aside first and deletes it only once the new one is in place; a kill between
-    the two renames is repaired by `latest_checkpoint`, which reads the moved-aside folder."""
+    """Rename the complete `tmp` to `final`, then point `latest` at it. The new pointer is written (beside
+    `latest`) before the rename, so a kill between the rename and the pointer's move in a first save is
+    read back by `latest_checkpoint`. A re-save of an existing step moves the old folder aside first and
+    deletes it only once the new one is in place; a kill between the two renames is repaired by
+    `latest_checkpoint`, which reads the moved-aside folder."""
+    pointer = root / f".{LATEST}.tmp"
+    with open(pointer, "w") as f:
+        f.write(final.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     old = root / f".old-{final.name}"
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -129,11 +183,6 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
         _crash_point(int(final.name[len("step_"):]), "swap")
     os.rename(tmp, final)
     _fsync_dir(root)
-    pointer = root / f".{LATEST}.tmp"
-    with open(pointer, "w") as f:
-        f.write(final.name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(pointer, root / LATEST)
     _fsync_dir(root)
     shutil.rmtree(old, ignore_errors=True)
@@ -144,38 +193,100 @@ def _reason(e: BaseException) -> str:
     return text.splitlines()[-1] if text else type(e).__name__
 
 
-def _prune(root: Path, keep_last: int, keep: str) -> None:
+def _step_of(name: str) -> int:
+    return int(name[len("step_"):])
+
+
+def prune(root: Path, keep_last: int, verified_step: int | None = None, keep: str | None = None) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, never `keep` nor the newest one whose
+    weights are known to train on (step <= verified_step): a run whose weights blew up after it was saved
+    must keep one checkpoint to go back to."""
     for p in root.glob(".old-step_*"):  # a re-save killed mid-swap: its old folder is the step again
         target = root / p.name[len(".old-"):]
-        if (target / "meta.pt").is_file():
+        if is_complete(target):
             shutil.rmtree(p, ignore_errors=True)
         else:
             shutil.rmtree(target, ignore_errors=True)
             os.rename(p, target)
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for p in done[:-keep_last]:
-        if p.name != keep:
-            shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".tmp-step_*"):  # leftovers of crashed saves
-        shutil.rmtree(p, ignore_errors=True)
+    done = list_checkpoints(root)
+    good = [n for n in done if verified_step is not None and _step_of(n) <= verified_step]
+    protect = {keep, good[-1] if good else None}
+    for name in done[:-keep_last]:
+        if name not in protect:
+            shutil.rmtree(root / name, ignore_errors=True)
+
+
+def newest_verified(root: Path, verified_step: int | None) -> str | None:
+    good = [n for n in list_checkpoints(root) if verified_step is not None and _step_of(n) <= verified_step]
+    return good[-1] if good else None
+
+
+def _read_pointer(root: Path) -> str | None:
+    """The step name in `latest`, None when there is no `latest`; anything else is one CheckpointError."""
+    pointer = root / LATEST
+    newest = list_checkpoints(root)
+    fix = (f"Fix: write the newest complete checkpoint's name into it (echo {newest[-1]} > {pointer}), or use a "
+           "new train.run_dir to start over" if newest else f"Fix: remove {pointer} to start over")
+    if pointer.is_dir():
+        raise CheckpointError(f"{pointer} is a folder, not the file naming the newest checkpoint. {fix}")
+    try:
+        raw = pointer.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CheckpointError(f"{pointer} cannot be read ({e.strerror or e}). Fix: check its permissions") from None
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not STEP_NAME.fullmatch(name):
+        shown = repr(raw[:40]) if name is None else repr(name[:40])
+        raise CheckpointError(f"{pointer} holds {shown}, not the name of a step_* folder beside it (a path is "
+                              f"never followed out of {root}). {fix}")
+    return name
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint `latest` points to, or None when the directory has none."""
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    if not (path / "meta.pt").is_file() and (root / f".old-{path.name}" / "meta.pt").is_file():
-        return root / f".old-{path.name}"  # a re-save of this step was killed between its two renames
-    if not (path / "meta.pt").is_file():
-        raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete. Fix: point "
-                              f"{pointer} at a complete step_* directory, or remove it to start over")
-    return path
+    """The checkpoint `latest` points to, or None when the directory has none. Checkpoints without a
+    readable `latest` are an error, never a fresh start that would rotate them out."""
+    for _ in range(3):
+        name = _read_pointer(root)
+        if name is None:
+            return _without_pointer(root)
+        path = root / name
+        if is_complete(path):
+            return path
+        if is_complete(root / f".old-{name}"):
+            return root / f".old-{name}"  # a re-save of this step was killed between its two renames
+        if _read_pointer(root) == name:
+            break  # else a live run moved `latest` on while this read it: read again
+    newest = list_checkpoints(root)
+    fix = (f"write the newest complete one into it (echo {newest[-1]} > {root / LATEST})" if newest
+           else f"remove {root / LATEST} to start over")
+    raise CheckpointError(f"{root / LATEST} names {name}, which is missing or incomplete. Fix: {fix}")
+
+
+def _without_pointer(root: Path) -> Path | None:
+    pending = root / f".{LATEST}.tmp"
+    try:
+        name = pending.read_text().strip() if pending.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if STEP_NAME.fullmatch(name) and is_complete(root / name):
+        return root / name  # a first save killed between its rename and moving `latest` in
+    newest = list_checkpoints(root)
+    if newest:
+        raise CheckpointError(f"{root} holds checkpoints (the newest complete one is {newest[-1]}) but no "
+                              f"`latest` file names one. Fix: to resume from it, echo {newest[-1]} > "
+                              f"{root / LATEST}; to start over, use a new train.run_dir (this run would "
+                              "otherwise overwrite them)")
+    return None
 
 
 def list_checkpoints(root: Path) -> list[str]:
-    return sorted(p.name for p in root.glob("step_*") if (p / "meta.pt").is_file()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.glob("step_*") if STEP_NAME.fullmatch(p.name) and is_complete(p))
 
 
 def load_whole_model(path: Path, cfg):
@@ -189,23 +300,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a run dir, a checkpoints dir (with `latest`) or a step_* dir."""
     p = Path(path)
     for cand in (p / "checkpoints", p):
-        if (cand / LATEST).is_file():
+        if (cand / LATEST).exists() or list_checkpoints(cand):
             return latest_checkpoint(cand)
-    if (p / "meta.pt").is_file():
+    if is_complete(p):
         return p
-    raise CheckpointError(f"{path} holds no checkpoint (no `latest` file and no meta.pt). Fix: pass a run "
+    raise CheckpointError(f"{path} holds no checkpoint (no `latest` file and no {META}). Fix: pass a run "
                           "directory, its checkpoints/ folder, or a step_* folder")
-
-
-def read_meta(path: Path) -> dict:
-    try:
-        meta = torch.load(path / "meta.pt", weights_only=False)
-    except Exception as e:  # empty or truncated file: EOFError, RuntimeError, UnpicklingError
-        raise CheckpointError(f"{path / 'meta.pt'} is empty or corrupt ({type(e).__name__}). Fix: resume from "
-                              "an earlier step_* folder (point `latest` at it)") from None
-    if not isinstance(meta, dict) or "step" not in meta:
-        raise CheckpointError(f"{path / 'meta.pt'} holds no step. Fix: resume from an earlier step_* folder")
-    return meta
 
 
 def check_matches(path: Path, cfg, with_optimizer: bool) -> None:
@@ -221,11 +321,7 @@ def check_matches(path: Path, cfg, with_optimizer: bool) -> None:
     if with_optimizer:
         for n in names:
             want.update({f"optim.{n}.exp_avg": shapes[n], f"optim.{n}.exp_avg_sq": shapes[n], f"optim.{n}.step": ()})
-    try:
-        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as e:
-        raise CheckpointError(f"cannot read the tensor index of {path}: {_reason(e)}. Fix: resume from an "
-                              "earlier step_* folder") from None
+    stored = SafeReader(str(path)).read_metadata().state_dict_metadata
     have = {k: tuple(m.size) for k, m in stored.items() if hasattr(m, "size")}
     problems = [f"{k} is missing from the checkpoint" for k in want if k not in have]
     problems += [f"{k} has shape {list(have[k])} in the checkpoint but {list(s)} in the model"
@@ -238,25 +334,42 @@ def check_matches(path: Path, cfg, with_optimizer: bool) -> None:
                               "or a new train.run_dir")
 
 
+def _gone(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path} was deleted while it was read: a run still writing to this folder rotated it "
+                           "out (checkpoint.keep_last). Fix: run the command again (it reads the newest one), or "
+                           "copy a step_* folder elsewhere first")
+
+
 def load_checkpoint(path: Path, plan, with_optimizer: bool = True) -> dict:
     """Collective. Loads tensors in place under the current layout (DCP reshards); returns meta.
     Restores this rank's RNG state when the checkpoint has one for it."""
     ctx = plan.ctx
-    meta = read_meta(path)
-    check_matches(path, plan.cfg, with_optimizer)
+    try:
+        meta = read_meta(path)
+        check_matches(path, plan.cfg, with_optimizer)
+    except CheckpointError:
+        if not path.exists():
+            raise _gone(path) from None
+        raise
 
     def read(state: dict) -> None:  # the plan asks for what it holds, in one or several parts
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, checkpoint_id=str(path))
+                dcp.load(state, storage_reader=SafeReader(str(path)))
+        except CheckpointError:
+            raise
         except (Exception, CheckpointException) as e:  # DCP's own type is a BaseException, with tracebacks inside
+            if not path.exists():
+                raise _gone(path) from None
+            if "CheckpointError" in str(e):  # SafeReader's refusal, wrapped by DCP's collective
+                raise CheckpointError(_reason(e).split("CheckpointError: ")[-1]) from None
             raise CheckpointError(f"cannot load {path}: {_reason(e)} Fix: the checkpoint must come from a model "
                                   "with the same architecture (compare its config.yaml with yours)") from None
 
     plan.load_checkpoint_state(read, with_optimizer)
     if with_optimizer:
-        rng = path / f"rng_{ctx.rank}.pt"
-        if rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=False))
+        rng = rng_file(path, ctx.rank)
+        if rng is not None:
+            load_rng(rng)
     return meta

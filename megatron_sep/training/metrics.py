@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -99,8 +100,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **metrics}
-        self.jsonl.write(json.dumps(record) + "\n")
+        record = {"step": step, **{k: _json_number(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
@@ -120,6 +121,11 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _json_number(v):
+    """NaN and inf are not JSON: metrics.jsonl holds null for them, so every line parses anywhere."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _step_of(line: str) -> float:

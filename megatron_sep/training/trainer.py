@@ -14,7 +14,7 @@ import torch
 
 from ..config import Config, ConfigError, config_to_dict, dump_config
 from ..config.schema import check_backend_device
-from ..data.dataset import run_datasets, sample_batch
+from ..data.dataset import check_token_range, run_datasets, sample_batch
 from ..data.tokenizer import load_tokenizer
 from ..data.separators import resolve_separator_ids
 from ..model import GPT
@@ -22,7 +22,8 @@ from ..model.attention import attention_stats, prepare_batch, sep_inputs
 from ..parallel import init_parallel, shutdown
 from ..parallel.apply import build_plan
 from . import fp8
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, newest_verified, prune,
+                         resolve_checkpoint, save_checkpoint)
 from .distill import Teacher
 from .metrics import (FLOPS_CONVENTION, MetricsLogger, flops_per_token, format_step, matmul_params, peak_flops,
                       peak_memory_gb)
@@ -81,6 +82,8 @@ class Trainer:
         else:
             self.tokenizer = self._load_tokenizer()
         self.train_ds, self.valid_ds = run_datasets(cfg)
+        if not cfg.data.mock:
+            check_token_range(cfg.data.paths, m.vocab_size)
         self.notes = self._resolve_attention()
         self.config_text = dump_config(cfg)
         if self.valid_ds is None:
@@ -96,6 +99,9 @@ class Trainer:
             self.notes.append("deepspeed config (generated from this config; parallel.deepspeed overrides keys): "
                               + self.plan.config_json())
         self.step, self.consumed, self.saved_step = 0, 0, None
+        # verified_step: the newest step whose weights gave a finite loss (the next step updated, or its
+        # evaluation was finite); streak: steps skipped in a row; pending: an async save being written
+        self.verified_step, self.streak, self.pending, self.save_due = None, 0, None, False
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and t.precision in ("auto", "bf16", "fp8")
                          else contextlib.nullcontext())
@@ -186,6 +192,7 @@ class Trainer:
         if path is not None:
             meta = load_checkpoint(path, self.plan)
             self.step, self.consumed = meta["step"], meta["consumed_samples"]
+            self.verified_step = meta.get("verified_step")
             self.saved_step = self.step  # the state on disk: stopping before a new step saves nothing
             self.logger.print(f"resumed from {path} at step {self.step} ({self.consumed} samples consumed)")
         elif c.load:
@@ -194,24 +201,62 @@ class Trainer:
             self.logger.print(f"initialised weights from {path}")
         self.logger.truncate_after(self.step)  # steps logged by a killed run after its last save run again
 
-    def save(self) -> None:
+    def save(self, final: bool = False) -> None:
+        """Save this step, unless its last update was skipped: weights that just gave a non-finite loss are
+        never saved (the save is made at the next step that updates). `final` waits for the write."""
+        if self.streak:
+            self.save_due = not final
+            self.logger.print(f"step {self.step:>6} | not saved: the last {self.streak} step(s) were skipped "
+                              "(non-finite loss or gradient)" + ("" if final else "; saving at the next step "
+                                                                 "that updates"))
+            return
         if not self.plan.weights_finite():
             raise TrainingError(f"the weights hold NaN or inf at step {self.step}; nothing was saved. "
                                 f"{self._last_good()} Fix: lower optim.lr, or clip gradients (optim.clip_grad > 0)")
+        self.finish_pending()  # one save in flight at a time
         meta = {"consumed_samples": self.consumed}
-        path = save_checkpoint(self.ckpt_dir, self.step, self.plan, meta, self.config_text,
-                               self.cfg.checkpoint.keep_last)
-        self.saved_step = self.step
-        self.logger.print(f"saved checkpoint {path}")
+        c = self.cfg.checkpoint
+        out = save_checkpoint(self.ckpt_dir, self.step, self.plan, meta, self.config_text, c.keep_last,
+                              self.verified_step, async_save=c.async_save and not final)
+        self.saved_step, self.save_due = self.step, False
+        if isinstance(out, Path):
+            self.logger.print(f"saved checkpoint {out}")
+        else:
+            self.pending = out
+
+    def poll_pending(self) -> None:
+        """Per rank, between steps: publish an async save once its write is done (rank 0 renames)."""
+        if self.pending is not None and self.pending.done():
+            self.finish_pending(collective=False)
+
+    def finish_pending(self, collective: bool = True) -> None:
+        if self.pending is not None:
+            path = self.pending.complete(self.verified_step)
+            self.pending = None
+            self.logger.print(f"saved checkpoint {path} (written in the background)")
+        if collective and self.ctx.world > 1:
+            torch.distributed.barrier()
+
+    def _confirmed(self) -> None:
+        """An update after a save shows its weights train: older checkpoints beyond keep_last can go."""
+        if self.ctx.rank == 0 and self.pending is None and self.saved_step == self.verified_step:
+            prune(self.ckpt_dir, self.cfg.checkpoint.keep_last, self.verified_step)
 
     def _last_good(self) -> str:
+        good = newest_verified(self.ckpt_dir, self.verified_step)
         done = list_checkpoints(self.ckpt_dir)
-        return (f"The last good checkpoint is {self.ckpt_dir / done[-1]}; run again to resume from it."
-                if done else "No checkpoint was saved in this run.")
+        if good is None:
+            return "No checkpoint known to train was saved in this run."
+        later = f" (the later {', '.join(n for n in done if n > good)} may hold the same broken weights)" \
+            if done and done[-1] != good else ""
+        if done and done[-1] != good:
+            return (f"The last good checkpoint is {self.ckpt_dir / good}{later}; to resume from it, write its "
+                    f"name into {self.ckpt_dir / 'latest'} (echo {good} > {self.ckpt_dir / 'latest'}).")
+        return f"The last good checkpoint is {self.ckpt_dir / good}; run again to resume from it."
 
     # ---- data ----------------------------------------------------------------------------------
     def batch(self, ds, start: int, size: int):
-        return sample_batch(ds, start, size, self.device)
+        return sample_batch(ds, start, size, self.device, self.cfg.model.vocab_size)
 
     def micro_batch(self, ds, start: int, size: int):
         """(tokens, labels, AttentionBatch): the batch and its plan are built once, here, for every stage."""
@@ -237,10 +282,15 @@ class Trainer:
         if ctx.grad_size > 1:  # each cp rank has the mean over its slice of the sequence (equal sizes)
             torch.distributed.all_reduce(total, group=ctx.grad_group)
             total /= ctx.grad_size
+        if updated:  # the weights this step started from gave a finite loss and gradient
+            self.verified_step, self.streak = self.step, 0
         self.step += 1
         self.consumed += self.global_batch
+        if updated and self.saved_step == self.verified_step:
+            self._confirmed()
         if not updated:  # every rank agrees: the norm's reduction carries the loss's finiteness
             self.skipped += 1
+            self.streak += 1
             if self.skipped > self.cfg.optim.skip_nonfinite:
                 raise TrainingError(f"the loss or gradient norm is not finite at step {self.step} (norm "
                                     f"{norm.item()}); the update was dropped and nothing was saved. "
@@ -363,6 +413,7 @@ class Trainer:
             while self.step < until and not self._stop_agreed():
                 loss, norm = self.train_step()
                 steps_since += 1
+                self.poll_pending()
                 si = cfg.attention.stats_interval
                 kept = 1.0 if cfg.attention.kind == "dense" else None  # share of causal pairs attended
                 if kept is None and si and self.step % si == 0:  # the step's last micro-batch
@@ -390,20 +441,23 @@ class Trainer:
                 if self.step % t.eval_interval == 0 or self.step == t.steps:
                     t0 = time.perf_counter()
                     val = self.evaluate()
+                    if math.isfinite(val):
+                        self.verified_step = self.step
                     last["val_loss"] = val
                     self.logger.print(f"step {self.step:>6} | val loss {val:.4f} | val ppl {math.exp(val):.2f}")
                     self.logger.log(self.step, {"val_loss": val, "val_ppl": math.exp(val)})
                     paused += time.perf_counter() - t0
-                if self.step % cfg.checkpoint.save_interval == 0 or self.step == t.steps:
+                if self.step % cfg.checkpoint.save_interval == 0 or self.step == t.steps or self.save_due:
                     t0 = time.perf_counter()
-                    self.save()
+                    self.save(final=self.step == t.steps)
                     paused += time.perf_counter() - t0
             if self.stop_signal is not None:
                 self.logger.print(f"received {self.stop_signal}: saving at step {self.step} and exiting")
                 if self.ctx.rank == 0:  # tells the slurm script to requeue the job
                     preempted.write_text(f"{self.step}\n")
             if self.saved_step != self.step:
-                self.save()
+                self.save(final=True)
+            self.finish_pending()
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
