@@ -57,9 +57,11 @@ def _torch_load(path: Path) -> dict:
 
 def read_torch_dist(step: Path) -> tuple[dict, object]:
     """(full tensors by Megatron-Core's key, the run's args)."""
-    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    reader = FileSystemReader(str(step))
+
+    from ..training.ckpt_files import SafeReader  # DCP's index through an allow-list, as for our checkpoints
+    reader = SafeReader(str(step))
     try:
         meta = reader.read_metadata()
         state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.state_dict_metadata.items()

@@ -9,6 +9,9 @@ Checkpoints written before this format (`meta.pt`, `rng_<rank>.pt`) are read wit
 from __future__ import annotations
 
 import collections
+import dataclasses
+import enum
+import importlib
 import io
 import json
 import pathlib
@@ -148,6 +151,9 @@ _ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _Storag
             **{("torch.distributed.checkpoint.metadata", n): getattr(dcp_meta, n) for n in _DCP_CLASSES}}
 
 
+_DCP_DATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
+
+
 class _IndexUnpickler(pickle.Unpickler):
     """Only DCP's metadata dataclasses, torch.Size, dtypes, layouts and paths: nothing that runs code."""
 
@@ -156,6 +162,10 @@ class _IndexUnpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        if module in _DCP_DATA_MODULES:  # planner data (Megatron-Core's saves keep their SavePlan): plain records
+            cls = getattr(importlib.import_module(module), name, None)
+            if isinstance(cls, type) and (dataclasses.is_dataclass(cls) or issubclass(cls, enum.Enum)):
+                return cls
         raise pickle.UnpicklingError(f"{module}.{name} is not a class of DCP's metadata")
 
 
