@@ -67,6 +67,13 @@ def test_pickle_payloads_in_a_checkpoint_never_run(corpus, trained, tmp_path):
         assert_one_line_error(cli(*args), ".metadata cannot be read as DCP's tensor index",
                               "open is not a class of DCP's metadata")
     assert not marker.exists()
+    # meta.json with a field of the wrong type, or missing
+    good = (step / "meta.json").read_text()
+    for broken, needle in (({"step": "4"}, "step is '4', not a whole number"),
+                           ({"consumed_samples": None}, "consumed_samples is None, not a whole number")):
+        (step / "meta.json").write_text(json.dumps({**json.loads(good), **broken}))
+        assert_one_line_error(cli("train", "-c", more), "meta.json", needle, "Fix:")
+    (step / "meta.json").write_text(good)
     # a data file path out of the folder in an otherwise valid index
     from megatron_sep.training.ckpt_files import SafeReader
     (step / ".metadata").write_bytes(index)

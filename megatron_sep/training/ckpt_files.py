@@ -68,8 +68,7 @@ def read_meta(path: Path) -> dict:
                                   f"({type(e).__name__}). {fix}") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{f} holds a {type(meta).__name__}, not a mapping. {fix}")
-    meta.setdefault("consumed_samples", 0)
-    for key in ("step", "consumed_samples"):
+    for key in ("step", "consumed_samples"):  # a missing data position would replay the corpus from its start
         if not _nonneg_int(meta.get(key)):
             raise CheckpointError(f"{f}: {key} is {meta.get(key)!r}, not a whole number >= 0. {fix}")
     good = meta.get("verified_step")
