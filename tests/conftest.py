@@ -75,10 +75,10 @@ def tiny_config(corpus: dict, run_dir, **sections):
 # The slowest modules, slowest first (measured on 2 cores, one process: module fixtures included). Under
 # `--dist loadfile` each worker takes the next whole module when it is free, so a long module collected last
 # would run alone at the end; collected first, the short ones fill in beside it. Order within a module is kept.
-SLOW_MODULES_FIRST = ("test_parallel_training", "test_data_safety", "test_training", "test_deepspeed",
+SLOW_MODULES_FIRST = ("test_parallel_training", "test_data_safety", "test_training", "test_deepspeed", "test_trust",
                       "test_sep_attention_op", "test_sep_attention_triton", "test_speculative", "test_hf_generation",
                       "test_subllm", "test_sweep", "test_fp8", "test_tokenizer_preprocess", "test_distill",
-                      "test_context_parallel", "test_sep_cache", "test_probes")
+                      "test_context_parallel", "test_sep_cache", "test_probes", "test_eval_ranks")
 
 
 def pytest_collection_modifyitems(config, items):
