@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sysconfig
+import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -62,29 +63,41 @@ def _roots():
 
 
 def build_demo_corpus(out: str | Path, min_chars: int = 200, progress: bool = True) -> tuple[int, int]:
-    """Write a jsonl corpus; returns (documents, bytes)."""
+    """Write a jsonl corpus; returns (documents, bytes). It is written to a temporary file of its own (never
+    a name a user's file may have) and renamed over `out`; on any failure the temporary file is removed."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     docs = nbytes = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        def emit(text):
-            nonlocal docs, nbytes
-            text = _clean(text)
-            if len(text) >= min_chars:
-                line = json.dumps({"text": text}, ensure_ascii=False)
-                f.write(line + "\n")
-                docs, nbytes = docs + 1, nbytes + len(text.encode())
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            def emit(text):
+                nonlocal docs, nbytes
+                text = _clean(text)
+                if len(text) >= min_chars:
+                    line = json.dumps({"text": text}, ensure_ascii=False)
+                    f.write(line + "\n")
+                    docs, nbytes = docs + 1, nbytes + len(text.encode())
 
-        try:
-            from pydoc_data.topics import topics
-            for key in sorted(topics):
-                emit(topics[key])
-        except ImportError:
-            pass
-        files = [p for root in _roots() for p in _python_files(root)]
-        for path in tqdm(files, desc="demo corpus", unit=" files", disable=not progress, mininterval=1.0):
-            for doc in _docstrings(path):
-                emit(doc)
-    os.replace(tmp, out)
+            try:
+                from pydoc_data.topics import topics
+                for key in sorted(topics):
+                    emit(topics[key])
+            except ImportError:
+                pass
+            files = [p for root in _roots() for p in _python_files(root)]
+            for path in tqdm(files, desc="demo corpus", unit=" files", disable=not progress, mininterval=1.0):
+                for doc in _docstrings(path):
+                    emit(doc)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the corpus is an ordinary file
+        os.replace(tmp, out)
+    except BaseException:  # Ctrl-C included: leave nothing behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return docs, nbytes
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import errno
 import math
+import os
+import signal
 import sys
 
 
@@ -146,9 +148,13 @@ def cmd_demo_corpus(args) -> int:
 
     from pathlib import Path
 
-    if Path(args.out).exists() and not args.force:
+    out = Path(args.out)
+    if out.is_dir():  # --force replaces the corpus file, never a directory (nor the files in it)
+        raise ValueError(f"--out {out} is a directory; demo-corpus writes one .jsonl file. Fix: pass a file "
+                         f"path, e.g. --out {out / 'corpus.jsonl'}")
+    if out.exists() and not args.force:
         raise ValueError(f"{args.out} exists. Fix: choose another --out, or pass --force to replace it")
-    docs, nbytes = build_demo_corpus(args.out)
+    docs, nbytes = build_demo_corpus(out)
     print(f"wrote {args.out}: {docs:,} documents, {nbytes / 1e6:.1f} MB of text")
     return 0
 
@@ -243,6 +249,7 @@ def cmd_generate(args) -> int:
     ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt is empty (it encodes to no tokens). Fix: pass some text with --prompt")
+    _check_kv_memory(cfg, len(ids) + args.max_new_tokens, args, device, dtype)
     limit = cfg.model.max_position_embeddings
     if len(ids) + args.max_new_tokens > limit:
         print(f"warning: {len(ids)} prompt + {args.max_new_tokens} new tokens pass the {limit} positions the model "
@@ -277,6 +284,25 @@ def cmd_generate(args) -> int:
     out = generate(model, prompt, args.max_new_tokens, prefill_chunk=args.prefill_chunk, **decoding)
     print(tok.decode(out[0, prompt.shape[1]:].tolist()))
     return 0
+
+
+def _check_kv_memory(cfg, tokens: int, args, device, dtype) -> None:
+    """A cache that keeps every key grows with each token: refuse a length whose keys and values alone
+    outgrow the device, instead of running until the process is killed."""
+    if args.cache in ("sep", "streaming") or (args.evict and cfg.attention.kind != "dense"):
+        return  # bounded, or keys dropped as a sparse mask lets go of them (--evict)
+    m = cfg.model
+    need = tokens * 2 * m.num_layers * m.kv_heads * m.head_dim * dtype.itemsize
+    if device.type == "cuda":
+        import torch
+        have, where = torch.cuda.mem_get_info(device)[0], "free on the GPU"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "of memory in this machine"
+    if need > have:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens:,}: the {args.cache} cache keeps every key, "
+                         f"{need / 2**30:,.1f} GiB of keys and values for {tokens:,} tokens, more than the "
+                         f"{have / 2**30:,.1f} GiB {where}. Fix: fewer --max-new-tokens, or --cache sep or "
+                         "streaming (bounded memory)")
 
 
 EVAL_FILES = ("eval.json", "loss_by_position.png", "streaming_ppl.png", "kv_memory.png", "streaming_speed.png",
@@ -403,6 +429,18 @@ def _at_least(low, kind):
     return parse
 
 
+MAX_NEW_TOKENS = 10_000_000  # 2.5 x the 4M-token streams of the SepLLM paper; more is days of decoding
+
+
+def _new_tokens(text):
+    value = _at_least(1, int)(text)
+    if value > MAX_NEW_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_NEW_TOKENS:,}, got {text} (2.5 x the 4M-token "
+                                         "streams of the SepLLM paper; more is days of decoding: split a longer "
+                                         "generation into several calls)")
+    return value
+
+
 def _probability(text):
     value = _at_least(0.0, float)(text)
     if not 0.0 < value <= 1.0:
@@ -466,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
     p.add_argument("--text-key", default="text")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--workers", type=_at_least(1, int), default=None,
+                   help="tokenizer processes (default: all cores)")
     p.add_argument("--txt-docs", choices=["blank", "line", "file"], default="blank",
                    help="plain text: one document per blank-line block, per line, or per file")
     p.add_argument("--force", action="store_true", help="replace existing PREFIX.bin/.idx")
@@ -535,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache, SepLLM mask while decoding)")
     p.add_argument("--load", required=True, help="run dir, checkpoints dir or step_* dir")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=_at_least(1, int), default=64)
+    p.add_argument("--max-new-tokens", type=_new_tokens, default=64, help=f"at most {MAX_NEW_TOKENS:,}")
     p.add_argument("--temperature", type=_at_least(0.0, float), default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=_at_least(0, int), default=0)
     p.add_argument("--top-p", type=_probability, default=1.0)
@@ -628,7 +667,42 @@ def os_error_line(e: OSError) -> str:
     return f"{e.strerror or e}{where}. Fix: {OS_FIXES.get(e.errno, 'check the path and try again')}"
 
 
+# A Ctrl-C: what is on disk, per command (a second one while train saves lands here too)
+INTERRUPTED = {
+    "train": ": checkpoints are atomic: the last one written completely is intact and loadable, and a save cut "
+             "short left no partial one. Fix: run the same command again to resume from that checkpoint",
+    "sweep": ": finished runs are kept, and each interrupted run's last complete checkpoint is intact "
+             "(checkpoints are atomic). Fix: run the same sweep again to resume",
+}
+EXITING = ("error: interrupted while exiting, after the command had finished: what it wrote is complete "
+           "(checkpoints are atomic). Fix: nothing to redo; run the command again only to continue\n")
+
+
+def _exit_now(signum, frame):
+    """SIGINT once the command is over: the process ends at once, without a traceback from its exit path
+    (thread joins, atexit handlers, a process group's teardown)."""
+    try:
+        sys.stdout.flush()
+    except Exception:  # interrupted inside a write: the line in flight may be lost
+        pass
+    os.write(2, EXITING.encode())
+    os._exit(130)
+
+
 def main(argv=None) -> int:
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        what = INTERRUPTED.get(words[0] if words else "", ". Fix: run the command again")
+        print(f"error: interrupted (Ctrl-C){what}", file=sys.stderr)
+        return 130
+    finally:
+        if argv is None:  # this process's own command line: it exits next
+            signal.signal(signal.SIGINT, _exit_now)
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
     from .convert.hf import ConversionError
@@ -640,9 +714,6 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     except OSError as e:
         print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2

@@ -179,13 +179,14 @@ def test_generated_config_and_expert_overrides():
     from megatron_sep.config import config_from_dict
     from megatron_sep.parallel.ds_engine import ds_config
     cfg = config_from_dict({"parallel": {**DS, "zero": 3, "offload": "optimizer",
-                                         "deepspeed": {"zero_optimization": {"overlap_comm": True}, "x": [1]}},
+                                         "deepspeed": {"zero_optimization": {"overlap_comm": True},
+                                                       "dump_state": True}},
                             "train": {"micro_batch_size": 2, "global_batch_size": 16}, "optim": {"clip_grad": 0.5}})
     out = ds_config(cfg, dp=2, bf16=True)
     assert out["gradient_accumulation_steps"] == 4 and out["train_batch_size"] == 16
     assert out["zero_optimization"]["stage"] == 3 and out["zero_optimization"]["overlap_comm"] is True
     assert out["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and "offload_param" not in out["zero_optimization"]
-    assert out["gradient_clipping"] == 0.5 and out["bf16"]["enabled"] and out["x"] == [1]
+    assert out["gradient_clipping"] == 0.5 and out["bf16"]["enabled"] and out["dump_state"] is True
 
 
 def _cli_train(corpus, tmp_path, parallel, hide_deepspeed=False):

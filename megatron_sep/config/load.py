@@ -167,17 +167,29 @@ def yaml_problem(e: yaml.YAMLError) -> str:
     return where + (getattr(e, "problem", None) or str(e).splitlines()[0])
 
 
+def read_yaml(path: Path, key: str, fix: str):
+    """A YAML file's content; a binary or broken file is one ConfigError naming it (`fix`: for a binary one)."""
+    data = path.read_bytes()
+    try:
+        if b"\0" in data:  # UTF-8 allows NUL, YAML does not: a binary file
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(key, str(path), f"is a binary file, not YAML text (byte {e.start} is "
+                          f"0x{data[e.start]:02x})", fix) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(key, str(path), f"is not valid YAML ({yaml_problem(e)})", "fix the YAML syntax") from None
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     raw = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError("--config", str(path), "file not found", "pass the path of a YAML config")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError("--config", str(path), f"is not valid YAML ({yaml_problem(e)})",
-                              "fix the YAML syntax") from None
+        raw = read_yaml(path, "--config", "pass the path of a YAML config") or {}
         if not isinstance(raw, dict):
             raise ConfigError("--config", str(path), "must hold a mapping of sections", "see configs/")
     return config_from_dict(raw, overrides)

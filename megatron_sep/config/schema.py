@@ -442,13 +442,17 @@ class Config:
         _require(self.train.precision != "fp8", "train.precision", "fp8",
                  "is not served by parallel.engine=deepspeed (torchao's float8 layers and ZeRO's flat buffers)",
                  "use bf16 with DeepSpeed, or the native engine for fp8")
+        if p.deepspeed:  # imports DeepSpeed: only when an expert gives keys
+            from ..parallel.ds_engine import check_expert_keys
+            check_expert_keys(self)
 
 
 # DeepSpeed keys that parallel/ds_engine.py generates from ours, or that the project's own loop replaces
 DEEPSPEED_OWNED = {
     "train_batch_size": "train.global_batch_size", "gradient_accumulation_steps": "train.global_batch_size",
     "train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_clipping": "optim.clip_grad",
-    "bf16": "train.precision", "fp16": "train.precision (bf16 or fp32; fp16 loss scaling is not offered)",
+    "bf16": "train.precision", "bfloat16": "train.precision (DeepSpeed's other name for bf16)",
+    "fp16": "train.precision (bf16 or fp32; fp16 loss scaling is not offered)",
     "optimizer": "optim.* (the project builds the AdamW)", "scheduler": "optim.schedule",
     "zero_optimization.stage": "parallel.zero", "zero_optimization.offload_optimizer": "parallel.offload",
     "zero_optimization.offload_param": "parallel.offload",

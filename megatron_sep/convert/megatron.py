@@ -101,6 +101,13 @@ def read_legacy(step: Path) -> tuple[dict, object]:
     out, args, offset = {}, None, 0
     for p in range(pp):
         loaded = [_torch_load(ranks[(p, t)]) for t in range(tp)]
+        for t, x in enumerate(loaded):  # Megatron saves a dict {"model": {name: tensor}, "args": ...}
+            what = x.get("model") if isinstance(x, dict) else x
+            if not isinstance(what, dict) and what is not None:
+                where = "its 'model' entry" if isinstance(x, dict) else "it"
+                raise ConversionError(f"{ranks[(p, t)]} is not a Megatron checkpoint: {where} holds a "
+                                      f"{type(what).__name__}, not a mapping of tensor names to tensors. Fix: pass "
+                                      "the model_optim_rng.pt files Megatron-LM's training loop saved")
         args = args or loaded[0].get("args")
         shards = [x.get("model") for x in loaded]
         if any(s is None for s in shards) or "language_model" in shards[0]:
@@ -111,7 +118,13 @@ def read_legacy(step: Path) -> tuple[dict, object]:
         for key in shards[0]:
             if "_extra_state" in key:
                 continue
-            parts = [s[key] for s in shards]
+            parts = [s.get(key) for s in shards]
+            bad = next((t for t, x in enumerate(parts) if not isinstance(x, torch.Tensor)), None)
+            if bad is not None:
+                got = "nothing" if parts[bad] is None else f"a {type(parts[bad]).__name__}"
+                raise ConversionError(f"{ranks[(p, bad)]} holds {got} for {key}, not a tensor (a damaged file, or "
+                                      "rank files of two checkpoints). Fix: copy every mp_rank_* folder of one "
+                                      "checkpoint again")
             m = LAYER.fullmatch(key)
             if m:
                 i, name = int(m.group(1)), NAMES.get(m.group(2), m.group(2))

@@ -19,12 +19,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ..config import Config, ConfigError, config_from_dict, dump_config
-from ..config.load import yaml_problem
+from ..config.load import read_yaml
 from ..training.checkpoint import list_checkpoints
 
+MAX_TOKENS = 1e15  # a quadrillion: past any corpus, so above it a typo (or inf)
 OWNED = ("train.steps", "train.run_dir")  # set by the sweep: equal tokens, one directory per run
 PLAN_KEYS = ("name", "base", "tokens", "set", "runs", "reference", "evals")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # plan and run names become directory names
@@ -45,9 +44,13 @@ class Plan:
 def parse_tokens(text) -> int:
     """100M, 1.5B, 2e6, 300000 -> tokens."""
     m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKmMbBtT]?)\s*", str(text))
-    if not m:
-        raise ConfigError("--tokens", text, "is not a token count", "write e.g. 50M, 1.5B or 2000000")
-    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+    try:
+        value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+    except (AttributeError, ValueError):  # no match, or a number like 1.2.3
+        raise ConfigError("--tokens", text, "is not a token count", "write e.g. 50M, 1.5B or 2000000") from None
+    if not math.isfinite(value) or value > MAX_TOKENS:
+        raise ConfigError("--tokens", text, f"is beyond any training budget (more than {MAX_TOKENS:.0e} tokens)",
+                          "write e.g. 50M or 1.5B")
     if value < 1:
         raise ConfigError("--tokens", text, "must be at least 1 token", "write e.g. 50M")
     return int(value)
@@ -71,10 +74,7 @@ def load_plan(path: str | Path) -> Plan:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("plan", str(path), "file not found", "pass a sweep YAML, e.g. configs/experiments/")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError("plan", str(path), f"is not valid YAML ({yaml_problem(e)})", "fix the YAML syntax") from None
+    raw = read_yaml(path, "plan", "pass a sweep YAML, e.g. configs/experiments/")
     if not isinstance(raw, dict):
         raise ConfigError("plan", str(path), "must be a mapping", f"use the keys {', '.join(PLAN_KEYS)}")
     unknown = [k for k in raw if k not in PLAN_KEYS]
@@ -86,7 +86,7 @@ def load_plan(path: str | Path) -> Plan:
         if not base_path.is_file():
             raise ConfigError("plan.base", base, f"not found (looked at {base_path})", "give a config path "
                               "relative to the plan file, or an inline mapping of sections")
-        base = yaml.safe_load(base_path.read_text()) or {}
+        base = read_yaml(base_path, "plan.base", "give the path of a YAML config, relative to the plan file") or {}
     if not isinstance(base, dict):
         raise ConfigError("plan.base", base, "must be a config path or a mapping of sections", "see configs/")
     runs = raw.get("runs")
@@ -95,11 +95,30 @@ def load_plan(path: str | Path) -> Plan:
     for where, name in [("plan.name", raw.get("name") or path.stem)] + [("plan.runs", n) for n in runs]:
         if not NAME.fullmatch(str(name)):
             raise ConfigError(where, name, "names a directory", "use letters, digits, _ . - (first a letter or digit)")
+    evals = raw.get("evals", 10)
+    if isinstance(evals, bool) or not isinstance(evals, int) or evals < 1:  # 0 would silently mean 10
+        raise ConfigError("plan.evals", evals, "must be a whole number >= 1: the validation points per run that "
+                          "the report's loss curves are drawn from", "write e.g. evals: 10, or leave it out (10)")
     return Plan(name=str(raw.get("name") or path.stem), path=path, base=base,
                 tokens=parse_tokens(raw["tokens"]) if raw.get("tokens") is not None else None,
                 common=_overrides("plan.set", raw.get("set")),
                 runs={str(n): _overrides(f"plan.runs.{n}", o) for n, o in runs.items()},
-                reference=raw.get("reference") or {}, evals=int(raw.get("evals") or 10))
+                reference=_reference(raw.get("reference")), evals=evals)
+
+
+def _reference(raw) -> dict:
+    """Published numbers shown beside the results: {metric: text, note: text, RUN: number, ...}."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("plan.reference", raw, "must be a mapping of run name: number (with optional metric: "
+                          "and note: text)", "write e.g. reference: {metric: LAMBADA ppl, dense: 34.8}")
+    for key, value in raw.items():
+        text = key in ("metric", "note")
+        if isinstance(value, bool) or not isinstance(value, str if text else (int, float)):
+            raise ConfigError(f"plan.reference.{key}", value, f"must be {'text' if text else 'a number'}",
+                              "write e.g. reference: {metric: LAMBADA ppl, dense: 34.8}")
+    return raw
 
 
 def resolve_runs(plan: Plan, tokens: int | None, out: Path, cli_set: list[str], only: list[str] | None,

@@ -146,19 +146,25 @@ def block_perplexity(model, stream: torch.Tensor, seq_len: int, segment: int, mi
 
 def text_tokens(path: Path, tok) -> np.ndarray:
     """A .txt file (one document) or .jsonl ("text" per line) as one token stream, documents ended by EOD."""
-    ids = []
-    with open(path, encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        text = json.loads(line)["text"]
-                    except (ValueError, KeyError, TypeError):
-                        raise ValueError(f"{path} line {n} is not a JSON object with a \"text\" field. Fix: "
-                                         "one {\"text\": ...} per line, or pass a .txt file") from None
-                    ids += tok.encode(text) + [tok.eod_id]
-        else:
-            ids = tok.encode(f.read()) + [tok.eod_id]
+    ids, data = [], path.read_bytes()
+    try:
+        if b"\0" in data:  # valid UTF-8, but no text holds it: a binary file (a .bin corpus, a checkpoint)
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as open() in text mode reads
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text {path} is a binary file, not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x})."
+                         " Fix: pass a .txt file or a .jsonl of {\"text\": ...} lines (a .bin/.idx corpus goes "
+                         "to --data PREFIX)") from None
+    if path.suffix != ".jsonl":
+        return np.asarray(tok.encode(text) + [tok.eod_id], dtype=np.int64)
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                doc = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{path} line {n} is not a JSON object with a \"text\" field. Fix: "
+                                 "one {\"text\": ...} per line, or pass a .txt file") from None
+            ids += tok.encode(doc) + [tok.eod_id]
     return np.asarray(ids, dtype=np.int64)
 
 

@@ -27,7 +27,10 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool =
     kv = make_cache(model, cache, cache_sizes, positions, evict, capacity=prompt.shape[1] + max_new_tokens,
                     cuda_graphs=cuda_graphs, batch=prompt.shape[0])
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
-    out = prompt
+    # one buffer for the ids: a cat per step would copy them all each step (quadratic in a long stream)
+    out = prompt.new_empty(prompt.shape[0], prompt.shape[1] + max_new_tokens)
+    out[:, :prompt.shape[1]] = prompt
+    n = prompt.shape[1]
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     steps = []
     chunk = prefill_chunk if prefill_chunk > 0 else prompt.shape[1]
@@ -36,7 +39,8 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool =
     step_input = prompt[:, (prompt.shape[1] - 1) // chunk * chunk:]
     for _ in range(max_new_tokens):
         logits = feed(model, kv, step_input)[:, -1].float()
-        steps.append(logits)
+        if output_logits:  # kept only when asked: [b, vocab] per token would outgrow a bounded cache
+            steps.append(logits)
         if greedy:
             nxt = logits.argmax(-1)
         else:
@@ -44,11 +48,12 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool =
         if eod_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eod_id), nxt)
             done |= nxt == eod_id
-        out = torch.cat([out, nxt[:, None]], 1)
+        out[:, n] = nxt
+        n += 1
         step_input = nxt[:, None]
         if eod_id is not None and done.all():
             break
-    return (out, torch.stack(steps, 1)) if output_logits else out
+    return (out[:, :n], torch.stack(steps, 1)) if output_logits else out[:, :n]
 
 
 def feed(model, kv, tokens: torch.Tensor) -> torch.Tensor:
