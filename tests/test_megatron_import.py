@@ -12,8 +12,10 @@ explicitly instead), the dropout RNG tracker (dropout is 0), and the save's torc
 Imported logits must equal megatron-core's within 1e-4 (float32, as the other conversion tests).
 """
 import argparse
+import os
 
 import pytest
+import numpy as np
 import torch
 
 from megatron_sep.convert import ConversionError, load_project_model
@@ -24,6 +26,19 @@ from .dist_utils import run_distributed
 VOCAB, SEQ = 384, 16
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                         "ignore::FutureWarning")
+
+
+class Opener:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class Runner(Opener):
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
 
 
 def megatron_args(**extra):
@@ -151,6 +166,22 @@ def test_bad_megatron_checkpoints_are_named(mcore, tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(ConversionError, match="is not a Megatron checkpoint"):
         import_megatron(tmp_path, tmp_path / "out")
+    # read without running code: Megatron's enums and numpy's RNG state become inert stand-ins, an open()
+    # payload builds nothing, and one naming os.system is refused
+    from megatron.core.transformer.enums import AttnBackend
+    marker = tmp_path / "ran"
+    torch.save({**state, "args": megatron_args(attention_backend=AttnBackend.auto), "rng_state": [
+        {"np_rng_state": np.random.get_state()}], "x": Opener(marker)}, ckpt)
+    import_megatron(tmp_path / "ok", tmp_path / "inert")
+    assert not marker.exists() and (tmp_path / "inert" / "checkpoints" / "latest").is_file()
+    torch.save({**state, "x": Runner(marker)}, ckpt)
+    with pytest.raises(ConversionError, match="never loaded"):
+        import_megatron(tmp_path / "ok", tmp_path / "out")
+    assert not marker.exists()
+    torch.save({**state, "args": ["not", "a", "namespace"]}, ckpt)
+    with pytest.raises(ConversionError, match="are a list, not an argparse Namespace"):
+        import_megatron(tmp_path / "ok", tmp_path / "out")
+    torch.save(state, ckpt)
     # never written into: the source checkpoint itself, or a folder inside it (not even with --force)
     for out in (tmp_path / "ok", tmp_path / "ok" / "iter_0000010" / "mp_rank_00"):
         with pytest.raises(ConversionError, match="never done, even with --force"):

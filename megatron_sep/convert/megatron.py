@@ -12,6 +12,7 @@ as is. Only the Llama shape imports (RMSNorm, SwiGLU, RoPE, no biases); the erro
 """
 from __future__ import annotations
 
+import argparse
 import re
 import warnings
 from pathlib import Path
@@ -46,13 +47,31 @@ def _iteration_dir(ckpt: Path) -> Path:
                           "or mp_rank_* folders). Fix: pass the --save folder or one iter_* folder in it")
 
 
+class _StandIn:
+    """Built in place of a class a Megatron file names beside its tensors (its enums, numpy's RNG state):
+    it keeps the arguments, and none of the named code runs. The import reads only numbers and strings."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
 def _torch_load(path: Path) -> dict:
-    # Megatron stores its argparse Namespace (with enums) beside the tensors and loads it the same way:
-    # only import checkpoints you trust
+    """Megatron stores its argparse Namespace (with its own enums) beside the tensors. The file is read by
+    torch's weights-only unpickler with an inert stand-in for each such class; the modules that weights-only
+    loading blocks (os, subprocess, ...) stay refused, so no code from the file runs."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        allowed = [argparse.Namespace if n == "argparse.Namespace" else
+                   (type(n.rsplit(".", 1)[-1], (_StandIn,), {"__module__": "stand_in"}), n) for n in names]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConversionError(f"{path} cannot be read ({first_line(e)}). Fix: copy the checkpoint again") from None
+        raise ConversionError(f"{path} cannot be read ({first_line(e).split('. In PyTorch 2.6')[0]}). Fix: copy "
+                              "the checkpoint again; a file that names code to run (os, subprocess, ...) is never "
+                              "loaded") from None
 
 
 def read_torch_dist(step: Path) -> tuple[dict, object]:
@@ -155,7 +174,10 @@ def config_from_args(args, vocab: int, seq_len: int | None) -> dict:
     if args is None:
         raise ConversionError("the checkpoint holds no Megatron args (common.pt / model_optim_rng.pt 'args'), so "
                               "its shape is unknown. Fix: pass a checkpoint saved by Megatron-LM's training loop")
-    a = vars(args)
+    a = args if isinstance(args, dict) else getattr(args, "__dict__", None)
+    if not isinstance(a, dict):
+        raise ConversionError(f"the checkpoint's Megatron args are a {type(args).__name__}, not an argparse "
+                              "Namespace. Fix: pass a checkpoint saved by Megatron-LM's training loop")
     norm, swiglu = a.get("normalization", "LayerNorm"), a.get("swiglu", False)
     pos, bias = a.get("position_embedding_type", "learned_absolute"), a.get("add_bias_linear", True)
     if norm != "RMSNorm" or not swiglu or pos != "rope" or bias or a.get("add_qkv_bias", False):

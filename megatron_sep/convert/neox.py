@@ -225,7 +225,11 @@ NEW_NAMES = {"mlp.linear1.": "mlp.dense_h_to_4h.", "mlp.linear2.": "mlp.dense_4h
 
 def _step_dir(ckpt: Path) -> Path:
     if (ckpt / "latest").is_file():
-        return ckpt / (ckpt / "latest").read_text().strip()
+        name = (ckpt / "latest").read_bytes().decode("utf-8", "replace").strip()
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise ConversionError(f"{ckpt / 'latest'} holds {name[:60]!r}, not a folder name beside it (a path is "
+                                  f"never followed out of {ckpt}). Fix: write the global_step* folder's name into it")
+        return ckpt / name
     if list(ckpt.glob("layer_*-model_*-model_states.pt")):
         return ckpt
     steps = sorted(ckpt.glob("global_step*"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))

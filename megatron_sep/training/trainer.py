@@ -69,7 +69,7 @@ class Trainer:
             fp8.torchao_float8()
             if cfg.train.compile and cfg.model.kernels == "auto":  # inductor fuses its norms with the fp8 casts
                 cfg.model.kernels = "reference"
-        self.stop_signal = None
+        self.stop_signal, self.saving, self.interrupt_after_save = None, False, False
         seed_everything(cfg.train.seed)  # the same on every rank: each takes its slice of one model
 
         t, m = cfg.train, cfg.model
@@ -203,7 +203,17 @@ class Trainer:
 
     def save(self, final: bool = False) -> None:
         """Save this step, unless its last update was skipped: weights that just gave a non-finite loss are
-        never saved (the save is made at the next step that updates). `final` waits for the write."""
+        never saved (the save is made at the next step that updates). `final` waits for the write.
+        A second Ctrl-C during the save stops the run right after it."""
+        self.saving = True
+        try:
+            self._save(final)
+        finally:
+            self.saving = False
+        if self.interrupt_after_save:
+            raise KeyboardInterrupt
+
+    def _save(self, final: bool) -> None:
         if self.streak:
             self.save_due = not final
             self.logger.print(f"step {self.step:>6} | not saved: the last {self.streak} step(s) were skipped "
@@ -329,6 +339,9 @@ class Trainer:
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGINT and self.stop_signal is not None:
+            if self.saving:  # inside torch.save it would read as a write error; stop once the save is done
+                self.interrupt_after_save = True
+                return
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
         self.stop_signal = signal.Signals(signum).name
 
