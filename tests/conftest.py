@@ -78,7 +78,7 @@ def tiny_config(corpus: dict, run_dir, **sections):
 SLOW_MODULES_FIRST = ("test_parallel_training", "test_data_safety", "test_training", "test_deepspeed", "test_trust",
                       "test_sep_attention_op", "test_sep_attention_triton", "test_speculative", "test_hf_generation",
                       "test_subllm", "test_sweep", "test_fp8", "test_tokenizer_preprocess", "test_distill",
-                      "test_context_parallel", "test_sep_cache", "test_probes", "test_eval_ranks")
+                      "test_context_parallel", "test_sep_cache", "test_probes", "test_eval_ranks", "test_bad_input_35")
 
 
 def pytest_collection_modifyitems(config, items):
