@@ -3,7 +3,9 @@ compiled, synthetic tokens), a save every K steps, once with synchronous saves a
 Reports the time each non-final save blocks the training loop, the step time while a background write is
 in flight, and the wall time of the whole run; a second run of each mode checks that the numbers repeat.
 
-  PYTHONPATH=. python3 benchmarks/async_checkpoint.py --out DIR [--steps 24] [--every 6]
+  PYTHONPATH=. python3 benchmarks/async_checkpoint.py --out DIR [--steps 24] [--every 6] [--shape cpu-small]
+
+--shape cpu-small (a 58M-parameter Llama, fp32, eager) checks the mechanism on a machine without a GPU.
 """
 from __future__ import annotations
 
@@ -21,6 +23,15 @@ from megatron_sep.training import Trainer
 from train_throughput import PRESETS  # benchmarks/ is on sys.path when this file runs as a script
 
 
+SHAPES = {"cpu-small": {"model": {"family": "llama", "num_layers": 8, "hidden_size": 512, "num_heads": 8,
+                                   "vocab_size": 32000, "max_position_embeddings": 512}, "seq": 512, "mbs": 2}}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        sync()
+
+
 class TimedTrainer(Trainer):
     """Records how long each save blocks the loop, and each step's time (synchronised)."""
 
@@ -29,29 +40,30 @@ class TimedTrainer(Trainer):
         self.saves, self.steps = [], []
 
     def save(self, final: bool = False) -> None:
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         super().save(final)
-        torch.cuda.synchronize()
+        sync()
         self.saves.append({"step": self.step, "final": final, "s": time.perf_counter() - t0})
 
     def train_step(self):
         t0 = time.perf_counter()
         out = super().train_step()
-        torch.cuda.synchronize()
+        sync()
         in_flight = self.pending is not None and not self.pending.done()
         self.steps.append({"step": self.step, "s": time.perf_counter() - t0, "write_in_flight": in_flight})
         return out
 
 
-def run(mode: str, out: Path, steps: int, every: int) -> dict:
-    p = PRESETS["llama1.3b"]
+def run(mode: str, out: Path, steps: int, every: int, shape: str) -> dict:
+    p = SHAPES.get(shape) or PRESETS[shape]
+    gpu = torch.cuda.is_available()
     run_dir = out / f"run_{mode}"
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = config_from_dict({
         "model": p["model"], "attention": {"kind": "dense"}, "data": {"seq_len": p["seq"], "mock": True},
         "optim": {"lr": 3e-4, "warmup_steps": 2},
-        "train": {"run_dir": str(run_dir), "micro_batch_size": p["mbs"], "steps": steps, "compile": True,
+        "train": {"run_dir": str(run_dir), "micro_batch_size": p["mbs"], "steps": steps, "compile": gpu,
                   "eval_interval": 10 ** 6, "eval_iters": 1},
         "checkpoint": {"save_interval": every, "keep_last": 1, "async_save": mode.startswith("async")},
         "logging": {"log_interval": 10 ** 6}})
@@ -77,14 +89,16 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--every", type=int, default=6)
+    ap.add_argument("--shape", default="llama1.3b", help="llama1.3b (GPU) or cpu-small")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for mode in ("sync", "async", "sync_2", "async_2"):
-        rows.append(run(mode, out, args.steps, args.every))
+        rows.append(run(mode, out, args.steps, args.every, args.shape))
         print(json.dumps(rows[-1]), flush=True)
-    (out / "async_checkpoint.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    (out / f"async_checkpoint_{args.shape}.json").write_text(json.dumps({"device": device, "shape": args.shape,
                                                            "steps": args.steps, "every": args.every,
                                                            "rows": rows}, indent=1))
 
