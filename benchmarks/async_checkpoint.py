@@ -90,11 +90,12 @@ def main():
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--every", type=int, default=6)
     ap.add_argument("--shape", default="llama1.3b", help="llama1.3b (GPU) or cpu-small")
+    ap.add_argument("--modes", default="sync,async,sync_2,async_2", help="runs in order (_2: a repeat)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for mode in ("sync", "async", "sync_2", "async_2"):
+    for mode in args.modes.split(","):
         rows.append(run(mode, out, args.steps, args.every, args.shape))
         print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
