@@ -55,7 +55,7 @@ class TimedTrainer(Trainer):
         return out
 
 
-def run(mode: str, out: Path, steps: int, every: int, shape: str) -> dict:
+def run(mode: str, out: Path, steps: int, every: int, shape: str, eager: bool = False) -> dict:
     p = SHAPES.get(shape) or PRESETS[shape]
     gpu = torch.cuda.is_available()
     run_dir = out / f"run_{mode}"
@@ -63,7 +63,7 @@ def run(mode: str, out: Path, steps: int, every: int, shape: str) -> dict:
     cfg = config_from_dict({
         "model": p["model"], "attention": {"kind": "dense"}, "data": {"seq_len": p["seq"], "mock": True},
         "optim": {"lr": 3e-4, "warmup_steps": 2},
-        "train": {"run_dir": str(run_dir), "micro_batch_size": p["mbs"], "steps": steps, "compile": gpu,
+        "train": {"run_dir": str(run_dir), "micro_batch_size": p["mbs"], "steps": steps, "compile": gpu and not eager,
                   "eval_interval": 10 ** 6, "eval_iters": 1},
         "checkpoint": {"save_interval": every, "keep_last": 1, "async_save": mode.startswith("async")},
         "logging": {"log_interval": 10 ** 6}})
@@ -90,13 +90,14 @@ def main():
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--every", type=int, default=6)
     ap.add_argument("--shape", default="llama1.3b", help="llama1.3b (GPU) or cpu-small")
+    ap.add_argument("--eager", action="store_true", help="no torch.compile (saves its minute per run)")
     ap.add_argument("--modes", default="sync,async,sync_2,async_2", help="runs in order (_2: a repeat)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for mode in args.modes.split(","):
-        rows.append(run(mode, out, args.steps, args.every, args.shape))
+        rows.append(run(mode, out, args.steps, args.every, args.shape, args.eager))
         print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     (out / f"async_checkpoint_{args.shape}.json").write_text(json.dumps({"device": device, "shape": args.shape,
