@@ -100,7 +100,10 @@ _CPU_GROUPS: dict = {}
 
 def _cpu_group(ctx):
     """Async saves gather their write results from a background thread: over gloo, beside NCCL's traffic."""
-    if ctx.world == 1 or str(dist.get_backend()) == "gloo" or "cpu:" in str(dist.get_backend()):
+    if ctx.world == 1:
+        return None
+    backend = str(dist.get_backend())
+    if backend == "gloo" or "cpu:" in backend:
         return None
     if "group" not in _CPU_GROUPS:
         _CPU_GROUPS["group"] = dist.new_group(backend="gloo")
@@ -208,10 +211,8 @@ def prune(root: Path, keep_last: int, verified_step: int | None = None, keep: st
         else:
             shutil.rmtree(target, ignore_errors=True)
             os.rename(p, target)
-    done = list_checkpoints(root)
-    good = [n for n in done if verified_step is not None and _step_of(n) <= verified_step]
-    protect = {keep, good[-1] if good else None}
-    for name in done[:-keep_last]:
+    protect = {keep, newest_verified(root, verified_step)}
+    for name in list_checkpoints(root)[:-keep_last]:
         if name not in protect:
             shutil.rmtree(root / name, ignore_errors=True)
 
@@ -221,14 +222,21 @@ def newest_verified(root: Path, verified_step: int | None) -> str | None:
     return good[-1] if good else None
 
 
+def _pointer_fix(root: Path) -> str:
+    """The fix for a `latest` that names no checkpoint: the newest complete one, or starting over."""
+    newest, pointer = list_checkpoints(root), root / LATEST
+    if newest:
+        return (f"Fix: to resume from the newest complete checkpoint, echo {newest[-1]} > {pointer}; to start "
+                "over, use a new train.run_dir (this run would otherwise overwrite them)")
+    return f"Fix: remove {pointer} to start over"
+
+
 def _read_pointer(root: Path) -> str | None:
     """The step name in `latest`, None when there is no `latest`; anything else is one CheckpointError."""
     pointer = root / LATEST
-    newest = list_checkpoints(root)
-    fix = (f"Fix: write the newest complete checkpoint's name into it (echo {newest[-1]} > {pointer}), or use a "
-           "new train.run_dir to start over" if newest else f"Fix: remove {pointer} to start over")
     if pointer.is_dir():
-        raise CheckpointError(f"{pointer} is a folder, not the file naming the newest checkpoint. {fix}")
+        raise CheckpointError(f"{pointer} is a folder, not the file naming the newest checkpoint. "
+                              f"{_pointer_fix(root)}")
     try:
         raw = pointer.read_bytes()
     except FileNotFoundError:
@@ -242,7 +250,7 @@ def _read_pointer(root: Path) -> str | None:
     if name is None or not STEP_NAME.fullmatch(name):
         shown = repr(raw[:40]) if name is None else repr(name[:40])
         raise CheckpointError(f"{pointer} holds {shown}, not the name of a step_* folder beside it (a path is "
-                              f"never followed out of {root}). {fix}")
+                              f"never followed out of {root}). {_pointer_fix(root)}")
     return name
 
 
@@ -260,10 +268,7 @@ def latest_checkpoint(root: Path) -> Path | None:
             return root / f".old-{name}"  # a re-save of this step was killed between its two renames
         if _read_pointer(root) == name:
             break  # else a live run moved `latest` on while this read it: read again
-    newest = list_checkpoints(root)
-    fix = (f"write the newest complete one into it (echo {newest[-1]} > {root / LATEST})" if newest
-           else f"remove {root / LATEST} to start over")
-    raise CheckpointError(f"{root / LATEST} names {name}, which is missing or incomplete. Fix: {fix}")
+    raise CheckpointError(f"{root / LATEST} names {name}, which is missing or incomplete. {_pointer_fix(root)}")
 
 
 def _without_pointer(root: Path) -> Path | None:
@@ -277,9 +282,7 @@ def _without_pointer(root: Path) -> Path | None:
     newest = list_checkpoints(root)
     if newest:
         raise CheckpointError(f"{root} holds checkpoints (the newest complete one is {newest[-1]}) but no "
-                              f"`latest` file names one. Fix: to resume from it, echo {newest[-1]} > "
-                              f"{root / LATEST}; to start over, use a new train.run_dir (this run would "
-                              "otherwise overwrite them)")
+                              f"`latest` file names one. {_pointer_fix(root)}")
     return None
 
 

@@ -248,20 +248,20 @@ class Trainer:
             torch.distributed.barrier()
 
     def _confirmed(self) -> None:
-        """An update after a save shows its weights train: older checkpoints beyond keep_last can go."""
+        """Called after an update: the first one after a save shows the saved weights train, so older
+        checkpoints beyond keep_last can go."""
         if self.ctx.rank == 0 and self.pending is None and self.saved_step == self.verified_step:
             prune(self.ckpt_dir, self.cfg.checkpoint.keep_last, self.verified_step)
 
     def _last_good(self) -> str:
         good = newest_verified(self.ckpt_dir, self.verified_step)
-        done = list_checkpoints(self.ckpt_dir)
         if good is None:
             return "No checkpoint known to train was saved in this run."
-        later = f" (the later {', '.join(n for n in done if n > good)} may hold the same broken weights)" \
-            if done and done[-1] != good else ""
-        if done and done[-1] != good:
-            return (f"The last good checkpoint is {self.ckpt_dir / good}{later}; to resume from it, write its "
-                    f"name into {self.ckpt_dir / 'latest'} (echo {good} > {self.ckpt_dir / 'latest'}).")
+        later = [n for n in list_checkpoints(self.ckpt_dir) if n > good]
+        if later:
+            return (f"The last good checkpoint is {self.ckpt_dir / good} (the later {', '.join(later)} may hold "
+                    f"the same broken weights); to resume from it, write its name into {self.ckpt_dir / 'latest'} "
+                    f"(echo {good} > {self.ckpt_dir / 'latest'}).")
         return f"The last good checkpoint is {self.ckpt_dir / good}; run again to resume from it."
 
     # ---- data ----------------------------------------------------------------------------------
@@ -296,9 +296,9 @@ class Trainer:
             self.verified_step, self.streak = self.step, 0
         self.step += 1
         self.consumed += self.global_batch
-        if updated and self.saved_step == self.verified_step:
+        if updated:
             self._confirmed()
-        if not updated:  # every rank agrees: the norm's reduction carries the loss's finiteness
+        else:  # every rank agrees: the norm's reduction carries the loss's finiteness
             self.skipped += 1
             self.streak += 1
             if self.skipped > self.cfg.optim.skip_nonfinite:
