@@ -154,6 +154,7 @@ def config_from_hf(hf: dict, overrides=()) -> Config:
 
 
 def _index_files(index: Path) -> list[str]:
+    from ..training.ckpt_files import is_plain_name
     """The shard names of a safetensors index: plain file names beside it, never a path out of the folder."""
     try:
         files = set(json.loads(index.read_bytes().decode("utf-8"))["weight_map"].values())
@@ -161,7 +162,7 @@ def _index_files(index: Path) -> list[str]:
         raise ConversionError(f"{index} is not a safetensors index ({type(e).__name__}: {e}). Fix: save the "
                               "model again with save_pretrained, or copy the file again") from None
     for f in sorted(files, key=str):
-        if not isinstance(f, str) or not f or Path(f).name != f or f in (".", ".."):
+        if not is_plain_name(f):
             raise ConversionError(f"{index} names the shard {f!r}, which is not a file name beside it (a path "
                                   f"is never followed out of {index.parent}). Fix: use a model folder from a "
                                   "source you trust, with plain shard names")

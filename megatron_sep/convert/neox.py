@@ -225,8 +225,9 @@ NEW_NAMES = {"mlp.linear1.": "mlp.dense_h_to_4h.", "mlp.linear2.": "mlp.dense_4h
 
 def _step_dir(ckpt: Path) -> Path:
     if (ckpt / "latest").is_file():
+        from ..training.ckpt_files import is_plain_name
         name = (ckpt / "latest").read_bytes().decode("utf-8", "replace").strip()
-        if not name or Path(name).name != name or name in (".", ".."):
+        if not is_plain_name(name):
             raise ConversionError(f"{ckpt / 'latest'} holds {name[:60]!r}, not a folder name beside it (a path is "
                                   f"never followed out of {ckpt}). Fix: write the global_step* folder's name into it")
         return ckpt / name

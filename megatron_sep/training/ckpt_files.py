@@ -168,11 +168,11 @@ class _IndexUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not a class of DCP's metadata")
 
 
-def _inside(relative: object) -> bool:
-    if not isinstance(relative, str) or not relative or "\\" in relative or "\0" in relative:
-        return False
-    p = Path(relative)
-    return not p.is_absolute() and ".." not in p.parts and len(p.parts) == 1
+def is_plain_name(name: object) -> bool:
+    """A file or folder name beside the file that named it: no separator, no `..`, nothing absolute. Every
+    name read from a received file (DCP's index, an HF index, a `latest`) must be one."""
+    return (isinstance(name, str) and name not in ("", ".", "..")
+            and not any(c in name for c in "/\\\0"))
 
 
 class SafeReader(FileSystemReader):
@@ -193,7 +193,7 @@ class SafeReader(FileSystemReader):
             raise CheckpointError(f"{index} holds a {type(md).__name__}, not DCP's Metadata. Fix: copy the "
                                   "checkpoint again")
         bad = [info for info in md.storage_data.values()
-               if not isinstance(info, _StorageInfo) or not _inside(info.relative_path)]
+               if not isinstance(info, _StorageInfo) or not is_plain_name(info.relative_path)]
         if bad:
             where = getattr(bad[0], "relative_path", bad[0])
             raise CheckpointError(f"{index} names the data file {where!r}, outside {self.path}. Fix: use a "
