@@ -29,7 +29,7 @@ SHAPES = {"cpu-small": {"model": {"family": "llama", "num_layers": 8, "hidden_si
 
 def sync() -> None:
     if torch.cuda.is_available():
-        sync()
+        torch.cuda.synchronize()
 
 
 class TimedTrainer(Trainer):
@@ -99,10 +99,11 @@ def main():
     for mode in args.modes.split(","):
         rows.append(run(mode, out, args.steps, args.every, args.shape, args.eager))
         print(json.dumps(rows[-1]), flush=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    (out / f"async_checkpoint_{args.shape}.json").write_text(json.dumps({"device": device, "shape": args.shape,
-                                                           "steps": args.steps, "every": args.every,
-                                                           "rows": rows}, indent=1))
+        # written after every run: a call cut off at its time limit keeps the runs it finished
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        (out / f"async_checkpoint_{args.shape}.json").write_text(json.dumps(
+            {"device": device, "shape": args.shape, "steps": args.steps, "every": args.every, "rows": rows},
+            indent=1))
 
 
 if __name__ == "__main__":
