@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_sep.convert import load_project_model
+from megatron_sep.checkpoint import load_model
 from megatron_sep.data.tokenizer import load_tokenizer
 from megatron_sep.inference import generate
 from megatron_sep.inference.speculative import speculative_generate
@@ -62,8 +62,8 @@ def main() -> None:
     ap.add_argument("--cuda-graphs", action="store_true", help="decode with CUDA graphs, the target alone too")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    target, cfg = load_project_model(args.target)
-    draft, _ = load_project_model(args.draft)
+    target, cfg = load_model(args.target)
+    draft, _ = load_model(args.draft)
     target.to(args.device, dtype), draft.to(args.device, dtype)
     tok = load_tokenizer(cfg.data.tokenizer)
     rows = prompts(args.prompts, tok, args.n, args.prompt_tokens, args.device)

@@ -708,7 +708,7 @@ def _main(argv) -> int:
     from .convert.hf import ConversionError
     from .data.indexed import IndexedDataError
     from .data.tokenizer import TokenizerError
-    from .training.checkpoint import CheckpointError
+    from .checkpoint import CheckpointError
     from .training.run_lock import RunLockedError
     from .training.trainer import TrainingError
 

@@ -6,9 +6,7 @@ from megatron_sep.convert import export_hf
 from megatron_sep.data.separators import resolve_separator_ids
 from megatron_sep.data.tokenizer import load_tokenizer
 from megatron_sep.model import GPT
-from megatron_sep.parallel.apply import ParallelPlan
-from megatron_sep.parallel.context import ParallelContext
-from megatron_sep.training.checkpoint import save_checkpoint
+from megatron_sep.checkpoint import WeightsOnly, save_checkpoint
 
 
 def export_tiny(tmp_path, tokenizer, model: dict, attention: dict | None = None, *, num_layers=2, hidden_size=64,
@@ -23,6 +21,6 @@ def export_tiny(tmp_path, tokenizer, model: dict, attention: dict | None = None,
     cfg = config_from_dict(raw)
     torch.manual_seed(0)
     ours = GPT(cfg).eval()
-    save_checkpoint(tmp_path / "run" / "checkpoints", 1, ParallelPlan(ours, cfg, ParallelContext()),
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, WeightsOnly(ours, cfg),
                     {"consumed_samples": 0}, dump_config(cfg), keep_last=1)
     return ours, export_hf(tmp_path / "run", tmp_path / out_name), tok

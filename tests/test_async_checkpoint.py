@@ -5,9 +5,9 @@ import json
 
 import torch
 
-from megatron_sep.convert import load_project_model
+from megatron_sep.checkpoint import load_model
 from megatron_sep.training import Trainer
-from megatron_sep.training.checkpoint import CRASH_ENV, latest_checkpoint, list_checkpoints
+from megatron_sep.checkpoint import CRASH_ENV, latest_checkpoint, list_checkpoints
 
 from .conftest import tiny_config
 from .test_data_safety import cli, write_config
@@ -26,8 +26,8 @@ def test_async_saves_equal_synchronous_saves(corpus, tmp_path):
     names = list_checkpoints(tmp_path / "async" / "checkpoints")
     assert names == list_checkpoints(tmp_path / "sync" / "checkpoints") == [f"step_{s:08d}" for s in (2, 4, 6, 8)]
     for name in names:
-        a, _ = load_project_model(tmp_path / "async" / "checkpoints" / name)
-        b, _ = load_project_model(tmp_path / "sync" / "checkpoints" / name)
+        a, _ = load_model(tmp_path / "async" / "checkpoints" / name)
+        b, _ = load_model(tmp_path / "sync" / "checkpoints" / name)
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())), name
         meta = [json.loads((tmp_path / r / "checkpoints" / name / "meta.json").read_text()) for r in ("sync", "async")]
         assert meta[0]["consumed_samples"] == meta[1]["consumed_samples"] and meta[0]["step"] == meta[1]["step"]

@@ -8,11 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_sep.config import config_from_dict, dump_config
-from megatron_sep.convert import ConversionError, export_hf, import_hf, load_project_model
+from megatron_sep.convert import ConversionError, export_hf, import_hf
+from megatron_sep.checkpoint import load_model
 from megatron_sep.model import GPT
-from megatron_sep.parallel.apply import ParallelPlan
-from megatron_sep.parallel.context import ParallelContext
-from megatron_sep.training.checkpoint import CheckpointError, save_checkpoint
+from megatron_sep.checkpoint import CheckpointError, WeightsOnly, save_checkpoint
 
 import transformers  # noqa: E402  (a test dependency)
 
@@ -35,7 +34,7 @@ def project_checkpoint(tmp_path, tokenizer, model):
         for p in m.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    save_checkpoint(tmp_path / "run" / "checkpoints", 5, ParallelPlan(m, cfg, ParallelContext()),
+    save_checkpoint(tmp_path / "run" / "checkpoints", 5, WeightsOnly(m, cfg),
                     {"consumed_samples": 0}, dump_config(cfg), keep_last=1)
     return m.eval()
 
@@ -85,7 +84,7 @@ def hf_random(tmp_path, family):
 def test_import_gives_equal_logits_and_round_trips_exactly(tmp_path, family):
     hf, path = hf_random(tmp_path, family)
     import_hf(path, tmp_path / "imported")
-    ours, cfg = load_project_model(tmp_path / "imported")
+    ours, cfg = load_model(tmp_path / "imported")
     tokens = torch.randint(0, 200, (2, 30))
     with torch.no_grad():
         assert (ours(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
@@ -98,7 +97,7 @@ def test_import_gives_equal_logits_and_round_trips_exactly(tmp_path, family):
 def test_import_for_sepllm_post_training(tmp_path):
     _, path = hf_random(tmp_path, "llama")
     import_hf(path, tmp_path / "imported", ["attention.kind=sepllm", "attention.separators=[5, 7]"])
-    _, cfg = load_project_model(tmp_path / "imported")
+    _, cfg = load_model(tmp_path / "imported")
     assert cfg.attention.kind == "sepllm" and cfg.attention.separators == [5, 7]
 
 
@@ -147,7 +146,7 @@ def test_sepllm_export_with_remote_code(corpus, tmp_path, name, attention):
         dense.load_state_dict(ours.state_dict())
         assert (dense(tokens) - ours(tokens)).abs().max() > 1e-3  # the pattern matters on this input
         assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-4
-    back, back_cfg = load_project_model(import_hf(out, tmp_path / "reimported"))
+    back, back_cfg = load_model(import_hf(out, tmp_path / "reimported"))
     with torch.no_grad():  # the attention pattern survives export -> import
         assert torch.allclose(back(tokens), ours(tokens), atol=1e-5)
 

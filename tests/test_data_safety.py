@@ -14,7 +14,7 @@ import torch
 
 from megatron_sep.config import dump_config
 from megatron_sep.training import Trainer
-from megatron_sep.training.checkpoint import CRASH_ENV, CheckpointError, latest_checkpoint, list_checkpoints
+from megatron_sep.checkpoint import CRASH_ENV, CheckpointError, latest_checkpoint, list_checkpoints
 from megatron_sep.training.trainer import TrainingError
 
 from .conftest import tiny_config
@@ -155,9 +155,9 @@ def test_diverging_run_stops_before_saving_nan_and_keeps_good_checkpoints(corpus
     # the newest checkpoint whose weights trained on (the one after it gave the non-finite loss)
     good = err.split("The last good checkpoint is ")[1].split(";")[0].split(" ")[0]
     assert Path(good).parent == root and Path(good).name in saved
-    from megatron_sep.convert import load_project_model
+    from megatron_sep.checkpoint import load_model
     for name in saved:  # every checkpoint that exists holds finite weights
-        model, _ = load_project_model(root / name)
+        model, _ = load_model(root / name)
         assert all(p.isfinite().all() for p in model.parameters()), name
 
 
@@ -405,6 +405,6 @@ def test_bad_loads_raise_checkpoint_error_in_process(corpus, tmp_path):
     """The library raises the same typed errors the CLI turns into one line."""
     Trainer(tiny_config(corpus, tmp_path / "run", train={"steps": 2}, checkpoint={"save_interval": 2})).run()
     other = Trainer(tiny_config(corpus, tmp_path / "other", model={"num_layers": 3}), log=False)
-    from megatron_sep.training.checkpoint import load_checkpoint
+    from megatron_sep.checkpoint import load_checkpoint
     with pytest.raises(CheckpointError, match=r"model\.layers\.2\..* is missing from the checkpoint"):
         load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"), other.plan)

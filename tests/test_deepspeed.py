@@ -133,7 +133,7 @@ def test_a_kill_during_a_deepspeed_save_keeps_the_last_checkpoint(corpus, runs, 
     """One DeepSpeed process (ZeRO-3, the CLI) killed inside its step-6 save, after the tensors are written:
     `latest` stays at step 3, and the native engine resumes from it to the uninterrupted losses."""
     from megatron_sep.config import dump_config
-    from megatron_sep.training.checkpoint import CRASH_ENV, latest_checkpoint
+    from megatron_sep.checkpoint import CRASH_ENV, latest_checkpoint
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(dump_config(config(corpus, tmp_path / "run", "sepllm", {**DS, "zero": 3})))
     r = subprocess.run([sys.executable, "-m", "megatron_sep", "train", "-c", str(cfg_file)], capture_output=True,
@@ -150,8 +150,9 @@ def test_export_hf_reads_a_zero3_checkpoint(runs, tmp_path):
     import torch
     import transformers
 
-    from megatron_sep.convert import export_hf, load_project_model
-    ours, _ = load_project_model(runs["zero3_dense"])
+    from megatron_sep.convert import export_hf
+    from megatron_sep.checkpoint import load_model
+    ours, _ = load_model(runs["zero3_dense"])
     hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(runs["zero3_dense"], tmp_path / "hf")).eval()
     tokens = torch.randint(0, 384, (2, 20))
     with torch.no_grad():

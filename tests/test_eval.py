@@ -91,11 +91,11 @@ def test_the_no_cache_reference_equals_the_full_cache_within_one_block(run):
     which the full cache computes chunk by chunk: equal per segment (fp32 on CPU, to 1e-4)."""
     import torch
 
-    from megatron_sep.convert import load_project_model
+    from megatron_sep.checkpoint import load_model
     from megatron_sep.inference import evaluate as ev
 
     d, _ = run
-    model, cfg = load_project_model(d / "run")
+    model, cfg = load_model(d / "run")
     stream = torch.randint(0, cfg.model.vocab_size, (61,), generator=torch.Generator().manual_seed(3))
     ref = ev.block_perplexity(model, stream, 60, 20, 1, torch.device("cpu"))
     full = ev.streaming_perplexity(model, stream, "full", None, "original", 7, 20, progress=False)

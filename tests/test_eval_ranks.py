@@ -69,14 +69,14 @@ def runs(corpus, tmp_path_factory):
 def test_every_rank_evaluates_and_padding_is_not_counted(runs, name, parallel, eval_iters):
     if parallel.get("engine") == "deepspeed" and not HAS_DS:
         pytest.skip("DeepSpeed is not installed")
-    from megatron_sep.convert import load_project_model
+    from megatron_sep.checkpoint import load_model
     from megatron_sep.data.dataset import run_datasets
     from megatron_sep.inference.evaluate import validation_loss
 
     rows = [json.loads(line) for line in open(runs / name / "metrics.jsonl")]
     vals = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
     assert sorted(vals) == [1, 2]
-    model, cfg = load_project_model(runs / name)  # the step-2 checkpoint: the weights of the last eval
+    model, cfg = load_model(runs / name)  # the step-2 checkpoint: the weights of the last eval
     assert cfg.train.eval_iters == eval_iters
     ref = validation_loss(model, run_datasets(cfg)[1], eval_iters, cfg.train.micro_batch_size, torch.device("cpu"))
     assert abs(vals[2] - ref) < TOL, (name, vals[2], ref)

@@ -18,7 +18,8 @@ import pytest
 import numpy as np
 import torch
 
-from megatron_sep.convert import ConversionError, load_project_model
+from megatron_sep.convert import ConversionError
+from megatron_sep.checkpoint import load_model
 from megatron_sep.convert.megatron import import_megatron
 
 from .dist_utils import run_distributed
@@ -145,7 +146,7 @@ def test_megatron_checkpoint_gives_megatron_cores_logits(mcore, tmp_path, layout
     else:
         src = tmp_path / layout
         write_legacy(full, src, tp=2 if layout == "tp2" else 1, pp=2 if layout == "pp2" else 1)
-    ours, cfg = load_project_model(import_megatron(src, tmp_path / "ours"))
+    ours, cfg = load_model(import_megatron(src, tmp_path / "ours"))
     assert (cfg.model.num_kv_heads, cfg.model.ffn_size, cfg.model.tie_embeddings) == (2, 128, False)
     with torch.no_grad():
         assert (ours(tokens) - logits).abs().max().item() <= 1e-4

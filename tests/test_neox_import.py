@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from megatron_sep.convert import ConversionError, load_project_model
+from megatron_sep.convert import ConversionError
+from megatron_sep.checkpoint import load_model
 from megatron_sep.convert.neox import import_neox
 
 LAYERS, HIDDEN, HEADS, TP = 2, 64, 4, 2
@@ -94,7 +95,7 @@ def test_neox_checkpoint_gives_the_source_models_logits(corpus, tmp_path):
     write_neox_checkpoint(hf, tmp_path / "neox")
     (tmp_path / "neox.yml").write_text(yaml.safe_dump(neox_yaml(corpus)))
     out, notes = import_neox(tmp_path / "neox.yml", tmp_path / "ours", tmp_path / "neox", gpus=8)
-    ours, cfg = load_project_model(out)
+    ours, cfg = load_model(out)
     tokens = torch.randint(0, vocab, (2, 24))
     with torch.no_grad():
         assert (ours(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4

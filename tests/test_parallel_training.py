@@ -191,7 +191,7 @@ def _train_until_signalled(rank, world, corpus, run_dir):
 
 
 def test_preemption_signal_on_one_rank_stops_all_at_the_same_step(corpus, tmp_path):
-    from megatron_sep.training.checkpoint import latest_checkpoint
+    from megatron_sep.checkpoint import latest_checkpoint
     steps = run_distributed(_train_until_signalled, 2, corpus, str(tmp_path))
     assert steps[0] == steps[1] > 0
     assert latest_checkpoint(tmp_path / "checkpoints").name == f"step_{steps[0]:08d}"
@@ -203,9 +203,10 @@ def test_export_from_a_sharded_checkpoint(runs, tmp_path):
     import torch
     import transformers
 
-    from megatron_sep.convert import export_hf, load_project_model
+    from megatron_sep.convert import export_hf
+    from megatron_sep.checkpoint import load_model
     run = runs["export_tp2_pp2"]  # (tp2, pp2), tied embeddings, saved at step 3
-    ours, _ = load_project_model(run)
+    ours, _ = load_model(run)
     hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(run, tmp_path / "hf")).eval()
     tokens = torch.randint(0, 384, (2, 20))
     with torch.no_grad():

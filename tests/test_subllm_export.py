@@ -6,9 +6,7 @@ from megatron_sep.config import config_from_dict, dump_config
 from megatron_sep.convert import export_hf
 from megatron_sep.convert.hf import ConversionError
 from megatron_sep.model import GPT
-from megatron_sep.parallel.apply import ParallelPlan
-from megatron_sep.parallel.context import ParallelContext
-from megatron_sep.training.checkpoint import save_checkpoint
+from megatron_sep.checkpoint import WeightsOnly, save_checkpoint
 
 
 def _save(tmp_path, attention=None):
@@ -23,7 +21,7 @@ def _save(tmp_path, attention=None):
             d.score.weight.normal_(std=3.0)  # about half the tokens kept at each level
         for b in model.bypass:
             b.scale.uniform_(0.2, 1.0)
-    save_checkpoint(tmp_path / "run" / "checkpoints", 1, ParallelPlan(model, cfg, ParallelContext()),
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, WeightsOnly(model, cfg),
                     {"consumed_samples": 0}, dump_config(cfg), keep_last=1)
     return model
 

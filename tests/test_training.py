@@ -12,7 +12,7 @@ import torch
 
 from megatron_sep.config import dump_config
 from megatron_sep.training import Trainer
-from megatron_sep.training.checkpoint import CRASH_ENV, latest_checkpoint, load_checkpoint, read_meta
+from megatron_sep.checkpoint import CRASH_ENV, latest_checkpoint, load_checkpoint, read_meta
 from megatron_sep.training.optim import lr_at
 
 from .conftest import tiny_config

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_sep.training import Trainer
-from megatron_sep.training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
+from megatron_sep.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
 from megatron_sep.training.metrics import MetricsLogger
 from megatron_sep.training.trainer import TrainingError
 
@@ -75,7 +75,7 @@ def test_pickle_payloads_in_a_checkpoint_never_run(corpus, trained, tmp_path):
         assert_one_line_error(cli("train", "-c", more), "meta.json", needle, "Fix:")
     (step / "meta.json").write_text(good)
     # a data file path out of the folder in an otherwise valid index
-    from megatron_sep.training.ckpt_files import SafeReader
+    from megatron_sep.checkpoint.files import SafeReader
     (step / ".metadata").write_bytes(index)
     md = SafeReader(str(step)).read_metadata()
     for info in md.storage_data.values():
@@ -95,7 +95,7 @@ def test_checkpoints_of_the_earlier_format_still_load(corpus, trained, tmp_path)
     meta = json.loads((step / "meta.json").read_text())
     torch.save({"consumed_samples": meta["consumed_samples"], "step": meta["step"], "layout": meta["layout"]},
                step / "meta.pt")
-    from megatron_sep.training.ckpt_files import load_rng
+    from megatron_sep.checkpoint.files import load_rng
     load_rng(step / "rng_0.safetensors")  # the same states, in the old pickle layout
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                step / "rng_0.pt")
@@ -215,8 +215,8 @@ def test_exploded_weights_never_rotate_out_the_last_good_checkpoint(corpus, tmp_
     assert list_checkpoints(root) == ["step_00000002", "step_00000003"]
     assert f"The last good checkpoint is {root / 'step_00000002'}" in str(e.value)
     assert f"echo step_00000002 > {root / 'latest'}" in str(e.value)
-    from megatron_sep.convert import load_project_model
-    model, _ = load_project_model(root / "step_00000002")
+    from megatron_sep.checkpoint import load_model
+    model, _ = load_model(root / "step_00000002")
     assert max(p.abs().max().item() for p in model.parameters()) < 100
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megatron_sep.config import config_from_dict
-from megatron_sep.convert.commands import export_hf, load_project_model
+from megatron_sep.convert.commands import export_hf
+from megatron_sep.checkpoint import load_model
 from megatron_sep.convert.hf import read_hf_weights
 from megatron_sep.training import Trainer
 from tests.conftest import make_corpus
@@ -67,6 +68,6 @@ def test_fp8_trains_like_bf16_and_its_checkpoints_load_in_bf16(corpus, tmp_path)
     assert len(losses(tmp_path / "fp8")) == 45
     # ... and exports to Hugging Face with the weights it holds
     out = export_hf(tmp_path / "fp8", tmp_path / "hf")
-    model, _ = load_project_model(tmp_path / "fp8")
+    model, _ = load_model(tmp_path / "fp8")
     hf = read_hf_weights(out)
     assert torch.equal(hf["model.layers.0.mlp.gate_proj.weight"], model.layers[0].mlp.gate.weight.detach())

@@ -12,24 +12,14 @@ import torch
 from ..config import dump_config, load_config
 from ..data.separators import resolve_separator_ids
 from ..data.tokenizer import TokenizerError, first_line, load_tokenizer, same_vocabulary
-from ..model import GPT
+from ..checkpoint import WeightsOnly, list_checkpoints, load_model, save_checkpoint
+from ..model import build_model
 from ..model.gpt import padded_vocab
-from ..parallel.apply import ParallelPlan
-from ..parallel.context import ParallelContext
-from ..training.checkpoint import (list_checkpoints, load_checkpoint, load_whole_model, resolve_checkpoint,
-                                   save_checkpoint)
 from .hf import (ConversionError, config_from_hf, from_hf_state, hf_config, read_hf_weights, to_hf_state,
                  write_hf_weights)
 from .hf_tokenizer import write_hf_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def load_project_model(load: str | Path):
-    """A single-process model with the weights of a checkpoint saved under any layout."""
-    path = resolve_checkpoint(load)
-    cfg = load_config(path / "config.yaml")
-    return load_whole_model(path, cfg), cfg
 
 
 # Every file an export may write; --force replaces these and leaves anything else in the directory alone.
@@ -40,7 +30,7 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "m
 
 def export_hf(load: str | Path, out: str | Path, dtype: str = "fp32", tokenizer: str | None = None,
               force: bool = False) -> Path:
-    model, cfg = load_project_model(load)
+    model, cfg = load_model(load)
     if cfg.model.subsampled and (cfg.model.family != "llama" or cfg.attention.kind != "dense"):
         raise ConversionError(f"model.structure={cfg.model.structure!r} (SUBLLM) exports for the llama family with "
                               "dense attention only (modeling_subllm.py). Fix: evaluate it with `megatron-sep eval`, "
@@ -188,16 +178,16 @@ def refuse_checkpoint_dir(out: Path) -> None:
 
 def save_imported(cfg, state: dict, out: Path, force: bool, source: str, config_name: str, owned=()) -> None:
     """A step-0 project checkpoint of `state` (our plain-model names) under out/checkpoints."""
-    model = GPT(cfg)
+    model = build_model(cfg)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ConversionError(f"the weights in {source} do not match {config_name} ({first_line(e)} "
                               f"...). Fix: use the {config_name.removeprefix('its ').removeprefix('the ')} saved with "
                               "these weights, and every file of the checkpoint") from None
-    plan = ParallelPlan(model, cfg, ParallelContext())
     prepare_out(out, force, owned, "write its checkpoint beside the other files")
-    save_checkpoint(out / "checkpoints", 0, plan, {"consumed_samples": 0}, dump_config(cfg), keep_last=1)
+    save_checkpoint(out / "checkpoints", 0, WeightsOnly(model, cfg), {"consumed_samples": 0}, dump_config(cfg),
+                    keep_last=1)
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, overrides=(), force: bool = False) -> Path:

@@ -154,7 +154,7 @@ def config_from_hf(hf: dict, overrides=()) -> Config:
 
 
 def _index_files(index: Path) -> list[str]:
-    from ..training.ckpt_files import is_plain_name
+    from ..checkpoint.files import is_plain_name
     """The shard names of a safetensors index: plain file names beside it, never a path out of the folder."""
     try:
         files = set(json.loads(index.read_bytes().decode("utf-8"))["weight_map"].values())

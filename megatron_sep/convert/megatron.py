@@ -79,7 +79,7 @@ def read_torch_dist(step: Path) -> tuple[dict, object]:
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from ..training.ckpt_files import SafeReader  # DCP's index through an allow-list, as for our checkpoints
+    from ..checkpoint.files import SafeReader  # DCP's index through an allow-list, as for our checkpoints
     reader = SafeReader(str(step))
     try:
         meta = reader.read_metadata()

@@ -225,7 +225,7 @@ NEW_NAMES = {"mlp.linear1.": "mlp.dense_h_to_4h.", "mlp.linear2.": "mlp.dense_4h
 
 def _step_dir(ckpt: Path) -> Path:
     if (ckpt / "latest").is_file():
-        from ..training.ckpt_files import is_plain_name
+        from ..checkpoint.files import is_plain_name
         name = (ckpt / "latest").read_bytes().decode("utf-8", "replace").strip()
         if not is_plain_name(name):
             raise ConversionError(f"{ckpt / 'latest'} holds {name[:60]!r}, not a folder name beside it (a path is "

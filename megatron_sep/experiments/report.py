@@ -38,11 +38,11 @@ def eval_run(cfg: Config, device: torch.device) -> dict:
     cache = Path(cfg.train.run_dir) / "sweep_eval.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    from ..convert import load_project_model
+    from ..checkpoint import load_model
     from ..data.dataset import run_datasets, sample_batch
     from ..inference.evaluate import loss_by_position
     from ..model.attention import attention_stats, sep_inputs
-    model, saved = load_project_model(cfg.train.run_dir)
+    model, saved = load_model(cfg.train.run_dir)
     model.to(device)
     ds = run_datasets(saved)[1]
     iters, mb = saved.train.eval_iters, saved.train.micro_batch_size

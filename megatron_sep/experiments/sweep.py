@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..config import Config, ConfigError, config_from_dict, dump_config
 from ..config.load import read_yaml
-from ..training.checkpoint import list_checkpoints
+from ..checkpoint import list_checkpoints
 
 MAX_TOKENS = 1e15  # a quadrillion: past any corpus, so above it a typo (or inf)
 OWNED = ("train.steps", "train.run_dir")  # set by the sweep: equal tokens, one directory per run

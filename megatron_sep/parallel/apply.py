@@ -9,7 +9,8 @@ from ..config import Config
 from .context import ParallelContext
 from .data import GradSync, ZeroAdamW, global_grad_norm
 from .pipeline import Pipeline
-from .state import load_model_state, load_optim_state, model_state, optim_state
+from ..checkpoint.state import load_model_state, model_state
+from .state import load_optim_state, optim_state
 from .tensor import apply_tensor_parallel, sync_sequence_parallel_grads
 from .ulysses import apply_context_parallel
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .context import ParallelContext
+from .params import info
 from .mappings import _ALL_GATHER, _REDUCE_SCATTER
 
 
@@ -170,8 +171,8 @@ def global_grad_norm(grads_and_params, ctx: ParallelContext, sharded_over_dp: bo
     """L2 norm over all shards of all groups. A tp-replicated parameter counts once (on tp rank 0).
     A non-finite `loss` makes the norm NaN on every rank (it rides the same reduction: no extra sync)."""
     grads = [g.detach() for g, p in grads_and_params
-             if g is not None and (getattr(p, "tensor_parallel", False) or ctx.tp_rank == 0)
-             and not getattr(p, "pipeline_duplicate", False)]  # the last stage's copy of the tied embedding
+             if g is not None and (info(p).tensor_parallel or ctx.tp_rank == 0)
+             and not info(p).pipeline_duplicate]  # the last stage's copy of the tied embedding
     if not grads:
         total = torch.zeros((), device=ctx.device)
     elif hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: one multi-tensor pass, no temporaries

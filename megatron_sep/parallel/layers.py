@@ -3,7 +3,7 @@
 Building from the full module keeps initialisation identical to the plain model:
 each rank takes its slice of the same weights, so tp=N starts where tp=1 does.
 Parameters that every tp rank holds whole but that see only their sequence shard
-under sequence parallelism are tagged `sequence_parallel` (their grads are summed
+under sequence parallelism are marked `sequence_parallel` in their ParamInfo (their grads are summed
 over the tp group after backward).
 """
 from __future__ import annotations
@@ -14,12 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .context import ParallelContext
+from .params import mark
 from .mappings import copy_to_tp, gather_seq, reduce_from_tp, reduce_scatter_seq
 
 
 def _shard(t: torch.Tensor, ctx: ParallelContext, dim: int) -> nn.Parameter:
     p = nn.Parameter(t.detach().chunk(ctx.tp, dim=dim)[ctx.tp_rank].clone())
-    p.tensor_parallel, p.tp_dim = True, dim  # for the grad norm and for sharded checkpoints
+    mark(p, tp_dim=dim)  # for the grad norm and for sharded checkpoints
     return p
 
 
@@ -59,7 +60,7 @@ class RowParallelLinear(nn.Module):
         self.weight = _shard(full.weight, ctx, 1)
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
         if self.bias is not None and self.sp:
-            self.bias.sequence_parallel = True
+            mark(self.bias, sequence_parallel=True)
         self.fp8 = None  # training.fp8 sets torchao's float8 matmul over this shard
 
     def forward(self, x):

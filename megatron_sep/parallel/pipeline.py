@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .context import ParallelContext
+from .params import info, mark
 from .ulysses import shard_seq
 
 
@@ -52,10 +53,7 @@ class Pipeline:
         has_first, has_last = 0 in self.my_chunks, self.last_chunk in self.my_chunks
         if has_last and tied and not has_first:  # the head keeps its own copy, kept equal by grad sync
             model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
-            for attr in ("tensor_parallel", "tp_dim"):
-                if hasattr(model.embed.weight, attr):
-                    setattr(model.lm_head.weight, attr, getattr(model.embed.weight, attr))
-            model.lm_head.weight.pipeline_duplicate = True  # counted once in the gradient norm
+            mark(model.lm_head.weight, tp_dim=info(model.embed.weight).tp_dim, pipeline_duplicate=True)
         if not has_first:
             model.embed = None
         if not has_last:

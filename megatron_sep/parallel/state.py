@@ -13,30 +13,8 @@ import torch
 
 from .context import ParallelContext
 from .mappings import _ALL_GATHER
-
-
-def _wrap(t: torch.Tensor, p, ctx: ParallelContext):
-    if ctx.tp > 1 and getattr(p, "tensor_parallel", False):
-        from torch.distributed.tensor import DTensor, Shard
-        return DTensor.from_local(t, ctx.mesh["tp"], [Shard(p.tp_dim)], run_check=False)
-    return t
-
-
-def _unwrap(t):
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def model_state(model, ctx: ParallelContext) -> dict:
-    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under both names
-    out = {}
-    for name, t in model.state_dict().items():
-        p = params.get(name)
-        out[name] = _wrap(t, p, ctx) if p is not None else t
-    return out
-
-
-def load_model_state(model, state: dict) -> None:
-    model.load_state_dict({k: _unwrap(v) for k, v in state.items()})
+from .params import info
+from ..checkpoint.state import unwrap as _unwrap, wrap as _wrap
 
 
 def _zero_full_states(plan) -> dict:
@@ -66,7 +44,7 @@ def _zero_full_states(plan) -> dict:
 
 def _optim_name(name: str, p) -> str:
     # a pipeline's last-stage copy of the tied embedding shares the embedding's Adam state
-    return "embed.weight" if getattr(p, "pipeline_duplicate", False) else name
+    return "embed.weight" if info(p).pipeline_duplicate else name
 
 
 def optim_state(plan) -> dict:

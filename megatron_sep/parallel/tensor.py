@@ -7,7 +7,9 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..model.gpt import Norm
 from .context import ParallelContext
+from .params import info, mark
 from .mappings import gather_seq_whole, split_seq
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 
@@ -36,9 +38,10 @@ def apply_tensor_parallel(model, ctx: ParallelContext):
         model.lm_head.weight = model.embed.weight
     model.loss_fn = functools.partial(vocab_parallel_cross_entropy, ctx=ctx)
     if ctx.sequence_parallel:
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.sequence_parallel = True
+        for m in model.modules():
+            if isinstance(m, Norm):
+                for p in m.parameters():
+                    mark(p, sequence_parallel=True)
         if model.structure is not None:
             model.seq_shards = SeqShards(ctx.tp_group, ctx.tp)
     return model
@@ -63,7 +66,7 @@ def sync_sequence_parallel_grads(model, ctx: ParallelContext) -> None:
     """Norm weights (and row-parallel biases) saw only their sequence shard: sum their grads over tp."""
     if not ctx.sequence_parallel:
         return
-    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    grads = [p.grad for p in model.parameters() if info(p).sequence_parallel and p.grad is not None]
     if grads:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=ctx.tp_group)

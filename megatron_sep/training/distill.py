@@ -14,7 +14,7 @@ from ..config.schema import check_backend_device
 from ..data.tokenizer import load_tokenizer, same_vocabulary
 from ..model.attention import prepare_batch
 from ..model.loss import TeacherTargets
-from .checkpoint import CheckpointError, load_whole_model, resolve_checkpoint
+from ..checkpoint import CheckpointError, load_weights, resolve_checkpoint
 
 
 class Teacher:
@@ -33,7 +33,7 @@ class Teacher:
                               "distill at a data.seq_len the teacher was built for, or from a longer teacher")
         if tcfg.attention.kind != "dense":  # its backend runs here, on the student's device
             check_backend_device(tcfg.attention.backend, device.type)
-        self.model = load_whole_model(path, tcfg).to(device).requires_grad_(False)
+        self.model = load_weights(path, tcfg).to(device).requires_grad_(False)
         self.path, self.weight, self.temperature = path, t.distill_weight, t.distill_temperature
 
     def compile(self) -> None:

@@ -22,7 +22,7 @@ from ..model.attention import attention_stats, prepare_batch, sep_inputs
 from ..parallel import init_parallel, shutdown
 from ..parallel.apply import build_plan
 from . import fp8
-from .checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, newest_verified, prune,
+from ..checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, newest_verified, prune,
                          resolve_checkpoint, save_checkpoint)
 from .distill import Teacher
 from .metrics import (FLOPS_CONVENTION, MetricsLogger, flops_per_token, format_step, matmul_params, peak_flops,

@@ -2,13 +2,16 @@
 
 Layout: `step_00000100/` holds the tensors (model and Adam state keyed by
 parameter name, written by all ranks with torch.distributed.checkpoint in a
-layout-independent form, see parallel/state.py), `meta.json` (step, consumed
+layout-independent form, see state.py), `meta.json` (step, consumed
 samples, the layout it was saved under), `rng_<rank>.safetensors` and `config.yaml`;
 `latest` names the newest complete one. A save writes into a hidden temporary directory, fsyncs it,
 renames it into place and only then moves `latest`, so a kill at any moment
 leaves the previous checkpoint loadable. An async save (checkpoint.async_save) copies the state to
 host memory, writes it in a background thread, and publishes it the same way once the write is done.
-Nothing here unpickles: see ckpt_files.py.
+Nothing here unpickles: see files.py.
+
+The object saved or loaded is any holder of training state (an engine, or `WeightsOnly` for one
+process) with `ctx`, `cfg`, `checkpoint_state()` and `load_checkpoint_state(read, with_optimizer)`.
 """
 from __future__ import annotations
 
@@ -22,14 +25,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..model import GPT
-from ..parallel.apply import ParallelPlan
-from ..parallel.context import ParallelContext
-from .ckpt_files import (META, STEP_NAME, CheckpointError, SafeReader, is_complete, load_rng,
+from ..model import build_model
+from .files import (META, STEP_NAME, CheckpointError, SafeReader, is_complete, load_rng,
                          read_meta, rng_file, save_rng, write_meta)
 
-__all__ = ["CheckpointError", "read_meta", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "list_checkpoints", "resolve_checkpoint", "load_whole_model", "prune", "PendingSave"]
 
 LATEST = "latest"
 # Test-only fault point: exit hard inside the save of step N: "N" or "N:tensors" after the tensors are
@@ -59,12 +58,12 @@ def _barrier(ctx) -> None:
         dist.barrier()
 
 
-def save_checkpoint(root: Path, step: int, plan, meta: dict, config_text: str, keep_last: int,
+def save_checkpoint(root: Path, step: int, holder, meta: dict, config_text: str, keep_last: int,
                     verified_step: int | None = None, async_save: bool = False):
     """Collective: every rank writes its shards; rank 0 publishes the directory and `latest`.
     Returns the published path, or with async_save a PendingSave whose write runs in the background.
     A failed write (disk full, ...) raises CheckpointError and leaves every earlier checkpoint as it was."""
-    ctx = plan.ctx
+    ctx = holder.ctx
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
     if ctx.rank == 0:
@@ -72,7 +71,7 @@ def save_checkpoint(root: Path, step: int, plan, meta: dict, config_text: str, k
         for old in root.glob(".tmp-step_*"):  # leftovers of crashed saves (no save is in flight now)
             shutil.rmtree(old, ignore_errors=True)
     _barrier(ctx)
-    state = plan.checkpoint_state()  # {"model": ..., "optim": ...} keyed by parameter name, any engine
+    state = holder.checkpoint_state()  # {"model": ..., "optim": ...} keyed by parameter name, any engine
     layout = {"tp": ctx.tp, "pp": ctx.pp, "cp": ctx.cp, "dp": ctx.dp}
     pending = PendingSave(ctx, root, tmp, final, {**meta, "step": step, "layout": layout}, config_text, keep_last)
     try:
@@ -292,13 +291,6 @@ def list_checkpoints(root: Path) -> list[str]:
     return sorted(p.name for p in root.glob("step_*") if STEP_NAME.fullmatch(p.name) and is_complete(p))
 
 
-def load_whole_model(path: Path, cfg):
-    """A single-process model of `cfg` with the weights of the checkpoint at `path`, saved under any layout."""
-    model = GPT(cfg)
-    load_checkpoint(path, ParallelPlan(model, cfg, ParallelContext()), with_optimizer=False)
-    return model.eval()
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a run dir, a checkpoints dir (with `latest`) or a step_* dir."""
     p = Path(path)
@@ -314,10 +306,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def check_matches(path: Path, cfg, with_optimizer: bool) -> None:
     """Every tensor of the plain model (and its Adam state) is in the checkpoint with the same global shape,
     and the checkpoint holds no model tensor the model lacks. DCP alone loads a subset silently."""
-    from ..model import GPT
-
     with torch.device("meta"):  # the whole plain model: a pipeline stage holds only its layers
-        model = GPT(cfg)
+        model = build_model(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     names = [n for n, _ in model.named_parameters()]
     want = {f"model.{k}": s for k, s in shapes.items()}
@@ -343,19 +333,19 @@ def _gone(path: Path) -> CheckpointError:
                            "copy a step_* folder elsewhere first")
 
 
-def load_checkpoint(path: Path, plan, with_optimizer: bool = True) -> dict:
+def load_checkpoint(path: Path, holder, with_optimizer: bool = True) -> dict:
     """Collective. Loads tensors in place under the current layout (DCP reshards); returns meta.
     Restores this rank's RNG state when the checkpoint has one for it."""
-    ctx = plan.ctx
+    ctx = holder.ctx
     try:
         meta = read_meta(path)
-        check_matches(path, plan.cfg, with_optimizer)
+        check_matches(path, holder.cfg, with_optimizer)
     except CheckpointError:
         if not path.exists():
             raise _gone(path) from None
         raise
 
-    def read(state: dict) -> None:  # the plan asks for what it holds, in one or several parts
+    def read(state: dict) -> None:  # the holder asks for what it holds, in one or several parts
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -370,7 +360,7 @@ def load_checkpoint(path: Path, plan, with_optimizer: bool = True) -> dict:
             raise CheckpointError(f"cannot load {path}: {_reason(e)} Fix: the checkpoint must come from a model "
                                   "with the same architecture (compare its config.yaml with yours)") from None
 
-    plan.load_checkpoint_state(read, with_optimizer)
+    holder.load_checkpoint_state(read, with_optimizer)
     if with_optimizer:
         rng = rng_file(path, ctx.rank)
         if rng is not None:
