@@ -39,10 +39,13 @@ LLAMA1B3 = {"family": "llama", "num_layers": 24, "hidden_size": 2048, "num_heads
             "vocab_size": 32000}
 SHAPES = {"350M": LLAMA350M, "1.3B": LLAMA1B3}
 # peaks measured on one H200 by benchmarks/train_throughput.py (Trainer, compiled, bf16): (file, row key)
-MEASURED = [("1.3B", 4096, 2, False, True, "train_throughput_llama1.3b_h200_issue18.json", "trainer/dense:compile"),
-            ("350M", 16384, 1, False, False, "train_throughput_llama350m-16k_h200.json", "trainer/dense:compile"),
-            ("350M", 65536, 1, False, False, "train_throughput_llama350m-64k_h200.json", "trainer/dense:compile"),
-            ("350M", 65536, 1, True, False, "train_throughput_llama350m-64k_h200.json", "trainer/dense+ac:compile")]
+MEASURED = [("1.3B", 4096, 2, False, True, "2026-12-01_train_throughput_llama1.3b_h200.json", "trainer/dense:compile"),
+            ("350M", 16384, 1, False, False, "2026-12-01_train_throughput_sepllm_h200_llama350m-16k.json",
+             "trainer/dense:compile"),
+            ("350M", 65536, 1, False, False, "2026-12-01_train_throughput_sepllm_h200_llama350m-64k.json",
+             "trainer/dense:compile"),
+            ("350M", 65536, 1, True, False, "2026-12-01_train_throughput_sepllm_h200_llama350m-64k.json",
+             "trainer/dense+ac:compile")]
 
 
 def shape_numbers(model: dict) -> dict:

@@ -1,7 +1,7 @@
 """Merge the eval.json files of the streaming benchmark's stages (benchmarks/streaming.sh) into one report:
 eval.json with every cache's run and the no-cache reference, the eval plots, and a markdown table on stdout.
 
-    python3 benchmarks/streaming_report.py --out benchmarks/results/streaming_h200 A/eval.json B/eval.json ...
+    python3 benchmarks/streaming_report.py --out DIR A/eval.json B/eval.json ...
 """
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ def _norm_bwd(X, W, DY, DX, DRES, MEAN, RSTD, DW, DB, stride_x, stride_dy, strid
 
 
 # Backward launch shape per norm, from a sweep on an H100 at 16384 x 4096 bf16 timed with CUDA
-# graphs (benchmarks/norm_tune.py, results/norm_tune_h100.jsonl).
+# graphs (benchmarks/norm_tune.py, results/2026-11-23_fused_ops_h100_norm_tune.jsonl).
 BWD = {"rms": {"progs_per_sm": 8, "warps": 8, "stages": 1},
        "layer": {"progs_per_sm": 8, "warps": 4, "stages": 2}}
 

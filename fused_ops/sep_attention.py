@@ -16,7 +16,7 @@ Backends:
 - `triton`: fused forward/backward kernels whose work grows with (#kept keys +
   window) per query (`sep_attention_triton.py`), with or without segment_ids. GPU.
 - `auto`: `triton` on CUDA (faster than `flex` at every measured length:
-  benchmarks/results/sep_attention_kernel_h200.md), `flex` on CUDA for head dims
+  benchmarks/results/2026-12-01_sep_attention_kernel_h200.md), `flex` on CUDA for head dims
   other than 16/32/64/128, `reference` elsewhere.
 What depends only on the tokens (kept keys, their gathered list, tile bounds, block masks) is the
 micro-batch's plan (`sep_plan.py`), built once outside compiled code and passed to every layer.

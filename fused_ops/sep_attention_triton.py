@@ -36,7 +36,7 @@ CONFIG = {"fwd": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3, "TMA": 1,
           "dkdv": {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 3}}
 LONG_SEQ = 8192  # shorter sequences: no tensor descriptors, smaller dK/dV tiles (SHORT)
 # H200, 4K, 10% separators: fwd+bwd 0.355 ms with these dK/dV tiles vs 0.396 with the long-sequence ones
-# (at 64K: 18.9 vs 18.0 ms); benchmarks/results/sep_attention_kernel_h200.md
+# (at 64K: 18.9 vs 18.0 ms); benchmarks/results/2026-12-01_sep_attention_kernel_h200.md
 SHORT = {"dkdv": {"BM": 32, "BN": 64, "num_warps": 4, "num_stages": 3}}
 FIELDS = ("BM", "BN", "num_warps", "num_stages", "TMA", "HEADS_FIRST", "WS")  # WS: warp-specialized list loop
 
