@@ -41,13 +41,13 @@ def main():
                             "optim": {"warmup_steps": 2}})
     torch.manual_seed(0)
     tr = Trainer(cfg, log=False)
-    plan, opt = tr.plan, tr.plan.opt
+    engine, opt = tr.engine, tr.engine.opt
     params = [q for q in tr.model.parameters()]
     batches = [tr.micro_batch(tr.train_ds, 0, p["mbs"])]
 
     def fwd_bwd():
         with tr.autocast:
-            plan.pipe.run(batches)
+            engine.forward_backward(batches)
 
     def fwd_bwd_zero():
         fwd_bwd()
@@ -68,7 +68,7 @@ def main():
 
     def fwd_bwd_plan_step():
         fwd_bwd()
-        plan.step()
+        engine.step()
 
     rows = {"train_step": timed(lambda: tr.train_step()), "fwd_bwd": timed(fwd_bwd_zero),
             "fwd_bwd_adamw": timed(fwd_bwd_adamw), "fwd_bwd_clip_on_gpu_adamw": timed(fwd_bwd_clip_on_gpu),

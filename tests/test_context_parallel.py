@@ -69,7 +69,8 @@ def _model_grads(rank, world, corpus, run_dir, kind):
     from megatron_sep.model.attention import prepare_batch
     from megatron_sep.model.gpt import GPT
     from megatron_sep.parallel import init_parallel
-    from megatron_sep.parallel.apply import ParallelPlan
+    from megatron_sep.engine import build_engine
+    from megatron_sep.parallel.parallelize import parallelize
     attention = KINDS[kind] if kind == "dense" else {**KINDS[kind], "separators": [3, 5]}
     cfg = tiny_config(corpus, run_dir, attention=attention, parallel={"cp": world}, model={"vocab_size": 384})
     ctx = init_parallel(cfg, torch.device("cpu"))
@@ -80,10 +81,9 @@ def _model_grads(rank, world, corpus, run_dir, kind):
     labels = torch.randint(0, 384, (2, cfg.data.seq_len))
     batch = prepare_batch(cfg, tokens, model.sep_ids)
     plain(tokens, labels, batch=batch).backward()
-    plan = ParallelPlan(model, cfg, ctx)
-    plan.sync.enabled = True
-    loss = plan.pipe.run([(tokens, labels, batch)])
-    plan.sync.finish()
+    engine = build_engine(parallelize(model, cfg, ctx), cfg, ctx)
+    loss = engine.forward_backward([(tokens, labels, batch)])
+    engine.sync.finish()
     dist.all_reduce(loss)
     ref = dict(plain.named_parameters())
     errs = {n: (p.grad - ref[n].grad).abs().max().item() for n, p in model.named_parameters()}
@@ -122,7 +122,7 @@ def test_cp_layouts_rejected_at_config_load(corpus, tmp_path):
     with pytest.raises(ConfigError, match="tp \\* pp \\* cp = 4 does not divide the world size 2"):
         resolve_layout(cfg, 2)
     assert resolve_layout(cfg, 8) == (2, 1, 2, 2)
-    from megatron_sep.training.fp8 import check_shapes
+    from megatron_sep.parallel.fp8 import check_shapes
     cfg = tiny_config(corpus, tmp_path, parallel={"cp": 4}, data={"seq_len": 40}, train={"micro_batch_size": 2})
     with pytest.raises(ConfigError, match="per cp rank"):  # 2 x 40 / 4 = 20 tokens per rank
         check_shapes(cfg)

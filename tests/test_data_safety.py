@@ -407,4 +407,4 @@ def test_bad_loads_raise_checkpoint_error_in_process(corpus, tmp_path):
     other = Trainer(tiny_config(corpus, tmp_path / "other", model={"num_layers": 3}), log=False)
     from megatron_sep.checkpoint import load_checkpoint
     with pytest.raises(CheckpointError, match=r"model\.layers\.2\..* is missing from the checkpoint"):
-        load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"), other.plan)
+        load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"), other.engine)

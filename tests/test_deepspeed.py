@@ -69,11 +69,11 @@ def _nan_step(corpus, run_dir, zero):
     cfg.optim.skip_nonfinite = 1
     trainer = Trainer(cfg)
     trainer.train_step()
-    before = [trainer.plan._full(p).clone() for _, p in trainer.plan._named()]
+    before = [trainer.engine._full(p).clone() for _, p in trainer.engine._named()]
     hook = next(trainer.model.parameters()).register_hook(lambda g: g * float("nan"))
     trainer.train_step()
     hook.remove()
-    same = all(torch.equal(trainer.plan._full(p), b) for (_, p), b in zip(trainer.plan._named(), before))
+    same = all(torch.equal(trainer.engine._full(p), b) for (_, p), b in zip(trainer.engine._named(), before))
     return trainer.skipped, same, trainer.train_step()[0].item()
 
 
@@ -178,7 +178,7 @@ def test_combinations_the_engines_cannot_serve_are_rejected_at_load(corpus, tmp_
 
 def test_generated_config_and_expert_overrides():
     from megatron_sep.config import config_from_dict
-    from megatron_sep.parallel.ds_engine import ds_config
+    from megatron_sep.engine.deepspeed import ds_config
     cfg = config_from_dict({"parallel": {**DS, "zero": 3, "offload": "optimizer",
                                          "deepspeed": {"zero_optimization": {"overlap_comm": True},
                                                        "dump_state": True}},

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from megatron_sep.config import ConfigError, config_from_dict
 from megatron_sep.model import GPT
 from megatron_sep.parallel.context import ParallelContext
-from megatron_sep.training import fp8
+from megatron_sep.parallel import fp8
 
 from .conftest import tiny_config
 from .dist_utils import init_gloo, run_distributed

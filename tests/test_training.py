@@ -77,8 +77,8 @@ def test_crash_during_save_keeps_last_checkpoint(corpus, tmp_path):
     root = tmp_path / "run" / "checkpoints"
     assert latest_checkpoint(root).name == "step_00000004"
     assert list(root.glob(".tmp-step_00000008"))  # the half-written save is left aside, not renamed
-    plan = Trainer(cfg, log=False).plan
-    meta = load_checkpoint(latest_checkpoint(root), plan, with_optimizer=False)
+    engine = Trainer(cfg, log=False).engine
+    meta = load_checkpoint(latest_checkpoint(root), engine, with_optimizer=False)
     assert meta["step"] == 4 and meta["consumed_samples"] == 4 * 8
     # starting again resumes from step 4 and reproduces the uninterrupted run
     Trainer(tiny_config(corpus, tmp_path / "run")).run()

@@ -200,7 +200,7 @@ def explode_after(trainer, step):
             with torch.no_grad():
                 for p in trainer.model.parameters():
                     p.mul_(1e30)
-    trainer.plan.opt.register_step_post_hook(boom)
+    trainer.engine.opt.register_step_post_hook(boom)
 
 
 def test_exploded_weights_never_rotate_out_the_last_good_checkpoint(corpus, tmp_path):
@@ -243,4 +243,4 @@ def test_load_refuses_a_checkpoint_read_by_a_racing_reader_with_the_right_advice
     trainer = Trainer(tiny_config(corpus, tmp_path / "other"))
     shutil.rmtree(step)
     with pytest.raises(CheckpointError, match="was deleted while it was read"):
-        load_checkpoint(step, trainer.plan)
+        load_checkpoint(step, trainer.engine)

@@ -48,10 +48,10 @@ class WeightsOnly:
     def __init__(self, model, cfg):
         self.model, self.cfg, self.ctx = model, cfg, ParallelContext()
 
-    def checkpoint_state(self) -> dict:
+    def state_dict(self) -> dict:
         return {"model": model_state(self.model, self.ctx), "optim": fresh_adam_state(self.model)}
 
-    def load_checkpoint_state(self, read, with_optimizer: bool) -> None:
+    def load_state_dict(self, read, with_optimizer: bool) -> None:
         if with_optimizer:
             raise ValueError("WeightsOnly loads weights only (with_optimizer=False)")
         state = {"model": model_state(self.model, self.ctx)}

@@ -11,7 +11,7 @@ host memory, writes it in a background thread, and publishes it the same way onc
 Nothing here unpickles: see files.py.
 
 The object saved or loaded is any holder of training state (an engine, or `WeightsOnly` for one
-process) with `ctx`, `cfg`, `checkpoint_state()` and `load_checkpoint_state(read, with_optimizer)`.
+process) with `ctx`, `cfg`, `state_dict()` and `load_state_dict(read, with_optimizer)`.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def save_checkpoint(root: Path, step: int, holder, meta: dict, config_text: str,
         for old in root.glob(".tmp-step_*"):  # leftovers of crashed saves (no save is in flight now)
             shutil.rmtree(old, ignore_errors=True)
     _barrier(ctx)
-    state = holder.checkpoint_state()  # {"model": ..., "optim": ...} keyed by parameter name, any engine
+    state = holder.state_dict()  # {"model": ..., "optim": ...} keyed by parameter name, any engine
     layout = {"tp": ctx.tp, "pp": ctx.pp, "cp": ctx.cp, "dp": ctx.dp}
     pending = PendingSave(ctx, root, tmp, final, {**meta, "step": step, "layout": layout}, config_text, keep_last)
     try:
@@ -360,7 +360,7 @@ def load_checkpoint(path: Path, holder, with_optimizer: bool = True) -> dict:
             raise CheckpointError(f"cannot load {path}: {_reason(e)} Fix: the checkpoint must come from a model "
                                   "with the same architecture (compare its config.yaml with yours)") from None
 
-    holder.load_checkpoint_state(read, with_optimizer)
+    holder.load_state_dict(read, with_optimizer)
     if with_optimizer:
         rng = rng_file(path, ctx.rank)
         if rng is not None:

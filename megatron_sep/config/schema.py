@@ -413,7 +413,7 @@ class Config:
                  "use a cp that divides the kv heads per tp rank or is a multiple of them (then they are replicated)")
 
     def _check_engine(self) -> None:
-        """What each engine serves, before any process starts (parallel/ds_engine.py says why for DeepSpeed)."""
+        """What each engine serves, before any process starts (engine/deepspeed.py says why for DeepSpeed)."""
         p, e = self.parallel, self.parallel.engine
         if e == "native":
             _require(p.zero <= 1, "parallel.zero", p.zero, "ZeRO-2 and ZeRO-3 come from DeepSpeed",
@@ -443,11 +443,11 @@ class Config:
                  "is not served by parallel.engine=deepspeed (torchao's float8 layers and ZeRO's flat buffers)",
                  "use bf16 with DeepSpeed, or the native engine for fp8")
         if p.deepspeed:  # imports DeepSpeed: only when an expert gives keys
-            from ..parallel.ds_engine import check_expert_keys
+            from ..engine.deepspeed import check_expert_keys
             check_expert_keys(self)
 
 
-# DeepSpeed keys that parallel/ds_engine.py generates from ours, or that the project's own loop replaces
+# DeepSpeed keys that engine/deepspeed.py generates from ours, or that the project's own loop replaces
 DEEPSPEED_OWNED = {
     "train_batch_size": "train.global_batch_size", "gradient_accumulation_steps": "train.global_batch_size",
     "train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_clipping": "optim.clip_grad",

@@ -170,7 +170,7 @@ def check_inputs(configs: dict[str, Config]) -> None:
     """What each run would find missing only after it started: the tokenizer, an fp8 GPU."""
     import torch
 
-    from ..training import fp8
+    from ..parallel import fp8
     for name, cfg in configs.items():
         tok = cfg.data.tokenizer
         if not cfg.data.mock and tok and not Path(tok).is_file():

@@ -25,7 +25,7 @@ def _shard(t: torch.Tensor, ctx: ParallelContext, dim: int) -> nn.Parameter:
 
 
 def _linear(layer, x, bias):
-    """x W^T (+ b) on this rank's shard: in the autocast dtype, or in float8 when training.fp8 set layer.fp8."""
+    """x W^T (+ b) on this rank's shard: in the autocast dtype, or in float8 when parallel/fp8.py set layer.fp8."""
     if layer.fp8 is None:
         return F.linear(x, layer.weight, bias)
     y = layer.fp8(x)
@@ -41,7 +41,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _shard(full.weight, ctx, 0)
         self.bias = _shard(full.bias, ctx, 0) if full.bias is not None else None
         self.start = ctx.tp_rank * self.weight.shape[0]  # the first output row this rank holds
-        self.fp8 = None  # training.fp8 sets torchao's float8 matmul over this shard
+        self.fp8 = None  # parallel/fp8.py sets torchao's float8 matmul over this shard
 
     def gather_input(self, x):
         """The input every rank multiplies: gathered from sequence shards, or replicated (backward sums it)."""
@@ -61,7 +61,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
         if self.bias is not None and self.sp:
             mark(self.bias, sequence_parallel=True)
-        self.fp8 = None  # training.fp8 sets torchao's float8 matmul over this shard
+        self.fp8 = None  # parallel/fp8.py sets torchao's float8 matmul over this shard
 
     def forward(self, x):
         y = _linear(self, x, None)

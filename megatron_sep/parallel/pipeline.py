@@ -62,19 +62,16 @@ class Pipeline:
         if tied and ctx.pp > 1:
             self.tied_param = model.embed.weight if has_first else (model.lm_head.weight if has_last else None)
         self.tied_group = ctx.embedding_group
-        self.before_last_backward = None  # set by the plan: enables the data-parallel gradient hooks
-        # DeepSpeed's plan routes the whole model's forward and the loss's backward through its engine
-        self.whole_model, self.backward_loss = model, torch.Tensor.backward
 
     # ---- one chunk ---------------------------------------------------------------------------
-    def run_chunk(self, g: int, x, tokens, labels, batch):
+    def run_chunk(self, g: int, x, tokens, labels, batch, engine):
         """The model's own embed / blocks / head code, for the layers of chunk g. Under context
         parallelism tokens, labels and positions are this rank's slice of the sequence (`batch` stays
         whole: attention runs over the full sequence)."""
         m, ctx = self.model, self.ctx
         pos = shard_seq(torch.arange(tokens.shape[1], device=tokens.device), ctx, dim=0)
         if g == 0 == self.last_chunk:  # the whole model: through its forward, so module hooks (ZeRO-3) see it
-            return self.whole_model(shard_seq(tokens, ctx), shard_seq(labels, ctx), pos, batch)
+            return engine.forward(shard_seq(tokens, ctx), shard_seq(labels, ctx), pos, batch)
         if g == 0:
             x = m.embed_tokens(shard_seq(tokens, ctx))
         x = m.run_layers(x, pos, batch, self.chunk_layers[g])
@@ -123,9 +120,11 @@ class Pipeline:
             out += [fwd[warm + i], bwd[i]]
         return out + bwd[total - warm:]
 
-    def run(self, micro_batches, forward_only: bool = False):
+    def run(self, micro_batches, engine, forward_only: bool = False):
         """micro_batches: list of (tokens, labels, batch). Returns the summed loss (last stage; else 0).
-        Each microbatch's loss is scaled by 1 / len(micro_batches) before backward, as without pp."""
+        Each microbatch's loss is scaled by 1 / len(micro_batches) before backward, as without pp.
+        The engine runs the whole model's forward (one stage), the loss's backward, and learns when the
+        step's last backward starts (`before_last_backward`: data-parallel gradient hooks)."""
         ctx, micros = self.ctx, len(micro_batches)
         self.pending = []
         saved, total = {}, torch.zeros((), device=ctx.device)
@@ -140,7 +139,7 @@ class Pipeline:
                 if g != 0:
                     x = self._recv(shape, self._peer(g, -1)).requires_grad_(not forward_only)
                 with torch.set_grad_enabled(not forward_only):
-                    y = self.run_chunk(g, x, tokens, labels, batch)
+                    y = self.run_chunk(g, x, tokens, labels, batch, engine)
                 if g == self.last_chunk:
                     y = y / micros
                     total += y.detach()
@@ -150,10 +149,10 @@ class Pipeline:
                     saved[(g, mb)] = (x, y)
             else:
                 x, y = saved.pop((g, mb))
-                if self.before_last_backward is not None and self._is_last_backward(actions, i):
-                    self.before_last_backward()
+                if self._is_last_backward(actions, i):
+                    engine.before_last_backward()
                 if g == self.last_chunk:
-                    self.backward_loss(y)
+                    engine.backward(y)
                 else:
                     grad = self._recv(y.shape, self._peer(g, 1))
                     torch.autograd.backward(y, grad.to(y.dtype))

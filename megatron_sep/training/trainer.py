@@ -20,8 +20,9 @@ from ..data.separators import resolve_separator_ids
 from ..model import GPT
 from ..model.attention import attention_stats, prepare_batch, sep_inputs
 from ..parallel import init_parallel, shutdown
-from ..parallel.apply import build_plan
-from . import fp8
+from ..engine import build_engine
+from ..parallel import fp8
+from ..parallel.parallelize import compile_blocks, parallelize
 from ..checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, newest_verified, prune,
                          resolve_checkpoint, save_checkpoint)
 from .distill import Teacher
@@ -57,7 +58,7 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         if cfg.parallel.engine == "deepspeed":  # missing: one line naming the install, before any work
-            from ..parallel.ds_engine import import_deepspeed
+            from ..engine.deepspeed import import_deepspeed
             import_deepspeed()
         self.ctx = init_parallel(cfg, pick_device(cfg))
         self.device = self.ctx.device
@@ -93,11 +94,13 @@ class Trainer:
         model = GPT(cfg)
         self.matmul_params = matmul_params(model)  # of the whole model, before sharding (for MFU)
         self.num_params = model.num_params()  # of the whole model, before sharding
-        self.plan = build_plan(model, cfg, self.ctx)
-        self.model, self.opt = self.plan.model, self.plan.opt
+        part = parallelize(model, cfg, self.ctx)
+        self.notes += part.notes
+        self.engine = build_engine(part, cfg, self.ctx)
+        self.model = self.engine.model
         if cfg.parallel.engine == "deepspeed":
             self.notes.append("deepspeed config (generated from this config; parallel.deepspeed overrides keys): "
-                              + self.plan.config_json())
+                              + self.engine.config_json())
         self.step, self.consumed, self.saved_step = 0, 0, None
         # verified_step: the newest step whose weights gave a finite loss (the next step updated, or its
         # evaluation was finite); streak: steps skipped in a row; pending: an async save being written
@@ -105,21 +108,12 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and t.precision in ("auto", "bf16", "fp8")
                          else contextlib.nullcontext())
-        blocks = self.model.layers
-        layers = list(blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks)
-        for layer in layers:  # before compile, so the recomputation is part of the compiled block
-            layer.set_recompute(t.activation_checkpointing)
-        if t.precision == "fp8":  # after tensor parallelism (shards), before compile
-            done, kept = fp8.convert(layers)
-            self.notes.append(f"fp8: {done} linear layers in float8 (torchao, tensorwise scales)"
-                              + (f"; kept in bf16 (a dimension not a multiple of 16): {', '.join(kept)}" if kept else ""))
         # SUBLLM's top-k gives each level a fixed length in training: one static graph per length (automatic
         # dynamic shapes cost it ~10% of its speed); evaluation keeps score > 0, a new length each batch, so it
         # runs eager (self.eval_stance)
         self.static_levels = cfg.model.subsampled and not cfg.model.subsample_causal
-        if t.compile:  # per block, in place: parameter names and the pipeline's layer dict stay as they are
-            for layer in layers:
-                layer.compile(dynamic=False if self.static_levels else None)
+        if t.compile:
+            compile_blocks(part.blocks, static_shapes=self.static_levels)
 
         self.teacher = Teacher(cfg, self.tokenizer, self.device) if t.distill_from else None
         if self.teacher is not None:
@@ -190,14 +184,14 @@ class Trainer:
                               "resume (checkpoint.resume=true)")
         path = latest_checkpoint(self.ckpt_dir) if c.resume else None
         if path is not None:
-            meta = load_checkpoint(path, self.plan)
+            meta = load_checkpoint(path, self.engine)
             self.step, self.consumed = meta["step"], meta["consumed_samples"]
             self.verified_step = meta.get("verified_step")
             self.saved_step = self.step  # the state on disk: stopping before a new step saves nothing
             self.logger.print(f"resumed from {path} at step {self.step} ({self.consumed} samples consumed)")
         elif c.load:
             path = resolve_checkpoint(c.load)
-            load_checkpoint(path, self.plan, with_optimizer=False)
+            load_checkpoint(path, self.engine, with_optimizer=False)
             self.logger.print(f"initialised weights from {path}")
         self.logger.truncate_after(self.step)  # steps logged by a killed run after its last save run again
 
@@ -220,13 +214,13 @@ class Trainer:
                               "(non-finite loss or gradient)" + ("" if final else "; saving at the next step "
                                                                  "that updates"))
             return
-        if not self.plan.weights_finite():
+        if not self.engine.weights_finite():
             raise TrainingError(f"the weights hold NaN or inf at step {self.step}; nothing was saved. "
                                 f"{self._last_good()} Fix: lower optim.lr, or clip gradients (optim.clip_grad > 0)")
         self.finish_pending()  # one save in flight at a time
         meta = {"consumed_samples": self.consumed}
         c = self.cfg.checkpoint
-        out = save_checkpoint(self.ckpt_dir, self.step, self.plan, meta, self.config_text, c.keep_last,
+        out = save_checkpoint(self.ckpt_dir, self.step, self.engine, meta, self.config_text, c.keep_last,
                               self.verified_step, async_save=c.async_save and not final)
         self.saved_step, self.save_due = self.step, False
         if isinstance(out, Path):
@@ -280,15 +274,15 @@ class Trainer:
         ctx, mb = self.ctx, self.cfg.train.micro_batch_size
         micros = self.global_batch // (mb * ctx.dp)
         base = self.consumed + ctx.dp_rank * (self.global_batch // ctx.dp)
-        self.plan.set_lr(lr_at(self.step, self.cfg))
+        self.engine.set_lr(lr_at(self.step, self.cfg))
         self.model.set_train_step(self.step)
         batches = [self.micro_batch(self.train_ds, base + m * mb, mb) for m in range(micros)]
         if self.teacher is not None:  # the loss follows the teacher's logits (validation stays cross-entropy)
             batches = [(tokens, self.teacher.targets(tokens, labels), b) for tokens, labels, b in batches]
         with self.autocast:  # one schedule runs every forward and backward (one stage without pp)
-            total = self.plan.pipe.run(batches)
+            total = self.engine.forward_backward(batches)
         self.last_batch = batches[-1]
-        norm, updated = self.plan.step(loss=total)
+        norm, updated = self.engine.step(loss=total)
         if ctx.grad_size > 1:  # each cp rank has the mean over its slice of the sequence (equal sizes)
             torch.distributed.all_reduce(total, group=ctx.grad_group)
             total /= ctx.grad_size
@@ -323,10 +317,10 @@ class Trainer:
         pad = -(-iters // ctx.dp) - len(mine)
         with self.autocast, torch.no_grad(), self.eval_stance():  # forward-only; the last stage has the loss
             if mine:
-                total += self.plan.pipe.run([self.micro_batch(self.valid_ds, i * mb, mb) for i in mine],
+                total += self.engine.forward_backward([self.micro_batch(self.valid_ds, i * mb, mb) for i in mine],
                                             forward_only=True).double() * len(mine)
             if pad:  # the other ranks' number of forwards (and collectives); the loss is not counted
-                self.plan.pipe.run([self.micro_batch(self.valid_ds, 0, mb)] * pad, forward_only=True)
+                self.engine.forward_backward([self.micro_batch(self.valid_ds, 0, mb)] * pad, forward_only=True)
         if ctx.grad_size > 1:  # the cp ranks of one batch each hold the mean over their slice
             torch.distributed.all_reduce(total, group=ctx.grad_group)
         self.model.train()
@@ -368,7 +362,7 @@ class Trainer:
                 (self.run_dir / "config.yaml").write_text(self.config_text)
                 given = self.run_dir / "deepspeed_config.json"  # what DeepSpeed was given (an earlier run's: gone)
                 if cfg.parallel.engine == "deepspeed":
-                    given.write_text(self.plan.config_json() + "\n")
+                    given.write_text(self.engine.config_json() + "\n")
                 else:
                     given.unlink(missing_ok=True)
             if self.step >= t.steps:
@@ -410,7 +404,7 @@ class Trainer:
                               f"(None = dense), separator share in the data {self._separator_share():.2%}")
         self.logger.print(f"model: {cfg.model.family}, {self.num_params / 1e6:.2f}M parameters, "
                           f"device {self.device}, layout tp={self.ctx.tp} pp={self.ctx.pp} cp={self.ctx.cp} dp={self.ctx.dp}"
-                          f"{self.plan.describe}, "
+                          f"{self.engine.describe}, "
                           f"{self.global_batch // (t.micro_batch_size * self.ctx.dp)} micro-batches per step")
         peak = f"{self.peak / 1e12:.0f} TFLOP/s per device ({self.peak_source})" \
             if self.peak else f"n/a ({self.peak_source})"

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, ConfigError
-from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
+from .layers import ColumnParallelLinear, RowParallelLinear
 
 LINEARS = (("attn", "qkv"), ("attn", "out"), ("mlp", "gate"), ("mlp", "up"), ("mlp", "down"))
 MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (L40S, RTX 4090) and Hopper (H100, H200) onwards

@@ -1,18 +1,18 @@
-"""Apply the parallel plan to the plain model in one fixed order: tensor (+ sequence), context, pipeline, data."""
+"""The native engine: AdamW (or ZeRO-1 over dp x cp), gradient reduction in buckets, clipping by the global
+norm and the non-finite skip, around a model that parallel/parallelize.py already transformed."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from ..config import Config
-from .context import ParallelContext
-from .data import GradSync, ZeroAdamW, global_grad_norm
-from .pipeline import Pipeline
 from ..checkpoint.state import load_model_state, model_state
-from .state import load_optim_state, optim_state
-from .tensor import apply_tensor_parallel, sync_sequence_parallel_grads
-from .ulysses import apply_context_parallel
+from ..config import Config
+from ..parallel.context import ParallelContext
+from ..parallel.data import GradSync, ZeroAdamW, global_grad_norm
+from ..parallel.parallelize import Parallelized
+from ..parallel.tensor import sync_sequence_parallel_grads
+from .adam_state import load_optim_state, optim_state
 
 
 def decays(p) -> bool:
@@ -26,21 +26,17 @@ def decay_groups(params, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}]
 
 
-class ParallelPlan:
+class NativeEngine:
     """The model as this rank holds it, its optimizer, and the gradient reduction around a step."""
 
-    def __init__(self, model, cfg: Config, ctx: ParallelContext):
-        self.ctx, self.cfg = ctx, cfg
-        model = apply_context_parallel(apply_tensor_parallel(model, ctx), ctx)
-        p = cfg.parallel
-        self.pipe = Pipeline(model, ctx, p.schedule, p.virtual_stages)  # pp = 1: one stage, the same code
-        self.model = model.to(ctx.device)
-        o = cfg.optim
+    def __init__(self, part: Parallelized, cfg: Config, ctx: ParallelContext):
+        self.ctx, self.cfg, self.pipe = ctx, cfg, part.pipe
+        self.model = part.model.to(ctx.device)
+        o, p = cfg.optim, cfg.parallel
         params = list(self.model.parameters())
         self.zero = p.zero == 1 and ctx.grad_size > 1
         manual = [self.pipe.tied_param] if self.pipe.tied_param is not None else []
         self.sync = GradSync(params, ctx, p.bucket_mb, self.zero, manual) if ctx.grad_size > 1 else None
-        self.pipe.before_last_backward = self.before_last_backward
         if self.zero:
             self.opt = ZeroAdamW(self.sync, decays, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
         else:
@@ -52,26 +48,24 @@ class ParallelPlan:
     def describe(self) -> str:
         return " zero1" if self.zero else ""
 
-    def checkpoint_state(self) -> dict:
-        return {"model": model_state(self.model, self.ctx), "optim": optim_state(self)}
+    # ---- the schedule's hooks (parallel/pipeline.py) ----------------------------------------------
+    def forward_backward(self, micro_batches, forward_only: bool = False) -> torch.Tensor:
+        return self.pipe.run(micro_batches, self, forward_only)
 
-    def load_checkpoint_state(self, read, with_optimizer: bool) -> None:
-        """read(state) fills a state dict in place from the checkpoint (DCP, resharded to this layout)."""
-        state = {"model": model_state(self.model, self.ctx)}
-        if with_optimizer:
-            state["optim"] = optim_state(self)
-        read(state)
-        load_model_state(self.model, state["model"])
-        if with_optimizer:
-            load_optim_state(self, state["optim"])
+    def forward(self, tokens, labels, position_ids, batch):
+        return self.model(tokens, labels, position_ids, batch)
 
-    def set_lr(self, lr: float) -> None:
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+    def backward(self, loss) -> None:
+        loss.backward()
 
     def before_last_backward(self) -> None:
         if self.sync is not None:
             self.sync.enabled = True
+
+    # ---- the update ----------------------------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
 
     def step(self, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
         """Finish gradient reduction, clip by the global norm, update. Returns (norm, updated): a non-finite
@@ -111,10 +105,16 @@ class ParallelPlan:
             torch.distributed.all_reduce(bad)
         return bad.item() == 0.0
 
+    # ---- checkpoints (checkpoint/store.py) ---------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": model_state(self.model, self.ctx), "optim": optim_state(self)}
 
-def build_plan(model, cfg: Config, ctx: ParallelContext):
-    """The native plan, or DeepSpeed's engine around the same model when parallel.engine says so."""
-    if cfg.parallel.engine == "deepspeed":
-        from .ds_engine import DeepSpeedPlan
-        return DeepSpeedPlan(model, cfg, ctx)
-    return ParallelPlan(model, cfg, ctx)
+    def load_state_dict(self, read, with_optimizer: bool) -> None:
+        """read(state) fills a state dict in place from the checkpoint (DCP, resharded to this layout)."""
+        state = {"model": model_state(self.model, self.ctx)}
+        if with_optimizer:
+            state["optim"] = optim_state(self)
+        read(state)
+        load_model_state(self.model, state["model"])
+        if with_optimizer:
+            load_optim_state(self, state["optim"])

@@ -31,9 +31,9 @@ import torch.distributed as dist
 
 from ..config import Config, ConfigError
 from ..data.tokenizer import first_line
-from .context import ParallelContext, env_world
-from .apply import decay_groups
-from .pipeline import Pipeline
+from ..parallel.context import ParallelContext, env_world
+from ..parallel.parallelize import Parallelized
+from .native import decay_groups
 
 LOAD_PART_BYTES = 1 << 30  # fp32 weights + Adam states read per part of a load, per rank
 INSTALL = "pip install 'megatron-sep[deepspeed]' (or pip install deepspeed)"
@@ -188,12 +188,10 @@ def ds_config(cfg: Config, dp: int, bf16: bool, extra: dict | None = None) -> di
     return merge(out, p.deepspeed if extra is None else extra)
 
 
-class DeepSpeedPlan:
-    """The model as DeepSpeed holds it, with the native plan's interface (Trainer and checkpoints)."""
+class DeepSpeedEngine:
+    """The model as DeepSpeed holds it, behind the engine protocol (engine/__init__.py)."""
 
-    zero = False  # the native ZeRO-1 paths (parallel/state.py) do not apply
-
-    def __init__(self, model, cfg: Config, ctx: ParallelContext):
+    def __init__(self, part: Parallelized, cfg: Config, ctx: ParallelContext):
         deepspeed = import_deepspeed()
         self.ctx, self.cfg = ctx, cfg
         os.environ.setdefault("LOCAL_RANK", str(env_world()[2]))  # DeepSpeed asserts it; srun and one process lack it
@@ -207,7 +205,7 @@ class DeepSpeedPlan:
             atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
         bf16 = ctx.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
         self.ds_config = ds_config(cfg, ctx.dp, bf16)
-        self.pipe = Pipeline(model, ctx, "1f1b", 1)  # one stage: the same schedule code as the native plan
+        self.pipe, model = part.pipe, part.model  # one stage: the same schedule code as the native engine
         o, p = cfg.optim, cfg.parallel
         groups = decay_groups(list(model.parameters()), o.weight_decay)
         if p.offload != "none" and ctx.device.type == "cuda":  # DeepSpeed's vectorised Adam for CPU states
@@ -231,9 +229,17 @@ class DeepSpeedPlan:
         self._ensure_states()
         self.micros = self.ds_config["gradient_accumulation_steps"]
         self.backwards = 0
-        self.pipe.whole_model, self.pipe.backward_loss = self.engine, self._backward
 
-    def _backward(self, loss) -> None:
+    def forward_backward(self, micro_batches, forward_only: bool = False) -> torch.Tensor:
+        return self.pipe.run(micro_batches, self, forward_only)
+
+    def forward(self, tokens, labels, position_ids, batch):
+        return self.engine(tokens, labels, position_ids, batch)  # through DeepSpeed's module hooks (ZeRO-3)
+
+    def before_last_backward(self) -> None:
+        pass  # DeepSpeed reduces gradients in its own backward
+
+    def backward(self, loss) -> None:
         """DeepSpeed's documented accumulation loop: step() after every micro-batch's backward; it only counts
         the micro-steps until the last, whose step() (in self.step) updates."""
         self.engine.backward(loss, scale_wrt_gas=False)  # the schedule already divided by the micro-batches
@@ -310,7 +316,7 @@ class DeepSpeedPlan:
             else:
                 st["step"] = int(value)
 
-    def checkpoint_state(self) -> dict:
+    def state_dict(self) -> dict:
         """This rank's share of the checkpoint: every rank joins every gather, rank i % world keeps the i-th
         parameter (on the CPU), so no rank ever holds the whole model."""
         rank, world = self.ctx.rank, self.ctx.world
@@ -328,7 +334,7 @@ class DeepSpeedPlan:
                 model["lm_head.weight"] = model[name]
         return {"model": model, "optim": optim}
 
-    def load_checkpoint_state(self, read, with_optimizer: bool) -> None:
+    def load_state_dict(self, read, with_optimizer: bool) -> None:
         """Read the checkpoint in parts of about LOAD_PART_BYTES and scatter each into the partitions."""
         named, part, size = self._named(), [], 0
         per = 3 if with_optimizer else 1
