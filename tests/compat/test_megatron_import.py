@@ -21,7 +21,7 @@ import torch
 from megatron_sep.convert import ConversionError, load_project_model
 from megatron_sep.convert.megatron import import_megatron
 
-from .dist_utils import run_distributed
+from ..dist_utils import run_distributed
 
 VOCAB, SEQ = 384, 16
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",

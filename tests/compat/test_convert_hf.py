@@ -16,7 +16,7 @@ from megatron_sep.training.checkpoint import CheckpointError, save_checkpoint
 
 import transformers  # noqa: E402  (a test dependency)
 
-from .export_utils import export_tiny  # noqa: E402
+from ..export_utils import export_tiny  # noqa: E402
 
 MODELS = {  # rope settings away from transformers' defaults, so a key it does not read would show
     "neox": {"family": "neox", "rotary_pct": 0.5, "rotary_base": 5000.0},
