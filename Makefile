@@ -10,10 +10,10 @@ DEMO := data/demo
 # what the compatibility check installs unpinned: the newest releases, or e.g. HF="transformers==5.0.0"
 HF ?= transformers tokenizers safetensors
 HF_VENV := .venv-hf
-HF_TESTS := tests/test_convert_hf.py tests/test_hf_generation.py tests/test_hf_tokenizer.py tests/test_neox_import.py \
-	tests/test_megatron_compat.py tests/test_megatron_import.py tests/test_deepspeed.py tests/test_subllm_export.py tests_compat
+# the tests it runs there: those marked compat (tests/compat/; markers in pytest.ini, applied by tests/conftest.py)
+HF_TESTS := -m compat tests
 
-.PHONY: demo test env lock test-latest test-hf clean-demo corpus
+.PHONY: demo test test-unit env lock test-latest test-hf clean-demo corpus
 
 env: $(BIN)/megatron-sep
 
@@ -45,6 +45,10 @@ corpus: env
 TEST_WORKERS ?= 2
 test: env
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+# The fast loop: tests/unit only (marker unit: one process, no CLI subprocess, no training run).
+test-unit: env
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m unit tests
 
 # Resolve the newest releases that setup.py admits into a scratch venv and write them as the lock.
 # Then `make test` (it rebuilds .venv from the new lock) and `make test-latest` before committing.

@@ -9,7 +9,7 @@ MFU and peak memory (medians over the steps after the first 5). Then a checkpoin
 at the middle step resumes on one GPU, and its next loss is compared with the (tp2) run's.
 Loss tolerance: bf16 autocast with reductions split differently across GPUs; over 50 steps the
 runs drift apart by rounding, so |delta loss| <= --tol (default 0.05, ~0.5% of a loss near 10).
---preset tiny runs the same driver on CPU with gloo (tests/test_training.py runs it that way). On the
+--preset tiny runs the same driver on CPU with gloo (tests/integration/test_training.py runs it that way). On the
 device, PyYAML and tqdm are carried as wheels (see the device README).
 """
 from __future__ import annotations

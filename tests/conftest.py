@@ -75,12 +75,23 @@ def tiny_config(corpus: dict, run_dir, **sections):
 # The slowest modules, slowest first (measured on 2 cores, one process: module fixtures included). Under
 # `--dist loadfile` each worker takes the next whole module when it is free, so a long module collected last
 # would run alone at the end; collected first, the short ones fill in beside it. Order within a module is kept.
+# Modules are named by file name, whichever layer directory (unit/, integration/, compat/) holds them.
 SLOW_MODULES_FIRST = ("test_parallel_training", "test_data_safety", "test_training", "test_deepspeed", "test_trust",
                       "test_sep_attention_op", "test_sep_attention_triton", "test_speculative", "test_hf_generation",
                       "test_subllm", "test_sweep", "test_fp8", "test_tokenizer_preprocess", "test_distill",
                       "test_context_parallel", "test_sep_cache", "test_probes", "test_eval_ranks", "test_bad_input_35")
 
 
+# Each test is marked with its directory's layer (markers registered in pytest.ini): `-m unit`, `-m compat`, ...
+LAYERS = ("unit", "integration", "compat")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).resolve().parent
+    for item in items:
+        layer = item.path.resolve().parent
+        if layer.parent == here and layer.name in LAYERS:
+            item.add_marker(layer.name)
     rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order

@@ -1,6 +1,6 @@
 """train.precision: fp8 through the Trainer on the GPU: compiled blocks with torchao float8 linears, the
 loss against a bf16 run of the same seed and batches, and checkpoints that a bf16 run resumes and
-export-hf writes. (tests/test_fp8.py checks the conversion and the tensor-parallel wiring on CPU.)"""
+export-hf writes. (tests/integration/test_fp8.py checks the conversion and the tensor-parallel wiring on CPU.)"""
 import json
 import os
 

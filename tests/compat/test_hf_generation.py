@@ -15,7 +15,7 @@ from megatron_sep.convert.modeling_sepllm import SepLLMVisibility
 from megatron_sep.data.separators import resolve_separator_ids
 from megatron_sep.inference import generate
 
-from .export_utils import export_tiny
+from ..export_utils import export_tiny
 
 TOL = 1e-4
 NEW = 24

@@ -23,8 +23,8 @@ import torch
 
 from megatron_sep.training import Trainer
 
-from .conftest import tiny_config
-from .dist_utils import run_distributed
+from ..conftest import tiny_config
+from ..dist_utils import run_distributed
 
 TOL = 1e-5
 TIMEOUT = 150  # the pair runs in ~15 s on 2 cores; a hang fails here instead of stalling the suite

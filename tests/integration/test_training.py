@@ -15,7 +15,7 @@ from megatron_sep.training import Trainer
 from megatron_sep.checkpoint import CRASH_ENV, latest_checkpoint, load_checkpoint, read_meta
 from megatron_sep.training.optim import lr_at
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 
 
 def losses(run_dir):
@@ -178,7 +178,7 @@ def test_multi_gpu_driver_on_cpu(tmp_path):
     out = tmp_path / "mg"
     res = subprocess.run([sys.executable, "benchmarks/multi_gpu.py", "--preset", "tiny", "--steps", "4", "--kinds",
                           "dense", "--layouts", "1gpu,tp2", "--tol", "1e-5", "--out", str(out)],
-                         capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+                         capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     runs = json.loads((out / "multi_gpu.json").read_text())["runs"]["dense"]
     assert set(runs["1gpu"]["loss"]) == {"1", "2", "3", "4"}

@@ -15,7 +15,7 @@ from megatron_sep.inference.speculative import check_pair, speculative_generate
 from megatron_sep.model import GPT
 from megatron_sep.model.attention import AttentionBatch
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 from .test_data_safety import assert_one_line_error, cli
 
 SEPS = [1, 2, 3]

@@ -15,8 +15,8 @@ from megatron_sep.checkpoint import load_model
 from megatron_sep.model.loss import TeacherTargets, distill_loss
 from megatron_sep.training import Trainer
 
-from .conftest import tiny_config
-from .dist_utils import run_distributed
+from ..conftest import tiny_config
+from ..dist_utils import run_distributed
 
 
 @pytest.mark.parametrize("weight,temperature", [(1.0, 1.0), (1.0, 2.0), (0.3, 1.5)])

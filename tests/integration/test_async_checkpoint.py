@@ -9,7 +9,7 @@ from megatron_sep.checkpoint import load_model
 from megatron_sep.training import Trainer
 from megatron_sep.checkpoint import CRASH_ENV, latest_checkpoint, list_checkpoints
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 from .test_data_safety import cli, write_config
 from .test_training import losses
 

@@ -11,8 +11,8 @@ import torch.distributed as dist
 
 from megatron_sep.config import ConfigError, config_from_dict
 
-from .conftest import tiny_config
-from .dist_utils import run_distributed
+from ..conftest import tiny_config
+from ..dist_utils import run_distributed
 
 KINDS = {"dense": {"kind": "dense"},
          "sepllm": {"kind": "sepllm", "separators": [3, 5], "window": 5, "init_tokens": 2},

@@ -22,8 +22,8 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install
 from megatron_sep.config import ConfigError  # noqa: E402
 from megatron_sep.training import Trainer  # noqa: E402
 
-from .conftest import tiny_config  # noqa: E402
-from .dist_utils import run_distributed  # noqa: E402
+from ..conftest import tiny_config  # noqa: E402
+from ..dist_utils import run_distributed  # noqa: E402
 
 TOL = 1e-4
 DS = {"engine": "deepspeed"}

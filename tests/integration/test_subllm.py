@@ -12,8 +12,8 @@ from megatron_sep.model import GPT
 from megatron_sep.model.subllm import _Balance
 from megatron_sep.training import Trainer
 
-from .conftest import tiny_config
-from .dist_utils import run_distributed
+from ..conftest import tiny_config
+from ..dist_utils import run_distributed
 
 STRUCT = {"num_layers": 4, "structure": "T(TT)T", "subsample_keep": 0.5}
 

@@ -11,8 +11,8 @@ from megatron_sep.model import GPT
 from megatron_sep.model.attention import attention_stats, sep_inputs
 from megatron_sep.training import Trainer
 
-from .conftest import tiny_config
-from .test_sep_attention import oracle_mask
+from ..conftest import tiny_config
+from ..unit.test_sep_attention import oracle_mask
 
 
 def build(kind, **attention):

@@ -71,7 +71,7 @@ def test_cli_rejects_bad_config_before_work(tmp_path):
 
 def test_shipped_configs_validate():
     from pathlib import Path
-    paths = sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml"))
+    paths = sorted(Path(__file__).resolve().parents[2].glob("configs/*.yaml"))
     assert len(paths) >= 10
     for path in paths:
         cfg = load_config(path)

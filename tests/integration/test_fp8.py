@@ -14,8 +14,8 @@ from megatron_sep.model import GPT
 from megatron_sep.parallel.context import ParallelContext
 from megatron_sep.parallel import fp8
 
-from .conftest import tiny_config
-from .dist_utils import init_gloo, run_distributed
+from ..conftest import tiny_config
+from ..dist_utils import init_gloo, run_distributed
 
 
 def test_fp8_without_a_float8_gpu_is_a_clear_error(corpus, tmp_path):

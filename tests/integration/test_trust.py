@@ -13,7 +13,7 @@ from megatron_sep.checkpoint import CheckpointError, latest_checkpoint, list_che
 from megatron_sep.training.metrics import MetricsLogger
 from megatron_sep.training.trainer import TrainingError
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 from .test_data_safety import assert_one_line_error, cli, snapshot, write_config
 from .test_training import losses
 
@@ -136,7 +136,7 @@ def test_latest_never_leads_out_of_its_folder_and_its_loss_never_restarts_a_run(
 
 
 def test_hf_index_shard_names_stay_in_the_folder(tmp_path):
-    from .test_convert_hf import hf_random
+    from ..compat.test_convert_hf import hf_random
     _, hf_dir = hf_random(tmp_path, "llama")
     secret = tmp_path / "secret.safetensors"
     shutil.copy(hf_dir / "model.safetensors", secret)

@@ -9,7 +9,7 @@ from data_tools.train_tokenizer import train_hf_bpe, train_sentencepiece
 from megatron_sep.convert.hf_tokenizer import sentencepiece_to_hf
 from megatron_sep.data.tokenizer import load_tokenizer
 
-from .export_utils import export_tiny
+from ..export_utils import export_tiny
 
 TEXT = ("  Two leading spaces, then prose. Does it stop? No; it goes on: 3.14159 and 1,000,000!\n"
         "\tA tab,   three spaces and a trailing one \n"

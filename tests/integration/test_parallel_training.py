@@ -11,8 +11,8 @@ import pytest
 
 from megatron_sep.training import Trainer
 
-from .conftest import tiny_config
-from .dist_utils import run_distributed
+from ..conftest import tiny_config
+from ..dist_utils import run_distributed
 
 LAYOUTS = {
     "tp2": ({"tp": 2}, 2),

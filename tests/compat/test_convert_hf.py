@@ -15,7 +15,7 @@ from megatron_sep.checkpoint import CheckpointError, WeightsOnly, save_checkpoin
 
 import transformers  # noqa: E402  (a test dependency)
 
-from .export_utils import export_tiny  # noqa: E402
+from ..export_utils import export_tiny  # noqa: E402
 
 MODELS = {  # rope settings away from transformers' defaults, so a key it does not read would show
     "neox": {"family": "neox", "rotary_pct": 0.5, "rotary_base": 5000.0},

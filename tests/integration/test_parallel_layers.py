@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from megatron_sep.parallel.context import ParallelContext
 
-from .dist_utils import init_gloo, run_distributed
+from ..dist_utils import init_gloo, run_distributed
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 

@@ -15,7 +15,7 @@ from megatron_sep.cli import MAX_NEW_TOKENS
 from megatron_sep.config import dump_config
 from megatron_sep.training import Trainer
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 from .test_data_safety import ROOT, assert_one_line_error, cli
 
 BINARY = b"\x7fELF\x02\x01\x01\x00\xff\xfe\x00\x00"  # the start of an executable: NUL and non-UTF-8 bytes

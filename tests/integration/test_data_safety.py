@@ -17,10 +17,10 @@ from megatron_sep.training import Trainer
 from megatron_sep.checkpoint import CRASH_ENV, CheckpointError, latest_checkpoint, list_checkpoints
 from megatron_sep.training.trainer import TrainingError
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 from .test_training import launch, losses
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args, cwd=None, env=None, preexec_fn=None, timeout=300):
@@ -193,7 +193,7 @@ def test_skip_nonfinite_drops_one_bad_update(corpus, tmp_path):
 # ---- 3-5. conversions never clobber ------------------------------------------------------------
 
 def test_import_hf_never_touches_an_existing_run(corpus, tmp_path):
-    from .test_convert_hf import hf_random
+    from ..compat.test_convert_hf import hf_random
     _, hf_dir = hf_random(tmp_path, "llama")
     cfg = tiny_config(corpus, tmp_path / "run", train={"steps": 2}, checkpoint={"save_interval": 2})
     Trainer(cfg).run()

@@ -22,7 +22,7 @@ from megatron_sep.convert import ConversionError
 from megatron_sep.checkpoint import load_model
 from megatron_sep.convert.megatron import import_megatron
 
-from .dist_utils import run_distributed
+from ..dist_utils import run_distributed
 
 VOCAB, SEQ = 384, 16
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",

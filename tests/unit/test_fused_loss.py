@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_sep.model.loss import linear_cross_entropy
-from tests.test_model import build
+from tests.unit.test_model import build
 
 
 def _unfused(x, w, y):
