@@ -24,11 +24,11 @@ from megatron_sep.convert.commands import prepare_out
 from megatron_sep.convert.hf import ConversionError
 from megatron_sep.inference.generate import feed, make_cache
 from megatron_sep.inference.speculative import speculative_generate
-from megatron_sep.model import GPT
+from megatron_sep.model import build_model
 
 
 def random_model(path: str, vocab: int):
-    return GPT(load_config(path, [f"model.vocab_size={vocab}"])).to("cuda", torch.bfloat16).eval()
+    return build_model(load_config(path, [f"model.vocab_size={vocab}"])).to("cuda", torch.bfloat16).eval()
 
 
 def stepper(model, path: str, s: int, steps: int):

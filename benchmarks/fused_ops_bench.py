@@ -137,7 +137,7 @@ def correctness():
 
 def train_step_losses():
     from megatron_sep.config import config_from_dict
-    from megatron_sep.model import GPT
+    from megatron_sep.model import build_model
     res = {}
     for family in ("llama", "neox"):
         model = {"family": family, "num_layers": 4, "hidden_size": 512, "num_heads": 8, "vocab_size": 32000,
@@ -146,7 +146,7 @@ def train_step_losses():
         losses = {}
         for kernels in ("reference", "triton"):
             torch.manual_seed(0)
-            m = GPT(config_from_dict({"model": {**model, "kernels": kernels}, "data": {"seq_len": 1024}})).cuda()
+            m = build_model(config_from_dict({"model": {**model, "kernels": kernels}, "data": {"seq_len": 1024}})).cuda()
             opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
             seq = []
             for _ in range(3):

@@ -28,7 +28,7 @@ import os
 import torch
 
 from megatron_sep.config import config_from_dict
-from megatron_sep.model import GPT
+from megatron_sep.model import build_model
 
 GIB = 2**30
 # usable memory as torch reports it, minus 10% for the CUDA context, NCCL buffers and fragmentation
@@ -51,7 +51,7 @@ MEASURED = [("1.3B", 4096, 2, False, True, "2026-12-01_train_throughput_llama1.3
 def shape_numbers(model: dict) -> dict:
     cfg = config_from_dict({"model": {**model, "max_position_embeddings": 1 << 20}, "data": {"mock": True}})
     with torch.device("meta"):
-        gpt = GPT(cfg)
+        gpt = build_model(cfg)
     m = cfg.model
     return {"params": gpt.num_params(), "layers": m.num_layers, "h": m.hidden_size,
             "hk": m.kv_heads * m.head_dim, "f": m.ffn_size, "vocab": gpt.padded_vocab_size}

@@ -17,7 +17,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import fused_ops
 from megatron_sep.config import config_from_dict
-from megatron_sep.model import GPT
+from megatron_sep.model import build_model
 
 
 def rel(a, b):
@@ -106,7 +106,7 @@ def first_step_loss():
                             "attention": {"kind": "sepllm", "separators": [1, 2, 3], "window": 16},
                             "data": {"seq_len": 300}})
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = build_model(cfg)
     tokens = torch.randint(0, 100, (2, 301))
     cpu = model(tokens[:, :-1], tokens[:, 1:]).item()
     cfg.attention.backend = "flex"

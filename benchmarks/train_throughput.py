@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_sep.config import config_from_dict
-from megatron_sep.model import GPT
+from megatron_sep.model import build_model
 
 from memory_peak import memory_at_peak  # benchmarks/ is on sys.path when this file runs as a script
 
@@ -256,7 +256,7 @@ def main():
                            pairs=pairs, key=f"{kind}:{'compile' if compiled else 'eager'}",
                            peak=model.peak / 1e12 if model.peak else 989)
                 else:
-                    model = GPT(cfg).to(args.device)
+                    model = build_model(cfg).to(args.device)
                     if compiled:
                         for blk in model.layers:
                             blk.compile()

@@ -5,7 +5,7 @@ from megatron_sep.config import config_from_dict, dump_config
 from megatron_sep.convert import export_hf
 from megatron_sep.data.separators import resolve_separator_ids
 from megatron_sep.data.tokenizer import load_tokenizer
-from megatron_sep.model import GPT
+from megatron_sep.model import build_model
 from megatron_sep.checkpoint import WeightsOnly, save_checkpoint
 
 
@@ -20,7 +20,7 @@ def export_tiny(tmp_path, tokenizer, model: dict, attention: dict | None = None,
         raw["attention"] = {"separators": resolve_separator_ids(tok)[0], **attention}
     cfg = config_from_dict(raw)
     torch.manual_seed(0)
-    ours = GPT(cfg).eval()
+    ours = build_model(cfg).eval()
     save_checkpoint(tmp_path / "run" / "checkpoints", 1, WeightsOnly(ours, cfg),
                     {"consumed_samples": 0}, dump_config(cfg), keep_last=1)
     return ours, export_hf(tmp_path / "run", tmp_path / out_name), tok

@@ -13,7 +13,7 @@ import torch
 from megatron_sep.config import config_from_dict
 from megatron_sep.inference import generate
 from megatron_sep.inference.speculative import speculative_generate
-from megatron_sep.model import GPT
+from megatron_sep.model import build_model
 
 if not torch.cuda.is_available():
     raise RuntimeError("tests_gpu needs a CUDA device; the CPU suite is tests/")
@@ -27,7 +27,7 @@ def model(kind, layers, dtype, seed=0):
                                       "num_kv_heads": 2, "vocab_size": 300, "max_position_embeddings": 512},
                             "attention": attention, "data": {"seq_len": 512}})
     torch.manual_seed(seed)
-    return GPT(cfg).to("cuda", dtype).eval()
+    return build_model(cfg).to("cuda", dtype).eval()
 
 
 def prompt(n=20, seed=0):

@@ -75,7 +75,7 @@ def test_cuda_graph_capture_and_replay():
 def test_compiled_blocks_match_eager_for_each_backend(backend):
     """A small SepLLM model with its blocks compiled (inductor) gives the eager loss and gradients (fp32)."""
     from megatron_sep.config import config_from_dict
-    from megatron_sep.model import GPT
+    from megatron_sep.model import build_model
 
     def model():
         cfg = config_from_dict({"model": {"family": "llama", "num_layers": 2, "hidden_size": 256, "num_heads": 4,
@@ -84,7 +84,7 @@ def test_compiled_blocks_match_eager_for_each_backend(backend):
                                               "backend": backend},
                                 "data": {"seq_len": 1024}})
         torch.manual_seed(0)
-        return GPT(cfg).cuda()
+        return build_model(cfg).cuda()
     tokens = torch.randint(0, 512, (2, 1024), device="cuda")
     labels = torch.randint(0, 512, (2, 1024), device="cuda")
     eager = model()

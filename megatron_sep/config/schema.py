@@ -24,6 +24,20 @@ def _require(ok: bool, key: str, value, problem: str, fix: str) -> None:
         raise ConfigError(key, value, problem, fix)
 
 
+@dataclass(frozen=True)
+class BlockParts:
+    """What a family means for the model's blocks, derived here once (the model never tests the family)."""
+    norm: Literal["layer", "rms"]
+    mlp: Literal["gelu", "swiglu"]
+    parallel_residual: bool  # x + attn(ln1(x)) + mlp(ln2(x)), else sequential
+    bias: bool  # on the attention and MLP linear layers
+    init: Literal["neox", "scaled_normal"]  # init_method auto
+
+
+FAMILY_PARTS = {"neox": BlockParts("layer", "gelu", parallel_residual=True, bias=True, init="neox"),
+                "llama": BlockParts("rms", "swiglu", parallel_residual=False, bias=False, init="scaled_normal")}
+
+
 @dataclass
 class ModelConfig:
     family: Literal["neox", "llama"] = "llama"
@@ -111,6 +125,10 @@ class ModelConfig:
     @property
     def subsampled(self) -> bool:
         return any(k < 1.0 for k in self.level_keeps())
+
+    @property
+    def parts(self) -> BlockParts:
+        return FAMILY_PARTS[self.family]
 
     @property
     def head_dim(self) -> int:

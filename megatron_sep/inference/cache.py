@@ -35,6 +35,9 @@ GROWING = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBacken
 
 
 class SepKVCache:
+    """The full KV cache (model/cache.py's DecodeCache), with SepLLM's eviction of what no later query sees."""
+    rotates, levels = False, True
+
     def __init__(self, cfg: Config, sep_ids: torch.Tensor, evict: bool = False):
         a, m = cfg.attention, cfg.model
         self.cfg, self.sep_ids, self.evict = cfg, sep_ids, evict
@@ -56,7 +59,7 @@ class SepKVCache:
         self.length += s
         return pos
 
-    def attend(self, layer: int, q, k, v):
+    def attend(self, layer: int, q, k, v, rope=None):
         """q [b, hq, s, d], new k/v [b, hk, s, d] -> attention output over cache + new keys."""
         return self.attend_at(layer, q, k, v, self.new_pos, self.new_keep, self.length)
 
@@ -127,6 +130,7 @@ class LevelCache:
     tokens (as in training, where the level's sequence is the kept tokens in order); RoPE keeps the original
     positions. A padded entry (a batch row that kept fewer tokens this step) is stored at PADDING, where no
     real query sees it; a step in which no row keeps a token adds nothing."""
+    rotates, levels = False, True
 
     def __init__(self, base: SepKVCache, level: int, outer_sep, index, valid):
         self.base = base
@@ -139,7 +143,7 @@ class LevelCache:
         counts[level] = count + valid.long().sum(1)
         self.next_pos = counts[level]
 
-    def attend(self, layer: int, q, k, v):
+    def attend(self, layer: int, q, k, v, rope=None):
         return self.base.attend_at(layer, q, k, v, self.new_pos, self.new_keep, self.next_pos)
 
     def level(self, level: int, index, valid) -> "LevelCache":

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from ..model.attention import AttentionBatch
 from .cache import SepKVCache
 from .sep_cache import SepCache
 from .static_cache import StaticKVCache
@@ -60,7 +59,7 @@ def feed(model, kv, tokens: torch.Tensor) -> torch.Tensor:
     """The model's logits for the next tokens [b, s] of a stream, through (and into) the KV cache `kv`."""
     if getattr(kv, "graphs", None) is not None:
         return kv.graphs(tokens)
-    return model(tokens, position_ids=kv.begin(tokens), batch=AttentionBatch(kv_cache=kv))
+    return model(tokens, position_ids=kv.begin(tokens), cache=kv)
 
 
 def make_cache(model, kind: str, sizes=(4, 64, 256, 512), positions: str = "original", evict: bool = False,

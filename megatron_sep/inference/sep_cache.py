@@ -32,6 +32,9 @@ from .cache import check_rollback, separators_at, visible
 
 
 class SepCache:
+    """The bounded SepCache (model/cache.py's DecodeCache); it serves no SUBLLM levels."""
+    levels = False
+
     def __init__(self, cfg: Config, sep_ids: torch.Tensor, *, init: int = 4, seps: int = 64, window: int = 256,
                  capacity: int = 512, positions: str = "original", streaming: bool = False):
         """`streaming`: ignore separators (a StreamingLLM cache: initial tokens + window)."""
@@ -62,6 +65,9 @@ class SepCache:
         self.length = 0
         self._step = None
         self._mark = None  # speculative decoding: the state at mark(), and each step fed since (tokens, k/v)
+
+    def level(self, level: int, index, valid):
+        raise ValueError("SepCache serves no SUBLLM levels (levels = False)")
 
     def entries(self) -> torch.Tensor:
         """Retained entries per row [b] (after the last completed step)."""

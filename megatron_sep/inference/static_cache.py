@@ -12,13 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
-from ..model.attention import AttentionBatch
+
 from .cache import check_rollback, separators_at, visible
 
 ALIGN = 64  # buffer length multiple: SDPA's fused kernels want the mask's last dimension aligned
 
 
 class StaticKVCache:
+    """A fixed-size cache for CUDA graphs (model/cache.py's DecodeCache); one sequence of keys per layer."""
+    rotates, levels = False, False
+
     def __init__(self, cfg: Config, sep_ids: torch.Tensor, capacity: int, batch: int = 1):
         if cfg.model.subsampled:
             raise ValueError("the static KV cache holds one sequence of keys per layer; a SUBLLM model "
@@ -49,7 +52,7 @@ class StaticKVCache:
     def step(self, model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The model's logits for tokens [b, s] at positions pos [s] (a device tensor: no host bookkeeping)."""
         self.prepare(tokens, pos)
-        return model(tokens, position_ids=pos, batch=AttentionBatch(kv_cache=self))
+        return model(tokens, position_ids=pos, cache=self)
 
     def begin(self, tokens: torch.Tensor) -> torch.Tensor:
         pos = self.advance(tokens.shape[1])
@@ -69,7 +72,10 @@ class StaticKVCache:
         self.masks = {w: visible(causal, self.keep[:, None, :], qpos, kpos, w).expand(b, s, self.capacity)[:, None]
                       for w in set(self.windows)}
 
-    def attend(self, layer: int, q, k, v):
+    def level(self, level: int, index, valid):
+        raise ValueError("the static KV cache serves no SUBLLM levels (levels = False)")
+
+    def attend(self, layer: int, q, k, v, rope=None):
         if self.k[layer] is None:
             shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
             self.k[layer] = k.new_zeros(shape)

@@ -23,7 +23,6 @@ class AttentionBatch:
     is_sep: torch.Tensor | None = None  # [b, s] bool
     segment_ids: torch.Tensor | None = None  # [b, s] (attention.reset_per_document)
     plan: fused_ops.SepPlan | None = None  # kept keys, gathered list, tile bounds / block masks
-    kv_cache: object | None = None  # decoding: the cache attends instead of the core
 
 
 def prepare_batch(cfg: Config, tokens: torch.Tensor, sep_ids: torch.Tensor) -> AttentionBatch:

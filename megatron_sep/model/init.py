@@ -11,7 +11,7 @@ from ..config import ModelConfig
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     method = cfg.init_method
     if method == "auto":
-        method = "neox" if cfg.family == "neox" else "scaled_normal"
+        method = cfg.parts.init
     h, layers = cfg.hidden_size, cfg.num_layers
     if method == "neox":  # small_init (Nguyen & Salazar) for inputs, wang_init for outputs
         std_in, std_out = math.sqrt(2.0 / (5 * h)), 2.0 / (layers * math.sqrt(h))

@@ -7,16 +7,14 @@ recomputed), and peak memory holds one chunk's fp32 logits instead of the full l
 the saved log-softmax and their gradients.
 
 With a vocabulary-parallel head (tensor parallelism) the weight is this rank's rows, `start` the first of
-them; the log-sum-exp and the target's logit are combined over `group`, and the caller sums d(input) over
-the group (the column-parallel input region's backward does).
+them; `combine` merges the ranks' log-sum-exp and target logit (parallel/layers.py), and the caller sums
+d(input) over the ranks (the column-parallel input region's backward does).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 CHUNK_BYTES = 1 << 28  # fp32 logits per chunk: 256 MiB, ~2K tokens at a 32K vocabulary
@@ -24,7 +22,7 @@ CHUNK_BYTES = 1 << 28  # fp32 logits per chunk: 256 MiB, ~2K tokens at a 32K voc
 
 class _LinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, rows, start, group, want_x, want_w):
+    def forward(ctx, x, weight, labels, rows, start, combine, want_x, want_w):
         n, v = x.shape[0], weight.shape[0]
         dev = x.device.type
         # the head's matmuls in the dtype autocast gives the unfused linear (bf16 on GPU), cast once
@@ -41,12 +39,8 @@ class _LinearCE(torch.autograd.Function):
             local = torch.where(outside, 0, lc - start)
             picked = logits.gather(1, local[:, None]).squeeze(1).masked_fill(outside, 0.0)
             lse = torch.logsumexp(logits, -1)
-            if group is not None:  # combine the ranks' vocabulary shards
-                peak = lse.clone()
-                dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-                both = torch.stack([(lse - peak).exp(), picked])
-                dist.all_reduce(both, group=group)
-                lse, picked = peak + both[0].log(), both[1]
+            if combine is not None:  # the ranks' vocabulary shards
+                lse, picked = combine(lse, picked)
             losses[a:a + rows] = lse - picked
             if want_x or want_w:
                 grad = (logits - lse[:, None]).exp_()  # softmax
@@ -67,35 +61,30 @@ class _LinearCE(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+Combine = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, start: int = 0,
-                         group=None, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+                         combine: Combine | None = None, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """Mean cross-entropy of `labels` [...] under logits = x [..., h] @ weight[v, h]^T, in chunks of tokens.
     Equals F.cross_entropy(F.linear(x, weight).float(), labels) (and its gradients) without the logits."""
     rows = max(1, chunk_bytes // (4 * weight.shape[0]))
     grad = torch.is_grad_enabled()
-    return _LinearCE.apply(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), rows, start, group,
+    return _LinearCE.apply(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), rows, start, combine,
                            grad and x.requires_grad, grad and weight.requires_grad)
 
 
-@dataclass
-class TeacherTargets:
-    """A micro-batch's labels plus its teacher (training/distill.py): the head's loss becomes distillation's.
-    The teacher's logits are computed when the loss needs them, so one micro-batch's are in memory at a time."""
-    labels: torch.Tensor
-    teacher_logits: Callable[[], torch.Tensor]  # () -> [b, s, vocab]
-    weight: float  # share of the distillation term; the rest is cross-entropy on the labels
-    temperature: float
+class CrossEntropy:
+    """The model's loss on its head: mean token cross-entropy, fused with the head (chunks of tokens, no
+    whole logits) or on the logits. Tensor parallelism and distillation put theirs in its place."""
+
+    def __init__(self, fused: bool):
+        self.fused = fused
+
+    def __call__(self, head, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return linear_cross_entropy(x, head.weight, labels)
+        logits = head(x)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def distill_loss(logits: torch.Tensor, targets: TeacherTargets) -> torch.Tensor:
-    """(1 - w) CE(labels) + w T^2 KL(softmax(teacher / T) || softmax(student / T)), means over tokens (Hinton
-    et al. 2015). The forward KL is what DistillSpec (Zhou et al. 2023) found to raise a draft's acceptance.
-    T^2 keeps the gradient's scale independent of T."""
-    v, w, t = logits.shape[-1], targets.weight, targets.temperature
-    student = logits.float().reshape(-1, v)
-    with torch.no_grad():
-        teacher = F.log_softmax(targets.teacher_logits().float().reshape(-1, v) / t, -1)
-    loss = w * t * t * F.kl_div(F.log_softmax(student / t, -1), teacher, log_target=True, reduction="batchmean")
-    if w < 1:
-        loss = loss + (1 - w) * F.cross_entropy(student, targets.labels.reshape(-1))
-    return loss

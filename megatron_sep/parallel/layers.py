@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .context import ParallelContext
+from ..model.loss import linear_cross_entropy
 from .params import mark
 from .mappings import copy_to_tp, gather_seq, reduce_from_tp, reduce_scatter_seq
 
@@ -117,3 +118,28 @@ def vocab_parallel_cross_entropy(logits, labels, ctx: ParallelContext):
     losses = _VocabParallelCE.apply(logits.reshape(-1, rows), labels.reshape(-1), ctx.tp_rank * rows,
                                     ctx.tp_group)
     return losses.mean()
+
+
+def combine_over(group):
+    """The fused loss's combine step (model/loss.py) for a vocabulary split over `group`: the ranks'
+    log-sum-exp (stable, through their maximum) and the target's logit, which one rank holds."""
+    def combine(lse, picked):
+        peak = lse.clone()
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        both = torch.stack([(lse - peak).exp(), picked])
+        dist.all_reduce(both, group=group)
+        return peak + both[0].log(), both[1]
+    return combine
+
+
+class VocabParallelCrossEntropy:
+    """The model's loss under tensor parallelism: the head holds this rank's rows of the vocabulary."""
+
+    def __init__(self, ctx: ParallelContext, fused: bool):
+        self.ctx, self.fused = ctx, fused
+        self.combine = combine_over(ctx.tp_group)
+
+    def __call__(self, head, x, labels):
+        if self.fused:
+            return linear_cross_entropy(head.gather_input(x), head.weight, labels, head.start, self.combine)
+        return vocab_parallel_cross_entropy(head(x), labels, self.ctx)

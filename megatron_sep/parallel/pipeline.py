@@ -49,7 +49,7 @@ class Pipeline:
         owned = [i for g in self.my_chunks for i in chunks[g]]
         if ctx.pp > 1:  # keyed by global index, so parameter names stay the plain model's
             model.layers = nn.ModuleDict({str(i): model.layers[i] for i in owned})
-            model.keep_levels_of([chunks[g] for g in self.my_chunks])  # SUBLLM: this rank's levels
+            model.keep_stage_parts([chunks[g] for g in self.my_chunks])  # e.g. SUBLLM: this rank's levels
         has_first, has_last = 0 in self.my_chunks, self.last_chunk in self.my_chunks
         if has_last and tied and not has_first:  # the head keeps its own copy, kept equal by grad sync
             model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())

@@ -1,17 +1,16 @@
 """Apply tensor (+ sequence) parallelism to the plain GPT by module replacement."""
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..model import SubLLM
 from ..model.gpt import Norm
 from .context import ParallelContext
 from .params import info, mark
 from .mappings import gather_seq_whole, split_seq
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy, VocabParallelEmbedding
 
 
 def apply_tensor_parallel(model, ctx: ParallelContext):
@@ -36,13 +35,13 @@ def apply_tensor_parallel(model, ctx: ParallelContext):
     model.lm_head = ColumnParallelLinear(model.lm_head, ctx)
     if tied:
         model.lm_head.weight = model.embed.weight
-    model.loss_fn = functools.partial(vocab_parallel_cross_entropy, ctx=ctx)
+    model.loss = VocabParallelCrossEntropy(ctx, model.cfg.model.fused_loss)
     if ctx.sequence_parallel:
         for m in model.modules():
             if isinstance(m, Norm):
                 for p in m.parameters():
                     mark(p, sequence_parallel=True)
-        if model.structure is not None:
+        if isinstance(model, SubLLM):
             model.seq_shards = SeqShards(ctx.tp_group, ctx.tp)
     return model
 

@@ -7,13 +7,16 @@ forward only, in the student's autocast, once per micro-batch.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 
 from ..config import Config, ConfigError, load_config
 from ..config.schema import check_backend_device
 from ..data.tokenizer import load_tokenizer, same_vocabulary
 from ..model.attention import prepare_batch
-from ..model.loss import TeacherTargets
 from ..checkpoint import CheckpointError, load_weights, resolve_checkpoint
 
 
@@ -40,6 +43,10 @@ class Teacher:
         blocks = self.model.layers
         for layer in blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks:
             layer.compile()
+
+    def install(self, model) -> None:
+        """The student's loss becomes distillation's for TeacherTargets (validation keeps its own)."""
+        model.loss = DistillationLoss(model.loss, model.vocab_size)
 
     def targets(self, tokens: torch.Tensor, labels: torch.Tensor) -> TeacherTargets:
         return TeacherTargets(labels, lambda: self.logits(tokens), self.weight, self.temperature)
@@ -73,3 +80,41 @@ def _check_vocabulary(cfg: Config, tcfg: Config, tokenizer) -> None:
                           f"is a model of another vocabulary ({theirs} tokens, tokenizer {tcfg.data.tokenizer}) "
                           f"than this run's ({ours} tokens, tokenizer {cfg.data.tokenizer})",
                           "distill from a model trained with this run's data.tokenizer")
+
+
+@dataclass
+class TeacherTargets:
+    """A micro-batch's labels plus its teacher : the head's loss becomes distillation's.
+    The teacher's logits are computed when the loss needs them, so one micro-batch's are in memory at a time."""
+    labels: torch.Tensor
+    teacher_logits: Callable[[], torch.Tensor]  # () -> [b, s, vocab]
+    weight: float  # share of the distillation term; the rest is cross-entropy on the labels
+    temperature: float
+
+
+def distill_loss(logits: torch.Tensor, targets: TeacherTargets) -> torch.Tensor:
+    """(1 - w) CE(labels) + w T^2 KL(softmax(teacher / T) || softmax(student / T)), means over tokens (Hinton
+    et al. 2015). The forward KL is what DistillSpec (Zhou et al. 2023) found to raise a draft's acceptance.
+    T^2 keeps the gradient's scale independent of T."""
+    v, w, t = logits.shape[-1], targets.weight, targets.temperature
+    student = logits.float().reshape(-1, v)
+    with torch.no_grad():
+        teacher = F.log_softmax(targets.teacher_logits().float().reshape(-1, v) / t, -1)
+    loss = w * t * t * F.kl_div(F.log_softmax(student / t, -1), teacher, log_target=True, reduction="batchmean")
+    if w < 1:
+        loss = loss + (1 - w) * F.cross_entropy(student, targets.labels.reshape(-1))
+    return loss
+
+
+class DistillationLoss:
+    """The model's loss while distilling: TeacherTargets get distillation's, plain labels (validation) the
+    loss it had before."""
+
+    def __init__(self, base, vocab_size: int):
+        self.base, self.vocab_size = base, vocab_size
+
+    def __call__(self, head, x: torch.Tensor, labels) -> torch.Tensor:
+        if isinstance(labels, TeacherTargets):  # the logits are needed whole
+            return distill_loss(head(x)[..., : self.vocab_size], labels)
+        return self.base(head, x, labels)
+

@@ -17,7 +17,7 @@ from ..config.schema import check_backend_device
 from ..data.dataset import check_token_range, run_datasets, sample_batch
 from ..data.tokenizer import load_tokenizer
 from ..data.separators import resolve_separator_ids
-from ..model import GPT
+from ..model import build_model
 from ..model.attention import attention_stats, prepare_batch, sep_inputs
 from ..parallel import init_parallel, shutdown
 from ..engine import build_engine
@@ -91,7 +91,7 @@ class Trainer:
             raise ConfigError("data.split", cfg.data.split, "the validation split holds no documents",
                               "give the valid share (second entry) a positive value, e.g. [0.98, 0.01, 0.01]")
 
-        model = GPT(cfg)
+        model = build_model(cfg)
         self.matmul_params = matmul_params(model)  # of the whole model, before sharding (for MFU)
         self.num_params = model.num_params()  # of the whole model, before sharding
         part = parallelize(model, cfg, self.ctx)
@@ -117,6 +117,7 @@ class Trainer:
 
         self.teacher = Teacher(cfg, self.tokenizer, self.device) if t.distill_from else None
         if self.teacher is not None:
+            self.teacher.install(self.model)
             self.notes.append(self.teacher.describe())
             if t.compile:
                 self.teacher.compile()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from megatron_sep.config import config_from_dict, dump_config
 from megatron_sep.convert import ConversionError, export_hf, import_hf
 from megatron_sep.checkpoint import load_model
-from megatron_sep.model import GPT
+from megatron_sep.model import build_model
 from megatron_sep.checkpoint import CheckpointError, WeightsOnly, save_checkpoint
 
 import transformers  # noqa: E402  (a test dependency)
@@ -29,7 +29,7 @@ def project_checkpoint(tmp_path, tokenizer, model):
                                       "max_position_embeddings": 128, **model},
                             "data": {"tokenizer": str(tokenizer), "seq_len": 64}})
     torch.manual_seed(0)
-    m = GPT(cfg)
+    m = build_model(cfg)
     with torch.no_grad():  # norms and biases away from their init, so a swapped name would show
         for p in m.parameters():
             if p.dim() == 1:
@@ -142,7 +142,7 @@ def test_sepllm_export_with_remote_code(corpus, tmp_path, name, attention):
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     tokens = tokens_with_separators(tok)
     with torch.no_grad():
-        dense = GPT(config_from_dict({**{"model": cfg.model.__dict__}, "data": {"seq_len": 64}}))
+        dense = build_model(config_from_dict({**{"model": cfg.model.__dict__}, "data": {"seq_len": 64}}))
         dense.load_state_dict(ours.state_dict())
         assert (dense(tokens) - ours(tokens)).abs().max() > 1e-3  # the pattern matters on this input
         assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-4

@@ -5,7 +5,7 @@ import torch
 from megatron_sep.config import config_from_dict, dump_config
 from megatron_sep.convert import export_hf
 from megatron_sep.convert.hf import ConversionError
-from megatron_sep.model import GPT
+from megatron_sep.model import build_model
 from megatron_sep.checkpoint import WeightsOnly, save_checkpoint
 
 
@@ -15,7 +15,7 @@ def _save(tmp_path, attention=None):
                                       "subsample_keep": 0.5},
                             "attention": attention or {"kind": "dense"}, "data": {"seq_len": 32, "mock": True}})
     torch.manual_seed(0)
-    model = GPT(cfg).eval()
+    model = build_model(cfg).eval()
     with torch.no_grad():
         for d in model.down:
             d.score.weight.normal_(std=3.0)  # about half the tokens kept at each level

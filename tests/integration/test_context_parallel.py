@@ -67,7 +67,7 @@ def _model_grads(rank, world, corpus, run_dir, kind):
     import copy
 
     from megatron_sep.model.attention import prepare_batch
-    from megatron_sep.model.gpt import GPT
+    from megatron_sep.model import build_model
     from megatron_sep.parallel import init_parallel
     from megatron_sep.engine import build_engine
     from megatron_sep.parallel.parallelize import parallelize
@@ -75,7 +75,7 @@ def _model_grads(rank, world, corpus, run_dir, kind):
     cfg = tiny_config(corpus, run_dir, attention=attention, parallel={"cp": world}, model={"vocab_size": 384})
     ctx = init_parallel(cfg, torch.device("cpu"))
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = build_model(cfg)
     plain = copy.deepcopy(model)
     tokens = torch.randint(0, 384, (2, cfg.data.seq_len))
     labels = torch.randint(0, 384, (2, cfg.data.seq_len))

@@ -1,4 +1,4 @@
-"""Knowledge distillation (train.distill_from, training/distill.py, model/loss.py distill_loss), on the CPU.
+"""Knowledge distillation (train.distill_from, training/distill.py, distill_loss), on the CPU.
 
 The loss is checked against the KL and its known gradient on fresh random logits; a distilled student must end
 closer to its teacher than the same student trained on the data alone; bad teachers and layouts are refused."""
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from megatron_sep.config import ConfigError
 from megatron_sep.checkpoint import load_model
-from megatron_sep.model.loss import TeacherTargets, distill_loss
+from megatron_sep.training.distill import TeacherTargets, distill_loss
 from megatron_sep.training import Trainer
 
 from ..conftest import tiny_config

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_sep.config import ConfigError, config_from_dict
-from megatron_sep.model import GPT
+from megatron_sep.model import build_model
 from megatron_sep.parallel.context import ParallelContext
 from megatron_sep.parallel import fp8
 
@@ -39,7 +39,7 @@ def _gpt():
                                       "max_position_embeddings": 64},
                             "data": {"mock": True, "seq_len": 64}})
     torch.manual_seed(0)
-    return GPT(cfg)
+    return build_model(cfg)
 
 
 def test_convert_keeps_parameters_and_tracks_the_fp32_model():

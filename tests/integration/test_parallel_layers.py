@@ -61,7 +61,7 @@ def test_collective_wrappers_match_unsharded_ops():
 
 def _layers(rank, world, sp):
     from megatron_sep.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                              vocab_parallel_cross_entropy)
+                                              combine_over, vocab_parallel_cross_entropy)
     from megatron_sep.model.loss import linear_cross_entropy
     from megatron_sep.parallel.mappings import gather_seq
     init_gloo(world)
@@ -87,7 +87,7 @@ def _layers(rank, world, sp):
         x = pemb(ids)  # [b, s / tp, h] under sp, else [b, s, h]
         y = prow(torch.tanh(pcol(x)))
         if fused:
-            loss = linear_cross_entropy(phead.gather_input(y), phead.weight, labels, phead.start, ctx.tp_group,
+            loss = linear_cross_entropy(phead.gather_input(y), phead.weight, labels, phead.start, combine_over(ctx.tp_group),
                                         chunk_bytes=8 * 16 * 3)
         else:
             loss = vocab_parallel_cross_entropy(phead(y), labels, ctx)

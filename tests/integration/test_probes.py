@@ -13,7 +13,7 @@ from megatron_sep.config import config_from_dict
 from megatron_sep.data.tokenizer import load_tokenizer
 from megatron_sep.inference import probes
 from megatron_sep.inference.generate import feed, generate, make_cache
-from megatron_sep.model.gpt import GPT
+from megatron_sep.model import build_model
 from megatron_sep.training import Trainer
 from tests.conftest import tiny_config
 
@@ -54,7 +54,7 @@ def streaming_model(corpus):
     cfg = tiny_config(corpus, "unused", model={"max_position_embeddings": 192, "vocab_size": tok.vocab_size},
                       data={"seq_len": 192}, attention={"kind": "streamingllm", "window": 48, "init_tokens": 2})
     torch.manual_seed(0)
-    model = GPT(cfg).eval()
+    model = build_model(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3 if p.dim() > 1 else 1.0)
@@ -162,7 +162,7 @@ def test_a_dense_model_trained_on_repeats_copies():
                   "vocab_size": V, "max_position_embeddings": 64},
         "data": {"mock": True, "seq_len": 2 * half}, "train": {"device": "cpu"}})
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
 

@@ -7,7 +7,7 @@ import torch
 from megatron_sep.config import config_from_dict
 from megatron_sep.data.separators import resolve_separator_ids
 from megatron_sep.data.tokenizer import load_tokenizer
-from megatron_sep.model import GPT
+from megatron_sep.model import build_model
 from megatron_sep.model.attention import attention_stats, sep_inputs
 from megatron_sep.training import Trainer
 
@@ -21,7 +21,7 @@ def build(kind, **attention):
                   "rotary_pct": 0.5, "max_position_embeddings": 64},
         "attention": {"kind": kind, "separators": [3, 4, 5], "window": 4, "init_tokens": 2, **attention},
         "data": {"seq_len": 64}})
-    return GPT(cfg).eval()
+    return build_model(cfg).eval()
 
 
 @pytest.mark.parametrize("kind", ["sepllm", "streamingllm", "fixed_interval"])

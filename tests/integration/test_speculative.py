@@ -12,8 +12,8 @@ from megatron_sep.config import config_from_dict
 from megatron_sep.inference import generate
 from megatron_sep.inference.generate import filtered_probs, make_cache
 from megatron_sep.inference.speculative import check_pair, speculative_generate
-from megatron_sep.model import GPT
-from megatron_sep.model.attention import AttentionBatch
+from megatron_sep.model import build_model
+
 
 from ..conftest import tiny_config
 from .test_data_safety import assert_one_line_error, cli
@@ -30,7 +30,7 @@ def model(family="llama", kind="dense", vocab=40, layers=2, seed=0, **extra):
                                       "num_kv_heads": 1, "vocab_size": vocab, "max_position_embeddings": 256},
                             "attention": attention, "data": {"seq_len": 256}})
     torch.manual_seed(seed)
-    return GPT(cfg).eval()
+    return build_model(cfg).eval()
 
 
 def perturbed(m, scale=0.3, seed=1):
@@ -113,7 +113,7 @@ def test_rollback_leaves_the_cache_as_if_the_tokens_were_never_fed(cache):
     tokens = prompt(seed=4, n=48)
 
     def feed(kv, t):
-        return m(t, position_ids=kv.begin(t), batch=AttentionBatch(kv_cache=kv))[:, -1]
+        return m(t, position_ids=kv.begin(t), cache=kv)[:, -1]
 
     kv = make_cache(m, *args, capacity=64)
     feed(kv, tokens[:, :16])
@@ -253,7 +253,7 @@ def test_a_wrong_acceptance_rule_fails_the_same_test(tiny_vocab_pair):
 def test_mismatched_pairs_and_batches_are_refused():
     with pytest.raises(ValueError, match="draft's vocabulary \\(50 tokens\\) differs from the target's \\(40\\)"):
         check_pair(model(), model(vocab=50))
-    sub = GPT(config_from_dict({"model": {"num_layers": 2, "hidden_size": 32, "num_heads": 2, "vocab_size": 40,
+    sub = build_model(config_from_dict({"model": {"num_layers": 2, "hidden_size": 32, "num_heads": 2, "vocab_size": 40,
                                           "structure": "T(T)", "subsample_keep": 0.5}}))
     with pytest.raises(ValueError, match="draft is a SUBLLM model"):
         check_pair(model(), sub)

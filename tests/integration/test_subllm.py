@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_sep.config import ConfigError, config_from_dict
-from megatron_sep.model import GPT
+from megatron_sep.model import build_model
 from megatron_sep.model.subllm import _Balance
 from megatron_sep.training import Trainer
 
@@ -55,9 +55,9 @@ def test_structures_that_end_inside_or_after_a_level_train(corpus, tmp_path, str
 
 def test_keep_ratio_one_is_the_plain_model():
     torch.manual_seed(0)
-    plain = GPT(model_config())
+    plain = build_model(model_config())
     torch.manual_seed(0)
-    sub = GPT(model_config(structure="T(TT)T", subsample_keep=1.0))
+    sub = build_model(model_config(structure="T(TT)T", subsample_keep=1.0))
     tokens = torch.randint(0, 97, (2, 32))
     assert torch.equal(plain(tokens), sub(tokens))
 
@@ -67,8 +67,8 @@ def test_mfu_flops_count_each_block_at_its_level_share():
     from megatron_sep.training.metrics import flops_per_token, matmul_params
     assert block_shares(parse_structure("T(T(T)T)T", 5), [0.5, 0.4]) == [1.0, 0.5, 0.2, 0.5, 1.0]
     dense, sub = model_config(), model_config(structure="TT(T)T", subsample_keep=0.5)
-    n = matmul_params(GPT(dense))
-    per_block = (n - GPT(dense).lm_head.weight.numel()) / 4
+    n = matmul_params(build_model(dense))
+    per_block = (n - build_model(dense).lm_head.weight.numel()) / 4
     attention = 12.0 * dense.model.hidden_size * dense.data.seq_len
     # one of four blocks runs half the tokens: half its matmuls, a quarter of its attention per token
     assert flops_per_token(sub, n) == pytest.approx(flops_per_token(dense, n) - 6 * per_block / 2 - attention * 0.75)
@@ -76,7 +76,7 @@ def test_mfu_flops_count_each_block_at_its_level_share():
 
 def test_scorer_gets_finite_gradients_and_dropped_tokens_skip_the_inner_blocks():
     torch.manual_seed(0)
-    model = GPT(model_config(**STRUCT))
+    model = build_model(model_config(**STRUCT))
     tokens = torch.randint(0, 97, (2, 32))
     model(tokens, tokens).backward()
     for p in (model.down[0].score.weight, model.bypass[0].scale):
@@ -113,7 +113,7 @@ def test_balancer_moves_the_share_of_positive_scores_toward_keep():
 def test_causal_variant_outputs_do_not_see_later_tokens():
     """subsample_causal keeps positive scores: what position t gets cannot depend on tokens after t."""
     torch.manual_seed(0)
-    model = GPT(model_config(**STRUCT, subsample_causal=True)).train()
+    model = build_model(model_config(**STRUCT, subsample_causal=True)).train()
     with torch.no_grad():  # scores around zero: about half kept
         model.down[0].score.weight.normal_(std=3.0)
     a = torch.randint(0, 97, (2, 32))
@@ -180,14 +180,14 @@ def test_incremental_generation_equals_full_recomputation(kind):
     with the prompt in chunks, gives the logits of one full forward over the final tokens; the blocks of a
     level only cache the tokens it kept."""
     from megatron_sep.inference.generate import generate, make_cache
-    from megatron_sep.model.attention import AttentionBatch
+
     attention = {"kind": "sepllm", "window": 3, "init_tokens": 2, "separators": [5, 6, 7, 8, 9]} \
         if kind == "sepllm" else {"kind": "dense"}
     cfg = config_from_dict({"model": {"num_layers": 5, "hidden_size": 32, "num_heads": 4, "vocab_size": 97,
                                       "max_position_embeddings": 64, "structure": "T(T(T)T)T",
                                       "subsample_keep": 0.5}, "attention": attention, "data": {"seq_len": 32}})
     torch.manual_seed(0)
-    model = GPT(cfg).eval()
+    model = build_model(cfg).eval()
     with torch.no_grad():
         for d in model.down:
             d.score.weight.normal_(std=3.0)  # about half the tokens kept at each level
@@ -203,6 +203,6 @@ def test_incremental_generation_equals_full_recomputation(kind):
     with torch.no_grad():
         for t in range(12):
             piece = tokens[:1, t:t + 1]
-            model(piece, position_ids=kv.begin(piece), batch=AttentionBatch(kv_cache=kv))
+            model(piece, position_ids=kv.begin(piece), cache=kv)
     inner = kv.kv[1][0].shape[2]  # layer 1 is the first block inside (
     assert inner == sum(kept["n"]) and 0 < inner < 12 and kv.kv[0][0].shape[2] == 12

@@ -111,7 +111,7 @@ def test_no_grad_calls_launch_the_kernels_directly_with_the_same_results():
 @pytest.mark.parametrize("family", ["neox", "llama"])
 def test_model_loss_and_grads_same_with_kernels(family):
     from megatron_sep.config import config_from_dict
-    from megatron_sep.model import GPT
+    from megatron_sep.model import build_model
     model = {"family": family, "num_layers": 2, "hidden_size": 48, "num_heads": 4, "vocab_size": 64,
              "max_position_embeddings": 64, "rotary_pct": 0.5 if family == "neox" else 1.0}
     if family == "llama":
@@ -120,7 +120,7 @@ def test_model_loss_and_grads_same_with_kernels(family):
     tokens = torch.randint(0, 64, (2, 17))
     for kernels in ("reference", "triton"):
         torch.manual_seed(0)
-        m = GPT(config_from_dict({"model": {**model, "kernels": kernels}, "data": {"seq_len": 32}}))
+        m = build_model(config_from_dict({"model": {**model, "kernels": kernels}, "data": {"seq_len": 32}}))
         loss = m(tokens[:, :-1], tokens[:, 1:])
         out[kernels] = [loss] + list(torch.autograd.grad(loss, list(m.parameters())))
     for a, c in zip(out["triton"], out["reference"]):

@@ -5,7 +5,7 @@ import torch
 
 import fused_ops
 from megatron_sep.config import config_from_dict
-from megatron_sep.model import GPT
+from megatron_sep.model import build_model
 
 
 def build(family, **model):
@@ -16,7 +16,7 @@ def build(family, **model):
     else:
         base.update(num_kv_heads=2, tie_embeddings=True)
     base.update(model)
-    return GPT(config_from_dict({"model": base, "data": {"seq_len": 64}}))
+    return build_model(config_from_dict({"model": base, "data": {"seq_len": 64}}))
 
 
 @pytest.mark.parametrize("family", ["neox", "llama"])

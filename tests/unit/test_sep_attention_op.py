@@ -66,13 +66,13 @@ def test_compiled_triton_op_is_one_node_and_never_recompiles():
 def test_plan_is_built_once_and_shared():
     """The model prepares one AttentionBatch (with its plan) per micro-batch and hands it to every layer."""
     from megatron_sep.config import config_from_dict
-    from megatron_sep.model import GPT
+    from megatron_sep.model import build_model
 
     cfg = config_from_dict({"model": {"family": "llama", "num_layers": 3, "hidden_size": 32, "num_heads": 4,
                                       "vocab_size": 64, "max_position_embeddings": 64},
                             "attention": {"kind": "sepllm", "separators": [3, 4], "window": [4, 6, 4]},
                             "data": {"seq_len": 32}})
-    model = GPT(cfg)
+    model = build_model(cfg)
     seen = []
     for block in model.layers:
         block.register_forward_pre_hook(lambda m, args: seen.append(args[2]))
@@ -84,7 +84,7 @@ def test_plan_is_built_once_and_shared():
 
 def tiny(backend="reference", window=4):
     from megatron_sep.config import config_from_dict
-    from megatron_sep.model import GPT
+    from megatron_sep.model import build_model
 
     cfg = config_from_dict({"model": {"family": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
                                       "vocab_size": 64, "max_position_embeddings": 64},
@@ -92,7 +92,7 @@ def tiny(backend="reference", window=4):
                                           "backend": backend},
                             "data": {"seq_len": 40}})
     torch.manual_seed(0)
-    return GPT(cfg)
+    return build_model(cfg)
 
 
 def test_compiled_model_never_recompiles_across_separator_patterns():
@@ -149,7 +149,7 @@ def test_whole_block_compiles_in_one_graph_with_triton_kernels():
     """Norms, RoPE and SepAttention as Triton custom ops: each block compiles with fullgraph=True (a graph
     break would raise) and trains like eager."""
     from megatron_sep.config import config_from_dict
-    from megatron_sep.model import GPT
+    from megatron_sep.model import build_model
 
     def model():
         cfg = config_from_dict({"model": {"family": "neox", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
@@ -159,7 +159,7 @@ def test_whole_block_compiles_in_one_graph_with_triton_kernels():
                                               "backend": "triton"},
                                 "data": {"seq_len": 40}})
         torch.manual_seed(0)
-        return GPT(cfg)
+        return build_model(cfg)
     tokens, labels = torch.randint(0, 64, (2, 40)), torch.randint(0, 64, (2, 40))
     eager = model()
     loss = eager(tokens, labels)

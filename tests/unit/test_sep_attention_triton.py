@@ -63,7 +63,7 @@ def test_entry_point_dispatch_and_dense_fallback():
 @pytest.mark.parametrize("resets", [False, True])
 def test_model_with_triton_attention_backend(resets):
     from megatron_sep.config import config_from_dict
-    from megatron_sep.model import GPT
+    from megatron_sep.model import build_model
     out = {}
     tokens = torch.randint(0, 40, (2, 37))
     for backend in ("reference", "triton"):
@@ -74,7 +74,7 @@ def test_model_with_triton_attention_backend(resets):
                                               "eod_id": 5, "deterministic": not resets},
                                 "data": {"seq_len": 64}})
         torch.manual_seed(0)
-        m = GPT(cfg)
+        m = build_model(cfg)
         loss = m(tokens[:, :-1], tokens[:, 1:])
         out[backend] = [loss] + list(torch.autograd.grad(loss, list(m.parameters())))
     for a, b in zip(out["triton"], out["reference"]):

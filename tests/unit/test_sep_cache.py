@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from megatron_sep.config import config_from_dict
 from megatron_sep.inference import SepCache
-from megatron_sep.model import GPT
-from megatron_sep.model.attention import AttentionBatch
+from megatron_sep.model import build_model
+
 
 SEPS = [1, 2, 3]
 
@@ -21,7 +21,7 @@ def model(family="llama", window=5, init=2, kind="sepllm", kv_heads=1):
                                           "init_tokens": init, "backend": "reference"},
                             "data": {"seq_len": 1024}})
     torch.manual_seed(0)
-    return GPT(cfg).eval()
+    return build_model(cfg).eval()
 
 
 def stream(b=2, s=80, seed=0):
@@ -41,7 +41,7 @@ def decode(m, tokens, cache, chunk=1):
     for t in range(0, tokens.shape[1], chunk):
         piece = tokens[:, t:t + chunk]
         pos = cache.begin(piece)
-        out.append(m(piece, position_ids=pos, batch=AttentionBatch(kv_cache=cache)))
+        out.append(m(piece, position_ids=pos, cache=cache))
         lengths.append(cache.kv[0][0].shape[2])
     return torch.cat(out, 1), lengths
 
