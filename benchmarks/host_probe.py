@@ -17,13 +17,12 @@ q, k, v = (torch.randn(1, 16, s, 128, device="cuda", dtype=torch.bfloat16, requi
 is_sep = torch.rand(1, s, device="cuda") < 0.1
 go = torch.randn_like(q)
 plan = build_plan(is_sep, 3, [256], "triton", tile_rows=kern.tile_rows())
-b = plan.bounds[(256, 64)], plan.bounds[(256, 128)]
-launch = kern._launch(kern._config(None))
-args = (q, k, v, plan.index, plan.gpos, plan.slot, b[0], b[1], None, 256, 128 ** -0.5, launch)
+launch = kern.launch_config(s=s)  # the shapes sep_attention_triton uses at this length
+args = kern.forward_args(q, k, v, plan, 256, 128 ** -0.5, launch)
 with torch.no_grad():
-    o, lse = kern._fwd_impl(*args)
-bargs = (go, q.detach(), k.detach(), v.detach(), o, lse, plan.index, plan.gpos, plan.slot, b[1], None, 256,
-         128 ** -0.5, launch)
+    o, lse = kern.launch_forward(*args)
+bargs = (go, q.detach(), k.detach(), v.detach(), o, lse, plan.index, plan.gpos, plan.slot,
+         plan.bounds[(256, launch.dq.BM)], None, 256, 128 ** -0.5, launch.as_ints())
 
 
 def host(fn, n=100):
@@ -45,13 +44,13 @@ def whole():
 
 def raw_fb():
     with torch.no_grad():
-        kern._fwd_impl(*args)
-    kern._bwd_impl(*bargs)
+        kern.launch_forward(*args)
+    kern.launch_backward(*bargs)
 
 
 with torch.no_grad():
-    out = {"fwd_raw": host(lambda: kern._fwd_impl(*args)), "fwd_op": host(lambda: kern.sep_attn_fwd(*args))}
-out.update({"bwd_raw": host(lambda: kern._bwd_impl(*bargs)), "raw_fwd_bwd": host(raw_fb),
+    out = {"fwd_raw": host(lambda: kern.launch_forward(*args)), "fwd_op": host(lambda: kern.sep_attn_fwd(*args))}
+out.update({"bwd_raw": host(lambda: kern.launch_backward(*bargs)), "raw_fwd_bwd": host(raw_fb),
             "whole": host(whole), "sync": host(torch.cuda.synchronize)})
 print(json.dumps(out))
 prof = cProfile.Profile()

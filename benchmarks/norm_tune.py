@@ -30,7 +30,7 @@ def main(m=16384, n=4096):
         for pps in (4, 8, 16, 32):
             for warps in (4, 8, 16):
                 for stages in (1, 2):
-                    norms_triton.BWD[kind] = {"progs_per_sm": pps, "warps": warps, "stages": stages}
+                    norms_triton.BWD[kind] = norms_triton.NormBwdTiles(progs_per_sm=pps, warps=warps, stages=stages)
 
                     def run():
                         y = (fused_ops.rms_norm(x, w, 1e-5, backend="triton") if kind == "rms"

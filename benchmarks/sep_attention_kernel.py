@@ -11,8 +11,8 @@ Run on the device: PYTHONPATH=. python3 benchmarks/sep_attention_kernel.py --out
   causal pairs gives the ideal (work-proportional) speedup, and TFLOP/s on kept pairs = 4 d pairs H / t
   (forward; x2.5 for forward+backward, the dense convention).
 --tune sweeps each kernel's launch shape at 16K and 64K (10% separators) and uses the fastest for the
-table (recorded under "tuned"; copy it into CONFIG in the kernel file). --variants times other launch
-shapes beside the default in the same run.
+table (recorded under "tuned"; copy it into CONFIG in fused_ops/sep_attention_launch.py). --variants times
+other launch shapes beside the default in the same run.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import triton
 
 import fused_ops
+from fused_ops import sep_attention_launch as launch
 from fused_ops import sep_attention_triton as kern
 from fused_ops.sep_plan import build_plan, kept_keys
 
@@ -206,8 +207,8 @@ def tune(seqs=(16384, 65536), window=256):
         inputs.append((q, k, v, torch.rand(1, s, device=DEV) < 0.10, torch.randn_like(q)))
     log = []
 
-    def trial(name, cfg):
-        kern.CONFIG[name] = cfg
+    def trial(name, shape):
+        launch.CONFIG = launch.CONFIG._replace(**{name: shape})  # the table sep_attention_triton reads
         times = []
         try:
             for q, k, v, is_sep, go in inputs:
@@ -222,28 +223,28 @@ def tune(seqs=(16384, 65536), window=256):
                     times.append(triton.testing.do_bench_cudagraph(lambda fn=fn, go=go: fn().backward(go), rep=100,
                                                                    grad_to_none=[q, k, v], return_mode="median"))
         except Exception as e:  # e.g. out of shared memory, or a feature this Triton lacks on this GPU
-            log.append({"kernel": name, "config": cfg, "error": repr(e)[:300]})
+            log.append({"kernel": name, "config": shape._asdict(), "error": repr(e)[:300]})
             print(json.dumps(log[-1]), flush=True)
             return None
-        log.append({"kernel": name, "config": cfg, "ms": dict(zip(seqs, times))})
+        log.append({"kernel": name, "config": shape._asdict(), "ms": dict(zip(seqs, times))})
         print(json.dumps(log[-1]), flush=True)
         return math.prod(times)
 
-    fields = kern.FIELDS
     for name, cands in CANDIDATES.items():
+        record = launch.KeyTiles if name == "dkdv" else launch.QueryTiles
         best = None
         for c in cands:
-            cfg = dict(zip(fields, c))
-            score = trial(name, cfg)
+            shape = record(*c)
+            score = trial(name, shape)
             if score is not None and (best is None or score < best[0]):
-                best = (score, cfg)
+                best = (score, shape)
         if name != "dkdv":
-            flipped = {**best[1], "HEADS_FIRST": 1 - best[1]["HEADS_FIRST"]}
+            flipped = best[1]._replace(HEADS_FIRST=1 - best[1].HEADS_FIRST)
             score = trial(name, flipped)
             if score is not None and score < best[0]:
                 best = (score, flipped)
-        kern.CONFIG[name] = best[1]
-    return {"sweep": log, "chosen": {n: dict(c) for n, c in kern.CONFIG.items()}}
+        launch.CONFIG = launch.CONFIG._replace(**{name: best[1]})
+    return {"sweep": log, "chosen": launch.CONFIG.as_dict()}
 
 
 def kernel_breakdown(seqs, window=256, density=0.1):
@@ -326,7 +327,7 @@ def main():
         out["tuned"] = tune()
         print(json.dumps(out["tuned"]["chosen"]), flush=True)
         save()
-    out["config"] = {n: dict(c) for n, c in kern.CONFIG.items()}
+    out["config"] = launch.CONFIG.as_dict()
     out["triton_plan_ms"] = plan_ms(seqs, args.window)
     if args.profile:
         out["ms_per_kernel"] = kernel_breakdown(seqs, args.window)

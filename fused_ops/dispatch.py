@@ -1,4 +1,5 @@
-"""Backend choice shared by the fused ops: Triton on CUDA, the PyTorch reference elsewhere."""
+"""Shared by the fused ops: the backend choice (Triton on CUDA, the PyTorch reference elsewhere) and small
+launch helpers."""
 from __future__ import annotations
 
 import importlib.util
@@ -44,3 +45,9 @@ def multiprocessors(device) -> int:
     if device.index not in _SMS:
         _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
     return _SMS[device.index]
+
+
+def strides(names: tuple, t: torch.Tensor) -> dict:
+    """Keyword arguments for a kernel's stride parameters of t, one name per leading dim:
+    strides(("sqb", "sqh", "sqs"), q) -> {"sqb": q.stride(0), ...}; the last dim is contiguous and has none."""
+    return dict(zip(names, t.stride()))

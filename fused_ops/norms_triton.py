@@ -9,7 +9,7 @@ torch sums that buffer afterwards, so the weight gradients are deterministic
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -22,6 +22,8 @@ from .dispatch import multiprocessors, plain_call
 def _norm_fwd(X, R, W, B, Y, S, MEAN, RSTD, stride_x, stride_r, stride_y, stride_s, N, eps,
               IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
               BLOCK: tl.constexpr):
+    """One row. Tensors: X, R (residual), W, B [N], outputs Y, S (X + R), MEAN, RSTD [rows] fp32; row strides
+    stride_*; scalars N (columns), eps; constexprs: the norm, which optional inputs exist, BLOCK >= N."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -49,6 +51,9 @@ def _norm_fwd(X, R, W, B, Y, S, MEAN, RSTD, stride_x, stride_r, stride_y, stride
 def _norm_bwd(X, W, DY, DX, DRES, MEAN, RSTD, DW, DB, stride_x, stride_dy, stride_dx, stride_dres, M, N,
               rows_per_prog, IS_RMS: tl.constexpr, HAS_DRES: tl.constexpr, HAS_W: tl.constexpr,
               HAS_B: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """rows_per_prog rows from pid * rows_per_prog. Tensors: X, W, DY, DX (out), DRES (the residual branch's
+    gradient, added), MEAN, RSTD, DW, DB ([programs, N] fp32 partials, out); row strides stride_*; scalars M
+    (rows), N, rows_per_prog; constexprs: the norm, which optional tensors exist, BLOCK, STAGES."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -89,19 +94,41 @@ def _norm_bwd(X, W, DY, DX, DRES, MEAN, RSTD, DW, DB, stride_x, stride_dy, strid
         tl.store(DB + pid * N + cols, db, mask=mask)
 
 
+class NormBwdTiles(NamedTuple):
+    """One entry of the backward's tuning table (BWD)."""
+    progs_per_sm: int  # programs per SM, each over a contiguous group of rows
+    warps: int  # at 4096 columns; wider rows scale it (_bwd_launch)
+    stages: int  # rows whose loads are in flight in the row loop (the kernel's STAGES)
+
+
+class NormBwdLaunch(NamedTuple):
+    """The backward's launch for one call: grid (programs,), each over rows_per_prog rows."""
+    programs: int
+    rows_per_prog: int
+    num_warps: int
+    stages: int
+
+
 # Backward launch shape per norm, from a sweep on an H100 at 16384 x 4096 bf16 timed with CUDA
-# graphs (benchmarks/norm_tune.py, results/2026-11-23_fused_ops_h100_norm_tune.jsonl).
-BWD = {"rms": {"progs_per_sm": 8, "warps": 8, "stages": 1},
-       "layer": {"progs_per_sm": 8, "warps": 4, "stages": 2}}
+# graphs (benchmarks/norm_tune.py, results/2026-11-23_fused_ops_h100_norm_tune.jsonl; the sweep rebinds entries).
+BWD = {"rms": NormBwdTiles(progs_per_sm=8, warps=8, stages=1),
+       "layer": NormBwdTiles(progs_per_sm=8, warps=4, stages=2)}
 
 FWD_WARPS = {"rms": None, "layer": None}  # None: block / 512 (8 warps at 4096: 95% of copy on an H100)
 
 
-def _bwd_shape(is_rms: bool, block: int):
-    cfg = BWD["rms" if is_rms else "layer"]
+def _fwd_warps(is_rms: bool, block: int) -> int:
+    return FWD_WARPS["rms" if is_rms else "layer"] or min(max(block // 512, 1), 16)
+
+
+def _bwd_launch(is_rms: bool, m: int, block: int, device) -> NormBwdLaunch:
+    tiles = BWD["rms" if is_rms else "layer"]
     # the sweep was at 4096 columns; wider rows need proportionally more warps to avoid spills
-    warps = min(16, cfg["warps"] * max(1, block // 4096))
-    return cfg["progs_per_sm"], warps, cfg["stages"]
+    warps = min(16, tiles.warps * max(1, block // 4096))
+    progs = max(1, min(m, tiles.progs_per_sm * multiprocessors(device)))
+    rows_per = triton.cdiv(m, progs)
+    return NormBwdLaunch(programs=triton.cdiv(m, rows_per), rows_per_prog=rows_per, num_warps=warps,
+                         stages=tiles.stages)
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -131,12 +158,14 @@ def _norm_fwd_launch(x, residual, weight, bias, eps, is_rms):
     s = torch.empty_like(x2) if res is not None else x2.new_empty(0)
     mean = (torch.zeros if is_rms else torch.empty)(m, dtype=torch.float32, device=x.device)  # RMS: unused
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    _norm_fwd[(m,)](x2, res if res is not None else x2, weight if weight is not None else x2,
-                    bias if bias is not None else x2, y, s if res is not None else y, mean, rstd,
-                    x2.stride(0), res.stride(0) if res is not None else 0, y.stride(0),
-                    s.stride(0) if res is not None else 0, n, eps, IS_RMS=is_rms, HAS_RES=res is not None,
-                    HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block,
-                    num_warps=FWD_WARPS["rms" if is_rms else "layer"] or min(max(block // 512, 1), 16))
+    # an absent optional tensor is replaced by a stand-in its HAS_* constexpr keeps the kernel from touching
+    _norm_fwd[(m,)](X=x2, R=res if res is not None else x2, W=weight if weight is not None else x2,
+                    B=bias if bias is not None else x2, Y=y, S=s if res is not None else y, MEAN=mean, RSTD=rstd,
+                    stride_x=x2.stride(0), stride_r=res.stride(0) if res is not None else 0, stride_y=y.stride(0),
+                    stride_s=s.stride(0) if res is not None else 0,
+                    N=n, eps=eps,
+                    IS_RMS=is_rms, HAS_RES=res is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+                    BLOCK=block, num_warps=_fwd_warps(is_rms, block))
     return y.view(shape), (s.view(shape) if res is not None else s), mean, rstd
 
 
@@ -160,18 +189,18 @@ def norm_bwd(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.Tensor, weig
     ds2 = _rows(ds, n) if ds is not None else None
     dx = torch.empty_like(x2)
     block = triton.next_power_of_2(n)
-    per_sm, warps, stages = _bwd_shape(is_rms, block)
-    progs = max(1, min(m, per_sm * multiprocessors(x2.device)))
-    rows_per = triton.cdiv(m, progs)
-    progs = triton.cdiv(m, rows_per)
-    dw = torch.empty(progs, n, dtype=torch.float32, device=x2.device) if weight is not None else None
-    db = torch.empty(progs, n, dtype=torch.float32, device=x2.device) if bias is not None else None
-    _norm_bwd[(progs,)](x2, weight if weight is not None else x2, dy2, dx, ds2 if ds2 is not None else dy2,
-                        mean, rstd, dw if dw is not None else dx, db if db is not None else dx,
-                        x2.stride(0), dy2.stride(0), dx.stride(0), ds2.stride(0) if ds2 is not None else 0,
-                        m, n, rows_per, IS_RMS=is_rms, HAS_DRES=ds2 is not None,
-                        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block,
-                        STAGES=stages, num_warps=warps)
+    launch = _bwd_launch(is_rms, m, block, x2.device)
+    dw = torch.empty(launch.programs, n, dtype=torch.float32, device=x2.device) if weight is not None else None
+    db = torch.empty(launch.programs, n, dtype=torch.float32, device=x2.device) if bias is not None else None
+    # absent optional tensors: stand-ins the HAS_* constexprs keep the kernel from touching
+    _norm_bwd[(launch.programs,)](
+        X=x2, W=weight if weight is not None else x2, DY=dy2, DX=dx, DRES=ds2 if ds2 is not None else dy2,
+        MEAN=mean, RSTD=rstd, DW=dw if dw is not None else dx, DB=db if db is not None else dx,
+        stride_x=x2.stride(0), stride_dy=dy2.stride(0), stride_dx=dx.stride(0),
+        stride_dres=ds2.stride(0) if ds2 is not None else 0,
+        M=m, N=n, rows_per_prog=launch.rows_per_prog,
+        IS_RMS=is_rms, HAS_DRES=ds2 is not None, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block,
+        STAGES=launch.stages, num_warps=launch.num_warps)
     dweight = dw.sum(0).to(weight.dtype) if weight is not None else x2.new_empty(0)
     dbias = db.sum(0).to(bias.dtype) if bias is not None else x2.new_empty(0)
     return dx.view(shape), dweight, dbias

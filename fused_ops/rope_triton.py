@@ -9,12 +9,13 @@ contiguous [b, s, h, d]. The backward is the same kernel rotating by -angle.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .dispatch import plain_call
+from .dispatch import plain_call, strides
 
 
 @triton.jit
@@ -39,6 +40,10 @@ def _rope_kernel(Q, K, QO, KO, POS, sqb, sqs, sqh, skb, sks, skh, sob, sos, soh,
                  spb, sps, S, HQ, HK, log2_base, sign,
                  D: tl.constexpr, ROT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_P: tl.constexpr):
+    """One token (program b * S + t), all its q and k heads. Tensors: Q [b, s, HQ, d], K [b, s, HK, d], outputs
+    QO, KO, POS [b or 1, s]; strides (batch, token, head) of Q, K, QO, KO (sq*, sk*, so*, sko*) and POS (spb 0:
+    one row of positions for the whole batch); scalars S, HQ, HK, log2_base, sign (-1: the backward);
+    constexprs D, ROT (rotated channels), BLOCK_H >= heads, BLOCK_R >= ROT / 2, BLOCK_P >= D - ROT."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // S
     t = pid % S
@@ -57,6 +62,21 @@ def _rope_kernel(Q, K, QO, KO, POS, sqb, sqs, sqh, skb, sks, skh, sob, sos, soh,
                 D, ROT, BLOCK_H, BLOCK_P)
 
 
+class RopeTiles(NamedTuple):
+    """The kernel's blocks for one head layout (one program per token)."""
+    BLOCK_H: int  # heads (q and k alike)
+    BLOCK_R: int  # rotated pairs
+    BLOCK_P: int  # channels copied through (partial rotary)
+    num_warps: int
+
+    @classmethod
+    def for_heads(cls, hq: int, hk: int, d: int, rotary_dim: int) -> RopeTiles:
+        block_h = triton.next_power_of_2(max(hq, hk))
+        block_r = triton.next_power_of_2(rotary_dim // 2)
+        return cls(BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(max(d - rotary_dim, 1)),
+                   num_warps=4 if block_h * block_r <= 2048 else 8)
+
+
 def _launch(q, k, pos, rotary_dim, base, sign):
     b, s, hq, d = q.shape
     hk = k.shape[2]
@@ -67,15 +87,15 @@ def _launch(q, k, pos, rotary_dim, base, sign):
     qo = torch.empty(b, s, hq, d, dtype=q.dtype, device=q.device)
     ko = torch.empty(b, s, hk, d, dtype=k.dtype, device=k.device)
     pos2 = pos if pos.dim() == 2 else pos[None, :]
-    spb = pos2.stride(0) if pos2.shape[0] > 1 else 0
-    block_h = triton.next_power_of_2(max(hq, hk))
-    block_r = triton.next_power_of_2(rotary_dim // 2)
-    block_p = triton.next_power_of_2(max(d - rotary_dim, 1))
-    warps = 4 if block_h * block_r <= 2048 else 8
-    _rope_kernel[(b * s,)](q, k, qo, ko, pos2, *q.stride()[:3], *k.stride()[:3], *qo.stride()[:3],
-                           *ko.stride()[:3], spb, pos2.stride(1), s, hq, hk, math.log2(base),
-                           sign, D=d, ROT=rotary_dim, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=block_p,
-                           num_warps=warps)
+    tiles = RopeTiles.for_heads(hq, hk, d, rotary_dim)
+    _rope_kernel[(b * s,)](
+        Q=q, K=k, QO=qo, KO=ko, POS=pos2,
+        **strides(("sqb", "sqs", "sqh"), q), **strides(("skb", "sks", "skh"), k),
+        **strides(("sob", "sos", "soh"), qo), **strides(("skob", "skos", "skoh"), ko),
+        spb=pos2.stride(0) if pos2.shape[0] > 1 else 0, sps=pos2.stride(1),
+        S=s, HQ=hq, HK=hk, log2_base=math.log2(base), sign=sign,
+        D=d, ROT=rotary_dim, BLOCK_H=tiles.BLOCK_H, BLOCK_R=tiles.BLOCK_R, BLOCK_P=tiles.BLOCK_P,
+        num_warps=tiles.num_warps)
     return qo, ko
 
 

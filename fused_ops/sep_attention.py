@@ -71,7 +71,7 @@ def plan_for(is_sep, init_tokens, windows, backend, segment_ids=None, head_dim=1
     backend = resolve_backend(backend, is_sep.is_cuda, head_dim, segment_ids is not None)
     rows = ()
     if backend == "triton":
-        from .sep_attention_triton import tile_rows
+        from .sep_attention_launch import tile_rows
         rows = tile_rows()
     return build_plan(is_sep, init_tokens, windows, backend, segment_ids, rows)
 

@@ -23,22 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import multiprocessors
-from .sep_plan import BLOCK
+from .dispatch import multiprocessors, strides
+from .sep_attention_launch import LONG_SEQ, LaunchConfig, QueryTiles, launch_config, tile_rows
+
+__all__ = ["LaunchConfig", "forward_args", "launch_backward", "launch_config", "launch_forward", "sep_attention_triton",
+           "sep_attn_bwd", "sep_attn_fwd", "tile_rows"]
 
 LOG2E = 1.4426950408889634
-
-# launch shapes per kernel (tuned on an H200: benchmarks/sep_attention_kernel.py --tune). TMA: key/value
-# blocks through Hopper tensor descriptors; HEADS_FIRST: the grid starts the heaviest tile of every head
-# before any lighter one (else one head's tiles, heaviest first, then the next head's).
-CONFIG = {"fwd": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3, "TMA": 1, "HEADS_FIRST": 0, "WS": 0},
-          "dq": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3, "TMA": 1, "HEADS_FIRST": 0, "WS": 0},
-          "dkdv": {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 3}}
-LONG_SEQ = 8192  # shorter sequences: no tensor descriptors, smaller dK/dV tiles (SHORT)
-# H200, 4K, 10% separators: fwd+bwd 0.355 ms with these dK/dV tiles vs 0.396 with the long-sequence ones
-# (at 64K: 18.9 vs 18.0 ms); benchmarks/results/2026-12-01_sep_attention_kernel_h200.md
-SHORT = {"dkdv": {"BM": 32, "BN": 64, "num_warps": 4, "num_stages": 3}}
-FIELDS = ("BM", "BN", "num_warps", "num_stages", "TMA", "HEADS_FIRST", "WS")  # WS: warp-specialized list loop
 
 
 @triton.jit
@@ -133,6 +124,13 @@ def _fwd(Q, K, V, KC, VC, KD, VD, KCD, VCD, POS, BOUNDS, DOCS, O, LSE, qk_scale,
          sqb, sqh, sqs, skb, skh, sks,
          BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
          HEADS_FIRST: tl.constexpr, SEG: tl.constexpr, WS: tl.constexpr):
+    """One query tile of one head: O and LSE (base 2). Launched by `launch_forward`; parameters:
+    - tensors: Q [b, hq, s, d]; K, V [b, hk, s, d]; KC, VC their kept rows [b, hk, G, d]; KD, VD, KCD, VCD the
+      same as tensor descriptors (TMA) or tensors; POS [b, G] kept positions; BOUNDS [b, 4 * TILES] tile
+      bounds; DOCS [b, 2, s] document bounds (SEG); outputs O like Q, LSE [b, hq, s] fp32;
+    - scalars: qk_scale (scale * log2 e), S, G (list bucket), N (window), HQ, GROUP (hq // hk), TILES;
+    - strides (batch, head, row) of Q/O (sq*) and K/V (sk*);
+    - constexprs: BM, BN tiles, D head dim, IEEE (fp32 dots), TMA, HEADS_FIRST grid order, SEG, WS."""
     t, bh, b, h, l0, u0, u1, e3, lo, hi = _query_tile(BOUNDS, DOCS, S, N, HQ, TILES, BM, BN, HEADS_FIRST, SEG)
     hk = h // GROUP
     offs_m = t * BM + tl.arange(0, BM)
@@ -182,7 +180,9 @@ def _bwd_dq(Q, K, V, KC, VC, KD, VD, KCD, VCD, O, DO, LSE, DELTA, POS, BOUNDS, D
             HEADS_FIRST: tl.constexpr, SEG: tl.constexpr, WS: tl.constexpr, ATOMIC: tl.constexpr):
     """dQ per query tile over the forward's keys; also writes delta = rowsum(dO * O), which the dK/dV kernels
     (launched after) read. Rows past S have lse 0 and dO 0: their dq is never stored. ATOMIC: the band only,
-    into an fp32 buffer the list dK/dV kernel then adds its dQ to."""
+    into an fp32 buffer the list dK/dV kernel then adds its dQ to. Launched by `launch_backward`; parameters as
+    `_fwd`'s, plus: O, DO (like Q), LSE (the forward's), DELTA [b, hq, s] fp32 (out), DQ (out: like Q, or fp32
+    with ATOMIC), scale (dQ's factor)."""
     t, bh, b, h, l0, u0, u1, e3, lo, hi = _query_tile(BOUNDS, DOCS, S, N, HQ, TILES, BM, BN, HEADS_FIRST, SEG)
     hk = h // GROUP
     offs_m = t * BM + tl.arange(0, BM)
@@ -276,7 +276,14 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, POS, SLOT, DOCS, DKL, DVL, DK, DV, DQA, q
               SEG: tl.constexpr, ATOMIC: tl.constexpr):
     """One key tile for one kv head: entries of the compact copy (LIST True, launched first; the queries
     that read a tile are split over SPLIT programs, each writing an fp32 partial) or band keys of K/V
-    (LIST False), which add the SPLIT partials of their kept keys (SLOT: list index or -1)."""
+    (LIST False), which add the SPLIT partials of their kept keys (SLOT: list index or -1). Launched twice by
+    `launch_backward`; parameters:
+    - tensors: Q, DO [b, hq, s, d]; K, V the keys (LIST: the compact copy KC, VC); LSE, DELTA [b, hq, s];
+      POS [b, G]; SLOT [b, s]; DOCS [b, 2, s]; DKL, DVL [SPLIT, b, hk, G, d] fp32 list partials; DK, DV
+      outputs (LIST: DKL, DVL); DQA the fp32 dQ buffer (ATOMIC);
+    - scalars: qk_scale, scale, S, G, N, HQ, GROUP, KV_HEADS, SPLIT;
+    - strides (batch, head, row) of Q/DO (sq*), K/V (sk*), DK/DV (sd*, band launch only);
+    - constexprs: LIST, BM (queries per step), BN (keys per program), D, IEEE, SEG, ATOMIC."""
     bk = tl.program_id(0)  # heads fastest: every head's heaviest tiles start first
     chunk = tl.program_id(1)  # which share of a list tile's queries (0 for band tiles)
     t = tl.program_id(2)
@@ -365,26 +372,11 @@ def _compact(x, index):
     return torch.gather(x, 2, index[:, None, :, None].expand(b, h, index.shape[1], d)).contiguous()
 
 
-def _launch(cfg: dict, deterministic: bool = True) -> list[int]:
-    """The launch shapes as the flat int list the custom ops take (their schema has no dicts), then the
-    dK/dV list split (0: chosen per call) and 1 for the atomic (non-deterministic) dQ of the list part."""
-    return [int(cfg[k].get(f, 0)) for k in ("fwd", "dq", "dkdv") for f in FIELDS] + [
-        cfg["dkdv"].get("split") or 0, int(not deterministic)]
-
-
-def _shape(launch, kernel):
-    o = {"fwd": 0, "dq": 1, "dkdv": 2}[kernel] * len(FIELDS)
-    shape = dict(zip(FIELDS, launch[o:o + len(FIELDS)]))
-    if kernel == "dkdv":
-        del shape["TMA"], shape["HEADS_FIRST"], shape["WS"]
-    return shape
-
-
-def _tma(c, device, s) -> bool:
+def _tma(on: int, device, s) -> bool:
     """Tensor descriptors where the chip has the copy engine (Hopper on) or under the interpreter, for
     sequences long enough to pay for building them (H200: forward 0.43 vs 0.49 ms at 16K, but 0.26 vs 0.13 ms
     of plain-launch time at 4K)."""
-    on = bool(c.pop("TMA")) and (s >= LONG_SEQ or device.type != "cuda")  # descriptors: ~30 us host each
+    on = bool(on) and (s >= LONG_SEQ or device.type != "cuda")  # descriptors: ~30 us host each
     return on and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0))
 
 
@@ -397,70 +389,78 @@ def _descriptors(tma, bn, *tensors):
     return tuple(TensorDescriptor.from_tensor(t, [1, 1, bn, t.shape[-1]]) for t in tensors)
 
 
-def _grid(tiles, heads, heads_first):
-    return (heads, tiles) if heads_first else (tiles, heads)
-
-
-def _fwd_impl(q, k, v, index, gpos, slot, bounds_fwd, bounds_dq, docs, window, scale, launch):
+def _query_tile_args(q, k, v, kc, vc, gpos, bounds, docs, window, scale, shape: QueryTiles):
+    """(grid, keyword arguments) the forward and dQ kernels share; each adds its own outputs."""
     b, hq, s, d = q.shape
-    hk, g = k.shape[1], gpos.shape[1]
+    tma = _tma(shape.TMA, q.device, s)
+    tiles = triton.cdiv(s, shape.BM)
+    kd, vd, kcd, vcd = _descriptors(tma, shape.BN, k, v, kc, vc)
+    args = dict(  # tensors; shape scalars; strides; constexprs and launch options (as in the kernels' docstrings)
+        Q=q, K=k, V=v, KC=kc, VC=vc, KD=kd, VD=vd, KCD=kcd, VCD=vcd, POS=gpos, BOUNDS=bounds,
+        DOCS=gpos if docs is None else docs,  # a stand-in without documents (SEG off: never read)
+        qk_scale=scale * LOG2E, S=s, G=gpos.shape[1], N=window, HQ=hq, GROUP=hq // k.shape[1], TILES=tiles,
+        **strides(("sqb", "sqh", "sqs"), q), **strides(("skb", "skh", "sks"), k),
+        D=d, IEEE=q.dtype == torch.float32, SEG=docs is not None, TMA=tma, **shape.kernel_kwargs())
+    return shape.grid(tiles, b * hq), args
+
+
+def launch_forward(q, k, v, index, gpos, slot, bounds_fwd, bounds_dq, docs, window, scale, launch):
+    """The forward kernel launched directly: no custom op, no autograd (plain eager calls and host-time
+    probes). Arguments as `sep_attn_fwd`'s (`forward_args`); returns (o, lse)."""
+    cfg = LaunchConfig.from_ints(launch)
+    b, hq, s, _ = q.shape
     kc, vc = _compact(k, index), _compact(v, index)
     o = torch.empty_like(q)
     lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
-    c = _shape(launch, "fwd")
-    tma = _tma(c, q.device, s)
-    tiles = triton.cdiv(s, c["BM"])
-    descs = _descriptors(tma, c["BN"], k, v, kc, vc)
-    _fwd[_grid(tiles, b * hq, c["HEADS_FIRST"])](
-        q, k, v, kc, vc, *descs, gpos, bounds_fwd, gpos if docs is None else docs, o, lse, scale * LOG2E, s, g,
-        window, hq, hq // hk, tiles, *q.stride()[:3], *k.stride()[:3], D=d, IEEE=q.dtype == torch.float32,
-        SEG=docs is not None, TMA=tma, **c)
+    grid, args = _query_tile_args(q, k, v, kc, vc, gpos, bounds_fwd, docs, window, scale, cfg.fwd)
+    _fwd[grid](O=o, LSE=lse, **args)
     return o, lse
 
 
-def _bwd_impl(do, q, k, v, o, lse, index, gpos, slot, bounds, docs, window, scale, launch):
+def launch_backward(do, q, k, v, o, lse, index, gpos, slot, bounds, docs, window, scale, launch):
+    """The backward kernels launched directly (dQ, then dK/dV for the list, then for the band). Arguments as
+    `sep_attn_bwd`'s; returns (dq, dk, dv)."""
+    cfg = LaunchConfig.from_ints(launch)
     b, hq, s, d = q.shape
     hk, g = k.shape[1], gpos.shape[1]
     do = do.contiguous()
     kc, vc = _compact(k, index), _compact(v, index)  # recomputed: cheaper than keeping them per layer
-    ieee = q.dtype == torch.float32
     seg = docs is not None
-    docs = gpos if docs is None else docs
     delta = torch.empty_like(lse)
-    atomic = bool(launch[3 * len(FIELDS) + 1])
+    atomic = bool(cfg.atomic)
     dq = torch.empty_like(q, dtype=torch.float32) if atomic else torch.empty_like(q)
-    c = _shape(launch, "dq")
-    tma = _tma(c, q.device, s)
-    tiles = triton.cdiv(s, c["BM"])
-    descs = _descriptors(tma, c["BN"], k, v, kc, vc)
-    _bwd_dq[_grid(tiles, b * hq, c["HEADS_FIRST"])](
-        q, k, v, kc, vc, *descs, o, do, lse, delta, gpos, bounds, docs, dq, scale * LOG2E, scale, s, g, window, hq,
-        hq // hk, tiles, *q.stride()[:3], *k.stride()[:3], D=d, IEEE=ieee, SEG=seg, TMA=tma, ATOMIC=atomic, **c)
-    c = _shape(launch, "dkdv")
-    common = dict(D=d, IEEE=ieee, SEG=seg, ATOMIC=atomic, **c)
-    list_tiles = triton.cdiv(g, c["BN"])
-    split = launch[3 * len(FIELDS)] or _list_split(list_tiles * b * hk, s, c["BM"], q.device)
+    grid, args = _query_tile_args(q, k, v, kc, vc, gpos, bounds, docs, window, scale, cfg.dq)
+    _bwd_dq[grid](O=o, DO=do, LSE=lse, DELTA=delta, DQ=dq, scale=scale, ATOMIC=atomic, **args)
+    tiles = cfg.dkdv
+    list_tiles = triton.cdiv(g, tiles.BN)
+    split = tiles.split or _list_split(list_tiles * b * hk, s, tiles.BM, q.device)
     dkl = torch.empty(split, b, hk, g, d, dtype=torch.float32, device=k.device)
     dvl = torch.empty_like(dkl)
-    _bwd_dkdv[(b * hk, split, list_tiles)](q, kc, vc, do, lse, delta, gpos, slot, docs, dkl, dvl, dkl, dvl, dq,
-                                           scale * LOG2E, scale, s, g, window, hq, hq // hk, hk, split,
-                                           *q.stride()[:3], *kc.stride()[:3], 0, 0, 0, LIST=True, **common)
+    common = dict(  # what both launches share, grouped as in the kernel's docstring
+        Q=q, DO=do, LSE=lse, DELTA=delta, POS=gpos, SLOT=slot, DOCS=gpos if docs is None else docs, DKL=dkl,
+        DVL=dvl, DQA=dq,
+        qk_scale=scale * LOG2E, scale=scale, S=s, G=g, N=window, HQ=hq, GROUP=hq // hk, KV_HEADS=hk, SPLIT=split,
+        **strides(("sqb", "sqh", "sqs"), q),
+        D=d, IEEE=q.dtype == torch.float32, SEG=seg, ATOMIC=atomic, **tiles.kernel_kwargs())
+    # grids (kv heads, split, key tiles): heads fastest. List tiles write fp32 partials (DK/DV: DKL/DVL, the
+    # sd* strides unused); band tiles add them at the kept positions.
+    _bwd_dkdv[(b * hk, split, list_tiles)](K=kc, V=vc, DK=dkl, DV=dvl, **strides(("skb", "skh", "sks"), kc),
+                                           sdb=0, sdh=0, sds=0, LIST=True, **common)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    _bwd_dkdv[(b * hk, 1, triton.cdiv(s, c["BN"]))](q, k, v, do, lse, delta, gpos, slot, docs, dkl, dvl, dk, dv,
-                                                    dq, scale * LOG2E, scale, s, g, window, hq, hq // hk, hk, split,
-                                                    *q.stride()[:3], *k.stride()[:3], *dk.stride()[:3],
-                                                    LIST=False, **common)
+    _bwd_dkdv[(b * hk, 1, triton.cdiv(s, tiles.BN))](K=k, V=v, DK=dk, DV=dv, **strides(("skb", "skh", "sks"), k),
+                                                     **strides(("sdb", "sdh", "sds"), dk), LIST=False, **common)
     return (dq.to(q.dtype) if atomic else dq), dk, dv
 
 
 # The kernels behind two custom operators with a fake (meta) implementation and a registered backward:
 # torch.compile, CUDA graphs and activation checkpointing see one opaque node each and never trace the
 # Triton code. Every input the backward needs is an input of the forward, so it can be saved.
+# `launch`: LaunchConfig.as_ints() (the schema has no records).
 @torch.library.custom_op("megatron_sep::sep_attn_fwd", mutates_args=())
 def sep_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, gpos: torch.Tensor,
                  slot: torch.Tensor, bounds_fwd: torch.Tensor, bounds_dq: torch.Tensor, docs: torch.Tensor | None,
                  window: int, scale: float, launch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(q, k, v, index, gpos, slot, bounds_fwd, bounds_dq, docs, window, scale, launch)
+    return launch_forward(q, k, v, index, gpos, slot, bounds_fwd, bounds_dq, docs, window, scale, launch)
 
 
 @sep_attn_fwd.register_fake
@@ -473,7 +473,7 @@ def sep_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                  lse: torch.Tensor, index: torch.Tensor, gpos: torch.Tensor, slot: torch.Tensor, bounds: torch.Tensor,
                  docs: torch.Tensor | None, window: int, scale: float,
                  launch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(do, q, k, v, o, lse, index, gpos, slot, bounds, docs, window, scale, launch)
+    return launch_backward(do, q, k, v, o, lse, index, gpos, slot, bounds, docs, window, scale, launch)
 
 
 @sep_attn_bwd.register_fake
@@ -496,40 +496,29 @@ def _backward(ctx, do, _dlse):
 sep_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def tile_rows(config: dict | None = None) -> tuple[int, int]:
-    """The query-tile heights (forward, dQ) a plan needs bounds for."""
-    cfg = _config(config)
-    return cfg["fwd"]["BM"], cfg["dq"]["BM"]
-
-
-def _config(config, s: int | None = None):
-    """CONFIG (SHORT on top for sequences below LONG_SEQ), then the caller's overrides."""
-    short = s is not None and s < LONG_SEQ
-    cfg = {name: {**c, **(SHORT.get(name, {}) if short else {}), **(config or {}).get(name, {})}
-           for name, c in CONFIG.items()}
-    for name in ("fwd", "dq"):  # list blocks are read unmasked: they must tile the list's bucket
-        if BLOCK % cfg[name]["BN"]:
-            raise ValueError(f"SepAttention {name} BN={cfg[name]['BN']} must divide {BLOCK}")
-    return cfg
+def forward_args(q, k, v, plan, window: int, scale: float, launch: LaunchConfig) -> tuple:
+    """The arguments of `sep_attn_fwd` (and `launch_forward`) for one call: q, k, v contiguous, the plan's
+    tensors for this window and launch's tile heights, then window, scale and the launch as ints."""
+    return (q.contiguous(), k.contiguous(), v.contiguous(), plan.index, plan.gpos, plan.slot,
+            plan.bounds[(window, launch.fwd.BM)], plan.bounds[(window, launch.dq.BM)], plan.docs, window, scale,
+            launch.as_ints())
 
 
 def sep_attention_triton(q, k, v, is_sep, init_tokens: int, window: int, scale=None, config: dict | None = None,
                          plan=None, segment_ids=None, deterministic: bool = True):
     """`plan`: the micro-batch's `SepPlan` (built here when not given, e.g. by tests and benchmarks).
-    `config` overrides CONFIG per kernel, e.g. {"fwd": {"BM": 128}} (tests use small tiles).
-    `deterministic` False: the list part's dQ is added with fp32 atomics inside the dK/dV kernel instead of
-    recomputed per query tile (fewer matmuls; gradients vary in the last bits between runs)."""
+    `config` overrides the tuned CONFIG (sep_attention_launch.py) per kernel, e.g. {"fwd": {"BM": 128}}
+    (tests use small tiles; see `launch_config`). `deterministic` False: the list part's dQ is added with fp32
+    atomics inside the dK/dV kernel instead of recomputed per query tile (fewer matmuls; gradients vary in the
+    last bits between runs)."""
     d = q.shape[-1]
     if d not in (16, 32, 64, 128):
         raise ValueError(f"the Triton SepAttention kernel supports head dims 16, 32, 64 and 128, not {d}. "
                          "Fix: use backend='flex' or 'reference'")
     scale = d ** -0.5 if scale is None else scale
-    cfg = _config(config, q.shape[2])
-    fbm, qbm = cfg["fwd"]["BM"], cfg["dq"]["BM"]
+    launch = launch_config(config, q.shape[2], deterministic)
     if plan is None:
         from .sep_plan import build_plan
-        plan = build_plan(is_sep, init_tokens, [window], "triton", segment_ids, tile_rows=(fbm, qbm))
-    args = (q.contiguous(), k.contiguous(), v.contiguous(), plan.index, plan.gpos, plan.slot,
-            plan.bounds[(window, fbm)], plan.bounds[(window, qbm)], plan.docs, window, scale,
-            _launch(cfg, deterministic))
-    return sep_attn_fwd(*args)[0]
+        plan = build_plan(is_sep, init_tokens, [window], "triton", segment_ids,
+                          tile_rows=(launch.fwd.BM, launch.dq.BM))
+    return sep_attn_fwd(*forward_args(q, k, v, plan, window, scale, launch))[0]

@@ -125,3 +125,27 @@ def test_model_loss_and_grads_same_with_kernels(family):
         out[kernels] = [loss] + list(torch.autograd.grad(loss, list(m.parameters())))
     for a, c in zip(out["triton"], out["reference"]):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+
+
+def test_every_launch_names_each_kernel_parameter_once(monkeypatch):
+    """Launch sites pass a kernel's parameters by keyword: each one, and nothing else. The interpreter drops an
+    unknown keyword where a GPU build refuses it, so the names are checked here."""
+    from fused_ops import norms_triton, rope_triton
+    from fused_ops import sep_attention_triton as sat
+    seen = {}
+    for kernel in (norms_triton._norm_fwd, norms_triton._norm_bwd, rope_triton._rope_kernel, sat._fwd, sat._bwd_dq,
+                   sat._bwd_dkdv):
+        def run(*args, kernel=kernel, launch=kernel.run, **kwargs):
+            names = set(kwargs) - {"grid", "warmup", "num_warps", "num_stages"}
+            assert not args and names == set(kernel.arg_names), (kernel.__name__, names ^ set(kernel.arg_names))
+            seen[kernel.__name__] = seen.get(kernel.__name__, 0) + 1
+            return launch(*args, **kwargs)
+        monkeypatch.setattr(kernel, "run", run)
+    x, r, w, b = (torch.randn(*shape, requires_grad=True) for shape in ((3, 40), (3, 40), (40,), (40,)))
+    sum(fused_ops.layer_norm(x, w, b, 1e-5, r, "triton")).sum().backward()
+    q, k = torch.randn(1, 3, 4, 16, requires_grad=True), torch.randn(1, 3, 2, 16, requires_grad=True)
+    torch.cat(fused_ops.apply_rope(q, k, torch.arange(3), 8, 10000.0, "triton"), dim=2).sum().backward()
+    q, k, v = (torch.randn(1, h, 20, 16, requires_grad=True) for h in (2, 1, 1))
+    small = {name: {"BM": 16, "BN": 16} for name in ("fwd", "dq", "dkdv")}
+    sat.sep_attention_triton(q, k, v, torch.rand(1, 20) < 0.3, 2, 4, config=small).sum().backward()
+    assert seen == {"_norm_fwd": 1, "_norm_bwd": 1, "_rope_kernel": 2, "_fwd": 1, "_bwd_dq": 1, "_bwd_dkdv": 2}

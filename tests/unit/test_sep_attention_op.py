@@ -8,7 +8,7 @@ import torch
 import torch._dynamo.testing
 
 import fused_ops
-from fused_ops.sep_attention_triton import sep_attn_fwd, tile_rows
+from fused_ops.sep_attention_triton import launch_config, sep_attn_fwd, tile_rows
 
 SMALL = {name: {"BM": 16, "BN": 16} for name in ("fwd", "dq", "dkdv")}
 
@@ -24,8 +24,7 @@ def test_opcheck_forward_and_backward():
     q, k, v, is_sep = inputs(0)
     rows = (16, 16)
     plan = fused_ops.sep_plan.build_plan(is_sep, 3, [5], "triton", tile_rows=rows)
-    from fused_ops.sep_attention_triton import _config, _launch
-    launch = _launch(_config({name: {"BM": 16, "BN": 16} for name in ("fwd", "dq", "dkdv")}))
+    launch = launch_config(SMALL).as_ints()
     args = (q, k, v, plan.index, plan.gpos, plan.slot, plan.bounds[(5, 16)], plan.bounds[(5, 16)], None, 5, 0.25,
             launch)
     torch.library.opcheck(sep_attn_fwd, args)
