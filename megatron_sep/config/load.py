@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from pathlib import Path
 
 import yaml
 
 from .aliases import alias_of, megatron_paths, megatron_split
+from ..errors import closest
 from .schema import SECTIONS, Config, ConfigError
-
-
-def _closest(name: str, options) -> str:
-    hit = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f"did you mean '{hit[0]}'?" if hit else "valid keys: " + ", ".join(sorted(options))
 
 
 def _section_of(name: str) -> str | None:
@@ -35,7 +30,7 @@ def _unknown(key: str, name: str, value, options, what: str = "unknown key") -> 
     if "-" in name:
         return ConfigError(key, value, f"{what} (a GPT-NeoX style name)", "a GPT-NeoX config converts with "
                            "`megatron-sep import-neox --config FILE --out DIR`")
-    return ConfigError(key, value, what, _closest(name, options))
+    return ConfigError(key, value, what, closest(name, options))
 
 
 def _type_name(tp) -> str:

@@ -11,12 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key, the value and the fix."""
-
-    def __init__(self, key: str, value, problem: str, fix: str):
-        self.key, self.value = key, value
-        super().__init__(f"config error: {key}={value!r}: {problem}. Fix: {fix}")
+from ..errors import ConfigError
 
 
 def _require(ok: bool, key: str, value, problem: str, fix: str) -> None:
@@ -461,11 +456,11 @@ class Config:
                  "is not served by parallel.engine=deepspeed (torchao's float8 layers and ZeRO's flat buffers)",
                  "use bf16 with DeepSpeed, or the native engine for fp8")
         if p.deepspeed:  # imports DeepSpeed: only when an expert gives keys
-            from ..engine.deepspeed import check_expert_keys
+            from .deepspeed import check_expert_keys
             check_expert_keys(self)
 
 
-# DeepSpeed keys that engine/deepspeed.py generates from ours, or that the project's own loop replaces
+# DeepSpeed keys that config/deepspeed.py generates from ours, or that the project's own loop replaces
 DEEPSPEED_OWNED = {
     "train_batch_size": "train.global_batch_size", "gradient_accumulation_steps": "train.global_batch_size",
     "train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_clipping": "optim.clip_grad",

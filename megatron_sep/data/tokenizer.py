@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from ..errors import first_line
 
 EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
 PAD_NAMES = ("<pad>", "<|padding|>", "[PAD]")
@@ -10,12 +11,6 @@ PAD_NAMES = ("<pad>", "<|padding|>", "[PAD]")
 
 class TokenizerError(ValueError):
     pass
-
-
-def first_line(e: BaseException, limit: int = 200) -> str:
-    """An exception's first line, for a one-line error (some libraries raise with an empty message)."""
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:limit]
 
 
 class Tokenizer:

@@ -122,7 +122,7 @@ def resolve_layout(cfg: Config, world: int) -> tuple[int, int, int, int]:
                           f"pp x virtual_stages = {chunks} does not divide model.num_layers={m.num_layers}",
                           "pick virtual_stages so that every model chunk holds the same number of layers")
     if m.subsampled and chunks > 1:  # SUBLLM: each ( ... ) inside one stage
-        from .pipeline import split_layers
+        from .stages import split_layers
         from ..config.structure import parse_structure, stage_starts
         try:
             split_layers(m.num_layers, chunks, stage_starts(parse_structure(m.structure, m.num_layers)))
