@@ -183,7 +183,7 @@ class GPT(nn.Module):
             return self.lm_head(x)[..., : self.vocab_size]
         return self.loss(self.lm_head, x, labels)
 
-    # ---- hooks for pipeline splitting and the trainer; a variant with structure overrides them ----
+    # ---- hooks for pipeline splitting and the trainer; a variant overrides what it needs ----
     def stage_starts(self) -> list[bool] | None:
         """Where a pipeline stage may start: None, any layer."""
         return None
