@@ -31,6 +31,8 @@ class Engine(Protocol):
 
     def set_lr(self, lr: float) -> None: ...
 
+    def given_config(self) -> str | None: ...  # a configuration of the engine's own (DeepSpeed's JSON)
+
     def weights_finite(self) -> bool: ...  # collective
 
     def state_dict(self) -> dict: ...  # {"model": ..., "optim": ...} keyed by the plain model's names

@@ -224,5 +224,6 @@ class DeepSpeedEngine:
         else:
             p.data.copy_(value.to(p.dtype))
 
-    def config_json(self) -> str:
+    def given_config(self) -> str:
+        """The JSON DeepSpeed was given (written beside the run's config)."""
         return json.dumps(self.ds_config, sort_keys=True)

@@ -48,6 +48,9 @@ class NativeEngine:
     def describe(self) -> str:
         return " zero1" if self.zero else ""
 
+    def given_config(self) -> str | None:
+        return None  # no configuration of its own beyond ours
+
     # ---- the schedule's hooks (parallel/pipeline.py) ----------------------------------------------
     def forward_backward(self, micro_batches, forward_only: bool = False) -> torch.Tensor:
         return self.pipe.run(micro_batches, self, forward_only)

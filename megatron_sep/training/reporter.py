@@ -1,0 +1,57 @@
+"""The step log: attention statistics, loss, lr, gradient norm, tokens/s, MFU and memory, every
+logging.log_interval steps (and at the last), measured over training time only (eval and saves excluded)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..config import Config
+from ..model.attention import attention_stats
+from .metrics import flops_per_token, format_step, peak_memory_gb
+from .optim import lr_at
+
+
+class StepReporter:
+    def __init__(self, cfg: Config, run, logger):
+        self.cfg, self.logger, self.device = cfg, logger, run.device
+        self.matmul_params, self.peak, self.world = run.matmul_params, run.peak, run.ctx.world
+        global_batch = cfg.train.global_batch_size or cfg.train.micro_batch_size
+        self.tokens_per_step = global_batch * cfg.data.seq_len
+        self.tic, self.steps, self.paused = time.perf_counter(), 0, 0.0
+        self.last: dict = {}
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.logging.log_interval == 0 or step == self.cfg.train.steps
+
+    def pause(self, seconds: float) -> None:
+        """Time the loop spent outside training (evaluation, saves)."""
+        self.paused += seconds
+
+    def after_step(self, step: int, loss, norm, is_sep, consumed: int) -> None:
+        cfg = self.cfg
+        self.steps += 1
+        si = cfg.attention.stats_interval
+        kept = 1.0 if cfg.attention.kind == "dense" else None  # share of causal pairs attended
+        if kept is None and si and step % si == 0:  # the step's last micro-batch
+            stats = attention_stats(cfg, is_sep)
+            kept = stats["kept_pairs"]
+            self.logger.print(f"step {step:>6} | attention kept pairs {stats['kept_pairs']:.1%} "
+                              f"| kept kv {stats['kept_kv']:.1%} | separators {stats['sep_share']:.1%}")
+            self.logger.log(step, stats)
+        if not self.due(step):
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        tps = self.steps * self.tokens_per_step / (time.perf_counter() - self.tic - self.paused)
+        if kept is None:
+            kept = attention_stats(cfg, is_sep)["kept_pairs"]
+        flops = flops_per_token(cfg, self.matmul_params, kept)
+        self.last = {"loss": loss.item(), "lr": lr_at(step - 1, cfg), "grad_norm": norm.item(),
+                     "tokens_per_s": tps, "peak_mem_gb": peak_memory_gb(self.device),
+                     "mfu": tps * flops / (self.peak * self.world) if self.peak else None,
+                     "peak_tflops": self.peak / 1e12 if self.peak else None,
+                     "flops_per_token": flops, "consumed_samples": consumed}
+        self.logger.print(format_step(step, cfg.train.steps, self.last))
+        self.logger.log(step, self.last)
+        self.tic, self.steps, self.paused = time.perf_counter(), 0, 0.0
