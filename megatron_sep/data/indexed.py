@@ -164,8 +164,10 @@ class IndexedDataset:
         return self.tokens[start: start + int(self.sizes[i])]
 
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens [offset, offset + length) of sequence i, cut at its end as a slice is (never the next one's)."""
         start = int(self.pointers[i]) // self.dtype.itemsize + offset
-        n = int(self.sizes[i]) - offset if length is None else length
+        n = int(self.sizes[i]) - offset
+        n = max(0, n if length is None else min(length, n))
         return self.tokens[start: start + n]
 
     @property

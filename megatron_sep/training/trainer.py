@@ -50,6 +50,11 @@ class Trainer:
         """An async save being written (checkpointer.py)."""
         return self.checkpointer.pending
 
+    def resume(self) -> None:
+        """Start from this run's latest checkpoint, checkpoint.load's weights, or step 0."""
+        self.step, self.consumed = self.checkpointer.resume()
+        self.logger.truncate_after(self.step)  # steps logged by a killed run after its last save run again
+
     def save(self, final: bool = False) -> None:
         with self.preemption.during_save():
             self.checkpointer.save(self.step, self.consumed, final)
@@ -143,9 +148,7 @@ class Trainer:
         try:
             self.logger = MetricsLogger(cfg, self.run_dir, config_to_dict(cfg), enabled=self.log_enabled)
             self.logger.print("resolved config:\n" + self.run_state.config_text)
-            # strict: a mismatched checkpoint stops here, before anything is written
-            self.step, self.consumed = self.checkpointer.resume()
-            self.logger.truncate_after(self.step)  # steps logged by a killed run after its last save run again
+            self.resume()  # strict: a mismatched checkpoint stops here, before anything is written
             if self.ctx.rank == 0:
                 (self.run_dir / "config.yaml").write_text(self.run_state.config_text)
                 given = self.run_dir / "deepspeed_config.json"  # what DeepSpeed was given (an earlier run's: gone)

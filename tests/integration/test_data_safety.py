@@ -82,7 +82,7 @@ def test_resave_killed_between_renames_still_resumes(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path / "run")
     Trainer(cfg).run(until=4)
     script = ("import sys; from megatron_sep.config import load_config; from megatron_sep.training import Trainer\n"
-              "t = Trainer(load_config(sys.argv[1])); t.maybe_resume(); t.save()\n")
+              "t = Trainer(load_config(sys.argv[1])); t.resume(); t.save()\n")
     root = tmp_path / "run" / "checkpoints"
     env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
     config_path = str(write_config(cfg, tmp_path / "cfg.yaml"))

@@ -85,7 +85,8 @@ def test_resolution_warns_for_multi_token_strings(corpus):
 def test_sepllm_trains_on_cpu_and_logs_stats(corpus, tmp_path, capsys):
     cfg = tiny_config(corpus, tmp_path / "run", attention={"kind": "sepllm", "window": 8, "stats_interval": 5},
                       train={"steps": 20, "eval_interval": 10})
-    Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    trainer.run()
     out = capsys.readouterr().out
     assert "separator ids: " in out and "separator share in the data" in out
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -94,5 +95,6 @@ def test_sepllm_trains_on_cpu_and_logs_stats(corpus, tmp_path, capsys):
     assert all(0 < r["kept_pairs"] < 1 and 0 < r["kept_kv"] < 1 for r in stats)
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     assert vals[-1] < vals[0]
-    assert all(isinstance(x, int) for x in cfg.attention.separators)  # resolved, saved in config.yaml
+    assert all(isinstance(x, int) for x in trainer.cfg.attention.separators)  # resolved, saved in config.yaml
+    assert cfg.attention.separators == tiny_config(corpus, tmp_path).attention.separators  # the caller's: as given
     assert "separators:\n  - " in (tmp_path / "run" / "config.yaml").read_text()

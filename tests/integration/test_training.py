@@ -33,7 +33,12 @@ def launch(cfg, tmp_path, env=None, **kw):
 
 def test_loss_falls_and_metrics_written(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path / "run", train={"steps": 30, "eval_interval": 10})
-    out = Trainer(cfg, log=True).run()
+    given = dump_config(cfg)
+    trainer = Trainer(cfg, log=True)
+    out = trainer.run()
+    # the build step resolves a copy: the caller's config is as it was given, the saved one is the resolved one
+    assert dump_config(cfg) == given and cfg.model.vocab_size is None
+    assert trainer.cfg.model.vocab_size == 384  # from the tokenizer
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     train = [r for r in rows if "loss" in r]
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -42,7 +47,7 @@ def test_loss_falls_and_metrics_written(corpus, tmp_path):
     assert vals[-1] < vals[0] - 0.5 and train[-1]["loss"] < train[0]["loss"] - 1.0
     assert out["step"] == 30 and (tmp_path / "run" / "config.yaml").is_file()
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
-    assert ckpt.name == "step_00000030" and (ckpt / "config.yaml").read_text() == dump_config(cfg)
+    assert ckpt.name == "step_00000030" and (ckpt / "config.yaml").read_text() == dump_config(trainer.cfg)
 
 
 def test_schedules():
@@ -160,8 +165,9 @@ def test_mock_data_trains_without_corpus_or_tokenizer(tmp_path):
     # MFU: the stated peak, and attention FLOPs for the causal pairs the SepLLM mask keeps (fewer than dense)
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     row = [r for r in rows if "mfu" in r][-1]
-    dense = 6 * trainer.matmul_params + 12 * 2 * 32 * 32
-    assert 6 * trainer.matmul_params < row["flops_per_token"] < dense
+    n = trainer.run_state.matmul_params
+    dense = 6 * n + 12 * 2 * 32 * 32
+    assert 6 * n < row["flops_per_token"] < dense
     assert row["peak_tflops"] == 2.0
     assert math.isclose(row["mfu"], row["tokens_per_s"] * row["flops_per_token"] / 2e12, rel_tol=1e-9)
     with pytest.raises(ConfigError, match="data.mock has no tokenizer"):
