@@ -231,7 +231,7 @@ def cmd_generate(args) -> int:
 
     from .convert import load_project_model
     from .data.tokenizer import same_vocabulary
-    from .inference import generate
+    from .inference import DecodeOptions, generate
 
     given = [flag for flag, value in (("--draft-tokens", args.draft_tokens), ("--draft-cache", args.draft_cache),
                                       ("--draft-tokenizer", args.draft_tokenizer)) if value is not None]
@@ -255,14 +255,15 @@ def cmd_generate(args) -> int:
         print(f"warning: {len(ids)} prompt + {args.max_new_tokens} new tokens pass the {limit} positions the model "
               "was trained with; later tokens may degrade", file=sys.stderr)
     prompt = torch.tensor([ids], device=device)
-    decoding = dict(greedy=args.temperature == 0, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    eod_id=tok.eod_id, seed=args.seed, evict=args.evict, cache=args.cache,
-                    cache_sizes=args.cache_sizes, positions=args.cache_positions, cuda_graphs=args.cuda_graphs)
+    opts = DecodeOptions(greedy=args.temperature == 0, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, eod_id=tok.eod_id, cache=args.cache,
+                         cache_sizes=args.cache_sizes, positions=args.cache_positions, evict=args.evict,
+                         cuda_graphs=args.cuda_graphs, prefill_chunk=args.prefill_chunk,
+                         draft_tokens=args.draft_tokens or 4, draft_cache=args.draft_cache)
     if args.draft:
-        from .inference.speculative import speculative_generate
+        from .inference.speculative import NO_PREFILL_CHUNK, speculative_generate
         if args.prefill_chunk:
-            raise ValueError("--prefill-chunk applies to plain decoding; speculative decoding (--draft) feeds the "
-                             "prompt at once. Fix: drop one of them")
+            raise ValueError(NO_PREFILL_CHUNK)
         draft, draft_cfg = load_project_model(args.draft)
         draft.to(device, dtype)
         if len(ids) + args.max_new_tokens > draft_cfg.model.max_position_embeddings:
@@ -274,14 +275,13 @@ def cmd_generate(args) -> int:
             raise ValueError(f"the draft's tokenizer ({draft_tok.path}, {draft_tok.vocab_size} tokens) is not the "
                              f"target's ({tok.path}, {tok.vocab_size} tokens): speculative decoding compares token "
                              "ids. Fix: train the draft with the target's tokenizer (data.tokenizer)")
-        k = args.draft_tokens or 4
-        out, stats = speculative_generate(model, draft, prompt, args.max_new_tokens, draft_tokens=k,
-                                          draft_cache=args.draft_cache, **decoding)
+        k = opts.draft_tokens
+        out, stats = speculative_generate(model, draft, prompt, args.max_new_tokens, opts)
         print(tok.decode(out[0, prompt.shape[1]:].tolist()))
         print(f"speculative decoding, up to {k} draft token{'s' if k > 1 else ''} per round: {stats.line()}",
               file=sys.stderr)
         return 0
-    out = generate(model, prompt, args.max_new_tokens, prefill_chunk=args.prefill_chunk, **decoding)
+    out = generate(model, prompt, args.max_new_tokens, opts)
     print(tok.decode(out[0, prompt.shape[1]:].tolist()))
     return 0
 
