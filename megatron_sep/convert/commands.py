@@ -1,4 +1,5 @@
-"""`export-hf` and `import-hf`: whole-directory conversions around the tensor maps in hf.py."""
+"""`export-hf` and `import-hf`: whole-directory conversions around the tensor maps in hf.py; and the
+`megatron-sep` commands of this package (`cmd_*`: export-hf, import-hf, import-neox, import-megatron)."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,8 @@ from ..training.checkpoint import (list_checkpoints, load_checkpoint, load_whole
 from .hf import (ConversionError, config_from_hf, from_hf_state, hf_config, read_hf_weights, to_hf_state,
                  write_hf_weights)
 from .hf_tokenizer import write_hf_tokenizer
+from .megatron import import_megatron
+from .neox import import_neox
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -224,3 +227,31 @@ def import_hf(hf_dir: str | Path, out: str | Path, overrides=(), force: bool = F
     state = from_hf_state(read_hf_weights(hf_dir), cfg, padded_vocab(cfg.model.vocab_size))
     save_imported(cfg, state, out, force, str(hf_dir), "its config.json")
     return out
+
+
+def cmd_export_hf(args) -> int:
+    out = export_hf(args.load, args.out, args.dtype, tokenizer=args.tokenizer, force=args.force)
+    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    overrides = list(args.overrides) + ([f"attention.kind={args.attention}"] if args.attention else [])
+    out = import_hf(args.hf, args.out, overrides, force=args.force)
+    print(f"wrote {out}/checkpoints; continue training with --set checkpoint.load={out}")
+    return 0
+
+
+def cmd_import_neox(args) -> int:
+    out, notes = import_neox(args.config, args.out, args.checkpoint, args.gpus, args.overrides, force=args.force)
+    for note in notes:
+        print(f"note: {note}")
+    what = f"{out}/config.yaml" + (f" and {out}/checkpoints" if args.checkpoint else "")
+    print(f"wrote {what}; train with: megatron-sep train -c {out}/config.yaml")
+    return 0
+
+
+def cmd_import_megatron(args) -> int:
+    out = import_megatron(args.checkpoint, args.out, args.overrides, force=args.force)
+    print(f"wrote {out}/checkpoints; continue training with --set checkpoint.load={out}")
+    return 0
