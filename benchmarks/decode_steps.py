@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from megatron_sep.config import load_config
-from megatron_sep.convert.commands import prepare_out
+from megatron_sep.outdir import prepare_out
 from megatron_sep.convert.hf import ConversionError
+from megatron_sep.inference import DecodeOptions
 from megatron_sep.inference.generate import feed, make_cache
 from megatron_sep.inference.speculative import speculative_generate
 from megatron_sep.model import build_model
@@ -61,10 +62,10 @@ def step_ms(model, path: str, s: int, steps: int = 64) -> float:
 def round_ms(models, k: int, device_rounds: bool, new: int = 128) -> float:
     target, draft = models
     prompt = torch.randint(0, target.vocab_size, (1, 64), device="cuda")
+    opts = DecodeOptions(draft_tokens=k, cuda_graphs=True, device_rounds=device_rounds)
     for _ in range(2):  # captures
-        speculative_generate(target, draft, prompt, new, draft_tokens=k, cuda_graphs=True, device_rounds=device_rounds)
-    _, stats = speculative_generate(target, draft, prompt, new, draft_tokens=k, cuda_graphs=True,
-                                    device_rounds=device_rounds)
+        speculative_generate(target, draft, prompt, new, opts)
+    _, stats = speculative_generate(target, draft, prompt, new, opts)
     return stats.seconds / stats.rounds * 1e3
 
 

@@ -16,13 +16,14 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from megatron_sep.checkpoint import load_model
 from megatron_sep.data.tokenizer import load_tokenizer
-from megatron_sep.inference import generate
+from megatron_sep.inference import DecodeOptions, generate
 from megatron_sep.inference.speculative import speculative_generate
 
 
@@ -68,23 +69,23 @@ def main() -> None:
     tok = load_tokenizer(cfg.data.tokenizer)
     rows = prompts(args.prompts, tok, args.n, args.prompt_tokens, args.device)
     ks = [int(k) for k in args.k.split(",")]
-    graphs = {"cuda_graphs": args.cuda_graphs}
+    graphs = DecodeOptions(cuda_graphs=args.cuda_graphs)
     for _ in range(2):  # warm-up: kernels, and with graphs the prompt's shape (captured at its second sighting)
-        generate(target, rows[0], 8, **graphs), speculative_generate(target, draft, rows[0], 8, **graphs)
+        generate(target, rows[0], 8, graphs), speculative_generate(target, draft, rows[0], 8, graphs)
 
     base, results = [], {}
     for p in rows:
-        out, s = timed(lambda: generate(target, p, args.new, **graphs))
+        out, s = timed(lambda: generate(target, p, args.new, graphs))
         base.append({"tokens": out[0, p.shape[1]:].tolist(), "seconds": s})
     base_tps = sum(len(b["tokens"]) for b in base) / sum(b["seconds"] for b in base)
     runs = [(k, True) for k in ks] + [(4, False)]
     for k, greedy in runs:
         # this k's shapes first
-        speculative_generate(target, draft, rows[0], 2 * k + 2, draft_tokens=k, greedy=greedy, **graphs)
+        opts = replace(graphs, draft_tokens=k, greedy=greedy)
+        speculative_generate(target, draft, rows[0], 2 * k + 2, opts)
         rec = []
         for i, p in enumerate(rows):
-            (out, st), s = timed(lambda: speculative_generate(target, draft, p, args.new, draft_tokens=k,
-                                                              greedy=greedy, seed=i, **graphs))
+            (out, st), s = timed(lambda: speculative_generate(target, draft, p, args.new, replace(opts, seed=i)))
             new = out[0, p.shape[1]:].tolist()
             same = next((j for j, (a, b) in enumerate(zip(new, base[i]["tokens"])) if a != b), len(new))
             rec.append({"seconds": s, "new": len(new), "proposed": st.proposed, "accepted": st.accepted,

@@ -15,7 +15,7 @@ import random
 import sys
 from pathlib import Path
 
-from megatron_sep.convert.commands import prepare_out
+from megatron_sep.outdir import prepare_out
 
 SUFFIXES = {".rst", ".txt", ".md", ".adoc"}
 

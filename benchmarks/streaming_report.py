@@ -10,9 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_sep.cli import EVAL_FILES
-from megatron_sep.convert.commands import prepare_out
-from megatron_sep.inference.evaluate import write_report
+from megatron_sep.outdir import prepare_out
+from megatron_sep.inference.evaluate import EVAL_FILES, write_report
 from megatron_sep.inference.plots import label, ppl_over_reference
 
 

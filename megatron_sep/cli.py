@@ -1,389 +1,48 @@
 """`megatron-sep` command line: train, sweep, tokenizer, preprocess, inspect, export-hf, import-hf, import-neox,
 import-megatron, generate, eval, demo-corpus."""
+# (the docstring is the --help description.) Here: the flags, the dispatch, and the mapping of errors to one
+# line and an exit status; each command's code lives with its domain (COMMANDS).
 from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import math
 import os
 import signal
 import sys
+
+# command -> module:function taking the parsed flags and returning the exit status. A command's module is
+# imported when it runs, so `--help` and a mistyped flag answer without importing torch.
+COMMANDS = {
+    "train": "megatron_sep.experiments.commands:cmd_train",
+    "sweep": "megatron_sep.experiments.commands:cmd_sweep",
+    "lm-eval-task": "megatron_sep.experiments.commands:cmd_lm_eval_task",
+    "tokenizer": "data_tools.commands:cmd_tokenizer",
+    "preprocess": "data_tools.commands:cmd_preprocess",
+    "inspect": "data_tools.commands:cmd_inspect",
+    "offline-corpus": "data_tools.commands:cmd_offline_corpus",
+    "corpus-subset": "data_tools.commands:cmd_corpus_subset",
+    "export-hf": "megatron_sep.convert.commands:cmd_export_hf",
+    "import-hf": "megatron_sep.convert.commands:cmd_import_hf",
+    "import-neox": "megatron_sep.convert.commands:cmd_import_neox",
+    "import-megatron": "megatron_sep.convert.commands:cmd_import_megatron",
+    "generate": "megatron_sep.inference.commands:cmd_generate",
+    "eval": "megatron_sep.inference.commands:cmd_eval",
+    "demo-corpus": "data_tools.commands:cmd_demo_corpus",
+}
+
+
+def command(name: str):
+    """The function that runs command `name` (imports its module)."""
+    module, func = COMMANDS[name].split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def _add_config_args(p):
     p.add_argument("--config", "-c", help="YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set optim.lr=3e-4")
-
-
-def cmd_train(args) -> int:
-    from .config import load_config
-    from .training import Trainer
-
-    cfg = load_config(args.config, args.overrides)
-    if args.check_config:
-        from .config import dump_config
-        print(dump_config(cfg))
-        return 0
-    result = Trainer(cfg).run()
-    if result.get("stopped_by"):
-        print(f"stopped by {result['stopped_by']} at step {result['step']}; run again to resume")
-    return 0
-
-
-def cmd_sweep(args) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from .config import ConfigError
-    from .experiments import report, sweep
-
-    plan = sweep.load_plan(args.plan)
-    tokens = sweep.parse_tokens(args.tokens) if args.tokens else None
-    out = Path(args.out or f"runs/sweeps/{plan.name}")
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "sweep.json").is_file()):
-        raise ConfigError("--out", str(out), "exists and is not a sweep directory (no sweep.json)",
-                          "choose a new --out; the sweep writes only into its own directory")
-    if args.report_only and not (out / "sweep.json").is_file():
-        raise ConfigError("--report-only", str(out), "holds no sweep (no sweep.json)",
-                          "run the sweep first, or point --out at a sweep directory")
-    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-    configs = sweep.resolve_runs(plan, tokens, out, args.overrides, only,
-                                 args.allow_repeat or args.report_only)  # a report reads no corpus
-    tokens = tokens or plan.tokens
-    gpu = torch.cuda.is_available() and any(c.train.device != "cpu" for c in configs.values())
-    if args.parallel > 1 and gpu:
-        raise ConfigError("--parallel", args.parallel, "would train several runs on one GPU at once",
-                          "use --parallel 1 on a GPU (runs go one after another), or --set train.device=cpu")
-    state = sweep.State(out, plan, tokens, configs)
-    print(f"sweep {plan.name}: {len(configs)} run{'s' if len(configs) > 1 else ''} at {tokens:,} tokens each -> {out}")
-    failed = [] if args.report_only else sweep.execute(configs, out, state, args.parallel)
-    every = configs
-    if only:  # the report covers every finished run of the plan, not only the ones trained now
-        try:
-            every = sweep.resolve_runs(plan, tokens, out, args.overrides, None, allow_repeat=True)
-        except ConfigError:  # another run conflicts with this --set: report the chosen ones
-            pass
-    done = [n for n, c in every.items() if sweep.finished(c, state.data["runs"].get(n))]
-    if not done and args.report_only:
-        raise ConfigError("--report-only", str(out), "no run of this sweep has finished",
-                          "run the sweep without --report-only")
-    if done:
-        device = torch.device("cuda" if gpu else "cpu")
-        known = state.data["runs"]
-        rows = [report.collect(n, every[n], known.get(n, {}), device) for n in done]
-        path = report.write_report(out, plan.name, tokens, rows, plan.reference, [n for n in every if n not in done])
-        print(f"report: {path} (table, val_loss_vs_tokens.png, loss_by_position.png, tokens_per_s.png)")
-    if failed:
-        logs = ", ".join(str(out / "logs" / f"{n}.log") for n in failed)
-        print(f"error: {len(failed)} run{'s' if len(failed) > 1 else ''} failed: {', '.join(failed)}; see {logs}. "
-              "Fix what the log shows and run the sweep again: finished runs are kept, failed ones resume "
-              "from their last checkpoint", file=sys.stderr)
-        return 1
-    return 0
-
-
-def cmd_lm_eval_task(args) -> int:
-    from pathlib import Path
-
-    from .experiments.lm_eval_task import write_task
-
-    out = Path(args.out)
-    path = write_task(args.input, out, args.name, args.docs, args.text_key, force=args.force)
-    n = sum(1 for _ in open(out / f"{args.name}.jsonl"))
-    print(f"wrote {path} ({n} examples). Run: lm_eval --model hf --model_args pretrained=HF_DIR,"
-          f"trust_remote_code=True --include_path {out} --tasks {args.name}")
-    return 0
-
-
-def cmd_tokenizer(args) -> int:
-    from pathlib import Path
-
-    from data_tools.train_tokenizer import train_hf_bpe, train_sentencepiece
-
-    from .data.tokenizer import load_tokenizer
-
-    prefix = args.out[:-6] if args.out.endswith(".model") else args.out
-    targets = [Path(args.out)] if args.type == "hf-bpe" else [Path(prefix + ".model"), Path(prefix + ".vocab")]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing and not args.force:
-        raise ValueError(f"{' and '.join(existing)} exist. Fix: choose another --out, or pass --force to replace")
-    if args.type == "hf-bpe":
-        out = train_hf_bpe(args.input, args.out, args.vocab_size, args.text_key)
-    else:
-        out = train_sentencepiece(args.input, prefix, args.vocab_size, args.type, args.text_key,
-                                  byte_fallback=not args.no_byte_fallback,
-                                  split_separators=not args.no_split_separators)
-    size = load_tokenizer(out).vocab_size
-    note = (f" (warning: the corpus supports only {size:,} of the {args.vocab_size:,} tokens asked for)"
-            if size < args.vocab_size else "")
-    print(f"wrote {out}: {size:,} tokens{note}")
-    return 0
-
-
-def cmd_preprocess(args) -> int:
-    from data_tools.preprocess import preprocess
-
-    docs, tokens = preprocess(args.input, args.tokenizer, args.out, args.text_key, args.workers,
-                              args.txt_docs, force=args.force)
-    print(f"wrote {args.out}.bin/.idx: {docs:,} documents, {tokens:,} tokens")
-    return 0
-
-
-def cmd_inspect(args) -> int:
-    from data_tools.inspect_data import inspect
-
-    from .data.separators import resolve_separator_ids
-    from .data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    seps = resolve_separator_ids(tok)[0] if tok else None
-    print(inspect(args.prefix, tok, seps, top=args.top))
-    return 0
-
-
-def cmd_demo_corpus(args) -> int:
-    from data_tools.demo_corpus import build_demo_corpus
-
-    from pathlib import Path
-
-    out = Path(args.out)
-    if out.is_dir():  # --force replaces the corpus file, never a directory (nor the files in it)
-        raise ValueError(f"--out {out} is a directory; demo-corpus writes one .jsonl file. Fix: pass a file "
-                         f"path, e.g. --out {out / 'corpus.jsonl'}")
-    if out.exists() and not args.force:
-        raise ValueError(f"{args.out} exists. Fix: choose another --out, or pass --force to replace it")
-    docs, nbytes = build_demo_corpus(out)
-    print(f"wrote {args.out}: {docs:,} documents, {nbytes / 1e6:.1f} MB of text")
-    return 0
-
-
-def cmd_offline_corpus(args) -> int:
-    from data_tools.offline_corpus import DEFAULT_MANIFEST, build
-
-    s = build(args.out, args.manifest or DEFAULT_MANIFEST, args.cache, force=args.force,
-              progress=not args.no_progress)
-    t = s["tokens"]
-    print(f"corpus in {args.out}: train {t['train'][1]:,} tokens ({t['train'][0]:,} documents), held out "
-          f"{t['heldout'][1]:,} tokens ({t['heldout'][0]:,}); tokenizer {args.out}/tokenizer.model. Look at it: "
-          f"megatron-sep inspect {args.out}/train_text_document --tokenizer {args.out}/tokenizer.model")
-    return 0
-
-
-def cmd_corpus_subset(args) -> int:
-    from data_tools.offline_corpus import subset
-
-    from .experiments.sweep import parse_tokens
-
-    docs, tokens = subset(args.prefix, args.out, parse_tokens(args.tokens), args.seed, args.force)
-    print(f"wrote {args.out}.bin/.idx: {docs:,} documents, {tokens:,} tokens of {args.prefix}")
-    return 0
-
-
-def cmd_export_hf(args) -> int:
-    from .convert import export_hf
-
-    out = export_hf(args.load, args.out, args.dtype, tokenizer=args.tokenizer, force=args.force)
-    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
-    return 0
-
-
-def cmd_import_hf(args) -> int:
-    from .convert import import_hf
-
-    overrides = list(args.overrides) + ([f"attention.kind={args.attention}"] if args.attention else [])
-    out = import_hf(args.hf, args.out, overrides, force=args.force)
-    print(f"wrote {out}/checkpoints; continue training with --set checkpoint.load={out}")
-    return 0
-
-
-def cmd_import_neox(args) -> int:
-    from .convert.neox import import_neox
-
-    out, notes = import_neox(args.config, args.out, args.checkpoint, args.gpus, args.overrides, force=args.force)
-    for note in notes:
-        print(f"note: {note}")
-    what = f"{out}/config.yaml" + (f" and {out}/checkpoints" if args.checkpoint else "")
-    print(f"wrote {what}; train with: megatron-sep train -c {out}/config.yaml")
-    return 0
-
-
-def cmd_import_megatron(args) -> int:
-    from .convert.megatron import import_megatron
-
-    out = import_megatron(args.checkpoint, args.out, args.overrides, force=args.force)
-    print(f"wrote {out}/checkpoints; continue training with --set checkpoint.load={out}")
-    return 0
-
-
-def _generation_tokenizer(path: str, flag: str):
-    from .data.tokenizer import TokenizerError, load_tokenizer
-    try:
-        return load_tokenizer(path)
-    except TokenizerError as e:
-        raise ValueError(f"the tokenizer {path} cannot be loaded ({str(e).split('. Fix:')[0]}). Fix: pass the one "
-                         f"the model was trained with: {flag} PATH") from None
-
-
-def cmd_generate(args) -> int:
-    import torch
-
-    from .convert import load_project_model
-    from .data.tokenizer import same_vocabulary
-    from .inference import generate
-
-    given = [flag for flag, value in (("--draft-tokens", args.draft_tokens), ("--draft-cache", args.draft_cache),
-                                      ("--draft-tokenizer", args.draft_tokenizer)) if value is not None]
-    if args.draft is None and given:
-        raise ValueError(f"{', '.join(given)} set without --draft. Fix: add --draft DRAFT_RUN, or drop them")
-    if args.draft is not None and not args.draft.strip():
-        raise ValueError("--draft is empty. Fix: pass the draft's run dir, checkpoints dir or step_* dir")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but this torch sees no CUDA device. Fix: use --device cpu (or auto)")
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model, cfg = load_project_model(args.load)
-    model.to(device, dtype)
-    tok = _generation_tokenizer(args.tokenizer or cfg.data.tokenizer, "--tokenizer")
-    ids = tok.encode(args.prompt)
-    if not ids:
-        raise ValueError("the prompt is empty (it encodes to no tokens). Fix: pass some text with --prompt")
-    _check_kv_memory(cfg, len(ids) + args.max_new_tokens, args, device, dtype)
-    limit = cfg.model.max_position_embeddings
-    if len(ids) + args.max_new_tokens > limit:
-        print(f"warning: {len(ids)} prompt + {args.max_new_tokens} new tokens pass the {limit} positions the model "
-              "was trained with; later tokens may degrade", file=sys.stderr)
-    prompt = torch.tensor([ids], device=device)
-    decoding = dict(greedy=args.temperature == 0, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    eod_id=tok.eod_id, seed=args.seed, evict=args.evict, cache=args.cache,
-                    cache_sizes=args.cache_sizes, positions=args.cache_positions, cuda_graphs=args.cuda_graphs)
-    if args.draft:
-        from .inference.speculative import speculative_generate
-        if args.prefill_chunk:
-            raise ValueError("--prefill-chunk applies to plain decoding; speculative decoding (--draft) feeds the "
-                             "prompt at once. Fix: drop one of them")
-        draft, draft_cfg = load_project_model(args.draft)
-        draft.to(device, dtype)
-        if len(ids) + args.max_new_tokens > draft_cfg.model.max_position_embeddings:
-            print(f"warning: {len(ids)} prompt + {args.max_new_tokens} new tokens pass the draft's "
-                  f"{draft_cfg.model.max_position_embeddings} positions; its proposals may degrade (the output "
-                  "stays the target's)", file=sys.stderr)
-        draft_tok = _generation_tokenizer(args.draft_tokenizer or draft_cfg.data.tokenizer, "--draft-tokenizer")
-        if not same_vocabulary(tok, draft_tok):
-            raise ValueError(f"the draft's tokenizer ({draft_tok.path}, {draft_tok.vocab_size} tokens) is not the "
-                             f"target's ({tok.path}, {tok.vocab_size} tokens): speculative decoding compares token "
-                             "ids. Fix: train the draft with the target's tokenizer (data.tokenizer)")
-        k = args.draft_tokens or 4
-        out, stats = speculative_generate(model, draft, prompt, args.max_new_tokens, draft_tokens=k,
-                                          draft_cache=args.draft_cache, **decoding)
-        print(tok.decode(out[0, prompt.shape[1]:].tolist()))
-        print(f"speculative decoding, up to {k} draft token{'s' if k > 1 else ''} per round: {stats.line()}",
-              file=sys.stderr)
-        return 0
-    out = generate(model, prompt, args.max_new_tokens, prefill_chunk=args.prefill_chunk, **decoding)
-    print(tok.decode(out[0, prompt.shape[1]:].tolist()))
-    return 0
-
-
-def _check_kv_memory(cfg, tokens: int, args, device, dtype) -> None:
-    """A cache that keeps every key grows with each token: refuse a length whose keys and values alone
-    outgrow the device, instead of running until the process is killed."""
-    if args.cache in ("sep", "streaming") or (args.evict and cfg.attention.kind != "dense"):
-        return  # bounded, or keys dropped as a sparse mask lets go of them (--evict)
-    m = cfg.model
-    need = tokens * 2 * m.num_layers * m.kv_heads * m.head_dim * dtype.itemsize
-    if device.type == "cuda":
-        import torch
-        have, where = torch.cuda.mem_get_info(device)[0], "free on the GPU"
-    else:
-        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "of memory in this machine"
-    if need > have:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens:,}: the {args.cache} cache keeps every key, "
-                         f"{need / 2**30:,.1f} GiB of keys and values for {tokens:,} tokens, more than the "
-                         f"{have / 2**30:,.1f} GiB {where}. Fix: fewer --max-new-tokens, or --cache sep or "
-                         "streaming (bounded memory)")
-
-
-EVAL_FILES = ("eval.json", "loss_by_position.png", "streaming_ppl.png", "kv_memory.png", "streaming_speed.png",
-              "streaming_ppl_ratio.png", "loss_by_distance.png", "passkey.png")
-
-
-def cmd_eval(args) -> int:
-    import math
-    from pathlib import Path
-
-    import torch
-
-    from .convert import load_project_model
-    from .convert.commands import prepare_out
-    from .data.dataset import run_datasets
-    from .data.tokenizer import load_tokenizer
-    from .inference import evaluate as ev
-
-    out = prepare_out(Path(args.out), args.force, EVAL_FILES, "replace only the files eval writes")
-    model, cfg = load_project_model(args.load)
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    seq = args.seq_len or cfg.data.seq_len
-    if seq > cfg.model.max_position_embeddings:
-        raise ValueError(f"--seq-len {seq} exceeds the model's max_position_embeddings "
-                         f"{cfg.model.max_position_embeddings}. Fix: a shorter --seq-len")
-    iters, mb = args.iters or cfg.train.eval_iters, args.micro_batch or cfg.train.micro_batch_size
-    tokens = None
-    if args.text:
-        tokens, source = ev.text_tokens(Path(args.text), load_tokenizer(args.tokenizer or cfg.data.tokenizer)), args.text
-    elif args.data:
-        tokens, source = ev.corpus_tokens(args.data, max(iters * mb * seq + 1, args.stream_tokens + 1)), args.data
-    if tokens is None and cfg.data.mock and args.stream_tokens:
-        raise ValueError("this run trained on data.mock: there is no corpus to stream. Fix: pass --data or --text")
-    ds = run_datasets(cfg)[1] if tokens is None else ev.Rows(tokens, seq)
-    source = source if tokens is not None else "the run's validation split (data.paths, data.split)"
-    if len(ds) < iters * mb:
-        raise ValueError(f"{source} holds {len(ds)} samples of {seq + 1} tokens; --iters {iters} x --micro-batch {mb}"
-                         " are asked. Fix: lower --iters, --micro-batch or --seq-len, or give more data")
-    if args.probes:  # bad probe settings fail here, before any evaluation
-        from .inference.probes import Probes
-        if not (args.tokenizer or cfg.data.tokenizer):
-            raise ValueError("--probes needs the run's tokenizer for the passkey, and this run has none "
-                             "(data.mock). Fix: pass --tokenizer PATH")
-        tok = _generation_tokenizer(args.tokenizer or cfg.data.tokenizer, "--tokenizer")
-        probes = Probes(cfg, tok, args.distance_edges, args.passkey_distances, args.passkey_trials)
-    result = {"checkpoint": str(args.load), "source": source, "seq_len": seq, "iters": iters, "micro_batch": mb,
-              "device": str(device), "attention": cfg.attention.kind}
-    result["val_loss"] = ev.validation_loss(model, ds, iters, mb, device)
-    result["val_ppl"] = math.exp(result["val_loss"])
-    print(f"validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f} ({iters} x {mb} samples "
-          f"of {seq} tokens from {source})")
-    result["loss_by_position"] = ev.loss_by_position(model, ds, iters, mb, device, args.buckets)
-    if args.probes:
-        from .inference.probes import summary_lines
-        result["probes"] = probes.run(model, ds, iters, mb, device, filler=tokens)
-        for line in summary_lines(result["probes"]):
-            print(line)
-    if args.stream_tokens:
-        stream = tokens if tokens is not None else ev.corpus_tokens(cfg.data.paths[0], args.stream_tokens + 1)
-        if len(stream) < args.stream_tokens + 1:
-            raise ValueError(f"{source} holds {len(stream)} tokens, fewer than --stream-tokens {args.stream_tokens} "
-                             "+ 1. Fix: lower --stream-tokens or give a longer text or corpus")
-        if args.cache_positions == "original" and args.stream_tokens > cfg.model.max_position_embeddings:
-            print(f"warning: the stream runs past the {cfg.model.max_position_embeddings} positions the model was "
-                  "trained with; --cache-positions cache keeps rotary positions inside the cache", file=sys.stderr)
-        stream = torch.from_numpy(stream[:args.stream_tokens + 1])
-        result["stream_reference"] = ev.block_perplexity(model, stream, seq, args.segment, mb, device)
-        print(f"stream {args.stream_tokens} tokens, no cache ({seq}-token blocks, training attention): perplexity "
-              f"{result['stream_reference']['ppl']:.2f}")
-        result["streaming"] = []
-        for kind in args.cache.split(","):
-            run = ev.streaming_perplexity(model, stream, kind, args.cache_sizes, args.cache_positions, args.chunk,
-                                          args.segment, progress=not args.no_progress, time_limit=args.time_limit)
-            result["streaming"].append(run)
-            why = f" (stopped early: {run['stopped']})" if run["stopped"] else ""
-            print(f"stream {run['tokens']} tokens, cache {kind}: perplexity {run['ppl']:.2f}, "
-                  f"{run['tokens_per_s']:.0f} tokens/s, peak KV {run['peak_kv_bytes'] / 2 ** 20:.2f} MiB{why}")
-    for path in ev.write_report(out, result):
-        print(f"wrote {path}")
-    return 0
 
 
 def _cache_sizes(text):
@@ -462,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a GPT model (resumes from run_dir's latest checkpoint)")
     _add_config_args(p)
     p.add_argument("--check-config", action="store_true", help="validate and print the resolved config, then exit")
-    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="train a plan's runs at equal tokens, resumably, and write a report")
     p.add_argument("plan", help="sweep YAML (base config, overrides per run), e.g. configs/experiments/*.yaml")
@@ -474,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=_at_least(1, int), default=1, help="runs at once (CPU only)")
     p.add_argument("--allow-repeat", action="store_true", help="allow a budget beyond one pass over the data")
     p.add_argument("--report-only", action="store_true", help="write the report of the finished runs, train nothing")
-    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("lm-eval-task", help="an offline LAMBADA-style lm-eval task from held-out documents")
     p.add_argument("--input", required=True, help=".jsonl of held-out documents (not trained on)")
@@ -483,7 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", type=_at_least(1, int), default=500, help="examples to keep")
     p.add_argument("--text-key", default="text")
     p.add_argument("--force", action="store_true", help="replace the task files of an earlier run in --out")
-    p.set_defaults(func=cmd_lm_eval_task)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="action", required=True)
@@ -497,7 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-split-separators", action="store_true",
                    help="do not force . , ? ! ; : newline tab to be single tokens")
     t.add_argument("--force", action="store_true", help="replace an existing tokenizer at --out")
-    t.set_defaults(func=cmd_tokenizer)
 
     p = sub.add_parser("preprocess", help="tokenize a corpus into Megatron .bin/.idx")
     p.add_argument("--input", nargs="+", required=True, help=".jsonl or .txt files")
@@ -509,13 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--txt-docs", choices=["blank", "line", "file"], default="blank",
                    help="plain text: one document per blank-line block, per line, or per file")
     p.add_argument("--force", action="store_true", help="replace existing PREFIX.bin/.idx")
-    p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("inspect", help="summarise a .bin/.idx corpus")
     p.add_argument("prefix")
     p.add_argument("--tokenizer", help="to show token pieces and the separator share")
     p.add_argument("--top", type=int, default=20)
-    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("offline-corpus", help="build the >= 100M-token corpus of pinned PyPI and Debian packages")
     p.add_argument("--out", default="data/offline", help="the corpus folder (new, or one this command made)")
@@ -523,7 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="where downloaded packages are kept (default OUT/downloads)")
     p.add_argument("--force", action="store_true", help="rebuild a corpus of another manifest in --out")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_offline_corpus)
 
     p = sub.add_parser("corpus-subset", help="a seeded choice of whole documents of a .bin/.idx corpus")
     p.add_argument("prefix")
@@ -531,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", required=True, help="about this many tokens, e.g. 40M")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true")
-    p.set_defaults(func=cmd_corpus_subset)
 
     p = sub.add_parser("export-hf", help="checkpoint (any parallel layout) -> Hugging Face directory")
     p.add_argument("--load", required=True, help="run dir, checkpoints dir or step_* dir")
@@ -540,7 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer to export (default: the run's data.tokenizer)")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty --out, replacing only the files an export writes")
-    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("import-hf", help="local GPT-NeoX / Llama transformers directory -> project checkpoint")
     p.add_argument("--hf", required=True)
@@ -550,7 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty --out (never over its checkpoints)")
-    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("import-neox", help="GPT-NeoX config (+ SepLLM's NeoX flags) and checkpoint -> ours")
     p.add_argument("--config", required=True, help="the GPT-NeoX .yml")
@@ -561,7 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "data-parallel replica, tp x pp GPUs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out (never over checkpoints)")
-    p.set_defaults(func=cmd_import_neox)
 
     p = sub.add_parser("import-megatron", help="Megatron-LM / Megatron-Core GPT checkpoint (torch_dist or "
                        "mp_rank_* files, any tp / pp) -> project checkpoint")
@@ -569,7 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out (never over checkpoints)")
-    p.set_defaults(func=cmd_import_megatron)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache, SepLLM mask while decoding)")
     p.add_argument("--load", required=True, help="run dir, checkpoints dir or step_* dir")
@@ -603,7 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-cache", choices=["full", "sep", "streaming", "static"],
                    help="the draft's KV cache (default: --cache); sizes from --cache-sizes")
     p.add_argument("--draft-tokenizer", help="override the draft checkpoint's data.tokenizer")
-    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="perplexity, loss by position and streaming perplexity of a checkpoint, and "
                        "with --probes the beyond-window probes")
@@ -639,12 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passkey-trials", type=_at_least(1, int), default=20, help="keys per distance")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo-corpus", help="build the demo corpus (no download needed)")
     p.add_argument("--out", default="data/demo/corpus.jsonl")
     p.add_argument("--force", action="store_true", help="replace an existing file at --out")
-    p.set_defaults(func=cmd_demo_corpus)
     return parser
 
 
@@ -704,6 +348,20 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    errors = _one_line_errors()
+    try:
+        return command(args.command)(args)
+    except OSError as e:
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _one_line_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message names the problem and its fix: printed as they are (imported after parsing, as
+    they import torch)."""
     from .config import ConfigError
     from .convert.hf import ConversionError
     from .data.indexed import IndexedDataError
@@ -712,15 +370,8 @@ def _main(argv) -> int:
     from .training.run_lock import RunLockedError
     from .training.trainer import TrainingError
 
-    try:
-        return args.func(args)
-    except OSError as e:
-        print(f"error: {os_error_line(e)}", file=sys.stderr)
-        return 2
-    except (ConfigError, IndexedDataError, TokenizerError, CheckpointError, ConversionError, ValueError,
-            TrainingError, RunLockedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return (ConfigError, IndexedDataError, TokenizerError, CheckpointError, ConversionError, ValueError, TrainingError,
+            RunLockedError)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ class ConfigError(ValueError):
         super().__init__(f"config error: {key}={value!r}: {problem}. Fix: {fix}")
 
 
+class ConversionError(ValueError):
+    """A file to convert, import or write cannot be used; the message names the fix."""
+
+
 def closest(name: str, options) -> str:
     """The fix for an unknown name: the closest valid one, or the list."""
     hit = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)

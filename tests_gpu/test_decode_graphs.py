@@ -6,12 +6,13 @@ logits are about unit size) and greedy tokens agree exactly. The speculative che
 k + 1 tokens and one-token steps differ by GEMM rounding only (about 1e-6), far below the gaps between a
 random model's top logits, so greedy outputs must match token for token."""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 
 from megatron_sep.config import config_from_dict
-from megatron_sep.inference import generate
+from megatron_sep.inference import DecodeOptions, generate
 from megatron_sep.inference.speculative import speculative_generate
 from megatron_sep.model import build_model
 
@@ -40,13 +41,14 @@ def prompt(n=20, seed=0):
 @pytest.mark.parametrize("kind", ["dense", "sepllm"])
 def test_graphs_match_eager_static_cache(kind):
     m, p = model(kind, 4, torch.bfloat16), prompt()
-    eager, le = generate(m, p, 60, cache="static", output_logits=True)
-    graphed, lg = generate(m, p, 60, cuda_graphs=True, output_logits=True)
+    static, graphs = DecodeOptions(cache="static"), DecodeOptions(cuda_graphs=True)
+    eager, le = generate(m, p, 60, static, output_logits=True)
+    graphed, lg = generate(m, p, 60, graphs, output_logits=True)
     assert torch.equal(eager, graphed)
     torch.testing.assert_close(lg, le, atol=2e-2, rtol=0)
-    again = generate(m, prompt(seed=3), 60, cuda_graphs=True)  # the kept graphs, replayed for another prompt
-    assert torch.equal(again, generate(m, prompt(seed=3), 60, cache="static"))
-    assert torch.equal(generate(copy.deepcopy(m), p, 60, cuda_graphs=True), graphed)  # a copy captures anew
+    again = generate(m, prompt(seed=3), 60, graphs)  # the kept graphs, replayed for another prompt
+    assert torch.equal(again, generate(m, prompt(seed=3), 60, static))
+    assert torch.equal(generate(copy.deepcopy(m), p, 60, graphs), graphed)  # a copy captures anew
 
 
 @pytest.mark.parametrize("kind", ["dense", "sepllm"])
@@ -58,21 +60,22 @@ def test_speculative_under_graphs_equals_target_alone(kind, k):
         for w in draft.parameters():
             w.add_(torch.randn_like(w) * 0.3 * w.std().clamp(min=1e-3))
     p = prompt(seed=k)
-    alone = generate(target, p, 50, cuda_graphs=True)
-    out, stats = speculative_generate(target, draft, p, 50, draft_tokens=k, cuda_graphs=True)
+    graphs = DecodeOptions(cuda_graphs=True, draft_tokens=k)
+    alone = generate(target, p, 50, graphs)
+    out, stats = speculative_generate(target, draft, p, 50, graphs)
     assert torch.equal(out, alone)
     assert 0 < stats.accepted < stats.proposed  # rounds both kept proposals and took some back
     rounds = next(iter(target._decode_graphs.values())).rounds[k]  # greedy: one graph per round
     assert rounds.graph is not None
     other = prompt(n=33, seed=7)  # another prompt and length replays the kept round graph
-    again, _ = speculative_generate(target, draft, other, 40, draft_tokens=k, cuda_graphs=True)
+    again, _ = speculative_generate(target, draft, other, 40, graphs)
     assert next(iter(target._decode_graphs.values())).rounds[k] is rounds
-    assert torch.equal(again, generate(target, other, 40, cuda_graphs=True))
-    sampled, _ = speculative_generate(target, draft, p, 30, draft_tokens=k, cuda_graphs=True, greedy=False, seed=1)
+    assert torch.equal(again, generate(target, other, 40, graphs))
+    sampled, _ = speculative_generate(target, draft, p, 30, replace(graphs, greedy=False, seed=1))
     assert sampled.shape == (1, p.shape[1] + 30)  # sampling keeps the host loop, with per-step graphs
 
 
 def test_graphs_refuse_a_cache_that_changes_shape():
     m, p = model("sepllm", 2, torch.bfloat16), prompt()
     with pytest.raises(ValueError, match="the sep cache changes its shape"):
-        generate(m, p, 4, cuda_graphs=True, cache="sep")
+        generate(m, p, 4, DecodeOptions(cuda_graphs=True, cache="sep"))

@@ -1,4 +1,5 @@
-"""`export-hf` and `import-hf`: whole-directory conversions around the tensor maps in hf.py."""
+"""`export-hf` and `import-hf`: whole-directory conversions around the tensor maps in hf.py; and the
+`megatron-sep` commands of this package (`cmd_*`: export-hf, import-hf, import-neox, import-megatron)."""
 from __future__ import annotations
 
 import json
@@ -12,12 +13,16 @@ import torch
 from ..config import dump_config, load_config
 from ..data.separators import resolve_separator_ids
 from ..data.tokenizer import TokenizerError, first_line, load_tokenizer, same_vocabulary
-from ..checkpoint import WeightsOnly, list_checkpoints, load_model, save_checkpoint
+from ..checkpoint import load_model
 from ..model import build_model
 from ..model.gpt import padded_vocab
 from .hf import (ConversionError, config_from_hf, from_hf_state, hf_config, read_hf_weights, to_hf_state,
                  write_hf_weights)
 from .hf_tokenizer import write_hf_tokenizer
+from .output import refuse_checkpoint_dir, save_imported
+from ..outdir import prepare_out
+from .megatron import import_megatron
+from .neox import import_neox
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -129,23 +134,6 @@ def _export_tokenizer(path: str | None, cfg):
                               "--tokenizer PATH") from None
 
 
-def prepare_out(out: Path, force: bool, owned: tuple[str, ...], what: str) -> Path:
-    """Refuse a non-empty directory unless forced; with force, delete only the files this command owns."""
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"--out {out} is a file. Fix: choose a directory path")
-    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if present and not force:
-        raise ConversionError(f"--out {out} is not empty (it holds {', '.join(present[:3])}"
-                              f"{', ...' if len(present) > 3 else ''}). Fix: choose a new directory, or pass "
-                              f"--force to {what}")
-    for pattern in owned if present else ():
-        for p in out.glob(pattern):
-            if p.is_file():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def sepllm_remote_code(cfg, model_type: str) -> dict:
     a, m = cfg.attention, cfg.model
     name = {"llama": "SepLLMLlama", "gpt_neox": "SepLLMGPTNeoX"}[model_type]
@@ -155,39 +143,6 @@ def sepllm_remote_code(cfg, model_type: str) -> dict:
             "sepllm": {"kind": a.kind, "separator_ids": [int(x) for x in a.separators] if a.kind == "sepllm" else [],
                        "init_tokens": a.init_tokens, "fixed_interval": a.fixed_interval,
                        "windows": a.layer_windows(m.num_layers, m.max_position_embeddings)}}
-
-
-def _holds_checkpoint(p: Path, folders: bool) -> bool:
-    """Ours (latest, meta.json or meta.pt), GPT-NeoX / DeepSpeed (latest, global_step*, layer files) or Megatron's
-    (its tracker file, iter_* / mp_rank_* folders, torch_dist .metadata). Folder names count for `out`
-    itself only: a parent may well hold an unrelated iter_* folder."""
-    marks = ("latest", "meta.json", "meta.pt", "latest_checkpointed_iteration.txt", ".metadata", "model_optim_rng.pt")
-    if any((p / m).is_file() for m in marks):
-        return True
-    globs = ("global_step*", "iter_*", "mp_rank_*", "layer_*-model_*") if folders else ()
-    return p.is_dir() and any(next(p.glob(g), None) is not None for g in globs)
-
-
-def refuse_checkpoint_dir(out: Path) -> None:
-    inside = [p for p in (out, *out.parents) if _holds_checkpoint(p, p == out)]
-    if list_checkpoints(out / "checkpoints") or (out / "checkpoints" / "latest").exists() or inside:
-        raise ConversionError(f"{out} already holds checkpoints, or lies inside a checkpoint folder, which an "
-                              "import would mix with. Fix: choose a new --out (this is never done, even with "
-                              "--force)")
-
-
-def save_imported(cfg, state: dict, out: Path, force: bool, source: str, config_name: str, owned=()) -> None:
-    """A step-0 project checkpoint of `state` (our plain-model names) under out/checkpoints."""
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ConversionError(f"the weights in {source} do not match {config_name} ({first_line(e)} "
-                              f"...). Fix: use the {config_name.removeprefix('its ').removeprefix('the ')} saved with "
-                              "these weights, and every file of the checkpoint") from None
-    prepare_out(out, force, owned, "write its checkpoint beside the other files")
-    save_checkpoint(out / "checkpoints", 0, WeightsOnly(model, cfg), {"consumed_samples": 0}, dump_config(cfg),
-                    keep_last=1)
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, overrides=(), force: bool = False) -> Path:
@@ -214,3 +169,31 @@ def import_hf(hf_dir: str | Path, out: str | Path, overrides=(), force: bool = F
     state = from_hf_state(read_hf_weights(hf_dir), cfg, padded_vocab(cfg.model.vocab_size))
     save_imported(cfg, state, out, force, str(hf_dir), "its config.json")
     return out
+
+
+def cmd_export_hf(args) -> int:
+    out = export_hf(args.load, args.out, args.dtype, tokenizer=args.tokenizer, force=args.force)
+    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    overrides = list(args.overrides) + ([f"attention.kind={args.attention}"] if args.attention else [])
+    out = import_hf(args.hf, args.out, overrides, force=args.force)
+    print(f"wrote {out}/checkpoints; continue training with --set checkpoint.load={out}")
+    return 0
+
+
+def cmd_import_neox(args) -> int:
+    out, notes = import_neox(args.config, args.out, args.checkpoint, args.gpus, args.overrides, force=args.force)
+    for note in notes:
+        print(f"note: {note}")
+    what = f"{out}/config.yaml" + (f" and {out}/checkpoints" if args.checkpoint else "")
+    print(f"wrote {what}; train with: megatron-sep train -c {out}/config.yaml")
+    return 0
+
+
+def cmd_import_megatron(args) -> int:
+    out = import_megatron(args.checkpoint, args.out, args.overrides, force=args.force)
+    print(f"wrote {out}/checkpoints; continue training with --set checkpoint.load={out}")
+    return 0

@@ -14,15 +14,12 @@ from pathlib import Path
 import torch
 
 from ..config import Config, config_from_dict
+from ..errors import ConversionError
 
 NEOX_LAYER = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.qkv": "attention.query_key_value",
               "attn.out": "attention.dense", "mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h"}
 LLAMA_LAYER = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.out": "self_attn.o_proj",
                "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
-
-
-class ConversionError(ValueError):
-    pass
 
 
 def hf_config(cfg: Config, eod_id: int | None, pad_id: int | None) -> dict:

@@ -23,6 +23,7 @@ from ..config import ConfigError, config_from_dict
 from ..data.tokenizer import first_line
 from ..model.gpt import padded_vocab
 from .hf import ConversionError
+from .output import refuse_checkpoint_dir, save_imported
 
 LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 # Megatron-Core names (local and Transformer Engine specs) -> our per-layer names
@@ -197,7 +198,6 @@ def config_from_args(args, vocab: int, seq_len: int | None) -> dict:
 
 
 def import_megatron(checkpoint: str | Path, out: str | Path, overrides=(), force: bool = False) -> Path:
-    from .commands import refuse_checkpoint_dir, save_imported
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_dir():
         raise ConversionError(f"--checkpoint {checkpoint} is not a folder. Fix: pass Megatron's --save folder")

@@ -19,7 +19,9 @@ from ..config import ConfigError, config_from_dict, dump_config
 from ..config.load import yaml_problem
 from ..data.tokenizer import TokenizerError, first_line, load_tokenizer
 from ..model.gpt import padded_vocab
+from ..outdir import prepare_out
 from .hf import ConversionError, from_hf_state
+from .output import refuse_checkpoint_dir, save_imported
 
 # options that change what the model computes, and the reason we cannot take them
 UNSUPPORTED = {
@@ -303,7 +305,6 @@ def _merge(key: str, parts: list[torch.Tensor]) -> torch.Tensor:
 def import_neox(config: str | Path, out: str | Path, checkpoint: str | Path | None = None, gpus: int | None = None,
                 overrides=(), force: bool = False) -> tuple[Path, list[str]]:
     """Writes out/config.yaml (and out/checkpoints/step_00000000 from a checkpoint). Returns (out, notes)."""
-    from .commands import prepare_out, refuse_checkpoint_dir, save_imported
     config, out = Path(config), Path(out)
     if not config.is_file():
         raise ConversionError(f"--config {config} not found. Fix: pass the GPT-NeoX .yml")

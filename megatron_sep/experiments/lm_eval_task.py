@@ -54,7 +54,7 @@ def write_task(input_path: str | Path, out: str | Path, name: str = "heldout_las
     """OUT/NAME.jsonl and OUT/NAME.yaml; pass OUT to lm_eval --include_path and NAME to --tasks. The input
     is read and checked before anything is written; an OUT that holds files needs force (and then only
     the task's own two files are replaced)."""
-    from ..convert.commands import prepare_out
+    from ..outdir import prepare_out
     input_path, out = Path(input_path), Path(out)
     if input_path.is_dir() or not input_path.exists():
         raise ConfigError("--input", str(input_path), "is a directory" if input_path.is_dir() else "file not found",

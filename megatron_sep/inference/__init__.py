@@ -2,6 +2,7 @@
 fixed-capacity streaming cache."""
 from .cache import SepKVCache
 from .generate import generate
+from .options import DecodeOptions
 from .sep_cache import SepCache
 
-__all__ = ["SepCache", "SepKVCache", "generate"]
+__all__ = ["DecodeOptions", "SepCache", "SepKVCache", "generate"]

@@ -200,6 +200,11 @@ def kv_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for entry in cache.kv if entry is not None for t in entry[:2])
 
 
+# Every file write_report may write: `eval --force` replaces these and leaves anything else in --out alone.
+EVAL_FILES = ("eval.json", "loss_by_position.png", "streaming_ppl.png", "kv_memory.png", "streaming_speed.png",
+              "streaming_ppl_ratio.png", "loss_by_distance.png", "passkey.png")
+
+
 def write_report(out: Path, result: dict) -> list[Path]:
     """eval.json and the PNG plots of what the result holds."""
     out.mkdir(parents=True, exist_ok=True)

@@ -4,35 +4,35 @@ from __future__ import annotations
 import torch
 
 from .cache import SepKVCache
+from .options import DecodeOptions
 from .sep_cache import SepCache
 from .static_cache import StaticKVCache
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, eod_id: int | None = None, seed: int = 0,
-             evict: bool = False, output_logits: bool = False, cache: str = "full", cache_sizes=(4, 64, 256, 512),
-             positions: str = "original", prefill_chunk: int = 0, cuda_graphs: bool = False):
-    """prompt [b, s] -> [b, s + new] token ids. Stops early when every row has produced eod_id.
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, opts: DecodeOptions | None = None, *,
+             output_logits: bool = False):
+    """prompt [b, s] -> [b, s + new] token ids. Stops early when every row has produced `opts.eod_id`.
 
-    `cache`: "full" (every key the mask can still reach; `evict` drops the others), "sep" (SepCache with
+    `opts.cache`: "full" (every key the mask can still reach; `evict` drops the others), "sep" (SepCache with
     `cache_sizes` = (initial, separators, window, capacity): bounded memory), "streaming" (SepCache
     without separators: StreamingLLM) or "static" (every key, in buffers sized for prompt + new tokens).
     `cuda_graphs` replays each decode step as a CUDA graph (the static cache; "full" switches to it).
     `prefill_chunk` > 0 feeds the prompt that many tokens at a time.
     With output_logits, also returns each step's logits [b, new, vocab] (fp32, before sampling).
     """
+    o = opts or DecodeOptions()
     model.eval()
-    kv = make_cache(model, cache, cache_sizes, positions, evict, capacity=prompt.shape[1] + max_new_tokens,
-                    cuda_graphs=cuda_graphs, batch=prompt.shape[0])
-    gen = torch.Generator(device=prompt.device).manual_seed(seed)
+    kv = make_cache(model, o.cache, o.cache_sizes, o.positions, o.evict, capacity=prompt.shape[1] + max_new_tokens,
+                    cuda_graphs=o.cuda_graphs, batch=prompt.shape[0])
+    gen = torch.Generator(device=prompt.device).manual_seed(o.seed)
     # one buffer for the ids: a cat per step would copy them all each step (quadratic in a long stream)
     out = prompt.new_empty(prompt.shape[0], prompt.shape[1] + max_new_tokens)
     out[:, :prompt.shape[1]] = prompt
     n = prompt.shape[1]
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     steps = []
-    chunk = prefill_chunk if prefill_chunk > 0 else prompt.shape[1]
+    chunk = o.prefill_chunk if o.prefill_chunk > 0 else prompt.shape[1]
     for start in range(0, prompt.shape[1] - chunk, chunk):  # all but the prompt's last chunk
         feed(model, kv, prompt[:, start:start + chunk])
     step_input = prompt[:, (prompt.shape[1] - 1) // chunk * chunk:]
@@ -40,17 +40,17 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool =
         logits = feed(model, kv, step_input)[:, -1].float()
         if output_logits:  # kept only when asked: [b, vocab] per token would outgrow a bounded cache
             steps.append(logits)
-        if greedy:
+        if o.greedy:
             nxt = logits.argmax(-1)
         else:
-            nxt = sample(logits / max(temperature, 1e-6), top_k, top_p, gen)
-        if eod_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eod_id), nxt)
-            done |= nxt == eod_id
+            nxt = sample(logits / max(o.temperature, 1e-6), o.top_k, o.top_p, gen)
+        if o.eod_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, o.eod_id), nxt)
+            done |= nxt == o.eod_id
         out[:, n] = nxt
         n += 1
         step_input = nxt[:, None]
-        if eod_id is not None and done.all():
+        if o.eod_id is not None and done.all():
             break
     return (out[:, :n], torch.stack(steps, 1)) if output_logits else out[:, :n]
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..data.dataset import sample_batch
 from .evaluate import autocast_for
 from .generate import generate
+from .options import DecodeOptions
 
 EDGES = (0, 32, 64, 128, 256, 512, 1024)
 DISTANCES = (16, 48, 128, 512, 1536)
@@ -231,7 +232,7 @@ def passkey(model, tokenizer, filler_tokens, distances=DISTANCES, trials: int = 
             reaches.append(len(ids) - 1 - digits[-1])  # the answer's query back to the nearest key digit
             prompt = torch.tensor([ids], device=device)
             with autocast_for(device):
-                out = generate(model, prompt, new_tokens, greedy=True, cache=cache_kind)
+                out = generate(model, prompt, new_tokens, DecodeOptions(greedy=True, cache=cache_kind))
             text = tokenizer.decode(out[0, len(ids):].tolist())
             number = re.search(r"\d+", text)
             exact += bool(number) and number.group() == key

@@ -21,6 +21,7 @@ import torch
 
 from .device_rounds import DeviceRounds
 from .generate import feed, filtered_probs, make_cache
+from .options import DecodeOptions
 from .static_cache import StaticKVCache
 
 
@@ -64,17 +65,21 @@ def check_pair(target, draft) -> None:
                              f"roll back, so it cannot take part in speculative decoding. Fix: {fix}")
 
 
+# one message for `generate --draft` (refused before the draft loads) and for callers of the function
+NO_PREFILL_CHUNK = ("--prefill-chunk applies to plain decoding; speculative decoding (--draft) feeds the prompt at "
+                    "once. Fix: drop one of them")
+
+
 @torch.no_grad()
-def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, draft_tokens: int = 4,
-                         greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                         eod_id: int | None = None, seed: int = 0, cache: str = "full", draft_cache: str | None = None,
-                         evict: bool = False, cache_sizes=(4, 64, 256, 512), positions: str = "original",
-                         cuda_graphs: bool = False, device_rounds: bool = True, accept=accept_probability):
+def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: int, opts: DecodeOptions | None = None,
+                         *, accept=accept_probability):
     """prompt [1, s] -> ([1, s + new] token ids, Stats). Caches and `cuda_graphs` as in `generate`
-    (`draft_cache` defaults to `cache`). Greedy decoding with static caches (or graphs) runs each round as
-    device work (inference/device_rounds.py) unless `device_rounds` is False (the host loop below, which
-    sampling and the other caches use). `accept(p, q)` is the keep probability of a proposal (a parameter so
-    a test can break it)."""
+    (`opts.draft_cache` defaults to `opts.cache`). Greedy decoding with static caches (or graphs) runs each
+    round as device work (inference/device_rounds.py) unless `opts.device_rounds` is False (the host loop
+    below, which sampling and the other caches use). `accept(p, q)` is the keep probability of a proposal (a
+    parameter so a test can break it)."""
+    o = opts or DecodeOptions()
+    greedy, draft_tokens, positions, eod_id = o.greedy, o.draft_tokens, o.positions, o.eod_id
     if prompt.shape[0] != 1:
         raise ValueError(f"speculative decoding runs one sequence at a time (batch 1); got a batch of "
                          f"{prompt.shape[0]}. Fix: decode the prompts one by one")
@@ -84,29 +89,31 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
                          "what one-token steps give. Fix: use --cache-positions original (positions='original')")
     if draft_tokens < 1:
         raise ValueError(f"draft_tokens={draft_tokens}: propose at least 1 token per round")
+    if o.prefill_chunk:
+        raise ValueError(NO_PREFILL_CHUNK)
     check_pair(target, draft)
-    if cuda_graphs and draft is target:  # one model keeps one graphed cache: the two would share it
+    if o.cuda_graphs and draft is target:  # one model keeps one graphed cache: the two would share it
         raise ValueError("the draft is the target model itself, and with CUDA graphs both would decode through "
                          "one cache. Fix: pass a separate (smaller) draft model")
     target.eval(), draft.eval()
     caches = []
-    for name, m, kind, flag in (("target", target, cache, "--cache"), ("draft", draft, draft_cache or cache,
-                                                                       "--draft-cache")):
+    for name, m, kind, flag in (("target", target, o.cache, "--cache"),
+                                ("draft", draft, o.draft_cache or o.cache, "--draft-cache")):
         try:
-            caches.append(make_cache(m, kind, cache_sizes, positions, evict, cuda_graphs=cuda_graphs,
+            caches.append(make_cache(m, kind, o.cache_sizes, positions, o.evict, cuda_graphs=o.cuda_graphs,
                                      capacity=prompt.shape[1] + max_new_tokens + draft_tokens))
         except ValueError as e:
             raise ValueError(f"the {name}'s KV cache ({flag} {kind}): {e}") from None
     tkv, dkv = caches
-    gen = torch.Generator(device=prompt.device).manual_seed(seed)
+    gen = torch.Generator(device=prompt.device).manual_seed(o.seed)
     stats, start = Stats(), time.perf_counter()
     if prompt.shape[1] > 1:  # both caches hold everything but the last token, which each round feeds
         feed(target, tkv, prompt[:, :-1])
         feed(draft, dkv, prompt[:, :-1])
-    if (device_rounds and greedy and isinstance(tkv, StaticKVCache) and isinstance(dkv, StaticKVCache)
+    if (o.device_rounds and greedy and isinstance(tkv, StaticKVCache) and isinstance(dkv, StaticKVCache)
             and prompt.shape[1] > 1):
         out = greedy_rounds_on_device(target, draft, tkv, dkv, prompt, max_new_tokens, draft_tokens, eod_id,
-                                      cuda_graphs, stats)
+                                      o.cuda_graphs, stats)
         return out, finish(out, prompt, stats, start)
     out = prompt
 
@@ -116,7 +123,7 @@ def speculative_generate(target, draft, prompt: torch.Tensor, max_new_tokens: in
         return torch.multinomial(probs_or_logits, 1, generator=gen)[:, 0]
 
     def dist(logits):
-        return logits.float() if greedy else filtered_probs(logits, temperature, top_k, top_p)
+        return logits.float() if greedy else filtered_probs(logits, o.temperature, o.top_k, o.top_p)
 
     while out.shape[1] - prompt.shape[1] < max_new_tokens:
         k = min(draft_tokens, max_new_tokens - (out.shape[1] - prompt.shape[1]))  # no proposals past the end

@@ -13,7 +13,7 @@ from packaging.version import Version
 
 from megatron_sep.convert.modeling_sepllm import SepLLMVisibility
 from megatron_sep.data.separators import resolve_separator_ids
-from megatron_sep.inference import generate
+from megatron_sep.inference import DecodeOptions, generate
 
 from ..export_utils import export_tiny
 
@@ -140,7 +140,7 @@ def test_sep_cache_in_transformers_generate_matches_ours(corpus, tmp_path, name)
     out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
                       eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
                       **{name: cache})
-    mine, logits = generate(ours, prompt, 40, cache="sep", cache_sizes=sizes, output_logits=True)
+    mine, logits = generate(ours, prompt, 40, DecodeOptions(cache="sep", cache_sizes=sizes), output_logits=True)
     assert torch.equal(out.sequences, mine)
     assert (torch.stack(out.logits, 1) - logits).abs().max() < TOL
     assert cache.get_seq_length() <= sizes[3] and cache.sepllm_seen == prompt.shape[1] + 39

@@ -11,7 +11,7 @@ import torch
 from megatron_sep.cli import main
 from megatron_sep.config import config_from_dict
 from megatron_sep.data.tokenizer import load_tokenizer
-from megatron_sep.inference import probes
+from megatron_sep.inference import DecodeOptions, probes
 from megatron_sep.inference.generate import feed, generate, make_cache
 from megatron_sep.model import build_model
 from megatron_sep.training import Trainer
@@ -76,7 +76,7 @@ def test_streaming_model_cannot_retrieve_a_passkey_beyond_its_reach(streaming_mo
         with torch.no_grad():
             la, lb = model(torch.tensor([a]))[0, -1], model(torch.tensor([b]))[0, -1]
         rows[d] = key_reach, (la - lb).abs().max().item()
-        outs = [generate(model, torch.tensor([p]), 6, cache="full")[0, len(p):].tolist() for p in (a, b)]
+        outs = [generate(model, torch.tensor([p]), 6, DecodeOptions(cache="full"))[0, len(p):].tolist() for p in (a, b)]
         if key_reach > reach:
             assert outs[0] == outs[1]  # the decoded answer cannot depend on the key: chance accuracy
     (near, near_gap), (far, far_gap) = rows[0], rows[64]
@@ -93,7 +93,7 @@ def test_passkey_scoring(streaming_model, monkeypatch):
     stop = tok.encode(" is")
 
     def decoder(wrong_last):
-        def fake_generate(model, prompt, new_tokens, **kw):
+        def fake_generate(model, prompt, new_tokens, opts=None):
             ids = prompt[0].tolist()
             digits = [t for t in ids if tok.decode([t]).strip().isdigit()][:5]
             if wrong_last:

@@ -4,12 +4,13 @@ Greedy must give the target's greedy tokens exactly: the draft is the target wit
 agrees often but not always and every round both keeps and rolls back proposals. Sampling must follow the
 target's distribution: a chi-square test over many seeded runs, which a wrong acceptance rule fails."""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 
 from megatron_sep.config import config_from_dict
-from megatron_sep.inference import generate
+from megatron_sep.inference import DecodeOptions, generate
 from megatron_sep.inference.generate import filtered_probs, make_cache
 from megatron_sep.inference.speculative import check_pair, speculative_generate
 from megatron_sep.model import build_model
@@ -61,9 +62,9 @@ CACHES = {"full": {}, "full-evict": {"evict": True}, "sep": {"cache": "sep", "ca
 def test_greedy_equals_target_only(kind, cache, k):
     target = model(kind=kind)
     draft = perturbed(target)
-    opts = CACHES[cache]
-    ref = generate(target, prompt(), 40, **opts)
-    out, stats = speculative_generate(target, draft, prompt(), 40, draft_tokens=k, **opts)
+    opts = DecodeOptions(**CACHES[cache])
+    ref = generate(target, prompt(), 40, opts)
+    out, stats = speculative_generate(target, draft, prompt(), 40, replace(opts, draft_tokens=k))
     assert torch.equal(out, ref)
     assert 0 < stats.accepted < stats.proposed  # rounds kept some proposals and rolled back others
     assert stats.target_passes < 40 and stats.new_tokens == 40
@@ -78,25 +79,26 @@ def test_device_rounds_stop_at_eod_and_a_one_token_prompt_takes_the_host_loop():
     draft = perturbed(target)
     ref = generate(target, prompt(), 40)
     eod = int(ref[0, prompt().shape[1] + 17])  # a token the target produces mid-way
-    want = generate(target, prompt(), 40, eod_id=eod)
+    want = generate(target, prompt(), 40, DecodeOptions(eod_id=eod))
     assert want.shape[1] < ref.shape[1]
     for k in (1, 4):
-        out, stats = speculative_generate(target, draft, prompt(), 40, draft_tokens=k, eod_id=eod, cache="static")
+        out, stats = speculative_generate(target, draft, prompt(), 40,
+                                          DecodeOptions(draft_tokens=k, eod_id=eod, cache="static"))
         assert torch.equal(out, want) and stats.new_tokens == want.shape[1] - prompt().shape[1]
     one = prompt()[:, :1]
-    out, _ = speculative_generate(target, draft, one, 20, draft_tokens=3, cache="static")
+    out, _ = speculative_generate(target, draft, one, 20, DecodeOptions(draft_tokens=3, cache="static"))
     assert torch.equal(out, generate(target, one, 20))
-    out, stats = speculative_generate(target, draft, prompt(), 0, cache="static")  # nothing wanted: no round
+    out, stats = speculative_generate(target, draft, prompt(), 0, DecodeOptions(cache="static"))  # nothing wanted
     assert torch.equal(out, prompt()) and stats.rounds == stats.proposed == 0
 
 
 def test_draft_of_another_family_and_a_dense_draft_for_a_sepllm_target():
     target = model(kind="sepllm", family="neox")
     for draft in (model(kind="dense", family="llama", layers=1, seed=3), perturbed(target)):
-        ref = generate(target, prompt(), 24, evict=True)
-        out, _ = speculative_generate(target, draft, prompt(), 24, draft_tokens=3, evict=True)
+        ref = generate(target, prompt(), 24, DecodeOptions(evict=True))
+        out, _ = speculative_generate(target, draft, prompt(), 24, DecodeOptions(draft_tokens=3, evict=True))
         assert torch.equal(out, ref)
-    _, stats = speculative_generate(target, draft, prompt(), 1, draft_tokens=8)
+    _, stats = speculative_generate(target, draft, prompt(), 1, DecodeOptions(draft_tokens=8))
     assert stats.proposed == 1  # proposals stop at the tokens still wanted
 
 
@@ -140,8 +142,9 @@ def test_static_cache_gives_the_full_caches_logits(kind):
     or in chunks."""
     m = model(kind=kind, **({"fixed_interval": 3, "window": 6} if kind == "fixed_interval" else {}))
     for chunk in (0, 5):
-        ref, ref_logits = generate(m, prompt(n=20), 30, output_logits=True, prefill_chunk=chunk)
-        out, logits = generate(m, prompt(n=20), 30, output_logits=True, prefill_chunk=chunk, cache="static")
+        opts = DecodeOptions(prefill_chunk=chunk)
+        ref, ref_logits = generate(m, prompt(n=20), 30, opts, output_logits=True)
+        out, logits = generate(m, prompt(n=20), 30, replace(opts, cache="static"), output_logits=True)
         assert torch.equal(out, ref)
         torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
 
@@ -153,13 +156,13 @@ def test_static_cache_and_cuda_graphs_refuse_what_they_cannot_do():
     with pytest.raises(ValueError, match="holds 64 positions; 5 more tokens at length 60 do not fit"):
         kv.begin(prompt(n=5))
     with pytest.raises(ValueError, match="keeps every key.*Fix: use --cache full with --evict"):
-        generate(m, prompt(), 4, cache="static", evict=True)
+        generate(m, prompt(), 4, DecodeOptions(cache="static", evict=True))
     with pytest.raises(ValueError, match="the sep cache changes its shape"):
-        generate(m, prompt(), 4, cache="sep", cuda_graphs=True)
+        generate(m, prompt(), 4, DecodeOptions(cache="sep", cuda_graphs=True))
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
-        generate(m, prompt(), 4, cuda_graphs=True)
+        generate(m, prompt(), 4, DecodeOptions(cuda_graphs=True))
     with pytest.raises(ValueError, match="the draft is the target model itself"):
-        speculative_generate(m, m, prompt(), 4, cuda_graphs=True)
+        speculative_generate(m, m, prompt(), 4, DecodeOptions(cuda_graphs=True))
 
 
 def test_graphs_kept_on_a_model_stay_behind_when_it_is_copied_or_pickled():
@@ -226,7 +229,7 @@ def target_joint(target, p):
 def sampled_counts(target, draft, p, **kw):
     counts = torch.zeros(VOCAB * VOCAB, dtype=torch.float64)
     for seed in range(SAMPLES):
-        out, _ = speculative_generate(target, draft, p, 2, draft_tokens=3, seed=seed, **SAMPLING, **kw)
+        out, _ = speculative_generate(target, draft, p, 2, DecodeOptions(draft_tokens=3, seed=seed, **SAMPLING), **kw)
         counts[out[0, -2] * VOCAB + out[0, -1]] += 1
     return counts
 
@@ -260,7 +263,9 @@ def test_mismatched_pairs_and_batches_are_refused():
     with pytest.raises(ValueError, match="batch 1"):
         speculative_generate(model(), model(), prompt().expand(2, -1), 4)
     with pytest.raises(ValueError, match="positions='cache'.*Fix: use --cache-positions original"):
-        speculative_generate(model(), model(), prompt(), 4, cache="streaming", positions="cache")
+        speculative_generate(model(), model(), prompt(), 4, DecodeOptions(cache="streaming", positions="cache"))
+    with pytest.raises(ValueError, match="--prefill-chunk applies to plain decoding"):
+        speculative_generate(model(), model(), prompt(), 4, DecodeOptions(prefill_chunk=2))
 
 
 def test_generate_command_with_a_draft(corpus, tmp_path):

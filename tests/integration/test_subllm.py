@@ -179,6 +179,7 @@ def test_incremental_generation_equals_full_recomputation(kind):
     """Eval mode keeps the positive scores (causal). Decoding through the KV cache, one token at a time and
     with the prompt in chunks, gives the logits of one full forward over the final tokens; the blocks of a
     level only cache the tokens it kept."""
+    from megatron_sep.inference import DecodeOptions
     from megatron_sep.inference.generate import generate, make_cache
 
     attention = {"kind": "sepllm", "window": 3, "init_tokens": 2, "separators": [5, 6, 7, 8, 9]} \
@@ -193,7 +194,7 @@ def test_incremental_generation_equals_full_recomputation(kind):
             d.score.weight.normal_(std=3.0)  # about half the tokens kept at each level
     prompt = torch.randint(0, 20, (2, 9))
     for chunk in (0, 4):
-        tokens, steps = generate(model, prompt, 8, output_logits=True, prefill_chunk=chunk)
+        tokens, steps = generate(model, prompt, 8, DecodeOptions(prefill_chunk=chunk), output_logits=True)
         with torch.no_grad():
             full = model(tokens)[:, prompt.shape[1] - 1: -1].float()
         assert (full - steps).abs().max().item() < 1e-4, chunk

@@ -10,6 +10,7 @@ import yaml
 from megatron_sep import cli
 from megatron_sep.config import ConfigError
 from megatron_sep.experiments import sweep
+from megatron_sep.experiments.commands import cmd_sweep
 from megatron_sep.experiments.report import COLUMNS
 
 
@@ -109,7 +110,7 @@ def test_sweep_reports_resumes_and_skips(corpus, tmp_path, capsys):
 def test_bad_plans_fail_before_training(corpus, tmp_path, args, extra, match):
     plan, out = write_plan(corpus, tmp_path / "plan.yaml", **extra), tmp_path / "sweep"
     with pytest.raises(ConfigError, match=match):
-        cli.cmd_sweep(cli.build_parser().parse_args(["sweep", str(plan), "--out", str(out), *args]))
+        cmd_sweep(cli.build_parser().parse_args(["sweep", str(plan), "--out", str(out), *args]))
     assert not out.exists()
 
 
@@ -126,7 +127,7 @@ def test_a_sweep_refuses_a_directory_it_did_not_make(corpus, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not a sweep directory"):
-        cli.cmd_sweep(cli.build_parser().parse_args(["sweep", str(plan), "--out", str(out)]))
+        cmd_sweep(cli.build_parser().parse_args(["sweep", str(plan), "--out", str(out)]))
     assert (out / "notes.txt").read_text() == "keep me"
 
 

@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # what each package may import (besides itself); experiments and cli sit on top and may import anything
 ALLOWED = {
     "errors": set(),
+    "outdir": {"errors"},
     "fused_ops": set(),
     "config": {"errors"},
     "data": {"errors"},
@@ -18,8 +19,8 @@ ALLOWED = {
     "checkpoint": {"parallel", "model", "config", "errors"},
     "engine": {"checkpoint", "parallel", "model", "config", "errors"},
     "training": {"engine", "checkpoint", "parallel", "model", "data", "fused_ops", "config", "errors"},
-    "convert": {"checkpoint", "model", "data", "fused_ops", "config", "errors"},
-    "inference": {"checkpoint", "model", "data", "fused_ops", "config", "errors"},
+    "convert": {"checkpoint", "model", "data", "fused_ops", "config", "outdir", "errors"},
+    "inference": {"checkpoint", "model", "data", "fused_ops", "config", "outdir", "errors"},
 }
 
 

@@ -150,13 +150,13 @@ def test_streaming_cache_and_bad_input():
 def test_generate_with_sep_cache_and_chunked_prefill():
     """generate(cache='sep') without compression decodes the same tokens as the full cache, with the prompt
     fed whole or 5 tokens at a time; a small capacity still generates, within its bound."""
-    from megatron_sep.inference import generate
+    from megatron_sep.inference import DecodeOptions, generate
     m = model()
     prompt = stream(s=23)
     full = generate(m, prompt, 12)
     for chunk in (0, 5):
-        out = generate(m, prompt, 12, cache="sep", cache_sizes=(4, 16, 32, 100), prefill_chunk=chunk)
+        out = generate(m, prompt, 12, DecodeOptions(cache="sep", cache_sizes=(4, 16, 32, 100), prefill_chunk=chunk))
         assert torch.equal(out, full)
-        assert torch.equal(generate(m, prompt, 12, prefill_chunk=chunk), full)
-    small = generate(m, prompt, 30, cache="sep", cache_sizes=(2, 3, 4, 12), prefill_chunk=4)
+        assert torch.equal(generate(m, prompt, 12, DecodeOptions(prefill_chunk=chunk)), full)
+    small = generate(m, prompt, 30, DecodeOptions(cache="sep", cache_sizes=(2, 3, 4, 12), prefill_chunk=4))
     assert small.shape == (2, 53)
