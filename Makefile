@@ -13,7 +13,7 @@ HF_VENV := .venv-hf
 # the tests it runs there: those marked compat (tests/compat/; markers in pytest.ini, applied by tests/conftest.py)
 HF_TESTS := -m compat tests
 
-.PHONY: demo test test-unit env lock test-latest test-hf clean-demo corpus
+.PHONY: demo test test-unit env lock test-latest test-hf clean-demo corpus lint format
 
 env: $(BIN)/megatron-sep
 
@@ -43,8 +43,17 @@ corpus: env
 # Two pytest-xdist workers (the CI machine has 2 cores; tests/conftest.py gives each worker its share of torch
 # threads), one test module per worker at a time (--dist loadfile) so a module's fixtures are built once.
 TEST_WORKERS ?= 2
-test: env
+test: env lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+# ruff (ruff.toml: 100 columns): the format and the lint rules, checked by `make test`; `make format` applies them.
+lint: env
+	$(BIN)/ruff format --check --quiet .
+	$(BIN)/ruff check --quiet .
+
+format: env
+	$(BIN)/ruff format --quiet .
+	$(BIN)/ruff check --quiet --fix .
 
 # The fast loop: tests/unit only (marker unit: one process, no CLI subprocess, no training run).
 test-unit: env

@@ -21,12 +21,23 @@ setup(
         "matplotlib>=3.10",  # the PNG plots of eval (loss by position, streaming perplexity, KV memory)
     ],
     extras_require={
-        "test": ["pytest>=9.0", "pytest-timeout>=2.4", "pytest-xdist>=3.8", "packaging>=26.0", "transformers>=4.57.6", "wandb>=0.31", "tensorboard>=2.21",
-                 "triton>=3.6", "torchao>=0.17",
-                 # megatron-core's own builder, checkpoint writer and forward are the references of the Megatron
-                 # compatibility tests; psutil is what its checkpoint writer needs
-                 "megatron-core>=0.16.1", "psutil>=7",
-                 "deepspeed>=0.19.8"],  # parallel.engine: deepspeed, on DeepSpeed's CPU path
+        "test": [
+            "pytest>=9.0",
+            "pytest-timeout>=2.4",
+            "pytest-xdist>=3.8",
+            "ruff>=0.17",
+            "packaging>=26.0",
+            "transformers>=4.57.6",
+            "wandb>=0.31",
+            "tensorboard>=2.21",
+            "triton>=3.6",
+            "torchao>=0.17",
+            # megatron-core's own builder, checkpoint writer and forward are the references of the Megatron
+            # compatibility tests; psutil is what its checkpoint writer needs
+            "megatron-core>=0.16.1",
+            "psutil>=7",
+            "deepspeed>=0.19.8",
+        ],  # parallel.engine: deepspeed, on DeepSpeed's CPU path
         "gpu": ["triton>=3.6"],
         "fp8": ["torchao>=0.17"],  # train.precision: fp8 (torchao's float8 training)
         "wandb": ["wandb>=0.31"],

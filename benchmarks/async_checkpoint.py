@@ -7,6 +7,7 @@ in flight, and the wall time of the whole run; a second run of each mode checks 
 
 --shape cpu-small (a 58M-parameter Llama, fp32, eager) checks the mechanism on a machine without a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,20 @@ from megatron_sep.training import Trainer
 from train_throughput import PRESETS  # benchmarks/ is on sys.path when this file runs as a script
 
 
-SHAPES = {"cpu-small": {"model": {"family": "llama", "num_layers": 8, "hidden_size": 512, "num_heads": 8,
-                                   "vocab_size": 32000, "max_position_embeddings": 512}, "seq": 512, "mbs": 2}}
+SHAPES = {
+    "cpu-small": {
+        "model": {
+            "family": "llama",
+            "num_layers": 8,
+            "hidden_size": 512,
+            "num_heads": 8,
+            "vocab_size": 32000,
+            "max_position_embeddings": 512,
+        },
+        "seq": 512,
+        "mbs": 2,
+    }
+}
 
 
 def sync() -> None:
@@ -51,7 +64,9 @@ class TimedTrainer(Trainer):
         out = super().train_step()
         sync()
         in_flight = self.pending is not None and not self.pending.done()
-        self.steps.append({"step": self.step, "s": time.perf_counter() - t0, "write_in_flight": in_flight})
+        self.steps.append(
+            {"step": self.step, "s": time.perf_counter() - t0, "write_in_flight": in_flight}
+        )
         return out
 
 
@@ -60,28 +75,50 @@ def run(mode: str, out: Path, steps: int, every: int, shape: str, eager: bool = 
     gpu = torch.cuda.is_available()
     run_dir = out / f"run_{mode}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = config_from_dict({
-        "model": p["model"], "attention": {"kind": "dense"}, "data": {"seq_len": p["seq"], "mock": True},
-        "optim": {"lr": 3e-4, "warmup_steps": 2},
-        "train": {"run_dir": str(run_dir), "micro_batch_size": p["mbs"], "steps": steps, "compile": gpu and not eager,
-                  "eval_interval": 10 ** 6, "eval_iters": 1},
-        "checkpoint": {"save_interval": every, "keep_last": 1, "async_save": mode.startswith("async")},
-        "logging": {"log_interval": 10 ** 6}})
+    cfg = config_from_dict(
+        {
+            "model": p["model"],
+            "attention": {"kind": "dense"},
+            "data": {"seq_len": p["seq"], "mock": True},
+            "optim": {"lr": 3e-4, "warmup_steps": 2},
+            "train": {
+                "run_dir": str(run_dir),
+                "micro_batch_size": p["mbs"],
+                "steps": steps,
+                "compile": gpu and not eager,
+                "eval_interval": 10**6,
+                "eval_iters": 1,
+            },
+            "checkpoint": {
+                "save_interval": every,
+                "keep_last": 1,
+                "async_save": mode.startswith("async"),
+            },
+            "logging": {"log_interval": 10**6},
+        }
+    )
     tr = TimedTrainer(cfg)
     t0 = time.perf_counter()
     tr.run()
     wall = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file())
-    shutil.rmtree(run_dir, ignore_errors=True)  # the disk holds two or three 1.3B checkpoints at most
+    shutil.rmtree(
+        run_dir, ignore_errors=True
+    )  # the disk holds two or three 1.3B checkpoints at most
     warm = [s for s in tr.steps if s["step"] > 3]  # compile and warm-up first
     plain = [s["s"] for s in warm if not s["write_in_flight"]]
     busy = [s["s"] for s in warm if s["write_in_flight"]]
     mid = [s["s"] for s in tr.saves if not s["final"]]
-    return {"mode": mode, "wall_s": wall, "checkpoint_gb": size / 1e9,
-            "save_block_s": mid, "final_save_s": [s["s"] for s in tr.saves if s["final"]],
-            "step_s_median": sorted(plain)[len(plain) // 2] if plain else None,
-            "step_s_write_in_flight_median": sorted(busy)[len(busy) // 2] if busy else None,
-            "steps_with_write_in_flight": len(busy)}
+    return {
+        "mode": mode,
+        "wall_s": wall,
+        "checkpoint_gb": size / 1e9,
+        "save_block_s": mid,
+        "final_save_s": [s["s"] for s in tr.saves if s["final"]],
+        "step_s_median": sorted(plain)[len(plain) // 2] if plain else None,
+        "step_s_write_in_flight_median": sorted(busy)[len(busy) // 2] if busy else None,
+        "steps_with_write_in_flight": len(busy),
+    }
 
 
 def main():
@@ -90,8 +127,12 @@ def main():
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--every", type=int, default=6)
     ap.add_argument("--shape", default="llama1.3b", help="llama1.3b (GPU) or cpu-small")
-    ap.add_argument("--eager", action="store_true", help="no torch.compile (saves its minute per run)")
-    ap.add_argument("--modes", default="sync,async,sync_2,async_2", help="runs in order (_2: a repeat)")
+    ap.add_argument(
+        "--eager", action="store_true", help="no torch.compile (saves its minute per run)"
+    )
+    ap.add_argument(
+        "--modes", default="sync,async,sync_2,async_2", help="runs in order (_2: a repeat)"
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,9 +142,18 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
         # written after every run: a call cut off at its time limit keeps the runs it finished
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        (out / f"async_checkpoint_{args.shape}.json").write_text(json.dumps(
-            {"device": device, "shape": args.shape, "steps": args.steps, "every": args.every, "rows": rows},
-            indent=1))
+        (out / f"async_checkpoint_{args.shape}.json").write_text(
+            json.dumps(
+                {
+                    "device": device,
+                    "shape": args.shape,
+                    "steps": args.steps,
+                    "every": args.every,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

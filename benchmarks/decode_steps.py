@@ -10,6 +10,7 @@ tokens a speculative round runs (fed, then rolled back); then a whole greedy rou
 loop and as device rounds (the prompt's time included, over 128 new tokens). Prints ms per step;
 DIR/decode_steps.json. --kernels: the target's GPU time per kernel instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,14 +30,22 @@ from megatron_sep.model import build_model
 
 
 def random_model(path: str, vocab: int):
-    return build_model(load_config(path, [f"model.vocab_size={vocab}"])).to("cuda", torch.bfloat16).eval()
+    return (
+        build_model(load_config(path, [f"model.vocab_size={vocab}"]))
+        .to("cuda", torch.bfloat16)
+        .eval()
+    )
 
 
 def stepper(model, path: str, s: int, steps: int):
     """A decode step of s tokens after a 64-token prompt, warmed up; it keeps one token and takes the rest back."""
     prompt = torch.randint(0, model.vocab_size, (1, 64), device="cuda")
-    kv = make_cache(model, "full" if path == "full" else "static", capacity=64 + 2 * steps * s + 16,
-                    cuda_graphs=path == "graphs")
+    kv = make_cache(
+        model,
+        "full" if path == "full" else "static",
+        capacity=64 + 2 * steps * s + 16,
+        cuda_graphs=path == "graphs",
+    )
     feed(model, kv, prompt)
     tokens = torch.randint(0, model.vocab_size, (1, s), device="cuda")
 
@@ -45,6 +54,7 @@ def stepper(model, path: str, s: int, steps: int):
         out = feed(model, kv, tokens)
         kv.rollback(kv.length - s + 1)
         return out
+
     for _ in range(3):
         one()
     torch.cuda.synchronize()
@@ -70,16 +80,25 @@ def round_ms(models, k: int, device_rounds: bool, new: int = 128) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--target", default="configs/llama350m_text.yaml")
     ap.add_argument("--draft", default="configs/draft4_text.yaml")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--out")
-    ap.add_argument("--force", action="store_true", help="replace decode_steps.json in a non-empty --out")
-    ap.add_argument("--profile", action="store_true", help="only cProfile eager one-token steps of the target")
-    ap.add_argument("--kernels", action="store_true",
-                    help="only the target's GPU time per kernel, one token against a check of k + 1")
+    ap.add_argument(
+        "--force", action="store_true", help="replace decode_steps.json in a non-empty --out"
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="only cProfile eager one-token steps of the target"
+    )
+    ap.add_argument(
+        "--kernels",
+        action="store_true",
+        help="only the target's GPU time per kernel, one token against a check of k + 1",
+    )
     args = ap.parse_args()
     if args.profile:
         return profile(args)
@@ -87,7 +106,9 @@ def main() -> None:
         return kernels(args)
     if args.out:  # before any timing: never over a file this script did not write
         try:
-            prepare_out(Path(args.out), args.force, ("decode_steps.json",), "replace decode_steps.json")
+            prepare_out(
+                Path(args.out), args.force, ("decode_steps.json",), "replace decode_steps.json"
+            )
         except (ConversionError, OSError) as e:
             raise SystemExit(f"error: {e}") from None
     rows, models = {}, []
@@ -96,25 +117,38 @@ def main() -> None:
         models.append(model)
         with torch.no_grad():
             for mode in ("full", "static", "graphs"):
-                for s in ((1, args.k + 1) if name == "target" else (1,)):
-                    rows[f"{name} {mode} {s} token{'s' if s > 1 else ''}"] = ms = step_ms(model, mode, s)
+                for s in (1, args.k + 1) if name == "target" else (1,):
+                    rows[f"{name} {mode} {s} token{'s' if s > 1 else ''}"] = ms = step_ms(
+                        model, mode, s
+                    )
                     print(f"{name:<7} {mode:<7} {s} token(s) per step: {ms:7.2f} ms", flush=True)
-    for where in ("host", "device"):  # a whole greedy round under graphs (random models: each keeps ~1 token)
+    for where in (
+        "host",
+        "device",
+    ):  # a whole greedy round under graphs (random models: each keeps ~1 token)
         rows[f"round graphs, {where} loop"] = ms = round_ms(models, args.k, where == "device")
         print(f"a k={args.k} round under graphs, {where} loop: {ms:6.2f} ms", flush=True)
     for mode in ("full", "static", "graphs"):
-        t1, tk, d1 = (rows[f"target {mode} 1 token"], rows[f"target {mode} {args.k + 1} tokens"],
-                      rows[f"draft {mode} 1 token"])
-        print(f"{mode:<7} a round at k={args.k} costs {tk + args.k * d1:6.2f} ms = "
-              f"{(tk + args.k * d1) / t1:4.2f} target steps (draft step / target step {d1 / t1:.3f})")
+        t1, tk, d1 = (
+            rows[f"target {mode} 1 token"],
+            rows[f"target {mode} {args.k + 1} tokens"],
+            rows[f"draft {mode} 1 token"],
+        )
+        print(
+            f"{mode:<7} a round at k={args.k} costs {tk + args.k * d1:6.2f} ms = "
+            f"{(tk + args.k * d1) / t1:4.2f} target steps (draft step / target step {d1 / t1:.3f})"
+        )
     if args.out:
         env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "k": args.k}
-        Path(args.out, "decode_steps.json").write_text(json.dumps({"env": env, "ms_per_step": rows}, indent=1))
+        Path(args.out, "decode_steps.json").write_text(
+            json.dumps({"env": env, "ms_per_step": rows}, indent=1)
+        )
 
 
 def profile(args) -> None:
     import cProfile
     import pstats
+
     model = random_model(args.target, args.vocab)
     with torch.no_grad():
         for path in ("full", "static"):
@@ -129,6 +163,7 @@ def profile(args) -> None:
 def kernels(args) -> None:
     """GPU time per kernel name in a static-cache step (graphs replay the same kernels, without the gaps)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
+
     model = random_model(args.target, args.vocab)
     with torch.no_grad():
         for s in (1, args.k + 1):
@@ -137,8 +172,14 @@ def kernels(args) -> None:
                 for _ in range(8):
                     one()
                 torch.cuda.synchronize()
-            rows = sorted(((e.key, e.device_time_total / 8e3, e.count / 8) for e in prof.key_averages()
-                           if e.device_time_total > 0), key=lambda r: -r[1])
+            rows = sorted(
+                (
+                    (e.key, e.device_time_total / 8e3, e.count / 8)
+                    for e in prof.key_averages()
+                    if e.device_time_total > 0
+                ),
+                key=lambda r: -r[1],
+            )
             total = sum(r[1] for r in rows)
             print(f"target, {s} token(s) per step: {total:.3f} ms of GPU time in kernels per step")
             for key, ms, n in rows[:18]:

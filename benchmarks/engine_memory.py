@@ -11,6 +11,7 @@ Each run is its own process, so one that runs out of memory leaves nothing behin
 holds tokens/s (median step after `--warmup` steps), the peak GPU memory (allocated and reserved), the
 peak host RSS, and the time to build; or the failure (GPU out of memory, killed by the host).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,14 @@ import subprocess
 import sys
 import time
 
-SHAPE = {"family": "llama", "hidden_size": 4096, "num_heads": 32, "ffn_hidden_size": 11008, "vocab_size": 32000,
-         "max_position_embeddings": 4096}
+SHAPE = {
+    "family": "llama",
+    "hidden_size": 4096,
+    "num_heads": 32,
+    "ffn_hidden_size": 11008,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+}
 SEQ = 4096
 
 
@@ -37,15 +44,32 @@ def child(engine: str, layers: int, steps: int, warmup: int, accumulate: int, ru
 
     from megatron_sep.config import config_from_dict
     from megatron_sep.training import Trainer
-    parallel = {"engine": "deepspeed", "zero": 3, "offload": "optimizer"} if engine == "deepspeed" else {}
-    cfg = config_from_dict({
-        "model": {**SHAPE, "num_layers": layers},
-        "attention": {"kind": "sepllm", "window": 256, "init_tokens": 3,
-                      "separators": list(range(1, SHAPE["vocab_size"] // 10))},
-        "parallel": parallel, "data": {"seq_len": SEQ, "mock": True},
-        "train": {"run_dir": run_dir, "micro_batch_size": 1, "global_batch_size": accumulate, "steps": 10_000,
-                  "activation_checkpointing": "full", "precision": "bf16"},
-        "optim": {"warmup_steps": 2}})
+
+    parallel = (
+        {"engine": "deepspeed", "zero": 3, "offload": "optimizer"} if engine == "deepspeed" else {}
+    )
+    cfg = config_from_dict(
+        {
+            "model": {**SHAPE, "num_layers": layers},
+            "attention": {
+                "kind": "sepllm",
+                "window": 256,
+                "init_tokens": 3,
+                "separators": list(range(1, SHAPE["vocab_size"] // 10)),
+            },
+            "parallel": parallel,
+            "data": {"seq_len": SEQ, "mock": True},
+            "train": {
+                "run_dir": run_dir,
+                "micro_batch_size": 1,
+                "global_batch_size": accumulate,
+                "steps": 10_000,
+                "activation_checkpointing": "full",
+                "precision": "bf16",
+            },
+            "optim": {"warmup_steps": 2},
+        }
+    )
     t0 = time.perf_counter()
     trainer = Trainer(cfg, log=False)
     build = time.perf_counter() - t0
@@ -58,20 +82,44 @@ def child(engine: str, layers: int, steps: int, warmup: int, accumulate: int, ru
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     step = statistics.median(times[warmup:])
-    return {"status": "ok", "tokens_per_s": accumulate * SEQ / step, "step_s": step, "loss": loss.item(),
-            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-            "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "build_s": build,
-            "step_times": times}
+    return {
+        "status": "ok",
+        "tokens_per_s": accumulate * SEQ / step,
+        "step_s": step,
+        "loss": loss.item(),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "build_s": build,
+        "step_times": times,
+    }
 
 
 def run_one(spec: str, args) -> dict:
     engine, layers = spec.split(":")
-    row = {"engine": engine, "layers": int(layers), "params_b": params_of(int(layers)) / 1e9,
-           "zero": 3 if engine == "deepspeed" else 0, "offload": "optimizer" if engine == "deepspeed" else "none",
-           "seq": SEQ, "tokens_per_step": args.accumulate * SEQ}
-    cmd = [sys.executable, __file__, "--child", spec, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--accumulate", str(args.accumulate), "--out", args.out]
+    row = {
+        "engine": engine,
+        "layers": int(layers),
+        "params_b": params_of(int(layers)) / 1e9,
+        "zero": 3 if engine == "deepspeed" else 0,
+        "offload": "optimizer" if engine == "deepspeed" else "none",
+        "seq": SEQ,
+        "tokens_per_step": args.accumulate * SEQ,
+    }
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        spec,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--accumulate",
+        str(args.accumulate),
+        "--out",
+        args.out,
+    ]
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -95,18 +143,28 @@ def run_one(spec: str, args) -> dict:
 
 def report(out: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     rows = [json.loads(line) for line in open(os.path.join(out, "rows.jsonl"))]
-    lines = ["| engine | layers | params | tokens/step | status | tokens/s | step s | peak GPU alloc GiB | "
-             "GPU reserved GiB | host peak GiB | build s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| engine | layers | params | tokens/step | status | tokens/s | step s | peak GPU alloc GiB | "
+        "GPU reserved GiB | host peak GiB | build s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ok = r["status"] == "ok"
         name = "native" if r["engine"] == "native" else "DeepSpeed ZeRO-3 + optimizer offload"
-        lines.append(f"| {name} | {r['layers']} | {r['params_b']:.2f}B | {r['tokens_per_step']:,} | {r['status']} | "
-                     + (f"{r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['peak_gpu_gib']:.1f} | "
-                        f"{r['reserved_gib']:.1f} | {r['host_peak_gib']:.1f} | {r['build_s']:.0f} |" if ok
-                        else "- | - | - | - | - | - |"))
+        lines.append(
+            f"| {name} | {r['layers']} | {r['params_b']:.2f}B | {r['tokens_per_step']:,} | {r['status']} | "
+            + (
+                f"{r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['peak_gpu_gib']:.1f} | "
+                f"{r['reserved_gib']:.1f} | {r['host_peak_gib']:.1f} | {r['build_s']:.0f} |"
+                if ok
+                else "- | - | - | - | - | - |"
+            )
+        )
     open(os.path.join(out, "engine_memory.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -114,20 +172,43 @@ def report(out: str) -> None:
         ok = [r for r in rows if r["engine"] == engine and r["status"] == "ok"]
         bad = [r for r in rows if r["engine"] == engine and r["status"] != "ok"]
         label = "native" if engine == "native" else "DeepSpeed ZeRO-3 + optimizer offload"
-        axes[0].plot([r["params_b"] for r in ok], [r["peak_gpu_gib"] for r in ok], "o-", color=color, label=label)
-        axes[0].plot([r["params_b"] for r in ok], [r["host_peak_gib"] for r in ok], "s--", color=color,
-                     label=label + " (host RSS)")
+        axes[0].plot(
+            [r["params_b"] for r in ok],
+            [r["peak_gpu_gib"] for r in ok],
+            "o-",
+            color=color,
+            label=label,
+        )
+        axes[0].plot(
+            [r["params_b"] for r in ok],
+            [r["host_peak_gib"] for r in ok],
+            "s--",
+            color=color,
+            label=label + " (host RSS)",
+        )
         for r in bad:
-            axes[0].axvline(r["params_b"], color=color, ls=":", label=f"{label}: {r['status'][:24]} at "
-                                                                      f"{r['params_b']:.1f}B")
+            axes[0].axvline(
+                r["params_b"],
+                color=color,
+                ls=":",
+                label=f"{label}: {r['status'][:24]} at {r['params_b']:.1f}B",
+            )
         for acc in sorted({r["tokens_per_step"] for r in ok}):
             sub = [r for r in ok if r["tokens_per_step"] == acc]
-            axes[1].plot([r["params_b"] for r in sub], [r["tokens_per_s"] for r in sub], "o-" if acc == 16384 else "^",
-                         color=color, label=f"{label}, {acc:,} tokens/step")
+            axes[1].plot(
+                [r["params_b"] for r in sub],
+                [r["tokens_per_s"] for r in sub],
+                "o-" if acc == 16384 else "^",
+                color=color,
+                label=f"{label}, {acc:,} tokens/step",
+            )
     axes[0].axhline(139, color="gray", lw=0.8)
     axes[0].axhline(125, color="gray", lw=0.8, ls="--")
-    axes[0].set(xlabel="parameters (B)", ylabel="GiB",
-                title="peak memory: GPU (line: 139 GiB) and host (dashed: 125 GiB)")
+    axes[0].set(
+        xlabel="parameters (B)",
+        ylabel="GiB",
+        title="peak memory: GPU (line: 139 GiB) and host (dashed: 125 GiB)",
+    )
     axes[1].set(xlabel="parameters (B)", ylabel="tokens/s", title=f"throughput, seq {SEQ}")
     for ax in axes:
         ax.legend(fontsize=7)
@@ -137,12 +218,18 @@ def report(out: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", required=True)
-    ap.add_argument("--runs", nargs="*", default=[], help="engine:layers, e.g. native:32 deepspeed:24")
+    ap.add_argument(
+        "--runs", nargs="*", default=[], help="engine:layers, e.g. native:32 deepspeed:24"
+    )
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--accumulate", type=int, default=4, help="micro-batches of one sequence per step")
+    ap.add_argument(
+        "--accumulate", type=int, default=4, help="micro-batches of one sequence per step"
+    )
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--report", action="store_true")
@@ -150,8 +237,14 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     if args.child:
         engine, layers = args.child.split(":")
-        row = child(engine, int(layers), args.steps, args.warmup, args.accumulate,
-                    os.path.join(args.out, f"run_{engine}_{layers}"))
+        row = child(
+            engine,
+            int(layers),
+            args.steps,
+            args.warmup,
+            args.accumulate,
+            os.path.join(args.out, f"run_{engine}_{layers}"),
+        )
         print("ROW " + json.dumps(row), flush=True)
         return
     for spec in args.runs:
@@ -159,7 +252,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         with open(os.path.join(args.out, "rows.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
-        if row["status"] == "error":  # a bug, not a size limit: the larger runs would fail the same way
+        if (
+            row["status"] == "error"
+        ):  # a bug, not a size limit: the larger runs would fail the same way
             break
     if args.report:
         report(args.out)

@@ -3,6 +3,7 @@
 Used by train_throughput.py --memory. torch's allocator history records every allocation of one step with
 its Python stack; replaying allocs and frees finds the peak and the live set at that moment. Memory alive
 before the step (parameters, optimizer state) is reported as one line, from memory_allocated()."""
+
 from __future__ import annotations
 
 import collections
@@ -46,9 +47,12 @@ def memory_at_peak(step, path: str, top: int = 30) -> dict:
     for size, frames in at_peak.values():
         groups[site(frames)] += size
     gb = 2**30
-    lines = [f"alive before the step (parameters, grads kept, optimizer state): {before / gb:.2f} GB",
-             f"allocated during the step and alive at its peak: {peak / gb:.2f} GB "
-             f"(peak {(before + peak) / gb:.2f} GB)", ""]
+    lines = [
+        f"alive before the step (parameters, grads kept, optimizer state): {before / gb:.2f} GB",
+        f"allocated during the step and alive at its peak: {peak / gb:.2f} GB "
+        f"(peak {(before + peak) / gb:.2f} GB)",
+        "",
+    ]
     lines += [f"{size / gb:8.3f} GB  {name}" for name, size in groups.most_common(top)]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

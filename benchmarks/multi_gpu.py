@@ -12,6 +12,7 @@ runs drift apart by rounding, so |delta loss| <= --tol (default 0.05, ~0.5% of a
 --preset tiny runs the same driver on CPU with gloo (tests/integration/test_training.py runs it that way). On the
 device, PyYAML and tqdm are carried as wheels (see the device README).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,19 @@ LAYOUTS = {
     "pp2_interleaved": (2, {"parallel": {"pp": 2, "schedule": "interleaved", "virtual_stages": 2}}),
     "dp2_zero1": (2, {"parallel": {"zero": 1}}),
 }
-TINY = {"model": {"num_layers": 4, "hidden_size": 64, "num_heads": 4, "ffn_hidden_size": 128, "vocab_size": 512,
-                  "max_position_embeddings": 64},
-        "attention": {"window": 8}, "data": {"seq_len": 64},
-        "train": {"micro_batch_size": 2, "global_batch_size": 8, "device": "cpu"}}
+TINY = {
+    "model": {
+        "num_layers": 4,
+        "hidden_size": 64,
+        "num_heads": 4,
+        "ffn_hidden_size": 128,
+        "vocab_size": 512,
+        "max_position_embeddings": 64,
+    },
+    "attention": {"window": 8},
+    "data": {"seq_len": 64},
+    "train": {"micro_batch_size": 2, "global_batch_size": 8, "device": "cpu"},
+}
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -52,13 +62,25 @@ def write_config(path: Path, raw: dict) -> Path:
 
 
 def train(cfg_path: Path, nproc: int, log: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "megatron_sep", "train", "-c", str(cfg_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "megatron_sep",
+        "train",
+        "-c",
+        str(cfg_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc:
-        raise RuntimeError(f"{' '.join(cmd)} failed with {rc}; see {log}:\n" + log.read_text()[-3000:])
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed with {rc}; see {log}:\n" + log.read_text()[-3000:]
+        )
 
 
 def metrics(run_dir: Path, skip: int = 5) -> dict:
@@ -69,8 +91,13 @@ def metrics(run_dir: Path, skip: int = 5) -> dict:
     def med(key):
         vals = [r[key] for r in later if r.get(key) is not None]
         return statistics.median(vals) if vals else None
-    return {"loss": {s: r["loss"] for s, r in steps.items()}, "tokens_per_s": med("tokens_per_s"),
-            "mfu": med("mfu"), "peak_mem_gb": max(r["peak_mem_gb"] for r in later)}
+
+    return {
+        "loss": {s: r["loss"] for s, r in steps.items()},
+        "tokens_per_s": med("tokens_per_s"),
+        "mfu": med("mfu"),
+        "peak_mem_gb": max(r["peak_mem_gb"] for r in later),
+    }
 
 
 def main():
@@ -89,7 +116,9 @@ def main():
         base = merge(base, TINY)
     vocab = base["model"]["vocab_size"]
     mid = args.steps // 2
-    base = merge(base, {"train": {"steps": args.steps}, "checkpoint": {"save_interval": mid, "keep_last": 2}})
+    base = merge(
+        base, {"train": {"steps": args.steps}, "checkpoint": {"save_interval": mid, "keep_last": 2}}
+    )
     report = {"config": args.config, "steps": args.steps, "tolerance": args.tol, "runs": {}}
     for kind in args.kinds.split(","):
         attention = {"kind": kind}
@@ -100,44 +129,77 @@ def main():
             nproc, extra = LAYOUTS[name]
             run_dir = out / f"{kind}_{name}"
             shutil.rmtree(run_dir, ignore_errors=True)
-            raw = merge(merge(base, extra), {"attention": attention, "train": {"run_dir": str(run_dir)}})
-            train(write_config(out / "configs" / f"{kind}_{name}.yaml", raw), nproc, out / f"{kind}_{name}.log")
+            raw = merge(
+                merge(base, extra), {"attention": attention, "train": {"run_dir": str(run_dir)}}
+            )
+            train(
+                write_config(out / "configs" / f"{kind}_{name}.yaml", raw),
+                nproc,
+                out / f"{kind}_{name}.log",
+            )
             runs[name] = metrics(run_dir)
             one = runs.get("1gpu")
             if one:
                 common = sorted(set(one["loss"]) & set(runs[name]["loss"]))
-                runs[name]["max_abs_loss_diff_vs_1gpu"] = max(abs(runs[name]["loss"][s] - one["loss"][s])
-                                                              for s in common)
+                runs[name]["max_abs_loss_diff_vs_1gpu"] = max(
+                    abs(runs[name]["loss"][s] - one["loss"][s]) for s in common
+                )
                 runs[name]["tokens_per_s_x_1gpu"] = runs[name]["tokens_per_s"] / one["tokens_per_s"]
-            print(json.dumps({"kind": kind, "layout": name,
-                              **{k: v for k, v in runs[name].items() if k != "loss"}}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "kind": kind,
+                        "layout": name,
+                        **{k: v for k, v in runs[name].items() if k != "loss"},
+                    }
+                ),
+                flush=True,
+            )
         if "tp2" in runs:  # resume the (tp2) checkpoint of the middle step on one GPU
             src = out / f"{kind}_tp2" / "checkpoints" / f"step_{mid:08d}"
             run_dir = out / f"{kind}_tp2_resumed_1gpu"
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.copytree(src, run_dir / "checkpoints" / src.name)
             (run_dir / "checkpoints" / "latest").write_text(src.name + "\n")
-            raw = merge(base, {"attention": attention,
-                               "train": {"run_dir": str(run_dir), "steps": mid + 2},
-                               "checkpoint": {"save_interval": 10_000}})
-            train(write_config(out / "configs" / f"{kind}_tp2_resumed.yaml", raw), 1, out / f"{kind}_resume.log")
+            raw = merge(
+                base,
+                {
+                    "attention": attention,
+                    "train": {"run_dir": str(run_dir), "steps": mid + 2},
+                    "checkpoint": {"save_interval": 10_000},
+                },
+            )
+            train(
+                write_config(out / "configs" / f"{kind}_tp2_resumed.yaml", raw),
+                1,
+                out / f"{kind}_resume.log",
+            )
             resumed = metrics(run_dir, skip=0)["loss"]
-            runs["tp2_resumed_on_1gpu"] = {"step": mid + 1, "loss": resumed[mid + 1],
-                                           "tp2_loss": runs["tp2"]["loss"][mid + 1],
-                                           "abs_diff": abs(resumed[mid + 1] - runs["tp2"]["loss"][mid + 1])}
+            runs["tp2_resumed_on_1gpu"] = {
+                "step": mid + 1,
+                "loss": resumed[mid + 1],
+                "tp2_loss": runs["tp2"]["loss"][mid + 1],
+                "abs_diff": abs(resumed[mid + 1] - runs["tp2"]["loss"][mid + 1]),
+            }
             print(json.dumps({"kind": kind, "resume": runs["tp2_resumed_on_1gpu"]}), flush=True)
         report["runs"][kind] = runs
     out.mkdir(parents=True, exist_ok=True)
     (out / "multi_gpu.json").write_text(json.dumps(report, indent=1))
-    failed = [f"{k}/{n}" for k, runs in report["runs"].items() for n, r in runs.items()
-              if r.get("max_abs_loss_diff_vs_1gpu", 0) > args.tol or r.get("abs_diff", 0) > args.tol]
+    failed = [
+        f"{k}/{n}"
+        for k, runs in report["runs"].items()
+        for n, r in runs.items()
+        if r.get("max_abs_loss_diff_vs_1gpu", 0) > args.tol or r.get("abs_diff", 0) > args.tol
+    ]
     print("\nkind     layout             max|dloss|  tok/s      x1gpu  MFU    peak GB")
     for k, runs in report["runs"].items():
         for n, r in runs.items():
             if "tokens_per_s" in r:
                 mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "n/a"
-                print(f"{k:<8} {n:<18} {r.get('max_abs_loss_diff_vs_1gpu', 0):9.4f}  {r['tokens_per_s']:9,.0f}  "
-                      f"{r.get('tokens_per_s_x_1gpu', 1):5.2f}  {mfu:>6} {r['peak_mem_gb']:7.1f}")
+                print(
+                    f"{k:<8} {n:<18} {r.get('max_abs_loss_diff_vs_1gpu', 0):9.4f}  {r['tokens_per_s']:9,.0f}  "
+                    f"{r.get('tokens_per_s_x_1gpu', 1):5.2f}  {mfu:>6} {r['peak_mem_gb']:7.1f}"
+                )
     print("over tolerance:", failed or "none")
     return 1 if failed else 0
 

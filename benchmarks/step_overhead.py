@@ -3,6 +3,7 @@ one by one on the 1.3B shape, compiled, so each part's cost is the difference be
 
   PYTHONPATH=. python3 benchmarks/step_overhead.py --out DIR [--precision bf16|fp8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,21 @@ def main():
     ap.add_argument("--precision", default="bf16")
     args = ap.parse_args()
     p = PRESETS["llama1.3b"]
-    cfg = config_from_dict({"model": p["model"], "attention": {"kind": "dense"},
-                            "data": {"seq_len": p["seq"], "mock": True},
-                            "train": {"run_dir": f"{args.out}/overhead_run", "micro_batch_size": p["mbs"],
-                                      "steps": 10_000, "compile": True, "precision": args.precision},
-                            "optim": {"warmup_steps": 2}})
+    cfg = config_from_dict(
+        {
+            "model": p["model"],
+            "attention": {"kind": "dense"},
+            "data": {"seq_len": p["seq"], "mock": True},
+            "train": {
+                "run_dir": f"{args.out}/overhead_run",
+                "micro_batch_size": p["mbs"],
+                "steps": 10_000,
+                "compile": True,
+                "precision": args.precision,
+            },
+            "optim": {"warmup_steps": 2},
+        }
+    )
     torch.manual_seed(0)
     tr = Trainer(cfg, log=False)
     engine, opt = tr.engine, tr.engine.opt
@@ -70,14 +81,22 @@ def main():
         fwd_bwd()
         engine.step()
 
-    rows = {"train_step": timed(lambda: tr.train_step()), "fwd_bwd": timed(fwd_bwd_zero),
-            "fwd_bwd_adamw": timed(fwd_bwd_adamw), "fwd_bwd_clip_on_gpu_adamw": timed(fwd_bwd_clip_on_gpu),
-            "fwd_bwd_plan_step": timed(fwd_bwd_plan_step),
-            "micro_batch_host": timed(lambda: tr.micro_batch(tr.train_ds, 0, p["mbs"]), n=20)}
+    rows = {
+        "train_step": timed(lambda: tr.train_step()),
+        "fwd_bwd": timed(fwd_bwd_zero),
+        "fwd_bwd_adamw": timed(fwd_bwd_adamw),
+        "fwd_bwd_clip_on_gpu_adamw": timed(fwd_bwd_clip_on_gpu),
+        "fwd_bwd_plan_step": timed(fwd_bwd_plan_step),
+        "micro_batch_host": timed(lambda: tr.micro_batch(tr.train_ds, 0, p["mbs"]), n=20),
+    }
     rows = {k: round(v, 2) for k, v in rows.items()}
     print(json.dumps(rows))
     with open(f"{args.out}/step_overhead_{args.precision}.json", "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ms": rows}, f, indent=1)
+        json.dump(
+            {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ms": rows},
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

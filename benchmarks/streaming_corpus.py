@@ -7,6 +7,7 @@ document, so the model never trains on a word of the stream.
 
     PYTHONPATH=. python3 benchmarks/streaming_corpus.py --out data/stream data/demo/corpus.jsonl ~/peps ~/git/Documentation
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("sources", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--heldout-chars", type=int, default=5_500_000, help="~1.2M tokens at an 8K vocabulary")
+    p.add_argument(
+        "--heldout-chars", type=int, default=5_500_000, help="~1.2M tokens at an 8K vocabulary"
+    )
     p.add_argument("--min-chars", type=int, default=200)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--force", action="store_true", help="replace this script's two files in a non-empty --out")
+    p.add_argument(
+        "--force", action="store_true", help="replace this script's two files in a non-empty --out"
+    )
     args = p.parse_args()
     try:
         return split(args)
@@ -57,17 +62,26 @@ def main() -> int:
 def split(args) -> int:
     docs = [d for s in args.sources for d in documents(s, args.min_chars)]
     random.Random(args.seed).shuffle(docs)
-    prepare_out(args.out, args.force, ("heldout.jsonl", "train.jsonl"), "replace heldout.jsonl and train.jsonl")
+    prepare_out(
+        args.out,
+        args.force,
+        ("heldout.jsonl", "train.jsonl"),
+        "replace heldout.jsonl and train.jsonl",
+    )
     held = 0
-    with open(args.out / "heldout.jsonl", "w", encoding="utf-8") as h, \
-            open(args.out / "train.jsonl", "w", encoding="utf-8") as t:
+    with (
+        open(args.out / "heldout.jsonl", "w", encoding="utf-8") as h,
+        open(args.out / "train.jsonl", "w", encoding="utf-8") as t,
+    ):
         for d in docs:
             dest = h if held < args.heldout_chars else t
             held += len(d) if dest is h else 0
             dest.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
     total = sum(map(len, docs))
-    print(f"{len(docs)} documents, {total / 1e6:.1f}M characters: held out {held / 1e6:.2f}M, "
-          f"train {(total - held) / 1e6:.2f}M -> {args.out}")
+    print(
+        f"{len(docs)} documents, {total / 1e6:.1f}M characters: held out {held / 1e6:.2f}M, "
+        f"train {(total - held) / 1e6:.2f}M -> {args.out}"
+    )
     return 0
 
 

@@ -3,6 +3,7 @@ eval.json with every cache's run and the no-cache reference, the eval plots, and
 
     python3 benchmarks/streaming_report.py --out DIR A/eval.json B/eval.json ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,19 +28,26 @@ def merge(paths: list[Path]) -> dict:
 
 def table(result: dict) -> str:
     ref = result.get("stream_reference")
-    rows = ["| cache | tokens streamed | ppl | first / last segment ppl | ppl / no-cache ppl per whole segment "
-            "(min-max) | tokens/s | peak KV MiB | stopped |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| cache | tokens streamed | ppl | first / last segment ppl | ppl / no-cache ppl per whole segment "
+        "(min-max) | tokens/s | peak KV MiB | stopped |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     if ref:
         segs = ref["segments"]
-        rows.append(f"| no cache ({ref['seq_len']}-token blocks) | {ref['tokens']:,} | {ref['ppl']:.2f} | "
-                    f"{segs[0]['ppl']:.2f} / {segs[-1]['ppl']:.2f} | 1 | | | |")
+        rows.append(
+            f"| no cache ({ref['seq_len']}-token blocks) | {ref['tokens']:,} | {ref['ppl']:.2f} | "
+            f"{segs[0]['ppl']:.2f} / {segs[-1]['ppl']:.2f} | 1 | | | |"
+        )
     for run in result["streaming"]:
         segs = run["segments"]
         ratios = [y for _, y in ppl_over_reference(run, ref)] if ref else []
         spread = f"{min(ratios):.4f}-{max(ratios):.4f}" if ratios else ""
-        rows.append(f"| {label(run)} | {run['tokens']:,} | {run['ppl']:.2f} | {segs[0]['ppl']:.2f} / "
-                    f"{segs[-1]['ppl']:.2f} | {spread} | {run['tokens_per_s']:,.0f} | "
-                    f"{run['peak_kv_bytes'] / 2 ** 20:.2f} | {run['stopped'] or ''} |")
+        rows.append(
+            f"| {label(run)} | {run['tokens']:,} | {run['ppl']:.2f} | {segs[0]['ppl']:.2f} / "
+            f"{segs[-1]['ppl']:.2f} | {spread} | {run['tokens_per_s']:,.0f} | "
+            f"{run['peak_kv_bytes'] / 2**20:.2f} | {run['stopped'] or ''} |"
+        )
     return "\n".join(rows)
 
 
@@ -47,12 +55,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("evals", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--force", action="store_true", help="replace an earlier report's files in --out")
+    p.add_argument(
+        "--force", action="store_true", help="replace an earlier report's files in --out"
+    )
     args = p.parse_args()
     try:  # errors in one line, no traceback
         result = merge(args.evals)
-        for path in write_report(prepare_out(args.out, args.force, EVAL_FILES, "replace the report's files"),
-                                 result):
+        for path in write_report(
+            prepare_out(args.out, args.force, EVAL_FILES, "replace the report's files"), result
+        ):
             print(f"wrote {path}")
     except (json.JSONDecodeError, KeyError, IndexError) as e:
         print(f"error: {e!r}: pass eval.json files written by `megatron-sep eval`", file=sys.stderr)

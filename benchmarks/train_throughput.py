@@ -9,6 +9,7 @@ Synthetic tokens (data loading is not what is measured). MFU uses 989 TFLOP/s (H
 6 x matmul params + 12 x layers x hidden x seq FLOPs per token. --memory writes the live allocations at
 a step's memory peak (memory_peak.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,36 +31,105 @@ from memory_peak import memory_at_peak  # benchmarks/ is on sys.path when this f
 # step (plan, autocast, clipping, schedule, optimizer); +ac turns on train.activation_checkpointing=full;
 # ~unfused sets model.fused_loss=false (the LM head's full logits, then cross-entropy); %fp8 sets
 # train.precision=fp8 (MFU then against the fp8 peak)
-LLAMA350M = {"family": "llama", "num_layers": 24, "hidden_size": 1024, "num_heads": 16, "ffn_hidden_size": 2816,
-             "vocab_size": 32000}
+LLAMA350M = {
+    "family": "llama",
+    "num_layers": 24,
+    "hidden_size": 1024,
+    "num_heads": 16,
+    "ffn_hidden_size": 2816,
+    "vocab_size": 32000,
+}
 PRESETS = {
-    "llama1.3b": {"model": {"family": "llama", "num_layers": 24, "hidden_size": 2048, "num_heads": 16,
-                            "ffn_hidden_size": 5504, "vocab_size": 32000, "max_position_embeddings": 4096},
-                  "seq": 4096, "mbs": 2, "kinds": ["dense@reference", "dense", "trainer/dense", "trainer/dense~unfused",
-                                                   "trainer/dense%fp8", "trainer/dense%fp8@reference"],
-                  "plain": True,
-                  "compile_only": ["dense@reference"]},
-    "sepllm350m-16k": {"model": {**LLAMA350M, "max_position_embeddings": 16384},
-                       "seq": 16384, "mbs": 1, "kinds": ["sepllm:triton", "sepllm:flex", "dense"], "plain": False},
+    "llama1.3b": {
+        "model": {
+            "family": "llama",
+            "num_layers": 24,
+            "hidden_size": 2048,
+            "num_heads": 16,
+            "ffn_hidden_size": 5504,
+            "vocab_size": 32000,
+            "max_position_embeddings": 4096,
+        },
+        "seq": 4096,
+        "mbs": 2,
+        "kinds": [
+            "dense@reference",
+            "dense",
+            "trainer/dense",
+            "trainer/dense~unfused",
+            "trainer/dense%fp8",
+            "trainer/dense%fp8@reference",
+        ],
+        "plain": True,
+        "compile_only": ["dense@reference"],
+    },
+    "sepllm350m-16k": {
+        "model": {**LLAMA350M, "max_position_embeddings": 16384},
+        "seq": 16384,
+        "mbs": 1,
+        "kinds": ["sepllm:triton", "sepllm:flex", "dense"],
+        "plain": False,
+    },
     # issue 15: the Trainer's step against dense attention compiled, same run
-    "pythia160m-2k": {"model": {"family": "neox", "num_layers": 12, "hidden_size": 768, "num_heads": 12,
-                                "ffn_hidden_size": 3072, "vocab_size": 50304, "max_position_embeddings": 2048,
-                                "rotary_pct": 0.25},
-                      "seq": 2048, "mbs": 16, "plain": False, "baseline": "trainer/dense:compile",
-                      "kinds": ["trainer/dense", "trainer/sepllm-n64", "trainer/sepllm-n128",
-                                "trainer/streamingllm-n64"]},
-    "llama350m-16k": {"model": {**LLAMA350M, "max_position_embeddings": 16384}, "seq": 16384, "mbs": 1,
-                      "plain": False, "baseline": "trainer/dense:compile",
-                      "kinds": ["trainer/dense", "trainer/sepllm-n256", "trainer/streamingllm-n256"]},
-    "llama350m-64k": {"model": {**LLAMA350M, "max_position_embeddings": 65536}, "seq": 65536, "mbs": 1,
-                      "plain": False, "baseline": "trainer/dense:compile",
-                      "kinds": ["trainer/dense", "trainer/sepllm-n256", "trainer/dense+ac", "trainer/sepllm-n256+ac",
-                                "trainer/streamingllm-n256"]},
-    "tiny": {"model": {"family": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "ffn_hidden_size": 128,
-                       "vocab_size": 500, "max_position_embeddings": 128},
-             "seq": 128, "mbs": 2, "kinds": ["sepllm:reference", "dense", "trainer/sepllm-n32:reference",
-                                             "trainer/dense+ac"],
-             "plain": True},  # CPU smoke test
+    "pythia160m-2k": {
+        "model": {
+            "family": "neox",
+            "num_layers": 12,
+            "hidden_size": 768,
+            "num_heads": 12,
+            "ffn_hidden_size": 3072,
+            "vocab_size": 50304,
+            "max_position_embeddings": 2048,
+            "rotary_pct": 0.25,
+        },
+        "seq": 2048,
+        "mbs": 16,
+        "plain": False,
+        "baseline": "trainer/dense:compile",
+        "kinds": [
+            "trainer/dense",
+            "trainer/sepllm-n64",
+            "trainer/sepllm-n128",
+            "trainer/streamingllm-n64",
+        ],
+    },
+    "llama350m-16k": {
+        "model": {**LLAMA350M, "max_position_embeddings": 16384},
+        "seq": 16384,
+        "mbs": 1,
+        "plain": False,
+        "baseline": "trainer/dense:compile",
+        "kinds": ["trainer/dense", "trainer/sepllm-n256", "trainer/streamingllm-n256"],
+    },
+    "llama350m-64k": {
+        "model": {**LLAMA350M, "max_position_embeddings": 65536},
+        "seq": 65536,
+        "mbs": 1,
+        "plain": False,
+        "baseline": "trainer/dense:compile",
+        "kinds": [
+            "trainer/dense",
+            "trainer/sepllm-n256",
+            "trainer/dense+ac",
+            "trainer/sepllm-n256+ac",
+            "trainer/streamingllm-n256",
+        ],
+    },
+    "tiny": {
+        "model": {
+            "family": "llama",
+            "num_layers": 2,
+            "hidden_size": 64,
+            "num_heads": 4,
+            "ffn_hidden_size": 128,
+            "vocab_size": 500,
+            "max_position_embeddings": 128,
+        },
+        "seq": 128,
+        "mbs": 2,
+        "kinds": ["sepllm:reference", "dense", "trainer/sepllm-n32:reference", "trainer/dense+ac"],
+        "plain": True,
+    },  # CPU smoke test
 }
 
 
@@ -72,9 +142,16 @@ def parse_kind(kind: str) -> dict:
     rest, ac = (rest[:-3], True) if rest.endswith("+ac") else (rest, False)
     name, _, backend = rest.partition(":")
     name, _, window = name.partition("-n")
-    return {"trainer": via_trainer, "kind": name, "window": int(window) if window else None,
-            "backend": backend or "auto", "ac": ac, "kernels": kernels or "auto", "fused_loss": not unfused,
-            "precision": precision or "auto"}
+    return {
+        "trainer": via_trainer,
+        "kind": name,
+        "window": int(window) if window else None,
+        "backend": backend or "auto",
+        "ac": ac,
+        "kernels": kernels or "auto",
+        "fused_loss": not unfused,
+        "precision": precision or "auto",
+    }
 
 
 class PlainBlock(nn.Module):
@@ -85,8 +162,11 @@ class PlainBlock(nn.Module):
         self.heads = heads
         self.n1, self.n2 = nn.RMSNorm(h), nn.RMSNorm(h)
         self.qkv, self.o = nn.Linear(h, 3 * h, bias=False), nn.Linear(h, h, bias=False)
-        self.gate, self.up, self.down = (nn.Linear(h, ffn, bias=False), nn.Linear(h, ffn, bias=False),
-                                         nn.Linear(ffn, h, bias=False))
+        self.gate, self.up, self.down = (
+            nn.Linear(h, ffn, bias=False),
+            nn.Linear(h, ffn, bias=False),
+            nn.Linear(ffn, h, bias=False),
+        )
 
     def forward(self, x, cos, sin):
         b, s, h = x.shape
@@ -95,6 +175,7 @@ class PlainBlock(nn.Module):
         def rope(t):
             t1, t2 = t.chunk(2, -1)
             return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1)
+
         q, k = rope(q).transpose(1, 2), rope(k).transpose(1, 2)
         a = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True)
         x = x + self.o(a.transpose(1, 2).reshape(b, s, h))
@@ -107,7 +188,9 @@ class PlainLlama(nn.Module):
         super().__init__()
         h, self.heads = m["hidden_size"], m["num_heads"]
         self.embed = nn.Embedding(m["vocab_size"], h)
-        self.blocks = nn.ModuleList(PlainBlock(h, m["num_heads"], m["ffn_hidden_size"]) for _ in range(m["num_layers"]))
+        self.blocks = nn.ModuleList(
+            PlainBlock(h, m["num_heads"], m["ffn_hidden_size"]) for _ in range(m["num_layers"])
+        )
         self.norm, self.head = nn.RMSNorm(h), nn.Linear(h, m["vocab_size"], bias=False)
 
     def forward(self, tokens, labels):
@@ -133,6 +216,7 @@ def plain_step(model, tokens, labels):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+
     return step
 
 
@@ -157,13 +241,18 @@ def measure(step, cuda, steps, warmup=3):
 def profile(model, tokens, labels, path, step=None):
     """GPU time per kernel over two training steps (where the step time goes)."""
     from torch.profiler import ProfilerActivity, profile as prof
+
     step = step or plain_step(model, tokens, labels)
     with prof(activities=[ProfilerActivity.CUDA]) as pr:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
     with open(path, "w") as f:
-        f.write(pr.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+        f.write(
+            pr.key_averages().table(
+                sort_by="cuda_time_total", row_limit=40, max_name_column_width=90
+            )
+        )
 
 
 def main():
@@ -173,10 +262,18 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--modes", default="eager,compile", help="eager and/or compile (per block)")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--profile", action="store_true", help="write the top kernels of one compiled step")
-    ap.add_argument("--memory", action="store_true", help="write what is alive at a compiled step's memory peak")
-    ap.add_argument("--append", action="store_true", help="add rows to an existing result file of the preset")
-    ap.add_argument("--only", default="", help="comma list of plain|KIND : eager|compile to run (default all)")
+    ap.add_argument(
+        "--profile", action="store_true", help="write the top kernels of one compiled step"
+    )
+    ap.add_argument(
+        "--memory", action="store_true", help="write what is alive at a compiled step's memory peak"
+    )
+    ap.add_argument(
+        "--append", action="store_true", help="add rows to an existing result file of the preset"
+    )
+    ap.add_argument(
+        "--only", default="", help="comma list of plain|KIND : eager|compile to run (default all)"
+    )
     args = ap.parse_args()
     p = PRESETS[args.preset]
     m, seq, mbs = p["model"], p["seq"], p["mbs"]
@@ -184,11 +281,16 @@ def main():
     tokens = torch.randint(0, m["vocab_size"], (mbs, seq + 1), device=args.device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     ffn_mats = 3 if m["family"] == "llama" else 2  # SwiGLU's gate, up, down; GeLU's up, down
-    matmul = (m["num_layers"] * (4 * m["hidden_size"] ** 2 + ffn_mats * m["hidden_size"] * m["ffn_hidden_size"])
-              + m["vocab_size"] * m["hidden_size"])
+    matmul = (
+        m["num_layers"]
+        * (4 * m["hidden_size"] ** 2 + ffn_mats * m["hidden_size"] * m["ffn_hidden_size"])
+        + m["vocab_size"] * m["hidden_size"]
+    )
     rows = []
     path = f"{args.out}/train_throughput_{args.preset}.json"
-    if args.append and os.path.exists(path):  # one variant per process (fresh compile caches), one file
+    if args.append and os.path.exists(
+        path
+    ):  # one variant per process (fresh compile caches), one file
         rows = json.load(open(path))["rows"]
     only = set(filter(None, args.only.split(",")))
 
@@ -196,22 +298,46 @@ def main():
         return not only or f"{label}:{'compile' if compiled else 'eager'}" in only
 
     import triton
+
     dev = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    env = {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
-           "mfu_peak_tflops": 989, "mfu_flops": "6 x matmul params + 12 x layers x hidden x seq x kept-pair share"}
+    env = {
+        "device": dev,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "mfu_peak_tflops": 989,
+        "mfu_flops": "6 x matmul params + 12 x layers x hidden x seq x kept-pair share",
+    }
 
     def record(name, dt, loss, mem, pairs=1.0, key=None, peak=989):
         """MFU counts attention FLOPs for the pairs attended: 12 x layers x hidden x seq x kept-pair share."""
         tps = mbs * seq / dt
         first, loss = loss
         attended = 6 * matmul + 12 * m["num_layers"] * m["hidden_size"] * seq * pairs
-        rows.append({"impl": name, "key": key, "step_ms": dt * 1e3, "tokens_per_s": tps,
-                     "mfu": tps * attended / (peak * 1e12), "mfu_peak_tflops": peak, "mfu_bf16_peak":
-                     tps * attended / 989e12, "kept_pairs": pairs, "flops_per_token": attended,
-                     "peak_mem_gb": mem, "first_loss": first, "loss": loss})
+        rows.append(
+            {
+                "impl": name,
+                "key": key,
+                "step_ms": dt * 1e3,
+                "tokens_per_s": tps,
+                "mfu": tps * attended / (peak * 1e12),
+                "mfu_peak_tflops": peak,
+                "mfu_bf16_peak": tps * attended / 989e12,
+                "kept_pairs": pairs,
+                "flops_per_token": attended,
+                "peak_mem_gb": mem,
+                "first_loss": first,
+                "loss": loss,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-        with open(f"{args.out}/train_throughput_{args.preset}.json", "w") as f:  # kept if a later variant crashes
-            json.dump({"env": env, "preset": args.preset, "seq": seq, "micro_batch": mbs, "rows": rows}, f, indent=1)
+        with open(
+            f"{args.out}/train_throughput_{args.preset}.json", "w"
+        ) as f:  # kept if a later variant crashes
+            json.dump(
+                {"env": env, "preset": args.preset, "seq": seq, "micro_batch": mbs, "rows": rows},
+                f,
+                indent=1,
+            )
 
     for compiled in [c for c in modes if p["plain"] and wanted("plain", c)]:
         torch.manual_seed(0)
@@ -219,9 +345,13 @@ def main():
         if compiled:
             for blk in plain.blocks:
                 blk.compile()
-        step = plain_step(plain, inputs, labels)  # one optimizer: its state exists after the first step
-        record(f"plain pytorch{' + compile per block' if compiled else ' eager'}",
-               *measure(step, tokens.is_cuda, args.steps))
+        step = plain_step(
+            plain, inputs, labels
+        )  # one optimizer: its state exists after the first step
+        record(
+            f"plain pytorch{' + compile per block' if compiled else ' eager'}",
+            *measure(step, tokens.is_cuda, args.steps),
+        )
         if args.profile and compiled:
             profile(plain, inputs, labels, f"{args.out}/profile_{args.preset}_plain.txt", step=step)
         if args.memory and compiled:
@@ -230,60 +360,123 @@ def main():
         torch.cuda.empty_cache()
     for kind in p["kinds"]:
         k = parse_kind(kind)
-        for compiled in [c for c in modes if (c or kind not in p.get("compile_only", ())) and wanted(kind, c)]:
+        for compiled in [
+            c for c in modes if (c or kind not in p.get("compile_only", ())) and wanted(kind, c)
+        ]:
             window = k["window"] or min(256, seq // 4)
-            attention = {"kind": k["kind"], "window": window, "init_tokens": 3,
-                         "separators": list(range(1, m["vocab_size"] // 10)),  # 10% of random tokens
-                         "backend": k["backend"]} if k["kind"] != "dense" else {"kind": "dense"}
-            cfg = config_from_dict({"model": {**m, "kernels": k["kernels"], "fused_loss": k["fused_loss"]},
-                                    "attention": attention,
-                                    "data": {"seq_len": seq, "mock": True},
-                                    "train": {"run_dir": f"{args.out}/trainer_run", "micro_batch_size": mbs,
-                                              "steps": 10_000, "compile": compiled, "device": args.device,
-                                              "precision": k["precision"],
-                                              "activation_checkpointing": "full" if k["ac"] else "none"},
-                                    "optim": {"warmup_steps": 2}})
+            attention = (
+                {
+                    "kind": k["kind"],
+                    "window": window,
+                    "init_tokens": 3,
+                    "separators": list(range(1, m["vocab_size"] // 10)),  # 10% of random tokens
+                    "backend": k["backend"],
+                }
+                if k["kind"] != "dense"
+                else {"kind": "dense"}
+            )
+            cfg = config_from_dict(
+                {
+                    "model": {**m, "kernels": k["kernels"], "fused_loss": k["fused_loss"]},
+                    "attention": attention,
+                    "data": {"seq_len": seq, "mock": True},
+                    "train": {
+                        "run_dir": f"{args.out}/trainer_run",
+                        "micro_batch_size": mbs,
+                        "steps": 10_000,
+                        "compile": compiled,
+                        "device": args.device,
+                        "precision": k["precision"],
+                        "activation_checkpointing": "full" if k["ac"] else "none",
+                    },
+                    "optim": {"warmup_steps": 2},
+                }
+            )
             torch.manual_seed(0)
             label = f"megatron-sep {kind}{' + compile per block' if compiled else ' eager'}"
             model = None
             try:
-                if k["trainer"]:  # the Trainer's own step: plan, autocast, clipping, schedule, optimizer
+                if k[
+                    "trainer"
+                ]:  # the Trainer's own step: plan, autocast, clipping, schedule, optimizer
                     from megatron_sep.training import Trainer
+
                     model = Trainer(cfg, log=False)
                     pairs = kept_pairs(cfg, model)
                     train_loss = model.train_step  # returns (loss, grad norm)
-                    record(label, *measure(lambda: train_loss()[0], model.device.type == "cuda", args.steps),
-                           pairs=pairs, key=f"{kind}:{'compile' if compiled else 'eager'}",
-                           peak=model.peak / 1e12 if model.peak else 989)
+                    record(
+                        label,
+                        *measure(lambda: train_loss()[0], model.device.type == "cuda", args.steps),
+                        pairs=pairs,
+                        key=f"{kind}:{'compile' if compiled else 'eager'}",
+                        peak=model.peak / 1e12 if model.peak else 989,
+                    )
                 else:
                     model = build_model(cfg).to(args.device)
                     if compiled:
                         for blk in model.layers:
                             blk.compile()
-                    record(label, *measure(plain_step(model, inputs, labels), tokens.is_cuda, args.steps))
+                    record(
+                        label,
+                        *measure(plain_step(model, inputs, labels), tokens.is_cuda, args.steps),
+                    )
                 name = kind.replace("/", "_").replace(":", "_").replace("%", "_")
                 if args.profile and compiled:
-                    profile(model, inputs, labels, f"{args.out}/profile_{args.preset}_{name}.txt",
-                            step=(lambda: train_loss()[0]) if k["trainer"] else None)
+                    profile(
+                        model,
+                        inputs,
+                        labels,
+                        f"{args.out}/profile_{args.preset}_{name}.txt",
+                        step=(lambda: train_loss()[0]) if k["trainer"] else None,
+                    )
                 if args.memory and compiled and k["trainer"]:
-                    memory_at_peak(lambda: train_loss()[0], f"{args.out}/memory_{args.preset}_{name}.txt")
+                    memory_at_peak(
+                        lambda: train_loss()[0], f"{args.out}/memory_{args.preset}_{name}.txt"
+                    )
             except Exception as e:  # record what failed instead of losing the whole run
-                rows.append({"impl": f"megatron-sep {kind} compiled={compiled}", "error": repr(e)[:300]})
+                rows.append(
+                    {"impl": f"megatron-sep {kind} compiled={compiled}", "error": repr(e)[:300]}
+                )
                 print(json.dumps(rows[-1]), flush=True)
             del model
             torch.cuda.empty_cache() if args.device == "cuda" else None
     baseline = p.get("baseline")
-    base = next((r for r in rows if "tokens_per_s" in r and (
-        r.get("key") == baseline if baseline else r["impl"] == "plain pytorch + compile per block")), None)
+    base = next(
+        (
+            r
+            for r in rows
+            if "tokens_per_s" in r
+            and (
+                r.get("key") == baseline
+                if baseline
+                else r["impl"] == "plain pytorch + compile per block"
+            )
+        ),
+        None,
+    )
     name = baseline or "compiled plain"
     for r in rows:
         if "tokens_per_s" in r:
-            r[f"x_vs_{name}"] = ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else math.nan
-            print(f"{r['impl']:<58} {r['tokens_per_s']:>10,.0f} tok/s  MFU {r['mfu']:.1%}  "
-                  f"x{ratio:.2f} vs {name}  {r['peak_mem_gb']:.1f} GB")
+            r[f"x_vs_{name}"] = ratio = (
+                r["tokens_per_s"] / base["tokens_per_s"] if base else math.nan
+            )
+            print(
+                f"{r['impl']:<58} {r['tokens_per_s']:>10,.0f} tok/s  MFU {r['mfu']:.1%}  "
+                f"x{ratio:.2f} vs {name}  {r['peak_mem_gb']:.1f} GB"
+            )
     with open(f"{args.out}/train_throughput_{args.preset}.json", "w") as f:
-        json.dump({"env": env, "preset": args.preset, "seq": seq, "micro_batch": mbs, "baseline": name,
-                   "rows": rows}, f, indent=1)
+        json.dump(
+            {
+                "env": env,
+                "preset": args.preset,
+                "seq": seq,
+                "micro_batch": mbs,
+                "baseline": name,
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
 
 
 def kept_pairs(cfg, trainer) -> float:
@@ -291,6 +484,7 @@ def kept_pairs(cfg, trainer) -> float:
     if cfg.attention.kind == "dense":
         return 1.0
     from megatron_sep.model.attention import attention_stats
+
     tokens, _, batch = trainer.micro_batch(trainer.train_ds, 0, cfg.train.micro_batch_size)
     return attention_stats(cfg, batch.is_sep)["kept_pairs"]
 

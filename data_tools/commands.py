@@ -1,5 +1,6 @@
 """The data commands of `megatron-sep`: tokenizer train, preprocess, inspect, demo-corpus, offline-corpus and
 corpus-subset (cli.py parses the flags and maps errors to one line)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,26 +17,48 @@ from .train_tokenizer import train_hf_bpe, train_sentencepiece
 
 def cmd_tokenizer(args) -> int:
     prefix = args.out[:-6] if args.out.endswith(".model") else args.out
-    targets = [Path(args.out)] if args.type == "hf-bpe" else [Path(prefix + ".model"), Path(prefix + ".vocab")]
+    targets = (
+        [Path(args.out)]
+        if args.type == "hf-bpe"
+        else [Path(prefix + ".model"), Path(prefix + ".vocab")]
+    )
     existing = [str(p) for p in targets if p.exists()]
     if existing and not args.force:
-        raise ValueError(f"{' and '.join(existing)} exist. Fix: choose another --out, or pass --force to replace")
+        raise ValueError(
+            f"{' and '.join(existing)} exist. Fix: choose another --out, or pass --force to replace"
+        )
     if args.type == "hf-bpe":
         out = train_hf_bpe(args.input, args.out, args.vocab_size, args.text_key)
     else:
-        out = train_sentencepiece(args.input, prefix, args.vocab_size, args.type, args.text_key,
-                                  byte_fallback=not args.no_byte_fallback,
-                                  split_separators=not args.no_split_separators)
+        out = train_sentencepiece(
+            args.input,
+            prefix,
+            args.vocab_size,
+            args.type,
+            args.text_key,
+            byte_fallback=not args.no_byte_fallback,
+            split_separators=not args.no_split_separators,
+        )
     size = load_tokenizer(out).vocab_size
-    note = (f" (warning: the corpus supports only {size:,} of the {args.vocab_size:,} tokens asked for)"
-            if size < args.vocab_size else "")
+    note = (
+        f" (warning: the corpus supports only {size:,} of the {args.vocab_size:,} tokens asked for)"
+        if size < args.vocab_size
+        else ""
+    )
     print(f"wrote {out}: {size:,} tokens{note}")
     return 0
 
 
 def cmd_preprocess(args) -> int:
-    docs, tokens = preprocess(args.input, args.tokenizer, args.out, args.text_key, args.workers,
-                              args.txt_docs, force=args.force)
+    docs, tokens = preprocess(
+        args.input,
+        args.tokenizer,
+        args.out,
+        args.text_key,
+        args.workers,
+        args.txt_docs,
+        force=args.force,
+    )
     print(f"wrote {args.out}.bin/.idx: {docs:,} documents, {tokens:,} tokens")
     return 0
 
@@ -50,22 +73,33 @@ def cmd_inspect(args) -> int:
 def cmd_demo_corpus(args) -> int:
     out = Path(args.out)
     if out.is_dir():  # --force replaces the corpus file, never a directory (nor the files in it)
-        raise ValueError(f"--out {out} is a directory; demo-corpus writes one .jsonl file. Fix: pass a file "
-                         f"path, e.g. --out {out / 'corpus.jsonl'}")
+        raise ValueError(
+            f"--out {out} is a directory; demo-corpus writes one .jsonl file. Fix: pass a file "
+            f"path, e.g. --out {out / 'corpus.jsonl'}"
+        )
     if out.exists() and not args.force:
-        raise ValueError(f"{args.out} exists. Fix: choose another --out, or pass --force to replace it")
+        raise ValueError(
+            f"{args.out} exists. Fix: choose another --out, or pass --force to replace it"
+        )
     docs, nbytes = build_demo_corpus(out)
     print(f"wrote {args.out}: {docs:,} documents, {nbytes / 1e6:.1f} MB of text")
     return 0
 
 
 def cmd_offline_corpus(args) -> int:
-    s = build(args.out, args.manifest or DEFAULT_MANIFEST, args.cache, force=args.force,
-              progress=not args.no_progress)
+    s = build(
+        args.out,
+        args.manifest or DEFAULT_MANIFEST,
+        args.cache,
+        force=args.force,
+        progress=not args.no_progress,
+    )
     t = s["tokens"]
-    print(f"corpus in {args.out}: train {t['train'][1]:,} tokens ({t['train'][0]:,} documents), held out "
-          f"{t['heldout'][1]:,} tokens ({t['heldout'][0]:,}); tokenizer {args.out}/tokenizer.model. Look at it: "
-          f"megatron-sep inspect {args.out}/train_text_document --tokenizer {args.out}/tokenizer.model")
+    print(
+        f"corpus in {args.out}: train {t['train'][1]:,} tokens ({t['train'][0]:,} documents), held out "
+        f"{t['heldout'][1]:,} tokens ({t['heldout'][0]:,}); tokenizer {args.out}/tokenizer.model. Look at it: "
+        f"megatron-sep inspect {args.out}/train_text_document --tokenizer {args.out}/tokenizer.model"
+    )
     return 0
 
 

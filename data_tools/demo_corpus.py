@@ -6,6 +6,7 @@ numpy. Doctest examples, RST directives and symbol-heavy lines are dropped;
 each docstring or topic becomes one document. No download is needed: the demo
 depends on torch anyway, and CI pins its version, so the corpus is reproducible.
 """
+
 from __future__ import annotations
 
 import ast
@@ -62,7 +63,9 @@ def _roots():
             yield Path(spec.origin).parent
 
 
-def build_demo_corpus(out: str | Path, min_chars: int = 200, progress: bool = True) -> tuple[int, int]:
+def build_demo_corpus(
+    out: str | Path, min_chars: int = 200, progress: bool = True
+) -> tuple[int, int]:
     """Write a jsonl corpus; returns (documents, bytes). It is written to a temporary file of its own (never
     a name a user's file may have) and renamed over `out`; on any failure the temporary file is removed."""
     out = Path(out)
@@ -71,6 +74,7 @@ def build_demo_corpus(out: str | Path, min_chars: int = 200, progress: bool = Tr
     docs = nbytes = 0
     try:
         with open(fd, "w", encoding="utf-8") as f:
+
             def emit(text):
                 nonlocal docs, nbytes
                 text = _clean(text)
@@ -81,12 +85,15 @@ def build_demo_corpus(out: str | Path, min_chars: int = 200, progress: bool = Tr
 
             try:
                 from pydoc_data.topics import topics
+
                 for key in sorted(topics):
                     emit(topics[key])
             except ImportError:
                 pass
             files = [p for root in _roots() for p in _python_files(root)]
-            for path in tqdm(files, desc="demo corpus", unit=" files", disable=not progress, mininterval=1.0):
+            for path in tqdm(
+                files, desc="demo corpus", unit=" files", disable=not progress, mininterval=1.0
+            ):
                 for doc in _docstrings(path):
                     emit(doc)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the corpus is an ordinary file

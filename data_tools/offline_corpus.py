@@ -8,6 +8,7 @@ Stages, each resumable (a finished stage's files are kept, a half-written one ne
 4. tokens: train_text_document and heldout_text_document (.bin/.idx) with a PREFIX.sources.json beside each
    (source and kind of every document, for `inspect`).
 OUT/corpus.json stamps the manifest's hash; a folder without it, or with another manifest's, is refused."""
+
 from __future__ import annotations
 
 import hashlib
@@ -32,25 +33,37 @@ def load_manifest(path: Path) -> dict:
     try:
         m = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
-        raise ManifestError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}). Fix: repair the manifest")
+        raise ManifestError(
+            f"{path} is not valid JSON ({e.msg}, line {e.lineno}). Fix: repair the manifest"
+        )
     except UnicodeDecodeError:
         raise ManifestError(f"{path} is not a text file. Fix: pass the JSON manifest") from None
     if not isinstance(m, dict) or not isinstance(m.get("packages"), list) or not m["packages"]:
-        raise ManifestError(f"{path}: a manifest is an object with a non-empty \"packages\" list. Fix: see "
-                            f"{DEFAULT_MANIFEST.name}")
+        raise ManifestError(
+            f'{path}: a manifest is an object with a non-empty "packages" list. Fix: see '
+            f"{DEFAULT_MANIFEST.name}"
+        )
     unknown = sorted(set(m) - KEYS)
     if unknown:
         raise ManifestError(f"{path}: unknown keys {unknown}. Fix: use {sorted(KEYS)}")
     for i, p in enumerate(m["packages"]):
         if not isinstance(p, dict) or set(p) != PKG_KEYS:
-            raise ManifestError(f"{path}: package {i} must have exactly the keys {sorted(PKG_KEYS)}")
+            raise ManifestError(
+                f"{path}: package {i} must have exactly the keys {sorted(PKG_KEYS)}"
+            )
         if p["source"] not in ("pypi", "debian"):
-            raise ManifestError(f"{path}: package {p['name']} has source {p['source']!r}. Fix: pypi or debian")
+            raise ManifestError(
+                f"{path}: package {p['name']} has source {p['source']!r}. Fix: pypi or debian"
+            )
         if "/" in p["file"] or p["file"].startswith("."):
-            raise ManifestError(f"{path}: package {p['name']}'s file {p['file']!r} must be a plain file name")
+            raise ManifestError(
+                f"{path}: package {p['name']}'s file {p['file']!r} must be a plain file name"
+            )
     frac = m.setdefault("heldout_fraction", 0.01)
     if not (isinstance(frac, (int, float)) and 0 < frac < 0.5):
-        raise ManifestError(f"{path}: heldout_fraction={frac!r} must be in (0, 0.5). Fix: e.g. 0.01")
+        raise ManifestError(
+            f"{path}: heldout_fraction={frac!r} must be in (0, 0.5). Fix: e.g. 0.01"
+        )
     tok = m.setdefault("tokenizer", {})
     tok.setdefault("vocab_size", 32000)
     tok.setdefault("sample_bytes", 60_000_000)
@@ -75,8 +88,10 @@ def check_out(out: Path, m: dict, force: bool) -> dict:
             raise ManifestError(f"{stamp} was not written by this tool. Fix: choose a new --out")
         if s.get("manifest_sha256") != digest(m):
             if not force:
-                raise ManifestError(f"{out} holds a corpus built from another manifest. Fix: a new --out, or "
-                                    "--force to rebuild this one (only the files this tool wrote are replaced)")
+                raise ManifestError(
+                    f"{out} holds a corpus built from another manifest. Fix: a new --out, or "
+                    "--force to rebuild this one (only the files this tool wrote are replaced)"
+                )
             s = {"tool": TOOL, "manifest_sha256": digest(m), "stages": []}
             for name in OUTPUTS:
                 (out / name).unlink(missing_ok=True)
@@ -84,8 +99,10 @@ def check_out(out: Path, m: dict, force: bool) -> dict:
                 part.unlink()
         return s
     if out.is_dir() and any(out.iterdir()):
-        raise ManifestError(f"{out} is not empty and holds no corpus made by this tool. Fix: choose a new or "
-                            "empty --out (nothing there is overwritten)")
+        raise ManifestError(
+            f"{out} is not empty and holds no corpus made by this tool. Fix: choose a new or "
+            "empty --out (nothing there is overwritten)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     return {"tool": TOOL, "manifest_sha256": digest(m), "stages": []}
 
@@ -119,8 +136,11 @@ def extract(out: Path, m: dict, cache: Path, progress: bool) -> int:
                 src = f"{p['source']}:{p['name']}"
                 bar.set_postfix_str(f"{p['name']} {p['version']}")
                 f = fetch(p, cache)
-                recs = ({"source": src, "path": member, "part": k, "kind": kind, "text": text}
-                        for member, data in members(f) for k, (kind, text) in enumerate(documents(member, data)))
+                recs = (
+                    {"source": src, "path": member, "part": k, "kind": kind, "text": text}
+                    for member, data in members(f)
+                    for k, (kind, text) in enumerate(documents(member, data))
+                )
                 _write_lines(path, recs)
                 made += 1
             bar.update(1)
@@ -131,7 +151,7 @@ def merge(out: Path, m: dict, progress: bool) -> dict:
     """train.jsonl / heldout.jsonl without exact duplicates; a file's parts stay on one side."""
     seen, counts = set(), {"train": 0, "heldout": 0, "duplicates": 0}
     meta = {"train": [], "heldout": []}
-    cut = int(m["heldout_fraction"] * 2 ** 32)
+    cut = int(m["heldout_fraction"] * 2**32)
     tmp = {s: open(out / f"{s}.jsonl.tmp", "w", encoding="utf-8") for s in meta}
     try:
         files = sorted((out / "parts").glob("*.jsonl"))
@@ -156,15 +176,23 @@ def merge(out: Path, m: dict, progress: bool) -> dict:
         os.replace(out / f"{side}.jsonl.tmp", out / f"{side}.jsonl")
         sources = sorted({s for s, _ in rows})
         index = {s: i for i, s in enumerate(sources)}
-        (out / f"{side}.sources.json").write_text(json.dumps(
-            {"sources": sources, "kinds": ["code", "prose"], "doc_source": [index[s] for s, _ in rows],
-             "doc_kind": [0 if k == "code" else 1 for _, k in rows]}))
+        (out / f"{side}.sources.json").write_text(
+            json.dumps(
+                {
+                    "sources": sources,
+                    "kinds": ["code", "prose"],
+                    "doc_source": [index[s] for s, _ in rows],
+                    "doc_kind": [0 if k == "code" else 1 for _, k in rows],
+                }
+            )
+        )
     return counts
 
 
 def train_tokenizer(out: Path, m: dict) -> Path:
     """Sentencepiece BPE on every k-th training document, k chosen so the sample is about sample_bytes."""
     from .train_tokenizer import train_sentencepiece
+
     train = out / "train.jsonl"
     every = max(1, round(train.stat().st_size / m["tokenizer"]["sample_bytes"]))
     sample = out / "tokenizer_sample.jsonl"
@@ -173,14 +201,22 @@ def train_tokenizer(out: Path, m: dict) -> Path:
             if i % every == 0:
                 g.write(line)
     try:  # two threads whatever the machine: the merges must not depend on the core count
-        model = train_sentencepiece([str(sample)], out / "tokenizer", m["tokenizer"]["vocab_size"], threads=2,
-                                    max_sentences=50_000_000)
+        model = train_sentencepiece(
+            [str(sample)],
+            out / "tokenizer",
+            m["tokenizer"]["vocab_size"],
+            threads=2,
+            max_sentences=50_000_000,
+        )
     finally:
         sample.unlink(missing_ok=True)
     from sentencepiece import sentencepiece_model_pb2
+
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model.read_bytes())
-    proto.trainer_spec.ClearField("input")  # the paths it was trained from: not part of the tokenizer
+    proto.trainer_spec.ClearField(
+        "input"
+    )  # the paths it was trained from: not part of the tokenizer
     proto.trainer_spec.ClearField("model_prefix")
     model.write_bytes(proto.SerializeToString())
     return model
@@ -188,24 +224,41 @@ def train_tokenizer(out: Path, m: dict) -> Path:
 
 def tokenize(out: Path, progress: bool) -> dict:
     from .preprocess import preprocess
+
     made = {}
     for side in ("train", "heldout"):
         prefix = out / f"{side}_text_document"
-        made[side] = preprocess([str(out / f"{side}.jsonl")], str(out / "tokenizer.model"), str(prefix),
-                                progress=progress, force=True)
+        made[side] = preprocess(
+            [str(out / f"{side}.jsonl")],
+            str(out / "tokenizer.model"),
+            str(prefix),
+            progress=progress,
+            force=True,
+        )
         shutil.copyfile(out / f"{side}.sources.json", f"{prefix}.sources.json")
     return made
 
 
-def build(out: str | Path, manifest: str | Path = DEFAULT_MANIFEST, cache: str | Path | None = None,
-          force: bool = False, progress: bool = True, echo=print) -> dict:
+def build(
+    out: str | Path,
+    manifest: str | Path = DEFAULT_MANIFEST,
+    cache: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    echo=print,
+) -> dict:
     out, m = Path(out), load_manifest(Path(manifest))
     s = check_out(out, m, force)
     _save_stamp(out, s)
     cache = Path(cache) if cache else out / "downloads"
-    steps = [("merge", lambda: merge(out, m, progress)), ("tokenizer", lambda: str(train_tokenizer(out, m))),
-             ("tokens", lambda: tokenize(out, progress))]
-    if extract(out, m, cache, progress):  # new parts (a first build, or one lost): later stages are stale
+    steps = [
+        ("merge", lambda: merge(out, m, progress)),
+        ("tokenizer", lambda: str(train_tokenizer(out, m))),
+        ("tokens", lambda: tokenize(out, progress)),
+    ]
+    if extract(
+        out, m, cache, progress
+    ):  # new parts (a first build, or one lost): later stages are stale
         s["stages"] = []
     echo("extract: every package's documents are in parts/")
     for name, run in steps:
@@ -220,21 +273,26 @@ def build(out: str | Path, manifest: str | Path = DEFAULT_MANIFEST, cache: str |
     return s
 
 
-def subset(prefix: str, out: str, tokens: int, seed: int = 0, force: bool = False) -> tuple[int, int]:
+def subset(
+    prefix: str, out: str, tokens: int, seed: int = 0, force: bool = False
+) -> tuple[int, int]:
     """About `tokens` tokens of whole documents, chosen in a seeded random order (so the mix of sources stays),
     written in corpus order; the sources file follows when there is one."""
     import numpy as np
 
     from megatron_sep.data.indexed import IndexedDataset, IndexedDatasetWriter, paths
+
     src = IndexedDataset(prefix)
     if Path(out).resolve() == Path(prefix).resolve():
         raise ValueError("--out is the corpus itself. Fix: choose another --out")
     targets = [p for p in paths(out) if p.exists()]
     if targets and not force:
-        raise ValueError(f"{targets[0]} exists. Fix: choose another --out, or pass --force to replace it")
+        raise ValueError(
+            f"{targets[0]} exists. Fix: choose another --out, or pass --force to replace it"
+        )
     sizes = src.doc_sizes.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(sizes))
-    take = order[:int(np.searchsorted(np.cumsum(sizes[order]), tokens)) + 1]
+    take = order[: int(np.searchsorted(np.cumsum(sizes[order]), tokens)) + 1]
     take.sort()
     tmp = f"{out}.tmp"
     with IndexedDatasetWriter(tmp, src.dtype) as w:
@@ -254,22 +312,33 @@ def subset(prefix: str, out: str, tokens: int, seed: int = 0, force: bool = Fals
 def source_mix(prefix: str, doc_sizes) -> list[str] | None:
     """Lines for `inspect`: tokens per source and per kind (code, prose), from PREFIX.sources.json."""
     import numpy as np
+
     meta = Path(f"{prefix}.sources.json")
     if not meta.is_file():
         return None
     m = json.loads(meta.read_text())
-    src, kind = np.asarray(m["doc_source"], dtype=np.int64), np.asarray(m["doc_kind"], dtype=np.int64)
+    src, kind = (
+        np.asarray(m["doc_source"], dtype=np.int64),
+        np.asarray(m["doc_kind"], dtype=np.int64),
+    )
     if len(src) != len(doc_sizes) or len(kind) != len(doc_sizes):
-        raise ValueError(f"{meta} describes {len(src)} documents, the corpus holds {len(doc_sizes)}: it belongs "
-                         "to another corpus. Fix: rebuild the corpus, or remove the stale sources file")
+        raise ValueError(
+            f"{meta} describes {len(src)} documents, the corpus holds {len(doc_sizes)}: it belongs "
+            "to another corpus. Fix: rebuild the corpus, or remove the stale sources file"
+        )
     sizes = np.asarray(doc_sizes, dtype=np.int64)
     total = max(int(sizes.sum()), 1)
     per_kind = np.bincount(kind, weights=sizes, minlength=len(m["kinds"]))
-    lines = ["mix by kind  " + "  ".join(f"{k} {int(t):,} ({t / total:.1%})" for k, t in zip(m["kinds"], per_kind)),
-             f"tokens per source ({len(m['sources'])} sources)"]
+    lines = [
+        "mix by kind  "
+        + "  ".join(f"{k} {int(t):,} ({t / total:.1%})" for k, t in zip(m["kinds"], per_kind)),
+        f"tokens per source ({len(m['sources'])} sources)",
+    ]
     per_src = np.bincount(src, weights=sizes, minlength=len(m["sources"]))
     docs = np.bincount(src, minlength=len(m["sources"]))
     for i in np.argsort(-per_src, kind="stable"):
-        lines.append(f"  {m['sources'][i]:<32} {int(per_src[i]):>13,} tokens {per_src[i] / total:6.1%} "
-                     f"{int(docs[i]):>8,} docs")
+        lines.append(
+            f"  {m['sources'][i]:<32} {int(per_src[i]):>13,} tokens {per_src[i] / total:6.1%} "
+            f"{int(docs[i]):>8,} docs"
+        )
     return lines

@@ -1,4 +1,5 @@
 """Tokenize documents into a Megatron `.bin/.idx` pair, EOD appended to each document."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -26,8 +27,16 @@ def _encode(text):
     return ids
 
 
-def preprocess(files, tokenizer_path, out_prefix, text_key="text", workers=None, txt_docs="blank",
-               progress=True, force=False):
+def preprocess(
+    files,
+    tokenizer_path,
+    out_prefix,
+    text_key="text",
+    workers=None,
+    txt_docs="blank",
+    progress=True,
+    force=False,
+):
     """Returns (documents, tokens) written. Writes to temporary names, renamed when complete; a failure or
     Ctrl-C removes the temporaries. Existing outputs are replaced only with force."""
     tok = load_tokenizer(tokenizer_path)
@@ -35,15 +44,21 @@ def preprocess(files, tokenizer_path, out_prefix, text_key="text", workers=None,
     bin_path, idx_path = paths(out_prefix)
     existing = [str(p) for p in (bin_path, idx_path) if p.exists()]
     if existing and not force:
-        raise ValueError(f"{' and '.join(existing)} exist. Fix: choose another --out, or pass --force to "
-                         "replace them")
+        raise ValueError(
+            f"{' and '.join(existing)} exist. Fix: choose another --out, or pass --force to "
+            "replace them"
+        )
     tmp_prefix = Path(str(bin_path.with_suffix("")) + ".tmp")
     tmp_bin, tmp_idx = paths(tmp_prefix)
     workers = workers or max(1, (os.cpu_count() or 1))
     try:
-        n_docs, n_tokens = _write(files, tokenizer_path, tmp_prefix, dtype, text_key, workers, txt_docs, progress)
+        n_docs, n_tokens = _write(
+            files, tokenizer_path, tmp_prefix, dtype, text_key, workers, txt_docs, progress
+        )
         if n_docs == 0:
-            raise ValueError(f"no documents found in {files}. Fix: check the input files and --text-key")
+            raise ValueError(
+                f"no documents found in {files}. Fix: check the input files and --text-key"
+            )
     except BaseException:
         for p in (tmp_bin, tmp_idx):
             p.unlink(missing_ok=True)
@@ -57,7 +72,10 @@ def _write(files, tokenizer_path, tmp_prefix, dtype, text_key, workers, txt_docs
     docs = iter_documents(files, text_key, txt_docs)
     n_docs = n_tokens = 0
     bar = tqdm(desc="preprocess", unit=" docs", disable=not progress, mininterval=1.0)
-    with bar, IndexedDatasetWriter(tmp_prefix, dtype) as writer:  # the bar ends its line before any error
+    with (
+        bar,
+        IndexedDatasetWriter(tmp_prefix, dtype) as writer,
+    ):  # the bar ends its line before any error
         if workers > 1:
             ctx = mp.get_context("spawn")
             with ctx.Pool(workers, initializer=_init, initargs=(str(tokenizer_path),)) as pool:

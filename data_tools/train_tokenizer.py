@@ -1,4 +1,5 @@
 """Train a sentencepiece (BPE / unigram) or HF byte-level BPE tokenizer on a corpus."""
+
 from __future__ import annotations
 
 import os
@@ -12,9 +13,18 @@ EOD, PAD = "<|endoftext|>", "<pad>"
 SEPARATORS = [".", ",", "?", "!", ";", ":", "\n", "\t"]
 
 
-def train_sentencepiece(files, out_prefix, vocab_size, model_type="bpe", text_key="text",
-                        byte_fallback=True, split_separators=True, max_sentences=2_000_000,
-                        extra_symbols=(), threads=None):
+def train_sentencepiece(
+    files,
+    out_prefix,
+    vocab_size,
+    model_type="bpe",
+    text_key="text",
+    byte_fallback=True,
+    split_separators=True,
+    max_sentences=2_000_000,
+    extra_symbols=(),
+    threads=None,
+):
     import sentencepiece as spm
 
     out_prefix = Path(out_prefix)
@@ -29,15 +39,32 @@ def train_sentencepiece(files, out_prefix, vocab_size, model_type="bpe", text_ke
                         f.write(line + "\n")
         try:
             spm.SentencePieceTrainer.train(
-                input=lines, model_prefix=str(out_prefix), vocab_size=vocab_size, model_type=model_type,
-                byte_fallback=byte_fallback, pad_id=0, unk_id=1, bos_id=-1, eos_id=2, pad_piece=PAD,
-                eos_piece=EOD, user_defined_symbols=symbols, normalization_rule_name="identity",
-                remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
-                input_sentence_size=max_sentences, shuffle_input_sentence=True,
-                num_threads=threads or os.cpu_count() or 1, minloglevel=2)
+                input=lines,
+                model_prefix=str(out_prefix),
+                vocab_size=vocab_size,
+                model_type=model_type,
+                byte_fallback=byte_fallback,
+                pad_id=0,
+                unk_id=1,
+                bos_id=-1,
+                eos_id=2,
+                pad_piece=PAD,
+                eos_piece=EOD,
+                user_defined_symbols=symbols,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,
+                split_digits=True,
+                input_sentence_size=max_sentences,
+                shuffle_input_sentence=True,
+                num_threads=threads or os.cpu_count() or 1,
+                minloglevel=2,
+            )
         except RuntimeError as e:  # sentencepiece reports bad settings as RuntimeError
-            raise ValueError(f"sentencepiece training failed: {e}. Fix: adjust --vocab-size (byte fallback "
-                             "alone needs 256 + special pieces) or the input") from None
+            raise ValueError(
+                f"sentencepiece training failed: {e}. Fix: adjust --vocab-size (byte fallback "
+                "alone needs 256 + special pieces) or the input"
+            ) from None
     return Path(str(out_prefix) + ".model")
 
 
@@ -47,8 +74,12 @@ def train_hf_bpe(files, out_path, vocab_size, text_key="text", extra_symbols=())
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD, PAD, *extra_symbols],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOD, PAD, *extra_symbols],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(iter_documents(files, text_key), trainer=trainer)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

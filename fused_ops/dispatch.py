@@ -1,5 +1,6 @@
 """Shared by the fused ops: the backend choice (Triton on CUDA, the PyTorch reference elsewhere) and small
 launch helpers."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,8 +20,10 @@ def use_triton(backend: str, tensor) -> bool:
         return False
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError("backend 'triton' asked for, but triton is not installed. Fix: pip install "
-                               "megatron-sep[gpu], or use the reference backend")
+            raise RuntimeError(
+                "backend 'triton' asked for, but triton is not installed. Fix: pip install "
+                "megatron-sep[gpu], or use the reference backend"
+            )
         return True
     if backend != "auto":
         raise ValueError(f"unknown fused-op backend {backend!r}; use auto, triton or reference")

@@ -4,6 +4,7 @@ Only the first `rotary_dim` channels of each head are rotated (partial rotary,
 as in Pythia's rotary_pct=0.25); the rest pass through. Angles are computed in
 fp32 from explicit position ids, so packed documents and KV-cache offsets work.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,13 @@ from .dispatch import use_triton
 
 def rope_cos_sin(position_ids: torch.Tensor, rotary_dim: int, base: float = 10000.0):
     """cos, sin of shape [*position_ids.shape, rotary_dim // 2], fp32."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=position_ids.device,
-                                             dtype=torch.float32) / rotary_dim))
+    inv_freq = 1.0 / (
+        base
+        ** (
+            torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float32)
+            / rotary_dim
+        )
+    )
     angles = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq
     return angles.cos(), angles.sin()
 
@@ -45,10 +51,17 @@ def apply_rope_ref(q, k, position_ids, rotary_dim, base=10000.0):
     return _rotate_ref(q, cos, sin, rotary_dim), _rotate_ref(k, cos, sin, rotary_dim)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, rotary_dim: int,
-               base: float = 10000.0, backend: str = "auto"):
+def apply_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    position_ids: torch.Tensor,
+    rotary_dim: int,
+    base: float = 10000.0,
+    backend: str = "auto",
+):
     """Rotate q [b, s, hq, d] and k [b, s, hk, d] at positions [b, s] (or [s])."""
     if use_triton(backend, q):
         from .rope_triton import apply_rope_triton
+
         return apply_rope_triton(q, k, position_ids, rotary_dim, base)
     return apply_rope_ref(q, k, position_ids, rotary_dim, base)

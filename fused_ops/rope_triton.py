@@ -6,6 +6,7 @@ kernel from the position ids, so no cos/sin cache is read. Inputs may be strided
 views of the fused qkv projection (the last dim must be contiguous); outputs are
 contiguous [b, s, h, d]. The backward is the same kernel rotating by -angle.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,29 @@ from .dispatch import plain_call, strides
 
 
 @triton.jit
-def _rope_heads(X, Y, sxb, sxs, sxh, syb, sys, syh, b, t, H, cos, sin, half, offs_h, offs_r, offs_p,
-                D: tl.constexpr, ROT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+def _rope_heads(
+    X,
+    Y,
+    sxb,
+    sxs,
+    sxh,
+    syb,
+    sys,
+    syh,
+    b,
+    t,
+    H,
+    cos,
+    sin,
+    half,
+    offs_h,
+    offs_r,
+    offs_p,
+    D: tl.constexpr,
+    ROT: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     hm = offs_h[:, None] < H
     rm = hm & (offs_r[None, :] < half)
     xb = X + b * sxb + t * sxs + offs_h[:, None] * sxh
@@ -36,10 +58,37 @@ def _rope_heads(X, Y, sxb, sxs, sxh, syb, sys, syh, b, t, H, cos, sin, half, off
 
 
 @triton.jit
-def _rope_kernel(Q, K, QO, KO, POS, sqb, sqs, sqh, skb, sks, skh, sob, sos, soh, skob, skos, skoh,
-                 spb, sps, S, HQ, HK, log2_base, sign,
-                 D: tl.constexpr, ROT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_P: tl.constexpr):
+def _rope_kernel(
+    Q,
+    K,
+    QO,
+    KO,
+    POS,
+    sqb,
+    sqs,
+    sqh,
+    skb,
+    sks,
+    skh,
+    sob,
+    sos,
+    soh,
+    skob,
+    skos,
+    skoh,
+    spb,
+    sps,
+    S,
+    HQ,
+    HK,
+    log2_base,
+    sign,
+    D: tl.constexpr,
+    ROT: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     """One token (program b * S + t), all its q and k heads. Tensors: Q [b, s, HQ, d], K [b, s, HK, d], outputs
     QO, KO, POS [b or 1, s]; strides (batch, token, head) of Q, K, QO, KO (sq*, sk*, so*, sko*) and POS (spb 0:
     one row of positions for the whole batch); scalars S, HQ, HK, log2_base, sign (-1: the backward);
@@ -56,14 +105,57 @@ def _rope_kernel(Q, K, QO, KO, POS, sqb, sqs, sqh, skb, sks, skh, sob, sos, soh,
     angle = pos * inv_freq
     cos = tl.cos(angle)[None, :]
     sin = sign * tl.sin(angle)[None, :]
-    _rope_heads(Q, QO, sqb, sqs, sqh, sob, sos, soh, b, t, HQ, cos, sin, half, offs_h, offs_r, offs_p,
-                D, ROT, BLOCK_H, BLOCK_P)
-    _rope_heads(K, KO, skb, sks, skh, skob, skos, skoh, b, t, HK, cos, sin, half, offs_h, offs_r, offs_p,
-                D, ROT, BLOCK_H, BLOCK_P)
+    _rope_heads(
+        Q,
+        QO,
+        sqb,
+        sqs,
+        sqh,
+        sob,
+        sos,
+        soh,
+        b,
+        t,
+        HQ,
+        cos,
+        sin,
+        half,
+        offs_h,
+        offs_r,
+        offs_p,
+        D,
+        ROT,
+        BLOCK_H,
+        BLOCK_P,
+    )
+    _rope_heads(
+        K,
+        KO,
+        skb,
+        sks,
+        skh,
+        skob,
+        skos,
+        skoh,
+        b,
+        t,
+        HK,
+        cos,
+        sin,
+        half,
+        offs_h,
+        offs_r,
+        offs_p,
+        D,
+        ROT,
+        BLOCK_H,
+        BLOCK_P,
+    )
 
 
 class RopeTiles(NamedTuple):
     """The kernel's blocks for one head layout (one program per token)."""
+
     BLOCK_H: int  # heads (q and k alike)
     BLOCK_R: int  # rotated pairs
     BLOCK_P: int  # channels copied through (partial rotary)
@@ -73,8 +165,12 @@ class RopeTiles(NamedTuple):
     def for_heads(cls, hq: int, hk: int, d: int, rotary_dim: int) -> RopeTiles:
         block_h = triton.next_power_of_2(max(hq, hk))
         block_r = triton.next_power_of_2(rotary_dim // 2)
-        return cls(BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(max(d - rotary_dim, 1)),
-                   num_warps=4 if block_h * block_r <= 2048 else 8)
+        return cls(
+            BLOCK_H=block_h,
+            BLOCK_R=block_r,
+            BLOCK_P=triton.next_power_of_2(max(d - rotary_dim, 1)),
+            num_warps=4 if block_h * block_r <= 2048 else 8,
+        )
 
 
 def _launch(q, k, pos, rotary_dim, base, sign):
@@ -89,19 +185,36 @@ def _launch(q, k, pos, rotary_dim, base, sign):
     pos2 = pos if pos.dim() == 2 else pos[None, :]
     tiles = RopeTiles.for_heads(hq, hk, d, rotary_dim)
     _rope_kernel[(b * s,)](
-        Q=q, K=k, QO=qo, KO=ko, POS=pos2,
-        **strides(("sqb", "sqs", "sqh"), q), **strides(("skb", "sks", "skh"), k),
-        **strides(("sob", "sos", "soh"), qo), **strides(("skob", "skos", "skoh"), ko),
-        spb=pos2.stride(0) if pos2.shape[0] > 1 else 0, sps=pos2.stride(1),
-        S=s, HQ=hq, HK=hk, log2_base=math.log2(base), sign=sign,
-        D=d, ROT=rotary_dim, BLOCK_H=tiles.BLOCK_H, BLOCK_R=tiles.BLOCK_R, BLOCK_P=tiles.BLOCK_P,
-        num_warps=tiles.num_warps)
+        Q=q,
+        K=k,
+        QO=qo,
+        KO=ko,
+        POS=pos2,
+        **strides(("sqb", "sqs", "sqh"), q),
+        **strides(("skb", "sks", "skh"), k),
+        **strides(("sob", "sos", "soh"), qo),
+        **strides(("skob", "skos", "skoh"), ko),
+        spb=pos2.stride(0) if pos2.shape[0] > 1 else 0,
+        sps=pos2.stride(1),
+        S=s,
+        HQ=hq,
+        HK=hk,
+        log2_base=math.log2(base),
+        sign=sign,
+        D=d,
+        ROT=rotary_dim,
+        BLOCK_H=tiles.BLOCK_H,
+        BLOCK_R=tiles.BLOCK_R,
+        BLOCK_P=tiles.BLOCK_P,
+        num_warps=tiles.num_warps,
+    )
     return qo, ko
 
 
 @torch.library.custom_op("megatron_sep::rope", mutates_args=())
-def rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, rotary_dim: int, base: float,
-         sign: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(
+    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, rotary_dim: int, base: float, sign: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k rotated by sign x angle (the backward is the same rotation by -angle); contiguous outputs."""
     return _launch(q, k, pos, rotary_dim, base, sign)
 

@@ -21,6 +21,7 @@ Backends:
 What depends only on the tokens (kept keys, their gathered list, tile bounds, block masks) is the
 micro-batch's plan (`sep_plan.py`), built once outside compiled code and passed to every layer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,9 @@ def sep_mask(is_sep, init_tokens, window, segment_ids=None, keep=None):
 
 def _reference(q, k, v, plan: SepPlan, init_tokens, window, scale):
     mask = sep_mask(plan.is_sep, init_tokens, window, plan.segment_ids, plan.keep)[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
 
 
 def resolve_backend(backend: str, cuda: bool, head_dim: int, segments: bool) -> str:
@@ -61,8 +63,10 @@ def resolve_backend(backend: str, cuda: bool, head_dim: int, segments: bool) -> 
             return "reference"
         return "triton" if head_dim in TRITON_HEAD_DIMS else "flex"
     if backend == "triton" and head_dim not in TRITON_HEAD_DIMS:
-        raise ValueError(f"the Triton SepAttention kernel supports head dims {TRITON_HEAD_DIMS}, not {head_dim}. "
-                         "Fix: use backend='flex' or 'reference'")
+        raise ValueError(
+            f"the Triton SepAttention kernel supports head dims {TRITON_HEAD_DIMS}, not {head_dim}. "
+            "Fix: use backend='flex' or 'reference'"
+        )
     return backend
 
 
@@ -72,12 +76,25 @@ def plan_for(is_sep, init_tokens, windows, backend, segment_ids=None, head_dim=1
     rows = ()
     if backend == "triton":
         from .sep_attention_launch import tile_rows
+
         rows = tile_rows()
     return build_plan(is_sep, init_tokens, windows, backend, segment_ids, rows)
 
 
-def sep_attention(q, k, v, is_sep, *, init_tokens: int, window: int, backend: str = "auto", scale=None,
-                  segment_ids=None, plan: SepPlan | None = None, deterministic: bool = True):
+def sep_attention(
+    q,
+    k,
+    v,
+    is_sep,
+    *,
+    init_tokens: int,
+    window: int,
+    backend: str = "auto",
+    scale=None,
+    segment_ids=None,
+    plan: SepPlan | None = None,
+    deterministic: bool = True,
+):
     """q [b, hq, s, d], k/v [b, hk, s, d], is_sep bool [b, s] -> [b, hq, s, d]. `plan`: the micro-batch's
     (`plan_for`), shared by the layers; built here when not given. `deterministic` False lets the Triton
     backward add part of dQ with fp32 atomics (see sep_attention_triton)."""
@@ -86,15 +103,28 @@ def sep_attention(q, k, v, is_sep, *, init_tokens: int, window: int, backend: st
     backend = resolve_backend(backend, q.is_cuda, q.shape[-1], segment_ids is not None)
     s = q.shape[2]
     if window >= s and segment_ids is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                              enable_gqa=k.shape[1] != q.shape[1])
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        )
     if plan is None:
         plan = plan_for(is_sep, init_tokens, [window], backend, segment_ids, q.shape[-1])
     if backend == "triton":
         from .sep_attention_triton import sep_attention_triton
-        return sep_attention_triton(q, k, v, is_sep, init_tokens, window, scale, plan=plan, segment_ids=segment_ids,
-                                    deterministic=deterministic)
+
+        return sep_attention_triton(
+            q,
+            k,
+            v,
+            is_sep,
+            init_tokens,
+            window,
+            scale,
+            plan=plan,
+            segment_ids=segment_ids,
+            deterministic=deterministic,
+        )
     if backend == "flex":
         from .sep_attention_flex import flex_sep_attention
+
         return flex_sep_attention(q, k, v, plan.index, plan.block_masks[window], scale)
     return _reference(q, k, v, plan, init_tokens, window, scale)

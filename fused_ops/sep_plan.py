@@ -13,6 +13,7 @@ tokens, so it is computed once per micro-batch and handed to every layer (and pi
 - `block_masks[window]`: FlexAttention's block mask over keys [gathered ; all] (flex).
 The G bucket needs the largest kept count on the host: the one sync of a plan, once per micro-batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -61,7 +62,9 @@ def gather_plan(keep: torch.Tensor):
     index = order[:, :g]
     valid = torch.arange(g, device=keep.device)[None, :] < counts
     # invalid slots get a position no query can reach
-    return torch.where(valid, index, 0).contiguous(), torch.where(valid, index, 2 * s + 2 * g).contiguous()
+    return torch.where(valid, index, 0).contiguous(), torch.where(
+        valid, index, 2 * s + 2 * g
+    ).contiguous()
 
 
 @dataclass
@@ -77,7 +80,9 @@ class SepPlan:
     block_masks: dict = field(default_factory=dict)
 
 
-def tile_bounds(gpos: torch.Tensor, s: int, window: int, bm: int, docs: torch.Tensor | None = None) -> torch.Tensor:
+def tile_bounds(
+    gpos: torch.Tensor, s: int, window: int, bm: int, docs: torch.Tensor | None = None
+) -> torch.Tensor:
     """[b, 4 * tiles] int32, per query tile: the first list entry in the document of its first / last query
     (0 without documents), and the entries older than the window of its first / last query."""
     b = gpos.shape[0]
@@ -98,13 +103,22 @@ def list_slots(gpos: torch.Tensor, s: int) -> torch.Tensor:
     b, g = gpos.shape
     valid = gpos < s  # padding slots go to a spare column, dropped after
     slot = torch.full((b, s + 1), -1, dtype=torch.int32, device=gpos.device)
-    slot.scatter_(1, torch.where(valid, gpos, s).long(),
-                  torch.arange(g, dtype=torch.int32, device=gpos.device).expand(b, g).contiguous())
+    slot.scatter_(
+        1,
+        torch.where(valid, gpos, s).long(),
+        torch.arange(g, dtype=torch.int32, device=gpos.device).expand(b, g).contiguous(),
+    )
     return slot[:, :s].contiguous()
 
 
-def build_plan(is_sep: torch.Tensor, init_tokens: int, windows, backend: str,
-               segment_ids: torch.Tensor | None = None, tile_rows=()) -> SepPlan:
+def build_plan(
+    is_sep: torch.Tensor,
+    init_tokens: int,
+    windows,
+    backend: str,
+    segment_ids: torch.Tensor | None = None,
+    tile_rows=(),
+) -> SepPlan:
     """The plan for the sparse (window < s) layers of one micro-batch. `windows`: their window sizes;
     `backend`: reference (keep only), triton (list, slots, tile bounds for each BM in `tile_rows`) or
     flex (list and block masks)."""
@@ -118,14 +132,23 @@ def build_plan(is_sep: torch.Tensor, init_tokens: int, windows, backend: str,
         plan.gpos = gpos.to(torch.int32)
         plan.slot = list_slots(plan.gpos, s)
         plan.docs = None if segment_ids is None else doc_bounds(segment_ids)
-        plan.bounds = {(w, bm): tile_bounds(plan.gpos, s, w, bm, plan.docs)
-                       for w in set(windows) for bm in set(tile_rows)}
+        plan.bounds = {
+            (w, bm): tile_bounds(plan.gpos, s, w, bm, plan.docs)
+            for w in set(windows)
+            for bm in set(tile_rows)
+        }
     elif backend == "flex":
         from .sep_attention_flex import block_mask
+
         plan.gpos = gpos
-        plan.block_masks = {w: block_mask(gpos, w, segment_ids, s, is_sep.device) for w in set(windows)}
+        plan.block_masks = {
+            w: block_mask(gpos, w, segment_ids, s, is_sep.device) for w in set(windows)
+        }
     else:
         raise ValueError(f"no SepLLM plan for backend {backend!r}; use reference, triton or flex")
-    for t in (plan.index, plan.gpos):  # G changes bucket between micro-batches: one compile for any G
+    for t in (
+        plan.index,
+        plan.gpos,
+    ):  # G changes bucket between micro-batches: one compile for any G
         torch._dynamo.maybe_mark_dynamic(t, 1)
     return plan

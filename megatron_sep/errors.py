@@ -1,4 +1,5 @@
 """Errors and error text shared by every layer (imports nothing of the project)."""
+
 from __future__ import annotations
 
 import difflib

@@ -1,5 +1,6 @@
 """Output folders of commands: never written over without --force, and with it only the files a command
 owns are replaced."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,9 +14,11 @@ def prepare_out(out: Path, force: bool, owned: tuple[str, ...], what: str) -> Pa
         raise ConversionError(f"--out {out} is a file. Fix: choose a directory path")
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if present and not force:
-        raise ConversionError(f"--out {out} is not empty (it holds {', '.join(present[:3])}"
-                              f"{', ...' if len(present) > 3 else ''}). Fix: choose a new directory, or pass "
-                              f"--force to {what}")
+        raise ConversionError(
+            f"--out {out} is not empty (it holds {', '.join(present[:3])}"
+            f"{', ...' if len(present) > 3 else ''}). Fix: choose a new directory, or pass "
+            f"--force to {what}"
+        )
     for pattern in owned if present else ():
         for p in out.glob(pattern):
             if p.is_file():

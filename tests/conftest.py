@@ -6,9 +6,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # gets its share of threads, and so do the processes it starts (spawned gloo ranks, CLI subprocesses inherit
 # OMP_NUM_THREADS). The suite's models are tiny: more threads than cores only wait on each other.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    os.environ.setdefault("OMP_NUM_THREADS",
-                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    os.environ.setdefault(
+        "OMP_NUM_THREADS",
+        str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))),
+    )
     import torch
+
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import json
@@ -19,8 +22,10 @@ import pytest
 
 from megatron_sep.config import config_from_dict
 
-WORDS = ("the model reads a token and writes the next one while separators mark where each sentence "
-         "ends so attention can keep them as summaries of what came before in the long text").split()
+WORDS = (
+    "the model reads a token and writes the next one while separators mark where each sentence "
+    "ends so attention can keep them as summaries of what came before in the long text"
+).split()
 
 
 def make_corpus(path: Path, docs: int = 300, seed: int = 0) -> Path:
@@ -57,13 +62,30 @@ def corpus(tmp_path_factory) -> dict:
 
 def tiny_config(corpus: dict, run_dir, **sections):
     raw = {
-        "model": {"family": "llama", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2,
-                  "max_position_embeddings": 64},
-        "data": {"tokenizer": str(corpus["tokenizer"]), "paths": [corpus["prefix"]], "seq_len": 32,
-                 "split": [0.9, 0.1, 0.0]},
+        "model": {
+            "family": "llama",
+            "num_layers": 2,
+            "hidden_size": 32,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "max_position_embeddings": 64,
+        },
+        "data": {
+            "tokenizer": str(corpus["tokenizer"]),
+            "paths": [corpus["prefix"]],
+            "seq_len": 32,
+            "split": [0.9, 0.1, 0.0],
+        },
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
-        "train": {"run_dir": str(run_dir), "steps": 8, "micro_batch_size": 4, "global_batch_size": 8,
-                  "eval_interval": 4, "eval_iters": 2, "device": "cpu"},
+        "train": {
+            "run_dir": str(run_dir),
+            "steps": 8,
+            "micro_batch_size": 4,
+            "global_batch_size": 8,
+            "eval_interval": 4,
+            "eval_iters": 2,
+            "device": "cpu",
+        },
         "checkpoint": {"save_interval": 4},
         "logging": {"log_interval": 1},
     }
@@ -76,10 +98,27 @@ def tiny_config(corpus: dict, run_dir, **sections):
 # `--dist loadfile` each worker takes the next whole module when it is free, so a long module collected last
 # would run alone at the end; collected first, the short ones fill in beside it. Order within a module is kept.
 # Modules are named by file name, whichever layer directory (unit/, integration/, compat/) holds them.
-SLOW_MODULES_FIRST = ("test_parallel_training", "test_data_safety", "test_training", "test_deepspeed", "test_trust",
-                      "test_sep_attention_op", "test_sep_attention_triton", "test_speculative", "test_hf_generation",
-                      "test_subllm", "test_sweep", "test_fp8", "test_tokenizer_preprocess", "test_distill",
-                      "test_context_parallel", "test_sep_cache", "test_probes", "test_eval_ranks", "test_bad_input_35")
+SLOW_MODULES_FIRST = (
+    "test_parallel_training",
+    "test_data_safety",
+    "test_training",
+    "test_deepspeed",
+    "test_trust",
+    "test_sep_attention_op",
+    "test_sep_attention_triton",
+    "test_speculative",
+    "test_hf_generation",
+    "test_subllm",
+    "test_sweep",
+    "test_fp8",
+    "test_tokenizer_preprocess",
+    "test_distill",
+    "test_context_parallel",
+    "test_sep_cache",
+    "test_probes",
+    "test_eval_ranks",
+    "test_bad_input_35",
+)
 
 
 # Each test is marked with its directory's layer (markers registered in pytest.ini): `-m unit`, `-m compat`, ...
@@ -94,4 +133,6 @@ def pytest_collection_modifyitems(config, items):
         if layer.parent == here and layer.name in LAYERS:
             item.add_marker(layer.name)
     rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
+    items.sort(
+        key=lambda item: rank.get(item.path.stem, len(rank))
+    )  # stable: the rest keep their order

@@ -1,4 +1,5 @@
 """Run a function on N spawned processes joined by gloo; collect what each returns."""
+
 import os
 import socket
 import traceback
@@ -20,14 +21,29 @@ def _worker(rank, world, port, fn, args, queue, env, slurm_nodes, threads):
     if slurm_nodes:  # what srun gives each task: no RANK / MASTER_* at all
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(k, None)
-        os.environ.update({"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world), "SLURM_NNODES": str(slurm_nodes),
-                           "SLURM_LOCALID": str(rank % (world // slurm_nodes)), "SLURM_JOB_NODELIST": "localhost",
-                           "SLURM_JOB_ID": str(port - 20000)})
+        os.environ.update(
+            {
+                "SLURM_PROCID": str(rank),
+                "SLURM_NTASKS": str(world),
+                "SLURM_NNODES": str(slurm_nodes),
+                "SLURM_LOCALID": str(rank % (world // slurm_nodes)),
+                "SLURM_JOB_NODELIST": "localhost",
+                "SLURM_JOB_ID": str(port - 20000),
+            }
+        )
     else:
-        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        os.environ.update(
+            {
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(rank),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
+        )
     os.environ.update(env)
     import torch
+
     torch.set_num_threads(threads)  # the parent's share of the cores, split among the ranks
     try:
         queue.put((rank, fn(rank, world, *args), None))
@@ -39,11 +55,17 @@ def run_distributed(fn, world: int, *args, timeout: float = 240, env=None, slurm
     """fn(rank, world, *args) runs in each process (a module-level function); returns results by rank.
     With slurm_nodes, processes see only the SLURM_* variables srun sets (one task per GPU)."""
     import torch
+
     threads = max(1, torch.get_num_threads() // world)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, env or {}, slurm_nodes, threads)) for r in range(world)]
+    procs = [
+        ctx.Process(
+            target=_worker, args=(r, world, port, fn, args, queue, env or {}, slurm_nodes, threads)
+        )
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     results, errors = {}, []
@@ -66,5 +88,6 @@ def run_distributed(fn, world: int, *args, timeout: float = 240, env=None, slurm
 def init_gloo(world):
     """Join the group and return (tp group == world) helpers for layer tests."""
     import torch.distributed as dist
+
     dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=world)
     return dist.group.WORLD

@@ -5,6 +5,7 @@ Graph replay runs the kernels the eager step runs, so logits agree to bf16 round
 logits are about unit size) and greedy tokens agree exactly. The speculative check runs in fp32: a check of
 k + 1 tokens and one-token steps differ by GEMM rounding only (about 1e-6), far below the gaps between a
 random model's top logits, so greedy outputs must match token for token."""
+
 import copy
 from dataclasses import replace
 
@@ -24,9 +25,21 @@ def model(kind, layers, dtype, seed=0):
     attention = {"kind": kind}
     if kind == "sepllm":
         attention.update(separators=[1, 2, 3], window=16, init_tokens=2)
-    cfg = config_from_dict({"model": {"family": "llama", "num_layers": layers, "hidden_size": 256, "num_heads": 4,
-                                      "num_kv_heads": 2, "vocab_size": 300, "max_position_embeddings": 512},
-                            "attention": attention, "data": {"seq_len": 512}})
+    cfg = config_from_dict(
+        {
+            "model": {
+                "family": "llama",
+                "num_layers": layers,
+                "hidden_size": 256,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "vocab_size": 300,
+                "max_position_embeddings": 512,
+            },
+            "attention": attention,
+            "data": {"seq_len": 512},
+        }
+    )
     torch.manual_seed(seed)
     return build_model(cfg).to("cuda", dtype).eval()
 
@@ -72,7 +85,10 @@ def test_speculative_under_graphs_equals_target_alone(kind, k):
     assert next(iter(target._decode_graphs.values())).rounds[k] is rounds
     assert torch.equal(again, generate(target, other, 40, graphs))
     sampled, _ = speculative_generate(target, draft, p, 30, replace(graphs, greedy=False, seed=1))
-    assert sampled.shape == (1, p.shape[1] + 30)  # sampling keeps the host loop, with per-step graphs
+    assert sampled.shape == (
+        1,
+        p.shape[1] + 30,
+    )  # sampling keeps the host loop, with per-step graphs
 
 
 def test_graphs_refuse_a_cache_that_changes_shape():

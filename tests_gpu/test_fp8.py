@@ -1,10 +1,13 @@
 """train.precision: fp8 through the Trainer on the GPU: compiled blocks with torchao float8 linears, the
 loss against a bf16 run of the same seed and batches, and checkpoints that a bf16 run resumes and
 export-hf writes. (tests/integration/test_fp8.py checks the conversion and the tensor-parallel wiring on CPU.)"""
+
 import json
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "0")  # tests.conftest turns the CPU interpreter on for tests/
+os.environ.setdefault(
+    "TRITON_INTERPRET", "0"
+)  # tests.conftest turns the CPU interpreter on for tests/
 import pytest
 import torch
 
@@ -16,13 +19,16 @@ from megatron_sep.training import Trainer
 from tests.conftest import make_corpus
 
 if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
-    raise RuntimeError("tests_gpu/test_fp8.py needs a GPU with float8 tensor cores (H100, H200, L40S)")
+    raise RuntimeError(
+        "tests_gpu/test_fp8.py needs a GPU with float8 tensor cores (H100, H200, L40S)"
+    )
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     from data_tools.preprocess import preprocess
     from data_tools.train_tokenizer import train_sentencepiece
+
     d = tmp_path_factory.mktemp("corpus")
     jsonl = make_corpus(d / "corpus.jsonl", docs=2000)
     tok = train_sentencepiece([str(jsonl)], d / "sp", vocab_size=512)
@@ -31,15 +37,37 @@ def corpus(tmp_path_factory):
 
 
 def config(corpus, run_dir, precision, steps):
-    return config_from_dict({
-        "model": {"family": "llama", "num_layers": 2, "hidden_size": 256, "num_heads": 4,
-                  "ffn_hidden_size": 512, "max_position_embeddings": 256},
-        "data": {"tokenizer": corpus["tokenizer"], "paths": [corpus["prefix"]], "seq_len": 256,
-                 "split": [0.95, 0.05, 0.0]},
-        "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 5},
-        "train": {"run_dir": str(run_dir), "steps": steps, "micro_batch_size": 8, "eval_interval": 40,
-                  "eval_iters": 2, "compile": True, "precision": precision, "device": "cuda"},
-        "checkpoint": {"save_interval": 40}, "logging": {"log_interval": 1}})
+    return config_from_dict(
+        {
+            "model": {
+                "family": "llama",
+                "num_layers": 2,
+                "hidden_size": 256,
+                "num_heads": 4,
+                "ffn_hidden_size": 512,
+                "max_position_embeddings": 256,
+            },
+            "data": {
+                "tokenizer": corpus["tokenizer"],
+                "paths": [corpus["prefix"]],
+                "seq_len": 256,
+                "split": [0.95, 0.05, 0.0],
+            },
+            "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 5},
+            "train": {
+                "run_dir": str(run_dir),
+                "steps": steps,
+                "micro_batch_size": 8,
+                "eval_interval": 40,
+                "eval_iters": 2,
+                "compile": True,
+                "precision": precision,
+                "device": "cuda",
+            },
+            "checkpoint": {"save_interval": 40},
+            "logging": {"log_interval": 1},
+        }
+    )
 
 
 def losses(run_dir):
@@ -70,4 +98,6 @@ def test_fp8_trains_like_bf16_and_its_checkpoints_load_in_bf16(corpus, tmp_path)
     out = export_hf(tmp_path / "fp8", tmp_path / "hf")
     model, _ = load_model(tmp_path / "fp8")
     hf = read_hf_weights(out)
-    assert torch.equal(hf["model.layers.0.mlp.gate_proj.weight"], model.layers[0].mlp.gate.weight.detach())
+    assert torch.equal(
+        hf["model.layers.0.mlp.gate_proj.weight"], model.layers[0].mlp.gate.weight.detach()
+    )

@@ -1,6 +1,7 @@
 """The SepAttention custom op on the GPU under torch.compile (inductor), activation checkpointing and
 CUDA graph capture: the same outputs and gradients as eager (bf16 inputs; the op runs the same kernels,
 so equality is exact except where inductor reorders the surrounding arithmetic: atol 1e-2 on bf16)."""
+
 import pytest
 import torch
 
@@ -12,12 +13,17 @@ if not torch.cuda.is_available():
 
 def case(seed, s=2048):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v = (torch.randn(2, h, s, 128, device="cuda", dtype=torch.bfloat16, generator=g) for h in (8, 4, 4))
+    q, k, v = (
+        torch.randn(2, h, s, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+        for h in (8, 4, 4)
+    )
     return q, k, v, torch.rand(2, s, device="cuda", generator=g) < 0.1
 
 
 def attend(q, k, v, is_sep, plan):
-    out = fused_ops.sep_attention(q, k, v, is_sep, init_tokens=3, window=128, backend="triton", plan=plan)
+    out = fused_ops.sep_attention(
+        q, k, v, is_sep, init_tokens=3, window=128, backend="triton", plan=plan
+    )
     return (out.float() * 1.5).to(out.dtype)  # something around the op for inductor to fuse
 
 
@@ -31,18 +37,25 @@ def grads(fn, q, k, v, is_sep, plan, go):
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_inductor_compiled_op_matches_eager_without_recompiles(checkpointed):
     import torch._dynamo.testing
+
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     torch._dynamo.reset()
     fn = attend
     if checkpointed:
+
         def fn(q, k, v, is_sep, plan):
-            return torch.utils.checkpoint.checkpoint(attend, q, k, v, is_sep, plan, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(
+                attend, q, k, v, is_sep, plan, use_reentrant=False
+            )
+
     compiled = torch.compile(fn, backend=counter, fullgraph=True)
     for seed in range(3):
         q, k, v, is_sep = case(seed)
         plan = fused_ops.plan_for(is_sep, 3, [128], "triton", head_dim=128)
         go = torch.randn_like(q)
-        for a, b in zip(grads(compiled, q, k, v, is_sep, plan, go), grads(attend, q, k, v, is_sep, plan, go)):
+        for a, b in zip(
+            grads(compiled, q, k, v, is_sep, plan, go), grads(attend, q, k, v, is_sep, plan, go)
+        ):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-2)
     assert counter.frame_count == 1
 
@@ -78,13 +91,28 @@ def test_compiled_blocks_match_eager_for_each_backend(backend):
     from megatron_sep.model import build_model
 
     def model():
-        cfg = config_from_dict({"model": {"family": "llama", "num_layers": 2, "hidden_size": 256, "num_heads": 4,
-                                          "vocab_size": 512, "max_position_embeddings": 1024},
-                                "attention": {"kind": "sepllm", "separators": list(range(1, 52)), "window": 64,
-                                              "backend": backend},
-                                "data": {"seq_len": 1024}})
+        cfg = config_from_dict(
+            {
+                "model": {
+                    "family": "llama",
+                    "num_layers": 2,
+                    "hidden_size": 256,
+                    "num_heads": 4,
+                    "vocab_size": 512,
+                    "max_position_embeddings": 1024,
+                },
+                "attention": {
+                    "kind": "sepllm",
+                    "separators": list(range(1, 52)),
+                    "window": 64,
+                    "backend": backend,
+                },
+                "data": {"seq_len": 1024},
+            }
+        )
         torch.manual_seed(0)
         return build_model(cfg).cuda()
+
     tokens = torch.randint(0, 512, (2, 1024), device="cuda")
     labels = torch.randint(0, 512, (2, 1024), device="cuda")
     eager = model()

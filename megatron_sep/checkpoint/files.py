@@ -6,6 +6,7 @@
   refuses storage paths that leave the folder, and refuses DCP's byte items (a plain `torch.load`).
 Checkpoints written before this format (`meta.pt`, `rng_<rank>.pt`) are read with `weights_only=True`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -63,23 +64,38 @@ def read_meta(path: Path) -> dict:
         f = path / LEGACY_META
         try:  # plain ints and strings: the weights-only unpickler runs no code
             meta = torch.load(f, weights_only=True)
-        except Exception as e:  # empty, truncated, or holding objects: EOFError, UnpicklingError, ...
-            raise CheckpointError(f"{f} is empty or corrupt, or holds more than numbers and strings "
-                                  f"({type(e).__name__}). {fix}") from None
+        except (
+            Exception
+        ) as e:  # empty, truncated, or holding objects: EOFError, UnpicklingError, ...
+            raise CheckpointError(
+                f"{f} is empty or corrupt, or holds more than numbers and strings "
+                f"({type(e).__name__}). {fix}"
+            ) from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{f} holds a {type(meta).__name__}, not a mapping. {fix}")
-    for key in ("step", "consumed_samples"):  # a missing data position would replay the corpus from its start
+    for key in (
+        "step",
+        "consumed_samples",
+    ):  # a missing data position would replay the corpus from its start
         if not _nonneg_int(meta.get(key)):
-            raise CheckpointError(f"{f}: {key} is {meta.get(key)!r}, not a whole number >= 0. {fix}")
+            raise CheckpointError(
+                f"{f}: {key} is {meta.get(key)!r}, not a whole number >= 0. {fix}"
+            )
     good = meta.get("verified_step")
     if good is not None and not _nonneg_int(good):
-        raise CheckpointError(f"{f}: verified_step is {good!r}, not a whole number >= 0 or null. {fix}")
+        raise CheckpointError(
+            f"{f}: verified_step is {good!r}, not a whole number >= 0 or null. {fix}"
+        )
     return meta
 
 
 # ---- RNG states -----------------------------------------------------------------------------------
 def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    st = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -87,12 +103,15 @@ def rng_state() -> dict:
 
 def save_rng(path: Path) -> None:
     from safetensors.torch import save_file
+
     st = rng_state()
     name, key, pos, has_gauss, gauss = st["numpy"]
     tensors = {"torch": st["torch"], "numpy_key": torch.from_numpy(key.astype(np.int64))}
     tensors.update({f"cuda_{i}": s for i, s in enumerate(st.get("cuda", []))})
-    header = {"python": json.dumps([st["python"][0], list(st["python"][1]), st["python"][2]]),
-              "numpy": json.dumps([name, int(pos), int(has_gauss), float(gauss)])}
+    header = {
+        "python": json.dumps([st["python"][0], list(st["python"][1]), st["python"][2]]),
+        "numpy": json.dumps([name, int(pos), int(has_gauss), float(gauss)]),
+    }
     save_file(tensors, str(path), metadata=header)
 
 
@@ -106,28 +125,38 @@ def load_rng(path: Path) -> None:
         if "cuda" in st and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(st["cuda"])
     except Exception as e:  # empty, truncated, wrong fields or sizes: each raises its own type
-        raise CheckpointError(f"{path} holds no usable RNG state ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else 'empty'}). Fix: delete "
-                              "it to resume without restoring this rank's random state (dropout and sampling "
-                              "then differ from an uninterrupted run)") from None
+        raise CheckpointError(
+            f"{path} holds no usable RNG state ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else 'empty'}). Fix: delete "
+            "it to resume without restoring this rank's random state (dropout and sampling "
+            "then differ from an uninterrupted run)"
+        ) from None
 
 
 def _read_rng(path: Path) -> dict:
     if path.suffix == ".pt":  # the format before meta.json: numpy's state is an ndarray
-        allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        allowed = [
+            np._core.multiarray._reconstruct,
+            np.ndarray,
+            np.dtype,
+            type(np.dtype(np.uint32)),
+        ]
         with torch.serialization.safe_globals(allowed):
             st = torch.load(path, weights_only=True)
         return st
     from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     version, internal, gauss = json.loads(header["python"])
     name, pos, has_gauss, cached = json.loads(header["numpy"])
     cuda = [tensors[f"cuda_{i}"] for i in range(sum(k.startswith("cuda_") for k in tensors))]
-    st = {"python": (version, tuple(internal), gauss),
-          "numpy": (name, tensors["numpy_key"].numpy().astype(np.uint32), pos, has_gauss, cached),
-          "torch": tensors["torch"]}
+    st = {
+        "python": (version, tuple(internal), gauss),
+        "numpy": (name, tensors["numpy_key"].numpy().astype(np.uint32), pos, has_gauss, cached),
+        "torch": tensors["torch"],
+    }
     return {**st, "cuda": cuda} if cuda else st
 
 
@@ -139,18 +168,33 @@ def rng_file(path: Path, rank: int) -> Path | None:
 
 
 # ---- DCP's tensor index ---------------------------------------------------------------------------
-_DCP_CLASSES = {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
-                "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"}
-_ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
-            ("torch", "Size"): torch.Size,
-            ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-            ("collections", "OrderedDict"): collections.OrderedDict,
-            **{("pathlib", n): getattr(pathlib, n)
-               for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")},
-            **{("torch.distributed.checkpoint.metadata", n): getattr(dcp_meta, n) for n in _DCP_CLASSES}}
+_DCP_CLASSES = {
+    "Metadata",
+    "TensorStorageMetadata",
+    "BytesStorageMetadata",
+    "TensorProperties",
+    "ChunkStorageMetadata",
+    "MetadataIndex",
+    "StorageMeta",
+    "_MEM_FORMAT_ENCODING",
+}
+_ALLOWED = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+    ("torch", "Size"): torch.Size,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{
+        ("pathlib", n): getattr(pathlib, n)
+        for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
+    },
+    **{("torch.distributed.checkpoint.metadata", n): getattr(dcp_meta, n) for n in _DCP_CLASSES},
+}
 
 
-_DCP_DATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
+_DCP_DATA_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+)
 
 
 class _IndexUnpickler(pickle.Unpickler):
@@ -161,9 +205,13 @@ class _IndexUnpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if module in _DCP_DATA_MODULES:  # planner data (Megatron-Core's saves keep their SavePlan): plain records
+        if (
+            module in _DCP_DATA_MODULES
+        ):  # planner data (Megatron-Core's saves keep their SavePlan): plain records
             cls = getattr(importlib.import_module(module), name, None)
-            if isinstance(cls, type) and (dataclasses.is_dataclass(cls) or issubclass(cls, enum.Enum)):
+            if isinstance(cls, type) and (
+                dataclasses.is_dataclass(cls) or issubclass(cls, enum.Enum)
+            ):
                 return cls
         raise pickle.UnpicklingError(f"{module}.{name} is not a class of DCP's metadata")
 
@@ -171,8 +219,11 @@ class _IndexUnpickler(pickle.Unpickler):
 def is_plain_name(name: object) -> bool:
     """A file or folder name beside the file that named it: no separator, no `..`, nothing absolute. Every
     name read from a received file (DCP's index, an HF index, a `latest`) must be one."""
-    return (isinstance(name, str) and name not in ("", ".", "..")
-            and not any(c in name for c in "/\\\0"))
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+    )
 
 
 class SafeReader(FileSystemReader):
@@ -183,29 +234,52 @@ class SafeReader(FileSystemReader):
         try:
             with open(index, "rb") as f:
                 md = _IndexUnpickler(io.BytesIO(f.read())).load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-                KeyError, OSError) as e:
-            raise CheckpointError(f"{index} cannot be read as DCP's tensor index ({type(e).__name__}: "
-                                  f"{str(e)[:160]}): it is damaged, or holds objects other than DCP's metadata, "
-                                  "which are never unpickled here. Fix: copy the checkpoint again from its "
-                                  "source, or resume from an earlier step_* folder") from None
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+            OSError,
+        ) as e:
+            raise CheckpointError(
+                f"{index} cannot be read as DCP's tensor index ({type(e).__name__}: "
+                f"{str(e)[:160]}): it is damaged, or holds objects other than DCP's metadata, "
+                "which are never unpickled here. Fix: copy the checkpoint again from its "
+                "source, or resume from an earlier step_* folder"
+            ) from None
         if not isinstance(md, dcp_meta.Metadata) or not isinstance(md.storage_data, dict):
-            raise CheckpointError(f"{index} holds a {type(md).__name__}, not DCP's Metadata. Fix: copy the "
-                                  "checkpoint again")
-        bad = [info for info in md.storage_data.values()
-               if not isinstance(info, _StorageInfo) or not is_plain_name(info.relative_path)]
+            raise CheckpointError(
+                f"{index} holds a {type(md).__name__}, not DCP's Metadata. Fix: copy the "
+                "checkpoint again"
+            )
+        bad = [
+            info
+            for info in md.storage_data.values()
+            if not isinstance(info, _StorageInfo) or not is_plain_name(info.relative_path)
+        ]
         if bad:
             where = getattr(bad[0], "relative_path", bad[0])
-            raise CheckpointError(f"{index} names the data file {where!r}, outside {self.path}. Fix: use a "
-                                  "checkpoint from a source you trust; this one is refused")
+            raise CheckpointError(
+                f"{index} names the data file {where!r}, outside {self.path}. Fix: use a "
+                "checkpoint from a source you trust; this one is refused"
+            )
         if getattr(md, "storage_meta", None) is None:
             md.storage_meta = dcp_meta.StorageMeta()
         md.storage_meta.load_id = self.load_id
         return md
 
     def read_data(self, plan, planner):
-        if any(item.type == LoadItemType.BYTE_IO for item in plan.items):  # DCP unpickles those in full
-            names = sorted({item.dest_index.fqn for item in plan.items if item.type == LoadItemType.BYTE_IO})
-            raise CheckpointError(f"{self.path} stores {names[0]} as a pickled object, not a tensor, and pickles "
-                                  "are never loaded here. Fix: use a checkpoint saved by this project")
+        if any(
+            item.type == LoadItemType.BYTE_IO for item in plan.items
+        ):  # DCP unpickles those in full
+            names = sorted(
+                {item.dest_index.fqn for item in plan.items if item.type == LoadItemType.BYTE_IO}
+            )
+            raise CheckpointError(
+                f"{self.path} stores {names[0]} as a pickled object, not a tensor, and pickles "
+                "are never loaded here. Fix: use a checkpoint saved by this project"
+            )
         return super().read_data(plan, planner)

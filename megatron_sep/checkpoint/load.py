@@ -1,5 +1,6 @@
 """Weights out of a checkpoint for export, evaluation, generation and distillation: no optimizer, no
 process group, nothing from training or the engines."""
+
 from __future__ import annotations
 
 from pathlib import Path

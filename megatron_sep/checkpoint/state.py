@@ -6,6 +6,7 @@ tp mesh (Shard on its split dim), so DCP stores the global tensor and loads it b
 Adam state follows its parameter under `optim.<name>` (the engines build it; `fresh_adam_state` is the
 state of an optimizer that has not stepped yet, for checkpoints written without one).
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,6 +19,7 @@ def wrap(t: torch.Tensor, p, ctx: ParallelContext):
     tp_dim = info(p).tp_dim if p is not None else None
     if ctx.tp > 1 and tp_dim is not None:
         from torch.distributed.tensor import DTensor, Shard
+
         return DTensor.from_local(t, ctx.mesh["tp"], [Shard(tp_dim)], run_check=False)
     return t
 
@@ -37,8 +39,14 @@ def load_model_state(model, state: dict) -> None:
 
 def fresh_adam_state(model) -> dict:
     """AdamW's per-parameter state before its first step, in the layout the engines save."""
-    return {n: {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-            for n, p in model.named_parameters()}
+    return {
+        n: {
+            "step": torch.zeros(()),
+            "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": torch.zeros_like(p),
+        }
+        for n, p in model.named_parameters()
+    }
 
 
 class WeightsOnly:

@@ -13,6 +13,7 @@ Nothing here unpickles: see files.py.
 The object saved or loaded is any holder of training state (an engine, or `WeightsOnly` for one
 process) with `ctx`, `cfg`, `state_dict()` and `load_state_dict(read, with_optimizer)`.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,18 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..model import build_model
-from .files import (META, STEP_NAME, CheckpointError, SafeReader, is_complete, load_rng,
-                         read_meta, rng_file, save_rng, write_meta)
+from .files import (
+    META,
+    STEP_NAME,
+    CheckpointError,
+    SafeReader,
+    is_complete,
+    load_rng,
+    read_meta,
+    rng_file,
+    save_rng,
+    write_meta,
+)
 
 
 LATEST = "latest"
@@ -58,8 +69,16 @@ def _barrier(ctx) -> None:
         dist.barrier()
 
 
-def save_checkpoint(root: Path, step: int, holder, meta: dict, config_text: str, keep_last: int,
-                    verified_step: int | None = None, async_save: bool = False):
+def save_checkpoint(
+    root: Path,
+    step: int,
+    holder,
+    meta: dict,
+    config_text: str,
+    keep_last: int,
+    verified_step: int | None = None,
+    async_save: bool = False,
+):
     """Collective: every rank writes its shards; rank 0 publishes the directory and `latest`.
     Returns the published path, or with async_save a PendingSave whose write runs in the background.
     A failed write (disk full, ...) raises CheckpointError and leaves every earlier checkpoint as it was."""
@@ -68,23 +87,34 @@ def save_checkpoint(root: Path, step: int, holder, meta: dict, config_text: str,
     final, tmp = root / name, root / f".tmp-{name}"
     if ctx.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for old in root.glob(".tmp-step_*"):  # leftovers of crashed saves (no save is in flight now)
+        for old in root.glob(
+            ".tmp-step_*"
+        ):  # leftovers of crashed saves (no save is in flight now)
             shutil.rmtree(old, ignore_errors=True)
     _barrier(ctx)
     state = holder.state_dict()  # {"model": ..., "optim": ...} keyed by parameter name, any engine
     layout = {"tp": ctx.tp, "pp": ctx.pp, "cp": ctx.cp, "dp": ctx.dp}
-    pending = PendingSave(ctx, root, tmp, final, {**meta, "step": step, "layout": layout}, config_text, keep_last)
+    pending = PendingSave(
+        ctx, root, tmp, final, {**meta, "step": step, "layout": layout}, config_text, keep_last
+    )
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         save_rng(tmp / f"rng_{ctx.rank}.safetensors")
         with warnings.catch_warnings():  # single-process saves are intended; DCP warns about them
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             if async_save:
-                pending.fut = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(str(tmp)),
-                                             process_group=_cpu_group(ctx), no_dist=not dist.is_initialized())
+                pending.fut = dcp.async_save(
+                    state,
+                    storage_writer=dcp.FileSystemWriter(str(tmp)),
+                    process_group=_cpu_group(ctx),
+                    no_dist=not dist.is_initialized(),
+                )
             else:
                 dcp.save(state, checkpoint_id=str(tmp))
-    except (Exception, CheckpointException) as e:  # DCP wraps OSError (ENOSPC, ...) in its own BaseException
+    except (
+        Exception,
+        CheckpointException,
+    ) as e:  # DCP wraps OSError (ENOSPC, ...) in its own BaseException
         pending.fail(e)
     if async_save:
         _crash_point(step, "async")
@@ -114,7 +144,9 @@ class PendingSave:
     and, on rank 0, publishes the folder. Rank 0's write finishes only after every rank's data files and
     RNG states are written (DCP gathers their results to write its index), so rank 0 alone may publish."""
 
-    def __init__(self, ctx, root: Path, tmp: Path, final: Path, meta: dict, config_text: str, keep_last: int):
+    def __init__(
+        self, ctx, root: Path, tmp: Path, final: Path, meta: dict, config_text: str, keep_last: int
+    ):
         self.ctx, self.root, self.tmp, self.final = ctx, root, tmp, final
         self.meta, self.config_text, self.keep_last = meta, config_text, keep_last
         self.fut, self.finished = None, False
@@ -152,17 +184,24 @@ class PendingSave:
         self.finished = True
         if self.ctx.rank == 0:
             shutil.rmtree(self.tmp, ignore_errors=True)
-        if "KeyboardInterrupt" in str(e):  # Ctrl-C inside DCP's workers: an interrupt, not a write error
+        if "KeyboardInterrupt" in str(
+            e
+        ):  # Ctrl-C inside DCP's workers: an interrupt, not a write error
             raise KeyboardInterrupt from None
-        raise CheckpointError(f"cannot write checkpoint {self.final}: {_reason(e)}. The earlier checkpoints are "
-                              "untouched. Fix: free disk space or check permissions, then run again to "
-                              "resume") from None
+        raise CheckpointError(
+            f"cannot write checkpoint {self.final}: {_reason(e)}. The earlier checkpoints are "
+            "untouched. Fix: free disk space or check permissions, then run again to "
+            "resume"
+        ) from None
 
 
 def _crash_point(step: int, phase: str) -> None:
     """Test-only: exit hard at `phase` of this step's save when CRASH_ENV says `step` or `step:phase`."""
     wanted = os.environ.get(CRASH_ENV)
-    if wanted is not None and wanted in (f"{step}:{phase}", str(step) if phase == "tensors" else ""):
+    if wanted is not None and wanted in (
+        f"{step}:{phase}",
+        str(step) if phase == "tensors" else "",
+    ):
         os._exit(86)
 
 
@@ -182,7 +221,7 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
         _fsync_dir(root)
-        _crash_point(int(final.name[len("step_"):]), "swap")
+        _crash_point(int(final.name[len("step_") :]), "swap")
     os.rename(tmp, final)
     _fsync_dir(root)
     os.replace(pointer, root / LATEST)
@@ -196,15 +235,19 @@ def _reason(e: BaseException) -> str:
 
 
 def _step_of(name: str) -> int:
-    return int(name[len("step_"):])
+    return int(name[len("step_") :])
 
 
-def prune(root: Path, keep_last: int, verified_step: int | None = None, keep: str | None = None) -> None:
+def prune(
+    root: Path, keep_last: int, verified_step: int | None = None, keep: str | None = None
+) -> None:
     """Delete all but the newest `keep_last` complete checkpoints, never `keep` nor the newest one whose
     weights are known to train on (step <= verified_step): a run whose weights blew up after it was saved
     must keep one checkpoint to go back to."""
-    for p in root.glob(".old-step_*"):  # a re-save killed mid-swap: its old folder is the step again
-        target = root / p.name[len(".old-"):]
+    for p in root.glob(
+        ".old-step_*"
+    ):  # a re-save killed mid-swap: its old folder is the step again
+        target = root / p.name[len(".old-") :]
         if is_complete(target):
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -217,7 +260,11 @@ def prune(root: Path, keep_last: int, verified_step: int | None = None, keep: st
 
 
 def newest_verified(root: Path, verified_step: int | None) -> str | None:
-    good = [n for n in list_checkpoints(root) if verified_step is not None and _step_of(n) <= verified_step]
+    good = [
+        n
+        for n in list_checkpoints(root)
+        if verified_step is not None and _step_of(n) <= verified_step
+    ]
     return good[-1] if good else None
 
 
@@ -225,8 +272,10 @@ def _pointer_fix(root: Path) -> str:
     """The fix for a `latest` that names no checkpoint: the newest complete one, or starting over."""
     newest, pointer = list_checkpoints(root), root / LATEST
     if newest:
-        return (f"Fix: to resume from the newest complete checkpoint, echo {newest[-1]} > {pointer}; to start "
-                "over, use a new train.run_dir (this run would otherwise overwrite them)")
+        return (
+            f"Fix: to resume from the newest complete checkpoint, echo {newest[-1]} > {pointer}; to start "
+            "over, use a new train.run_dir (this run would otherwise overwrite them)"
+        )
     return f"Fix: remove {pointer} to start over"
 
 
@@ -234,22 +283,28 @@ def _read_pointer(root: Path) -> str | None:
     """The step name in `latest`, None when there is no `latest`; anything else is one CheckpointError."""
     pointer = root / LATEST
     if pointer.is_dir():
-        raise CheckpointError(f"{pointer} is a folder, not the file naming the newest checkpoint. "
-                              f"{_pointer_fix(root)}")
+        raise CheckpointError(
+            f"{pointer} is a folder, not the file naming the newest checkpoint. "
+            f"{_pointer_fix(root)}"
+        )
     try:
         raw = pointer.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise CheckpointError(f"{pointer} cannot be read ({e.strerror or e}). Fix: check its permissions") from None
+        raise CheckpointError(
+            f"{pointer} cannot be read ({e.strerror or e}). Fix: check its permissions"
+        ) from None
     try:
         name = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
         name = None
     if name is None or not STEP_NAME.fullmatch(name):
         shown = repr(raw[:40]) if name is None else repr(name[:40])
-        raise CheckpointError(f"{pointer} holds {shown}, not the name of a step_* folder beside it (a path is "
-                              f"never followed out of {root}). {_pointer_fix(root)}")
+        raise CheckpointError(
+            f"{pointer} holds {shown}, not the name of a step_* folder beside it (a path is "
+            f"never followed out of {root}). {_pointer_fix(root)}"
+        )
     return name
 
 
@@ -264,10 +319,14 @@ def latest_checkpoint(root: Path) -> Path | None:
         if is_complete(path):
             return path
         if is_complete(root / f".old-{name}"):
-            return root / f".old-{name}"  # a re-save of this step was killed between its two renames
+            return (
+                root / f".old-{name}"
+            )  # a re-save of this step was killed between its two renames
         if _read_pointer(root) == name:
             break  # else a live run moved `latest` on while this read it: read again
-    raise CheckpointError(f"{root / LATEST} names {name}, which is missing or incomplete. {_pointer_fix(root)}")
+    raise CheckpointError(
+        f"{root / LATEST} names {name}, which is missing or incomplete. {_pointer_fix(root)}"
+    )
 
 
 def _without_pointer(root: Path) -> Path | None:
@@ -280,15 +339,19 @@ def _without_pointer(root: Path) -> Path | None:
         return root / name  # a first save killed between its rename and moving `latest` in
     newest = list_checkpoints(root)
     if newest:
-        raise CheckpointError(f"{root} holds checkpoints (the newest complete one is {newest[-1]}) but no "
-                              f"`latest` file names one. {_pointer_fix(root)}")
+        raise CheckpointError(
+            f"{root} holds checkpoints (the newest complete one is {newest[-1]}) but no "
+            f"`latest` file names one. {_pointer_fix(root)}"
+        )
     return None
 
 
 def list_checkpoints(root: Path) -> list[str]:
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.glob("step_*") if STEP_NAME.fullmatch(p.name) and is_complete(p))
+    return sorted(
+        p.name for p in root.glob("step_*") if STEP_NAME.fullmatch(p.name) and is_complete(p)
+    )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -299,8 +362,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return latest_checkpoint(cand)
     if is_complete(p):
         return p
-    raise CheckpointError(f"{path} holds no checkpoint (no `latest` file and no {META}). Fix: pass a run "
-                          "directory, its checkpoints/ folder, or a step_* folder")
+    raise CheckpointError(
+        f"{path} holds no checkpoint (no `latest` file and no {META}). Fix: pass a run "
+        "directory, its checkpoints/ folder, or a step_* folder"
+    )
 
 
 def check_matches(path: Path, cfg, with_optimizer: bool) -> None:
@@ -313,24 +378,40 @@ def check_matches(path: Path, cfg, with_optimizer: bool) -> None:
     want = {f"model.{k}": s for k, s in shapes.items()}
     if with_optimizer:
         for n in names:
-            want.update({f"optim.{n}.exp_avg": shapes[n], f"optim.{n}.exp_avg_sq": shapes[n], f"optim.{n}.step": ()})
+            want.update(
+                {
+                    f"optim.{n}.exp_avg": shapes[n],
+                    f"optim.{n}.exp_avg_sq": shapes[n],
+                    f"optim.{n}.step": (),
+                }
+            )
     stored = SafeReader(str(path)).read_metadata().state_dict_metadata
     have = {k: tuple(m.size) for k, m in stored.items() if hasattr(m, "size")}
     problems = [f"{k} is missing from the checkpoint" for k in want if k not in have]
-    problems += [f"{k} has shape {list(have[k])} in the checkpoint but {list(s)} in the model"
-                 for k, s in want.items() if k in have and have[k] != s]
-    problems += [f"{k} is in the checkpoint but not in the model" for k in have
-                 if k.startswith("model.") and k not in want]
+    problems += [
+        f"{k} has shape {list(have[k])} in the checkpoint but {list(s)} in the model"
+        for k, s in want.items()
+        if k in have and have[k] != s
+    ]
+    problems += [
+        f"{k} is in the checkpoint but not in the model"
+        for k in have
+        if k.startswith("model.") and k not in want
+    ]
     if problems:
-        raise CheckpointError(f"{path} does not match this model: {problems[0]} ({len(problems)} differences). "
-                              "Fix: use the architecture it was saved with (compare its config.yaml with yours), "
-                              "or a new train.run_dir")
+        raise CheckpointError(
+            f"{path} does not match this model: {problems[0]} ({len(problems)} differences). "
+            "Fix: use the architecture it was saved with (compare its config.yaml with yours), "
+            "or a new train.run_dir"
+        )
 
 
 def _gone(path: Path) -> CheckpointError:
-    return CheckpointError(f"{path} was deleted while it was read: a run still writing to this folder rotated it "
-                           "out (checkpoint.keep_last). Fix: run the command again (it reads the newest one), or "
-                           "copy a step_* folder elsewhere first")
+    return CheckpointError(
+        f"{path} was deleted while it was read: a run still writing to this folder rotated it "
+        "out (checkpoint.keep_last). Fix: run the command again (it reads the newest one), or "
+        "copy a step_* folder elsewhere first"
+    )
 
 
 def load_checkpoint(path: Path, holder, with_optimizer: bool = True) -> dict:
@@ -352,13 +433,18 @@ def load_checkpoint(path: Path, holder, with_optimizer: bool = True) -> dict:
                 dcp.load(state, storage_reader=SafeReader(str(path)))
         except CheckpointError:
             raise
-        except (Exception, CheckpointException) as e:  # DCP's own type is a BaseException, with tracebacks inside
+        except (
+            Exception,
+            CheckpointException,
+        ) as e:  # DCP's own type is a BaseException, with tracebacks inside
             if not path.exists():
                 raise _gone(path) from None
             if "CheckpointError" in str(e):  # SafeReader's refusal, wrapped by DCP's collective
                 raise CheckpointError(_reason(e).split("CheckpointError: ")[-1]) from None
-            raise CheckpointError(f"cannot load {path}: {_reason(e)} Fix: the checkpoint must come from a model "
-                                  "with the same architecture (compare its config.yaml with yours)") from None
+            raise CheckpointError(
+                f"cannot load {path}: {_reason(e)} Fix: the checkpoint must come from a model "
+                "with the same architecture (compare its config.yaml with yours)"
+            ) from None
 
     holder.load_state_dict(read, with_optimizer)
     if with_optimizer:

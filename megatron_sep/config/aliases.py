@@ -4,6 +4,7 @@ A foreign name is never taken silently: its meaning or units may differ (NeoX's 
 Megatron's `num_layers_per_virtual_pipeline_stage` counts layers, not chunks), so the error names our key.
 `data.split` may be Megatron's "969,30,1" string, and `data.paths` its weighted "0.3 A 0.7 B" string.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,11 +22,19 @@ ALIASES: dict[str, tuple[str, str, str]] = {
     "norm_epsilon": ("model.norm_eps", MEGATRON, ""),
     "rotary_percent": ("model.rotary_pct", MEGATRON, ""),
     "rotary_emb_base": ("model.rotary_base", NEOX, ""),
-    "normalization": ("model.family", MEGATRON, "RMSNorm + SwiGLU is family llama, LayerNorm + GeLU is neox"),
+    "normalization": (
+        "model.family",
+        MEGATRON,
+        "RMSNorm + SwiGLU is family llama, LayerNorm + GeLU is neox",
+    ),
     "swiglu": ("model.family", MEGATRON, "family llama has SwiGLU"),
     "norm": ("model.family", NEOX, "rmsnorm is family llama, layernorm is neox"),
     "gpt_j_residual": ("model.family", NEOX, "family neox has the parallel residual"),
-    "untie_embeddings_and_output_weights": ("model.tie_embeddings", MEGATRON, "with the opposite sign"),
+    "untie_embeddings_and_output_weights": (
+        "model.tie_embeddings",
+        MEGATRON,
+        "with the opposite sign",
+    ),
     "no_weight_tying": ("model.tie_embeddings", NEOX, "with the opposite sign"),
     "tensor_model_parallel_size": ("parallel.tp", MEGATRON, ""),
     "model_parallel_size": ("parallel.tp", NEOX, ""),
@@ -33,16 +42,26 @@ ALIASES: dict[str, tuple[str, str, str]] = {
     "pipe_parallel_size": ("parallel.pp", NEOX, ""),
     "context_parallel_size": ("parallel.cp", MEGATRON, ""),
     "data_parallel_size": ("parallel.dp", MEGATRON, ""),
-    "num_layers_per_virtual_pipeline_stage": ("parallel.virtual_stages", MEGATRON,
-                                              "ours counts model chunks per rank: layers / (pp x this)"),
+    "num_layers_per_virtual_pipeline_stage": (
+        "parallel.virtual_stages",
+        MEGATRON,
+        "ours counts model chunks per rank: layers / (pp x this)",
+    ),
     "virtual_pipeline_model_parallel_size": ("parallel.virtual_stages", MEGATRON, ""),
     "use_distributed_optimizer": ("parallel.zero", MEGATRON, "true is zero: 1"),
-    "zero_optimization": ("parallel.zero", NEOX, "stage 1 is zero: 1; stages 2 and 3 are not offered"),
+    "zero_optimization": (
+        "parallel.zero",
+        NEOX,
+        "stage 1 is zero: 1; stages 2 and 3 are not offered",
+    ),
     "train_iters": ("train.steps", BOTH, ""),
     "train_micro_batch_size_per_gpu": ("train.micro_batch_size", NEOX, ""),
     "train_batch_size": ("train.global_batch_size", NEOX, ""),
-    "gradient_accumulation_steps": ("train.global_batch_size", NEOX,
-                                    "ours is micro_batch_size x dp x accumulation steps"),
+    "gradient_accumulation_steps": (
+        "train.global_batch_size",
+        NEOX,
+        "ours is micro_batch_size x dp x accumulation steps",
+    ),
     "lr_decay_style": ("optim.schedule", BOTH, "cosine, linear, constant and wsd"),
     "lr_warmup_iters": ("optim.warmup_steps", MEGATRON, ""),
     "lr_warmup_fraction": ("optim.warmup_fraction", MEGATRON, ""),
@@ -67,7 +86,11 @@ ALIASES: dict[str, tuple[str, str, str]] = {
     "merge_file": ("data.tokenizer", BOTH, "the vocab.json beside it"),
     "tokenizer_model": ("data.tokenizer", MEGATRON, ""),
     "tokenizer_type": ("data.tokenizer", BOTH, "the tokenizer's file decides its type"),
-    "tensorboard_dir": ("logging.tensorboard", MEGATRON, "written under run_dir/tensorboard when true"),
+    "tensorboard_dir": (
+        "logging.tensorboard",
+        MEGATRON,
+        "written under run_dir/tensorboard when true",
+    ),
     "mock_data": ("data.mock", MEGATRON, ""),
 }
 
@@ -89,8 +112,12 @@ def megatron_split(value):
         try:
             return [float(p) for p in parts]
         except ValueError:
-            raise ConfigError("data.split", value, "is neither a list nor Megatron's 'train,valid,test' string",
-                              "write [0.98, 0.01, 0.01] or '969,30,1'") from None
+            raise ConfigError(
+                "data.split",
+                value,
+                "is neither a list nor Megatron's 'train,valid,test' string",
+                "write [0.98, 0.01, 0.01] or '969,30,1'",
+            ) from None
     return value
 
 
@@ -98,7 +125,11 @@ def megatron_paths(paths, weights):
     """Megatron's weighted path list ('0.3 A 0.7 B', as one string or as a list) -> (paths, weights)."""
     if isinstance(paths, str):
         paths = paths.split()
-    if not isinstance(paths, list) or not paths or not all(isinstance(p, (str, int, float)) for p in paths):
+    if (
+        not isinstance(paths, list)
+        or not paths
+        or not all(isinstance(p, (str, int, float)) for p in paths)
+    ):
         return paths, weights
 
     def number(x):
@@ -110,11 +141,23 @@ def megatron_paths(paths, weights):
     if number(paths[0]) is None:
         return paths, weights  # plain paths
     numbers = [number(p) for p in paths[0::2]]
-    if len(paths) % 2 or not all(n is not None for n in numbers) or \
-            not all(isinstance(p, str) and number(p) is None for p in paths[1::2]):
-        raise ConfigError("data.paths", " ".join(map(str, paths)), "reads as Megatron's weighted list (it starts with "
-                          "a number) but is not 'weight path weight path ...'", "give a path after every weight")
+    if (
+        len(paths) % 2
+        or not all(n is not None for n in numbers)
+        or not all(isinstance(p, str) and number(p) is None for p in paths[1::2])
+    ):
+        raise ConfigError(
+            "data.paths",
+            " ".join(map(str, paths)),
+            "reads as Megatron's weighted list (it starts with "
+            "a number) but is not 'weight path weight path ...'",
+            "give a path after every weight",
+        )
     if weights is not None:
-        raise ConfigError("data.weights", weights, "is given twice: data.paths already carries weights",
-                          "drop data.weights, or the weights inside data.paths")
+        raise ConfigError(
+            "data.weights",
+            weights,
+            "is given twice: data.paths already carries weights",
+            "drop data.weights, or the weights inside data.paths",
+        )
     return [str(p) for p in paths[1::2]], numbers

@@ -1,6 +1,7 @@
 """DeepSpeed's side of the config: the JSON generated from ours (`ds_config`), an expert's parallel.deepspeed
 keys checked at config load against the installed DeepSpeed's own parser (`check_expert_keys`), and the
 import with a one-line error naming the install. The engine itself is engine/deepspeed.py."""
+
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,9 @@ import json
 from ..errors import ConfigError, closest, first_line
 
 INSTALL = "pip install 'megatron-sep[deepspeed]' (or pip install deepspeed)"
-FIX_KEY = "fix or remove the key in parallel.deepspeed (DeepSpeed's configuration reference lists them)"
+FIX_KEY = (
+    "fix or remove the key in parallel.deepspeed (DeepSpeed's configuration reference lists them)"
+)
 
 
 def import_deepspeed():
@@ -18,8 +21,12 @@ def import_deepspeed():
     try:
         import deepspeed
     except ImportError as e:
-        raise ConfigError("parallel.engine", "deepspeed", f"needs DeepSpeed, which cannot be imported ({e})",
-                          f"{INSTALL}, or set parallel.engine: native") from None
+        raise ConfigError(
+            "parallel.engine",
+            "deepspeed",
+            f"needs DeepSpeed, which cannot be imported ({e})",
+            f"{INSTALL}, or set parallel.engine: native",
+        ) from None
     return deepspeed
 
 
@@ -34,8 +41,12 @@ def _config_problem(e: Exception, key: str | None = None) -> Exception:
     section = {"DeepSpeedZeroConfig": "zero_optimization"}.get(getattr(e, "title", ""), key)
     if section and loc[:1] != [section]:
         loc.insert(0, section)
-    return ConfigError("parallel.deepspeed." + ".".join(loc), first.get("input"),
-                       f"DeepSpeed rejects it: {first.get('msg')}", FIX_KEY)
+    return ConfigError(
+        "parallel.deepspeed." + ".".join(loc),
+        first.get("input"),
+        f"DeepSpeed rejects it: {first.get('msg')}",
+        FIX_KEY,
+    )
 
 
 # Top-level keys DeepSpeed reads outside its config parser (deepspeed.initialize's mesh, a lazy property)
@@ -66,7 +77,9 @@ def deepspeed_keys() -> frozenset | None:
 
     try:
         _parse(Probe({"": None}))  # not empty: some sections are read only from a non-empty config
-    except Exception:  # a DeepSpeed whose parser reads otherwise: no allow-list, DeepSpeed's own checks only
+    except (
+        Exception
+    ):  # a DeepSpeed whose parser reads otherwise: no allow-list, DeepSpeed's own checks only
         return None
     return frozenset(k for k in seen if isinstance(k, str) and k) | frozenset(READ_ELSEWHERE)
 
@@ -74,6 +87,7 @@ def deepspeed_keys() -> frozenset | None:
 def _parse(param_dict: dict) -> None:
     """DeepSpeed's own reading of a config mapping (the batch-size checks need the world: left out)."""
     from deepspeed.runtime.config import DeepSpeedConfig
+
     parsed = object.__new__(DeepSpeedConfig)
     parsed.global_rank, parsed.world_size = 0, 1
     parsed._initialize_params(param_dict)
@@ -91,21 +105,31 @@ def check_expert_keys(cfg) -> None:
     base = ds_config(cfg, 1, False, extra={})
     try:
         _parse(base)
-    except Exception:  # this DeepSpeed's parser does not run on its own: its checks come at start-up
+    except (
+        Exception
+    ):  # this DeepSpeed's parser does not run on its own: its checks come at start-up
         return
     for key, value in extra.items():
         where = f"parallel.deepspeed.{key}"
         if known is not None and key not in known:
-            raise ConfigError(where, value, f"is not a key DeepSpeed {deepspeed.__version__} reads (it would be "
-                              "ignored)", closest(str(key), known))
+            raise ConfigError(
+                where,
+                value,
+                f"is not a key DeepSpeed {deepspeed.__version__} reads (it would be ignored)",
+                closest(str(key), known),
+            )
         _same_type(where, value, base.get(key))
         try:
             _parse(merge(base, {key: value}))
         except Exception as e:
             problem = _config_problem(e, key)
             if problem is e:  # not pydantic's validation: DeepSpeed's parser failed on this value
-                problem = ConfigError(where, value, f"DeepSpeed cannot read it ({type(e).__name__}: "
-                                      f"{first_line(e)})", FIX_KEY)
+                problem = ConfigError(
+                    where,
+                    value,
+                    f"DeepSpeed cannot read it ({type(e).__name__}: {first_line(e)})",
+                    FIX_KEY,
+                )
             raise problem from None
 
 
@@ -114,21 +138,32 @@ def _same_type(where: str, value, ours) -> None:
     boolean, a number for a number."""
     if isinstance(ours, dict):
         if not isinstance(value, dict):
-            raise ConfigError(where, value, "must be a mapping (a DeepSpeed config section)",
-                              "write it as {key: value, ...}, or remove it")
+            raise ConfigError(
+                where,
+                value,
+                "must be a mapping (a DeepSpeed config section)",
+                "write it as {key: value, ...}, or remove it",
+            )
         for k, v in value.items():
             _same_type(f"{where}.{k}", v, ours.get(k))
-    elif ours is not None and (isinstance(ours, bool) != isinstance(value, bool)
-                               or not isinstance(value, (int, float))):
+    elif ours is not None and (
+        isinstance(ours, bool) != isinstance(value, bool) or not isinstance(value, (int, float))
+    ):
         kind = "true or false" if isinstance(ours, bool) else "a number"
-        raise ConfigError(where, value, f"must be {kind}", f"write {kind}, e.g. {json.dumps(ours)}, or remove it")
+        raise ConfigError(
+            where, value, f"must be {kind}", f"write {kind}, e.g. {json.dumps(ours)}, or remove it"
+        )
 
 
 def merge(base: dict, extra: dict) -> dict:
     """base with extra's keys over it, nested mappings merged key by key."""
     out = copy.deepcopy(base)
     for k, v in (extra or {}).items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        out[k] = (
+            merge(out[k], v)
+            if isinstance(v, dict) and isinstance(out.get(k), dict)
+            else copy.deepcopy(v)
+        )
     return out
 
 

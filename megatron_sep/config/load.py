@@ -1,4 +1,5 @@
 """YAML -> Config, with `section.key=value` overrides and type checking."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,10 @@ from .schema import SECTIONS, Config, ConfigError
 
 def _section_of(name: str) -> str | None:
     hints = typing.get_type_hints(Config)
-    return next((f"{s}.{name}" for s in SECTIONS if name in {f.name for f in dataclasses.fields(hints[s])}), None)
+    return next(
+        (f"{s}.{name}" for s in SECTIONS if name in {f.name for f in dataclasses.fields(hints[s])}),
+        None,
+    )
 
 
 def _unknown(key: str, name: str, value, options, what: str = "unknown key") -> ConfigError:
@@ -28,15 +32,26 @@ def _unknown(key: str, name: str, value, options, what: str = "unknown key") -> 
     if ours is not None:
         return ConfigError(key, value, what, f"write {ours}")
     if "-" in name:
-        return ConfigError(key, value, f"{what} (a GPT-NeoX style name)", "a GPT-NeoX config converts with "
-                           "`megatron-sep import-neox --config FILE --out DIR`")
+        return ConfigError(
+            key,
+            value,
+            f"{what} (a GPT-NeoX style name)",
+            "a GPT-NeoX config converts with `megatron-sep import-neox --config FILE --out DIR`",
+        )
     return ConfigError(key, value, what, closest(name, options))
 
 
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is typing.Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    names = {dict: "mapping", type(None): "null", int: "integer", float: "number", str: "string", bool: "boolean"}
+    names = {
+        dict: "mapping",
+        type(None): "null",
+        int: "integer",
+        float: "number",
+        str: "string",
+        bool: "boolean",
+    }
     return names.get(tp) or getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -50,8 +65,12 @@ def _coerce(key: str, value, tp):
                 return _coerce(key, value, option)
             except ConfigError as e:
                 errors.append(e)
-        raise ConfigError(key, value, f"has the wrong type (expected {_type_name(tp)})",
-                          f"give a value of type {_type_name(tp)}")
+        raise ConfigError(
+            key,
+            value,
+            f"has the wrong type (expected {_type_name(tp)})",
+            f"give a value of type {_type_name(tp)}",
+        )
     if tp is type(None):
         if value is None:
             return None
@@ -59,8 +78,12 @@ def _coerce(key: str, value, tp):
     if origin is typing.Literal:
         if value in args:
             return value
-        raise ConfigError(key, value, "is not one of " + ", ".join(map(repr, args)),
-                          "use one of the listed values")
+        raise ConfigError(
+            key,
+            value,
+            "is not one of " + ", ".join(map(repr, args)),
+            "use one of the listed values",
+        )
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, value, "expected a list", "write it as [a, b, ...]")
@@ -87,13 +110,19 @@ def _coerce(key: str, value, tp):
             return value
     else:
         raise TypeError(f"unsupported config annotation {tp}")
-    raise ConfigError(key, value, f"has the wrong type (expected {_type_name(tp)})",
-                      f"give a value of type {_type_name(tp)}")
+    raise ConfigError(
+        key,
+        value,
+        f"has the wrong type (expected {_type_name(tp)})",
+        f"give a value of type {_type_name(tp)}",
+    )
 
 
 def _build_section(name: str, cls, values: dict):
     if not isinstance(values, dict):
-        raise ConfigError(name, values, "a section must be a mapping", f"write `{name}:` followed by keys")
+        raise ConfigError(
+            name, values, "a section must be a mapping", f"write `{name}:` followed by keys"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -106,20 +135,34 @@ def _build_section(name: str, cls, values: dict):
 
 def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
-        raise ConfigError(text, None, "an override must look like section.key=value",
-                          "write e.g. --set optim.lr=3e-4")
+        raise ConfigError(
+            text,
+            None,
+            "an override must look like section.key=value",
+            "write e.g. --set optim.lr=3e-4",
+        )
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        hint = alias_of(parts[-1]) or _section_of(parts[-1].replace("-", "_")) if len(parts) == 1 else None
+        hint = (
+            alias_of(parts[-1]) or _section_of(parts[-1].replace("-", "_"))
+            if len(parts) == 1
+            else None
+        )
         if hint is not None:
             raise _unknown(key, parts[-1], raw, (), "an override key must be section.key")
-        raise ConfigError(key, raw, "an override key must be section.key", "write e.g. --set optim.lr=3e-4")
+        raise ConfigError(
+            key, raw, "an override key must be section.key", "write e.g. --set optim.lr=3e-4"
+        )
     try:
         return parts, yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(key, raw, f"the value is not valid YAML ({yaml_problem(e)})",
-                          "quote it, or write a list as [a, b] and a string in quotes") from None
+        raise ConfigError(
+            key,
+            raw,
+            f"the value is not valid YAML ({yaml_problem(e)})",
+            "quote it, or write a list as [a, b] and a string in quotes",
+        ) from None
 
 
 def set_value(raw: dict, section: str, key: str, value) -> None:
@@ -132,7 +175,9 @@ def set_value(raw: dict, section: str, key: str, value) -> None:
 
 
 def config_from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
-    raw = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in (raw or {}).items()}
+    raw = {
+        k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in (raw or {}).items()
+    }
     for text in overrides:
         (section, key), value = parse_override(text)
         set_value(raw, section, key, value)
@@ -167,15 +212,23 @@ def read_yaml(path: Path, key: str, fix: str):
     data = path.read_bytes()
     try:
         if b"\0" in data:  # UTF-8 allows NUL, YAML does not: a binary file
-            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+            raise UnicodeDecodeError(
+                "utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte"
+            )
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(key, str(path), f"is a binary file, not YAML text (byte {e.start} is "
-                          f"0x{data[e.start]:02x})", fix) from None
+        raise ConfigError(
+            key,
+            str(path),
+            f"is a binary file, not YAML text (byte {e.start} is 0x{data[e.start]:02x})",
+            fix,
+        ) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(key, str(path), f"is not valid YAML ({yaml_problem(e)})", "fix the YAML syntax") from None
+        raise ConfigError(
+            key, str(path), f"is not valid YAML ({yaml_problem(e)})", "fix the YAML syntax"
+        ) from None
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -183,10 +236,14 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError("--config", str(path), "file not found", "pass the path of a YAML config")
+            raise ConfigError(
+                "--config", str(path), "file not found", "pass the path of a YAML config"
+            )
         raw = read_yaml(path, "--config", "pass the path of a YAML config") or {}
         if not isinstance(raw, dict):
-            raise ConfigError("--config", str(path), "must hold a mapping of sections", "see configs/")
+            raise ConfigError(
+                "--config", str(path), "must hold a mapping of sections", "see configs/"
+            )
     return config_from_dict(raw, overrides)
 
 

@@ -3,6 +3,7 @@
 Each field's type is checked at load; `check()` methods hold the range and
 consistency rules. A rule violation raises ConfigError naming key, value, fix.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,187 +12,17 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 
-from ..errors import ConfigError
-
-
-def _require(ok: bool, key: str, value, problem: str, fix: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, problem, fix)
-
-
-@dataclass(frozen=True)
-class BlockParts:
-    """What a family means for the model's blocks, derived here once (the model never tests the family)."""
-    norm: Literal["layer", "rms"]
-    mlp: Literal["gelu", "swiglu"]
-    parallel_residual: bool  # x + attn(ln1(x)) + mlp(ln2(x)), else sequential
-    bias: bool  # on the attention and MLP linear layers
-    init: Literal["neox", "scaled_normal"]  # init_method auto
-
-
-FAMILY_PARTS = {"neox": BlockParts("layer", "gelu", parallel_residual=True, bias=True, init="neox"),
-                "llama": BlockParts("rms", "swiglu", parallel_residual=False, bias=False, init="scaled_normal")}
-
-
-@dataclass
-class ModelConfig:
-    family: Literal["neox", "llama"] = "llama"
-    num_layers: int = 4
-    hidden_size: int = 256
-    num_heads: int = 4
-    num_kv_heads: Optional[int] = None  # None: same as num_heads (no GQA)
-    ffn_hidden_size: Optional[int] = None  # None: 4h (neox) or 8h/3 rounded to 64 (llama)
-    vocab_size: Optional[int] = None  # None: from the tokenizer
-    max_position_embeddings: int = 2048
-    rotary_pct: float = 1.0
-    rotary_base: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    init_method: Literal["auto", "neox", "scaled_normal", "normal"] = "auto"
-    init_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    # fused norms / RoPE: Triton on CUDA; with train.precision fp8 and compile, auto means reference (the
-    # inductor-generated code, which fuses each norm with the next float8 cast)
-    kernels: Literal["auto", "triton", "reference"] = "auto"
-    fused_loss: bool = True  # LM head + cross-entropy in chunks of tokens: no full [tokens, vocab] logits
-    # SUBLLM (model/subllm.py): T a block, ( learned downsampling, ) upsampling + bypass; None: T * num_layers
-    structure: Optional[str] = None
-    subsample_keep: Union[float, list[float]] = 0.64  # share of tokens each ( keeps: one value, or one per (
-    subsample_causal: bool = False  # keep positive scores in training too (no top-k look-ahead)
-    bypass_warmup_steps: int = 20000  # the bypass scale's minimum falls from 0.9 to 0.2 over these steps
-
-    def check(self) -> None:
-        p = "model."
-        for k in ("num_layers", "hidden_size", "num_heads", "max_position_embeddings"):
-            _require(getattr(self, k) >= 1, p + k, getattr(self, k), "must be >= 1", "use a positive integer")
-        _require(self.hidden_size % self.num_heads == 0, p + "num_heads", self.num_heads,
-                 f"does not divide model.hidden_size={self.hidden_size}",
-                 "pick num_heads so that hidden_size / num_heads is an integer")
-        kv = self.kv_heads
-        _require(kv >= 1 and self.num_heads % kv == 0, p + "num_kv_heads", self.num_kv_heads,
-                 f"must divide model.num_heads={self.num_heads}", "use a divisor of num_heads (or null)")
-        _require(0.0 < self.rotary_pct <= 1.0, p + "rotary_pct", self.rotary_pct,
-                 "must be in (0, 1]", "use e.g. 0.25 (Pythia) or 1.0 (Llama)")
-        rot = self.rotary_dim
-        _require(rot % 2 == 0 and rot >= 2, p + "rotary_pct", self.rotary_pct,
-                 f"gives an odd or empty rotary dim {rot} for head dim {self.head_dim}",
-                 "choose rotary_pct so head_dim * rotary_pct is a positive even integer")
-        _require(self.norm_eps > 0, p + "norm_eps", self.norm_eps, "must be > 0", "use e.g. 1e-5")
-        _require(self.init_std > 0, p + "init_std", self.init_std, "must be > 0", "use e.g. 0.02")
-        for k in ("hidden_dropout", "attention_dropout"):
-            v = getattr(self, k)
-            _require(0.0 <= v < 1.0, p + k, v, "must be in [0, 1)", "use 0.0 for pretraining")
-        if self.vocab_size is not None:
-            _require(self.vocab_size >= 2, p + "vocab_size", self.vocab_size, "must be >= 2",
-                     "leave it null to take the tokenizer's size")
-        if self.ffn_hidden_size is not None:
-            _require(self.ffn_hidden_size >= 1, p + "ffn_hidden_size", self.ffn_hidden_size,
-                     "must be >= 1", "leave it null for the family default")
-        self._check_structure()
-
-    def _check_structure(self) -> None:
-        from .structure import levels, parse_structure
-        if self.structure is None:
-            return
-        try:
-            chars = parse_structure(self.structure, self.num_layers)
-        except ValueError as e:
-            raise ConfigError("model.structure", self.structure, str(e),
-                              "write it as SUBLLM does, e.g. TT(TT(TT)TT)TT, with one T per layer") from None
-        keep = self.subsample_keep
-        keeps = keep if isinstance(keep, list) else [keep]
-        _require(all(0.0 < k <= 1.0 for k in keeps), "model.subsample_keep", keep, "must be in (0, 1]",
-                 "use e.g. 0.64 (SUBLLM's 1.3B model)")
-        _require(not isinstance(keep, list) or len(keep) == levels(chars), "model.subsample_keep", keep,
-                 f"has {len(keeps)} entries for the {levels(chars)} ( in model.structure",
-                 "give one keep ratio per (, or a single number")
-        _require(self.bypass_warmup_steps >= 1, "model.bypass_warmup_steps", self.bypass_warmup_steps,
-                 "must be >= 1", "use e.g. 20000")
-
-    def level_keeps(self) -> list[float]:
-        """The keep ratio of each ( in order; empty without subsampling."""
-        from .structure import levels, parse_structure
-        if self.structure is None:
-            return []
-        n = levels(parse_structure(self.structure, self.num_layers))
-        return list(self.subsample_keep) if isinstance(self.subsample_keep, list) else [self.subsample_keep] * n
-
-    @property
-    def subsampled(self) -> bool:
-        return any(k < 1.0 for k in self.level_keeps())
-
-    @property
-    def parts(self) -> BlockParts:
-        return FAMILY_PARTS[self.family]
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_heads
-
-    @property
-    def rotary_dim(self) -> int:
-        return int(round(self.head_dim * self.rotary_pct))
-
-    @property
-    def ffn_size(self) -> int:
-        if self.ffn_hidden_size is not None:
-            return self.ffn_hidden_size
-        if self.family == "neox":
-            return 4 * self.hidden_size
-        return 64 * ((8 * self.hidden_size // 3 + 63) // 64)
-
-
-@dataclass
-class AttentionConfig:
-    kind: Literal["dense", "sepllm", "streamingllm", "fixed_interval"] = "dense"
-    init_tokens: int = 3
-    window: Union[int, list[int]] = 64  # one n for every layer, or one per layer
-    hybrid: Literal["none", "H", "HT", "HMT"] = "none"  # these layers stay dense
-    # separator strings resolved with the tokenizer, or explicit token ids
-    separators: list[Union[int, str]] = field(
-        default_factory=lambda: [".", ",", "?", "!", ";", ":", " ", "\t", "\n"])
-    fixed_interval: int = 8  # fixed_interval kind: every k-th position acts as a separator
-    reset_per_document: bool = False
-    eod_id: Optional[int] = None  # document end for reset_per_document; filled from the tokenizer
-    backend: Literal["auto", "reference", "flex", "triton"] = "auto"
-    # false: the Triton backward adds the kept keys' dQ with fp32 atomics (faster, last bits vary per run)
-    deterministic: bool = True
-    stats_interval: int = 100  # steps between kept-pair statistics (0: never)
-
-    def check(self) -> None:
-        p = "attention."
-        _require(self.init_tokens >= 0, p + "init_tokens", self.init_tokens, "must be >= 0", "use e.g. 3")
-        windows = self.window if isinstance(self.window, list) else [self.window]
-        _require(bool(windows) and all(w >= 1 for w in windows), p + "window", self.window,
-                 "every window must be >= 1 (it counts the query itself)", "use e.g. 64")
-        _require(self.fixed_interval >= 1, p + "fixed_interval", self.fixed_interval, "must be >= 1",
-                 "use e.g. 8")
-        _require(self.stats_interval >= 0, p + "stats_interval", self.stats_interval, "must be >= 0",
-                 "use 0 to turn statistics off")
-        if self.kind == "sepllm":
-            _require(bool(self.separators), p + "separators", self.separators, "is empty for kind sepllm",
-                     "list separator strings or ids, or use kind streamingllm")
-
-    def layer_windows(self, num_layers: int, seq_len: int) -> list[int | None]:
-        """Window per layer; None marks a dense layer."""
-        if self.kind == "dense":
-            return [None] * num_layers
-        windows = list(self.window) if isinstance(self.window, list) else [self.window] * num_layers
-        dense = {"none": set(), "H": {0}, "HT": {0, num_layers - 1},
-                 "HMT": {0, num_layers // 2, num_layers - 1}}[self.hybrid]
-        return [None if (i in dense or w >= seq_len) else w for i, w in enumerate(windows)]
+from ..errors import ConfigError  # noqa: F401 (re-exported)
+from .model_config import AttentionConfig, BlockParts, ModelConfig, _require  # noqa: F401 (re-exported)
 
 
 @dataclass
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    cp: int = 1  # context parallel: the sequence split over cp ranks, heads swapped in around attention
+    cp: int = (
+        1  # context parallel: the sequence split over cp ranks, heads swapped in around attention
+    )
     dp: Union[int, Literal["auto"]] = "auto"  # auto: world / (tp * pp * cp)
     sequence_parallel: bool = False
     schedule: Literal["1f1b", "interleaved", "gpipe"] = "1f1b"
@@ -201,8 +32,12 @@ class ParallelConfig:
     # 1: shard fp32 master weights and Adam states over data-parallel ranks; 2: also gradients; 3: also the
     # weights (2 and 3 with engine: deepspeed)
     zero: int = 0
-    offload: Literal["none", "optimizer", "optimizer+params"] = "none"  # to CPU memory (engine: deepspeed)
-    deepspeed: Optional[dict] = None  # keys merged over the DeepSpeed config generated from this one (experts)
+    offload: Literal["none", "optimizer", "optimizer+params"] = (
+        "none"  # to CPU memory (engine: deepspeed)
+    )
+    deepspeed: Optional[dict] = (
+        None  # keys merged over the DeepSpeed config generated from this one (experts)
+    )
     bucket_mb: float = 25.0  # gradient all-reduce bucket size
 
     def check(self) -> None:
@@ -210,12 +45,24 @@ class ParallelConfig:
         for k in ("tp", "pp", "cp", "virtual_stages"):
             v = getattr(self, k)
             _require(v >= 1, p + k, v, "must be >= 1", "use a positive integer")
-        _require(self.dp == "auto" or self.dp >= 1, p + "dp", self.dp, "must be >= 1 or auto", "use auto")
-        _require(self.zero in (0, 1, 2, 3), p + "zero", self.zero, "must be 0, 1, 2 or 3",
-                 "use 1 to shard optimizer state (2 and 3 need parallel.engine: deepspeed)")
+        _require(
+            self.dp == "auto" or self.dp >= 1, p + "dp", self.dp, "must be >= 1 or auto", "use auto"
+        )
+        _require(
+            self.zero in (0, 1, 2, 3),
+            p + "zero",
+            self.zero,
+            "must be 0, 1, 2 or 3",
+            "use 1 to shard optimizer state (2 and 3 need parallel.engine: deepspeed)",
+        )
         _require(self.bucket_mb > 0, p + "bucket_mb", self.bucket_mb, "must be > 0", "use e.g. 25")
-        _require(self.schedule == "interleaved" or self.virtual_stages == 1, p + "virtual_stages",
-                 self.virtual_stages, "needs schedule: interleaved", "set parallel.schedule=interleaved")
+        _require(
+            self.schedule == "interleaved" or self.virtual_stages == 1,
+            p + "virtual_stages",
+            self.virtual_stages,
+            "needs schedule: interleaved",
+            "set parallel.schedule=interleaved",
+        )
 
 
 @dataclass
@@ -226,22 +73,44 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.98, 0.01, 0.01])
     seq_len: int = 256
     seed: int = 1234
-    mock: bool = False  # random tokens, no corpus or tokenizer (throughput runs); needs model.vocab_size
+    mock: bool = (
+        False  # random tokens, no corpus or tokenizer (throughput runs); needs model.vocab_size
+    )
 
     def check(self) -> None:
         p = "data."
         _require(self.seq_len >= 2, p + "seq_len", self.seq_len, "must be >= 2", "use e.g. 2048")
-        _require(len(self.split) == 3 and all(0 <= s < math.inf for s in self.split) and sum(self.split) > 0,
-                 p + "split", self.split, "must be three finite, non-negative fractions [train, valid, test]",
-                 "use e.g. [0.98, 0.01, 0.01]")
-        _require(self.split[0] > 0, p + "split", self.split, "the train fraction is 0",
-                 "give the train split a positive share")
+        _require(
+            len(self.split) == 3
+            and all(0 <= s < math.inf for s in self.split)
+            and sum(self.split) > 0,
+            p + "split",
+            self.split,
+            "must be three finite, non-negative fractions [train, valid, test]",
+            "use e.g. [0.98, 0.01, 0.01]",
+        )
+        _require(
+            self.split[0] > 0,
+            p + "split",
+            self.split,
+            "the train fraction is 0",
+            "give the train split a positive share",
+        )
         if self.weights is not None:
-            _require(len(self.weights) == len(self.paths), p + "weights", self.weights,
-                     f"has {len(self.weights)} entries for {len(self.paths)} data.paths",
-                     "give one weight per path, or null for weights proportional to size")
-            _require(all(0 <= w < math.inf for w in self.weights) and sum(self.weights) > 0, p + "weights",
-                     self.weights, "must be finite, non-negative, with a positive sum", "use e.g. [0.7, 0.3]")
+            _require(
+                len(self.weights) == len(self.paths),
+                p + "weights",
+                self.weights,
+                f"has {len(self.weights)} entries for {len(self.paths)} data.paths",
+                "give one weight per path, or null for weights proportional to size",
+            )
+            _require(
+                all(0 <= w < math.inf for w in self.weights) and sum(self.weights) > 0,
+                p + "weights",
+                self.weights,
+                "must be finite, non-negative, with a positive sum",
+                "use e.g. [0.7, 0.3]",
+            )
 
 
 @dataclass
@@ -257,26 +126,55 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0  # 0 disables clipping
-    skip_nonfinite: int = 0  # steps with a NaN/inf loss or grad norm whose update is dropped before the run stops
+    skip_nonfinite: int = (
+        0  # steps with a NaN/inf loss or grad norm whose update is dropped before the run stops
+    )
 
     def check(self) -> None:
         p = "optim."
         _require(self.lr > 0, p + "lr", self.lr, "must be > 0", "use e.g. 6e-4")
-        _require(0 <= self.min_lr <= self.lr, p + "min_lr", self.min_lr, f"must be in [0, optim.lr={self.lr}]",
-                 "use e.g. lr / 10")
-        _require(self.warmup_steps is None or self.warmup_steps >= 0, p + "warmup_steps", self.warmup_steps,
-                 "must be >= 0", "use a step count or null for warmup_fraction")
+        _require(
+            0 <= self.min_lr <= self.lr,
+            p + "min_lr",
+            self.min_lr,
+            f"must be in [0, optim.lr={self.lr}]",
+            "use e.g. lr / 10",
+        )
+        _require(
+            self.warmup_steps is None or self.warmup_steps >= 0,
+            p + "warmup_steps",
+            self.warmup_steps,
+            "must be >= 0",
+            "use a step count or null for warmup_fraction",
+        )
         for k in ("warmup_fraction", "wsd_decay_fraction"):
             v = getattr(self, k)
             _require(0 <= v <= 1, p + k, v, "must be in [0, 1]", "use e.g. 0.01")
         for k in ("beta1", "beta2"):
             v = getattr(self, k)
             _require(0 <= v < 1, p + k, v, "must be in [0, 1)", "use e.g. 0.9 / 0.95")
-        _require(self.weight_decay >= 0, p + "weight_decay", self.weight_decay, "must be >= 0", "use e.g. 0.1")
+        _require(
+            self.weight_decay >= 0,
+            p + "weight_decay",
+            self.weight_decay,
+            "must be >= 0",
+            "use e.g. 0.1",
+        )
         _require(self.eps > 0, p + "eps", self.eps, "must be > 0", "use e.g. 1e-8")
-        _require(self.clip_grad >= 0, p + "clip_grad", self.clip_grad, "must be >= 0", "use 1.0, or 0 to disable")
-        _require(self.skip_nonfinite >= 0, p + "skip_nonfinite", self.skip_nonfinite, "must be >= 0",
-                 "use 0 (stop at the first non-finite step) or a small count")
+        _require(
+            self.clip_grad >= 0,
+            p + "clip_grad",
+            self.clip_grad,
+            "must be >= 0",
+            "use 1.0, or 0 to disable",
+        )
+        _require(
+            self.skip_nonfinite >= 0,
+            p + "skip_nonfinite",
+            self.skip_nonfinite,
+            "must be >= 0",
+            "use 0 (stop at the first non-finite step) or a small count",
+        )
 
 
 @dataclass
@@ -309,16 +207,41 @@ class TrainConfig:
             _require(v >= 1, p + k, v, "must be >= 1", "use a positive integer")
         if self.global_batch_size is not None:
             gb, mb = self.global_batch_size, self.micro_batch_size
-            _require(gb >= mb and gb % mb == 0, p + "global_batch_size", gb,
-                     f"is not a multiple of train.micro_batch_size={mb}",
-                     "use a multiple of micro_batch_size (x data-parallel size)")
-        _require(bool(self.run_dir), p + "run_dir", self.run_dir, "is empty", "name a directory for the run")
-        _require(0 < self.distill_weight <= 1, p + "distill_weight", self.distill_weight, "must be in (0, 1]",
-                 "use 1 for distillation alone, or e.g. 0.5 to mix it with cross-entropy")
-        _require(self.distill_temperature > 0, p + "distill_temperature", self.distill_temperature, "must be > 0",
-                 "use 1 (the teacher's own distribution) or a softer 2")
-        _require(self.distill_from is None or bool(str(self.distill_from).strip()), p + "distill_from",
-                 self.distill_from, "is empty", "name the teacher's run dir, or leave it null")
+            _require(
+                gb >= mb and gb % mb == 0,
+                p + "global_batch_size",
+                gb,
+                f"is not a multiple of train.micro_batch_size={mb}",
+                "use a multiple of micro_batch_size (x data-parallel size)",
+            )
+        _require(
+            bool(self.run_dir),
+            p + "run_dir",
+            self.run_dir,
+            "is empty",
+            "name a directory for the run",
+        )
+        _require(
+            0 < self.distill_weight <= 1,
+            p + "distill_weight",
+            self.distill_weight,
+            "must be in (0, 1]",
+            "use 1 for distillation alone, or e.g. 0.5 to mix it with cross-entropy",
+        )
+        _require(
+            self.distill_temperature > 0,
+            p + "distill_temperature",
+            self.distill_temperature,
+            "must be > 0",
+            "use 1 (the teacher's own distribution) or a softer 2",
+        )
+        _require(
+            self.distill_from is None or bool(str(self.distill_from).strip()),
+            p + "distill_from",
+            self.distill_from,
+            "is empty",
+            "name the teacher's run dir, or leave it null",
+        )
 
     @property
     def accumulation(self) -> int:
@@ -336,10 +259,20 @@ class CheckpointConfig:
     async_save: bool = False
 
     def check(self) -> None:
-        _require(self.save_interval >= 1, "checkpoint.save_interval", self.save_interval, "must be >= 1",
-                 "use a positive step count")
-        _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1",
-                 "keep at least one checkpoint")
+        _require(
+            self.save_interval >= 1,
+            "checkpoint.save_interval",
+            self.save_interval,
+            "must be >= 1",
+            "use a positive step count",
+        )
+        _require(
+            self.keep_last >= 1,
+            "checkpoint.keep_last",
+            self.keep_last,
+            "must be >= 1",
+            "keep at least one checkpoint",
+        )
 
 
 @dataclass
@@ -352,10 +285,20 @@ class LoggingConfig:
     peak_tflops: Optional[float] = None  # None: known GPUs by name; MFU is not shown otherwise
 
     def check(self) -> None:
-        _require(self.log_interval >= 1, "logging.log_interval", self.log_interval, "must be >= 1",
-                 "use a positive step count")
-        _require(self.peak_tflops is None or self.peak_tflops > 0, "logging.peak_tflops", self.peak_tflops,
-                 "must be > 0", "use the device's dense bf16 peak, e.g. 989 for an H100")
+        _require(
+            self.log_interval >= 1,
+            "logging.log_interval",
+            self.log_interval,
+            "must be >= 1",
+            "use a positive step count",
+        )
+        _require(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            "logging.peak_tflops",
+            self.peak_tflops,
+            "must be > 0",
+            "use the device's dense bf16 peak, e.g. 989 for an H100",
+        )
 
 
 @dataclass
@@ -374,32 +317,67 @@ class Config:
             getattr(self, name).check()
         m, d, a = self.model, self.data, self.attention
         if isinstance(a.window, list):
-            _require(len(a.window) == m.num_layers, "attention.window", a.window,
-                     f"has {len(a.window)} entries for model.num_layers={m.num_layers}",
-                     "give one window per layer, or a single integer")
-        _require(d.seq_len <= m.max_position_embeddings, "data.seq_len", d.seq_len,
-                 f"exceeds model.max_position_embeddings={m.max_position_embeddings}",
-                 "lower data.seq_len or raise model.max_position_embeddings")
+            _require(
+                len(a.window) == m.num_layers,
+                "attention.window",
+                a.window,
+                f"has {len(a.window)} entries for model.num_layers={m.num_layers}",
+                "give one window per layer, or a single integer",
+            )
+        _require(
+            d.seq_len <= m.max_position_embeddings,
+            "data.seq_len",
+            d.seq_len,
+            f"exceeds model.max_position_embeddings={m.max_position_embeddings}",
+            "lower data.seq_len or raise model.max_position_embeddings",
+        )
         self._check_context_parallel()
         self._check_engine()
-        if self.train.distill_from:  # the teacher runs whole on every rank, next to an unsharded head
+        if (
+            self.train.distill_from
+        ):  # the teacher runs whole on every rank, next to an unsharded head
             for key in ("tp", "pp", "cp"):
                 value = getattr(self.parallel, key)
-                _require(value == 1, "parallel." + key, value, "is not served with train.distill_from: the "
-                         "teacher runs whole on every rank and the loss needs the student's whole logits",
-                         f"distill with data parallelism only ({key}: 1), or drop train.distill_from")
-            _require(self.parallel.engine == "native", "parallel.engine", self.parallel.engine,
-                     "is not served with train.distill_from", "use parallel.engine: native to distill")
+                _require(
+                    value == 1,
+                    "parallel." + key,
+                    value,
+                    "is not served with train.distill_from: the "
+                    "teacher runs whole on every rank and the loss needs the student's whole logits",
+                    f"distill with data parallelism only ({key}: 1), or drop train.distill_from",
+                )
+            _require(
+                self.parallel.engine == "native",
+                "parallel.engine",
+                self.parallel.engine,
+                "is not served with train.distill_from",
+                "use parallel.engine: native to distill",
+            )
         if m.subsampled:  # SUBLLM's levels select tokens over the whole sequence of one rank
             p = self.parallel
-            _require(p.cp == 1, "parallel.cp", p.cp, "does not serve a subsampling model.structure yet: the "
-                     "scorer's top-k needs the whole sequence on one rank",
-                     "use tp (+ sequence_parallel), pp and data parallelism with SUBLLM, or model.structure: null")
+            _require(
+                p.cp == 1,
+                "parallel.cp",
+                p.cp,
+                "does not serve a subsampling model.structure yet: the "
+                "scorer's top-k needs the whole sequence on one rank",
+                "use tp (+ sequence_parallel), pp and data parallelism with SUBLLM, or model.structure: null",
+            )
         if a.kind != "dense":  # what a backend cannot serve stops here, not mid-run
-            _require(m.attention_dropout == 0, "model.attention_dropout", m.attention_dropout,
-                     f"is not supported by attention.kind={a.kind}", "set it to 0")
-            _require(a.backend != "triton" or m.head_dim in (16, 32, 64, 128), "attention.backend", a.backend,
-                     f"supports head dims 16, 32, 64 and 128, not {m.head_dim}", "use backend flex or auto")
+            _require(
+                m.attention_dropout == 0,
+                "model.attention_dropout",
+                m.attention_dropout,
+                f"is not supported by attention.kind={a.kind}",
+                "set it to 0",
+            )
+            _require(
+                a.backend != "triton" or m.head_dim in (16, 32, 64, 128),
+                "attention.backend",
+                a.backend,
+                f"supports head dims 16, 32, 64 and 128, not {m.head_dim}",
+                "use backend flex or auto",
+            )
             if self.train.device == "cpu":
                 check_backend_device(a.backend, "cpu")
 
@@ -410,64 +388,130 @@ class Config:
         cp, tp = p.cp, p.tp
         if cp == 1:
             return
-        _require(seq % cp == 0, "parallel.cp", cp, f"does not divide data.seq_len={seq}",
-                 "use a cp that divides the sequence length (powers of two usually do)")
-        _require(not (p.sequence_parallel and tp > 1) or seq % (tp * cp) == 0, "parallel.cp", cp,
-                 f"x tp={tp} does not divide data.seq_len={seq}, as sequence parallelism needs",
-                 "use a sequence length divisible by tp * cp")
+        _require(
+            seq % cp == 0,
+            "parallel.cp",
+            cp,
+            f"does not divide data.seq_len={seq}",
+            "use a cp that divides the sequence length (powers of two usually do)",
+        )
+        _require(
+            not (p.sequence_parallel and tp > 1) or seq % (tp * cp) == 0,
+            "parallel.cp",
+            cp,
+            f"x tp={tp} does not divide data.seq_len={seq}, as sequence parallelism needs",
+            "use a sequence length divisible by tp * cp",
+        )
         if m.num_heads % tp or m.kv_heads % tp:
             return  # the tp rule names that one (parallel.context.resolve_layout)
         heads, kv = m.num_heads // tp, m.kv_heads // tp
-        _require(heads % cp == 0, "parallel.cp", cp, f"does not divide the {heads} query heads per tp rank "
-                 f"(model.num_heads={m.num_heads} / tp={tp})", "use tp x cp that divides model.num_heads")
-        _require(kv % cp == 0 or cp % kv == 0, "parallel.cp", cp,
-                 f"neither divides nor is a multiple of the {kv} kv heads per tp rank "
-                 f"(model.num_kv_heads={m.kv_heads} / tp={tp})",
-                 "use a cp that divides the kv heads per tp rank or is a multiple of them (then they are replicated)")
+        _require(
+            heads % cp == 0,
+            "parallel.cp",
+            cp,
+            f"does not divide the {heads} query heads per tp rank "
+            f"(model.num_heads={m.num_heads} / tp={tp})",
+            "use tp x cp that divides model.num_heads",
+        )
+        _require(
+            kv % cp == 0 or cp % kv == 0,
+            "parallel.cp",
+            cp,
+            f"neither divides nor is a multiple of the {kv} kv heads per tp rank "
+            f"(model.num_kv_heads={m.kv_heads} / tp={tp})",
+            "use a cp that divides the kv heads per tp rank or is a multiple of them (then they are replicated)",
+        )
 
     def _check_engine(self) -> None:
         """What each engine serves, before any process starts (engine/deepspeed.py says why for DeepSpeed)."""
         p, e = self.parallel, self.parallel.engine
         if e == "native":
-            _require(p.zero <= 1, "parallel.zero", p.zero, "ZeRO-2 and ZeRO-3 come from DeepSpeed",
-                     "set parallel.engine: deepspeed (pip install 'megatron-sep[deepspeed]'), or use zero 0 or 1")
-            _require(p.offload == "none", "parallel.offload", p.offload, "offload to CPU comes from DeepSpeed",
-                     "set parallel.engine: deepspeed, or offload: none")
-            _require(p.deepspeed is None, "parallel.deepspeed", p.deepspeed, "is set but parallel.engine is native",
-                     "set parallel.engine: deepspeed, or remove parallel.deepspeed")
+            _require(
+                p.zero <= 1,
+                "parallel.zero",
+                p.zero,
+                "ZeRO-2 and ZeRO-3 come from DeepSpeed",
+                "set parallel.engine: deepspeed (pip install 'megatron-sep[deepspeed]'), or use zero 0 or 1",
+            )
+            _require(
+                p.offload == "none",
+                "parallel.offload",
+                p.offload,
+                "offload to CPU comes from DeepSpeed",
+                "set parallel.engine: deepspeed, or offload: none",
+            )
+            _require(
+                p.deepspeed is None,
+                "parallel.deepspeed",
+                p.deepspeed,
+                "is set but parallel.engine is native",
+                "set parallel.engine: deepspeed, or remove parallel.deepspeed",
+            )
             return
-        for key, why in (("tp", "its gradient partitioning and norm do not see our tensor-parallel shards"),
-                         ("pp", "our pipeline schedules run their own backward passes between stages"),
-                         ("cp", "its gradient reduction does not span the context-parallel ranks")):
+        for key, why in (
+            ("tp", "its gradient partitioning and norm do not see our tensor-parallel shards"),
+            ("pp", "our pipeline schedules run their own backward passes between stages"),
+            ("cp", "its gradient reduction does not span the context-parallel ranks"),
+        ):
             value = getattr(p, key)
-            _require(value == 1, "parallel." + key, value, f"is not served by parallel.engine=deepspeed: {why}",
-                     f"use parallel.engine: native for {key} > 1 (ZeRO-1 there), or {key}: 1 with DeepSpeed")
+            _require(
+                value == 1,
+                "parallel." + key,
+                value,
+                f"is not served by parallel.engine=deepspeed: {why}",
+                f"use parallel.engine: native for {key} > 1 (ZeRO-1 there), or {key}: 1 with DeepSpeed",
+            )
         for path, ours in DEEPSPEED_OWNED.items():  # generated from our keys: one place to set each
             head, _, tail = path.partition(".")
             given = (p.deepspeed or {}).get(head)
             if given is not None and (not tail or (isinstance(given, dict) and tail in given)):
-                _require(False, "parallel.deepspeed." + path, given if not tail else given[tail],
-                         f"is generated from {ours}", f"set {ours} instead, and remove it from parallel.deepspeed")
-        _require(p.zero >= 1, "parallel.zero", p.zero, "DeepSpeed without ZeRO is plain data parallelism",
-                 "use zero 1, 2 or 3 with DeepSpeed, or parallel.engine: native")
-        _require(p.offload != "optimizer+params" or p.zero == 3, "parallel.offload", p.offload,
-                 f"offloading the weights needs ZeRO-3, not zero={p.zero}", "set parallel.zero: 3, or offload: optimizer")
-        _require(self.train.precision != "fp8", "train.precision", "fp8",
-                 "is not served by parallel.engine=deepspeed (torchao's float8 layers and ZeRO's flat buffers)",
-                 "use bf16 with DeepSpeed, or the native engine for fp8")
+                _require(
+                    False,
+                    "parallel.deepspeed." + path,
+                    given if not tail else given[tail],
+                    f"is generated from {ours}",
+                    f"set {ours} instead, and remove it from parallel.deepspeed",
+                )
+        _require(
+            p.zero >= 1,
+            "parallel.zero",
+            p.zero,
+            "DeepSpeed without ZeRO is plain data parallelism",
+            "use zero 1, 2 or 3 with DeepSpeed, or parallel.engine: native",
+        )
+        _require(
+            p.offload != "optimizer+params" or p.zero == 3,
+            "parallel.offload",
+            p.offload,
+            f"offloading the weights needs ZeRO-3, not zero={p.zero}",
+            "set parallel.zero: 3, or offload: optimizer",
+        )
+        _require(
+            self.train.precision != "fp8",
+            "train.precision",
+            "fp8",
+            "is not served by parallel.engine=deepspeed (torchao's float8 layers and ZeRO's flat buffers)",
+            "use bf16 with DeepSpeed, or the native engine for fp8",
+        )
         if p.deepspeed:  # imports DeepSpeed: only when an expert gives keys
             from .deepspeed import check_expert_keys
+
             check_expert_keys(self)
 
 
 # DeepSpeed keys that config/deepspeed.py generates from ours, or that the project's own loop replaces
 DEEPSPEED_OWNED = {
-    "train_batch_size": "train.global_batch_size", "gradient_accumulation_steps": "train.global_batch_size",
-    "train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_clipping": "optim.clip_grad",
-    "bf16": "train.precision", "bfloat16": "train.precision (DeepSpeed's other name for bf16)",
+    "train_batch_size": "train.global_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_clipping": "optim.clip_grad",
+    "bf16": "train.precision",
+    "bfloat16": "train.precision (DeepSpeed's other name for bf16)",
     "fp16": "train.precision (bf16 or fp32; fp16 loss scaling is not offered)",
-    "optimizer": "optim.* (the project builds the AdamW)", "scheduler": "optim.schedule",
-    "zero_optimization.stage": "parallel.zero", "zero_optimization.offload_optimizer": "parallel.offload",
+    "optimizer": "optim.* (the project builds the AdamW)",
+    "scheduler": "optim.schedule",
+    "zero_optimization.stage": "parallel.zero",
+    "zero_optimization.offload_optimizer": "parallel.offload",
     "zero_optimization.offload_param": "parallel.offload",
 }
 
@@ -475,8 +519,13 @@ DEEPSPEED_OWNED = {
 def check_backend_device(backend: str, device_type: str) -> None:
     """flex and triton run on CUDA (triton also under TRITON_INTERPRET=1, which the tests use)."""
     interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
-    _require(backend not in ("triton", "flex") or device_type == "cuda" or interpreted, "attention.backend",
-             backend, f"needs a CUDA device, and this run is on {device_type}", "use backend reference or auto")
+    _require(
+        backend not in ("triton", "flex") or device_type == "cuda" or interpreted,
+        "attention.backend",
+        backend,
+        f"needs a CUDA device, and this run is on {device_type}",
+        "use backend reference or auto",
+    )
 
 
 SECTIONS = ("model", "attention", "parallel", "data", "optim", "train", "checkpoint", "logging")

@@ -1,4 +1,5 @@
 """SUBLLM's structure string (model.structure): parsed and checked here, built in model/subllm.py."""
+
 from __future__ import annotations
 
 
@@ -7,14 +8,18 @@ def parse_structure(structure: str, num_layers: int) -> list[str]:
     chars = list(structure.replace(" ", ""))
     bad = sorted(set(chars) - set("T()"))
     if bad:
-        raise ValueError(f"holds {bad}: only T (a block), ( (downsample) and ) (upsample + bypass) are allowed")
+        raise ValueError(
+            f"holds {bad}: only T (a block), ( (downsample) and ) (upsample + bypass) are allowed"
+        )
     depth = 0
     for i, c in enumerate(chars):
         depth += (c == "(") - (c == ")")
         if depth < 0:
             raise ValueError(f"closes a level at character {i} that was never opened")
         if c == ")" and chars[i - 1] == "(":
-            raise ValueError(f"has an empty level () at character {i - 1}: put at least one T inside")
+            raise ValueError(
+                f"has an empty level () at character {i - 1}: put at least one T inside"
+            )
     if depth:
         raise ValueError(f"leaves {depth} level(s) open: add the matching )")
     blocks = chars.count("T")

@@ -1,4 +1,5 @@
 """Conversion to and from Hugging Face transformers."""
+
 from .commands import export_hf, import_hf
 from .hf import ConversionError
 

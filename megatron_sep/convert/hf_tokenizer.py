@@ -13,6 +13,7 @@ Special pieces (pad, eos, unk, bos) are added tokens; typed in text they stay te
 get a `tokenizer_config.json` naming the generic fast class, so transformers applies no
 model-specific tokenizer (GPT-NeoX's or Llama's) on top.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,16 +61,24 @@ def _fields(buf: bytes):
         if i + size > len(buf):
             raise ValueError("the file ends inside a field")
         if wire == 2:
-            yield field, buf[i:i + size]
+            yield field, buf[i : i + size]
         elif wire == 5:
-            yield field, struct.unpack("<f", buf[i:i + 4])[0]
+            yield field, struct.unpack("<f", buf[i : i + 4])[0]
         i += size
 
 
 def read_sentencepiece(path: str | Path) -> dict:
     """Pieces (piece, score, type) and the settings that decide segmentation, with proto2 defaults."""
-    spec = {"pieces": [], "model_type": UNIGRAM, "byte_fallback": False, "suffix_whitespace": False,
-            "charsmap": b"", "dummy_prefix": True, "strip_spaces": True, "escape_spaces": True}
+    spec = {
+        "pieces": [],
+        "model_type": UNIGRAM,
+        "byte_fallback": False,
+        "suffix_whitespace": False,
+        "charsmap": b"",
+        "dummy_prefix": True,
+        "strip_spaces": True,
+        "escape_spaces": True,
+    }
     seen_trainer = False
     try:
         for field, value in _fields(Path(path).read_bytes()):
@@ -79,18 +88,29 @@ def read_sentencepiece(path: str | Path) -> dict:
             elif field == 2:  # TrainerSpec
                 seen_trainer = True
                 f = dict(_fields(value))
-                spec.update(model_type=f.get(3, UNIGRAM), byte_fallback=bool(f.get(35, 0)),
-                            suffix_whitespace=bool(f.get(24, 0)))
+                spec.update(
+                    model_type=f.get(3, UNIGRAM),
+                    byte_fallback=bool(f.get(35, 0)),
+                    suffix_whitespace=bool(f.get(24, 0)),
+                )
             elif field == 3:  # NormalizerSpec
                 f = dict(_fields(value))
-                spec.update(charsmap=f.get(2, b""), dummy_prefix=bool(f.get(3, 1)), strip_spaces=bool(f.get(4, 1)),
-                            escape_spaces=bool(f.get(5, 1)))
+                spec.update(
+                    charsmap=f.get(2, b""),
+                    dummy_prefix=bool(f.get(3, 1)),
+                    strip_spaces=bool(f.get(4, 1)),
+                    escape_spaces=bool(f.get(5, 1)),
+                )
     except (IndexError, ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a readable sentencepiece model ({e}). Fix: point at the .model file "
-                         "`megatron-sep tokenizer train` wrote") from None
+        raise ValueError(
+            f"{path} is not a readable sentencepiece model ({e}). Fix: point at the .model file "
+            "`megatron-sep tokenizer train` wrote"
+        ) from None
     if not spec["pieces"] or not seen_trainer:
-        raise ValueError(f"{path} is not a complete sentencepiece model (no pieces or no trainer settings). "
-                         "Fix: point at the .model file `megatron-sep tokenizer train` wrote")
+        raise ValueError(
+            f"{path} is not a complete sentencepiece model (no pieces or no trainer settings). "
+            "Fix: point at the .model file `megatron-sep tokenizer train` wrote"
+        )
     return spec
 
 
@@ -102,21 +122,33 @@ def sentencepiece_to_hf(model_file: str | Path):
     spec = read_sentencepiece(model_file)
     pieces = spec["pieces"]
     if spec["suffix_whitespace"] or spec["model_type"] not in (UNIGRAM, BPE):
-        raise ValueError(f"{model_file}: only bpe and unigram sentencepiece models with the whitespace as a "
-                         "prefix convert exactly. Fix: train one with `megatron-sep tokenizer train`")
+        raise ValueError(
+            f"{model_file}: only bpe and unigram sentencepiece models with the whitespace as a "
+            "prefix convert exactly. Fix: train one with `megatron-sep tokenizer train`"
+        )
     unk = next(i for i, (_, _, t) in enumerate(pieces) if t == UNKNOWN)
     if spec["model_type"] == BPE:
         vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
-        model = models.BPE(vocab, _bpe_merges(pieces, vocab), unk_token=pieces[unk][0],
-                           byte_fallback=spec["byte_fallback"], fuse_unk=True)
+        model = models.BPE(
+            vocab,
+            _bpe_merges(pieces, vocab),
+            unk_token=pieces[unk][0],
+            byte_fallback=spec["byte_fallback"],
+            fuse_unk=True,
+        )
     else:
-        model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=unk, byte_fallback=spec["byte_fallback"])
+        model = models.Unigram(
+            [(p, s) for p, s, _ in pieces], unk_id=unk, byte_fallback=spec["byte_fallback"]
+        )
     tok = HFTok(model)
     steps = []
     if spec["charsmap"]:
         steps.append(normalizers.Precompiled(spec["charsmap"]))
     if spec["strip_spaces"]:
-        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+        steps += [
+            normalizers.Strip(left=True, right=True),
+            normalizers.Replace(Regex(" {2,}"), " "),
+        ]
     if spec["dummy_prefix"]:
         steps.append(normalizers.Prepend(SPACE if spec["escape_spaces"] else " "))
     if spec["escape_spaces"]:
@@ -124,13 +156,20 @@ def sentencepiece_to_hf(model_file: str | Path):
     tok.normalizer = normalizers.Sequence(steps)
     symbols = sorted((p for p, _, t in pieces if t == USER_DEFINED), key=len, reverse=True)
     if symbols:
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(re.escape(s) for s in symbols)), "isolated")
+        tok.pre_tokenizer = pre_tokenizers.Split(
+            Regex("|".join(re.escape(s) for s in symbols)), "isolated"
+        )
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if spec["dummy_prefix"]:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     tok.decoder = decoders.Sequence(steps)
-    tok.add_special_tokens([AddedToken(p, special=True, normalized=False)
-                            for p, _, t in pieces if t in (CONTROL, UNKNOWN)])
+    tok.add_special_tokens(
+        [
+            AddedToken(p, special=True, normalized=False)
+            for p, _, t in pieces
+            if t in (CONTROL, UNKNOWN)
+        ]
+    )
     return tok
 
 
@@ -162,8 +201,15 @@ def write_hf_tokenizer(tok: Tokenizer, out: Path, model_max_length: int) -> None
     if unk is not None:
         special["unk_token"] = "<unk>"
     # sentencepiece reads a typed "<|endoftext|>" as text, the tokenizers library as the special token
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "bos_token": None,
-              "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-              "split_special_tokens": tok.kind == "sentencepiece", "model_max_length": model_max_length}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "bos_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": tok.kind == "sentencepiece",
+        "model_max_length": model_max_length,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=1))

@@ -10,6 +10,7 @@ Two layouts, both of Megatron-Core models (Megatron-LM's default since 2024):
 The fused qkv groups rows per query group as [q_0 .. q_{g-1}, k, v], which is our own layout, so it maps
 as is. Only the Llama shape imports (RMSNorm, SwiGLU, RoPE, no biases); the error names what differs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,20 @@ from .output import refuse_checkpoint_dir, save_imported
 
 LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 # Megatron-Core names (local and Transformer Engine specs) -> our per-layer names
-NAMES = {"input_layernorm.weight": "norm1.weight", "self_attention.linear_qkv.layer_norm_weight": "norm1.weight",
-         "pre_mlp_layernorm.weight": "norm2.weight", "mlp.linear_fc1.layer_norm_weight": "norm2.weight",
-         "self_attention.linear_qkv.weight": "attn.qkv.weight", "self_attention.linear_proj.weight": "attn.out.weight",
-         "mlp.linear_fc1.weight": "fc1", "mlp.linear_fc2.weight": "mlp.down.weight"}
-COLUMN, ROW = ("attn.qkv.weight", "embed.weight", "lm_head.weight"), ("attn.out.weight", "mlp.down.weight")
+NAMES = {
+    "input_layernorm.weight": "norm1.weight",
+    "self_attention.linear_qkv.layer_norm_weight": "norm1.weight",
+    "pre_mlp_layernorm.weight": "norm2.weight",
+    "mlp.linear_fc1.layer_norm_weight": "norm2.weight",
+    "self_attention.linear_qkv.weight": "attn.qkv.weight",
+    "self_attention.linear_proj.weight": "attn.out.weight",
+    "mlp.linear_fc1.weight": "fc1",
+    "mlp.linear_fc2.weight": "mlp.down.weight",
+}
+COLUMN, ROW = (
+    ("attn.qkv.weight", "embed.weight", "lm_head.weight"),
+    ("attn.out.weight", "mlp.down.weight"),
+)
 
 
 def _iteration_dir(ckpt: Path) -> Path:
@@ -39,13 +49,17 @@ def _iteration_dir(ckpt: Path) -> Path:
     if tracker.is_file():
         it = tracker.read_text(errors="replace").strip()
         if it != "release" and not it.isdigit():
-            raise ConversionError(f"{tracker} holds {it[:40]!r}, not an iteration number. Fix: write the number of "
-                                  "the iter_* folder to import into it, or pass that folder")
+            raise ConversionError(
+                f"{tracker} holds {it[:40]!r}, not an iteration number. Fix: write the number of "
+                "the iter_* folder to import into it, or pass that folder"
+            )
         return ckpt / ("release" if it == "release" else f"iter_{int(it):07d}")
     if (ckpt / ".metadata").is_file() or list(ckpt.glob("mp_rank_*")):
         return ckpt
-    raise ConversionError(f"{ckpt} is not a Megatron checkpoint (no latest_checkpointed_iteration.txt, .metadata "
-                          "or mp_rank_* folders). Fix: pass the --save folder or one iter_* folder in it")
+    raise ConversionError(
+        f"{ckpt} is not a Megatron checkpoint (no latest_checkpointed_iteration.txt, .metadata "
+        "or mp_rank_* folders). Fix: pass the --save folder or one iter_* folder in it"
+    )
 
 
 class _StandIn:
@@ -65,14 +79,20 @@ def _torch_load(path: Path) -> dict:
     loading blocks (os, subprocess, ...) stay refused, so no code from the file runs."""
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        allowed = [argparse.Namespace if n == "argparse.Namespace" else
-                   (type(n.rsplit(".", 1)[-1], (_StandIn,), {"__module__": "stand_in"}), n) for n in names]
+        allowed = [
+            argparse.Namespace
+            if n == "argparse.Namespace"
+            else (type(n.rsplit(".", 1)[-1], (_StandIn,), {"__module__": "stand_in"}), n)
+            for n in names
+        ]
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConversionError(f"{path} cannot be read ({first_line(e).split('. In PyTorch 2.6')[0]}). Fix: copy "
-                              "the checkpoint again; a file that names code to run (os, subprocess, ...) is never "
-                              "loaded") from None
+        raise ConversionError(
+            f"{path} cannot be read ({first_line(e).split('. In PyTorch 2.6')[0]}). Fix: copy "
+            "the checkpoint again; a file that names code to run (os, subprocess, ...) is never "
+            "loaded"
+        ) from None
 
 
 def read_torch_dist(step: Path) -> tuple[dict, object]:
@@ -80,23 +100,31 @@ def read_torch_dist(step: Path) -> tuple[dict, object]:
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from ..checkpoint.files import SafeReader  # DCP's index through an allow-list, as for our checkpoints
+    from ..checkpoint.files import (
+        SafeReader,
+    )  # DCP's index through an allow-list, as for our checkpoints
+
     reader = SafeReader(str(step))
     try:
         meta = reader.read_metadata()
-        state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.state_dict_metadata.items()
-                 if isinstance(v, TensorStorageMetadata) and "_extra_state" not in k}
+        state = {
+            k: torch.empty(v.size, dtype=v.properties.dtype)
+            for k, v in meta.state_dict_metadata.items()
+            if isinstance(v, TensorStorageMetadata) and "_extra_state" not in k
+        }
         with warnings.catch_warnings():  # a single-process load is intended
             warnings.simplefilter("ignore")
             load(state, storage_reader=reader)
     except Exception as e:  # a damaged .metadata or .distcp file: name it, no traceback
-        raise ConversionError(f"the torch_dist checkpoint {step} cannot be read ({first_line(e)}). Fix: copy "
-                              "its .metadata and every .distcp file again") from None
+        raise ConversionError(
+            f"the torch_dist checkpoint {step} cannot be read ({first_line(e)}). Fix: copy "
+            "its .metadata and every .distcp file again"
+        ) from None
     common = _torch_load(step / "common.pt") if (step / "common.pt").is_file() else {}
     out = {}
     for k, v in state.items():
         if k.startswith("decoder.layers."):  # stacked: [layers, ...]
-            rest = k[len("decoder.layers."):]
+            rest = k[len("decoder.layers.") :]
             for i, t in enumerate(v.unbind(0)):
                 out[f"decoder.layers.{i}.{rest}"] = t
         else:
@@ -112,28 +140,38 @@ def read_legacy(step: Path) -> tuple[dict, object]:
         if m and (d / "model_optim_rng.pt").is_file():
             ranks[(int(m.group(2) or 0), int(m.group(1)))] = d / "model_optim_rng.pt"
     if not ranks:
-        raise ConversionError(f"{step} holds no mp_rank_*/model_optim_rng.pt. Fix: pass a Megatron checkpoint")
+        raise ConversionError(
+            f"{step} holds no mp_rank_*/model_optim_rng.pt. Fix: pass a Megatron checkpoint"
+        )
     pp = 1 + max(p for p, _ in ranks)
     tp = 1 + max(t for _, t in ranks)
     if sorted(ranks) != [(p, t) for p in range(pp) for t in range(tp)]:
-        raise ConversionError(f"{step}: rank folders {sorted(ranks)} miss some (pipeline, tensor) pairs. Fix: copy "
-                              "every mp_rank_* folder")
+        raise ConversionError(
+            f"{step}: rank folders {sorted(ranks)} miss some (pipeline, tensor) pairs. Fix: copy "
+            "every mp_rank_* folder"
+        )
     out, args, offset = {}, None, 0
     for p in range(pp):
         loaded = [_torch_load(ranks[(p, t)]) for t in range(tp)]
-        for t, x in enumerate(loaded):  # Megatron saves a dict {"model": {name: tensor}, "args": ...}
+        for t, x in enumerate(
+            loaded
+        ):  # Megatron saves a dict {"model": {name: tensor}, "args": ...}
             what = x.get("model") if isinstance(x, dict) else x
             if not isinstance(what, dict) and what is not None:
                 where = "its 'model' entry" if isinstance(x, dict) else "it"
-                raise ConversionError(f"{ranks[(p, t)]} is not a Megatron checkpoint: {where} holds a "
-                                      f"{type(what).__name__}, not a mapping of tensor names to tensors. Fix: pass "
-                                      "the model_optim_rng.pt files Megatron-LM's training loop saved")
+                raise ConversionError(
+                    f"{ranks[(p, t)]} is not a Megatron checkpoint: {where} holds a "
+                    f"{type(what).__name__}, not a mapping of tensor names to tensors. Fix: pass "
+                    "the model_optim_rng.pt files Megatron-LM's training loop saved"
+                )
         args = args or loaded[0].get("args")
         shards = [x.get("model") for x in loaded]
         if any(s is None for s in shards) or "language_model" in shards[0]:
-            raise ConversionError(f"{ranks[(p, 0)]} is not a Megatron-Core model state (legacy language_model "
-                                  "layout). Fix: convert it with Megatron-LM's tools/checkpoint/convert.py "
-                                  "--saver mcore first")
+            raise ConversionError(
+                f"{ranks[(p, 0)]} is not a Megatron-Core model state (legacy language_model "
+                "layout). Fix: convert it with Megatron-LM's tools/checkpoint/convert.py "
+                "--saver mcore first"
+            )
         layers = 0
         for key in shards[0]:
             if "_extra_state" in key:
@@ -142,17 +180,24 @@ def read_legacy(step: Path) -> tuple[dict, object]:
             bad = next((t for t, x in enumerate(parts) if not isinstance(x, torch.Tensor)), None)
             if bad is not None:
                 got = "nothing" if parts[bad] is None else f"a {type(parts[bad]).__name__}"
-                raise ConversionError(f"{ranks[(p, bad)]} holds {got} for {key}, not a tensor (a damaged file, or "
-                                      "rank files of two checkpoints). Fix: copy every mp_rank_* folder of one "
-                                      "checkpoint again")
+                raise ConversionError(
+                    f"{ranks[(p, bad)]} holds {got} for {key}, not a tensor (a damaged file, or "
+                    "rank files of two checkpoints). Fix: copy every mp_rank_* folder of one "
+                    "checkpoint again"
+                )
             m = LAYER.fullmatch(key)
             if m:
                 i, name = int(m.group(1)), NAMES.get(m.group(2), m.group(2))
                 layers = max(layers, i + 1)
                 out[f"decoder.layers.{i + offset}.{name}"] = _merge(name, parts)
             else:
-                out[key] = _merge({"embedding.word_embeddings.weight": "embed.weight",
-                                   "output_layer.weight": "lm_head.weight"}.get(key, key), parts)
+                out[key] = _merge(
+                    {
+                        "embedding.word_embeddings.weight": "embed.weight",
+                        "output_layer.weight": "lm_head.weight",
+                    }.get(key, key),
+                    parts,
+                )
         offset += layers
     return out, args
 
@@ -173,38 +218,64 @@ def _merge(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
 def config_from_args(args, vocab: int, seq_len: int | None) -> dict:
     """Our raw config from Megatron's argparse args (the Llama shape only)."""
     if args is None:
-        raise ConversionError("the checkpoint holds no Megatron args (common.pt / model_optim_rng.pt 'args'), so "
-                              "its shape is unknown. Fix: pass a checkpoint saved by Megatron-LM's training loop")
+        raise ConversionError(
+            "the checkpoint holds no Megatron args (common.pt / model_optim_rng.pt 'args'), so "
+            "its shape is unknown. Fix: pass a checkpoint saved by Megatron-LM's training loop"
+        )
     a = args if isinstance(args, dict) else getattr(args, "__dict__", None)
     if not isinstance(a, dict):
-        raise ConversionError(f"the checkpoint's Megatron args are a {type(args).__name__}, not an argparse "
-                              "Namespace. Fix: pass a checkpoint saved by Megatron-LM's training loop")
+        raise ConversionError(
+            f"the checkpoint's Megatron args are a {type(args).__name__}, not an argparse "
+            "Namespace. Fix: pass a checkpoint saved by Megatron-LM's training loop"
+        )
     norm, swiglu = a.get("normalization", "LayerNorm"), a.get("swiglu", False)
     pos, bias = a.get("position_embedding_type", "learned_absolute"), a.get("add_bias_linear", True)
     if norm != "RMSNorm" or not swiglu or pos != "rope" or bias or a.get("add_qkv_bias", False):
-        raise ConversionError(f"Megatron options normalization={norm}, swiglu={swiglu}, position_embedding_type="
-                              f"{pos}, add_bias_linear={bias} cannot be imported: only the Llama shape (RMSNorm, "
-                              "SwiGLU, rope, no biases) maps onto a model here. Fix: import a Llama-shaped model")
+        raise ConversionError(
+            f"Megatron options normalization={norm}, swiglu={swiglu}, position_embedding_type="
+            f"{pos}, add_bias_linear={bias} cannot be imported: only the Llama shape (RMSNorm, "
+            "SwiGLU, rope, no biases) maps onto a model here. Fix: import a Llama-shaped model"
+        )
     heads = a["num_attention_heads"]
-    model = {"family": "llama", "num_layers": a["num_layers"], "hidden_size": a["hidden_size"], "num_heads": heads,
-             "num_kv_heads": a.get("num_query_groups") if a.get("group_query_attention") else heads,
-             "ffn_hidden_size": a.get("ffn_hidden_size") or 4 * a["hidden_size"], "vocab_size": vocab,
-             "max_position_embeddings": a.get("max_position_embeddings") or a.get("seq_length"),
-             "rotary_pct": float(a.get("rotary_percent", 1.0)), "rotary_base": float(a.get("rotary_base", 10000)),
-             "norm_eps": float(a.get("norm_epsilon", a.get("layernorm_epsilon", 1e-5))),
-             "tie_embeddings": not a.get("untie_embeddings_and_output_weights", False)}
-    return {"model": model, "attention": {"kind": "dense"}, "data": {"seq_len": seq_len or a.get("seq_length")},
-            "parallel": {"tp": a.get("tensor_model_parallel_size", 1), "pp": a.get("pipeline_model_parallel_size", 1)}}
+    model = {
+        "family": "llama",
+        "num_layers": a["num_layers"],
+        "hidden_size": a["hidden_size"],
+        "num_heads": heads,
+        "num_kv_heads": a.get("num_query_groups") if a.get("group_query_attention") else heads,
+        "ffn_hidden_size": a.get("ffn_hidden_size") or 4 * a["hidden_size"],
+        "vocab_size": vocab,
+        "max_position_embeddings": a.get("max_position_embeddings") or a.get("seq_length"),
+        "rotary_pct": float(a.get("rotary_percent", 1.0)),
+        "rotary_base": float(a.get("rotary_base", 10000)),
+        "norm_eps": float(a.get("norm_epsilon", a.get("layernorm_epsilon", 1e-5))),
+        "tie_embeddings": not a.get("untie_embeddings_and_output_weights", False),
+    }
+    return {
+        "model": model,
+        "attention": {"kind": "dense"},
+        "data": {"seq_len": seq_len or a.get("seq_length")},
+        "parallel": {
+            "tp": a.get("tensor_model_parallel_size", 1),
+            "pp": a.get("pipeline_model_parallel_size", 1),
+        },
+    }
 
 
-def import_megatron(checkpoint: str | Path, out: str | Path, overrides=(), force: bool = False) -> Path:
+def import_megatron(
+    checkpoint: str | Path, out: str | Path, overrides=(), force: bool = False
+) -> Path:
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_dir():
-        raise ConversionError(f"--checkpoint {checkpoint} is not a folder. Fix: pass Megatron's --save folder")
+        raise ConversionError(
+            f"--checkpoint {checkpoint} is not a folder. Fix: pass Megatron's --save folder"
+        )
     refuse_checkpoint_dir(out)
     step = _iteration_dir(checkpoint)
     if not step.is_dir():
-        raise ConversionError(f"{step} (named by latest_checkpointed_iteration.txt) is missing. Fix: copy it")
+        raise ConversionError(
+            f"{step} (named by latest_checkpointed_iteration.txt) is missing. Fix: copy it"
+        )
     if (step / ".metadata").is_file():
         tensors, args = read_torch_dist(step)
         tensors = {_our_layer_name(k): v for k, v in tensors.items()}
@@ -212,13 +283,17 @@ def import_megatron(checkpoint: str | Path, out: str | Path, overrides=(), force
         tensors, args = read_legacy(step)  # already merged under our layer names
     embed = tensors.get("embedding.word_embeddings.weight")
     if embed is None:
-        raise ConversionError(f"{step} holds no embedding.word_embeddings.weight. Fix: pass a GPT checkpoint")
+        raise ConversionError(
+            f"{step} holds no embedding.word_embeddings.weight. Fix: pass a GPT checkpoint"
+        )
     vocab = getattr(args, "vocab_size", None) or embed.shape[0]
     raw = config_from_args(args, int(vocab), None)
     try:
         cfg = config_from_dict(raw, overrides)
     except ConfigError as e:
-        raise ConversionError(f"the imported config does not load ({e}). Fix: pass --set to override it") from None
+        raise ConversionError(
+            f"the imported config does not load ({e}). Fix: pass --set to override it"
+        ) from None
     state = _our_state(tensors, cfg)
     save_imported(cfg, state, out, force, str(step), "its Megatron args")
     return out
@@ -237,19 +312,44 @@ def _our_state(t: dict, cfg) -> dict:
         x = x[:V]
         return torch.cat([x, x.new_zeros(rows - V, x.shape[1])]) if rows > V else x
 
-    out = {"embed.weight": vocab_rows(t["embedding.word_embeddings.weight"]),
-           "final_norm.weight": t.get("decoder.final_layernorm.weight")}
-    out["lm_head.weight"] = out["embed.weight"] if m.tie_embeddings else vocab_rows(t["output_layer.weight"])
+    out = {
+        "embed.weight": vocab_rows(t["embedding.word_embeddings.weight"]),
+        "final_norm.weight": t.get("decoder.final_layernorm.weight"),
+    }
+    out["lm_head.weight"] = (
+        out["embed.weight"] if m.tie_embeddings else vocab_rows(t["output_layer.weight"])
+    )
     for i in range(m.num_layers):
         p = f"decoder.layers.{i}."
-        missing = [n for n in ("norm1.weight", "norm2.weight", "attn.qkv.weight", "attn.out.weight", "fc1",
-                               "mlp.down.weight") if p + n not in t]
+        missing = [
+            n
+            for n in (
+                "norm1.weight",
+                "norm2.weight",
+                "attn.qkv.weight",
+                "attn.out.weight",
+                "fc1",
+                "mlp.down.weight",
+            )
+            if p + n not in t
+        ]
         if missing:
-            raise ConversionError(f"the checkpoint lacks layer {i}'s {', '.join(missing)}: its args say "
-                                  f"{m.num_layers} layers. Fix: pass the complete checkpoint")
+            raise ConversionError(
+                f"the checkpoint lacks layer {i}'s {', '.join(missing)}: its args say "
+                f"{m.num_layers} layers. Fix: pass the complete checkpoint"
+            )
         gate, up = t[p + "fc1"].chunk(2, dim=0)
-        out.update({f"layers.{i}.{n}": t[p + n] for n in ("norm1.weight", "norm2.weight", "attn.qkv.weight",
-                                                            "attn.out.weight", "mlp.down.weight")})
+        out.update(
+            {
+                f"layers.{i}.{n}": t[p + n]
+                for n in (
+                    "norm1.weight",
+                    "norm2.weight",
+                    "attn.qkv.weight",
+                    "attn.out.weight",
+                    "mlp.down.weight",
+                )
+            }
+        )
         out[f"layers.{i}.mlp.gate.weight"], out[f"layers.{i}.mlp.up.weight"] = gate, up
     return out
-

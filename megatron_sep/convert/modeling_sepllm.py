@@ -10,22 +10,31 @@ prefill, `generate` (greedy or sampling, dynamic or static cache, right-padded b
 decoding loop all apply the same mask. Beam search and left padding are not supported.
 `SepCache` (below) is the paper's fixed-capacity cache for streaming: pass it to `generate`.
 """
+
 import inspect
 
 import torch
 import torch.nn.functional as F
 import transformers
 from packaging.version import Version
-from transformers import (AttentionInterface, DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import (
+    AttentionInterface,
+    DynamicCache,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 # Tested with `make test-hf` on 4.57.6, 5.0.0, 5.13.1 and 5.24.0. A new major may change the model
 # classes this file subclasses, so it is refused until tested.
 MIN_TRANSFORMERS, BELOW_TRANSFORMERS = "4.57.0", "6.0.0"
 if not Version(MIN_TRANSFORMERS) <= Version(transformers.__version__) < Version(BELOW_TRANSFORMERS):
-    raise ImportError(f"this SepLLM export supports transformers >={MIN_TRANSFORMERS},<{BELOW_TRANSFORMERS}, but "
-                      f"transformers {transformers.__version__} is installed. Fix: pip install "
-                      f"'transformers>={MIN_TRANSFORMERS},<{BELOW_TRANSFORMERS}'")
+    raise ImportError(
+        f"this SepLLM export supports transformers >={MIN_TRANSFORMERS},<{BELOW_TRANSFORMERS}, but "
+        f"transformers {transformers.__version__} is installed. Fix: pip install "
+        f"'transformers>={MIN_TRANSFORMERS},<{BELOW_TRANSFORMERS}'"
+    )
 
 
 class SepLLMVisibility:
@@ -56,15 +65,24 @@ class SepLLMVisibility:
         return F.pad(m, (0, key_len - m.shape[-1])) if key_len > m.shape[-1] else m
 
 
-def sepllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sepllm=None,
-                     **kwargs):
+def sepllm_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sepllm=None, **kwargs
+):
     if sepllm is None:
-        raise ValueError("SepLLM attention needs the model's own forward (it tracks separators); call the "
-                         "ForCausalLM model, not its inner layers")
+        raise ValueError(
+            "SepLLM attention needs the model's own forward (it tracks separators); call the "
+            "ForCausalLM model, not its inner layers"
+        )
     mask = sepllm.mask(module.config.sepllm["windows"][module.layer_idx], key.shape[2])
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                         dropout_p=dropout if module.training else 0.0,
-                                         enable_gqa=key.shape[1] != query.shape[1])
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        scale=scaling,
+        dropout_p=dropout if module.training else 0.0,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -75,32 +93,59 @@ class _SepLLMMixin:
     def _setup_sepllm(self):
         self.config._attn_implementation = "sepllm"
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
-                **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ):
         # transformers 5.24 renamed past_key_values to cache; named here so generate's argument check sees both
         given = cache if cache is not None else past_key_values
         if given is not None:
-            kwargs["cache" if "cache" in inspect.signature(super().forward).parameters else "past_key_values"] = given
+            kwargs[
+                "cache"
+                if "cache" in inspect.signature(super().forward).parameters
+                else "past_key_values"
+            ] = given
         if input_ids is None:
-            raise ValueError("SepLLM models find separators from token ids. Fix: pass input_ids, not inputs_embeds")
+            raise ValueError(
+                "SepLLM models find separators from token ids. Fix: pass input_ids, not inputs_embeds"
+            )
         if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("SepLLM models build their own attention mask. Fix: pass a 2D padding mask "
-                             "[batch, past + new tokens] or none")
-        name = "cache" if "cache" in kwargs else "past_key_values"  # transformers 5.24 renamed it to `cache`
+            raise ValueError(
+                "SepLLM models build their own attention mask. Fix: pass a 2D padding mask "
+                "[batch, past + new tokens] or none"
+            )
+        name = (
+            "cache" if "cache" in kwargs else "past_key_values"
+        )  # transformers 5.24 renamed it to `cache`
         cache = kwargs.get(name)
         b, s = input_ids.shape
         dev = input_ids.device
         streaming = isinstance(cache, SepCache)
         if streaming and attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("SepCache streams rows of equal length. Fix: no padding (batch 1, or equal rows)")
-        seen = cache.sepllm_seen if streaming else int(cache.get_seq_length()) if cache is not None else 0
+            raise ValueError(
+                "SepCache streams rows of equal length. Fix: no padding (batch 1, or equal rows)"
+            )
+        seen = (
+            cache.sepllm_seen
+            if streaming
+            else int(cache.get_seq_length())
+            if cache is not None
+            else 0
+        )
         past = self._past_state(cache, int(cache.get_seq_length()) if streaming else seen, b, dev)
         if attention_mask is not None:
             # positions count real tokens; a padding slot takes the last real token's id and position, so
             # after right padding the last slot's logits are that token's (what generate reads)
             valid = attention_mask[:, -s:].bool()
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:].to(dev)
-            last_real = torch.arange(s, device=dev).expand(b, s).masked_fill(~valid, 0).cummax(1).values
+            last_real = (
+                torch.arange(s, device=dev).expand(b, s).masked_fill(~valid, 0).cummax(1).values
+            )
             input_ids = input_ids.gather(1, last_real)
         else:
             valid = torch.ones_like(input_ids, dtype=torch.bool)
@@ -142,20 +187,29 @@ class _SepLLMMixin:
     @staticmethod
     def _past_state(cache, seen, b, device):
         if seen == 0:
-            return [torch.zeros(b, 0, dtype=t, device=device) for t in (torch.long, torch.bool, torch.bool)]
+            return [
+                torch.zeros(b, 0, dtype=t, device=device)
+                for t in (torch.long, torch.bool, torch.bool)
+            ]
         state = getattr(cache, "sepllm_state", None)
         if state is None or state[0].shape[1] < seen:
-            raise ValueError("this cache holds tokens that this SepLLM model did not process. Fix: pass the cache "
-                             "returned by this model, or none")
+            raise ValueError(
+                "this cache holds tokens that this SepLLM model did not process. Fix: pass the cache "
+                "returned by this model, or none"
+            )
         if state[0].shape[0] != b:
-            raise ValueError("the batch changed between calls (beam search reorders the cache). Fix: use greedy "
-                             "or sampling")
+            raise ValueError(
+                "the batch changed between calls (beam search reorders the cache). Fix: use greedy "
+                "or sampling"
+            )
         return [t[:, :seen] for t in state]  # a cropped cache (assisted decoding) drops the tail
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         mask = kwargs.get("attention_mask")
-        if mask is not None:  # keep the 2D padding mask: static caches would turn it into a 4D causal one
+        if (
+            mask is not None
+        ):  # keep the 2D padding mask: static caches would turn it into a 4D causal one
             inputs["attention_mask"] = mask
         return inputs
 
@@ -168,11 +222,15 @@ class SepCache(DynamicCache):
     model's mask; each query of a multi-token call sees the keys retained at its own step. Rotary positions
     are stream positions. The same rule as megatron_sep.inference.SepCache (tested to give the same tokens)."""
 
-    def __init__(self, init: int = 4, seps: int = 64, window: int = 256, capacity: int = 512, **kwargs):
+    def __init__(
+        self, init: int = 4, seps: int = 64, window: int = 256, capacity: int = 512, **kwargs
+    ):
         super().__init__(**kwargs)
         if min(init, seps) < 0 or window < 1 or init + seps + window >= capacity:
-            raise ValueError(f"SepCache({init}, {seps}, {window}, {capacity}): need init, seps >= 0, window >= 1 and "
-                             "init + seps + window < capacity. Fix: e.g. SepCache(4, 64, 256, 512)")
+            raise ValueError(
+                f"SepCache({init}, {seps}, {window}, {capacity}): need init, seps >= 0, window >= 1 and "
+                "init + seps + window < capacity. Fix: e.g. SepCache(4, 64, 256, 512)"
+            )
         self.sepllm_sizes = (init, seps, window, capacity)
         self.sepllm_seen, self.sepllm_sep, self.sepllm_idx = 0, None, None
 
@@ -184,7 +242,9 @@ class SepCache(DynamicCache):
         t0 = int(qpos[0])
         alive = torch.ones(b, t, dtype=torch.bool, device=pos.device)
         retained = alive[:, None, :].expand(b, s, t).clone()
-        fire = torch.full((b,), t0 + (c - (t - s)) - 1, device=pos.device)  # the step reaching capacity
+        fire = torch.full(
+            (b,), t0 + (c - (t - s)) - 1, device=pos.device
+        )  # the step reaching capacity
         while True:
             now = fire <= t0 + s - 1
             if not bool(now.any()):
@@ -203,12 +263,14 @@ class SepCache(DynamicCache):
     def plan_compaction(self, alive):
         """The columns every layer keeps after this call (rows padded to one length: equal rows only)."""
         order = torch.sort((~alive).to(torch.int8), dim=1, stable=True).indices
-        self.sepllm_idx = order[:, :int(alive.sum(1).max())]
+        self.sepllm_idx = order[:, : int(alive.sum(1).max())]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if self.sepllm_idx is not None:  # attend over everything, keep only the retained columns
-            idx = self.sepllm_idx[:, None, :, None].expand(keys.shape[0], keys.shape[1], -1, keys.shape[3])
+            idx = self.sepllm_idx[:, None, :, None].expand(
+                keys.shape[0], keys.shape[1], -1, keys.shape[3]
+            )
             layer = self.layers[layer_idx]
             layer.keys, layer.values = keys.gather(2, idx), values.gather(2, idx)
         return keys, values
@@ -251,10 +313,14 @@ class SepLLMGPTNeoXForCausalLM(_SepLLMMixin, GPTNeoXForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        if "embed_out" in self._modules:  # older transformers: one head module, named as the export names it
+        if (
+            "embed_out" in self._modules
+        ):  # older transformers: one head module, named as the export names it
             self.lm_head = self._modules.pop("embed_out")
         self._setup_sepllm()
 
     @property
     def embed_out(self):  # what older transformers' forward and get_output_embeddings read
-        return self._modules["lm_head"] if "lm_head" in self._modules else self._modules["embed_out"]
+        return (
+            self._modules["lm_head"] if "lm_head" in self._modules else self._modules["embed_out"]
+        )

@@ -1,5 +1,6 @@
 """Engines: what updates the weights of a parallelized model. Native (AdamW / ZeRO-1) and DeepSpeed answer
 one protocol; the Trainer and the checkpoint store use nothing else of them."""
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -31,11 +32,15 @@ class Engine(Protocol):
 
     def set_lr(self, lr: float) -> None: ...
 
-    def given_config(self) -> str | None: ...  # a configuration of the engine's own (DeepSpeed's JSON)
+    def given_config(
+        self,
+    ) -> str | None: ...  # a configuration of the engine's own (DeepSpeed's JSON)
 
     def weights_finite(self) -> bool: ...  # collective
 
-    def state_dict(self) -> dict: ...  # {"model": ..., "optim": ...} keyed by the plain model's names
+    def state_dict(
+        self,
+    ) -> dict: ...  # {"model": ..., "optim": ...} keyed by the plain model's names
 
     def load_state_dict(self, read, with_optimizer: bool) -> None:
         """read(state) fills a state dict in place from a checkpoint, resharded to this layout."""
@@ -44,8 +49,10 @@ class Engine(Protocol):
 def build_engine(part: Parallelized, cfg: Config, ctx: ParallelContext) -> Engine:
     if cfg.parallel.engine == "deepspeed":
         from .deepspeed import DeepSpeedEngine
+
         return DeepSpeedEngine(part, cfg, ctx)
     from .native import NativeEngine
+
     return NativeEngine(part, cfg, ctx)
 
 

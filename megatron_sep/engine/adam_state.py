@@ -4,6 +4,7 @@ Adam state follows its parameter, keyed by the plain model's name (a tensor-para
 under ZeRO-1 the data-parallel shards are gathered per bucket first (over dp x cp), so the file does not
 depend on dp or cp either.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,7 @@ def _zero_full_states(engine) -> dict:
             flats[key] = full
         for p in b.params:
             o = b.offsets[p]
-            out[names[p]] = {k: flats[k][o: o + p.numel()].view_as(p).clone() for k in flats}
+            out[names[p]] = {k: flats[k][o : o + p.numel()].view_as(p).clone() for k in flats}
     step = next((st["step"] for st in opt.opt.state.values()), torch.zeros(()))
     for v in out.values():
         v["step"] = step.detach().clone().cpu().float()
@@ -50,19 +51,32 @@ def optim_state(engine) -> dict:
     else:
         ensure_adam_state(engine)
         full = {n: {k: v for k, v in engine.opt.state[p].items()} for n, p in params.items()}
-    return {_optim_name(n, params[n]): {k: (_wrap(v, params[n], ctx) if k != "step" else v)
-                                        for k, v in st.items()} for n, st in full.items()}
+    return {
+        _optim_name(n, params[n]): {
+            k: (_wrap(v, params[n], ctx) if k != "step" else v) for k, v in st.items()
+        }
+        for n, st in full.items()
+    }
 
 
 def ensure_adam_state(engine) -> None:
     """Materialise empty Adam state so that DCP can load into it in place."""
     opt = engine.opt.opt if engine.zero else engine.opt
     on_device = opt.defaults.get("fused") or opt.defaults.get("capturable")
-    targets = [seg.master for seg in engine.opt.segments] if engine.zero else list(engine.model.parameters())
+    targets = (
+        [seg.master for seg in engine.opt.segments]
+        if engine.zero
+        else list(engine.model.parameters())
+    )
     for p in targets:
         if not opt.state.get(p):
-            opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
-                            "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            opt.state[p] = {
+                "step": torch.zeros(
+                    (), dtype=torch.float32, device=p.device if on_device else "cpu"
+                ),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
 
 
 def load_optim_state(engine, state: dict) -> None:
@@ -81,6 +95,8 @@ def load_optim_state(engine, state: dict) -> None:
         st, o = state[names[seg.param]], seg.bucket.offsets[seg.param]
         dst = engine.opt.opt.state[seg.master]
         for k in ("exp_avg", "exp_avg_sq"):
-            dst[k].copy_(_unwrap(st[k]).reshape(-1)[seg.start - o: seg.end - o])
+            dst[k].copy_(_unwrap(st[k]).reshape(-1)[seg.start - o : seg.end - o])
         dst["step"].copy_(st["step"])
-        seg.master.data.copy_(seg.bucket.data[seg.start:seg.end].float())  # masters follow the loaded weights
+        seg.master.data.copy_(
+            seg.bucket.data[seg.start : seg.end].float()
+        )  # masters follow the loaded weights

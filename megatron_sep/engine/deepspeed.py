@@ -16,6 +16,7 @@ What DeepSpeed does not serve with our layers is rejected at config load
 without ZeRO-3; so are parallel.deepspeed keys the installed DeepSpeed does not read, or values
 it cannot (`check_expert_keys`, config/deepspeed.py).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -34,8 +35,12 @@ from ..parallel.parallelize import Parallelized
 from .native import decay_groups
 
 LOAD_PART_BYTES = 1 << 30  # fp32 weights + Adam states read per part of a load, per rank
+
+
 def _shape(p) -> tuple:
-    return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape aside from its partition
+    return tuple(
+        getattr(p, "ds_shape", p.shape)
+    )  # ZeRO-3 keeps the full shape aside from its partition
 
 
 class DeepSpeedEngine:
@@ -44,7 +49,9 @@ class DeepSpeedEngine:
     def __init__(self, part: Parallelized, cfg: Config, ctx: ParallelContext):
         deepspeed = import_deepspeed()
         self.ctx, self.cfg = ctx, cfg
-        os.environ.setdefault("LOCAL_RANK", str(env_world()[2]))  # DeepSpeed asserts it; srun and one process lack it
+        os.environ.setdefault(
+            "LOCAL_RANK", str(env_world()[2])
+        )  # DeepSpeed asserts it; srun and one process lack it
         if ctx.device.type == "cuda":
             torch.cuda.set_device(ctx.device.index or 0)
         if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
@@ -55,27 +62,46 @@ class DeepSpeedEngine:
             atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
         bf16 = ctx.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
         self.ds_config = ds_config(cfg, ctx.dp, bf16)
-        self.pipe, model = part.pipe, part.model  # one stage: the same schedule code as the native engine
+        self.pipe, model = (
+            part.pipe,
+            part.model,
+        )  # one stage: the same schedule code as the native engine
         o, p = cfg.optim, cfg.parallel
         groups = decay_groups(list(model.parameters()), o.weight_decay)
-        if p.offload != "none" and ctx.device.type == "cuda":  # DeepSpeed's vectorised Adam for CPU states
+        if (
+            p.offload != "none" and ctx.device.type == "cuda"
+        ):  # DeepSpeed's vectorised Adam for CPU states
             from deepspeed.ops.adam import DeepSpeedCPUAdam
-            opt = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+
+            opt = DeepSpeedCPUAdam(
+                groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True
+            )
         else:  # on a CPU-only run the states already live on the CPU: torch's AdamW, no C++ build
             fused = ctx.device.type == "cuda" and p.offload == "none"
-            opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+            opt = torch.optim.AdamW(
+                groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused
+            )
         # ZeRO-3 calls collectives that torch marks deprecated, on every step of every rank: not the user's to fix
-        warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
-                                r"is deprecated", FutureWarning)
+        warnings.filterwarnings(
+            "ignore",
+            r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+            r"is deprecated",
+            FutureWarning,
+        )
         try:
-            self.engine, self.opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds_config,
-                                                               dist_init_required=False)
+            self.engine, self.opt, _, _ = deepspeed.initialize(
+                model=model, optimizer=opt, config=self.ds_config, dist_init_required=False
+            )
         except Exception as e:
             raise _config_problem(e) from None
         self.model = self.engine.module
-        if cfg.model.fused_loss and p.zero == 3:  # the fused loss reads lm_head.weight outside lm_head's forward
+        if (
+            cfg.model.fused_loss and p.zero == 3
+        ):  # the fused loss reads lm_head.weight outside lm_head's forward
             deepspeed.zero.register_external_parameter(self.model, self.model.lm_head.weight)
-        self.base = self.opt.optimizer  # torch's (or DeepSpeed's CPU) Adam over DeepSpeed's flat partitions
+        self.base = (
+            self.opt.optimizer
+        )  # torch's (or DeepSpeed's CPU) Adam over DeepSpeed's flat partitions
         self._ensure_states()
         self.micros = self.ds_config["gradient_accumulation_steps"]
         self.backwards = 0
@@ -84,7 +110,9 @@ class DeepSpeedEngine:
         return self.pipe.run(micro_batches, self, forward_only)
 
     def forward(self, tokens, labels, position_ids, batch):
-        return self.engine(tokens, labels, position_ids, batch)  # through DeepSpeed's module hooks (ZeRO-3)
+        return self.engine(
+            tokens, labels, position_ids, batch
+        )  # through DeepSpeed's module hooks (ZeRO-3)
 
     def before_last_backward(self) -> None:
         pass  # DeepSpeed reduces gradients in its own backward
@@ -92,7 +120,9 @@ class DeepSpeedEngine:
     def backward(self, loss) -> None:
         """DeepSpeed's documented accumulation loop: step() after every micro-batch's backward; it only counts
         the micro-steps until the last, whose step() (in self.step) updates."""
-        self.engine.backward(loss, scale_wrt_gas=False)  # the schedule already divided by the micro-batches
+        self.engine.backward(
+            loss, scale_wrt_gas=False
+        )  # the schedule already divided by the micro-batches
         self.backwards += 1
         if self.backwards < self.micros:
             self.engine.step()
@@ -122,32 +152,44 @@ class DeepSpeedEngine:
     def weights_finite(self) -> bool:
         """Collective: no rank's partition holds a NaN or inf weight."""
         parts = [getattr(p, "ds_tensor", p).detach() for p in self.model.parameters()]
-        bad = (~torch.stack([t.isfinite().all() for t in parts]).all()).float().reshape(1).to(self.ctx.device)
+        bad = (
+            (~torch.stack([t.isfinite().all() for t in parts]).all())
+            .float()
+            .reshape(1)
+            .to(self.ctx.device)
+        )
         if self.ctx.world > 1:
             dist.all_reduce(bad)
         return bad.item() == 0.0
 
     # ---- checkpoints: the plain model's names, full fp32 tensors --------------------------------
     def _named(self):
-        return list(self.model.named_parameters())  # tied weights once, as the native optimizer state
+        return list(
+            self.model.named_parameters()
+        )  # tied weights once, as the native optimizer state
 
     def _full(self, p, key=None) -> torch.Tensor:
         """Collective: the whole fp32 weight (key None) or Adam state of p, gathered from the partitions."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
         out = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
         return out.reshape(_shape(p)).float()
 
     def _ensure_states(self) -> None:
         """Adam states exist from the start (zeros, step 0, as a first step would make them), so they can be
         read before the first step and loaded into; ZeRO-1/2 then link them to the parameters' fragments."""
-        flats = getattr(self.opt, "fp32_partitioned_groups_flat", None)  # ZeRO-3: put in its groups per step
+        flats = getattr(
+            self.opt, "fp32_partitioned_groups_flat", None
+        )  # ZeRO-3: put in its groups per step
         if flats is None:
             flats = [flat for group in self.base.param_groups for flat in group["params"]]
         for flat in flats:
             st = self.base.state[flat]
             if "step" not in st:
                 on = flat.device if self.base.defaults.get("fused") else "cpu"
-                st["step"] = torch.zeros((), device=on) if isinstance(self.base, torch.optim.AdamW) else 0
+                st["step"] = (
+                    torch.zeros((), device=on) if isinstance(self.base, torch.optim.AdamW) else 0
+                )
             for key in ("exp_avg", "exp_avg_sq"):
                 if key not in st:
                     st[key] = torch.zeros_like(flat)
@@ -178,8 +220,11 @@ class DeepSpeedEngine:
             if i % world != rank:
                 continue
             model[name] = values[None].cpu()
-            optim[name] = {"exp_avg": values["exp_avg"].cpu(), "exp_avg_sq": values["exp_avg_sq"].cpu(),
-                           "step": step.clone()}
+            optim[name] = {
+                "exp_avg": values["exp_avg"].cpu(),
+                "exp_avg_sq": values["exp_avg_sq"].cpu(),
+                "step": step.clone(),
+            }
             if tied and name == "embed.weight":
                 model["lm_head.weight"] = model[name]
         return {"model": model, "optim": optim}
@@ -200,11 +245,18 @@ class DeepSpeedEngine:
 
     def _load_part(self, read, part, with_optimizer: bool):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
         shape = {n: _shape(p) for n, p in part}
         state = {"model": {n: torch.empty(shape[n]) for n, _ in part}}
         if with_optimizer:
-            state["optim"] = {n: {"exp_avg": torch.empty(shape[n]), "exp_avg_sq": torch.empty(shape[n]),
-                                  "step": torch.zeros(())} for n, _ in part}
+            state["optim"] = {
+                n: {
+                    "exp_avg": torch.empty(shape[n]),
+                    "exp_avg_sq": torch.empty(shape[n]),
+                    "step": torch.zeros(()),
+                }
+                for n, _ in part
+            }
         read(state)
         for n, p in part:
             value = state["model"][n].to(self.ctx.device)
@@ -212,12 +264,17 @@ class DeepSpeedEngine:
             self._set_weight(p, value)  # ... and the weight the model computes with
             if with_optimizer:
                 for key in ("exp_avg", "exp_avg_sq"):
-                    safe_set_full_optimizer_state(p, state["optim"][n][key].to(self.ctx.device), key)
+                    safe_set_full_optimizer_state(
+                        p, state["optim"][n][key].to(self.ctx.device), key
+                    )
         return float(state["optim"][part[0][0]]["step"]) if with_optimizer else None
 
     def _set_weight(self, p, value: torch.Tensor) -> None:
-        if hasattr(p, "ds_id"):  # ZeRO-3: gather, write on one rank, scatter back to every partition
+        if hasattr(
+            p, "ds_id"
+        ):  # ZeRO-3: gather, write on one rank, scatter back to every partition
             import deepspeed
+
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if self.ctx.rank == 0:
                     p.data.copy_(value.to(p.dtype))

@@ -1,5 +1,6 @@
 """The native engine: AdamW (or ZeRO-1 over dp x cp), gradient reduction in buckets, clipping by the global
 norm and the non-finite skip, around a model that parallel/parallelize.py already transformed."""
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,10 @@ def decays(p) -> bool:
 
 def decay_groups(params, weight_decay: float) -> list[dict]:
     """AdamW parameter groups: weight decay on the matrices only (both engines)."""
-    return [{"params": [p for p in params if decays(p)], "weight_decay": weight_decay},
-            {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if decays(p)], "weight_decay": weight_decay},
+        {"params": [p for p in params if not decays(p)], "weight_decay": 0.0},
+    ]
 
 
 class NativeEngine:
@@ -36,13 +39,17 @@ class NativeEngine:
         params = list(self.model.parameters())
         self.zero = p.zero == 1 and ctx.grad_size > 1
         manual = [self.pipe.tied_param] if self.pipe.tied_param is not None else []
-        self.sync = GradSync(params, ctx, p.bucket_mb, self.zero, manual) if ctx.grad_size > 1 else None
+        self.sync = (
+            GradSync(params, ctx, p.bucket_mb, self.zero, manual) if ctx.grad_size > 1 else None
+        )
         if self.zero:
             self.opt = ZeroAdamW(self.sync, decays, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
         else:
             groups = decay_groups(params, o.weight_decay)
             # fused on CPU too: its grad_scale / found_inf inputs carry clipping and the non-finite skip
-            self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+            self.opt = torch.optim.AdamW(
+                groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True
+            )
 
     @property
     def describe(self) -> str:

@@ -6,6 +6,7 @@ token; kept pairs as logged with each step line). Seconds are the trainer's trai
 interval's tokens over its tokens/s, so evaluation and checkpoint saves are left out; the first interval,
 which holds compilation and warm-up, is counted at the median speed of the others (a one-off cost that a
 full-length run would not notice, and that differs between attention kernels)."""
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,15 @@ def compute_curve(train: list[dict], val: list[dict], per_step: int) -> list[dic
     points = []
     for v in val:
         f, s = _at(marks, v["step"])
-        points.append({"step": v["step"], "tokens": v["step"] * per_step, "flops": f, "seconds": s,
-                       "val_loss": v["val_loss"]})
+        points.append(
+            {
+                "step": v["step"],
+                "tokens": v["step"] * per_step,
+                "flops": f,
+                "seconds": s,
+                "val_loss": v["val_loss"],
+            }
+        )
     return points
 
 
@@ -79,20 +87,29 @@ def ratios(rows: list[dict], reference: str) -> dict:
 
 def describe(rows: list[dict], reference: str, table: dict) -> list[str]:
     """Markdown lines: the ratios, with 'not reached' said plainly."""
+
     def x(v):
         return f"{v:.2f}x" if v is not None and math.isfinite(v) else "not reached"
-    lines = [f"| run | reaches {reference}'s final loss at (FLOPs / time) | {reference}'s FLOPs / run's | "
-             f"{reference}'s time / run's | {reference} needs to reach the run's final loss (FLOPs / time) |",
-             "|---|---|---|---|---|"]
+
+    lines = [
+        f"| run | reaches {reference}'s final loss at (FLOPs / time) | {reference}'s FLOPs / run's | "
+        f"{reference}'s time / run's | {reference} needs to reach the run's final loss (FLOPs / time) |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["run"] == reference:
             continue
         t = table[r["run"]]
-        at = (f"{t['flops_to_reference_loss']:.3g} / {t['seconds_to_reference_loss']:.0f} s"
-              if t["flops_to_reference_loss"] else "not reached")
-        lines.append(f"| {r['run']} | {at} | {x(t['reference_flops_over_run_flops'])} | "
-                     f"{x(t['reference_seconds_over_run_seconds'])} | {x(t['paper_form_flops'])} / "
-                     f"{x(t['paper_form_seconds'])} |")
+        at = (
+            f"{t['flops_to_reference_loss']:.3g} / {t['seconds_to_reference_loss']:.0f} s"
+            if t["flops_to_reference_loss"]
+            else "not reached"
+        )
+        lines.append(
+            f"| {r['run']} | {at} | {x(t['reference_flops_over_run_flops'])} | "
+            f"{x(t['reference_seconds_over_run_seconds'])} | {x(t['paper_form_flops'])} / "
+            f"{x(t['paper_form_seconds'])} |"
+        )
     return lines
 
 
@@ -100,6 +117,7 @@ def plot(out, rows: list[dict], reference: str):
     import matplotlib.pyplot as plt
 
     from ..inference.plots import save_figure
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     target = next(r for r in rows if r["run"] == reference)["curve"][-1]["val_loss"]
     for r in rows:
@@ -112,5 +130,11 @@ def plot(out, rows: list[dict], reference: str):
     a.set_ylabel("validation loss")
     a.set_title(f"Loss vs compute (dashed: {reference}'s final loss)")
     a.grid(alpha=0.3)
-    return save_figure(fig, b, out / "val_loss_vs_flops_time.png", xlabel="training seconds (eval, saves excluded)",
-                       ylabel="validation loss", title="Loss vs wall-clock")
+    return save_figure(
+        fig,
+        b,
+        out / "val_loss_vs_flops_time.png",
+        xlabel="training seconds (eval, saves excluded)",
+        ylabel="validation loss",
+        title="Loss vs wall-clock",
+    )

@@ -1,13 +1,17 @@
 """The sweep report's beyond-window section: loss by copy distance per run with the gap to the reference
 (dense) run and its paired bootstrap 95% interval over the same held-out sequences, and passkey accuracy by
 distance (inference/probes.py computes both)."""
+
 from __future__ import annotations
 
 
 def gap_rows(rows: list[dict], reference: str | None) -> dict:
     """Per run and copy-distance bucket: mean loss, and the gap to the reference with its 95% interval."""
     from ..inference.probes import paired_gap_ci
-    ref = next((r["copy_distance"] for r in rows if r["run"] == reference and r.get("copy_distance")), None)
+
+    ref = next(
+        (r["copy_distance"] for r in rows if r["run"] == reference and r.get("copy_distance")), None
+    )
     out = {}
     for r in rows:
         cd = r.get("copy_distance")
@@ -31,12 +35,17 @@ def lines(rows: list[dict], reference: str | None, gaps: dict) -> list[str]:
     first = next(iter(gaps.values()))
     names = [c["bucket"] for c in first]
     seqs = next(len(r["copy_distance"]["buckets"][0]["seq_sums"]) for r in rows if r["run"] in gaps)
-    out = ["", "**Beyond the window: loss by copy distance** (held-out tokens whose preceding bigram occurred "
-           "earlier in the sequence followed by the same token, bucketed by how far back that answer is from the "
-           "query; `none`: no earlier occurrence). Cells: mean loss, and for each run its gap to "
-           f"{reference} with a paired bootstrap 95% interval over the {seqs} evaluated sequences (negative: better "
-           "than the reference).", "",
-           "| run | window | " + " | ".join(f"d {n}" for n in names) + " |", "|---|---|" + "---|" * len(names)]
+    out = [
+        "",
+        "**Beyond the window: loss by copy distance** (held-out tokens whose preceding bigram occurred "
+        "earlier in the sequence followed by the same token, bucketed by how far back that answer is from the "
+        "query; `none`: no earlier occurrence). Cells: mean loss, and for each run its gap to "
+        f"{reference} with a paired bootstrap 95% interval over the {seqs} evaluated sequences (negative: better "
+        "than the reference).",
+        "",
+        "| run | window | " + " | ".join(f"d {n}" for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
     for r in rows:
         if r["run"] not in gaps:
             continue
@@ -56,13 +65,24 @@ def lines(rows: list[dict], reference: str | None, gaps: dict) -> list[str]:
     if keys:
         dists = [d["distance"] for d in keys[0]["passkey"]["distances"]]
         trials = keys[0]["passkey"]["trials"]
-        out += ["", f"**Passkey retrieval** (a 5-digit key in held-out text, d tokens before the question; greedy "
-                f"through the model's own KV cache and mask; {trials} trials per distance; exact match, chance "
-                "1e-5; first digit in brackets, chance 0.1):", "",
-                "| run | " + " | ".join(f"d={d}" for d in dists) + " |", "|---|" + "---|" * len(dists)]
+        out += [
+            "",
+            f"**Passkey retrieval** (a 5-digit key in held-out text, d tokens before the question; greedy "
+            f"through the model's own KV cache and mask; {trials} trials per distance; exact match, chance "
+            "1e-5; first digit in brackets, chance 0.1):",
+            "",
+            "| run | " + " | ".join(f"d={d}" for d in dists) + " |",
+            "|---|" + "---|" * len(dists),
+        ]
         for r in keys:
-            out.append(f"| {r['run']} | " + " | ".join(f"{d['accuracy']:.2f} ({d['first_digit']:.2f})"
-                                                    for d in r["passkey"]["distances"]) + " |")
+            out.append(
+                f"| {r['run']} | "
+                + " | ".join(
+                    f"{d['accuracy']:.2f} ({d['first_digit']:.2f})"
+                    for d in r["passkey"]["distances"]
+                )
+                + " |"
+            )
     return out
 
 
@@ -70,6 +90,7 @@ def plot(out, rows: list[dict]):
     import matplotlib.pyplot as plt
 
     from ..inference.plots import save_figure
+
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, r in enumerate(rows):
         cd = r.get("copy_distance")
@@ -83,6 +104,11 @@ def plot(out, rows: list[dict]):
         if cd.get("window"):
             ax.axvline(cd["window"], color=f"C{i}", lw=0.6, ls=":")
     ax.set_xscale("log")
-    return save_figure(fig, ax, out / "loss_by_copy_distance.png", xlabel="distance back to the copyable answer "
-                       "(tokens, log; dotted: each run's window)", ylabel="mean loss (95% interval)",
-                       title="Copyable tokens: who uses what lies beyond the window")
+    return save_figure(
+        fig,
+        ax,
+        out / "loss_by_copy_distance.png",
+        xlabel="distance back to the copyable answer (tokens, log; dotted: each run's window)",
+        ylabel="mean loss (95% interval)",
+        title="Copyable tokens: who uses what lies beyond the window",
+    )

@@ -6,6 +6,7 @@ Every run is a `megatron-sep train` process: one after another on a GPU, or seve
 finished run (its last checkpoint at train.steps) is skipped; an interrupted one resumes from its
 checkpoint, as `train` does. SWEEP/sweep.json records the budget and each run's resolved config, so a
 later invocation with other settings is refused instead of mixing two experiments in one report."""
+
 from __future__ import annotations
 
 import copy
@@ -37,7 +38,9 @@ class Plan:
     tokens: int | None
     common: dict  # overrides for every run
     runs: dict  # name -> overrides
-    reference: dict = field(default_factory=dict)  # e.g. the paper's numbers, shown next to the results
+    reference: dict = field(
+        default_factory=dict
+    )  # e.g. the paper's numbers, shown next to the results
     evals: int = 10  # validation points per run when the plan does not set train.eval_interval
 
 
@@ -45,12 +48,20 @@ def parse_tokens(text) -> int:
     """100M, 1.5B, 2e6, 300000 -> tokens."""
     m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKmMbBtT]?)\s*", str(text))
     try:
-        value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+        value = (
+            float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+        )
     except (AttributeError, ValueError):  # no match, or a number like 1.2.3
-        raise ConfigError("--tokens", text, "is not a token count", "write e.g. 50M, 1.5B or 2000000") from None
+        raise ConfigError(
+            "--tokens", text, "is not a token count", "write e.g. 50M, 1.5B or 2000000"
+        ) from None
     if not math.isfinite(value) or value > MAX_TOKENS:
-        raise ConfigError("--tokens", text, f"is beyond any training budget (more than {MAX_TOKENS:.0e} tokens)",
-                          "write e.g. 50M or 1.5B")
+        raise ConfigError(
+            "--tokens",
+            text,
+            f"is beyond any training budget (more than {MAX_TOKENS:.0e} tokens)",
+            "write e.g. 50M or 1.5B",
+        )
     if value < 1:
         raise ConfigError("--tokens", text, "must be at least 1 token", "write e.g. 50M")
     return int(value)
@@ -60,23 +71,35 @@ def _overrides(where: str, raw) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(where, raw, "must be a mapping of section.key: value", "e.g. {attention.window: 64}")
+        raise ConfigError(
+            where, raw, "must be a mapping of section.key: value", "e.g. {attention.window: 64}"
+        )
     for key in raw:
         if not isinstance(key, str) or len(key.split(".")) != 2:
-            raise ConfigError(where, key, "an override key must be section.key", "write e.g. attention.window")
+            raise ConfigError(
+                where, key, "an override key must be section.key", "write e.g. attention.window"
+            )
         if key in OWNED:
-            raise ConfigError(f"{where}.{key}", raw[key], "is set by the sweep (equal tokens, one directory "
-                              "per run)", "remove it; scale the runs with --tokens")
+            raise ConfigError(
+                f"{where}.{key}",
+                raw[key],
+                "is set by the sweep (equal tokens, one directory per run)",
+                "remove it; scale the runs with --tokens",
+            )
     return dict(raw)
 
 
 def load_plan(path: str | Path) -> Plan:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("plan", str(path), "file not found", "pass a sweep YAML, e.g. configs/experiments/")
+        raise ConfigError(
+            "plan", str(path), "file not found", "pass a sweep YAML, e.g. configs/experiments/"
+        )
     raw = read_yaml(path, "plan", "pass a sweep YAML, e.g. configs/experiments/")
     if not isinstance(raw, dict):
-        raise ConfigError("plan", str(path), "must be a mapping", f"use the keys {', '.join(PLAN_KEYS)}")
+        raise ConfigError(
+            "plan", str(path), "must be a mapping", f"use the keys {', '.join(PLAN_KEYS)}"
+        )
     unknown = [k for k in raw if k not in PLAN_KEYS]
     if unknown:
         raise ConfigError("plan", unknown, "unknown plan keys", f"use {', '.join(PLAN_KEYS)}")
@@ -84,26 +107,56 @@ def load_plan(path: str | Path) -> Plan:
     if isinstance(base, str):
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
         if not base_path.is_file():
-            raise ConfigError("plan.base", base, f"not found (looked at {base_path})", "give a config path "
-                              "relative to the plan file, or an inline mapping of sections")
-        base = read_yaml(base_path, "plan.base", "give the path of a YAML config, relative to the plan file") or {}
+            raise ConfigError(
+                "plan.base",
+                base,
+                f"not found (looked at {base_path})",
+                "give a config path relative to the plan file, or an inline mapping of sections",
+            )
+        base = (
+            read_yaml(
+                base_path, "plan.base", "give the path of a YAML config, relative to the plan file"
+            )
+            or {}
+        )
     if not isinstance(base, dict):
-        raise ConfigError("plan.base", base, "must be a config path or a mapping of sections", "see configs/")
+        raise ConfigError(
+            "plan.base", base, "must be a config path or a mapping of sections", "see configs/"
+        )
     runs = raw.get("runs")
     if not isinstance(runs, dict) or not runs:
         raise ConfigError("plan.runs", runs, "must name at least one run", "e.g. runs: {dense: {}}")
-    for where, name in [("plan.name", raw.get("name") or path.stem)] + [("plan.runs", n) for n in runs]:
+    for where, name in [("plan.name", raw.get("name") or path.stem)] + [
+        ("plan.runs", n) for n in runs
+    ]:
         if not NAME.fullmatch(str(name)):
-            raise ConfigError(where, name, "names a directory", "use letters, digits, _ . - (first a letter or digit)")
+            raise ConfigError(
+                where,
+                name,
+                "names a directory",
+                "use letters, digits, _ . - (first a letter or digit)",
+            )
     evals = raw.get("evals", 10)
-    if isinstance(evals, bool) or not isinstance(evals, int) or evals < 1:  # 0 would silently mean 10
-        raise ConfigError("plan.evals", evals, "must be a whole number >= 1: the validation points per run that "
-                          "the report's loss curves are drawn from", "write e.g. evals: 10, or leave it out (10)")
-    return Plan(name=str(raw.get("name") or path.stem), path=path, base=base,
-                tokens=parse_tokens(raw["tokens"]) if raw.get("tokens") is not None else None,
-                common=_overrides("plan.set", raw.get("set")),
-                runs={str(n): _overrides(f"plan.runs.{n}", o) for n, o in runs.items()},
-                reference=_reference(raw.get("reference")), evals=evals)
+    if (
+        isinstance(evals, bool) or not isinstance(evals, int) or evals < 1
+    ):  # 0 would silently mean 10
+        raise ConfigError(
+            "plan.evals",
+            evals,
+            "must be a whole number >= 1: the validation points per run that "
+            "the report's loss curves are drawn from",
+            "write e.g. evals: 10, or leave it out (10)",
+        )
+    return Plan(
+        name=str(raw.get("name") or path.stem),
+        path=path,
+        base=base,
+        tokens=parse_tokens(raw["tokens"]) if raw.get("tokens") is not None else None,
+        common=_overrides("plan.set", raw.get("set")),
+        runs={str(n): _overrides(f"plan.runs.{n}", o) for n, o in runs.items()},
+        reference=_reference(raw.get("reference")),
+        evals=evals,
+    )
 
 
 def _reference(raw) -> dict:
@@ -111,28 +164,53 @@ def _reference(raw) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError("plan.reference", raw, "must be a mapping of run name: number (with optional metric: "
-                          "and note: text)", "write e.g. reference: {metric: LAMBADA ppl, dense: 34.8}")
+        raise ConfigError(
+            "plan.reference",
+            raw,
+            "must be a mapping of run name: number (with optional metric: and note: text)",
+            "write e.g. reference: {metric: LAMBADA ppl, dense: 34.8}",
+        )
     for key, value in raw.items():
         text = key in ("metric", "note")
         if isinstance(value, bool) or not isinstance(value, str if text else (int, float)):
-            raise ConfigError(f"plan.reference.{key}", value, f"must be {'text' if text else 'a number'}",
-                              "write e.g. reference: {metric: LAMBADA ppl, dense: 34.8}")
+            raise ConfigError(
+                f"plan.reference.{key}",
+                value,
+                f"must be {'text' if text else 'a number'}",
+                "write e.g. reference: {metric: LAMBADA ppl, dense: 34.8}",
+            )
     return raw
 
 
-def resolve_runs(plan: Plan, tokens: int | None, out: Path, cli_set: list[str], only: list[str] | None,
-                 allow_repeat: bool = False) -> dict[str, Config]:
+def resolve_runs(
+    plan: Plan,
+    tokens: int | None,
+    out: Path,
+    cli_set: list[str],
+    only: list[str] | None,
+    allow_repeat: bool = False,
+) -> dict[str, Config]:
     """Each run's validated config: base, then plan.set, then the run's own keys, then --set."""
     from ..config.load import parse_override, set_value
+
     tokens = tokens or plan.tokens
     if tokens is None:
-        raise ConfigError("--tokens", None, "no token budget given", "pass --tokens (e.g. 50M) or set tokens: in the plan")
+        raise ConfigError(
+            "--tokens",
+            None,
+            "no token budget given",
+            "pass --tokens (e.g. 50M) or set tokens: in the plan",
+        )
     names = list(plan.runs)
     if only:
         unknown = [n for n in only if n not in plan.runs]
         if unknown:
-            raise ConfigError("--only", unknown, f"not runs of plan {plan.name}", f"choose from {', '.join(names)}")
+            raise ConfigError(
+                "--only",
+                unknown,
+                f"not runs of plan {plan.name}",
+                f"choose from {', '.join(names)}",
+            )
         names = [n for n in names if n in only]
     cli = {}
     for text in cli_set:
@@ -143,9 +221,13 @@ def resolve_runs(plan: Plan, tokens: int | None, out: Path, cli_set: list[str], 
     for name in names:
         clash = sorted(k for k in cli if k in plan.runs[name] and cli[k] != plan.runs[name][k])
         if clash:
-            raise ConfigError("--set", clash, f"conflicts with run {name!r}, which sets "
-                              f"{', '.join(f'{k}={plan.runs[name][k]!r}' for k in clash)}",
-                              "drop the --set, or leave that run out with --only")
+            raise ConfigError(
+                "--set",
+                clash,
+                f"conflicts with run {name!r}, which sets "
+                f"{', '.join(f'{k}={plan.runs[name][k]!r}' for k in clash)}",
+                "drop the --set, or leave that run out with --only",
+            )
         raw = copy.deepcopy(plan.base)
         for key, value in {**plan.common, **plan.runs[name], **cli}.items():  # later ones win
             set_value(raw, *key.split("."), value)
@@ -154,11 +236,17 @@ def resolve_runs(plan: Plan, tokens: int | None, out: Path, cli_set: list[str], 
         per_step = (t.global_batch_size or t.micro_batch_size) * cfg.data.seq_len
         t.steps = max(1, math.ceil(tokens / per_step))
         t.run_dir = str(out / "runs" / name)
-        chosen = {**plan.common, **plan.runs[name], **cli}  # the base's cadence was meant for its own length
+        chosen = {
+            **plan.common,
+            **plan.runs[name],
+            **cli,
+        }  # the base's cadence was meant for its own length
         if "train.eval_interval" not in chosen:
             t.eval_interval = max(1, t.steps // plan.evals)
         if "checkpoint.save_interval" not in chosen:
-            cfg.checkpoint.save_interval = t.eval_interval  # an interrupted run loses at most one eval's work
+            cfg.checkpoint.save_interval = (
+                t.eval_interval
+            )  # an interrupted run loses at most one eval's work
         configs[name] = cfg
     check_inputs(configs)
     if not allow_repeat:
@@ -171,11 +259,16 @@ def check_inputs(configs: dict[str, Config]) -> None:
     import torch
 
     from ..parallel import fp8
+
     for name, cfg in configs.items():
         tok = cfg.data.tokenizer
         if not cfg.data.mock and tok and not Path(tok).is_file():
-            raise ConfigError("data.tokenizer", tok, f"not found (run {name!r})", "point it at the tokenizer "
-                              "file, e.g. --set data.tokenizer=PATH")
+            raise ConfigError(
+                "data.tokenizer",
+                tok,
+                f"not found (run {name!r})",
+                "point it at the tokenizer file, e.g. --set data.tokenizer=PATH",
+            )
         if cfg.train.precision == "fp8":
             cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
             fp8.check_device(torch.device("cuda" if cuda else "cpu"))
@@ -185,6 +278,7 @@ def check_corpus(configs: dict[str, Config], tokens: int) -> None:
     """A budget beyond one pass over the training split would repeat data: refuse before any training."""
     from ..data.dataset import split_ranges
     from ..data.indexed import IndexedDataset
+
     sizes = {}  # the runs of a plan usually share one corpus: read each index once
     for name, cfg in configs.items():
         d = cfg.data
@@ -199,9 +293,13 @@ def check_corpus(configs: dict[str, Config], tokens: int) -> None:
                 sizes[key] += int(ix.doc_sizes[lo:hi].sum())
         have = sizes[key]
         if tokens > have:
-            raise ConfigError("--tokens", f"{tokens:,}", f"is more than the training split of run {name!r} holds "
-                              f"({have:,} tokens of {', '.join(d.paths)})", "lower --tokens, add data, or pass "
-                              "--allow-repeat to train on it more than once")
+            raise ConfigError(
+                "--tokens",
+                f"{tokens:,}",
+                f"is more than the training split of run {name!r} holds "
+                f"({have:,} tokens of {', '.join(d.paths)})",
+                "lower --tokens, add data, or pass --allow-repeat to train on it more than once",
+            )
 
 
 def finished_step(cfg: Config) -> int:
@@ -215,8 +313,12 @@ def finished(cfg: Config, record: dict | None) -> bool:
     if finished_step(cfg) >= cfg.train.steps:
         return True
     run = Path(cfg.train.run_dir)
-    return bool(record) and record.get("status") == "done" and (run / "metrics.jsonl").is_file() \
+    return (
+        bool(record)
+        and record.get("status") == "done"
+        and (run / "metrics.jsonl").is_file()
         and (run / "sweep_eval.json").is_file()
+    )
 
 
 class State:
@@ -227,19 +329,32 @@ class State:
         self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
         old = self.data.get("runs", {})
         if self.data and self.data.get("tokens") != tokens:
-            raise ConfigError("--tokens", tokens, f"{out} holds a sweep with a budget of {self.data.get('tokens'):,} "
-                              "tokens", "use that budget, or a new --out for a new experiment")
-        for name, cfg in configs.items():  # a run that never saved a step may take a corrected config
+            raise ConfigError(
+                "--tokens",
+                tokens,
+                f"{out} holds a sweep with a budget of {self.data.get('tokens'):,} tokens",
+                "use that budget, or a new --out for a new experiment",
+            )
+        for (
+            name,
+            cfg,
+        ) in configs.items():  # a run that never saved a step may take a corrected config
             text = dump_config(cfg)
             if name in old and old[name]["config"] != text:
                 if finished_step(cfg) > 0:
-                    raise ConfigError("--out", str(out), f"holds run {name!r} trained with another config",
-                                      "use the same plan and --set, or a new --out")
+                    raise ConfigError(
+                        "--out",
+                        str(out),
+                        f"holds run {name!r} trained with another config",
+                        "use the same plan and --set, or a new --out",
+                    )
                 old[name]["config"] = text
         self.data.update({"plan": str(plan.path), "name": plan.name, "tokens": tokens})
         self.data.setdefault("runs", {})
         for name, cfg in configs.items():
-            self.data["runs"].setdefault(name, {"config": dump_config(cfg), "wall_s": 0.0, "status": "pending"})
+            self.data["runs"].setdefault(
+                name, {"config": dump_config(cfg), "wall_s": 0.0, "status": "pending"}
+            )
         self.save()
 
     def save(self) -> None:
@@ -253,7 +368,9 @@ class State:
         self.save()
 
 
-def execute(configs: dict[str, Config], out: Path, state: State, parallel: int, echo=print) -> list[str]:
+def execute(
+    configs: dict[str, Config], out: Path, state: State, parallel: int, echo=print
+) -> list[str]:
     """Train every unfinished run; returns the names that failed."""
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -273,12 +390,17 @@ def execute(configs: dict[str, Config], out: Path, state: State, parallel: int, 
     running, failed = {}, []
     try:
         _loop(configs, out, state, parallel, echo, todo, running, failed, env)
-    except KeyboardInterrupt:  # the runs got the signal too: they save a checkpoint and exit; wait for that
+    except (
+        KeyboardInterrupt
+    ):  # the runs got the signal too: they save a checkpoint and exit; wait for that
         for name, (proc, log, t0) in running.items():
             proc.wait()
             log.close()
-            state.update(name, status="interrupted",
-                         wall_s=state.data["runs"][name]["wall_s"] + time.perf_counter() - t0)
+            state.update(
+                name,
+                status="interrupted",
+                wall_s=state.data["runs"][name]["wall_s"] + time.perf_counter() - t0,
+            )
         raise
     return failed
 
@@ -289,10 +411,17 @@ def _loop(configs, out, state, parallel, echo, todo, running, failed, env) -> No
             name, path, step = todo.pop(0)
             log = open(out / "logs" / f"{name}.log", "a")
             cmd = [sys.executable, "-m", "megatron_sep", "train", "--config", str(path)]
-            echo(f"[{name}] {'resuming from step ' + str(step) if step else 'training'} to step "
-                 f"{configs[name].train.steps}; log: {out / 'logs' / (name + '.log')}")
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if parallel == 1 else log,
-                                    stderr=subprocess.STDOUT, env=env, text=True)
+            echo(
+                f"[{name}] {'resuming from step ' + str(step) if step else 'training'} to step "
+                f"{configs[name].train.steps}; log: {out / 'logs' / (name + '.log')}"
+            )
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE if parallel == 1 else log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                text=True,
+            )
             running[name] = (proc, log, time.perf_counter())
             state.update(name, status="running", parallel=parallel)
             if parallel == 1:  # one run at a time: show its log lines as they come

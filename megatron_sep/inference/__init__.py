@@ -1,5 +1,6 @@
 """Inference: generation with a KV cache that applies the SepLLM mask (and can evict), and SepCache, the
 fixed-capacity streaming cache."""
+
 from .cache import SepKVCache
 from .generate import generate
 from .options import DecodeOptions

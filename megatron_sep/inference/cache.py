@@ -5,6 +5,7 @@ visible to later queries only if it is an initial token, a separator, or inside
 the window; once it has left the window it never comes back, so `evict=True`
 drops such entries (the streaming saving of SepLLM) without changing any output.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..config import Config
 
 
-def separators_at(cfg: Config, tokens: torch.Tensor, sep_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def separators_at(
+    cfg: Config, tokens: torch.Tensor, sep_ids: torch.Tensor, pos: torch.Tensor
+) -> torch.Tensor:
     """[b, s] separator flags of a chunk of a stream at stream positions `pos`: fixed_interval marks positions,
     the other kinds the separator token ids (models not trained as SepLLM have none)."""
     if cfg.attention.kind == "fixed_interval":
@@ -23,8 +26,13 @@ def separators_at(cfg: Config, tokens: torch.Tensor, sep_ids: torch.Tensor, pos:
     return (tokens[..., None] == sep_ids.to(tokens.device)).any(-1)
 
 
-def visible(causal: torch.Tensor, keep: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
-            window: int | None) -> torch.Tensor:
+def visible(
+    causal: torch.Tensor,
+    keep: torch.Tensor,
+    qpos: torch.Tensor,
+    kpos: torch.Tensor,
+    window: int | None,
+) -> torch.Tensor:
     """SepLLM's rule over cached keys (shapes broadcast): a causal key stays visible inside the query's window,
     and outside it only if kept (an initial token or a separator). A dense layer (window None): causal."""
     return causal if window is None else causal & (keep | (qpos - kpos < window))
@@ -36,6 +44,7 @@ GROWING = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBacken
 
 class SepKVCache:
     """The full KV cache (model/cache.py's DecodeCache), with SepLLM's eviction of what no later query sees."""
+
     rotates, levels = False, True
 
     def __init__(self, cfg: Config, sep_ids: torch.Tensor, evict: bool = False):
@@ -81,12 +90,15 @@ class SepKVCache:
         # always masked, also where one new token sees every key: the same SDPA kernel for one-token steps
         # and a speculative check of k + 1 tokens, so bf16 greedy decoding gives the same tokens both ways
         with sdpa_kernel(GROWING):
-            out = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask[:, None],
-                                                 enable_gqa=ck.shape[1] != q.shape[1])
+            out = F.scaled_dot_product_attention(
+                q, ck, cv, attn_mask=mask[:, None], enable_gqa=ck.shape[1] != q.shape[1]
+            )
         if self.evict and n is not None:
             # the next query sits at position `next_pos`: a key it cannot see, no later query sees either;
             # a column goes once no batch row needs it
-            nxt = torch.as_tensor(next_pos if self.hold is None else self.hold, device=cpos.device).reshape(-1, 1)
+            nxt = torch.as_tensor(
+                next_pos if self.hold is None else self.hold, device=cpos.device
+            ).reshape(-1, 1)
             live = (ckeep | (nxt - cpos < n)).any(0)
             ck, cv, cpos, ckeep = ck[:, :, live], cv[:, :, live], cpos[:, live], ckeep[:, live]
         self.kv[layer] = (ck, cv, cpos, ckeep)
@@ -101,7 +113,9 @@ class SepKVCache:
     def rollback(self, length: int) -> None:
         """Forget the tokens fed since mark() from position `length` on (mark's length <= length)."""
         check_rollback(self.hold, length, self.length)
-        drop = self.length - length  # the newest entries of every layer: eviction spares them while held
+        drop = (
+            self.length - length
+        )  # the newest entries of every layer: eviction spares them while held
         for i, entry in enumerate(self.kv):
             if entry is not None and drop:
                 k, v, pos, keep = entry
@@ -116,10 +130,14 @@ class SepKVCache:
 
 def check_rollback(mark: int | None, length: int, now: int) -> None:
     if mark is None:
-        raise RuntimeError("rollback() without mark(): mark the cache before feeding tokens that may be taken back")
+        raise RuntimeError(
+            "rollback() without mark(): mark the cache before feeding tokens that may be taken back"
+        )
     if not mark <= length <= now:
-        raise ValueError(f"rollback to length {length}: it must lie between the marked length {mark} and the "
-                         f"current length {now}")
+        raise ValueError(
+            f"rollback to length {length}: it must lie between the marked length {mark} and the "
+            f"current length {now}"
+        )
 
 
 PADDING = 1 << 40  # the mask position of a padded entry: no real query ever sees it
@@ -130,12 +148,15 @@ class LevelCache:
     tokens (as in training, where the level's sequence is the kept tokens in order); RoPE keeps the original
     positions. A padded entry (a batch row that kept fewer tokens this step) is stored at PADDING, where no
     real query sees it; a step in which no row keeps a token adds nothing."""
+
     rotates, levels = False, True
 
     def __init__(self, base: SepKVCache, level: int, outer_sep, index, valid):
         self.base = base
         counts = base.level_counts
-        count = counts.get(level, torch.zeros(index.shape[0], dtype=torch.long, device=index.device))
+        count = counts.get(
+            level, torch.zeros(index.shape[0], dtype=torch.long, device=index.device)
+        )
         rank = torch.cumsum(valid.long(), 1) - 1
         self.new_pos = torch.where(valid, count[:, None] + rank, torch.full_like(rank, PADDING))
         self.new_sep = torch.gather(outer_sep.expand(index.shape[0], -1), 1, index) & valid
@@ -147,4 +168,10 @@ class LevelCache:
         return self.base.attend_at(layer, q, k, v, self.new_pos, self.new_keep, self.next_pos)
 
     def level(self, level: int, index, valid) -> "LevelCache":
-        return LevelCache(self.base, level, self.new_sep, index, valid & torch.gather(self.new_pos < PADDING, 1, index))
+        return LevelCache(
+            self.base,
+            level,
+            self.new_sep,
+            index,
+            valid & torch.gather(self.new_pos < PADDING, 1, index),
+        )

@@ -16,6 +16,7 @@ and that gap was a tenth of it). Here the whole round is device work of fixed sh
 The output and its length stay on the device; the host reads the length once a round, to know when to stop.
 Without CUDA graphs the same round runs eagerly (`--cache static`), which is how the CPU tests check it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,17 @@ from .static_cache import StaticKVCache
 
 
 class DeviceRounds:
-    def __init__(self, target, draft, tkv: StaticKVCache, dkv: StaticKVCache, k: int, graphed: bool):
-        self.target, self.draft, self.tkv, self.dkv, self.k, self.graphed = target, draft, tkv, dkv, k, graphed
+    def __init__(
+        self, target, draft, tkv: StaticKVCache, dkv: StaticKVCache, k: int, graphed: bool
+    ):
+        self.target, self.draft, self.tkv, self.dkv, self.k, self.graphed = (
+            target,
+            draft,
+            tkv,
+            dkv,
+            k,
+            graphed,
+        )
         self.capacity = min(tkv.capacity, dkv.capacity)
         dev = tkv.slots.device
         self.out = torch.zeros(1, self.capacity + 1, dtype=torch.long, device=dev)
@@ -34,7 +44,9 @@ class DeviceRounds:
         self.state = torch.zeros(2, dtype=torch.long, device=dev)
         self.n, self.found = self.state[0], self.state[1]
         self.accepted = torch.zeros((), dtype=torch.long, device=dev)
-        self.eod_id = torch.full((), -1, dtype=torch.long, device=dev)  # a buffer: a graph reads it at replay
+        self.eod_id = torch.full(
+            (), -1, dtype=torch.long, device=dev
+        )  # a buffer: a graph reads it at replay
         self.graph = None
         self.two, self.checked = torch.arange(2, device=dev), torch.arange(k + 1, device=dev)
 
@@ -42,15 +54,21 @@ class DeviceRounds:
         """The caches already hold every prompt token but the last."""
         s = prompt.shape[1]
         if s < 2 or s + max_new_tokens + self.k > self.capacity:
-            raise ValueError(f"device rounds need a prompt of 2 tokens or more and caches of prompt + new + "
-                             f"{self.k} positions; got {s} + {max_new_tokens} for {self.capacity}")
+            raise ValueError(
+                f"device rounds need a prompt of 2 tokens or more and caches of prompt + new + "
+                f"{self.k} positions; got {s} + {max_new_tokens} for {self.capacity}"
+            )
         self.out[:, :s] = prompt
         self.state.copy_(torch.tensor([s, 0]))
         self.accepted.zero_()
         self.eod_id.fill_(-1 if eod_id is None else eod_id)
 
     def round(self) -> None:
-        n, k, out = self.n[None], self.k, self.out[0]  # 1-d indices: a 0-d one would be read on the host
+        n, k, out = (
+            self.n[None],
+            self.k,
+            self.out[0],
+        )  # 1-d indices: a 0-d one would be read on the host
         pos = n - 2 + self.two
         x = self.dkv.step(self.draft, out[pos][None], pos)[:, -1].argmax(-1)
         proposals = [x]
@@ -59,7 +77,9 @@ class DeviceRounds:
             proposals.append(x)
         drafted = torch.cat(proposals)
         pos = n - 1 + self.checked
-        picks = self.tkv.step(self.target, torch.cat([out[n - 1], drafted])[None], pos)[0].argmax(-1)
+        picks = self.tkv.step(self.target, torch.cat([out[n - 1], drafted])[None], pos)[0].argmax(
+            -1
+        )
         kept = (picks[:k] == drafted).long().cumprod(0).sum()
         out.index_copy_(0, n + self.checked, picks)
         self.found |= ((picks == self.eod_id) & (self.checked <= kept)).any().long()
@@ -77,5 +97,6 @@ class DeviceRounds:
             def undo():  # each warm-up from the same state: its writes stay within the caches' capacity
                 for t, s in zip((self.state, self.accepted), saved):
                     t.copy_(s)
+
             self.graph, _ = capture(self.round, undo)
         self.graph.replay()

@@ -1,5 +1,6 @@
 """Evaluating a checkpoint: validation perplexity with the training attention, loss by token position, and
 streaming perplexity through a fixed-capacity cache (SepCache, StreamingLLM) or the full cache."""
+
 from __future__ import annotations
 
 import contextlib
@@ -49,14 +50,27 @@ def loss_by_position(model, ds, iters: int, micro_batch: int, device, buckets: i
             total = nll if total is None else total + nll
     per_pos = (total / (iters * micro_batch)).cpu()
     edges = np.linspace(0, per_pos.numel(), min(buckets, per_pos.numel()) + 1).astype(int)
-    return {"per_position": per_pos.tolist(),
-            "buckets": [{"start": int(a), "end": int(b), "loss": float(per_pos[a:b].mean())}
-                        for a, b in zip(edges[:-1], edges[1:])]}
+    return {
+        "per_position": per_pos.tolist(),
+        "buckets": [
+            {"start": int(a), "end": int(b), "loss": float(per_pos[a:b].mean())}
+            for a, b in zip(edges[:-1], edges[1:])
+        ],
+    }
 
 
 @torch.no_grad()
-def streaming_perplexity(model, stream: torch.Tensor, cache: str, sizes, positions: str, chunk: int,
-                         segment: int, progress: bool = True, time_limit: float | None = None) -> dict:
+def streaming_perplexity(
+    model,
+    stream: torch.Tensor,
+    cache: str,
+    sizes,
+    positions: str,
+    chunk: int,
+    segment: int,
+    progress: bool = True,
+    time_limit: float | None = None,
+) -> dict:
     """Next-token perplexity over one long stream [n], fed `chunk` tokens at a time through the cache, per
     `segment` tokens; tokens/s; and the KV memory the cache holds, read off its tensors after every chunk.
     The stream stops early, saying why in "stopped", past `time_limit` seconds or when the device runs out of
@@ -72,16 +86,23 @@ def streaming_perplexity(model, stream: torch.Tensor, cache: str, sizes, positio
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     begin = last = time.perf_counter()
-    with autocast_for(device), tqdm(total=n, unit="tok", disable=not progress, desc=f"stream ({cache})") as bar:
+    with (
+        autocast_for(device),
+        tqdm(total=n, unit="tok", disable=not progress, desc=f"stream ({cache})") as bar,
+    ):
         for start in range(0, n, chunk):
-            piece = inputs[start:start + chunk][None]
+            piece = inputs[start : start + chunk][None]
             try:
                 logits = feed(model, kv, piece)[0].float()
             except torch.OutOfMemoryError:
                 stopped = "out of memory"
                 break
             # .cpu() waits for the device, so the time taken per chunk is real
-            nll = F.cross_entropy(logits, targets[start:start + chunk], reduction="none").double().cpu()
+            nll = (
+                F.cross_entropy(logits, targets[start : start + chunk], reduction="none")
+                .double()
+                .cpu()
+            )
             for j, value in enumerate(nll.tolist()):  # a chunk may straddle a segment boundary
                 s = (start + j) // segment
                 if s == len(seg_nll):
@@ -103,21 +124,43 @@ def streaming_perplexity(model, stream: torch.Tensor, cache: str, sizes, positio
                 break
     seconds = last - begin
     del kv  # a full cache can hold most of the device's memory: free it before the next run
-    segments = [{"start": i * segment, "tokens": c, "ppl": math.exp(t / c), "tokens_per_s": c / max(dt, 1e-9)}
-                for i, (t, c, dt) in enumerate(zip(seg_nll, seg_count, seg_time))]
+    segments = [
+        {
+            "start": i * segment,
+            "tokens": c,
+            "ppl": math.exp(t / c),
+            "tokens_per_s": c / max(dt, 1e-9),
+        }
+        for i, (t, c, dt) in enumerate(zip(seg_nll, seg_count, seg_time))
+    ]
     step = max(1, len(kv_curve) // 512)  # a readable curve, not one point per chunk
-    used = None if cache == "full" else [sizes[0], 0 if cache == "streaming" else sizes[1], *sizes[2:]]
-    return {"cache": cache, "sizes": used, "positions": "original" if cache == "full" else positions,
-            "stopped": stopped,
-            "tokens": done, "chunk": chunk, "segment": segment, "segments": segments,
-            "ppl": math.exp(sum(seg_nll) / done) if done else float("nan"),
-            "tokens_per_s": done / max(seconds, 1e-9), "seconds": seconds,
-            "peak_kv_bytes": peak, "kv_bytes": kv_curve[::step] + kv_curve[-1:],
-            "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    used = (
+        None if cache == "full" else [sizes[0], 0 if cache == "streaming" else sizes[1], *sizes[2:]]
+    )
+    return {
+        "cache": cache,
+        "sizes": used,
+        "positions": "original" if cache == "full" else positions,
+        "stopped": stopped,
+        "tokens": done,
+        "chunk": chunk,
+        "segment": segment,
+        "segments": segments,
+        "ppl": math.exp(sum(seg_nll) / done) if done else float("nan"),
+        "tokens_per_s": done / max(seconds, 1e-9),
+        "seconds": seconds,
+        "peak_kv_bytes": peak,
+        "kv_bytes": kv_curve[::step] + kv_curve[-1:],
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else None,
+    }
 
 
 @torch.no_grad()
-def block_perplexity(model, stream: torch.Tensor, seq_len: int, segment: int, micro_batch: int, device) -> dict:
+def block_perplexity(
+    model, stream: torch.Tensor, seq_len: int, segment: int, micro_batch: int, device
+) -> dict:
     """The reference for streaming: perplexity per segment with the model's training attention over consecutive
     `seq_len` blocks of the stream, each from scratch (no cache). It shows how hard each segment's text is, so a
     cache's drift is its ratio to this, not to another segment."""
@@ -126,11 +169,11 @@ def block_perplexity(model, stream: torch.Tensor, seq_len: int, segment: int, mi
     nll = torch.empty(n, dtype=torch.float64)
 
     def run(begins, length):
-        x = torch.stack([stream[b:b + length] for b in begins]).to(device)
-        y = torch.stack([stream[b + 1:b + length + 1] for b in begins]).to(device)
+        x = torch.stack([stream[b : b + length] for b in begins]).to(device)
+        y = torch.stack([stream[b + 1 : b + length + 1] for b in begins]).to(device)
         loss = F.cross_entropy(model(x).float().transpose(1, 2), y, reduction="none").double().cpu()
         for b, row in zip(begins, loss):
-            nll[b:b + length] = row
+            nll[b : b + length] = row
 
     whole = n // seq_len
     with autocast_for(device):
@@ -138,23 +181,42 @@ def block_perplexity(model, stream: torch.Tensor, seq_len: int, segment: int, mi
             run([j * seq_len for j in range(i, min(i + micro_batch, whole))], seq_len)
         if n % seq_len:
             run([whole * seq_len], n % seq_len)
-    segments = [{"start": a, "tokens": int(min(segment, n - a)), "ppl": math.exp(float(nll[a:a + segment].mean()))}
-                for a in range(0, n, segment)]
-    return {"seq_len": seq_len, "tokens": n, "segment": segment, "segments": segments,
-            "ppl": math.exp(float(nll.mean()))}
+    segments = [
+        {
+            "start": a,
+            "tokens": int(min(segment, n - a)),
+            "ppl": math.exp(float(nll[a : a + segment].mean())),
+        }
+        for a in range(0, n, segment)
+    ]
+    return {
+        "seq_len": seq_len,
+        "tokens": n,
+        "segment": segment,
+        "segments": segments,
+        "ppl": math.exp(float(nll.mean())),
+    }
 
 
 def text_tokens(path: Path, tok) -> np.ndarray:
     """A .txt file (one document) or .jsonl ("text" per line) as one token stream, documents ended by EOD."""
     ids, data = [], path.read_bytes()
     try:
-        if b"\0" in data:  # valid UTF-8, but no text holds it: a binary file (a .bin corpus, a checkpoint)
-            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
-        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as open() in text mode reads
+        if (
+            b"\0" in data
+        ):  # valid UTF-8, but no text holds it: a binary file (a .bin corpus, a checkpoint)
+            raise UnicodeDecodeError(
+                "utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte"
+            )
+        text = (
+            data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        )  # as open() in text mode reads
     except UnicodeDecodeError as e:
-        raise ValueError(f"--text {path} is a binary file, not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x})."
-                         " Fix: pass a .txt file or a .jsonl of {\"text\": ...} lines (a .bin/.idx corpus goes "
-                         "to --data PREFIX)") from None
+        raise ValueError(
+            f"--text {path} is a binary file, not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x})."
+            ' Fix: pass a .txt file or a .jsonl of {"text": ...} lines (a .bin/.idx corpus goes '
+            "to --data PREFIX)"
+        ) from None
     if path.suffix != ".jsonl":
         return np.asarray(tok.encode(text) + [tok.eod_id], dtype=np.int64)
     for n, line in enumerate(text.split("\n"), 1):
@@ -162,8 +224,10 @@ def text_tokens(path: Path, tok) -> np.ndarray:
             try:
                 doc = json.loads(line)["text"]
             except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{path} line {n} is not a JSON object with a \"text\" field. Fix: "
-                                 "one {\"text\": ...} per line, or pass a .txt file") from None
+                raise ValueError(
+                    f'{path} line {n} is not a JSON object with a "text" field. Fix: '
+                    'one {"text": ...} per line, or pass a .txt file'
+                ) from None
             ids += tok.encode(doc) + [tok.eod_id]
     return np.asarray(ids, dtype=np.int64)
 
@@ -178,18 +242,21 @@ class Rows:
         return max(0, (len(self.tokens) - 1) // self.seq_len)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1]
+        return self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1]
 
 
 def corpus_tokens(prefix: str, limit: int) -> np.ndarray:
     """The first `limit` tokens of a .bin/.idx corpus, documents in order."""
     from ..data.indexed import IndexedDataset
+
     ix = IndexedDataset(prefix)
     parts, have = [], 0
     for d in range(ix.num_docs):
         if have >= limit:
             break
-        parts.append(np.asarray(ix.get_doc(d, 0, min(int(ix.doc_sizes[d]), limit - have)), dtype=np.int64))
+        parts.append(
+            np.asarray(ix.get_doc(d, 0, min(int(ix.doc_sizes[d]), limit - have)), dtype=np.int64)
+        )
         have += len(parts[-1])
     return np.concatenate(parts)[:limit] if parts else np.zeros(0, dtype=np.int64)
 
@@ -197,12 +264,22 @@ def corpus_tokens(prefix: str, limit: int) -> np.ndarray:
 def kv_bytes(cache) -> int:
     """Bytes of the key/value tensors a cache holds now (its own tensors, not an estimate); both caches keep
     (k, v, ...) per layer."""
-    return sum(t.numel() * t.element_size() for entry in cache.kv if entry is not None for t in entry[:2])
+    return sum(
+        t.numel() * t.element_size() for entry in cache.kv if entry is not None for t in entry[:2]
+    )
 
 
 # Every file write_report may write: `eval --force` replaces these and leaves anything else in --out alone.
-EVAL_FILES = ("eval.json", "loss_by_position.png", "streaming_ppl.png", "kv_memory.png", "streaming_speed.png",
-              "streaming_ppl_ratio.png", "loss_by_distance.png", "passkey.png")
+EVAL_FILES = (
+    "eval.json",
+    "loss_by_position.png",
+    "streaming_ppl.png",
+    "kv_memory.png",
+    "streaming_speed.png",
+    "streaming_ppl_ratio.png",
+    "loss_by_distance.png",
+    "passkey.png",
+)
 
 
 def write_report(out: Path, result: dict) -> list[Path]:
@@ -210,13 +287,19 @@ def write_report(out: Path, result: dict) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     from .plots import plot_loss_by_position, plot_streaming
+
     written = [out / "eval.json"]
     if "loss_by_position" in result:
-        written.append(plot_loss_by_position(result["loss_by_position"], out / "loss_by_position.png"))
+        written.append(
+            plot_loss_by_position(result["loss_by_position"], out / "loss_by_position.png")
+        )
     if "streaming" in result:
         written += plot_streaming(result["streaming"], out, result.get("stream_reference"))
     if "probes" in result:
         from .plots import plot_loss_by_distance, plot_passkey
-        written.append(plot_loss_by_distance(result["probes"]["copy_distance"], out / "loss_by_distance.png"))
+
+        written.append(
+            plot_loss_by_distance(result["probes"]["copy_distance"], out / "loss_by_distance.png")
+        )
         written.append(plot_passkey(result["probes"]["passkey"], out / "passkey.png"))
     return written

@@ -1,4 +1,5 @@
 """Greedy and sampled generation from a project model, with a SepLLM-aware KV cache."""
+
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,14 @@ from .static_cache import StaticKVCache
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, max_new_tokens: int, opts: DecodeOptions | None = None, *,
-             output_logits: bool = False):
+def generate(
+    model,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    opts: DecodeOptions | None = None,
+    *,
+    output_logits: bool = False,
+):
     """prompt [b, s] -> [b, s + new] token ids. Stops early when every row has produced `opts.eod_id`.
 
     `opts.cache`: "full" (every key the mask can still reach; `evict` drops the others), "sep" (SepCache with
@@ -23,22 +30,32 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, opts: DecodeOptio
     """
     o = opts or DecodeOptions()
     model.eval()
-    kv = make_cache(model, o.cache, o.cache_sizes, o.positions, o.evict, capacity=prompt.shape[1] + max_new_tokens,
-                    cuda_graphs=o.cuda_graphs, batch=prompt.shape[0])
+    kv = make_cache(
+        model,
+        o.cache,
+        o.cache_sizes,
+        o.positions,
+        o.evict,
+        capacity=prompt.shape[1] + max_new_tokens,
+        cuda_graphs=o.cuda_graphs,
+        batch=prompt.shape[0],
+    )
     gen = torch.Generator(device=prompt.device).manual_seed(o.seed)
     # one buffer for the ids: a cat per step would copy them all each step (quadratic in a long stream)
     out = prompt.new_empty(prompt.shape[0], prompt.shape[1] + max_new_tokens)
-    out[:, :prompt.shape[1]] = prompt
+    out[:, : prompt.shape[1]] = prompt
     n = prompt.shape[1]
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     steps = []
     chunk = o.prefill_chunk if o.prefill_chunk > 0 else prompt.shape[1]
     for start in range(0, prompt.shape[1] - chunk, chunk):  # all but the prompt's last chunk
-        feed(model, kv, prompt[:, start:start + chunk])
-    step_input = prompt[:, (prompt.shape[1] - 1) // chunk * chunk:]
+        feed(model, kv, prompt[:, start : start + chunk])
+    step_input = prompt[:, (prompt.shape[1] - 1) // chunk * chunk :]
     for _ in range(max_new_tokens):
         logits = feed(model, kv, step_input)[:, -1].float()
-        if output_logits:  # kept only when asked: [b, vocab] per token would outgrow a bounded cache
+        if (
+            output_logits
+        ):  # kept only when asked: [b, vocab] per token would outgrow a bounded cache
             steps.append(logits)
         if o.greedy:
             nxt = logits.argmax(-1)
@@ -62,37 +79,64 @@ def feed(model, kv, tokens: torch.Tensor) -> torch.Tensor:
     return model(tokens, position_ids=kv.begin(tokens), cache=kv)
 
 
-def make_cache(model, kind: str, sizes=(4, 64, 256, 512), positions: str = "original", evict: bool = False,
-               capacity: int | None = None, cuda_graphs: bool = False, batch: int = 1):
+def make_cache(
+    model,
+    kind: str,
+    sizes=(4, 64, 256, 512),
+    positions: str = "original",
+    evict: bool = False,
+    capacity: int | None = None,
+    cuda_graphs: bool = False,
+    batch: int = 1,
+):
     """The KV cache generation and streaming evaluation decode with (see `generate`); `capacity`: the tokens
     a static cache must hold."""
     if cuda_graphs:
         if kind not in ("full", "static") or evict:
             what = "--evict" if evict else f"the {kind} cache"
-            raise ValueError(f"CUDA graphs replay steps of fixed shape, through the static cache; {what} changes "
-                             "its shape as it decodes. Fix: use the full (or static) cache without --evict, or "
-                             "drop --cuda-graphs")
+            raise ValueError(
+                f"CUDA graphs replay steps of fixed shape, through the static cache; {what} changes "
+                "its shape as it decodes. Fix: use the full (or static) cache without --evict, or "
+                "drop --cuda-graphs"
+            )
         if not model.sep_ids.is_cuda:
-            raise ValueError("CUDA graphs need the model on a CUDA device. Fix: --device cuda, or drop --cuda-graphs")
+            raise ValueError(
+                "CUDA graphs need the model on a CUDA device. Fix: --device cuda, or drop --cuda-graphs"
+            )
         from .graphs import graphed_cache
+
         return graphed_cache(model, capacity, batch)
     if kind == "static":
         if evict:
-            raise ValueError("the static cache keeps every key (--evict would change its shape). Fix: use --cache "
-                             "full with --evict, or drop --evict")
+            raise ValueError(
+                "the static cache keeps every key (--evict would change its shape). Fix: use --cache "
+                "full with --evict, or drop --evict"
+            )
         if capacity is None:
-            raise ValueError("the static cache needs its capacity: the prompt's tokens plus the new ones")
+            raise ValueError(
+                "the static cache needs its capacity: the prompt's tokens plus the new ones"
+            )
         return StaticKVCache(model.cfg, model.sep_ids, capacity, batch)
     if kind == "full":
         return SepKVCache(model.cfg, model.sep_ids, evict=evict)
     if kind not in ("sep", "streaming"):
         raise ValueError(f"cache {kind!r} is unknown; use full, sep, streaming or static")
     a, s, w, c = sizes
-    return SepCache(model.cfg, model.sep_ids, init=a, seps=0 if kind == "streaming" else s, window=w, capacity=c,
-                    positions=positions, streaming=kind == "streaming")
+    return SepCache(
+        model.cfg,
+        model.sep_ids,
+        init=a,
+        seps=0 if kind == "streaming" else s,
+        window=w,
+        capacity=c,
+        positions=positions,
+        streaming=kind == "streaming",
+    )
 
 
-def filtered_probs(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def filtered_probs(
+    logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
     """The sampling distribution [n, vocab] of logits [n, vocab]: temperature, then top-k, then top-p
     (the smallest prefix of the sorted probabilities reaching top_p)."""
     logits = logits.float() / max(temperature, 1e-6)

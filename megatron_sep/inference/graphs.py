@@ -8,6 +8,7 @@ Capturing costs a few eager steps, so the cache and its graphs stay with the mod
 next decode of a similar length replays them: only the cache's length is reset, as positions not yet written
 in a decode lie in its queries' future.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,9 @@ def graphed_cache(model, capacity: int, batch: int) -> StaticKVCache:
     of similar lengths share one), its graphs kept from earlier decodes, emptied."""
     capacity = max(256, 1 << (capacity - 1).bit_length())
     key = (capacity, batch, next(model.parameters()).dtype, model.sep_ids.device)
-    kept = model.__dict__.setdefault("_decode_graphs", Kept())  # a plain attribute: not state, not a submodule
+    kept = model.__dict__.setdefault(
+        "_decode_graphs", Kept()
+    )  # a plain attribute: not state, not a submodule
     if key not in kept:
         kv = StaticKVCache(model.cfg, model.sep_ids, capacity, batch)
         kv.graphs = GraphedSteps(model, kv)
@@ -70,7 +73,7 @@ class GraphedSteps:
         """Warm-up and capture both write the step's own keys at its own positions, which the replay writes
         again."""
         c = self.cache
-        tok, pos = tokens.clone(), c.slots[c.length:c.length + tokens.shape[1]].clone()
+        tok, pos = tokens.clone(), c.slots[c.length : c.length + tokens.shape[1]].clone()
         graph, logits = capture(lambda: self._step(tok, pos))
         return graph, tok, pos, logits
 

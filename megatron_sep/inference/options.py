@@ -1,5 +1,6 @@
 """How to decode: one record for `generate` and `speculative_generate`, so the two take the same settings
 (a benchmark or test compares them with one record) and a new setting is one field, not a parameter on each."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

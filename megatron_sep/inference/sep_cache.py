@@ -21,6 +21,7 @@ Positions: "original" caches keys rotated at their stream positions; "cache" cac
 rotates keys and queries by their slot among the valid entries at each step (StreamingLLM's shift, exact
 for one-token steps), so rotary positions never exceed the capacity.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,10 +34,21 @@ from .cache import check_rollback, separators_at, visible
 
 class SepCache:
     """The bounded SepCache (model/cache.py's DecodeCache); it serves no SUBLLM levels."""
+
     levels = False
 
-    def __init__(self, cfg: Config, sep_ids: torch.Tensor, *, init: int = 4, seps: int = 64, window: int = 256,
-                 capacity: int = 512, positions: str = "original", streaming: bool = False):
+    def __init__(
+        self,
+        cfg: Config,
+        sep_ids: torch.Tensor,
+        *,
+        init: int = 4,
+        seps: int = 64,
+        window: int = 256,
+        capacity: int = 512,
+        positions: str = "original",
+        streaming: bool = False,
+    ):
         """`streaming`: ignore separators (a StreamingLLM cache: initial tokens + window)."""
         for name, value in (("init", init), ("seps", seps), ("window", window)):
             if value < 0:
@@ -44,17 +56,25 @@ class SepCache:
         if window < 1:
             raise ValueError("SepCache window must be >= 1: the latest token is always kept")
         if init + seps + window >= capacity:
-            raise ValueError(f"SepCache capacity={capacity} must exceed init + seps + window = "
-                             f"{init + seps + window}. Fix: raise the capacity or shrink the blocks "
-                             "(the paper: init 4, seps 64, window 256, capacity 512)")
+            raise ValueError(
+                f"SepCache capacity={capacity} must exceed init + seps + window = "
+                f"{init + seps + window}. Fix: raise the capacity or shrink the blocks "
+                "(the paper: init 4, seps 64, window 256, capacity 512)"
+            )
         if positions not in ("original", "cache"):
             raise ValueError(f"SepCache positions={positions!r}: use 'original' or 'cache'")
         a, m = cfg.attention, cfg.model
-        if not streaming and a.kind != "fixed_interval" and (sep_ids is None or sep_ids.numel() == 0):
-            raise ValueError("SepCache needs separator token ids, and this model has none (it was not trained "
-                             "with attention.kind=sepllm). Fix: use a StreamingLLM cache (--cache streaming; streaming=True "
-                             "in Python) or the full cache (--cache full), or pass sep_ids resolved from the "
-                             "tokenizer (megatron_sep.data.separators)")
+        if (
+            not streaming
+            and a.kind != "fixed_interval"
+            and (sep_ids is None or sep_ids.numel() == 0)
+        ):
+            raise ValueError(
+                "SepCache needs separator token ids, and this model has none (it was not trained "
+                "with attention.kind=sepllm). Fix: use a StreamingLLM cache (--cache streaming; streaming=True "
+                "in Python) or the full cache (--cache full), or pass sep_ids resolved from the "
+                "tokenizer (megatron_sep.data.separators)"
+            )
         self.cfg, self.sep_ids, self.streaming = cfg, sep_ids, streaming
         self.init, self.seps, self.window, self.capacity = init, seps, window, capacity
         self.rotates = positions == "cache"
@@ -64,7 +84,9 @@ class SepCache:
         self.pos = self.sep = self.valid = None  # [b, L] shared column bookkeeping
         self.length = 0
         self._step = None
-        self._mark = None  # speculative decoding: the state at mark(), and each step fed since (tokens, k/v)
+        self._mark = (
+            None  # speculative decoding: the state at mark(), and each step fed since (tokens, k/v)
+        )
 
     def level(self, level: int, index, valid):
         raise ValueError("SepCache serves no SUBLLM levels (levels = False)")
@@ -79,8 +101,11 @@ class SepCache:
         b, s = tokens.shape
         dev = tokens.device
         qpos = torch.arange(self.length, self.length + s, device=dev)
-        new_sep = (torch.zeros_like(tokens, dtype=torch.bool) if self.streaming
-                   else separators_at(self.cfg, tokens, self.sep_ids, qpos))
+        new_sep = (
+            torch.zeros_like(tokens, dtype=torch.bool)
+            if self.streaming
+            else separators_at(self.cfg, tokens, self.sep_ids, qpos)
+        )
         if self.pos is None:
             self.pos = torch.empty(b, 0, dtype=torch.long, device=dev)
             self.sep = self.valid = torch.empty(b, 0, dtype=torch.bool, device=dev)
@@ -91,14 +116,21 @@ class SepCache:
         keep_mask = sep | (pos < self.mask_init)  # the model's always-visible keys
         base = retained & (pos[:, None, :] <= qpos[None, :, None])
         order = torch.sort((~alive).to(torch.int8), dim=1, stable=True).indices
-        idx = order[:, :int(alive.sum(1).max())]
+        idx = order[:, : int(alive.sum(1).max())]
         slots = None
         if self.rotates:  # slot of each column among the valid ones at the chunk's start
             slots = torch.cumsum(valid.long(), 1) - 1
         if self._mark is not None:
             self._mark["steps"].append((tokens, {}))
-        self._step = dict(qpos=qpos, pos=pos, keep=keep_mask, base=base, idx=idx, slots=slots,
-                          next=(pos.gather(1, idx), sep.gather(1, idx), alive.gather(1, idx)))
+        self._step = dict(
+            qpos=qpos,
+            pos=pos,
+            keep=keep_mask,
+            base=base,
+            idx=idx,
+            slots=slots,
+            next=(pos.gather(1, idx), sep.gather(1, idx), alive.gather(1, idx)),
+        )
         self.length += s
         return qpos
 
@@ -125,7 +157,9 @@ class SepCache:
             keep = seen & (init | local | (cand & (newer < self.seps)))
             drop = seen & ~keep & now[:, None]
             alive &= ~drop
-            later = qpos[None, :, None] > tau[:, :, None]  # [b, s, 1]: queries after the compression
+            later = (
+                qpos[None, :, None] > tau[:, :, None]
+            )  # [b, s, 1]: queries after the compression
             retained &= ~(drop[:, None, :] & later)
             # each later step adds one entry: the next compression fires when the count is back at capacity
             fire = torch.where(now, tau[:, 0] + (self.capacity - keep.sum(1)), fire)
@@ -137,16 +171,22 @@ class SepCache:
         old = self.kv[layer]
         ck = k if old is None else torch.cat([old[0], k], 2)
         cv = v if old is None else torch.cat([old[1], v], 2)
-        mask = visible(st["base"], st["keep"][:, None, :], st["qpos"][None, :, None], st["pos"][:, None, :],
-                       self.windows[layer])
+        mask = visible(
+            st["base"],
+            st["keep"][:, None, :],
+            st["qpos"][None, :, None],
+            st["pos"][:, None, :],
+            self.windows[layer],
+        )
         if self.rotates:
             slots = st["slots"]
             rk = rotate(ck.transpose(1, 2), slots, *rope).transpose(1, 2)
-            rq = rotate(q.transpose(1, 2), slots[:, -q.shape[2]:], *rope).transpose(1, 2)
+            rq = rotate(q.transpose(1, 2), slots[:, -q.shape[2] :], *rope).transpose(1, 2)
         else:
             rk, rq = ck, q
-        out = F.scaled_dot_product_attention(rq, rk, cv, attn_mask=mask[:, None],
-                                             enable_gqa=ck.shape[1] != q.shape[1])
+        out = F.scaled_dot_product_attention(
+            rq, rk, cv, attn_mask=mask[:, None], enable_gqa=ck.shape[1] != q.shape[1]
+        )
         if self._mark is not None:
             self._mark["steps"][-1][1][layer] = (k, v)
         self._store(layer, ck, cv)
@@ -159,7 +199,9 @@ class SepCache:
     def mark(self) -> None:
         """Speculative decoding: the tokens fed from here on may be taken back with rollback()."""
         self._commit()
-        self._mark = dict(state=(self.pos, self.sep, self.valid, list(self.kv), self.length), steps=[])
+        self._mark = dict(
+            state=(self.pos, self.sep, self.valid, list(self.kv), self.length), steps=[]
+        )
 
     def rollback(self, length: int) -> None:
         """Forget the tokens fed since mark() from position `length` on. A compression may have dropped
@@ -178,8 +220,11 @@ class SepCache:
         for layer in range(len(self.kv)):
             k, v = (torch.cat([kv[layer][j] for _, kv in m["steps"]], 2)[:, :, :n] for j in (0, 1))
             old = self.kv[layer]
-            self._store(layer, k if old is None else torch.cat([old[0], k], 2),
-                        v if old is None else torch.cat([old[1], v], 2))
+            self._store(
+                layer,
+                k if old is None else torch.cat([old[0], k], 2),
+                v if old is None else torch.cat([old[1], v], 2),
+            )
 
     def _commit(self):
         if self._step is not None:

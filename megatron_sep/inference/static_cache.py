@@ -6,6 +6,7 @@ tokens' positions, and attention runs over the whole buffer under the SepLLM mas
 lie in every query's future, so causality hides them; rolling back only moves the length, and the next step
 overwrites what was taken back. The masks are built once per step for each distinct window, not per layer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,20 +21,27 @@ ALIGN = 64  # buffer length multiple: SDPA's fused kernels want the mask's last 
 
 class StaticKVCache:
     """A fixed-size cache for CUDA graphs (model/cache.py's DecodeCache); one sequence of keys per layer."""
+
     rotates, levels = False, False
 
     def __init__(self, cfg: Config, sep_ids: torch.Tensor, capacity: int, batch: int = 1):
         if cfg.model.subsampled:
-            raise ValueError("the static KV cache holds one sequence of keys per layer; a SUBLLM model "
-                             "(model.structure) keeps per-level ones. Fix: use --cache full, without --cuda-graphs")
+            raise ValueError(
+                "the static KV cache holds one sequence of keys per layer; a SUBLLM model "
+                "(model.structure) keeps per-level ones. Fix: use --cache full, without --cuda-graphs"
+            )
         m, a = cfg.model, cfg.attention
         self.cfg, self.sep_ids, self.init = cfg, sep_ids, a.init_tokens
         self.windows = a.layer_windows(m.num_layers, m.max_position_embeddings)
-        self.sparse = any(w is not None for w in self.windows)  # dense layers never read the keep flags
+        self.sparse = any(
+            w is not None for w in self.windows
+        )  # dense layers never read the keep flags
         self.capacity = -(-capacity // ALIGN) * ALIGN
         self.slots = torch.arange(self.capacity, device=sep_ids.device)
         self.keep = torch.zeros(batch, self.capacity, dtype=torch.bool, device=sep_ids.device)
-        self.k = [None] * m.num_layers  # [b, kv heads, capacity, head dim], made at the first step (its dtype)
+        self.k = [
+            None
+        ] * m.num_layers  # [b, kv heads, capacity, head dim], made at the first step (its dtype)
         self.v = [None] * m.num_layers
         self.length = 0
         self.hold = None
@@ -43,9 +51,11 @@ class StaticKVCache:
     def advance(self, s: int) -> torch.Tensor:
         """Take the next s positions (host bookkeeping only); returns them, a view of `slots`."""
         if self.length + s > self.capacity:
-            raise ValueError(f"the static KV cache holds {self.capacity} positions; {s} more tokens at length "
-                             f"{self.length} do not fit. Fix: size it for the prompt plus every new token")
-        pos = self.slots[self.length:self.length + s]
+            raise ValueError(
+                f"the static KV cache holds {self.capacity} positions; {s} more tokens at length "
+                f"{self.length} do not fit. Fix: size it for the prompt plus every new token"
+            )
+        pos = self.slots[self.length : self.length + s]
         self.length += s
         return pos
 
@@ -65,12 +75,18 @@ class StaticKVCache:
         b, s = tokens.shape
         self.new_pos = pos
         if self.sparse:
-            new_keep = separators_at(self.cfg, tokens, self.sep_ids, pos) | (pos < self.init)[None, :]
+            new_keep = (
+                separators_at(self.cfg, tokens, self.sep_ids, pos) | (pos < self.init)[None, :]
+            )
             self.keep.index_copy_(1, pos, new_keep.expand(b, s))
         qpos, kpos = pos[:, None], self.slots[None, :]
         causal = kpos <= qpos  # [s, capacity]
-        self.masks = {w: visible(causal, self.keep[:, None, :], qpos, kpos, w).expand(b, s, self.capacity)[:, None]
-                      for w in set(self.windows)}
+        self.masks = {
+            w: visible(causal, self.keep[:, None, :], qpos, kpos, w).expand(b, s, self.capacity)[
+                :, None
+            ]
+            for w in set(self.windows)
+        }
 
     def level(self, level: int, index, valid):
         raise ValueError("the static KV cache serves no SUBLLM levels (levels = False)")
@@ -86,9 +102,12 @@ class StaticKVCache:
         w = self.windows[layer]
         mask = self.masks[w]
         if mask.dtype == torch.bool:  # once per step and window: SDPA would do this in every layer
-            mask = self.masks[w] = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-                ~mask, float("-inf"))
-        return F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask, enable_gqa=ck.shape[1] != q.shape[1])
+            mask = self.masks[w] = torch.zeros(
+                mask.shape, dtype=q.dtype, device=q.device
+            ).masked_fill_(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(
+            q, ck, cv, attn_mask=mask, enable_gqa=ck.shape[1] != q.shape[1]
+        )
 
     def mark(self) -> None:
         """Speculative decoding: the tokens fed from here on may be taken back with rollback()."""

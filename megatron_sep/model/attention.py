@@ -5,6 +5,7 @@ q [b, hq, s, d], k/v [b, hk, s, d] -> [b, hq, s, d]. `batch` is the micro-batch'
 `AttentionBatch` (`prepare_batch`): `is_sep`, `segment_ids` and the sparse plan, computed
 once outside compiled code and shared by every layer and pipeline stage.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,13 +34,20 @@ def prepare_batch(cfg: Config, tokens: torch.Tensor, sep_ids: torch.Tensor) -> A
     return planned_batch(cfg, inputs["is_sep"], inputs.get("segment_ids"))
 
 
-def planned_batch(cfg: Config, is_sep: torch.Tensor, segment_ids: torch.Tensor | None) -> AttentionBatch:
+def planned_batch(
+    cfg: Config, is_sep: torch.Tensor, segment_ids: torch.Tensor | None
+) -> AttentionBatch:
     a, s = cfg.attention, is_sep.shape[1]
-    windows = [w or DENSE for w in a.layer_windows(cfg.model.num_layers, cfg.model.max_position_embeddings)
-               if (w is not None and w < s) or a.reset_per_document]
+    windows = [
+        w or DENSE
+        for w in a.layer_windows(cfg.model.num_layers, cfg.model.max_position_embeddings)
+        if (w is not None and w < s) or a.reset_per_document
+    ]
     plan = None
     if windows:
-        plan = fused_ops.plan_for(is_sep, a.init_tokens, windows, a.backend, segment_ids, cfg.model.head_dim)
+        plan = fused_ops.plan_for(
+            is_sep, a.init_tokens, windows, a.backend, segment_ids, cfg.model.head_dim
+        )
     return AttentionBatch(is_sep=is_sep, segment_ids=segment_ids, plan=plan)
 
 
@@ -53,8 +61,9 @@ def subsample_batch(cfg: Config, batch: AttentionBatch, index: torch.Tensor) -> 
 
 
 def dense_causal(q, k, v, batch, dropout=0.0):
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+    )
 
 
 def build_core_attention(cfg: Config, layer: int):
@@ -65,11 +74,22 @@ def build_core_attention(cfg: Config, layer: int):
 
     def core(q, k, v, batch, dropout=0.0):
         if dropout:
-            raise ValueError("attention.kind other than dense does not support model.attention_dropout")
-        return fused_ops.sep_attention(q, k, v, batch.is_sep, init_tokens=a.init_tokens,
-                                       window=window or DENSE, backend=a.backend,
-                                       segment_ids=batch.segment_ids, plan=batch.plan,
-                                       deterministic=a.deterministic)
+            raise ValueError(
+                "attention.kind other than dense does not support model.attention_dropout"
+            )
+        return fused_ops.sep_attention(
+            q,
+            k,
+            v,
+            batch.is_sep,
+            init_tokens=a.init_tokens,
+            window=window or DENSE,
+            backend=a.backend,
+            segment_ids=batch.segment_ids,
+            plan=batch.plan,
+            deterministic=a.deterministic,
+        )
+
     return core
 
 
@@ -79,8 +99,10 @@ def separator_ids_of(cfg: Config) -> list[int]:
         return []
     bad = [x for x in a.separators if not isinstance(x, int)]
     if bad:
-        raise ValueError(f"attention.separators holds unresolved strings {bad}; resolve them with the "
-                         "tokenizer first (megatron_sep.data.separators.resolve_separator_ids)")
+        raise ValueError(
+            f"attention.separators holds unresolved strings {bad}; resolve them with the "
+            "tokenizer first (megatron_sep.data.separators.resolve_separator_ids)"
+        )
     return list(a.separators)
 
 
@@ -100,7 +122,9 @@ def sep_inputs(cfg: Config, tokens: torch.Tensor, sep_ids: torch.Tensor) -> dict
     out = {"is_sep": is_sep}
     if a.reset_per_document:
         if a.eod_id is None:
-            raise ValueError("attention.reset_per_document needs attention.eod_id (set from the tokenizer)")
+            raise ValueError(
+                "attention.reset_per_document needs attention.eod_id (set from the tokenizer)"
+            )
         ends = (tokens == a.eod_id).long()
         out["segment_ids"] = torch.cumsum(ends, dim=1) - ends  # an EOD closes its own document
     return out
@@ -125,5 +149,8 @@ def attention_stats(cfg: Config, is_sep: torch.Tensor) -> dict:
         per_query = torch.minimum(i + 1, torch.tensor(w)).double() + older
         pair_share.append((per_query.sum(1) / causal).mean().item())
         kv_share.append((per_query[:, -1] / s).mean().item())
-    return {"kept_pairs": sum(pair_share) / len(pair_share), "kept_kv": sum(kv_share) / len(kv_share),
-            "sep_share": is_sep.float().mean().item()}
+    return {
+        "kept_pairs": sum(pair_share) / len(pair_share),
+        "kept_kv": sum(kv_share) / len(kv_share),
+        "sep_share": is_sep.float().mean().item(),
+    }

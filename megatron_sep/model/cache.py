@@ -1,5 +1,6 @@
 """The decoding cache protocol the attention calls (inference/ implements it: the full KV cache and its
 SUBLLM levels, the bounded SepCache, the static CUDA-graph cache)."""
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -8,11 +9,19 @@ import torch
 
 
 class DecodeCache(Protocol):
-    rotates: bool  # applies RoPE itself, by cache slot (StreamingLLM's shift); else keys arrive rotated
+    rotates: (
+        bool  # applies RoPE itself, by cache slot (StreamingLLM's shift); else keys arrive rotated
+    )
     levels: bool  # serves SUBLLM's levels (`level`)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               rope: tuple[int, float] | None = None) -> torch.Tensor:
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[int, float] | None = None,
+    ) -> torch.Tensor:
         """Store this step's k, v [b, hk, s, d] for `layer` and attend q [b, hq, s, d] over everything kept.
         `rope` (rotary dim, base) is for a cache that rotates."""
 

@@ -10,6 +10,7 @@ the core attention. Variants are subclasses chosen by `build_model` (SUBLLM: mod
 The fused qkv weight keeps a layout tensor parallelism can split contiguously:
 rows grouped per kv head as [q_0 .. q_{g-1}, k, v] (g = heads / kv_heads).
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,11 @@ class Attention(nn.Module):
         self.layer = layer
         bias = cfg.parts.bias
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
-        self.rotary_dim, self.rotary_base, self.kernels = cfg.rotary_dim, cfg.rotary_base, cfg.kernels
+        self.rotary_dim, self.rotary_base, self.kernels = (
+            cfg.rotary_dim,
+            cfg.rotary_base,
+            cfg.kernels,
+        )
         qkv_out = (self.heads + 2 * self.kv_heads) * self.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=bias)
         self.out = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=bias)
@@ -62,12 +67,22 @@ class Attention(nn.Module):
         q = qkv[:, :, :, :group].reshape(b, s, self.heads, self.head_dim)
         k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
         if cache is None or not cache.rotates:  # a cache that rotates does so by cache slot, itself
-            q, k = fused_ops.apply_rope(q, k, position_ids, self.rotary_dim, self.rotary_base, self.kernels)
+            q, k = fused_ops.apply_rope(
+                q, k, position_ids, self.rotary_dim, self.rotary_base, self.kernels
+            )
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:  # decoding: the cache holds earlier keys and applies the mask
             o = cache.attend(self.layer, q, k, v, rope=(self.rotary_dim, self.rotary_base))
         elif self.recompute and torch.is_grad_enabled():
-            o = checkpoint(self.core, q, k, v, batch, self.dropout if self.training else 0.0, use_reentrant=False)
+            o = checkpoint(
+                self.core,
+                q,
+                k,
+                v,
+                batch,
+                self.dropout if self.training else 0.0,
+                use_reentrant=False,
+            )
         else:
             o = self.core(q, k, v, batch, self.dropout if self.training else 0.0)
         return self.out(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
@@ -125,23 +140,30 @@ class GPT(nn.Module):
         super().__init__()
         m = cfg.model
         if m.vocab_size is None:
-            raise ValueError("model.vocab_size is unset: take it from the tokenizer before building the model")
+            raise ValueError(
+                "model.vocab_size is unset: take it from the tokenizer before building the model"
+            )
         self.cfg = cfg
         self.vocab_size = m.vocab_size
         self.padded_vocab_size = padded_vocab(m.vocab_size)
         self.embed = nn.Embedding(self.padded_vocab_size, m.hidden_size)
         self.drop = nn.Dropout(m.hidden_dropout)
         self.layers = nn.ModuleList(
-            Block(m, build_core_attention(cfg, i), i) for i in range(m.num_layers))
-        self.register_buffer("sep_ids", torch.tensor(separator_ids_of(cfg), dtype=torch.long),
-                             persistent=False)
+            Block(m, build_core_attention(cfg, i), i) for i in range(m.num_layers)
+        )
+        self.register_buffer(
+            "sep_ids", torch.tensor(separator_ids_of(cfg), dtype=torch.long), persistent=False
+        )
         self.build_extra(m)
         self.final_norm = Norm(m)
         self.lm_head = nn.Linear(m.hidden_size, self.padded_vocab_size, bias=False)
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.loss = CrossEntropy(m.fused_loss)  # (head, x, labels) -> mean loss; parallel/ swaps in its own
+        self.loss = CrossEntropy(
+            m.fused_loss
+        )  # (head, x, labels) -> mean loss; parallel/ swaps in its own
         from .init import init_weights
+
         init_weights(self, m)
         self.init_extra(m)
 
@@ -152,7 +174,9 @@ class GPT(nn.Module):
     def init_extra(self, m: ModelConfig) -> None:
         pass
 
-    def forward(self, tokens, labels=None, position_ids=None, batch=None, cache: DecodeCache | None = None):
+    def forward(
+        self, tokens, labels=None, position_ids=None, batch=None, cache: DecodeCache | None = None
+    ):
         """tokens [b, s] -> logits [b, s, vocab] or, with labels, the loss (mean cross-entropy).
         `batch` (the AttentionBatch: is_sep, segment_ids, plan) is prepared from tokens unless given;
         `cache` (decoding) holds the earlier tokens' keys and values."""
@@ -160,7 +184,9 @@ class GPT(nn.Module):
             position_ids = torch.arange(tokens.shape[1], device=tokens.device)
         if batch is None:  # per-microbatch attention inputs, computed once for every layer
             batch = prepare_batch(self.cfg, tokens, self.sep_ids)
-        return self.head(self.run_layers(self.embed_tokens(tokens), position_ids, batch, cache=cache), labels)
+        return self.head(
+            self.run_layers(self.embed_tokens(tokens), position_ids, batch, cache=cache), labels
+        )
 
     # the pieces of forward, also run one pipeline stage at a time (parallel/pipeline.py)
     def embed_tokens(self, tokens):

@@ -1,4 +1,5 @@
 """Weight initialisation as in GPT-NeoX (small_init + wang_init) and Megatron (scaled normal)."""
+
 from __future__ import annotations
 
 import math

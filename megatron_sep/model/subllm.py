@@ -19,6 +19,7 @@ the original training has. `model.subsample_causal: true` keeps the tokens with 
 instead, in training as at inference (strictly causal). The bypass scale is held above a minimum that
 falls from 0.9 to 0.2 over `model.bypass_warmup_steps`, so early training cannot skip the inner blocks.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,11 +48,18 @@ class _Balance(torch.autograd.Function):
         with torch.enable_grad():
             x = x.detach().float().requires_grad_(True)
             mean, rms = x.mean(), x.pow(2).mean().clamp(min=1e-20).sqrt()
-            std = (rms ** 2 - mean ** 2).clamp(min=1e-20).sqrt()
-            lo, hi = (_normal_quantile(max(0.01, ctx.keep - 0.05)), _normal_quantile(min(0.99, ctx.keep + 0.05)))
+            std = (rms**2 - mean**2).clamp(min=1e-20).sqrt()
+            lo, hi = (
+                _normal_quantile(max(0.01, ctx.keep - 0.05)),
+                _normal_quantile(min(0.99, ctx.keep + 0.05)),
+            )
             ratio = mean / std  # P(x > 0) of a normal with this ratio is Phi(ratio)
-            abs_lo, abs_hi = (a * math.sqrt(math.pi / 2) for a in SCORE_ABS)  # mean |x| -> rms of a normal
-            penalty = (ratio - ratio.clamp(lo, hi)).abs() + (rms.clamp(abs_lo, abs_hi) / rms).log().abs()
+            abs_lo, abs_hi = (
+                a * math.sqrt(math.pi / 2) for a in SCORE_ABS
+            )  # mean |x| -> rms of a normal
+            penalty = (ratio - ratio.clamp(lo, hi)).abs() + (
+                rms.clamp(abs_lo, abs_hi) / rms
+            ).log().abs()
             (pen_grad,) = torch.autograd.grad(penalty, x)
         scale = pen_grad.pow(2).mean().sqrt().clamp(min=1e-20)
         g = grad.float()
@@ -90,11 +98,15 @@ class Downsample(nn.Module):
 def _top_k(scores, k: int) -> Selection:
     ranked, order = scores.sort(dim=-1, descending=True)
     w = ranked.clamp(0.0, 1.0)
-    nxt = w[:, k:2 * k]
-    nxt = torch.cat([nxt, nxt.new_zeros(nxt.shape[0], k - nxt.shape[1])], dim=1)  # the next k, zero-padded
+    nxt = w[:, k : 2 * k]
+    nxt = torch.cat(
+        [nxt, nxt.new_zeros(nxt.shape[0], k - nxt.shape[1])], dim=1
+    )  # the next k, zero-padded
     w, index = w[:, :k] - nxt, order[:, :k]
     index, back = index.sort(dim=-1)  # original order
-    return Selection(index, torch.gather(w, 1, back), torch.ones_like(index, dtype=torch.bool), padded=False)
+    return Selection(
+        index, torch.gather(w, 1, back), torch.ones_like(index, dtype=torch.bool), padded=False
+    )
 
 
 def _threshold(scores) -> Selection:
@@ -121,9 +133,12 @@ def pad_selection(sel: Selection, multiple: int, s: int) -> Selection:
     if not extra:
         return sel
     b = sel.index.shape[0]
-    return Selection(torch.cat([sel.index, sel.index.new_full((b, extra), s - 1)], 1),
-                     torch.cat([sel.weight, sel.weight.new_zeros(b, extra)], 1),
-                     torch.cat([sel.valid, sel.valid.new_zeros(b, extra)], 1), padded=True)
+    return Selection(
+        torch.cat([sel.index, sel.index.new_full((b, extra), s - 1)], 1),
+        torch.cat([sel.weight, sel.weight.new_zeros(b, extra)], 1),
+        torch.cat([sel.valid, sel.valid.new_zeros(b, extra)], 1),
+        padded=True,
+    )
 
 
 def gather_seq(x, index):
@@ -140,7 +155,9 @@ def upsample(x, y, sel: Selection):
     b, s, h = x.shape
     if not sel.padded:  # no padding: scatter straight into a copy of x
         return x.scatter(1, sel.index.unsqueeze(-1).expand(-1, -1, h), mixed)
-    dump = torch.where(sel.valid, sel.index, torch.full_like(sel.index, s))  # padding goes to a spare row
+    dump = torch.where(
+        sel.valid, sel.index, torch.full_like(sel.index, s)
+    )  # padding goes to a spare row
     out = torch.cat([x, x.new_zeros(b, 1, h)], dim=1)
     out = out.scatter(1, dump.unsqueeze(-1).expand(-1, -1, h), mixed)
     return out[:, :s]

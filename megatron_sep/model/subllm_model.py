@@ -1,5 +1,6 @@
 """SUBLLM as a model class (arXiv 2406.06571; the modules and the math are in model/subllm.py): the GPT's
 blocks run as `model.structure` says, each ( ... ) on the tokens its scorer keeps."""
+
 from __future__ import annotations
 
 import torch
@@ -17,12 +18,14 @@ class SubLLM(GPT):
 
     def build_extra(self, m: ModelConfig) -> None:
         self.structure = parse_structure(m.structure, m.num_layers)
-        self.down = nn.ModuleList(Downsample(m.hidden_size, k, m.subsample_causal) for k in m.level_keeps())
+        self.down = nn.ModuleList(
+            Downsample(m.hidden_size, k, m.subsample_causal) for k in m.level_keeps()
+        )
         self.bypass = nn.ModuleList(Bypass(m.hidden_size) for _ in self.down)
 
     def init_extra(self, m: ModelConfig) -> None:
         for d in self.down:  # scores of about unit size from a unit-size stream
-            nn.init.normal_(d.score.weight, std=m.hidden_size ** -0.5)
+            nn.init.normal_(d.score.weight, std=m.hidden_size**-0.5)
 
     def run_layers(self, x, position_ids, batch, indices=None, cache=None):
         if indices is None:
@@ -41,7 +44,11 @@ class SubLLM(GPT):
             chars, first = chunk_structure(self.structure, layers)
             mine.update(range(first, first + chars.count("(")))
         for name in ("down", "bypass"):
-            setattr(self, name, nn.ModuleDict({str(i): m for i, m in enumerate(getattr(self, name)) if i in mine}))
+            setattr(
+                self,
+                name,
+                nn.ModuleDict({str(i): m for i, m in enumerate(getattr(self, name)) if i in mine}),
+            )
 
     def set_train_step(self, step: int) -> None:
         """The bypass scale's minimum falls over model.bypass_warmup_steps."""
@@ -53,8 +60,10 @@ class SubLLM(GPT):
         """The blocks of `chars` (from block `layer` and level `level` on) in order; each ( ... ) runs on the
         tokens its scorer keeps, in order, at their own positions, with their is_sep (model/subllm.py)."""
         if cache is not None and not cache.levels:
-            raise ValueError("a model with a subsampling model.structure decodes with the full KV cache only "
-                             "(cache full), not the bounded SepCache")
+            raise ValueError(
+                "a model with a subsampling model.structure decodes with the full KV cache only "
+                "(cache full), not the bounded SepCache"
+            )
         b = x.shape[0]  # x may be a sequence-parallel shard; positions cover the whole sequence
         pos = position_ids.expand(b, -1) if position_ids.dim() == 1 else position_ids
         shards = self.seq_shards if cache is None else None  # sequence parallelism (training only)
@@ -71,10 +80,12 @@ class SubLLM(GPT):
                 sel = self._at(self.down, level)(x)
                 if shards is not None:
                     sel = pad_selection(sel, shards.size, x.shape[1])
-                if cache is not None and not sel.valid.any():  # decoding, nothing kept: the level is a no-op
+                if (
+                    cache is not None and not sel.valid.any()
+                ):  # decoding, nothing kept: the level is a no-op
                     end = skip_level(chars, i - 1)
                     layer += chars[i:end].count("T")
-                    level += chars[i - 1:end].count("(")
+                    level += chars[i - 1 : end].count("(")
                     i = end + 1
                     continue
                 stack.append((x, pos, batch, cache, sel, level))

@@ -9,6 +9,7 @@ in one flat buffer, the grads are reduce-scattered so each data-parallel rank ow
 one contiguous shard, and `ZeroAdamW` keeps fp32 master weights and Adam states
 for that shard only, then all-gathers the updated parameters.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,8 @@ class Bucket:
             self.data = torch.zeros(self.padded, dtype=dtype, device=dev)
             for p in params:
                 o = self.offsets[p]
-                self.data[o: o + p.numel()].copy_(p.detach().reshape(-1))
-                p.data = self.data[o: o + p.numel()].view_as(p)
+                self.data[o : o + p.numel()].copy_(p.detach().reshape(-1))
+                p.data = self.data[o : o + p.numel()].view_as(p)
         self.ready = 0
         self.handle = None
 
@@ -55,7 +56,9 @@ class GradSync:
         limit = bucket_mb * 2**20
         current, size = [], 0
         manual = [p for p in manual if p is not None]
-        for p in reversed([p for p in params if p.requires_grad and all(p is not m for m in manual)]):
+        for p in reversed(
+            [p for p in params if p.requires_grad and all(p is not m for m in manual)]
+        ):
             current.append(p)
             size += p.numel() * 4
             if size >= limit:
@@ -82,12 +85,14 @@ class GradSync:
         for p in b.params:
             o = b.offsets[p]
             src = p.grad if p.grad is not None else torch.zeros_like(p)
-            b.grad[o: o + p.numel()].copy_(src.reshape(-1))
+            b.grad[o : o + p.numel()].copy_(src.reshape(-1))
         b.grad.div_(self.ctx.grad_size)
         if self.zero:
             shard = b.grad.numel() // self.ctx.grad_size
             b.shard_grad = torch.empty(shard, dtype=b.grad.dtype, device=b.grad.device)
-            b.handle = _REDUCE_SCATTER(b.shard_grad, b.grad, group=self.ctx.grad_group, async_op=True)
+            b.handle = _REDUCE_SCATTER(
+                b.shard_grad, b.grad, group=self.ctx.grad_group, async_op=True
+            )
         else:
             b.handle = dist.all_reduce(b.grad, group=self.ctx.grad_group, async_op=True)
 
@@ -103,12 +108,13 @@ class GradSync:
                     o = b.offsets[p]
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                    p.grad.copy_(b.grad[o: o + p.numel()].view_as(p))
+                    p.grad.copy_(b.grad[o : o + p.numel()].view_as(p))
         self.enabled = False
 
 
 class Segment(NamedTuple):
     """The elements of one parameter that fall in this rank's shard of a bucket."""
+
     bucket: Bucket
     param: torch.nn.Parameter
     start: int  # [start, end) in the bucket's flat buffers
@@ -137,9 +143,13 @@ class ZeroAdamW:
                     master = torch.nn.Parameter(b.data[s:e].detach().float().clone())
                     self.segments.append(Segment(b, p, s, e, master, lo))
                     groups[decay_of(p)].append(master)
-        param_groups = [{"params": groups[True], "weight_decay": weight_decay},
-                        {"params": groups[False], "weight_decay": 0.0}]
-        self.opt = torch.optim.AdamW([g for g in param_groups if g["params"]], lr=lr, betas=betas, eps=eps)
+        param_groups = [
+            {"params": groups[True], "weight_decay": weight_decay},
+            {"params": groups[False], "weight_decay": 0.0},
+        ]
+        self.opt = torch.optim.AdamW(
+            [g for g in param_groups if g["params"]], lr=lr, betas=betas, eps=eps
+        )
         self.param_groups = self.opt.param_groups
 
     def shard_bounds(self, b: Bucket) -> tuple[int, int]:
@@ -166,16 +176,23 @@ class ZeroAdamW:
         self.opt.zero_grad(set_to_none=set_to_none)
 
 
-def global_grad_norm(grads_and_params, ctx: ParallelContext, sharded_over_dp: bool,
-                     loss: torch.Tensor | None = None) -> torch.Tensor:
+def global_grad_norm(
+    grads_and_params, ctx: ParallelContext, sharded_over_dp: bool, loss: torch.Tensor | None = None
+) -> torch.Tensor:
     """L2 norm over all shards of all groups. A tp-replicated parameter counts once (on tp rank 0).
     A non-finite `loss` makes the norm NaN on every rank (it rides the same reduction: no extra sync)."""
-    grads = [g.detach() for g, p in grads_and_params
-             if g is not None and (info(p).tensor_parallel or ctx.tp_rank == 0)
-             and not info(p).pipeline_duplicate]  # the last stage's copy of the tied embedding
+    grads = [
+        g.detach()
+        for g, p in grads_and_params
+        if g is not None
+        and (info(p).tensor_parallel or ctx.tp_rank == 0)
+        and not info(p).pipeline_duplicate
+    ]  # the last stage's copy of the tied embedding
     if not grads:
         total = torch.zeros((), device=ctx.device)
-    elif hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: one multi-tensor pass, no temporaries
+    elif hasattr(
+        torch.nn.utils, "get_total_norm"
+    ):  # torch >= 2.6: one multi-tensor pass, no temporaries
         total = torch.nn.utils.get_total_norm(grads, 2.0).float() ** 2
     else:
         total = sum(torch.linalg.vector_norm(g.float()) ** 2 for g in grads)

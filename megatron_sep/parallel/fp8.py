@@ -4,6 +4,7 @@ torchao's float8 training (dynamic tensorwise scales: e4m3 for inputs and weight
 Embeddings, norms, attention, the LM head and the loss stay in bf16 autocast. Parameters keep their names,
 their fp32 master form and their identity, so the optimizer, checkpoints, export-hf and bf16 runs see the
 same model. Under tensor parallelism each rank scales its own shard (torchao's own TP does the same)."""
+
 from __future__ import annotations
 
 import logging
@@ -28,13 +29,20 @@ def check_device(device: torch.device) -> None:
         have = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
     else:
         return
-    raise ConfigError("train.precision", "fp8", f"needs a GPU with float8 tensor cores (compute capability 8.9+: "
-                      f"H100, H200, L40S); this run has {have}", "use train.precision: bf16 (or auto)")
+    raise ConfigError(
+        "train.precision",
+        "fp8",
+        f"needs a GPU with float8 tensor cores (compute capability 8.9+: "
+        f"H100, H200, L40S); this run has {have}",
+        "use train.precision: bf16 (or auto)",
+    )
 
 
 def torchao_float8():
     """torchao's public float8 conversion and its config, or a ConfigError naming the install."""
-    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # float8 training uses none of its C++ ops
+    os.environ.setdefault(
+        "TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1"
+    )  # float8 training uses none of its C++ ops
     # quiet at import: torchao says it skipped its C++ ops, newer torch warns about its enum registration
     loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
     levels = [log.level for log in loggers]
@@ -43,8 +51,12 @@ def torchao_float8():
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as e:
-        raise ConfigError("train.precision", "fp8", f"needs torchao, which does not import here ({e})",
-                          "pip install 'torchao>=0.17' (the project's [fp8] extra)") from None
+        raise ConfigError(
+            "train.precision",
+            "fp8",
+            f"needs torchao, which does not import here ({e})",
+            "pip install 'torchao>=0.17' (the project's [fp8] extra)",
+        ) from None
     finally:
         for log, level in zip(loggers, levels):
             log.setLevel(level)
@@ -58,9 +70,13 @@ def check_shapes(cfg: Config) -> None:
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len // cp
     if tokens % 16:
         per = f" per cp rank (cp={cp})" if cp > 1 else ""
-        raise ConfigError("data.seq_len", cfg.data.seq_len, f"gives {tokens} tokens per micro-batch{per}, not a "
-                          "multiple of 16 as float8 matmuls need",
-                          "use a seq_len (x micro_batch_size / cp) divisible by 16")
+        raise ConfigError(
+            "data.seq_len",
+            cfg.data.seq_len,
+            f"gives {tokens} tokens per micro-batch{per}, not a "
+            "multiple of 16 as float8 matmuls need",
+            "use a seq_len (x micro_batch_size / cp) divisible by 16",
+        )
 
 
 def convert(layers) -> tuple[int, list[str]]:
@@ -79,7 +95,11 @@ def convert(layers) -> tuple[int, list[str]]:
             if isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
                 mod.fp8 = _shard_matmul(to_float8, config, mod.weight)
             elif type(mod) is nn.Linear:
-                to_float8(getattr(block, part), config=config, module_filter_fn=lambda m, fqn, n=name: fqn == n)
+                to_float8(
+                    getattr(block, part),
+                    config=config,
+                    module_filter_fn=lambda m, fqn, n=name: fqn == n,
+                )
             else:
                 kept.append(f"layer {i} {part}.{name} ({type(mod).__name__})")
                 continue

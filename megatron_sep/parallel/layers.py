@@ -6,6 +6,7 @@ Parameters that every tp rank holds whole but that see only their sequence shard
 under sequence parallelism are marked `sequence_parallel` in their ParamInfo (their grads are summed
 over the tp group after backward).
 """
+
 from __future__ import annotations
 
 import torch
@@ -115,20 +116,23 @@ class _VocabParallelCE(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits, labels, ctx: ParallelContext):
     """Mean cross-entropy over tokens from vocab-sharded logits [..., V / tp]."""
     rows = logits.shape[-1]
-    losses = _VocabParallelCE.apply(logits.reshape(-1, rows), labels.reshape(-1), ctx.tp_rank * rows,
-                                    ctx.tp_group)
+    losses = _VocabParallelCE.apply(
+        logits.reshape(-1, rows), labels.reshape(-1), ctx.tp_rank * rows, ctx.tp_group
+    )
     return losses.mean()
 
 
 def combine_over(group):
     """The fused loss's combine step (model/loss.py) for a vocabulary split over `group`: the ranks'
     log-sum-exp (stable, through their maximum) and the target's logit, which one rank holds."""
+
     def combine(lse, picked):
         peak = lse.clone()
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
         both = torch.stack([(lse - peak).exp(), picked])
         dist.all_reduce(both, group=group)
         return peak + both[0].log(), both[1]
+
     return combine
 
 
@@ -141,5 +145,7 @@ class VocabParallelCrossEntropy:
 
     def __call__(self, head, x, labels):
         if self.fused:
-            return linear_cross_entropy(head.gather_input(x), head.weight, labels, head.start, self.combine)
+            return linear_cross_entropy(
+                head.gather_input(x), head.weight, labels, head.start, self.combine
+            )
         return vocab_parallel_cross_entropy(head(x), labels, self.ctx)

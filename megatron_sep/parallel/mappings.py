@@ -9,6 +9,7 @@ gather_seq_whole  fwd all-gather seq    bwd take own shard  (shards -> a full se
                                                              uses alike: SUBLLM's scorer and upsampling)
 The sequence dimension is dim 1 ([batch, seq, hidden]).
 """
+
 from __future__ import annotations
 
 import torch

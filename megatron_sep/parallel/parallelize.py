@@ -2,6 +2,7 @@
 pipeline split, device, activation checkpointing, fp8. Owns no optimizer (the engines do: engine/).
 Compiling the blocks comes last, after an engine wrapped the model (`compile_blocks`): DeepSpeed's ZeRO-3
 hooks then stay outside the compiled code."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,15 +32,27 @@ class Parallelized:
 def parallelize(model, cfg: Config, ctx: ParallelContext) -> Parallelized:
     model = apply_context_parallel(apply_tensor_parallel(model, ctx), ctx)
     p = cfg.parallel
-    one_stage = p.engine == "deepspeed"  # DeepSpeed's engine holds the whole model (parallel.pp = 1)
-    pipe = Pipeline(model, ctx, "1f1b" if one_stage else p.schedule, 1 if one_stage else p.virtual_stages)
-    out = Parallelized(model, pipe)  # the engine moves it to the device (DeepSpeed as it partitions)
+    one_stage = (
+        p.engine == "deepspeed"
+    )  # DeepSpeed's engine holds the whole model (parallel.pp = 1)
+    pipe = Pipeline(
+        model, ctx, "1f1b" if one_stage else p.schedule, 1 if one_stage else p.virtual_stages
+    )
+    out = Parallelized(
+        model, pipe
+    )  # the engine moves it to the device (DeepSpeed as it partitions)
     for block in out.blocks:  # before compile, so the recomputation is part of the compiled block
         block.set_recompute(cfg.train.activation_checkpointing)
     if cfg.train.precision == "fp8":  # after tensor parallelism (shards), before compile
         done, kept = fp8.convert(out.blocks)
-        out.notes.append(f"fp8: {done} linear layers in float8 (torchao, tensorwise scales)"
-                         + (f"; kept in bf16 (a dimension not a multiple of 16): {', '.join(kept)}" if kept else ""))
+        out.notes.append(
+            f"fp8: {done} linear layers in float8 (torchao, tensorwise scales)"
+            + (
+                f"; kept in bf16 (a dimension not a multiple of 16): {', '.join(kept)}"
+                if kept
+                else ""
+            )
+        )
     return out
 
 

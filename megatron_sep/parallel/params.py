@@ -1,5 +1,6 @@
 """What parallelism did to a parameter, as one typed record on it (read by the grad norm, the gradient
 reductions and sharded checkpoints) instead of loose attributes and name matching."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -9,7 +10,9 @@ _ATTR = "parallel_info"
 
 @dataclass(frozen=True)
 class ParamInfo:
-    tp_dim: int | None = None  # split over tensor-parallel ranks along this dim; None: replicated over tp
+    tp_dim: int | None = (
+        None  # split over tensor-parallel ranks along this dim; None: replicated over tp
+    )
     sequence_parallel: bool = False  # sees only its sequence shard: its gradient is summed over tp
     pipeline_duplicate: bool = False  # the last stage's copy of the tied embedding: counted once
 

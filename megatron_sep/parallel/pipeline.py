@@ -8,6 +8,7 @@ Activations (sequence shards under sequence or context parallelism) travel with
 batch_isend_irecv; sends are non-blocking and waited at the end of the step, so a
 schedule only has to receive in the order its peer sends.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,18 +34,28 @@ class Pipeline:
         owned = [i for g in self.my_chunks for i in chunks[g]]
         if ctx.pp > 1:  # keyed by global index, so parameter names stay the plain model's
             model.layers = nn.ModuleDict({str(i): model.layers[i] for i in owned})
-            model.keep_stage_parts([chunks[g] for g in self.my_chunks])  # e.g. SUBLLM: this rank's levels
+            model.keep_stage_parts(
+                [chunks[g] for g in self.my_chunks]
+            )  # e.g. SUBLLM: this rank's levels
         has_first, has_last = 0 in self.my_chunks, self.last_chunk in self.my_chunks
-        if has_last and tied and not has_first:  # the head keeps its own copy, kept equal by grad sync
+        if (
+            has_last and tied and not has_first
+        ):  # the head keeps its own copy, kept equal by grad sync
             model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
-            mark(model.lm_head.weight, tp_dim=info(model.embed.weight).tp_dim, pipeline_duplicate=True)
+            mark(
+                model.lm_head.weight,
+                tp_dim=info(model.embed.weight).tp_dim,
+                pipeline_duplicate=True,
+            )
         if not has_first:
             model.embed = None
         if not has_last:
             model.final_norm = model.lm_head = None
         self.tied_param = None
         if tied and ctx.pp > 1:
-            self.tied_param = model.embed.weight if has_first else (model.lm_head.weight if has_last else None)
+            self.tied_param = (
+                model.embed.weight if has_first else (model.lm_head.weight if has_last else None)
+            )
         self.tied_group = ctx.embedding_group
 
     # ---- one chunk ---------------------------------------------------------------------------
@@ -54,7 +65,9 @@ class Pipeline:
         whole: attention runs over the full sequence)."""
         m, ctx = self.model, self.ctx
         pos = shard_seq(torch.arange(tokens.shape[1], device=tokens.device), ctx, dim=0)
-        if g == 0 == self.last_chunk:  # the whole model: through its forward, so module hooks (ZeRO-3) see it
+        if (
+            g == 0 == self.last_chunk
+        ):  # the whole model: through its forward, so module hooks (ZeRO-3) see it
             return engine.forward(shard_seq(tokens, ctx), shard_seq(labels, ctx), pos, batch)
         if g == 0:
             x = m.embed_tokens(shard_seq(tokens, ctx))
@@ -81,8 +94,13 @@ class Pipeline:
         ctx, vp = self.ctx, self.vp
         if forward_only or self.schedule == "gpipe":
             fwd = [("F", g, mb) for mb in range(micros) for g in self.my_chunks]
-            bwd = [] if forward_only else [("B", g, mb) for mb in reversed(range(micros))
-                                           for g in reversed(self.my_chunks)]
+            bwd = (
+                []
+                if forward_only
+                else [
+                    ("B", g, mb) for mb in reversed(range(micros)) for g in reversed(self.my_chunks)
+                ]
+            )
             return fwd + bwd
         total = micros * vp
         if vp == 1:
@@ -96,13 +114,14 @@ class Pipeline:
                 v = (k % group) // ctx.pp
                 v = v if forward else vp - 1 - v
                 return self.my_chunks[v], (k // group) * ctx.pp + k % ctx.pp
+
             warm = min((ctx.pp - ctx.pp_rank - 1) * 2 + (vp - 1) * ctx.pp, total)
             fwd = [("F", *unit(k, True)) for k in range(total)]
             bwd = [("B", *unit(k, False)) for k in range(total)]
         out = fwd[:warm]
         for i in range(total - warm):
             out += [fwd[warm + i], bwd[i]]
-        return out + bwd[total - warm:]
+        return out + bwd[total - warm :]
 
     def run(self, micro_batches, engine, forward_only: bool = False):
         """micro_batches: list of (tokens, labels, batch). Returns the summed loss (last stage; else 0).
@@ -113,7 +132,9 @@ class Pipeline:
         self.pending = []
         saved, total = {}, torch.zeros((), device=ctx.device)
         tokens0 = micro_batches[0][0]
-        split = ctx.cp * (ctx.tp if ctx.sequence_parallel else 1)  # the sequence slice each rank holds
+        split = ctx.cp * (
+            ctx.tp if ctx.sequence_parallel else 1
+        )  # the sequence slice each rank holds
         shape = (tokens0.shape[0], tokens0.shape[1] // split, self.model.cfg.model.hidden_size)
         actions = self.order(micros, forward_only)
         for i, (kind, g, mb) in enumerate(actions):
@@ -149,7 +170,7 @@ class Pipeline:
 
     @staticmethod
     def _is_last_backward(actions, i) -> bool:
-        return all(kind != "B" for kind, _, _ in actions[i + 1:])
+        return all(kind != "B" for kind, _, _ in actions[i + 1 :])
 
     def sync_tied_grads(self) -> None:
         """Embedding (first stage) and head (last stage) are one weight: sum their grads."""

@@ -1,5 +1,6 @@
 """Which layers each pipeline chunk holds (read by the layout checks before any process group exists, and by
 the pipeline)."""
+
 from __future__ import annotations
 
 
@@ -13,8 +14,12 @@ def split_layers(num_layers: int, chunks: int, allowed=None) -> list[list[int]]:
     starts = [sum(sizes[:c]) for c in range(chunks)]
     if allowed is not None:
         for c in range(1, chunks):
-            options = [i for i in range(starts[c - 1] + 1, num_layers - (chunks - c) + 1) if allowed[i]]
+            options = [
+                i for i in range(starts[c - 1] + 1, num_layers - (chunks - c) + 1) if allowed[i]
+            ]
             if not options:
-                raise ValueError(f"no stage boundary after layer {starts[c - 1]} leaves every ( ... ) in one stage")
+                raise ValueError(
+                    f"no stage boundary after layer {starts[c - 1]} leaves every ( ... ) in one stage"
+                )
             starts[c] = min(options, key=lambda i: (abs(i - starts[c]), i))
     return [list(range(a, b)) for a, b in zip(starts, starts[1:] + [num_layers])]

@@ -1,4 +1,5 @@
 """Apply tensor (+ sequence) parallelism to the plain GPT by module replacement."""
+
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,12 @@ from ..model.gpt import Norm
 from .context import ParallelContext
 from .params import info, mark
 from .mappings import gather_seq_whole, split_seq
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy, VocabParallelEmbedding
+from .layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelCrossEntropy,
+    VocabParallelEmbedding,
+)
 
 
 def apply_tensor_parallel(model, ctx: ParallelContext):
@@ -18,8 +24,12 @@ def apply_tensor_parallel(model, ctx: ParallelContext):
     if ctx.tp == 1:
         return model
     if model.padded_vocab_size % ctx.tp:
-        raise ConfigError("parallel.tp", ctx.tp, f"does not divide the padded vocabulary {model.padded_vocab_size}",
-                          "use a power-of-two tp (the vocabulary is padded to a multiple of 128)")
+        raise ConfigError(
+            "parallel.tp",
+            ctx.tp,
+            f"does not divide the padded vocabulary {model.padded_vocab_size}",
+            "use a power-of-two tp (the vocabulary is padded to a multiple of 128)",
+        )
     for block in model.layers:
         attn, mlp = block.attn, block.mlp
         attn.qkv = ColumnParallelLinear(attn.qkv, ctx)
@@ -71,5 +81,5 @@ def sync_sequence_parallel_grads(model, ctx: ParallelContext) -> None:
         dist.all_reduce(flat, group=ctx.tp_group)
         offset = 0
         for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()

@@ -9,6 +9,7 @@ back. q, k and v travel in one exchange. With GQA each rank takes whole kv heads
 query heads, or, when cp exceeds the kv heads, a replica of the kv head its query heads use.
 The exchanges are functional collectives with autograd, so torch.compile can trace them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,7 +37,9 @@ class UlyssesCore:
     def __call__(self, q, k, v, batch, dropout=0.0):
         cp = self.cp
         b, h, s, d = q.shape
-        if k.shape[1] < cp:  # rank c needs kv head c // (cp / hk): replicate each kv head cp / hk times
+        if (
+            k.shape[1] < cp
+        ):  # rank c needs kv head c // (cp / hk): replicate each kv head cp / hk times
             k = k.repeat_interleave(cp // k.shape[1], dim=1)
             v = v.repeat_interleave(cp // v.shape[1], dim=1)
         hk = k.shape[1]
@@ -44,10 +47,14 @@ class UlyssesCore:
         parts = [t.transpose(1, 2).reshape(b, s, cp, t.shape[1] // cp, d) for t in (q, k, v)]
         send = torch.cat(parts, dim=3).permute(2, 0, 1, 3, 4)  # [cp, b, s, n, d]
         n = send.shape[3]
-        full = _exchange(send, self.group).permute(1, 0, 2, 3, 4).reshape(b, cp * s, n, d)  # seq in rank order
+        full = (
+            _exchange(send, self.group).permute(1, 0, 2, 3, 4).reshape(b, cp * s, n, d)
+        )  # seq in rank order
         q, k, v = (t.transpose(1, 2) for t in full.split([h // cp, hk // cp, hk // cp], dim=2))
         o = self.inner(q, k, v, batch, dropout)  # [b, h/cp, S, d]
-        o = o.transpose(1, 2).reshape(b, cp, s, h // cp, d).permute(1, 0, 2, 3, 4)  # [cp (seq slice), ...]
+        o = (
+            o.transpose(1, 2).reshape(b, cp, s, h // cp, d).permute(1, 0, 2, 3, 4)
+        )  # [cp (seq slice), ...]
         o = _exchange(o, self.group)  # [cp (head slice), b, s, h/cp, d]
         return o.permute(1, 2, 0, 3, 4).reshape(b, s, h, d).transpose(1, 2)
 

@@ -1,5 +1,6 @@
 """The build step: from the user's config to everything a run trains with (tokenizer, data, model, engine,
 teacher, the resolved config), without changing the config it was given."""
+
 from __future__ import annotations
 
 import copy
@@ -69,6 +70,7 @@ def build_run(user_cfg: Config) -> Run:
     absolute_paths(cfg)  # the saved config then works from any directory (export-hf, generate)
     if cfg.parallel.engine == "deepspeed":  # missing: one line naming the install, before any work
         from ..config.deepspeed import import_deepspeed
+
         import_deepspeed()
     ctx = init_parallel(cfg, pick_device(cfg))
     if cfg.attention.kind != "dense":  # train.device auto: known only now, still before any work
@@ -77,30 +79,45 @@ def build_run(user_cfg: Config) -> Run:
         fp8.check_device(ctx.device)
         fp8.check_shapes(cfg)
         fp8.torchao_float8()
-        if cfg.train.compile and cfg.model.kernels == "auto":  # inductor fuses its norms with the fp8 casts
+        if (
+            cfg.train.compile and cfg.model.kernels == "auto"
+        ):  # inductor fuses its norms with the fp8 casts
             cfg.model.kernels = "reference"
     seed_everything(cfg.train.seed)  # the same on every rank: each takes its slice of one model
 
     tokenizer = None if cfg.data.mock else load_checked_tokenizer(cfg)
     if cfg.data.mock and cfg.model.vocab_size is None:
-        raise ConfigError("model.vocab_size", None, "is needed with data.mock (there is no tokenizer)",
-                          "set model.vocab_size, e.g. 32000")
+        raise ConfigError(
+            "model.vocab_size",
+            None,
+            "is needed with data.mock (there is no tokenizer)",
+            "set model.vocab_size, e.g. 32000",
+        )
     train_ds, valid_ds = run_datasets(cfg)
     if not cfg.data.mock:
         check_token_range(cfg.data.paths, cfg.model.vocab_size)
     notes = resolve_attention(cfg, tokenizer)
     if valid_ds is None:
-        raise ConfigError("data.split", cfg.data.split, "the validation split holds no documents",
-                          "give the valid share (second entry) a positive value, e.g. [0.98, 0.01, 0.01]")
+        raise ConfigError(
+            "data.split",
+            cfg.data.split,
+            "the validation split holds no documents",
+            "give the valid share (second entry) a positive value, e.g. [0.98, 0.01, 0.01]",
+        )
 
     model = build_model(cfg)
-    n_matmul, n_params = matmul_params(model), model.num_params()  # the whole model, before sharding
+    n_matmul, n_params = (
+        matmul_params(model),
+        model.num_params(),
+    )  # the whole model, before sharding
     part = parallelize(model, cfg, ctx)
     notes += part.notes
     engine = build_engine(part, cfg, ctx)
     if engine.given_config() is not None:
-        notes.append("deepspeed config (generated from this config; parallel.deepspeed overrides keys): "
-                     + engine.given_config())
+        notes.append(
+            "deepspeed config (generated from this config; parallel.deepspeed overrides keys): "
+            + engine.given_config()
+        )
     static_levels = cfg.model.subsampled and not cfg.model.subsample_causal
     if cfg.train.compile:
         compile_blocks(part.blocks, static_shapes=static_levels)
@@ -111,25 +128,51 @@ def build_run(user_cfg: Config) -> Run:
         if cfg.train.compile:
             teacher.compile()
     peak, source = peak_flops(cfg, ctx.device)
-    return Run(cfg, dump_config(cfg), ctx, tokenizer, train_ds, valid_ds, engine, teacher, n_matmul, n_params,
-               static_levels, peak, source, notes)
+    return Run(
+        cfg,
+        dump_config(cfg),
+        ctx,
+        tokenizer,
+        train_ds,
+        valid_ds,
+        engine,
+        teacher,
+        n_matmul,
+        n_params,
+        static_levels,
+        peak,
+        source,
+        notes,
+    )
 
 
 def load_checked_tokenizer(cfg: Config):
     """The tokenizer, and model.vocab_size from it when unset (in the resolved config)."""
     m = cfg.model
     if not cfg.data.tokenizer:
-        raise ConfigError("data.tokenizer", None, "no tokenizer given",
-                          "set data.tokenizer to a sentencepiece .model or tokenizer.json (or data.mock)")
+        raise ConfigError(
+            "data.tokenizer",
+            None,
+            "no tokenizer given",
+            "set data.tokenizer to a sentencepiece .model or tokenizer.json (or data.mock)",
+        )
     if not cfg.data.paths:
-        raise ConfigError("data.paths", [], "no training data given",
-                          "list .bin/.idx prefixes made by `megatron-sep preprocess` (or data.mock)")
+        raise ConfigError(
+            "data.paths",
+            [],
+            "no training data given",
+            "list .bin/.idx prefixes made by `megatron-sep preprocess` (or data.mock)",
+        )
     tok = load_tokenizer(cfg.data.tokenizer)
     if m.vocab_size is None:
         m.vocab_size = tok.vocab_size
     elif m.vocab_size < tok.vocab_size:
-        raise ConfigError("model.vocab_size", m.vocab_size, f"is smaller than the tokenizer's {tok.vocab_size} "
-                          "tokens", "raise it or leave it null")
+        raise ConfigError(
+            "model.vocab_size",
+            m.vocab_size,
+            f"is smaller than the tokenizer's {tok.vocab_size} tokens",
+            "raise it or leave it null",
+        )
     return tok
 
 
@@ -139,11 +182,19 @@ def resolve_attention(cfg: Config, tok) -> list[str]:
     if tok is None:  # data.mock: ids only
         strings = [x for x in a.separators if isinstance(x, str)] if a.kind == "sepllm" else []
         if strings:
-            raise ConfigError("attention.separators", strings, "are strings, and data.mock has no tokenizer "
-                              "to resolve them", "list token ids instead, e.g. [13, 15, 30]")
+            raise ConfigError(
+                "attention.separators",
+                strings,
+                "are strings, and data.mock has no tokenizer to resolve them",
+                "list token ids instead, e.g. [13, 15, 30]",
+            )
         if a.reset_per_document and a.eod_id is None:
-            raise ConfigError("attention.eod_id", None, "is needed for reset_per_document with data.mock",
-                              "set attention.eod_id")
+            raise ConfigError(
+                "attention.eod_id",
+                None,
+                "is needed for reset_per_document with data.mock",
+                "set attention.eod_id",
+            )
     if a.kind == "sepllm":
         strings = [x for x in a.separators if isinstance(x, str)]
         ids, warnings = resolve_separator_ids(tok, strings) if strings else ([], [])
@@ -151,11 +202,16 @@ def resolve_attention(cfg: Config, tok) -> list[str]:
         notes += [f"warning: {w}" for w in warnings]
         bad = [i for i in ids if not 0 <= i < cfg.model.vocab_size]
         if bad or not ids:
-            raise ConfigError("attention.separators", a.separators,
-                              f"resolve to no usable token ids (out of range: {bad})",
-                              "list strings the tokenizer has as single tokens, or valid ids")
+            raise ConfigError(
+                "attention.separators",
+                a.separators,
+                f"resolve to no usable token ids (out of range: {bad})",
+                "list strings the tokenizer has as single tokens, or valid ids",
+            )
         a.separators = sorted(ids)
-        shown = ", ".join(f"{i} {tok.id_to_piece(i)!r}" if tok else str(i) for i in a.separators[:32])
+        shown = ", ".join(
+            f"{i} {tok.id_to_piece(i)!r}" if tok else str(i) for i in a.separators[:32]
+        )
         more = f", ... ({len(a.separators)} ids)" if len(a.separators) > 32 else ""
         notes.append(f"separator ids: {shown}{more}")
     if a.reset_per_document and a.eod_id is None:

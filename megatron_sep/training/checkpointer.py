@@ -1,14 +1,22 @@
 """When and what the training loop saves: the checkpoint store's policy for one run (checkpoint/ holds the
 store itself). It knows which steps updated (a step whose update was skipped is never saved), the newest
 step known to train (`verified`: never rotated out), and an async save in flight."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, newest_verified, prune, \
-    resolve_checkpoint, save_checkpoint
+from ..checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    newest_verified,
+    prune,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from ..config import Config, ConfigError
 
 
@@ -24,22 +32,34 @@ class Checkpointer:
         # saved: the step on disk (or being written); verified: the newest step whose weights gave a finite
         # loss (the next step updated, or its evaluation was finite); streak: steps skipped in a row;
         # pending: an async save being written; due: a save was put off to the next step that updates
-        self.saved, self.verified, self.streak, self.pending, self.due_now = None, None, 0, None, False
+        self.saved, self.verified, self.streak, self.pending, self.due_now = (
+            None,
+            None,
+            0,
+            None,
+            False,
+        )
 
     def resume(self) -> tuple[int, int]:
         """(step, consumed samples) to start from: the latest checkpoint of this run, or checkpoint.load's
         weights at step 0, or a fresh start."""
         c = self.cfg.checkpoint
         if not c.resume and list_checkpoints(self.root):
-            raise ConfigError("checkpoint.resume", False, f"{self.root} holds checkpoints of an earlier run, "
-                              "which this run would overwrite and rotate out", "use a new train.run_dir, or "
-                              "resume (checkpoint.resume=true)")
+            raise ConfigError(
+                "checkpoint.resume",
+                False,
+                f"{self.root} holds checkpoints of an earlier run, "
+                "which this run would overwrite and rotate out",
+                "use a new train.run_dir, or resume (checkpoint.resume=true)",
+            )
         path = latest_checkpoint(self.root) if c.resume else None
         if path is not None:
             meta = load_checkpoint(path, self.engine)
             self.verified = meta.get("verified_step")
             self.saved = meta["step"]  # the state on disk: stopping before a new step saves nothing
-            self.log(f"resumed from {path} at step {meta['step']} ({meta['consumed_samples']} samples consumed)")
+            self.log(
+                f"resumed from {path} at step {meta['step']} ({meta['consumed_samples']} samples consumed)"
+            )
             return meta["step"], meta["consumed_samples"]
         if c.load:
             path = resolve_checkpoint(c.load)
@@ -71,16 +91,28 @@ class Checkpointer:
         never saved (the save is made at the next step that updates). `final` waits for the write."""
         if self.streak:
             self.due_now = not final
-            self.log(f"step {step:>6} | not saved: the last {self.streak} step(s) were skipped (non-finite loss "
-                     "or gradient)" + ("" if final else "; saving at the next step that updates"))
+            self.log(
+                f"step {step:>6} | not saved: the last {self.streak} step(s) were skipped (non-finite loss "
+                "or gradient)" + ("" if final else "; saving at the next step that updates")
+            )
             return
         if not self.engine.weights_finite():
-            raise TrainingError(f"the weights hold NaN or inf at step {step}; nothing was saved. "
-                                f"{self.last_good()} Fix: lower optim.lr, or clip gradients (optim.clip_grad > 0)")
+            raise TrainingError(
+                f"the weights hold NaN or inf at step {step}; nothing was saved. "
+                f"{self.last_good()} Fix: lower optim.lr, or clip gradients (optim.clip_grad > 0)"
+            )
         self.finish()  # one save in flight at a time
         c = self.cfg.checkpoint
-        out = save_checkpoint(self.root, step, self.engine, {"consumed_samples": consumed}, self.config_text,
-                              c.keep_last, self.verified, async_save=c.async_save and not final)
+        out = save_checkpoint(
+            self.root,
+            step,
+            self.engine,
+            {"consumed_samples": consumed},
+            self.config_text,
+            c.keep_last,
+            self.verified,
+            async_save=c.async_save and not final,
+        )
         self.saved, self.due_now = step, False
         if isinstance(out, Path):
             self.log(f"saved checkpoint {out}")
@@ -107,7 +139,9 @@ class Checkpointer:
         later = [n for n in list_checkpoints(self.root) if n > good]
         pointer = self.root / "latest"
         if later:
-            return (f"The last good checkpoint is {self.root / good} (the later {', '.join(later)} may hold the "
-                    f"same broken weights); to resume from it, write its name into {pointer} "
-                    f"(echo {good} > {pointer}).")
+            return (
+                f"The last good checkpoint is {self.root / good} (the later {', '.join(later)} may hold the "
+                f"same broken weights); to resume from it, write its name into {pointer} "
+                f"(echo {good} > {pointer})."
+            )
         return f"The last good checkpoint is {self.root / good}; run again to resume from it."

@@ -5,6 +5,7 @@ its target's distribution proposes what the target would pick more often than on
 The teacher is any checkpoint this project saved, under any layout; it is loaded whole on every rank and runs
 forward only, in the student's autocast, once per micro-batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,14 +27,22 @@ class Teacher:
         try:
             path = resolve_checkpoint(t.distill_from)
         except CheckpointError as e:
-            raise ConfigError("train.distill_from", t.distill_from, str(e).split(". Fix:")[0],
-                              "pass the teacher's run dir, checkpoints dir or step_* dir") from None
+            raise ConfigError(
+                "train.distill_from",
+                t.distill_from,
+                str(e).split(". Fix:")[0],
+                "pass the teacher's run dir, checkpoints dir or step_* dir",
+            ) from None
         self.cfg = tcfg = load_config(path / "config.yaml")
         _check_vocabulary(cfg, tcfg, tokenizer)
         if tcfg.model.max_position_embeddings < cfg.data.seq_len:
-            raise ConfigError("train.distill_from", t.distill_from, f"is a model of {tcfg.model.max_position_embeddings}"
-                              f" positions, shorter than data.seq_len={cfg.data.seq_len}",
-                              "distill at a data.seq_len the teacher was built for, or from a longer teacher")
+            raise ConfigError(
+                "train.distill_from",
+                t.distill_from,
+                f"is a model of {tcfg.model.max_position_embeddings}"
+                f" positions, shorter than data.seq_len={cfg.data.seq_len}",
+                "distill at a data.seq_len the teacher was built for, or from a longer teacher",
+            )
         if tcfg.attention.kind != "dense":  # its backend runs here, on the student's device
             check_backend_device(tcfg.attention.backend, device.type)
         self.model = load_weights(path, tcfg).to(device).requires_grad_(False)
@@ -53,15 +62,19 @@ class Teacher:
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        batch = prepare_batch(self.cfg, tokens, self.model.sep_ids)  # the teacher's own attention (kind, windows)
+        batch = prepare_batch(
+            self.cfg, tokens, self.model.sep_ids
+        )  # the teacher's own attention (kind, windows)
         return self.model(tokens, batch=batch)
 
     def describe(self) -> str:
         m = self.cfg.model
-        return (f"distilling from {self.path} ({m.family}, {m.num_layers} layers, {self.model.num_params() / 1e6:.2f}M "
-                f"parameters, attention {self.cfg.attention.kind}): loss = {self.weight:g} x T^2 KL(teacher || "
-                f"student) at T={self.temperature:g}" + (f" + {1 - self.weight:g} x cross-entropy"
-                                                          if self.weight < 1 else ""))
+        return (
+            f"distilling from {self.path} ({m.family}, {m.num_layers} layers, {self.model.num_params() / 1e6:.2f}M "
+            f"parameters, attention {self.cfg.attention.kind}): loss = {self.weight:g} x T^2 KL(teacher || "
+            f"student) at T={self.temperature:g}"
+            + (f" + {1 - self.weight:g} x cross-entropy" if self.weight < 1 else "")
+        )
 
 
 def _check_vocabulary(cfg: Config, tcfg: Config, tokenizer) -> None:
@@ -76,16 +89,20 @@ def _check_vocabulary(cfg: Config, tcfg: Config, tokenizer) -> None:
         if other is not None:
             same = same_vocabulary(other, tokenizer)
     if not same:
-        raise ConfigError("train.distill_from", cfg.train.distill_from,
-                          f"is a model of another vocabulary ({theirs} tokens, tokenizer {tcfg.data.tokenizer}) "
-                          f"than this run's ({ours} tokens, tokenizer {cfg.data.tokenizer})",
-                          "distill from a model trained with this run's data.tokenizer")
+        raise ConfigError(
+            "train.distill_from",
+            cfg.train.distill_from,
+            f"is a model of another vocabulary ({theirs} tokens, tokenizer {tcfg.data.tokenizer}) "
+            f"than this run's ({ours} tokens, tokenizer {cfg.data.tokenizer})",
+            "distill from a model trained with this run's data.tokenizer",
+        )
 
 
 @dataclass
 class TeacherTargets:
     """A micro-batch's labels plus its teacher : the head's loss becomes distillation's.
     The teacher's logits are computed when the loss needs them, so one micro-batch's are in memory at a time."""
+
     labels: torch.Tensor
     teacher_logits: Callable[[], torch.Tensor]  # () -> [b, s, vocab]
     weight: float  # share of the distillation term; the rest is cross-entropy on the labels
@@ -100,7 +117,12 @@ def distill_loss(logits: torch.Tensor, targets: TeacherTargets) -> torch.Tensor:
     student = logits.float().reshape(-1, v)
     with torch.no_grad():
         teacher = F.log_softmax(targets.teacher_logits().float().reshape(-1, v) / t, -1)
-    loss = w * t * t * F.kl_div(F.log_softmax(student / t, -1), teacher, log_target=True, reduction="batchmean")
+    loss = (
+        w
+        * t
+        * t
+        * F.kl_div(F.log_softmax(student / t, -1), teacher, log_target=True, reduction="batchmean")
+    )
     if w < 1:
         loss = loss + (1 - w) * F.cross_entropy(student, targets.labels.reshape(-1))
     return loss
@@ -117,4 +139,3 @@ class DistillationLoss:
         if isinstance(labels, TeacherTargets):  # the logits are needed whole
             return distill_loss(head(x)[..., : self.vocab_size], labels)
         return self.base(head, x, labels)
-

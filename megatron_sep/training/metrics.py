@@ -1,4 +1,5 @@
 """Step log lines, metrics.jsonl, and optional TensorBoard / wandb sinks; FLOPs for MFU."""
+
 from __future__ import annotations
 
 import json
@@ -15,19 +16,29 @@ from ..config.structure import block_shares, parse_structure
 from ..model.gpt import padded_vocab
 
 # Dense peaks (TFLOP/s) for MFU when logging.peak_tflops is unset: bf16, and fp8 where the chip has it.
-PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp8": 1979.0}, "H200": {"bf16": 989.0, "fp8": 1979.0},
-               "A100": {"bf16": 312.0}, "L40S": {"bf16": 362.0, "fp8": 733.0}, "A10G": {"bf16": 125.0}}
+PEAK_TFLOPS = {
+    "H100": {"bf16": 989.0, "fp8": 1979.0},
+    "H200": {"bf16": 989.0, "fp8": 1979.0},
+    "A100": {"bf16": 312.0},
+    "L40S": {"bf16": 362.0, "fp8": 733.0},
+    "A10G": {"bf16": 125.0},
+}
 
 
-FLOPS_CONVENTION = ("6 x matmul params + 12 x layers x hidden x seq x kept-pair share FLOPs per token (PaLM's "
-                    "count; sparse attention counts only the causal pairs it computes; SUBLLM blocks count at their level's "
-                    "share of the tokens)")
+FLOPS_CONVENTION = (
+    "6 x matmul params + 12 x layers x hidden x seq x kept-pair share FLOPs per token (PaLM's "
+    "count; sparse attention counts only the causal pairs it computes; SUBLLM blocks count at their level's "
+    "share of the tokens)"
+)
 
 
 def matmul_params(model) -> int:
     """Parameters that take part in matmuls (>= 2-D, not the embedding); the LM head counts, tied or not."""
-    return sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False)
-               if p.dim() >= 2 and "embed" not in n)
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if p.dim() >= 2 and "embed" not in n
+    )
 
 
 def flops_per_token(cfg: Config, n_matmul_params: int, kept_pairs: float = 1.0) -> float:
@@ -41,7 +52,9 @@ def flops_per_token(cfg: Config, n_matmul_params: int, kept_pairs: float = 1.0) 
         return 6.0 * n_matmul_params + m.num_layers * attention
     shares = block_shares(parse_structure(m.structure, m.num_layers), m.level_keeps())
     head = padded_vocab(m.vocab_size) * m.hidden_size
-    per_block = (n_matmul_params - head) / m.num_layers  # the scorers' few weights count with the blocks
+    per_block = (
+        n_matmul_params - head
+    ) / m.num_layers  # the scorers' few weights count with the blocks
     return 6.0 * (head + per_block * sum(shares)) + attention * sum(r * r for r in shares)
 
 
@@ -51,7 +64,9 @@ def peak_flops(cfg: Config, device: torch.device) -> tuple[float | None, str]:
         return cfg.logging.peak_tflops * 1e12, "logging.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        kind = "fp8" if cfg.train.precision == "fp8" else "bf16"  # fp8 runs are measured against the fp8 peak
+        kind = (
+            "fp8" if cfg.train.precision == "fp8" else "bf16"
+        )  # fp8 runs are measured against the fp8 peak
         for key, peaks in PEAK_TFLOPS.items():
             if key in name and kind in peaks:
                 return peaks[kind] * 1e12, f"{key} {kind} dense, by device name"
@@ -76,12 +91,19 @@ class MetricsLogger:
         self.jsonl = open(self.path, "a", buffering=1)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         if cfg.logging.wandb:
             import wandb
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir),
-                                    mode=cfg.logging.wandb_mode, config=config_dict,
-                                    name=run_dir.name, resume="allow")
+
+            self.wandb = wandb.init(
+                project=cfg.logging.wandb_project,
+                dir=str(run_dir),
+                mode=cfg.logging.wandb_mode,
+                config=config_dict,
+                name=run_dir.name,
+                resume="allow",
+            )
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop the records of steps after the checkpoint (their run was killed before saving
@@ -137,6 +159,8 @@ def _step_of(line: str) -> float:
 
 def format_step(step: int, total: int, m: dict) -> str:
     mfu = f"{m['mfu']:.1%} of {m['peak_tflops']:.0f} TF/s" if m.get("mfu") is not None else "n/a"
-    return (f"step {step:>6}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | grad norm "
-            f"{m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
-            f"mem {m['peak_mem_gb']:.2f} GB")
+    return (
+        f"step {step:>6}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | grad norm "
+        f"{m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
+        f"mem {m['peak_mem_gb']:.2f} GB"
+    )

@@ -1,4 +1,5 @@
 """Learning-rate schedules (the optimizer itself is built with the parallel plan)."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,11 @@ from ..config import Config
 
 def warmup_steps(cfg: Config) -> int:
     o = cfg.optim
-    return o.warmup_steps if o.warmup_steps is not None else int(round(o.warmup_fraction * cfg.train.steps))
+    return (
+        o.warmup_steps
+        if o.warmup_steps is not None
+        else int(round(o.warmup_fraction * cfg.train.steps))
+    )
 
 
 def lr_at(step: int, cfg: Config) -> float:

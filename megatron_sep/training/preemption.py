@@ -1,5 +1,6 @@
 """Stopping a run between steps: SIGTERM / SIGUSR1 (a scheduler's notice) or Ctrl-C stop at the next step
 boundary, on every rank, with a save. A second Ctrl-C stops at once, or right after a save in progress."""
+
 from __future__ import annotations
 
 import contextlib

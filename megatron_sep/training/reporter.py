@@ -1,5 +1,6 @@
 """The step log: attention statistics, loss, lr, gradient norm, tokens/s, MFU and memory, every
 logging.log_interval steps (and at the last), measured over training time only (eval and saves excluded)."""
+
 from __future__ import annotations
 
 import time
@@ -36,8 +37,10 @@ class StepReporter:
         if kept is None and si and step % si == 0:  # the step's last micro-batch
             stats = attention_stats(cfg, is_sep)
             kept = stats["kept_pairs"]
-            self.logger.print(f"step {step:>6} | attention kept pairs {stats['kept_pairs']:.1%} "
-                              f"| kept kv {stats['kept_kv']:.1%} | separators {stats['sep_share']:.1%}")
+            self.logger.print(
+                f"step {step:>6} | attention kept pairs {stats['kept_pairs']:.1%} "
+                f"| kept kv {stats['kept_kv']:.1%} | separators {stats['sep_share']:.1%}"
+            )
             self.logger.log(step, stats)
         if not self.due(step):
             return
@@ -47,11 +50,17 @@ class StepReporter:
         if kept is None:
             kept = attention_stats(cfg, is_sep)["kept_pairs"]
         flops = flops_per_token(cfg, self.matmul_params, kept)
-        self.last = {"loss": loss.item(), "lr": lr_at(step - 1, cfg), "grad_norm": norm.item(),
-                     "tokens_per_s": tps, "peak_mem_gb": peak_memory_gb(self.device),
-                     "mfu": tps * flops / (self.peak * self.world) if self.peak else None,
-                     "peak_tflops": self.peak / 1e12 if self.peak else None,
-                     "flops_per_token": flops, "consumed_samples": consumed}
+        self.last = {
+            "loss": loss.item(),
+            "lr": lr_at(step - 1, cfg),
+            "grad_norm": norm.item(),
+            "tokens_per_s": tps,
+            "peak_mem_gb": peak_memory_gb(self.device),
+            "mfu": tps * flops / (self.peak * self.world) if self.peak else None,
+            "peak_tflops": self.peak / 1e12 if self.peak else None,
+            "flops_per_token": flops,
+            "consumed_samples": consumed,
+        }
         self.logger.print(format_step(step, cfg.train.steps, self.last))
         self.logger.log(step, self.last)
         self.tic, self.steps, self.paused = time.perf_counter(), 0, 0.0

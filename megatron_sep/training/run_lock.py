@@ -3,6 +3,7 @@
 The kernel drops the lock when the holder exits or is killed, so a stale lock cannot block a resume.
 The file stays (deleting it would let a second run lock a fresh file while the first holds the old one).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -29,8 +30,10 @@ class RunLock:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise RunLockedError(f"{self.path.parent} is in use by a training run ({holder}). Fix: wait for it to "
-                                 "finish or stop it, or use another train.run_dir") from None
+            raise RunLockedError(
+                f"{self.path.parent} is in use by a training run ({holder}). Fix: wait for it to "
+                "finish or stop it, or use another train.run_dir"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

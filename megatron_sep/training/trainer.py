@@ -1,6 +1,7 @@
 """The training loop. `build_run` (build.py) makes what it trains with; the loop runs `train_step` and
 `evaluate`, and calls components that decide their own timing: the checkpointer, the step reporter, the
 evaluation interval and preemption."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,13 +37,22 @@ class Trainer:
         t = self.cfg.train
         self.global_batch = t.global_batch_size or t.micro_batch_size
         self.step, self.consumed, self.skipped = 0, 0, 0
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.device.type == "cuda" and t.precision in ("auto", "bf16", "fp8")
-                         else contextlib.nullcontext())
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda" and t.precision in ("auto", "bf16", "fp8")
+            else contextlib.nullcontext()
+        )
         self.log_enabled = log and self.ctx.is_logging_rank
-        self.logger = MetricsLogger(self.cfg, self.run_dir, {}, enabled=False)  # opened by run(), under the lock
-        self.checkpointer = Checkpointer(self.cfg, self.run_dir, self.engine, run.config_text,
-                                         lambda text: self.logger.print(text))
+        self.logger = MetricsLogger(
+            self.cfg, self.run_dir, {}, enabled=False
+        )  # opened by run(), under the lock
+        self.checkpointer = Checkpointer(
+            self.cfg,
+            self.run_dir,
+            self.engine,
+            run.config_text,
+            lambda text: self.logger.print(text),
+        )
         self.preemption = Preemption(self.ctx)
 
     @property
@@ -53,7 +63,9 @@ class Trainer:
     def resume(self) -> None:
         """Start from this run's latest checkpoint, checkpoint.load's weights, or step 0."""
         self.step, self.consumed = self.checkpointer.resume()
-        self.logger.truncate_after(self.step)  # steps logged by a killed run after its last save run again
+        self.logger.truncate_after(
+            self.step
+        )  # steps logged by a killed run after its last save run again
 
     def save(self, final: bool = False) -> None:
         with self.preemption.during_save():
@@ -62,7 +74,9 @@ class Trainer:
     def _separator_share(self, samples: int = 64) -> float:
         n = min(samples, len(self.train_ds))
         tokens = torch.from_numpy(np.stack([self.train_ds[i] for i in range(n)]))
-        return sep_inputs(self.cfg, tokens, self.model.sep_ids.cpu())["is_sep"].float().mean().item()
+        return (
+            sep_inputs(self.cfg, tokens, self.model.sep_ids.cpu())["is_sep"].float().mean().item()
+        )
 
     # ---- data ----------------------------------------------------------------------------------
     def batch(self, ds, start: int, size: int):
@@ -83,13 +97,19 @@ class Trainer:
         self.engine.set_lr(lr_at(self.step, self.cfg))
         self.model.set_train_step(self.step)
         batches = [self.micro_batch(self.train_ds, base + m * mb, mb) for m in range(micros)]
-        if self.teacher is not None:  # the loss follows the teacher's logits (validation stays cross-entropy)
-            batches = [(tokens, self.teacher.targets(tokens, labels), b) for tokens, labels, b in batches]
+        if (
+            self.teacher is not None
+        ):  # the loss follows the teacher's logits (validation stays cross-entropy)
+            batches = [
+                (tokens, self.teacher.targets(tokens, labels), b) for tokens, labels, b in batches
+            ]
         with self.autocast:  # one schedule runs every forward and backward (one stage without pp)
             total = self.engine.forward_backward(batches)
         self.last_batch = batches[-1]
         norm, updated = self.engine.step(loss=total)
-        if ctx.grad_size > 1:  # each cp rank has the mean over its slice of the sequence (equal sizes)
+        if (
+            ctx.grad_size > 1
+        ):  # each cp rank has the mean over its slice of the sequence (equal sizes)
             torch.distributed.all_reduce(total, group=ctx.grad_group)
             total /= ctx.grad_size
         self.step += 1
@@ -100,12 +120,16 @@ class Trainer:
         self.skipped += 1  # every rank agrees: the norm's reduction carries the loss's finiteness
         self.checkpointer.skipped()
         if self.skipped > self.cfg.optim.skip_nonfinite:
-            raise TrainingError(f"the loss or gradient norm is not finite at step {self.step} (norm "
-                                f"{norm.item()}); the update was dropped and nothing was saved. "
-                                f"{self.checkpointer.last_good()} Fix: lower optim.lr, or let "
-                                "optim.skip_nonfinite skip a few such steps")
-        self.logger.print(f"step {self.step:>6} | skipped: non-finite loss or gradient norm "
-                          f"({self.skipped} of optim.skip_nonfinite={self.cfg.optim.skip_nonfinite})")
+            raise TrainingError(
+                f"the loss or gradient norm is not finite at step {self.step} (norm "
+                f"{norm.item()}); the update was dropped and nothing was saved. "
+                f"{self.checkpointer.last_good()} Fix: lower optim.lr, or let "
+                "optim.skip_nonfinite skip a few such steps"
+            )
+        self.logger.print(
+            f"step {self.step:>6} | skipped: non-finite loss or gradient norm "
+            f"({self.skipped} of optim.skip_nonfinite={self.cfg.optim.skip_nonfinite})"
+        )
         return total, norm
 
     @torch.no_grad()
@@ -120,11 +144,17 @@ class Trainer:
         mine = range(ctx.dp_rank, iters, ctx.dp)
         pad = -(-iters // ctx.dp) - len(mine)
         run = self.engine.forward_backward
-        with self.autocast, torch.no_grad(), self.eval_stance():  # forward-only; the last stage has the loss
+        with (
+            self.autocast,
+            torch.no_grad(),
+            self.eval_stance(),
+        ):  # forward-only; the last stage has the loss
             if mine:
                 batches = [self.micro_batch(self.valid_ds, i * mb, mb) for i in mine]
                 total += run(batches, forward_only=True).double() * len(mine)
-            if pad:  # the other ranks' number of forwards (and collectives); the loss is not counted
+            if (
+                pad
+            ):  # the other ranks' number of forwards (and collectives); the loss is not counted
                 run([self.micro_batch(self.valid_ds, 0, mb)] * pad, forward_only=True)
         if ctx.grad_size > 1:  # the cp ranks of one batch each hold the mean over their slice
             torch.distributed.all_reduce(total, group=ctx.grad_group)
@@ -146,20 +176,26 @@ class Trainer:
         until = t.steps if until is None else min(until, t.steps)
         lock = self._lock_run_dir()
         try:
-            self.logger = MetricsLogger(cfg, self.run_dir, config_to_dict(cfg), enabled=self.log_enabled)
+            self.logger = MetricsLogger(
+                cfg, self.run_dir, config_to_dict(cfg), enabled=self.log_enabled
+            )
             self.logger.print("resolved config:\n" + self.run_state.config_text)
             self.resume()  # strict: a mismatched checkpoint stops here, before anything is written
             if self.ctx.rank == 0:
                 (self.run_dir / "config.yaml").write_text(self.run_state.config_text)
-                given = self.run_dir / "deepspeed_config.json"  # what DeepSpeed was given (an earlier run's: gone)
+                given = (
+                    self.run_dir / "deepspeed_config.json"
+                )  # what DeepSpeed was given (an earlier run's: gone)
                 text = self.engine.given_config()
                 if text is not None:
                     given.write_text(text + "\n")
                 else:
                     given.unlink(missing_ok=True)
             if self.step >= t.steps:
-                self.logger.print(f"the run is finished: it is at step {self.step} of train.steps={t.steps}. "
-                                  "Nothing to do (raise train.steps to train further)")
+                self.logger.print(
+                    f"the run is finished: it is at step {self.step} of train.steps={t.steps}. "
+                    "Nothing to do (raise train.steps to train further)"
+                )
                 self.logger.close()
                 shutdown(self.ctx)
                 return {"step": self.step, "stopped_by": None, "finished_before": True}
@@ -191,15 +227,22 @@ class Trainer:
         for note in run.notes:
             self.logger.print(note)
         if cfg.attention.kind != "dense":
-            self.logger.print(f"attention {cfg.attention.kind}: windows per layer "
-                              f"{cfg.attention.layer_windows(cfg.model.num_layers, cfg.data.seq_len)} "
-                              f"(None = dense), separator share in the data {self._separator_share():.2%}")
-        self.logger.print(f"model: {cfg.model.family}, {run.num_params / 1e6:.2f}M parameters, "
-                          f"device {self.device}, layout tp={self.ctx.tp} pp={self.ctx.pp} cp={self.ctx.cp} "
-                          f"dp={self.ctx.dp}{self.engine.describe}, "
-                          f"{self.global_batch // (t.micro_batch_size * self.ctx.dp)} micro-batches per step")
-        peak = (f"{run.peak / 1e12:.0f} TFLOP/s per device ({run.peak_source})" if run.peak
-                else f"n/a ({run.peak_source})")
+            self.logger.print(
+                f"attention {cfg.attention.kind}: windows per layer "
+                f"{cfg.attention.layer_windows(cfg.model.num_layers, cfg.data.seq_len)} "
+                f"(None = dense), separator share in the data {self._separator_share():.2%}"
+            )
+        self.logger.print(
+            f"model: {cfg.model.family}, {run.num_params / 1e6:.2f}M parameters, "
+            f"device {self.device}, layout tp={self.ctx.tp} pp={self.ctx.pp} cp={self.ctx.cp} "
+            f"dp={self.ctx.dp}{self.engine.describe}, "
+            f"{self.global_batch // (t.micro_batch_size * self.ctx.dp)} micro-batches per step"
+        )
+        peak = (
+            f"{run.peak / 1e12:.0f} TFLOP/s per device ({run.peak_source})"
+            if run.peak
+            else f"n/a ({run.peak_source})"
+        )
         self.logger.print(f"mfu: {FLOPS_CONVENTION}, over a peak of {peak}")
 
     def _train(self, until: int) -> dict:
@@ -214,13 +257,17 @@ class Trainer:
                 while self.step < until and not self.preemption.stop_agreed():
                     loss, norm = self.train_step()
                     ckpt.poll()
-                    reporter.after_step(self.step, loss, norm, self.last_batch[2].is_sep, self.consumed)
+                    reporter.after_step(
+                        self.step, loss, norm, self.last_batch[2].is_sep, self.consumed
+                    )
                     if self.eval_due(self.step):
                         t0 = time.perf_counter()
                         val = self.evaluate()
                         ckpt.evaluated(self.step, math.isfinite(val))
                         reporter.last["val_loss"] = val
-                        self.logger.print(f"step {self.step:>6} | val loss {val:.4f} | val ppl {math.exp(val):.2f}")
+                        self.logger.print(
+                            f"step {self.step:>6} | val loss {val:.4f} | val ppl {math.exp(val):.2f}"
+                        )
                         self.logger.log(self.step, {"val_loss": val, "val_ppl": math.exp(val)})
                         reporter.pause(time.perf_counter() - t0)
                     if ckpt.due(self.step, last=self.step == t.steps):

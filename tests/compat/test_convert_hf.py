@@ -1,4 +1,5 @@
 """Hugging Face conversion, CPU fp32, tiny random models of both families."""
+
 import json
 import subprocess
 import sys
@@ -25,17 +26,33 @@ MODELS = {  # rope settings away from transformers' defaults, so a key it does n
 
 
 def project_checkpoint(tmp_path, tokenizer, model):
-    cfg = config_from_dict({"model": {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "vocab_size": 384,
-                                      "max_position_embeddings": 128, **model},
-                            "data": {"tokenizer": str(tokenizer), "seq_len": 64}})
+    cfg = config_from_dict(
+        {
+            "model": {
+                "num_layers": 2,
+                "hidden_size": 64,
+                "num_heads": 4,
+                "vocab_size": 384,
+                "max_position_embeddings": 128,
+                **model,
+            },
+            "data": {"tokenizer": str(tokenizer), "seq_len": 64},
+        }
+    )
     torch.manual_seed(0)
     m = build_model(cfg)
     with torch.no_grad():  # norms and biases away from their init, so a swapped name would show
         for p in m.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    save_checkpoint(tmp_path / "run" / "checkpoints", 5, WeightsOnly(m, cfg),
-                    {"consumed_samples": 0}, dump_config(cfg), keep_last=1)
+    save_checkpoint(
+        tmp_path / "run" / "checkpoints",
+        5,
+        WeightsOnly(m, cfg),
+        {"consumed_samples": 0},
+        dump_config(cfg),
+        keep_last=1,
+    )
     return m.eval()
 
 
@@ -50,6 +67,7 @@ def tokens_with_separators(tok, n=2, s=40):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_export_loads_in_transformers_with_equal_logits(corpus, tmp_path, name):
     from megatron_sep.data.tokenizer import load_tokenizer
+
     ours = project_checkpoint(tmp_path, corpus["tokenizer"], MODELS[name])
     out = export_hf(tmp_path / "run", tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -57,7 +75,9 @@ def test_export_loads_in_transformers_with_equal_logits(corpus, tmp_path, name):
     with torch.no_grad():
         diff = (hf(tokens).logits - ours(tokens)).abs().max().item()
     assert diff <= 1e-4, diff
-    assert (out / "tokenizer.json").is_file() and json.loads((out / "generation_config.json").read_text())
+    assert (out / "tokenizer.json").is_file() and json.loads(
+        (out / "generation_config.json").read_text()
+    )
     mode = lambda name: (out / name).stat().st_mode & 0o777  # noqa: E731
     assert mode("model.safetensors") == mode("config.json")  # safetensors alone would write 0600
 
@@ -65,12 +85,26 @@ def test_export_loads_in_transformers_with_equal_logits(corpus, tmp_path, name):
 def hf_random(tmp_path, family):
     torch.manual_seed(1)
     if family == "neox":
-        conf = transformers.GPTNeoXConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                          intermediate_size=96, max_position_embeddings=64, rotary_pct=0.5)
+        conf = transformers.GPTNeoXConfig(
+            vocab_size=200,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=64,
+            rotary_pct=0.5,
+        )
         model = transformers.GPTNeoXForCausalLM(conf)
     else:
-        conf = transformers.LlamaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=80, max_position_embeddings=64)
+        conf = transformers.LlamaConfig(
+            vocab_size=200,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=80,
+            max_position_embeddings=64,
+        )
         model = transformers.LlamaForCausalLM(conf)
     with torch.no_grad():
         for p in model.parameters():
@@ -118,33 +152,61 @@ def test_bad_inputs(tmp_path, corpus):
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     (sharded / "config.json").write_text(json.dumps(conf))
-    (sharded / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
+        )
+    )
     with pytest.raises(ConversionError, match="missing"):
         import_hf(sharded, tmp_path / "z")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no `latest`"):
         export_hf(tmp_path / "empty", tmp_path / "w")
-    proc = subprocess.run([sys.executable, "-m", "megatron_sep", "import-hf", "--hf", str(bad), "--out",
-                           str(tmp_path / "v")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_sep",
+            "import-hf",
+            "--hf",
+            str(bad),
+            "--out",
+            str(tmp_path / "v"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "not supported" in proc.stderr
 
 
 SEPLLM = {"kind": "sepllm", "window": [3, 5, 200], "init_tokens": 2, "hybrid": "none"}
 
 
-@pytest.mark.parametrize("name,attention", [("llama", SEPLLM), ("neox", {**SEPLLM, "hybrid": "H"}),
-                                            ("llama_untied", {"kind": "streamingllm", "window": 4}),
-                                            ("neox", {"kind": "fixed_interval", "fixed_interval": 3, "window": 4})])
+@pytest.mark.parametrize(
+    "name,attention",
+    [
+        ("llama", SEPLLM),
+        ("neox", {**SEPLLM, "hybrid": "H"}),
+        ("llama_untied", {"kind": "streamingllm", "window": 4}),
+        ("neox", {"kind": "fixed_interval", "fixed_interval": 3, "window": 4}),
+    ],
+)
 def test_sepllm_export_with_remote_code(corpus, tmp_path, name, attention):
-    ours, out, tok = export_tiny(tmp_path, corpus["tokenizer"], MODELS[name], attention, num_layers=3)
+    ours, out, tok = export_tiny(
+        tmp_path, corpus["tokenizer"], MODELS[name], attention, num_layers=3
+    )
     cfg = ours.cfg
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     tokens = tokens_with_separators(tok)
     with torch.no_grad():
-        dense = build_model(config_from_dict({**{"model": cfg.model.__dict__}, "data": {"seq_len": 64}}))
+        dense = build_model(
+            config_from_dict({**{"model": cfg.model.__dict__}, "data": {"seq_len": 64}})
+        )
         dense.load_state_dict(ours.state_dict())
-        assert (dense(tokens) - ours(tokens)).abs().max() > 1e-3  # the pattern matters on this input
+        assert (
+            dense(tokens) - ours(tokens)
+        ).abs().max() > 1e-3  # the pattern matters on this input
         assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-4
     back, back_cfg = load_model(import_hf(out, tmp_path / "reimported"))
     with torch.no_grad():  # the attention pattern survives export -> import
@@ -153,16 +215,35 @@ def test_sepllm_export_with_remote_code(corpus, tmp_path, name, attention):
 
 def test_generate_command(corpus, tmp_path):
     project_checkpoint(tmp_path, corpus["tokenizer"], MODELS["llama"])
-    for extra in ([], ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--evict"],
-                  ["--cache", "streaming", "--cache-sizes", "2,0,8,16", "--prefill-chunk", "3"]):
-        proc = subprocess.run([sys.executable, "-m", "megatron_sep", "generate", "--load", str(tmp_path / "run"),
-                               "--prompt", "The model reads.", "--max-new-tokens", "8", *extra],
-                              capture_output=True, text=True, timeout=120)
+    for extra in (
+        [],
+        ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--evict"],
+        ["--cache", "streaming", "--cache-sizes", "2,0,8,16", "--prefill-chunk", "3"],
+    ):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "megatron_sep",
+                "generate",
+                "--load",
+                str(tmp_path / "run"),
+                "--prompt",
+                "The model reads.",
+                "--max-new-tokens",
+                "8",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
 
 
 def test_sampling_respects_top_k_and_top_p():
     from megatron_sep.inference.generate import sample
+
     gen = torch.Generator().manual_seed(0)
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]])).repeat(2000, 1)
     assert set(sample(logits, 2, 1.0, gen).tolist()) == {0, 1}

@@ -7,6 +7,7 @@ about 5e-7 over these 6 steps. One spawned pair of processes runs every DeepSpee
 process group (the Trainer leaves a group it did not start), since DeepSpeed's import and its CPU
 communication op's build dominate a spawn.
 """
+
 import contextlib
 import json
 import math
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install 'megatron-sep[deepspeed]'")
+pytest.importorskip(
+    "deepspeed", reason="DeepSpeed is not installed: pip install 'megatron-sep[deepspeed]'"
+)
 
 from megatron_sep.config import ConfigError  # noqa: E402
 from megatron_sep.training import Trainer  # noqa: E402
@@ -36,17 +39,35 @@ CASES = [
     # offload, and a resume under the same engine: stopped at step 3 (saved), then on in the same run dir
     ("zero3_offload", "sepllm", {**DS, "zero": 3, "offload": "optimizer+params"}, 3),
     ("zero3_offload", "sepllm", {**DS, "zero": 3, "offload": "optimizer+params"}, None),
-    ("zero1_offload", "sepllm", {**DS, "zero": 1, "offload": "optimizer"}, 3),  # the native engine resumes it
-    ("native_to_zero2", "sepllm", {**DS, "zero": 2}, None),  # resumes a native single-process checkpoint
+    (
+        "zero1_offload",
+        "sepllm",
+        {**DS, "zero": 1, "offload": "optimizer"},
+        3,
+    ),  # the native engine resumes it
+    (
+        "native_to_zero2",
+        "sepllm",
+        {**DS, "zero": 2},
+        None,
+    ),  # resumes a native single-process checkpoint
 ]
 CASES_BY_NAME = {name: parallel for name, _, parallel, _ in CASES}
 
 
 def config(corpus, run_dir, kind, parallel=None, steps=6):
-    attention = {"kind": kind, "window": 6, "init_tokens": 2} if kind == "sepllm" else {"kind": "dense"}
-    return tiny_config(corpus, run_dir, attention=attention, parallel=parallel or {}, model={"num_layers": 4},
-                       train={"steps": steps, "micro_batch_size": 2, "global_batch_size": 8, "eval_interval": 3},
-                       checkpoint={"save_interval": 3})
+    attention = (
+        {"kind": kind, "window": 6, "init_tokens": 2} if kind == "sepllm" else {"kind": "dense"}
+    )
+    return tiny_config(
+        corpus,
+        run_dir,
+        attention=attention,
+        parallel=parallel or {},
+        model={"num_layers": 4},
+        train={"steps": steps, "micro_batch_size": 2, "global_batch_size": 8, "eval_interval": 3},
+        checkpoint={"save_interval": 3},
+    )
 
 
 def losses(run_dir):
@@ -65,6 +86,7 @@ def _nan_step(corpus, run_dir, zero):
     """One step, then one whose first weight's gradient is NaN on every rank, then one more.
     -> (skipped steps, weights unchanged by the NaN step, next loss)."""
     import torch
+
     cfg = config(corpus, run_dir, "dense", {**DS, "zero": zero})
     cfg.optim.skip_nonfinite = 1
     trainer = Trainer(cfg)
@@ -73,12 +95,16 @@ def _nan_step(corpus, run_dir, zero):
     hook = next(trainer.model.parameters()).register_hook(lambda g: g * float("nan"))
     trainer.train_step()
     hook.remove()
-    same = all(torch.equal(trainer.engine._full(p), b) for (_, p), b in zip(trainer.engine._named(), before))
+    same = all(
+        torch.equal(trainer.engine._full(p), b)
+        for (_, p), b in zip(trainer.engine._named(), before)
+    )
     return trainer.skipped, same, trainer.train_step()[0].item()
 
 
 def _deepspeed_cases(rank, world, corpus, root):
     import torch.distributed as dist
+
     dist.init_process_group("gloo", rank=rank, world_size=world)
     for name, kind, parallel, until in CASES:
         train(corpus, Path(root) / name, kind, parallel, until)
@@ -134,10 +160,16 @@ def test_a_kill_during_a_deepspeed_save_keeps_the_last_checkpoint(corpus, runs, 
     `latest` stays at step 3, and the native engine resumes from it to the uninterrupted losses."""
     from megatron_sep.config import dump_config
     from megatron_sep.checkpoint import CRASH_ENV, latest_checkpoint
+
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(dump_config(config(corpus, tmp_path / "run", "sepllm", {**DS, "zero": 3})))
-    r = subprocess.run([sys.executable, "-m", "megatron_sep", "train", "-c", str(cfg_file)], capture_output=True,
-                       text=True, timeout=300, env={**os.environ, CRASH_ENV: "6"})
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_sep", "train", "-c", str(cfg_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, CRASH_ENV: "6"},
+    )
     assert r.returncode == 86, r.stderr[-2000:]
     root = tmp_path / "run" / "checkpoints"
     assert latest_checkpoint(root).name == "step_00000003" and list(root.glob(".tmp-step_00000006"))
@@ -152,23 +184,44 @@ def test_export_hf_reads_a_zero3_checkpoint(runs, tmp_path):
 
     from megatron_sep.convert import export_hf
     from megatron_sep.checkpoint import load_model
+
     ours, _ = load_model(runs["zero3_dense"])
-    hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(runs["zero3_dense"], tmp_path / "hf")).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export_hf(runs["zero3_dense"], tmp_path / "hf")
+    ).eval()
     tokens = torch.randint(0, 384, (2, 20))
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("parallel,words", [
-    ({**DS, "zero": 2, "tp": 2}, "parallel.tp=2"), ({**DS, "zero": 2, "pp": 2}, "parallel.pp=2"),
-    ({**DS, "zero": 3, "cp": 2}, "parallel.cp=2"), ({**DS, "zero": 0}, "plain data parallelism"),
-    ({**DS, "zero": 2, "offload": "optimizer+params"}, "needs ZeRO-3"), ({"zero": 2}, "engine: deepspeed"),
-    ({"offload": "optimizer"}, "engine: deepspeed"), ({"deepspeed": {"x": 1}}, "engine is native"),
-    ({**DS, "zero": 2, "deepspeed": {"train_batch_size": 16}}, "generated from train.global_batch_size"),
-    ({**DS, "zero": 2, "deepspeed": {"zero_optimization": {"stage": 1}}}, "generated from parallel.zero"),
-    ({**DS, "zero": 2, "deepspeed": {"fp16": {"enabled": True}}}, "fp16 loss scaling is not offered"),
-])
-def test_combinations_the_engines_cannot_serve_are_rejected_at_load(corpus, tmp_path, parallel, words):
+@pytest.mark.parametrize(
+    "parallel,words",
+    [
+        ({**DS, "zero": 2, "tp": 2}, "parallel.tp=2"),
+        ({**DS, "zero": 2, "pp": 2}, "parallel.pp=2"),
+        ({**DS, "zero": 3, "cp": 2}, "parallel.cp=2"),
+        ({**DS, "zero": 0}, "plain data parallelism"),
+        ({**DS, "zero": 2, "offload": "optimizer+params"}, "needs ZeRO-3"),
+        ({"zero": 2}, "engine: deepspeed"),
+        ({"offload": "optimizer"}, "engine: deepspeed"),
+        ({"deepspeed": {"x": 1}}, "engine is native"),
+        (
+            {**DS, "zero": 2, "deepspeed": {"train_batch_size": 16}},
+            "generated from train.global_batch_size",
+        ),
+        (
+            {**DS, "zero": 2, "deepspeed": {"zero_optimization": {"stage": 1}}},
+            "generated from parallel.zero",
+        ),
+        (
+            {**DS, "zero": 2, "deepspeed": {"fp16": {"enabled": True}}},
+            "fp16 loss scaling is not offered",
+        ),
+    ],
+)
+def test_combinations_the_engines_cannot_serve_are_rejected_at_load(
+    corpus, tmp_path, parallel, words
+):
     with pytest.raises(ConfigError, match="Fix:") as e:
         config(corpus, tmp_path, "sepllm", parallel)
     assert words in str(e.value)
@@ -179,24 +232,48 @@ def test_combinations_the_engines_cannot_serve_are_rejected_at_load(corpus, tmp_
 def test_generated_config_and_expert_overrides():
     from megatron_sep.config import config_from_dict
     from megatron_sep.engine.deepspeed import ds_config
-    cfg = config_from_dict({"parallel": {**DS, "zero": 3, "offload": "optimizer",
-                                         "deepspeed": {"zero_optimization": {"overlap_comm": True},
-                                                       "dump_state": True}},
-                            "train": {"micro_batch_size": 2, "global_batch_size": 16}, "optim": {"clip_grad": 0.5}})
+
+    cfg = config_from_dict(
+        {
+            "parallel": {
+                **DS,
+                "zero": 3,
+                "offload": "optimizer",
+                "deepspeed": {"zero_optimization": {"overlap_comm": True}, "dump_state": True},
+            },
+            "train": {"micro_batch_size": 2, "global_batch_size": 16},
+            "optim": {"clip_grad": 0.5},
+        }
+    )
     out = ds_config(cfg, dp=2, bf16=True)
     assert out["gradient_accumulation_steps"] == 4 and out["train_batch_size"] == 16
-    assert out["zero_optimization"]["stage"] == 3 and out["zero_optimization"]["overlap_comm"] is True
-    assert out["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and "offload_param" not in out["zero_optimization"]
+    assert (
+        out["zero_optimization"]["stage"] == 3 and out["zero_optimization"]["overlap_comm"] is True
+    )
+    assert (
+        out["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        and "offload_param" not in out["zero_optimization"]
+    )
     assert out["gradient_clipping"] == 0.5 and out["bf16"]["enabled"] and out["dump_state"] is True
 
 
 def _cli_train(corpus, tmp_path, parallel, hide_deepspeed=False):
     """The CLI as a user runs it, in a child process; DeepSpeed unimportable there when asked."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps({"model": {"num_layers": 2, "hidden_size": 32, "num_heads": 4},
-                               "data": {"tokenizer": str(corpus["tokenizer"]), "paths": [corpus["prefix"]],
-                                        "seq_len": 32},
-                               "parallel": parallel, "train": {"run_dir": str(tmp_path / "run"), "device": "cpu"}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "model": {"num_layers": 2, "hidden_size": 32, "num_heads": 4},
+                "data": {
+                    "tokenizer": str(corpus["tokenizer"]),
+                    "paths": [corpus["prefix"]],
+                    "seq_len": 32,
+                },
+                "parallel": parallel,
+                "train": {"run_dir": str(tmp_path / "run"), "device": "cpu"},
+            }
+        )
+    )
     hide = "sys.modules['deepspeed'] = None; " if hide_deepspeed else ""
     code = f"import sys; {hide}from megatron_sep.cli import main; sys.exit(main(['train', '--config', {str(cfg)!r}]))"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -205,15 +282,26 @@ def _cli_train(corpus, tmp_path, parallel, hide_deepspeed=False):
 def test_missing_deepspeed_is_one_line_naming_the_install(corpus, tmp_path):
     r = _cli_train(corpus, tmp_path, {**DS, "zero": 2}, hide_deepspeed=True)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.count("\n") == 1 and "pip install 'megatron-sep[deepspeed]'" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "pip install 'megatron-sep[deepspeed]'" in r.stderr, (
+        r.stderr
+    )
     assert not (tmp_path / "run").exists()
 
 
 def test_a_key_deepspeed_rejects_is_one_line_naming_it(corpus, tmp_path):
     """DeepSpeed validates its JSON itself (pydantic); a misspelt nested key comes back as one config error."""
-    r = _cli_train(corpus, tmp_path, {**DS, "zero": 2, "deepspeed": {"zero_optimization": {"overlap_com": True}}})
+    r = _cli_train(
+        corpus,
+        tmp_path,
+        {**DS, "zero": 2, "deepspeed": {"zero_optimization": {"overlap_com": True}}},
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: config error: parallel.deepspeed.zero_optimization.overlap_com=True: "
-                           "DeepSpeed rejects it") and "Fix:" in line, r.stderr[-3000:]
+    assert (
+        line.startswith(
+            "error: config error: parallel.deepspeed.zero_optimization.overlap_com=True: "
+            "DeepSpeed rejects it"
+        )
+        and "Fix:" in line
+    ), r.stderr[-3000:]
     assert "Traceback" not in r.stderr

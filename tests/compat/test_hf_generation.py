@@ -4,6 +4,7 @@ Every step's logits must equal ours within 1e-4 (fp32 rounding of two implementa
 math; a wrong key set moves them by 1e-2 or more on these random models). Greedy tokens alone are not
 enough: a wrong mask can still pick the same argmax.
 """
+
 import sys
 
 import pytest
@@ -20,19 +21,34 @@ from ..export_utils import export_tiny
 TOL = 1e-4
 NEW = 24
 CASES = {
-    "llama_sepllm": ({"family": "llama", "num_kv_heads": 2, "tie_embeddings": True},
-                     {"kind": "sepllm", "window": [3, 5, 200], "init_tokens": 2}),
-    "neox_sepllm_H": ({"family": "neox", "rotary_pct": 0.5, "rotary_base": 5000.0},
-                      {"kind": "sepllm", "window": 4, "init_tokens": 3, "hybrid": "H"}),
-    "llama_streamingllm": ({"family": "llama", "num_kv_heads": 4}, {"kind": "streamingllm", "window": 4}),
-    "neox_fixed_interval": ({"family": "neox", "rotary_pct": 0.25},
-                            {"kind": "fixed_interval", "fixed_interval": 3, "window": 4}),
+    "llama_sepllm": (
+        {"family": "llama", "num_kv_heads": 2, "tie_embeddings": True},
+        {"kind": "sepllm", "window": [3, 5, 200], "init_tokens": 2},
+    ),
+    "neox_sepllm_H": (
+        {"family": "neox", "rotary_pct": 0.5, "rotary_base": 5000.0},
+        {"kind": "sepllm", "window": 4, "init_tokens": 3, "hybrid": "H"},
+    ),
+    "llama_streamingllm": (
+        {"family": "llama", "num_kv_heads": 4},
+        {"kind": "streamingllm", "window": 4},
+    ),
+    "neox_fixed_interval": (
+        {"family": "neox", "rotary_pct": 0.25},
+        {"kind": "fixed_interval", "fixed_interval": 3, "window": 4},
+    ),
 }
 
 
 def export_case(tmp_path, tokenizer, name):
-    ours, out, tok = export_tiny(tmp_path, tokenizer, *CASES[name], num_layers=3, out_name=f"hf_{name}")
-    return ours, transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval(), tok
+    ours, out, tok = export_tiny(
+        tmp_path, tokenizer, *CASES[name], num_layers=3, out_name=f"hf_{name}"
+    )
+    return (
+        ours,
+        transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval(),
+        tok,
+    )
 
 
 def prompts(tok, sep_ids):
@@ -51,8 +67,17 @@ def hf_decode(hf, rows, pad_id, side="right", **generate_kwargs):
     for i, r in enumerate(rows):
         cols = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
         ids[i, cols], mask[i, cols] = r, 1
-    out = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                      pad_token_id=pad_id, output_logits=True, return_dict_in_generate=True, **generate_kwargs)
+    out = hf.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=pad_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **generate_kwargs,
+    )
     return out.sequences[:, width:], torch.stack(out.logits, 1)
 
 
@@ -68,11 +93,13 @@ def test_generate_matches_project_decoding_step_by_step(corpus, tmp_path, name, 
         new, logits = hf_decode(hf, batch, tok.pad_id, side, **extra)
         for r, prompt in enumerate(batch):
             tokens, mine = generate(ours, prompt[None], NEW, output_logits=True)
-            assert torch.equal(tokens[0, len(prompt):], new[r]), (name, r, tokens, new)
+            assert torch.equal(tokens[0, len(prompt) :], new[r]), (name, r, tokens, new)
             step_err = (mine[0, :, :V] - logits[r]).abs().max().item()
             assert step_err <= TOL, (name, cache, len(batch), side, r, step_err)
-            with torch.no_grad():  # the full sequence under the training mask: exactly the rule's keys
-                full = ours(tokens)[0, len(prompt) - 1: -1, :V]
+            with (
+                torch.no_grad()
+            ):  # the full sequence under the training mask: exactly the rule's keys
+                full = ours(tokens)[0, len(prompt) - 1 : -1, :V]
             assert (full - logits[r]).abs().max().item() <= TOL
 
 
@@ -86,7 +113,11 @@ def test_manual_decoding_loop_with_the_returned_cache(corpus, tmp_path):
         for t in range(8):
             assert (out.logits[:, -1] - mine[:, t]).abs().max().item() <= TOL
             cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            out = hf(tokens[:, prompt.shape[1] + t: prompt.shape[1] + t + 1], past_key_values=cache, use_cache=True)
+            out = hf(
+                tokens[:, prompt.shape[1] + t : prompt.shape[1] + t + 1],
+                past_key_values=cache,
+                use_cache=True,
+            )
 
 
 @pytest.mark.parametrize("window", [None, 1, 3])
@@ -101,7 +132,9 @@ def test_decoding_mask_is_the_sepllm_rule(window):
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)
     keep = is_sep | (pos < a)
     for first, last in ((0, 9), (9, 10), (10, 11), (11, 12)):
-        vis = SepLLMVisibility(pos[:, :last], keep[:, :last], valid[:, :last], pos[:, first:last], first)
+        vis = SepLLMVisibility(
+            pos[:, :last], keep[:, :last], valid[:, :last], pos[:, first:last], first
+        )
         got = vis.mask(window, last + 4)[:, 0]  # 4 unfilled static slots
         assert not got[..., last:].any()
         for r in range(b):
@@ -109,21 +142,36 @@ def test_decoding_mask_is_the_sepllm_rule(window):
             for qi, q in enumerate(range(first, last)):
                 # the rule over positions: earlier, and initial or separator or inside the window (self
                 # included); a padding slot has the previous real token's position, so it sees what that saw
-                want = [k for k in real if k <= q and pos[r, k] <= pos[r, q]
-                        and (window is None or keep[r, k] or pos[r, q] - pos[r, k] < window)]
-                assert got[r, qi, :last].nonzero().flatten().tolist() == (want or [q]), (window, r, q)
+                want = [
+                    k
+                    for k in real
+                    if k <= q
+                    and pos[r, k] <= pos[r, q]
+                    and (window is None or keep[r, k] or pos[r, q] - pos[r, k] < window)
+                ]
+                assert got[r, qi, :last].nonzero().flatten().tolist() == (want or [q]), (
+                    window,
+                    r,
+                    q,
+                )
 
 
 def test_export_refuses_unsupported_transformers(corpus, tmp_path):
     _, _, _ = export_case(tmp_path, corpus["tokenizer"], "llama_streamingllm")
     out = tmp_path / "hf_llama_streamingllm"
     code = (out / "modeling_sepllm.py").read_text()
-    (out / "modeling_sepllm.py").write_text(code.replace('MIN_TRANSFORMERS, BELOW_TRANSFORMERS = "4.57.0"',
-                                                         'MIN_TRANSFORMERS, BELOW_TRANSFORMERS = "99.0.0"'))
+    (out / "modeling_sepllm.py").write_text(
+        code.replace(
+            'MIN_TRANSFORMERS, BELOW_TRANSFORMERS = "4.57.0"',
+            'MIN_TRANSFORMERS, BELOW_TRANSFORMERS = "99.0.0"',
+        )
+    )
     with pytest.raises(ImportError) as err:
         transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     msg = str(err.value)
-    assert f"transformers {transformers.__version__} is installed" in msg and ">=99.0.0,<6.0.0" in msg
+    assert (
+        f"transformers {transformers.__version__} is installed" in msg and ">=99.0.0,<6.0.0" in msg
+    )
 
 
 @pytest.mark.parametrize("name", ["llama_sepllm", "neox_sepllm_H"])
@@ -137,10 +185,20 @@ def test_sep_cache_in_transformers_generate_matches_ours(corpus, tmp_path, name)
     SepCache = sys.modules[type(hf).__module__].SepCache  # the class shipped in the export
     cache = SepCache(*sizes)
     name = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
-    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
-                      eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
-                      **{name: cache})
-    mine, logits = generate(ours, prompt, 40, DecodeOptions(cache="sep", cache_sizes=sizes), output_logits=True)
+    out = hf.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=40,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **{name: cache},
+    )
+    mine, logits = generate(
+        ours, prompt, 40, DecodeOptions(cache="sep", cache_sizes=sizes), output_logits=True
+    )
     assert torch.equal(out.sequences, mine)
     assert (torch.stack(out.logits, 1) - logits).abs().max() < TOL
     assert cache.get_seq_length() <= sizes[3] and cache.sepllm_seen == prompt.shape[1] + 39

@@ -1,4 +1,5 @@
 """Exported tokenizers through transformers' AutoTokenizer give exactly the project's ids."""
+
 import json
 import random
 
@@ -11,10 +12,15 @@ from megatron_sep.data.tokenizer import load_tokenizer
 
 from ..export_utils import export_tiny
 
-TEXT = ("  Two leading spaces, then prose. Does it stop? No; it goes on: 3.14159 and 1,000,000!\n"
-        "\tA tab,   three spaces and a trailing one \n"
-        "Non-ASCII: naïve café, Größe, 東京, Ελληνικά and 😀 (bytes).\n\n.Starts with a separator")
-FAMILIES = {"neox": {"family": "neox", "rotary_pct": 0.25}, "llama": {"family": "llama", "num_kv_heads": 2}}
+TEXT = (
+    "  Two leading spaces, then prose. Does it stop? No; it goes on: 3.14159 and 1,000,000!\n"
+    "\tA tab,   three spaces and a trailing one \n"
+    "Non-ASCII: naïve café, Größe, 東京, Ελληνικά and 😀 (bytes).\n\n.Starts with a separator"
+)
+FAMILIES = {
+    "neox": {"family": "neox", "rotary_pct": 0.25},
+    "llama": {"family": "llama", "num_kv_heads": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +29,26 @@ def tokenizers(corpus, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tokenizers")
     lines = d / "lines.txt"  # sentencepiece's own defaults: NFKC charsmap, extra whitespace removed
-    lines.write_text("\n".join(json.loads(t)["text"] for t in open(corpus["jsonl"])) + "\nＦｕｌｌ ① ﬁ café\n")
-    spm.SentencePieceTrainer.train(input=str(lines), model_prefix=str(d / "nfkc"), vocab_size=330, byte_fallback=True,
-                                   user_defined_symbols=[".", ","], eos_piece="<|endoftext|>", minloglevel=2)
-    return {"sp-bpe": corpus["tokenizer"],
-            "sp-unigram": train_sentencepiece([str(corpus["jsonl"])], d / "uni", vocab_size=330, model_type="unigram"),
-            "sp-defaults": d / "nfkc.model",
-            "hf-bpe": train_hf_bpe([str(corpus["jsonl"])], d / "bpe.json", vocab_size=400)}
+    lines.write_text(
+        "\n".join(json.loads(t)["text"] for t in open(corpus["jsonl"])) + "\nＦｕｌｌ ① ﬁ café\n"
+    )
+    spm.SentencePieceTrainer.train(
+        input=str(lines),
+        model_prefix=str(d / "nfkc"),
+        vocab_size=330,
+        byte_fallback=True,
+        user_defined_symbols=[".", ","],
+        eos_piece="<|endoftext|>",
+        minloglevel=2,
+    )
+    return {
+        "sp-bpe": corpus["tokenizer"],
+        "sp-unigram": train_sentencepiece(
+            [str(corpus["jsonl"])], d / "uni", vocab_size=330, model_type="unigram"
+        ),
+        "sp-defaults": d / "nfkc.model",
+        "hf-bpe": train_hf_bpe([str(corpus["jsonl"])], d / "bpe.json", vocab_size=400),
+    }
 
 
 def export_with(tmp_path, tokenizer, family):
@@ -46,11 +65,17 @@ def test_autotokenizer_gives_project_ids(tokenizers, tmp_path, family, kind):
     typed = ["<|endoftext|> typed as text"] if kind != "sp-unigram" else []
     for text in [TEXT, "x", *typed]:
         ids = ours.encode(text)
-        assert theirs(text).input_ids == ids, (kind, family, text)  # default call: no BOS, no EOS added
+        assert theirs(text).input_ids == ids, (
+            kind,
+            family,
+            text,
+        )  # default call: no BOS, no EOS added
         assert theirs.decode(ids) == ours.decode(ids)
     assert theirs.eos_token_id == ours.eod_id and theirs.pad_token_id == ours.pad_id
     batch = theirs([TEXT, "short"], padding=True, return_tensors="pt")
-    assert batch.input_ids[1, len(ours.encode("short")):].eq(ours.pad_id).all()  # right padding with our pad
+    assert (
+        batch.input_ids[1, len(ours.encode("short")) :].eq(ours.pad_id).all()
+    )  # right padding with our pad
 
 
 @pytest.mark.parametrize("kind", ["sp-bpe", "sp-unigram", "sp-defaults"])
@@ -65,8 +90,10 @@ def test_sentencepiece_conversion_on_corpus_and_random_text(corpus, tokenizers, 
     texts = docs + ["".join(rng.choices(alphabet, k=rng.randint(0, 40))) for _ in range(400)]
     bad = [t for t in texts if theirs.encode(t).ids != ours.encode(t)]
     assert not bad, bad[:3]
-    assert all(theirs.decode(ours.encode(t), skip_special_tokens=False) == ours.decode(ours.encode(t))
-               for t in texts[:50])
+    assert all(
+        theirs.decode(ours.encode(t), skip_special_tokens=False) == ours.decode(ours.encode(t))
+        for t in texts[:50]
+    )
 
 
 def test_export_writes_the_tokenizer_files(tmp_path, tokenizers):

@@ -5,6 +5,7 @@ the `hf` model; each document's summed log-likelihood must equal the project's m
 within 1e-4 per token (fp32; lm-eval pads batches on the right without a mask, which the causal mask
 makes harmless).
 """
+
 import json
 
 import pytest
@@ -15,12 +16,19 @@ from lm_eval.tasks import TaskManager
 
 from tests.export_utils import export_tiny
 
-DOCS = [("The model reads a token,", " and writes the next one."),
-        ("Separators mark where each sentence ends. So", " attention keeps them: summaries!"),
-        ("Numbers like 3.14 and 1,000", " appear too; naïve café."),
-        ("  Leading spaces", " then\ta tab and\nnew lines.")]
-CASES = {"neox_dense": ({"family": "neox", "rotary_pct": 0.25}, None),
-         "llama_sepllm": ({"family": "llama", "num_kv_heads": 2}, {"kind": "sepllm", "window": 4, "init_tokens": 2})}
+DOCS = [
+    ("The model reads a token,", " and writes the next one."),
+    ("Separators mark where each sentence ends. So", " attention keeps them: summaries!"),
+    ("Numbers like 3.14 and 1,000", " appear too; naïve café."),
+    ("  Leading spaces", " then\ta tab and\nnew lines."),
+]
+CASES = {
+    "neox_dense": ({"family": "neox", "rotary_pct": 0.25}, None),
+    "llama_sepllm": (
+        {"family": "llama", "num_kv_heads": 2},
+        {"kind": "sepllm", "window": 4, "init_tokens": 2},
+    ),
+}
 
 
 def local_task(folder):
@@ -30,7 +38,8 @@ def local_task(folder):
         "task: sep_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {data}\ntest_split: test\noutput_type: loglikelihood\n"
         'doc_to_text: "{{context}}"\ndoc_to_target: "{{continuation}}"\n'
-        "metric_list:\n  - metric: acc\n")
+        "metric_list:\n  - metric: acc\n"
+    )
     return folder
 
 
@@ -38,9 +47,14 @@ def local_task(folder):
 def test_lm_eval_loglikelihoods_equal_project_losses(corpus, tmp_path, name):
     ours, out, tok = export_tiny(tmp_path, corpus["tokenizer"], *CASES[name])
     results = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(out), "trust_remote_code": True, "dtype": "float32"},
-        tasks=["sep_local"], batch_size=2, device="cpu", log_samples=True,
-        task_manager=TaskManager(include_path=str(local_task(tmp_path))))
+        model="hf",
+        model_args={"pretrained": str(out), "trust_remote_code": True, "dtype": "float32"},
+        tasks=["sep_local"],
+        batch_size=2,
+        device="cpu",
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(local_task(tmp_path))),
+    )
     samples = sorted(results["samples"]["sep_local"], key=lambda s: s["doc_id"])
     assert len(samples) == len(DOCS)
     for (context, continuation), sample in zip(DOCS, samples):
@@ -58,12 +72,17 @@ def test_offline_lastword_task_perplexity_matches_the_project_model(corpus, tmp_
     """`megatron-sep lm-eval-task` builds a local task that lm-eval runs with no download; its perplexity
     is exp(-mean target log-likelihood) of the project's own model (fp32, 1e-4 relative)."""
     from megatron_sep.experiments.lm_eval_task import write_task
+
     ours, out, tok = export_tiny(tmp_path, corpus["tokenizer"], *CASES["llama_sepllm"])
     tasks = write_task(corpus["jsonl"], tmp_path / "tasks", docs=6, max_chars=200).parent
     results = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(out), "trust_remote_code": True, "dtype": "float32"},
-        tasks=["heldout_lastword"], batch_size=2, device="cpu",
-        task_manager=TaskManager(include_path=str(tasks)))
+        model="hf",
+        model_args={"pretrained": str(out), "trust_remote_code": True, "dtype": "float32"},
+        tasks=["heldout_lastword"],
+        batch_size=2,
+        device="cpu",
+        task_manager=TaskManager(include_path=str(tasks)),
+    )
     got = results["results"]["heldout_lastword"]
     lls = []
     for row in map(json.loads, open(tasks / "heldout_lastword.jsonl")):

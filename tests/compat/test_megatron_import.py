@@ -11,6 +11,7 @@ process only: the rotary table's device (torch.cuda.current_device -> cpu), the 
 explicitly instead), the dropout RNG tracker (dropout is 0), and the save's torch.cuda.synchronize.
 Imported logits must equal megatron-core's within 1e-4 (float32, as the other conversion tests).
 """
+
 import argparse
 import os
 
@@ -25,8 +26,9 @@ from megatron_sep.convert.megatron import import_megatron
 from ..dist_utils import run_distributed
 
 VOCAB, SEQ = 384, 16
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
-                                        "ignore::FutureWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning"
+)
 
 
 class Opener:
@@ -44,12 +46,28 @@ class Runner(Opener):
 
 def megatron_args(**extra):
     """What Megatron-LM's training loop stores as `args` for this model."""
-    args = dict(num_layers=2, hidden_size=64, num_attention_heads=4, group_query_attention=True,
-                num_query_groups=2, ffn_hidden_size=128, normalization="RMSNorm", swiglu=True,
-                position_embedding_type="rope", rotary_percent=1.0, rotary_base=10000, add_bias_linear=False,
-                add_qkv_bias=False, norm_epsilon=1e-5, untie_embeddings_and_output_weights=True, vocab_size=VOCAB,
-                seq_length=SEQ, max_position_embeddings=64, tensor_model_parallel_size=1,
-                pipeline_model_parallel_size=1)
+    args = dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        group_query_attention=True,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+        normalization="RMSNorm",
+        swiglu=True,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=10000,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        norm_epsilon=1e-5,
+        untie_embeddings_and_output_weights=True,
+        vocab_size=VOCAB,
+        seq_length=SEQ,
+        max_position_embeddings=64,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+    )
     return argparse.Namespace(**{**args, **extra})
 
 
@@ -63,21 +81,41 @@ def _mcore(rank, world, out):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.transformer_config import TransformerConfig
+
     dist.init_process_group("gloo", rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(1, 1)
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a: None
     mcore_random.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
     torch.manual_seed(0)
-    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                            ffn_hidden_size=128, use_cpu_initialization=True, normalization="RMSNorm",
-                            gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
-                            bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-                            bias_dropout_fusion=False, apply_rope_fusion=False, hidden_dropout=0.0,
-                            attention_dropout=0.0, layernorm_epsilon=1e-5)
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                     vocab_size=VOCAB, max_sequence_length=64, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=False).eval()
+    cfg = TransformerConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+        use_cpu_initialization=True,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        layernorm_epsilon=1e-5,
+    )
+    model = GPTModel(
+        config=cfg,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=VOCAB,
+        max_sequence_length=64,
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=False,
+    ).eval()
     with torch.no_grad():  # norms away from 1, so a misplaced one shows
         for name, p in model.named_parameters():
             if "layernorm" in name:
@@ -113,8 +151,12 @@ def write_legacy(full: dict, folder, tp: int, pp: int):
                     i = int(k.split(".")[2])
                     if not p * per_stage <= i < (p + 1) * per_stage:
                         continue
-                    k = k.replace(f"decoder.layers.{i}.", f"decoder.layers.{i - p * per_stage}.")  # stage-local
-                elif (k.startswith("embedding") and p != 0) or (not k.startswith("embedding") and p != pp - 1):
+                    k = k.replace(
+                        f"decoder.layers.{i}.", f"decoder.layers.{i - p * per_stage}."
+                    )  # stage-local
+                elif (k.startswith("embedding") and p != 0) or (
+                    not k.startswith("embedding") and p != pp - 1
+                ):
                     continue
                 if "linear_fc1" in k:  # SwiGLU: this rank's gate rows, then its up rows
                     gate, up = v.chunk(2)
@@ -126,9 +168,17 @@ def write_legacy(full: dict, folder, tp: int, pp: int):
                 shard[k] = v.clone()
             name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
             (step / name).mkdir()
-            torch.save({"model": shard, "args": megatron_args(tensor_model_parallel_size=tp,
-                                                              pipeline_model_parallel_size=pp),
-                        "iteration": 10, "checkpoint_version": 3.0}, step / name / "model_optim_rng.pt")
+            torch.save(
+                {
+                    "model": shard,
+                    "args": megatron_args(
+                        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+                    ),
+                    "iteration": 10,
+                    "checkpoint_version": 3.0,
+                },
+                step / name / "model_optim_rng.pt",
+            )
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +207,12 @@ def test_bad_megatron_checkpoints_are_named(mcore, tmp_path):
     write_legacy(full, tmp_path / "ok", 1, 1)
     ckpt = tmp_path / "ok" / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt"
     state = torch.load(ckpt, weights_only=False)
-    for args, match in ((megatron_args(normalization="LayerNorm"), "normalization=LayerNorm"),
-                        (megatron_args(num_layers=3), "lacks layer 2's"),
-                        (megatron_args(ffn_hidden_size=96), "do not match its Megatron args"),
-                        (None, "holds no Megatron args")):
+    for args, match in (
+        (megatron_args(normalization="LayerNorm"), "normalization=LayerNorm"),
+        (megatron_args(num_layers=3), "lacks layer 2's"),
+        (megatron_args(ffn_hidden_size=96), "do not match its Megatron args"),
+        (None, "holds no Megatron args"),
+    ):
         torch.save({**state, "args": args}, ckpt)
         with pytest.raises(ConversionError, match=match) as e:
             import_megatron(tmp_path / "ok", tmp_path / "out")
@@ -170,9 +222,17 @@ def test_bad_megatron_checkpoints_are_named(mcore, tmp_path):
     # read without running code: Megatron's enums and numpy's RNG state become inert stand-ins, an open()
     # payload builds nothing, and one naming os.system is refused
     from megatron.core.transformer.enums import AttnBackend
+
     marker = tmp_path / "ran"
-    torch.save({**state, "args": megatron_args(attention_backend=AttnBackend.auto), "rng_state": [
-        {"np_rng_state": np.random.get_state()}], "x": Opener(marker)}, ckpt)
+    torch.save(
+        {
+            **state,
+            "args": megatron_args(attention_backend=AttnBackend.auto),
+            "rng_state": [{"np_rng_state": np.random.get_state()}],
+            "x": Opener(marker),
+        },
+        ckpt,
+    )
     import_megatron(tmp_path / "ok", tmp_path / "inert")
     assert not marker.exists() and (tmp_path / "inert" / "checkpoints" / "latest").is_file()
     torch.save({**state, "x": Runner(marker)}, ckpt)

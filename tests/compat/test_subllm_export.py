@@ -1,4 +1,5 @@
 """SUBLLM exported to transformers (modeling_subllm.py, remote code): the same logits as the project model."""
+
 import pytest
 import torch
 
@@ -10,10 +11,22 @@ from megatron_sep.checkpoint import WeightsOnly, save_checkpoint
 
 
 def _save(tmp_path, attention=None):
-    cfg = config_from_dict({"model": {"num_layers": 5, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2,
-                                      "vocab_size": 200, "max_position_embeddings": 64, "structure": "T(T(T)T)T",
-                                      "subsample_keep": 0.5},
-                            "attention": attention or {"kind": "dense"}, "data": {"seq_len": 32, "mock": True}})
+    cfg = config_from_dict(
+        {
+            "model": {
+                "num_layers": 5,
+                "hidden_size": 64,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "vocab_size": 200,
+                "max_position_embeddings": 64,
+                "structure": "T(T(T)T)T",
+                "subsample_keep": 0.5,
+            },
+            "attention": attention or {"kind": "dense"},
+            "data": {"seq_len": 32, "mock": True},
+        }
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     with torch.no_grad():
@@ -21,21 +34,30 @@ def _save(tmp_path, attention=None):
             d.score.weight.normal_(std=3.0)  # about half the tokens kept at each level
         for b in model.bypass:
             b.scale.uniform_(0.2, 1.0)
-    save_checkpoint(tmp_path / "run" / "checkpoints", 1, WeightsOnly(model, cfg),
-                    {"consumed_samples": 0}, dump_config(cfg), keep_last=1)
+    save_checkpoint(
+        tmp_path / "run" / "checkpoints",
+        1,
+        WeightsOnly(model, cfg),
+        {"consumed_samples": 0},
+        dump_config(cfg),
+        keep_last=1,
+    )
     return model
 
 
 def test_transformers_gives_the_project_models_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
     ours = _save(tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(tmp_path / "run", tmp_path / "hf"),
-                                                           trust_remote_code=True).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export_hf(tmp_path / "run", tmp_path / "hf"), trust_remote_code=True
+    ).eval()
     tokens = torch.randint(0, 200, (3, 24))
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-4
         greedy = hf.generate(tokens[:1, :8], max_new_tokens=6, do_sample=False)
-        mine = ours(greedy)[:, 7:-1].argmax(-1)  # each new token is the argmax after the ones before it
+        mine = ours(greedy)[:, 7:-1].argmax(
+            -1
+        )  # each new token is the argmax after the ones before it
     assert torch.equal(greedy[:, 8:], mine)
 
 

@@ -1,6 +1,7 @@
 """checkpoint.async_save: the state is copied to host memory and written in a background thread; `latest`
 moves only once the write is complete. The checkpoints equal synchronous ones, and a kill while a write is
 in flight leaves the previous checkpoint to resume from, with the uninterrupted losses."""
+
 import json
 
 import torch
@@ -15,8 +16,12 @@ from .test_training import losses
 
 
 def config(corpus, run, async_save, steps=8):
-    return tiny_config(corpus, run, train={"steps": steps},
-                       checkpoint={"save_interval": 2, "keep_last": 4, "async_save": async_save})
+    return tiny_config(
+        corpus,
+        run,
+        train={"steps": steps},
+        checkpoint={"save_interval": 2, "keep_last": 4, "async_save": async_save},
+    )
 
 
 def test_async_saves_equal_synchronous_saves(corpus, tmp_path):
@@ -24,13 +29,25 @@ def test_async_saves_equal_synchronous_saves(corpus, tmp_path):
     Trainer(config(corpus, tmp_path / "async", True)).run()
     assert losses(tmp_path / "sync") == losses(tmp_path / "async")
     names = list_checkpoints(tmp_path / "async" / "checkpoints")
-    assert names == list_checkpoints(tmp_path / "sync" / "checkpoints") == [f"step_{s:08d}" for s in (2, 4, 6, 8)]
+    assert (
+        names
+        == list_checkpoints(tmp_path / "sync" / "checkpoints")
+        == [f"step_{s:08d}" for s in (2, 4, 6, 8)]
+    )
     for name in names:
         a, _ = load_model(tmp_path / "async" / "checkpoints" / name)
         b, _ = load_model(tmp_path / "sync" / "checkpoints" / name)
-        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())), name
-        meta = [json.loads((tmp_path / r / "checkpoints" / name / "meta.json").read_text()) for r in ("sync", "async")]
-        assert meta[0]["consumed_samples"] == meta[1]["consumed_samples"] and meta[0]["step"] == meta[1]["step"]
+        assert all(
+            torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())
+        ), name
+        meta = [
+            json.loads((tmp_path / r / "checkpoints" / name / "meta.json").read_text())
+            for r in ("sync", "async")
+        ]
+        assert (
+            meta[0]["consumed_samples"] == meta[1]["consumed_samples"]
+            and meta[0]["step"] == meta[1]["step"]
+        )
     assert not list((tmp_path / "async" / "checkpoints").glob(".tmp-*"))
 
 

@@ -30,7 +30,11 @@ def test_unknown_section_and_override_key():
 
 def test_wrong_type():
     msg = error({"train": {"steps": "many"}})
-    assert "train.steps" in msg and "expected integer" in msg and "Fix: give a value of type integer" in msg
+    assert (
+        "train.steps" in msg
+        and "expected integer" in msg
+        and "Fix: give a value of type integer" in msg
+    )
     assert "expected boolean" in error({"train": {"compile": 3}})
     assert "expected mapping or null" in error({"parallel": {"deepspeed": 3}})
     assert "one of 'neox', 'llama'" in error({"model": {"family": "gpt2"}})
@@ -45,7 +49,9 @@ def test_out_of_range():
 def test_inconsistent_values():
     msg = error({"model": {"hidden_size": 256, "num_heads": 3}})
     assert "model.num_heads=3" in msg and "does not divide" in msg and "Fix:" in msg
-    assert "data.seq_len=4096" in error({"data": {"seq_len": 4096}, "model": {"max_position_embeddings": 2048}})
+    assert "data.seq_len=4096" in error(
+        {"data": {"seq_len": 4096}, "model": {"max_position_embeddings": 2048}}
+    )
     assert "model.num_kv_heads" in error({"model": {"num_heads": 4, "num_kv_heads": 3}})
     assert "global_batch_size" in error({"train": {"micro_batch_size": 4, "global_batch_size": 6}})
     assert "data.weights" in error({"data": {"paths": ["a", "b"], "weights": [1.0]}})
@@ -62,8 +68,12 @@ def test_yaml_round_trip(tmp_path):
 def test_cli_rejects_bad_config_before_work(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  hidden_size: 100\n  num_heads: 3\n")
-    proc = subprocess.run([sys.executable, "-m", "megatron_sep", "train", "-c", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_sep", "train", "-c", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "model.num_heads=3" in proc.stderr and "Fix:" in proc.stderr
     assert not (tmp_path / "runs").exists()
@@ -71,12 +81,27 @@ def test_cli_rejects_bad_config_before_work(tmp_path):
 
 def test_shipped_configs_validate():
     from pathlib import Path
+
     paths = sorted(Path(__file__).resolve().parents[2].glob("configs/*.yaml"))
     assert len(paths) >= 10
     for path in paths:
         cfg = load_config(path)
         if "pythia160m" in path.name:  # the paper's hyperparameters
             m, o = cfg.model, cfg.optim
-            assert (m.num_layers, m.hidden_size, m.num_heads, m.rotary_pct, cfg.data.seq_len) == (12, 768, 12, 0.25, 2048)
-            assert (o.lr, o.min_lr, o.warmup_fraction, o.weight_decay, o.clip_grad) == (6e-4, 6e-5, 0.01, 0.1, 1.0)
-    assert load_config(paths[0].parent / "tiny_cpu.yaml").attention.kind == "sepllm"  # the demo trains SepLLM
+            assert (m.num_layers, m.hidden_size, m.num_heads, m.rotary_pct, cfg.data.seq_len) == (
+                12,
+                768,
+                12,
+                0.25,
+                2048,
+            )
+            assert (o.lr, o.min_lr, o.warmup_fraction, o.weight_decay, o.clip_grad) == (
+                6e-4,
+                6e-5,
+                0.01,
+                0.1,
+                1.0,
+            )
+    assert (
+        load_config(paths[0].parent / "tiny_cpu.yaml").attention.kind == "sepllm"
+    )  # the demo trains SepLLM

@@ -14,6 +14,7 @@ over ceil(eval_iters / dp) * dp forwards, by ~2e-3 (eval_iters=3: the padding ba
 
 A hang (the bug) fails the test: run_distributed's queue times out (TIMEOUT) and kills the processes.
 """
+
 import importlib.util
 import json
 from pathlib import Path
@@ -32,25 +33,42 @@ HAS_DS = importlib.util.find_spec("deepspeed") is not None
 # DeepSpeed keeps parameters under 1e5 elements whole on every rank (all of this tiny model's) and keeps
 # gathered ones that are used again soon: then only the first forward gathers, and uneven eval counts slip
 # through. Partition and release every parameter, as a large model's are, so each forward gathers.
-PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0}}
+PARTITION_ALL = {
+    "zero_optimization": {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0}
+}
 # (run dir, parallel section, eval_iters): dp=2 on 2 processes
 ZERO3 = {"engine": "deepspeed", "zero": 3, "deepspeed": PARTITION_ALL}
 CASES = [
     ("zero3_iters1", ZERO3, 1),  # rank 1 has no batch of its own
     ("zero3_iters3", ZERO3, 3),  # rank 1 has one batch, rank 0 two
-    ("zero1_iters1", {"zero": 1}, 1),  # native: no collective over dp in a forward; rank 1 pads all the same
+    (
+        "zero1_iters1",
+        {"zero": 1},
+        1,
+    ),  # native: no collective over dp in a forward; rank 1 pads all the same
 ]
 RUN = [c for c in CASES if HAS_DS or c[1].get("engine") != "deepspeed"]
 
 
 def config(corpus, run_dir, parallel, eval_iters):
-    return tiny_config(corpus, run_dir, parallel=parallel, attention={"kind": "dense"},
-                       train={"steps": 2, "micro_batch_size": 2, "global_batch_size": 4, "eval_interval": 1,
-                              "eval_iters": eval_iters})
+    return tiny_config(
+        corpus,
+        run_dir,
+        parallel=parallel,
+        attention={"kind": "dense"},
+        train={
+            "steps": 2,
+            "micro_batch_size": 2,
+            "global_batch_size": 4,
+            "eval_interval": 1,
+            "eval_iters": eval_iters,
+        },
+    )
 
 
 def _runs(rank, world, corpus, root):
     import torch.distributed as dist
+
     dist.init_process_group("gloo", rank=rank, world_size=world)
     for name, parallel, eval_iters in RUN:
         Trainer(config(corpus, Path(root) / name, parallel, eval_iters)).run()
@@ -78,5 +96,7 @@ def test_every_rank_evaluates_and_padding_is_not_counted(runs, name, parallel, e
     assert sorted(vals) == [1, 2]
     model, cfg = load_model(runs / name)  # the step-2 checkpoint: the weights of the last eval
     assert cfg.train.eval_iters == eval_iters
-    ref = validation_loss(model, run_datasets(cfg)[1], eval_iters, cfg.train.micro_batch_size, torch.device("cpu"))
+    ref = validation_loss(
+        model, run_datasets(cfg)[1], eval_iters, cfg.train.micro_batch_size, torch.device("cpu")
+    )
     assert abs(vals[2] - ref) < TOL, (name, vals[2], ref)

@@ -1,6 +1,7 @@
 """train.precision: fp8 through torchao's float8 training. torchao runs its float8 matmuls on CPU too
 (torch._scaled_mm), so the conversion, its numerics and the tensor-parallel wiring are checked here;
 the speed and the Trainer's own fp8 steps run on the GPU (benchmarks/train_throughput.py)."""
+
 import copy
 
 import pytest
@@ -20,6 +21,7 @@ from ..dist_utils import init_gloo, run_distributed
 
 def test_fp8_without_a_float8_gpu_is_a_clear_error(corpus, tmp_path):
     from megatron_sep.training.trainer import Trainer
+
     cfg = tiny_config(corpus, tmp_path / "run", train={"precision": "fp8"})
     with pytest.raises(ConfigError, match=r"train.precision.*float8 tensor cores.*no GPU.*bf16"):
         Trainer(cfg, log=False)
@@ -27,17 +29,33 @@ def test_fp8_without_a_float8_gpu_is_a_clear_error(corpus, tmp_path):
 
 
 def test_fp8_shape_check_names_the_sequence_length():
-    cfg = config_from_dict({"model": {"vocab_size": 256}, "data": {"mock": True, "seq_len": 30},
-                            "train": {"micro_batch_size": 1, "precision": "fp8"}})
+    cfg = config_from_dict(
+        {
+            "model": {"vocab_size": 256},
+            "data": {"mock": True, "seq_len": 30},
+            "train": {"micro_batch_size": 1, "precision": "fp8"},
+        }
+    )
     with pytest.raises(ConfigError, match="data.seq_len.*multiple of 16"):
         fp8.check_shapes(cfg)
 
 
 def _gpt():
-    cfg = config_from_dict({"model": {"family": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
-                                      "num_kv_heads": 2, "ffn_hidden_size": 160, "vocab_size": 256,
-                                      "max_position_embeddings": 64},
-                            "data": {"mock": True, "seq_len": 64}})
+    cfg = config_from_dict(
+        {
+            "model": {
+                "family": "llama",
+                "num_layers": 2,
+                "hidden_size": 64,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "ffn_hidden_size": 160,
+                "vocab_size": 256,
+                "max_position_embeddings": 64,
+            },
+            "data": {"mock": True, "seq_len": 64},
+        }
+    )
     torch.manual_seed(0)
     return build_model(cfg)
 
@@ -49,8 +67,11 @@ def test_convert_keeps_parameters_and_tracks_the_fp32_model():
     done, kept = fp8.convert(model.layers)
     assert (done, kept) == (2 * 5, [])  # qkv, out, gate, up, down in each block
     f8 = [n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
-    assert f8 == [f"layers.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.out", "mlp.gate", "mlp.up",
-                                                                  "mlp.down")]  # not the LM head
+    assert f8 == [
+        f"layers.{i}.{n}"
+        for i in range(2)
+        for n in ("attn.qkv", "attn.out", "mlp.gate", "mlp.up", "mlp.down")
+    ]  # not the LM head
     # the same parameter objects under the same names, fp32 masters: optimizer and checkpoints see no change
     after = dict(model.named_parameters())
     assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
@@ -78,9 +99,16 @@ def _tp_fp8(rank, world, sp):
     """The fp8 tensor-parallel layers against torchao's Float8Linear on each shard, computed whole here."""
     from megatron_sep.parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron_sep.parallel.mappings import gather_seq
+
     init_gloo(world)
-    ctx = ParallelContext(world=world, rank=rank, tp=world, tp_rank=rank, tp_group=dist.group.WORLD,
-                          sequence_parallel=sp)
+    ctx = ParallelContext(
+        world=world,
+        rank=rank,
+        tp=world,
+        tp_rank=rank,
+        tp_group=dist.group.WORLD,
+        sequence_parallel=sp,
+    )
     torch.manual_seed(0)  # every rank draws the same full tensors
     col, row = nn.Linear(32, 32 * world), nn.Linear(32 * world, 48)
     x = torch.randn(2, 16, 32)
@@ -90,8 +118,10 @@ def _tp_fp8(rank, world, sp):
     shards = []
     for r in range(world):
         c, w = nn.Linear(32, 32), nn.Linear(32, 48, bias=False)
-        c.weight, c.bias = nn.Parameter(col.weight.detach().chunk(world, 0)[r].clone()), \
-            nn.Parameter(col.bias.detach().chunk(world)[r].clone())
+        c.weight, c.bias = (
+            nn.Parameter(col.weight.detach().chunk(world, 0)[r].clone()),
+            nn.Parameter(col.bias.detach().chunk(world)[r].clone()),
+        )
         w.weight = nn.Parameter(row.weight.detach().chunk(world, 1)[r].clone())
         to_float8, _ = fp8.torchao_float8()
         shards.append((to_float8(c), to_float8(w)))  # a root Linear comes back converted
@@ -108,12 +138,15 @@ def _tp_fp8(rank, world, sp):
     c_ref, w_ref = shards[rank]
     # fp32; the only difference is the order of the sum over ranks (all-reduce vs Python's sum)
     tol = dict(rtol=1e-5, atol=1e-5)
-    out = {"converted": done == 2, "names": sorted(n for n, _ in pcol.named_parameters()) == ["bias", "weight"],
-           "out": torch.allclose(full, y_ref.detach(), **tol),
-           "col_grad": torch.allclose(pcol.weight.grad, c_ref.weight.grad, **tol),
-           "col_bias": torch.allclose(pcol.bias.grad, c_ref.bias.grad, **tol),
-           "row_grad": torch.allclose(prow.weight.grad, w_ref.weight.grad, **tol),
-           "x_grad": torch.allclose(x_grad, xr.grad, **tol)}
+    out = {
+        "converted": done == 2,
+        "names": sorted(n for n, _ in pcol.named_parameters()) == ["bias", "weight"],
+        "out": torch.allclose(full, y_ref.detach(), **tol),
+        "col_grad": torch.allclose(pcol.weight.grad, c_ref.weight.grad, **tol),
+        "col_bias": torch.allclose(pcol.bias.grad, c_ref.bias.grad, **tol),
+        "row_grad": torch.allclose(prow.weight.grad, w_ref.weight.grad, **tol),
+        "x_grad": torch.allclose(x_grad, xr.grad, **tol),
+    }
     dist.destroy_process_group()
     return out
 

@@ -1,5 +1,6 @@
 """Each collective wrapper and tensor-parallel layer against its unsharded op, forward and backward,
 on gloo with spawned processes. fp64 throughout: differences are summation order only (1e-12)."""
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -13,12 +14,19 @@ TOL = dict(rtol=1e-10, atol=1e-12)
 
 
 def _ctx(rank, world, sp=False):
-    return ParallelContext(world=world, rank=rank, tp=world, tp_rank=rank, tp_group=dist.group.WORLD,
-                           sequence_parallel=sp)
+    return ParallelContext(
+        world=world,
+        rank=rank,
+        tp=world,
+        tp_rank=rank,
+        tp_group=dist.group.WORLD,
+        sequence_parallel=sp,
+    )
 
 
 def _mappings(rank, world):
     from megatron_sep.parallel import mappings as mp_
+
     init_gloo(world)
     g = dist.group.WORLD
     torch.manual_seed(0)  # every rank draws the same full tensors
@@ -40,7 +48,10 @@ def _mappings(rank, world):
     shard = x.chunk(world, 1)[rank].clone().requires_grad_()
     y = mp_.gather_seq(shard, g)
     y.backward(per_rank[rank])
-    out["gather"] = (torch.equal(y, x), torch.allclose(shard.grad, sum(per_rank).chunk(world, 1)[rank], **TOL))
+    out["gather"] = (
+        torch.equal(y, x),
+        torch.allclose(shard.grad, sum(per_rank).chunk(world, 1)[rank], **TOL),
+    )
     xs = x.clone().requires_grad_()
     y = mp_.split_seq(xs, g)
     y.backward(dy.chunk(world, 1)[rank])
@@ -48,8 +59,10 @@ def _mappings(rank, world):
     mine = per_rank[rank].clone().requires_grad_()
     y = mp_.reduce_scatter_seq(mine, g)
     y.backward(dy.chunk(world, 1)[rank])
-    out["reduce_scatter"] = (torch.allclose(y, sum(per_rank).chunk(world, 1)[rank], **TOL),
-                             torch.allclose(mine.grad, dy, **TOL))
+    out["reduce_scatter"] = (
+        torch.allclose(y, sum(per_rank).chunk(world, 1)[rank], **TOL),
+        torch.allclose(mine.grad, dy, **TOL),
+    )
     dist.destroy_process_group()
     return out
 
@@ -60,10 +73,16 @@ def test_collective_wrappers_match_unsharded_ops():
 
 
 def _layers(rank, world, sp):
-    from megatron_sep.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                              combine_over, vocab_parallel_cross_entropy)
+    from megatron_sep.parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        combine_over,
+        vocab_parallel_cross_entropy,
+    )
     from megatron_sep.model.loss import linear_cross_entropy
     from megatron_sep.parallel.mappings import gather_seq
+
     init_gloo(world)
     ctx = _ctx(rank, world, sp)
     torch.manual_seed(0)
@@ -87,18 +106,30 @@ def _layers(rank, world, sp):
         x = pemb(ids)  # [b, s / tp, h] under sp, else [b, s, h]
         y = prow(torch.tanh(pcol(x)))
         if fused:
-            loss = linear_cross_entropy(phead.gather_input(y), phead.weight, labels, phead.start, combine_over(ctx.tp_group),
-                                        chunk_bytes=8 * 16 * 3)
+            loss = linear_cross_entropy(
+                phead.gather_input(y),
+                phead.weight,
+                labels,
+                phead.start,
+                combine_over(ctx.tp_group),
+                chunk_bytes=8 * 16 * 3,
+            )
         else:
             loss = vocab_parallel_cross_entropy(phead(y), labels, ctx)
         loss.backward()
         full_y = gather_seq(y, ctx.tp_group) if sp else y
         checks[fused, "loss"] = torch.allclose(loss, ref_loss, **TOL)
         checks[fused, "out"] = torch.allclose(full_y, ref_out, **TOL)
-        for name, par, ref, dim in (("col", pcol.weight, col.weight, 0), ("row", prow.weight, row.weight, 1),
-                                    ("emb", pemb.weight, emb.weight, 0), ("head", phead.weight, head.weight, 0)):
+        for name, par, ref, dim in (
+            ("col", pcol.weight, col.weight, 0),
+            ("row", prow.weight, row.weight, 1),
+            ("emb", pemb.weight, emb.weight, 0),
+            ("head", phead.weight, head.weight, 0),
+        ):
             checks[fused, name] = torch.allclose(par.grad, ref.grad.chunk(world, dim)[rank], **TOL)
-        checks[fused, "col_bias"] = torch.allclose(pcol.bias.grad, col.bias.grad.chunk(world)[rank], **TOL)
+        checks[fused, "col_bias"] = torch.allclose(
+            pcol.bias.grad, col.bias.grad.chunk(world)[rank], **TOL
+        )
         bias_grad = prow.bias.grad.clone()
         if sp:  # each rank saw its sequence shard only; the trainer sums these over tp
             dist.all_reduce(bias_grad)

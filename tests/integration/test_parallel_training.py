@@ -4,6 +4,7 @@ Tolerance 1e-5 absolute on the loss and on the global gradient norm: the layouts
 float32 sums (all-reduces, split matmuls, all-to-alls), which moves a loss of ~6 by a few 1e-7 per
 step over these 6 steps.
 """
+
 import json
 from pathlib import Path
 
@@ -33,21 +34,34 @@ LAYOUTS = {
 # Layouts that touch heads or the sequence run both attention kinds; schedules, data parallelism and
 # tp without sp, which handle attention as pp2_1f1b and tp2_sp do, run SepLLM only (suite time).
 BOTH_KINDS = ("tp2_sp", "pp2_1f1b", "cp2", "cp2_tp2_sp", "cp2_pp2", "cp2_dp2_zero1")
-CASES = [(layout, kind) for layout in LAYOUTS for kind in ("dense", "sepllm")
-         if kind == "sepllm" or layout in BOTH_KINDS]
+CASES = [
+    (layout, kind)
+    for layout in LAYOUTS
+    for kind in ("dense", "sepllm")
+    if kind == "sepllm" or layout in BOTH_KINDS
+]
 
 
 def config(corpus, run_dir, kind, parallel=None, steps=6, tied=False, async_save=False):
-    attention = {"kind": kind, "window": 6, "init_tokens": 2} if kind == "sepllm" else {"kind": "dense"}
-    return tiny_config(corpus, run_dir, attention=attention, parallel=parallel or {},
-                       model={"num_layers": 4, "tie_embeddings": tied},
-                       train={"steps": steps, "micro_batch_size": 2, "global_batch_size": 8, "eval_interval": 3},
-                       checkpoint={"save_interval": 3, "async_save": async_save})
+    attention = (
+        {"kind": kind, "window": 6, "init_tokens": 2} if kind == "sepllm" else {"kind": "dense"}
+    )
+    return tiny_config(
+        corpus,
+        run_dir,
+        attention=attention,
+        parallel=parallel or {},
+        model={"num_layers": 4, "tie_embeddings": tied},
+        train={"steps": steps, "micro_batch_size": 2, "global_batch_size": 8, "eval_interval": 3},
+        checkpoint={"save_interval": 3, "async_save": async_save},
+    )
 
 
 def losses(run_dir, key="loss"):
     rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-    return {r["step"]: r[key] for r in rows if "loss" in r}, [r["val_loss"] for r in rows if "val_loss" in r]
+    return {r["step"]: r[key] for r in rows if "loss" in r}, [
+        r["val_loss"] for r in rows if "val_loss" in r
+    ]
 
 
 def _train(rank, world, corpus, run_dir, kind, parallel, until, tied=False):
@@ -59,10 +73,14 @@ def _train_many(rank, world, corpus, root, runs):
     """Several runs in turn on one process group (the Trainer leaves a group it did not start): a spawn's
     start-up and imports cost more than a tiny run."""
     import torch.distributed as dist
+
     dist.init_process_group("gloo", rank=rank, world_size=world)
     for name, kind, parallel, until, tied, *async_save in runs:
-        Trainer(config(corpus, Path(root) / name, kind, parallel, tied=tied, async_save=bool(async_save))).run(
-            until=until)
+        Trainer(
+            config(
+                corpus, Path(root) / name, kind, parallel, tied=tied, async_save=bool(async_save)
+            )
+        ).run(until=until)
     dist.destroy_process_group()
     return True
 
@@ -80,8 +98,14 @@ def single(corpus, tmp_path_factory):
 
 # tp shards (tp2_pp2, cp2_tp2_sp) and ZeRO shards over dp x cp (cp2_dp2_zero1) gathered for one process or
 # another layout; ZeRO over dp alone into a pipeline (dp2_zero1 -> pp2); and the reverse ways
-RESUMES = [("tp2_pp2", None), ("tp2_pp2", ({}, 4)), ("dp2_zero1", LAYOUTS["pp2_1f1b"]), ("cp2_dp2_zero1", None),
-           ("cp2_tp2_sp", LAYOUTS["tp2"]), ("tp2", LAYOUTS["cp2"])]
+RESUMES = [
+    ("tp2_pp2", None),
+    ("tp2_pp2", ({}, 4)),
+    ("dp2_zero1", LAYOUTS["pp2_1f1b"]),
+    ("cp2_dp2_zero1", None),
+    ("cp2_tp2_sp", LAYOUTS["tp2"]),
+    ("tp2", LAYOUTS["cp2"]),
+]
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +150,19 @@ def test_layout_matches_single_process(runs, single, kind, layout):
     assert sorted(got) == sorted(ref) == list(range(1, 7))
     for step in ref:
         assert abs(got[step] - ref[step]) < 1e-5, (layout, step, got[step], ref[step])
-    assert all(abs(a - b) < 1e-5 for a, b in zip(got_val, ref_val)) and len(got_val) == len(ref_val) == 2
+    assert (
+        all(abs(a - b) < 1e-5 for a, b in zip(got_val, ref_val))
+        and len(got_val) == len(ref_val) == 2
+    )
     norms, ref_norms = losses(runs[f"{layout}_{kind}"], "grad_norm")[0], single[kind + "_grad_norm"]
     assert all(abs(norms[s] - ref_norms[s]) < 1e-5 for s in ref_norms), (layout, norms, ref_norms)
 
 
-@pytest.mark.parametrize("case", [*range(len(RESUMES)), "async"],
-                         ids=[f"{a}->{b[1] if b else 1}" for a, b in RESUMES] + ["async_cp2_dp2_zero1->1"])
+@pytest.mark.parametrize(
+    "case",
+    [*range(len(RESUMES)), "async"],
+    ids=[f"{a}->{b[1] if b else 1}" for a, b in RESUMES] + ["async_cp2_dp2_zero1->1"],
+)
 def test_checkpoint_resumes_under_another_layout(runs, single, case):
     got, _ = losses(runs["async_resume" if case == "async" else f"resume{case}"])
     ref, _ = single["sepllm"]
@@ -152,11 +182,16 @@ def test_pipeline_with_tied_embeddings(corpus, runs, tmp_path_factory, zero):
 def test_bad_layouts_rejected(corpus, tmp_path):
     from megatron_sep.config import ConfigError
     from megatron_sep.parallel import resolve_layout
+
     cfg = config(corpus, tmp_path, "dense")
-    for parallel, world, key in (({"tp": 3}, 3, "num_heads"), ({"tp": 4}, 4, "kv heads"),
-                                 ({"tp": 2}, 3, "world size"), ({}, 3, "micro_batch_size x dp"),
-                                 ({"pp": 4, "schedule": "interleaved", "virtual_stages": 2}, 4, "num_layers"),
-                                 ({"pp": 2, "schedule": "interleaved"}, 2, "multiple of pp")):
+    for parallel, world, key in (
+        ({"tp": 3}, 3, "num_heads"),
+        ({"tp": 4}, 4, "kv heads"),
+        ({"tp": 2}, 3, "world size"),
+        ({}, 3, "micro_batch_size x dp"),
+        ({"pp": 4, "schedule": "interleaved", "virtual_stages": 2}, 4, "num_layers"),
+        ({"pp": 2, "schedule": "interleaved"}, 2, "multiple of pp"),
+    ):
         for k, v in parallel.items():
             setattr(cfg.parallel, k, v)
         if key == "multiple of pp":
@@ -176,6 +211,7 @@ def test_slurm_entry_two_nodes_by_two_tasks(corpus, tmp_path, single):
 
 def test_slurm_first_host():
     from megatron_sep.parallel.context import first_host
+
     assert first_host("gpu[003-010,012],cpu1") == "gpu003"
     assert first_host("node7,node8") == "node7" and first_host("x-y[10-20]") == "x-y10"
 
@@ -184,14 +220,18 @@ def _train_until_signalled(rank, world, corpus, run_dir):
     import os
     import signal
     import threading
+
     trainer = Trainer(config(corpus, run_dir, "dense", {"zero": 1}, steps=100000))
-    if rank == 1:  # only one rank is told, as when slurm's signal reaches the tasks at different times
+    if (
+        rank == 1
+    ):  # only one rank is told, as when slurm's signal reaches the tasks at different times
         threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGUSR1)).start()
     return trainer.run()["step"]
 
 
 def test_preemption_signal_on_one_rank_stops_all_at_the_same_step(corpus, tmp_path):
     from megatron_sep.checkpoint import latest_checkpoint
+
     steps = run_distributed(_train_until_signalled, 2, corpus, str(tmp_path))
     assert steps[0] == steps[1] > 0
     assert latest_checkpoint(tmp_path / "checkpoints").name == f"step_{steps[0]:08d}"
@@ -205,6 +245,7 @@ def test_export_from_a_sharded_checkpoint(runs, tmp_path):
 
     from megatron_sep.convert import export_hf
     from megatron_sep.checkpoint import load_model
+
     run = runs["export_tp2_pp2"]  # (tp2, pp2), tied embeddings, saved at step 3
     ours, _ = load_model(run)
     hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(run, tmp_path / "hf")).eval()

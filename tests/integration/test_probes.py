@@ -1,6 +1,7 @@
 """Beyond-window probes (inference/probes.py): the occurrence search against a brute-force loop, exact
 invariance of a StreamingLLM model beyond its reach (passkey and copy distance), a dense copier scoring low on
 copyable tokens, the bootstrap intervals, and `megatron-sep eval --probes`."""
+
 import json
 import math
 
@@ -32,17 +33,21 @@ def brute_force(x: list[int]) -> list[int]:
 
 
 def test_occurrence_search_matches_brute_force():
-    g = torch.Generator().manual_seed(torch.seed() % 2 ** 31)  # fresh inputs every run
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
     for vocab in (2, 3, 4, 7):
         # rows of 41-120 tokens: with at most 343 trigrams a match is all but certain (P(none in 5 rows) < 1e-4)
-        x = torch.randint(0, vocab, (5, 1 + int(torch.randint(40, 120, (1,), generator=g))), generator=g)
+        x = torch.randint(
+            0, vocab, (5, 1 + int(torch.randint(40, 120, (1,), generator=g))), generator=g
+        )
         d = probes.copy_distances(x)
         assert d.tolist() == [brute_force(row) for row in x.tolist()], (vocab, x)
         assert (d >= 0).any()  # tiny vocabularies repeat: the test exercises real matches
     for n in (1, 2, 3, 4):  # rows too short for any earlier trigram
         short = torch.randint(0, 2, (3, n), generator=g)
         assert probes.copy_distances(short).tolist() == [brute_force(row) for row in short.tolist()]
-    big = torch.randint(0, 50_000, (4, 300), generator=g) * 997  # large ids: recoded, no int64 overflow
+    big = (
+        torch.randint(0, 50_000, (4, 300), generator=g) * 997
+    )  # large ids: recoded, no int64 overflow
     assert probes.copy_distances(big).tolist() == [brute_force(r) for r in big.tolist()]
 
 
@@ -51,8 +56,13 @@ def streaming_model(corpus):
     """A StreamingLLM model (a=2, n=48, 2 layers: nothing reaches further back than 2 x 47 tokens), random
     weights scaled up so every dependence shows in the logits."""
     tok = load_tokenizer(corpus["tokenizer"])
-    cfg = tiny_config(corpus, "unused", model={"max_position_embeddings": 192, "vocab_size": tok.vocab_size},
-                      data={"seq_len": 192}, attention={"kind": "streamingllm", "window": 48, "init_tokens": 2})
+    cfg = tiny_config(
+        corpus,
+        "unused",
+        model={"max_position_embeddings": 192, "vocab_size": tok.vocab_size},
+        data={"seq_len": 192},
+        attention={"kind": "streamingllm", "window": 48, "init_tokens": 2},
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     with torch.no_grad():
@@ -65,22 +75,31 @@ def test_streaming_model_cannot_retrieve_a_passkey_beyond_its_reach(streaming_mo
     model, tok = streaming_model
     window, reach = probes.window_of(model.cfg)
     assert (window, reach) == (48, 94)
-    filler = np.random.default_rng(torch.seed() % 2 ** 31).integers(3, tok.vocab_size, 200)
+    filler = np.random.default_rng(torch.seed() % 2**31).integers(3, tok.vocab_size, 200)
     rows = {}
     for d in (0, 64):
         a, digits = probes.passkey_prompt(tok, filler, "12345", d)
         b, _ = probes.passkey_prompt(tok, filler, "67890", d)
         assert len(a) == len(b) and [i for i, (x, y) in enumerate(zip(a, b)) if x != y] == digits
-        assert min(digits) >= model.cfg.attention.init_tokens  # never among the always-visible tokens
+        assert (
+            min(digits) >= model.cfg.attention.init_tokens
+        )  # never among the always-visible tokens
         key_reach = len(a) - 1 - digits[-1]  # the answer's query back to the nearest digit
         with torch.no_grad():
             la, lb = model(torch.tensor([a]))[0, -1], model(torch.tensor([b]))[0, -1]
         rows[d] = key_reach, (la - lb).abs().max().item()
-        outs = [generate(model, torch.tensor([p]), 6, DecodeOptions(cache="full"))[0, len(p):].tolist() for p in (a, b)]
+        outs = [
+            generate(model, torch.tensor([p]), 6, DecodeOptions(cache="full"))[0, len(p) :].tolist()
+            for p in (a, b)
+        ]
         if key_reach > reach:
-            assert outs[0] == outs[1]  # the decoded answer cannot depend on the key: chance accuracy
+            assert (
+                outs[0] == outs[1]
+            )  # the decoded answer cannot depend on the key: chance accuracy
     (near, near_gap), (far, far_gap) = rows[0], rows[64]
-    assert near < window and near_gap > 1e-3, rows  # inside the window the key changes the answer's logits
+    assert near < window and near_gap > 1e-3, (
+        rows
+    )  # inside the window the key changes the answer's logits
     assert far > reach and far_gap < 1e-6, rows  # beyond every chain of windows: identical
 
 
@@ -99,14 +118,19 @@ def test_passkey_scoring(streaming_model, monkeypatch):
             if wrong_last:
                 digits[-1] = tok.encode(str((int(tok.decode([digits[-1]]).strip()) + 1) % 10))[-1]
             return torch.cat([prompt, torch.tensor([(digits + stop * new_tokens)[:new_tokens]])], 1)
+
         return fake_generate
 
     for wrong, exact in ((False, 1.0), (True, 0.0)):
         monkeypatch.setattr(probes, "generate", decoder(wrong))
         result = probes.passkey(model, tok, filler, [0, 40], trials=6, device=CPU, seed=3)
-        assert [(r["accuracy"], r["first_digit"]) for r in result["distances"]] == [(exact, 1.0)] * 2
+        assert [(r["accuracy"], r["first_digit"]) for r in result["distances"]] == [
+            (exact, 1.0)
+        ] * 2
         assert all(r["ci"][0] <= r["accuracy"] <= r["ci"][1] for r in result["distances"])
-    assert len(set(result["keys"])) == 6 and all(len(k) == 5 and k.isdigit() for k in result["keys"])
+    assert len(set(result["keys"])) == 6 and all(
+        len(k) == 5 and k.isdigit() for k in result["keys"]
+    )
     with pytest.raises(ValueError, match="--passkey-distances 500: .* Fix: distances up to"):
         probes.passkey(model, tok, filler, [0, 500], trials=2, device=CPU)
     with pytest.raises(ValueError, match="held-out text holds 50 tokens"):
@@ -120,7 +144,7 @@ def test_the_full_cache_decodes_with_the_training_attention(streaming_model):
     x = torch.randint(3, tok.vocab_size, (1, 150), generator=torch.Generator().manual_seed(1))
     kv = make_cache(model, "full")
     with torch.no_grad():
-        chunks = torch.cat([feed(model, kv, x[:, i:i + 37]) for i in range(0, 150, 37)], 1)
+        chunks = torch.cat([feed(model, kv, x[:, i : i + 37]) for i in range(0, 150, 37)], 1)
         whole = model(x)
     assert (chunks - whole).abs().max().item() < 1e-4
 
@@ -129,24 +153,36 @@ def test_copy_distance_losses_beyond_the_reach_ignore_far_tokens(streaming_model
     """A block repeated 138 tokens later (beyond the reach of 94): its copy's losses are the same whether or not
     the first block is there, so the far bucket scores what the model scores with nothing to copy."""
     model, tok = streaming_model
-    rng = np.random.default_rng(torch.seed() % 2 ** 31)
+    rng = np.random.default_rng(torch.seed() % 2**31)
     rows, other = [], []
     for _ in range(3):
         x = rng.integers(3, tok.vocab_size, 193)
         x[140:170] = x[2:32]
         y = x.copy()
-        y[2:32] = rng.integers(3, tok.vocab_size, 30)  # perturb only tokens far before every later query
+        y[2:32] = rng.integers(
+            3, tok.vocab_size, 30
+        )  # perturb only tokens far before every later query
         rows.append(x)
         other.append(y)
-    la = probes.token_losses(model, torch.tensor(np.stack(rows))[:, :-1], torch.tensor(np.stack(rows))[:, 1:], CPU)
-    lb = probes.token_losses(model, torch.tensor(np.stack(other))[:, :-1], torch.tensor(np.stack(other))[:, 1:], CPU)
-    assert (la[:, 32 + 94:] - lb[:, 32 + 94:]).abs().max() < 1e-6  # t - j > 94 for every perturbed j
-    assert (la[:, 32:32 + 94] - lb[:, 32:32 + 94]).abs().max() > 1e-3  # closer queries do see the change
+    la = probes.token_losses(
+        model, torch.tensor(np.stack(rows))[:, :-1], torch.tensor(np.stack(rows))[:, 1:], CPU
+    )
+    lb = probes.token_losses(
+        model, torch.tensor(np.stack(other))[:, :-1], torch.tensor(np.stack(other))[:, 1:], CPU
+    )
+    assert (
+        la[:, 32 + 94 :] - lb[:, 32 + 94 :]
+    ).abs().max() < 1e-6  # t - j > 94 for every perturbed j
+    assert (
+        la[:, 32 : 32 + 94] - lb[:, 32 : 32 + 94]
+    ).abs().max() > 1e-3  # closer queries do see the change
     edges = [0, 32, 64, 128]
     a = probes.copy_distance(model, rows, 3, 1, CPU, edges, n_boot=50)
     b = probes.copy_distance(model, other, 3, 1, CPU, edges, n_boot=50)
     far = probes.copy_distances(torch.tensor(np.stack(rows))) >= 128
-    assert a["buckets"][3]["name"] == "128+" and a["buckets"][3]["tokens"] == int(far.sum()) >= 3 * 28
+    assert (
+        a["buckets"][3]["name"] == "128+" and a["buckets"][3]["tokens"] == int(far.sum()) >= 3 * 28
+    )
     assert b["buckets"][3]["tokens"] == 0  # nothing left to copy
     assert math.isclose(a["buckets"][3]["loss"], float(lb[far].mean()), rel_tol=1e-9, abs_tol=1e-6)
     assert a["sequences"] == 3 and a["tokens"] == b["tokens"] == 3 * 192
@@ -157,10 +193,21 @@ def test_a_dense_model_trained_on_repeats_copies():
     """24 random tokens then the same 24 again (vocabulary 64): after 200 steps (fixed seed) a 2-layer dense
     model copies; copy loss ~0.02 against ~4.2 (ln 64) for the first half."""
     V, half = 64, 24
-    cfg = config_from_dict({
-        "model": {"family": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 4,
-                  "vocab_size": V, "max_position_embeddings": 64},
-        "data": {"mock": True, "seq_len": 2 * half}, "train": {"device": "cpu"}})
+    cfg = config_from_dict(
+        {
+            "model": {
+                "family": "llama",
+                "num_layers": 2,
+                "hidden_size": 64,
+                "num_heads": 4,
+                "num_kv_heads": 4,
+                "vocab_size": V,
+                "max_position_embeddings": 64,
+            },
+            "data": {"mock": True, "seq_len": 2 * half},
+            "train": {"device": "cpu"},
+        }
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -171,7 +218,9 @@ def test_a_dense_model_trained_on_repeats_copies():
         return torch.cat([block, block, block[:, :1]], 1)
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small gains nothing from threads, and waits on busy cores
+    torch.set_num_threads(
+        1
+    )  # a model this small gains nothing from threads, and waits on busy cores
     try:
         for _ in range(200):
             x = repeats(32)
@@ -186,13 +235,16 @@ def test_a_dense_model_trained_on_repeats_copies():
     buckets = {b["name"]: b for b in result["buckets"]}
     copy, none = buckets["16-31"], buckets["none"]
     assert copy["tokens"] >= 16 * 22 and copy["mean_distance"] == half - 1  # d = t - (p + 1) = 23
-    assert copy["loss"] < math.log(V) / 2 and copy["loss"] < none["loss"] - 2, (copy["loss"], none["loss"])
+    assert copy["loss"] < math.log(V) / 2 and copy["loss"] < none["loss"] - 2, (
+        copy["loss"],
+        none["loss"],
+    )
     assert copy["ci"][1] < none["ci"][0]
     assert len(copy["seq_sums"]) == len(copy["seq_counts"]) == 16
 
 
 def test_bootstrap_intervals():
-    rng = np.random.default_rng(torch.seed() % 2 ** 31)
+    rng = np.random.default_rng(torch.seed() % 2**31)
 
     def runs(n):
         counts = rng.integers(5, 40, n)
@@ -221,25 +273,53 @@ def test_bootstrap_intervals():
 def run(corpus, tmp_path_factory):
     """A tiny SepLLM run trained on 192-token sequences: room for passkey prompts."""
     d = tmp_path_factory.mktemp("proberun")
-    cfg = tiny_config(corpus, d / "run", model={"max_position_embeddings": 192}, data={"seq_len": 192},
-                      train={"steps": 4, "eval_interval": 4}, attention={"kind": "sepllm", "window": 16,
-                                                                         "init_tokens": 2})
+    cfg = tiny_config(
+        corpus,
+        d / "run",
+        model={"max_position_embeddings": 192},
+        data={"seq_len": 192},
+        train={"steps": 4, "eval_interval": 4},
+        attention={"kind": "sepllm", "window": 16, "init_tokens": 2},
+    )
     Trainer(cfg).run()
     return d
 
 
 def test_eval_probes_writes_the_report(run, capsys):
     out = run / "eval"
-    assert main(["eval", "--load", str(run / "run"), "--out", str(out), "--probes", "--distance-edges", "0,4,16,64",
-                 "--passkey-distances", "0,20,60", "--passkey-trials", "3", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--load",
+                str(run / "run"),
+                "--out",
+                str(out),
+                "--probes",
+                "--distance-edges",
+                "0,4,16,64",
+                "--passkey-distances",
+                "0,20,60",
+                "--passkey-trials",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "eval.json").read_text())
     cd, pk = result["probes"]["copy_distance"], result["probes"]["passkey"]
     assert [b["name"] for b in cd["buckets"]] == ["0-3", "4-15", "16-63", "64+", "none"]
-    assert cd["window"] == 16 and cd["reach"] is None  # separators carry information past any window
+    assert (
+        cd["window"] == 16 and cd["reach"] is None
+    )  # separators carry information past any window
     assert cd["sequences"] == 2 * 4 and cd["tokens"] == 8 * 192
     assert all(len(b["seq_sums"]) == 8 for b in cd["buckets"])
     assert [r["distance"] for r in pk["distances"]] == [0, 20, 60]
-    assert all(r["trials"] == 3 and len(r["outputs"]) == 3 and 0 <= r["accuracy"] <= 1 for r in pk["distances"])
+    assert all(
+        r["trials"] == 3 and len(r["outputs"]) == 3 and 0 <= r["accuracy"] <= 1
+        for r in pk["distances"]
+    )
     assert pk["chance"] == 1e-5 and pk["first_digit_chance"] == 0.1 and pk["cache"] == "full"
     for name in ("loss_by_distance.png", "passkey.png"):
         data = (out / name).read_bytes()
@@ -247,13 +327,43 @@ def test_eval_probes_writes_the_report(run, capsys):
     said = capsys.readouterr().out
     assert "probe copy distance" in said and "probe passkey" in said
     # bad values: one line, exit code 2, before any evaluation
-    for extra, needle in ((["--passkey-distances", "16,5000"], "--passkey-distances 5000"),
-                          (["--distance-edges", "0,64,32"], "--distance-edges 0,64,32")):
-        assert main(["eval", "--load", str(run / "run"), "--out", str(run / "bad"), "--probes", *extra]) == 2
+    for extra, needle in (
+        (["--passkey-distances", "16,5000"], "--passkey-distances 5000"),
+        (["--distance-edges", "0,64,32"], "--distance-edges 0,64,32"),
+    ):
+        assert (
+            main(
+                ["eval", "--load", str(run / "run"), "--out", str(run / "bad"), "--probes", *extra]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
-        assert needle in err and "Fix:" in err and err.count("\n") == 1 and "Traceback" not in err, err
+        assert (
+            needle in err and "Fix:" in err and err.count("\n") == 1 and "Traceback" not in err
+        ), err
     # default distances: those that fit the model's 192 positions, and the longest that does
-    assert main(["eval", "--load", str(run / "run"), "--out", str(run / "e2"), "--probes", "--passkey-trials", "1",
-                 "--iters", "1", "--no-progress"]) == 0
-    got = [r["distance"] for r in json.loads((run / "e2" / "eval.json").read_text())["probes"]["passkey"]["distances"]]
+    assert (
+        main(
+            [
+                "eval",
+                "--load",
+                str(run / "run"),
+                "--out",
+                str(run / "e2"),
+                "--probes",
+                "--passkey-trials",
+                "1",
+                "--iters",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    got = [
+        r["distance"]
+        for r in json.loads((run / "e2" / "eval.json").read_text())["probes"]["passkey"][
+            "distances"
+        ]
+    ]
     assert got[:2] == [16, 48] and 48 < got[-1] < 128

@@ -1,5 +1,6 @@
 """`megatron-sep sweep`: three tiny runs in parallel on CPU produce a full report; finished runs are
 skipped, an interrupted one resumes from its checkpoint; bad plans fail before any training."""
+
 import json
 import re
 
@@ -15,18 +16,38 @@ from megatron_sep.experiments.report import COLUMNS
 
 
 def write_plan(corpus, path, **extra):
-    base = {"model": {"family": "llama", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2,
-                      "max_position_embeddings": 64},
-            "attention": {"init_tokens": 2, "stats_interval": 2},
-            "data": {"tokenizer": str(corpus["tokenizer"]), "paths": [corpus["prefix"]], "seq_len": 32,
-                     "split": [0.9, 0.1, 0.0]},
-            "optim": {"lr": 3e-3, "warmup_steps": 1},
-            "train": {"micro_batch_size": 4, "global_batch_size": 8, "eval_iters": 2, "device": "cpu"},
-            "logging": {"log_interval": 1, "peak_tflops": 0.01}}  # a nominal peak, so MFU is filled on CPU
-    plan = {"name": "tiny", "base": base, "tokens": 1536, "evals": 3,  # 6 steps of 8 x 32 tokens
-            "runs": {"dense": {"attention.kind": "dense"},
-                     "sepllm_n8": {"attention.kind": "sepllm", "attention.window": 8},
-                     "streaming_n8": {"attention.kind": "streamingllm", "attention.window": 8}}, **extra}
+    base = {
+        "model": {
+            "family": "llama",
+            "num_layers": 2,
+            "hidden_size": 32,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "max_position_embeddings": 64,
+        },
+        "attention": {"init_tokens": 2, "stats_interval": 2},
+        "data": {
+            "tokenizer": str(corpus["tokenizer"]),
+            "paths": [corpus["prefix"]],
+            "seq_len": 32,
+            "split": [0.9, 0.1, 0.0],
+        },
+        "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "train": {"micro_batch_size": 4, "global_batch_size": 8, "eval_iters": 2, "device": "cpu"},
+        "logging": {"log_interval": 1, "peak_tflops": 0.01},
+    }  # a nominal peak, so MFU is filled on CPU
+    plan = {
+        "name": "tiny",
+        "base": base,
+        "tokens": 1536,
+        "evals": 3,  # 6 steps of 8 x 32 tokens
+        "runs": {
+            "dense": {"attention.kind": "dense"},
+            "sepllm_n8": {"attention.kind": "sepllm", "attention.window": 8},
+            "streaming_n8": {"attention.kind": "streamingllm", "attention.window": 8},
+        },
+        **extra,
+    }
     path.write_text(yaml.safe_dump(plan))
     return path
 
@@ -36,6 +57,7 @@ def test_sweep_reports_resumes_and_skips(corpus, tmp_path, capsys):
     assert cli.main(["sweep", str(plan), "--out", str(out), "--only", "dense"]) == 0
     # an interrupted run: trained to step 3 of 6 and stopped, as a preemption would leave it
     from megatron_sep.training import Trainer
+
     cfg = sweep.resolve_runs(sweep.load_plan(plan), None, out, [], ["sepllm_n8"])["sepllm_n8"]
     Trainer(cfg).run(until=3)
     assert sweep.finished_step(cfg) == 3
@@ -49,7 +71,11 @@ def test_sweep_reports_resumes_and_skips(corpus, tmp_path, capsys):
 
     report = (out / "report.md").read_text()
     table = report.split("\n\n")[1]  # the first table: one row per run
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    rows = [
+        line
+        for line in table.splitlines()
+        if line.startswith("| ") and not line.startswith("| run")
+    ]
     assert len(rows) == 3
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -66,26 +92,42 @@ def test_sweep_reports_resumes_and_skips(corpus, tmp_path, capsys):
     # Figure 1: every sparse run has its compute-to-dense-loss entry; copy-distance gaps are paired with dense
     assert whole["reference_run"] == "dense"
     assert set(whole["compute_to_reference_loss"]) == {"sepllm_n8", "streaming_n8"}
-    assert all(c["gap_ci"][0] <= c["gap"] <= c["gap_ci"][1] for run in ("sepllm_n8", "streaming_n8")
-               for c in whole["copy_distance_gaps"][run] if "gap" in c)
+    assert all(
+        c["gap_ci"][0] <= c["gap"] <= c["gap_ci"][1]
+        for run in ("sepllm_n8", "streaming_n8")
+        for c in whole["copy_distance_gaps"][run]
+        if "gap" in c
+    )
     assert all(r["curve"][-1]["flops"] > r["curve"][0]["flops"] > 0 for r in data)
-    for png in ("val_loss_vs_tokens.png", "loss_by_position.png", "tokens_per_s.png", "val_loss_vs_flops_time.png",
-                "loss_by_copy_distance.png"):
+    for png in (
+        "val_loss_vs_tokens.png",
+        "loss_by_position.png",
+        "tokens_per_s.png",
+        "val_loss_vs_flops_time.png",
+        "loss_by_copy_distance.png",
+    ):
         img = mpimg.imread(out / png)
-        assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0  # a drawn figure, not blank
+        assert (
+            img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0
+        )  # a drawn figure, not blank
         assert f"]({png})" in report
 
     # --only trains the runs named, but the report still covers every finished run of the plan
-    assert cli.main(["sweep", str(plan), "--out", str(out), "--only", "dense", "--report-only"]) == 0
+    assert (
+        cli.main(["sweep", str(plan), "--out", str(out), "--only", "dense", "--report-only"]) == 0
+    )
     assert len(json.loads((out / "report.json").read_text())["runs"]) == 3
 
     # a sweep folder copied without checkpoints (off a GPU machine) reports the same numbers, and trains nothing
     import shutil
+
     copy = tmp_path / "copied"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
     assert cli.main(["sweep", str(plan), "--out", str(copy), "--report-only"]) == 0
     again = {r["run"]: r for r in json.loads((copy / "report.json").read_text())["runs"]}
-    assert {n: r["final_val_loss"] for n, r in again.items()} == {n: r["final_val_loss"] for n, r in by.items()}
+    assert {n: r["final_val_loss"] for n, r in again.items()} == {
+        n: r["final_val_loss"] for n, r in by.items()
+    }
     assert again["sepllm_n8"]["copy_distance"] == by["sepllm_n8"]["copy_distance"]
 
     before = {n: (out / "runs" / n / "metrics.jsonl").read_text() for n in by}
@@ -95,18 +137,29 @@ def test_sweep_reports_resumes_and_skips(corpus, tmp_path, capsys):
     assert all((out / "runs" / n / "metrics.jsonl").read_text() == before[n] for n in by)
 
 
-@pytest.mark.parametrize("args, extra, match", [
-    (["--only", "dense,nope"], {}, r"--only.*nope.*choose from dense, sepllm_n8, streaming_n8"),
-    (["--set", "attention.window=16"], {}, r"--set.*conflicts with run 'sepllm_n8'.*attention.window=8"),
-    (["--tokens", "10B"], {}, r"--tokens.*more than the training split of run 'dense' holds"),
-    ([], {"set": {"train.steps": 5}}, r"plan.set.train.steps.*set by the sweep.*--tokens"),
-    (["--tokens", "lots"], {}, r"--tokens.*not a token count"),
-    ([], {"runs": {"..": {}}}, r"plan.runs.*'\.\.'.*names a directory"),
-    ([], {"name": "../elsewhere"}, r"plan.name.*names a directory"),
-    (["--set", "data.tokenizer=/nope/tok.model"], {}, r"data.tokenizer.*/nope/tok.model.*not found"),
-    (["--set", "train.precision=fp8"], {}, r"train.precision.*float8 tensor cores"),
-    (["--report-only"], {}, r"--report-only.*holds no sweep"),
-])
+@pytest.mark.parametrize(
+    "args, extra, match",
+    [
+        (["--only", "dense,nope"], {}, r"--only.*nope.*choose from dense, sepllm_n8, streaming_n8"),
+        (
+            ["--set", "attention.window=16"],
+            {},
+            r"--set.*conflicts with run 'sepllm_n8'.*attention.window=8",
+        ),
+        (["--tokens", "10B"], {}, r"--tokens.*more than the training split of run 'dense' holds"),
+        ([], {"set": {"train.steps": 5}}, r"plan.set.train.steps.*set by the sweep.*--tokens"),
+        (["--tokens", "lots"], {}, r"--tokens.*not a token count"),
+        ([], {"runs": {"..": {}}}, r"plan.runs.*'\.\.'.*names a directory"),
+        ([], {"name": "../elsewhere"}, r"plan.name.*names a directory"),
+        (
+            ["--set", "data.tokenizer=/nope/tok.model"],
+            {},
+            r"data.tokenizer.*/nope/tok.model.*not found",
+        ),
+        (["--set", "train.precision=fp8"], {}, r"train.precision.*float8 tensor cores"),
+        (["--report-only"], {}, r"--report-only.*holds no sweep"),
+    ],
+)
 def test_bad_plans_fail_before_training(corpus, tmp_path, args, extra, match):
     plan, out = write_plan(corpus, tmp_path / "plan.yaml", **extra), tmp_path / "sweep"
     with pytest.raises(ConfigError, match=match):
@@ -133,15 +186,26 @@ def test_a_sweep_refuses_a_directory_it_did_not_make(corpus, tmp_path):
 
 def test_lm_eval_task_files(corpus, tmp_path):
     from megatron_sep.experiments.lm_eval_task import write_task
+
     task = yaml.safe_load(write_task(corpus["jsonl"], tmp_path / "tasks", docs=20).read_text())
     rows = [json.loads(x) for x in open(tmp_path / "tasks" / "heldout_lastword.jsonl")]
     assert len(rows) == 20 and task["task"] == "heldout_lastword"
-    assert task["dataset_kwargs"]["data_files"]["test"] == str((tmp_path / "tasks" / "heldout_lastword.jsonl"))
+    assert task["dataset_kwargs"]["data_files"]["test"] == str(
+        (tmp_path / "tasks" / "heldout_lastword.jsonl")
+    )
     for r in rows:  # the target is the passage's last word, split off with its space
         assert re.fullmatch(r" \w[\w'-]{2,}", r["target"]) and not r["context"].endswith(" ")
     # a second build into the same directory needs --force, and replaces only the task's own files
     (tmp_path / "tasks" / "keep.txt").write_text("mine")
-    args = ["lm-eval-task", "--input", str(corpus["jsonl"]), "--out", str(tmp_path / "tasks"), "--docs", "5"]
+    args = [
+        "lm-eval-task",
+        "--input",
+        str(corpus["jsonl"]),
+        "--out",
+        str(tmp_path / "tasks"),
+        "--docs",
+        "5",
+    ]
     assert cli.main(args) == 2
     assert cli.main(args + ["--force"]) == 0
     assert (tmp_path / "tasks" / "keep.txt").read_text() == "mine"

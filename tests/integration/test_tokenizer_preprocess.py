@@ -51,8 +51,9 @@ def test_bad_tokenizer_paths(tmp_path):
 def test_preprocess_appends_eod_and_matches_across_workers(corpus, tmp_path):
     tok = load_tokenizer(corpus["tokenizer"])
     texts = docs_of(corpus["jsonl"])
-    n, tokens = preprocess([str(corpus["jsonl"])], corpus["tokenizer"], tmp_path / "mp", workers=2,
-                           progress=False)
+    n, tokens = preprocess(
+        [str(corpus["jsonl"])], corpus["tokenizer"], tmp_path / "mp", workers=2, progress=False
+    )
     ds = IndexedDataset(tmp_path / "mp")
     single = IndexedDataset(corpus["prefix"])
     assert n == len(texts) == len(ds) and tokens == ds.num_tokens
@@ -67,8 +68,14 @@ def test_preprocess_plain_text_and_bad_key(corpus, tmp_path):
     n, _ = preprocess([str(txt)], corpus["tokenizer"], tmp_path / "txt", workers=1, progress=False)
     assert n == 2
     with pytest.raises(ValueError, match="no key 'body'"):
-        preprocess([str(corpus["jsonl"])], corpus["tokenizer"], tmp_path / "x", text_key="body", workers=1,
-                   progress=False)
+        preprocess(
+            [str(corpus["jsonl"])],
+            corpus["tokenizer"],
+            tmp_path / "x",
+            text_key="body",
+            workers=1,
+            progress=False,
+        )
 
 
 def test_inspect_reports(corpus):
@@ -83,16 +90,48 @@ def test_inspect_reports(corpus):
 
 
 def test_cli_data_pipeline(corpus, tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "megatron_sep", *a], capture_output=True, text=True,
-                                    timeout=300)
-    p = run("tokenizer", "train", "--input", str(corpus["jsonl"]), "--out", str(tmp_path / "tk"),
-            "--vocab-size", "300", "--type", "unigram")
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "megatron_sep", *a], capture_output=True, text=True, timeout=300
+        )
+
+    p = run(
+        "tokenizer",
+        "train",
+        "--input",
+        str(corpus["jsonl"]),
+        "--out",
+        str(tmp_path / "tk"),
+        "--vocab-size",
+        "300",
+        "--type",
+        "unigram",
+    )
     assert p.returncode == 2 and "--vocab-size" in p.stderr  # byte fallback needs more than 300
-    p = run("tokenizer", "train", "--input", str(corpus["jsonl"]), "--out", str(tmp_path / "tk"),
-            "--vocab-size", "320", "--type", "unigram")
+    p = run(
+        "tokenizer",
+        "train",
+        "--input",
+        str(corpus["jsonl"]),
+        "--out",
+        str(tmp_path / "tk"),
+        "--vocab-size",
+        "320",
+        "--type",
+        "unigram",
+    )
     assert p.returncode == 0, p.stderr
-    p = run("preprocess", "--input", str(corpus["jsonl"]), "--tokenizer", str(tmp_path / "tk.model"),
-            "--out", str(tmp_path / "d"), "--workers", "2")
+    p = run(
+        "preprocess",
+        "--input",
+        str(corpus["jsonl"]),
+        "--tokenizer",
+        str(tmp_path / "tk.model"),
+        "--out",
+        str(tmp_path / "d"),
+        "--workers",
+        "2",
+    )
     assert p.returncode == 0, p.stderr
     assert "preprocess" in p.stderr and "docs" in p.stderr  # the progress bar
     p = run("inspect", str(tmp_path / "d"), "--tokenizer", str(tmp_path / "tk.model"))

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_sep.config import dump_config
 from megatron_sep.training import Trainer
@@ -26,9 +25,14 @@ def losses(run_dir):
 def launch(cfg, tmp_path, env=None, **kw):
     path = tmp_path / f"cfg_{time.monotonic_ns()}.yaml"
     path.write_text(dump_config(cfg))
-    return subprocess.Popen([sys.executable, "-m", "megatron_sep", "train", "-c", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})}, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "megatron_sep", "train", "-c", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
 
 
 def test_loss_falls_and_metrics_written(corpus, tmp_path):
@@ -47,13 +51,20 @@ def test_loss_falls_and_metrics_written(corpus, tmp_path):
     assert vals[-1] < vals[0] - 0.5 and train[-1]["loss"] < train[0]["loss"] - 1.0
     assert out["step"] == 30 and (tmp_path / "run" / "config.yaml").is_file()
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
-    assert ckpt.name == "step_00000030" and (ckpt / "config.yaml").read_text() == dump_config(trainer.cfg)
+    assert ckpt.name == "step_00000030" and (ckpt / "config.yaml").read_text() == dump_config(
+        trainer.cfg
+    )
 
 
 def test_schedules():
     from megatron_sep.config import config_from_dict
-    cfg = config_from_dict({"optim": {"lr": 1.0, "min_lr": 0.1, "warmup_steps": 10, "schedule": "cosine"},
-                            "train": {"steps": 110}})
+
+    cfg = config_from_dict(
+        {
+            "optim": {"lr": 1.0, "min_lr": 0.1, "warmup_steps": 10, "schedule": "cosine"},
+            "train": {"steps": 110},
+        }
+    )
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
     cfg.optim.schedule = "linear"
@@ -95,12 +106,15 @@ def test_crash_during_save_keeps_last_checkpoint(corpus, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_saves_and_exits_zero(corpus, tmp_path, sig):
-    cfg = tiny_config(corpus, tmp_path / "run", train={"steps": 100000},
-                      checkpoint={"save_interval": 100000})
+    cfg = tiny_config(
+        corpus, tmp_path / "run", train={"steps": 100000}, checkpoint={"save_interval": 100000}
+    )
     proc = launch(cfg, tmp_path)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
+    ):
         time.sleep(0.2)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
@@ -114,10 +128,15 @@ def test_signal_saves_and_exits_zero(corpus, tmp_path, sig):
 
 def test_wandb_offline_run(corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = tiny_config(corpus, tmp_path / "run", train={"steps": 4}, logging={"wandb": True, "log_interval": 1,
-                                                                              "tensorboard": True})
+    cfg = tiny_config(
+        corpus,
+        tmp_path / "run",
+        train={"steps": 4},
+        logging={"wandb": True, "log_interval": 1, "tensorboard": True},
+    )
     Trainer(cfg).run()
     import wandb
+
     # finish() may return before wandb-core has written the log out (seen on a loaded 2-core CI machine);
     # teardown() is wandb's documented wait for all data, run at exit anyway in a training script
     wandb.teardown()
@@ -137,7 +156,9 @@ def test_compiled_blocks_train_like_eager(corpus, tmp_path):
     """train.compile compiles each block in place (names unchanged); fp32 losses agree to 1e-4
     (inductor may fuse and reorder float32 sums)."""
     Trainer(tiny_config(corpus, tmp_path / "eager", train={"steps": 3})).run()
-    trainer = Trainer(tiny_config(corpus, tmp_path / "compiled", train={"steps": 3, "compile": True}))
+    trainer = Trainer(
+        tiny_config(corpus, tmp_path / "compiled", train={"steps": 3, "compile": True})
+    )
     assert "layers.0.attn.qkv.weight" in dict(trainer.model.named_parameters())
     trainer.run()
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
@@ -148,14 +169,30 @@ def test_mock_data_trains_without_corpus_or_tokenizer(tmp_path):
     from megatron_sep.config import ConfigError, config_from_dict
 
     def cfg(**attention):
-        return config_from_dict({
-            "model": {"family": "llama", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "vocab_size": 200,
-                      "max_position_embeddings": 64},
-            "attention": attention or {"kind": "sepllm", "separators": [5, 6, 7], "window": 8},
-            "data": {"mock": True, "seq_len": 32},
-            "train": {"run_dir": str(tmp_path / "run"), "steps": 4, "micro_batch_size": 2, "eval_interval": 4,
-                      "eval_iters": 1, "device": "cpu"},
-            "logging": {"log_interval": 1, "peak_tflops": 2.0}})
+        return config_from_dict(
+            {
+                "model": {
+                    "family": "llama",
+                    "num_layers": 2,
+                    "hidden_size": 32,
+                    "num_heads": 4,
+                    "vocab_size": 200,
+                    "max_position_embeddings": 64,
+                },
+                "attention": attention or {"kind": "sepllm", "separators": [5, 6, 7], "window": 8},
+                "data": {"mock": True, "seq_len": 32},
+                "train": {
+                    "run_dir": str(tmp_path / "run"),
+                    "steps": 4,
+                    "micro_batch_size": 2,
+                    "eval_interval": 4,
+                    "eval_iters": 1,
+                    "device": "cpu",
+                },
+                "logging": {"log_interval": 1, "peak_tflops": 2.0},
+            }
+        )
+
     trainer = Trainer(cfg(), log=True)
     a, b = trainer.train_ds[3], trainer.train_ds[3]
     assert a.shape == (33,) and (a == b).all() and a.max() < 200  # same sample for the same index
@@ -169,7 +206,9 @@ def test_mock_data_trains_without_corpus_or_tokenizer(tmp_path):
     dense = 6 * n + 12 * 2 * 32 * 32
     assert 6 * n < row["flops_per_token"] < dense
     assert row["peak_tflops"] == 2.0
-    assert math.isclose(row["mfu"], row["tokens_per_s"] * row["flops_per_token"] / 2e12, rel_tol=1e-9)
+    assert math.isclose(
+        row["mfu"], row["tokens_per_s"] * row["flops_per_token"] / 2e12, rel_tol=1e-9
+    )
     with pytest.raises(ConfigError, match="data.mock has no tokenizer"):
         Trainer(cfg(kind="sepllm", separators=[".", 6]), log=False)
     bad = cfg()
@@ -182,33 +221,69 @@ def test_multi_gpu_driver_on_cpu(tmp_path):
     """benchmarks/multi_gpu.py (the NCCL verification run) end to end on gloo: torchrun launch, a (tp2)
     run equal to one process, and its mid-run checkpoint resumed in one process with the same next loss."""
     out = tmp_path / "mg"
-    res = subprocess.run([sys.executable, "benchmarks/multi_gpu.py", "--preset", "tiny", "--steps", "4", "--kinds",
-                          "dense", "--layouts", "1gpu,tp2", "--tol", "1e-5", "--out", str(out)],
-                         capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    res = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/multi_gpu.py",
+            "--preset",
+            "tiny",
+            "--steps",
+            "4",
+            "--kinds",
+            "dense",
+            "--layouts",
+            "1gpu,tp2",
+            "--tol",
+            "1e-5",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     runs = json.loads((out / "multi_gpu.json").read_text())["runs"]["dense"]
     assert set(runs["1gpu"]["loss"]) == {"1", "2", "3", "4"}
     assert runs["tp2"]["max_abs_loss_diff_vs_1gpu"] <= 1e-5
-    assert runs["tp2_resumed_on_1gpu"]["step"] == 3 and runs["tp2_resumed_on_1gpu"]["abs_diff"] <= 1e-5
+    assert (
+        runs["tp2_resumed_on_1gpu"]["step"] == 3 and runs["tp2_resumed_on_1gpu"]["abs_diff"] <= 1e-5
+    )
 
 
 def test_tokens_per_s_leaves_out_eval_and_save_time(corpus, tmp_path, monkeypatch):
     """On a fake clock each training step takes 1 s and each eval or save 100 s: every logged tokens/s
     must be one step's tokens per second, wherever evals and saves fall between the log lines."""
     from megatron_sep.training import trainer as tr
+
     clock = [0.0]
     monkeypatch.setattr(tr.time, "perf_counter", lambda: clock[0])
-    cfg = tiny_config(corpus, tmp_path / "run", train={"steps": 8, "eval_interval": 2},
-                      checkpoint={"save_interval": 3}, logging={"log_interval": 4})
+    cfg = tiny_config(
+        corpus,
+        tmp_path / "run",
+        train={"steps": 8, "eval_interval": 2},
+        checkpoint={"save_interval": 3},
+        logging={"log_interval": 4},
+    )
     t = Trainer(cfg)
 
     def taking(seconds, fn):
         def timed(*a, **k):
             clock[0] += seconds
             return fn(*a, **k)
+
         return timed
-    t.train_step, t.evaluate, t.save = taking(1.0, t.train_step), taking(100.0, t.evaluate), taking(100.0, t.save)
+
+    t.train_step, t.evaluate, t.save = (
+        taking(1.0, t.train_step),
+        taking(100.0, t.evaluate),
+        taking(100.0, t.save),
+    )
     t.run()
-    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl") if '"tokens_per_s"' in x]
+    rows = [
+        json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl") if '"tokens_per_s"' in x
+    ]
     assert [r["step"] for r in rows] == [4, 8]
-    assert [r["tokens_per_s"] for r in rows] == pytest.approx([8 * 32] * 2)  # global batch x seq_len per second
+    assert [r["tokens_per_s"] for r in rows] == pytest.approx(
+        [8 * 32] * 2
+    )  # global batch x seq_len per second

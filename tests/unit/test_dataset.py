@@ -1,6 +1,12 @@
 import numpy as np
 
-from megatron_sep.data.dataset import BlendedDataset, PackedDataset, blend_index, build_datasets, split_ranges
+from megatron_sep.data.dataset import (
+    BlendedDataset,
+    PackedDataset,
+    blend_index,
+    build_datasets,
+    split_ranges,
+)
 from megatron_sep.data.indexed import IndexedDataset, IndexedDatasetWriter
 
 
@@ -24,7 +30,7 @@ def test_packing_covers_the_shuffled_stream(tmp_path):
         s = ds[i]
         assert s.shape == (seq + 1,)
         j = int(ds.shuffle[i])
-        np.testing.assert_array_equal(s, stream[j * seq: j * seq + seq + 1])
+        np.testing.assert_array_equal(s, stream[j * seq : j * seq + seq + 1])
         seen.add(j)
     assert seen == set(range(len(ds)))  # every sample exactly once
 
@@ -63,8 +69,9 @@ def test_blend_follows_weights():
 def test_blended_dataset_draws_from_each_source(tmp_path):
     make(tmp_path / "a", [np.full(30, 1) for _ in range(20)])
     make(tmp_path / "b", [np.full(30, 2) for _ in range(20)])
-    train, valid, test = build_datasets([str(tmp_path / "a"), str(tmp_path / "b")], [3.0, 1.0],
-                                        [0.8, 0.2, 0.0], 8, 0, (400, 20, 0))
+    train, valid, test = build_datasets(
+        [str(tmp_path / "a"), str(tmp_path / "b")], [3.0, 1.0], [0.8, 0.2, 0.0], 8, 0, (400, 20, 0)
+    )
     assert isinstance(train, BlendedDataset) and test is None and len(train) == 400
     firsts = np.array([train[i][0] for i in range(400)])
     assert abs((firsts == 1).mean() - 0.75) < 0.01

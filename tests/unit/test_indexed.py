@@ -3,7 +3,12 @@ import struct
 import numpy as np
 import pytest
 
-from megatron_sep.data.indexed import IndexedDataError, IndexedDataset, IndexedDatasetWriter, dtype_for_vocab
+from megatron_sep.data.indexed import (
+    IndexedDataError,
+    IndexedDataset,
+    IndexedDatasetWriter,
+    dtype_for_vocab,
+)
 
 
 def write(prefix, docs, dtype=np.uint16):
@@ -40,7 +45,13 @@ def test_megatron_layout_read_independently(tmp_path):
     pointers = struct.unpack("<2q", raw[42:58])
     doc_idx = struct.unpack("<3q", raw[58:82])
     assert sizes == (3, 2) and pointers == (0, 12) and doc_idx == (0, 1, 2) and len(raw) == 82
-    assert np.frombuffer((tmp_path / "b.bin").read_bytes(), np.int32).tolist() == [1, 2, 3, 70000, 5]
+    assert np.frombuffer((tmp_path / "b.bin").read_bytes(), np.int32).tolist() == [
+        1,
+        2,
+        3,
+        70000,
+        5,
+    ]
 
 
 def test_dtype_by_vocab():

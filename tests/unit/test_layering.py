@@ -1,6 +1,7 @@
 """The package's shape (DESIGN.md "Layers"), read from the source: which package may import which, no import
 circles (lazy imports inside functions included), no process groups under model/, no family tests outside
 config and the converters, and a GPT.forward that knows nothing of variants, caches' types or parallelism."""
+
 import ast
 import re
 from pathlib import Path
@@ -18,7 +19,16 @@ ALLOWED = {
     "parallel": {"model", "fused_ops", "config", "errors"},
     "checkpoint": {"parallel", "model", "config", "errors"},
     "engine": {"checkpoint", "parallel", "model", "config", "errors"},
-    "training": {"engine", "checkpoint", "parallel", "model", "data", "fused_ops", "config", "errors"},
+    "training": {
+        "engine",
+        "checkpoint",
+        "parallel",
+        "model",
+        "data",
+        "fused_ops",
+        "config",
+        "errors",
+    },
     "convert": {"checkpoint", "model", "data", "fused_ops", "config", "outdir", "errors"},
     "inference": {"checkpoint", "model", "data", "fused_ops", "config", "outdir", "errors"},
 }
@@ -40,7 +50,9 @@ def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
         found = set()
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom):
-                base = here.split(".")[: len(here.split(".")) - node.level + 1] if node.level else []
+                base = (
+                    here.split(".")[: len(here.split(".")) - node.level + 1] if node.level else []
+                )
                 target = ".".join(base + ([node.module] if node.module else []))
                 names = [f"{target}.{a.name}" for a in node.names]
             elif isinstance(node, ast.Import):
@@ -63,8 +75,14 @@ def package(m: str) -> str:
 
 def test_each_package_imports_only_the_layers_below_it():
     mods = modules()
-    wrong = sorted(f"{m} -> {t}" for m, ts in imports(mods).items() for t in ts
-                   if package(m) in ALLOWED and package(t) != package(m) and package(t) not in ALLOWED[package(m)])
+    wrong = sorted(
+        f"{m} -> {t}"
+        for m, ts in imports(mods).items()
+        for t in ts
+        if package(m) in ALLOWED
+        and package(t) != package(m)
+        and package(t) not in ALLOWED[package(m)]
+    )
     assert not wrong, wrong
 
 
@@ -76,7 +94,7 @@ def test_no_import_circles():
         state[m] = "open"
         for t in sorted(graph[m]):
             if state.get(t) == "open":
-                circles.append(path[path.index(t):] + [t])
+                circles.append(path[path.index(t) :] + [t])
             elif t not in state:
                 visit(t, path + [t])
         state[m] = "done"
@@ -94,8 +112,16 @@ def test_model_is_plain():
         text = f.read_text()
         assert "torch.distributed" not in text, f"{f.name} uses process groups"
     gpt = (ROOT / "megatron_sep/model/gpt.py").read_text()
-    forward = gpt[gpt.index("class GPT("):]
-    for word in ("hasattr(", "getattr(", "subllm", "structure", "seq_shards", "Teacher", "isinstance(labels"):
+    forward = gpt[gpt.index("class GPT(") :]
+    for word in (
+        "hasattr(",
+        "getattr(",
+        "subllm",
+        "structure",
+        "seq_shards",
+        "Teacher",
+        "isinstance(labels",
+    ):
         assert word not in forward, f"GPT knows {word!r}"
 
 

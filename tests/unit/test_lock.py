@@ -1,4 +1,5 @@
 """The environment the suite runs in is exactly the committed lock (constraints.txt)."""
+
 import re
 import sysconfig
 from importlib import metadata
@@ -46,8 +47,12 @@ def test_every_installed_distribution_is_pinned_at_its_version():
             unpinned.append(f"{name}=={dist.version}")
         elif not SpecifierSet(f"=={pins[name]}").contains(dist.version, prereleases=True):
             wrong.append(f"{name}: installed {dist.version}, locked {pins[name]}")
-    assert not unpinned, f"installed but not in constraints.txt: {unpinned}. Fix: `make lock`, then `make test`"
-    assert not wrong, f"installed versions differ from constraints.txt: {wrong}. Fix: `make env` reinstalls"
+    assert not unpinned, (
+        f"installed but not in constraints.txt: {unpinned}. Fix: `make lock`, then `make test`"
+    )
+    assert not wrong, (
+        f"installed versions differ from constraints.txt: {wrong}. Fix: `make env` reinstalls"
+    )
 
 
 def test_every_declared_requirement_is_locked_and_allowed_by_setup_py():
@@ -61,8 +66,9 @@ def test_every_declared_requirement_is_locked_and_allowed_by_setup_py():
             continue  # another extra (deepspeed): not part of the locked environment
         name = canonicalize_name(req.name)
         assert name in pins, f"{name} (from setup.py) is missing from constraints.txt"
-        assert req.specifier.contains(pins[name], prereleases=True), \
+        assert req.specifier.contains(pins[name], prereleases=True), (
             f"constraints.txt pins {name}=={pins[name]}, outside setup.py's {req.specifier}"
+        )
 
 
 def test_lock_parser_catches_bad_lines(tmp_path):

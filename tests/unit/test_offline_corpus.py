@@ -1,6 +1,7 @@
 """The offline corpus build on a small manifest of packages made here (a wheel and a .deb in the cache, so
 nothing is downloaded): two builds are byte-identical, the filters hold, the held-out split is by file, an
 interrupted build resumes to the same bytes, and foreign folders or wrong hashes are refused."""
+
 import gzip
 import hashlib
 import io
@@ -12,11 +13,19 @@ import zipfile
 import pytest
 
 from data_tools import offline_corpus as oc
-from data_tools.offline_sources import ManifestError, check_hash, documents, html_to_text, strip_license_header
+from data_tools.offline_sources import (
+    ManifestError,
+    check_hash,
+    documents,
+    html_to_text,
+    strip_license_header,
+)
 from megatron_sep.data.indexed import IndexedDataset
 
-WORDS = ("the model reads a token and writes the next one while separators mark where a segment ends "
-         "attention keeps the first tokens every separator and a window of neighbours").split()
+WORDS = (
+    "the model reads a token and writes the next one while separators mark where a segment ends "
+    "attention keeps the first tokens every separator and a window of neighbours"
+).split()
 
 
 def prose(rng, n_sentences):
@@ -28,8 +37,10 @@ def prose(rng, n_sentences):
 
 
 def code(rng, i):
-    body = "\n".join(f"    x{j} = compute({rng.randint(0, 99)}, '{rng.choice(WORDS)}')  # {rng.choice(WORDS)}"
-                     for j in range(rng.randint(8, 20)))
+    body = "\n".join(
+        f"    x{j} = compute({rng.randint(0, 99)}, '{rng.choice(WORDS)}')  # {rng.choice(WORDS)}"
+        for j in range(rng.randint(8, 20))
+    )
     return f"# Copyright 2024 Someone. Licensed under the Apache License.\n# See LICENSE.\n\ndef f{i}():\n{body}\n"
 
 
@@ -47,26 +58,49 @@ def make_wheel(path, rng):
 def make_deb(path, rng):
     data = io.BytesIO()
     with tarfile.open(fileobj=data, mode="w:xz") as tar:
+
         def add(name, raw):
             info = tarfile.TarInfo(name)
             info.size = len(raw)
             tar.addfile(info, io.BytesIO(raw))
+
         for i in range(20):
-            add(f"./usr/share/doc/tool/html/page{i:02d}.html",
+            add(
+                f"./usr/share/doc/tool/html/page{i:02d}.html",
                 f"<html><head><title>t</title><script>var x = 1;</script></head><body><h1>Page {i}</h1>"
-                f"<p>{prose(rng, 12)}</p><pre>  keep   spacing</pre></body></html>".encode())
+                f"<p>{prose(rng, 12)}</p><pre>  keep   spacing</pre></body></html>".encode(),
+            )
         add("./usr/share/doc/tool/copyright", b"Copyright notice " * 40)
         add("./usr/share/doc/tool/html/page00.html.fr", ("<p>" + prose(rng, 10) + "</p>").encode())
-        add("./usr/share/man/man1/tool.1.gz", gzip.compress(
-            (".TH TOOL 1\n.SH NAME\ntool \\- does things\n.SH DESCRIPTION\n" + prose(rng, 10) + "\n").encode(),
-            mtime=0))
-        add("./usr/share/doc/tool/big.txt", "\n\n".join(prose(rng, 30) for _ in range(150)).encode())
+        add(
+            "./usr/share/man/man1/tool.1.gz",
+            gzip.compress(
+                (
+                    ".TH TOOL 1\n.SH NAME\ntool \\- does things\n.SH DESCRIPTION\n"
+                    + prose(rng, 10)
+                    + "\n"
+                ).encode(),
+                mtime=0,
+            ),
+        )
+        add(
+            "./usr/share/doc/tool/big.txt", "\n\n".join(prose(rng, 30) for _ in range(150)).encode()
+        )
     body = data.getvalue()
     members = [(b"debian-binary", b"2.0\n"), (b"control.tar.xz", b""), (b"data.tar.xz", body)]
     raw = b"!<arch>\n"
     for name, blob in members:
-        raw += name.ljust(16) + b"0".ljust(12) + b"0".ljust(6) + b"0".ljust(6) + b"100644".ljust(8) \
-            + str(len(blob)).encode().ljust(10) + b"`\n" + blob + (b"\n" if len(blob) % 2 else b"")
+        raw += (
+            name.ljust(16)
+            + b"0".ljust(12)
+            + b"0".ljust(6)
+            + b"0".ljust(6)
+            + b"100644".ljust(8)
+            + str(len(blob)).encode().ljust(10)
+            + b"`\n"
+            + blob
+            + (b"\n" if len(blob) % 2 else b"")
+        )
     path.write_bytes(raw)
 
 
@@ -78,20 +112,33 @@ def small(tmp_path_factory):
     rng = random.Random(0)
     make_wheel(cache / "pkg-1.0-py3-none-any.whl", rng)
     make_deb(cache / "tool-doc_1.0_all.deb", rng)
-    pkgs = [{"source": "pypi", "name": "pkg", "version": "1.0", "file": "pkg-1.0-py3-none-any.whl"},
-            {"source": "debian", "name": "tool-doc", "version": "1.0", "file": "tool-doc_1.0_all.deb"}]
+    pkgs = [
+        {"source": "pypi", "name": "pkg", "version": "1.0", "file": "pkg-1.0-py3-none-any.whl"},
+        {"source": "debian", "name": "tool-doc", "version": "1.0", "file": "tool-doc_1.0_all.deb"},
+    ]
     for p in pkgs:
         p["sha256"] = hashlib.sha256((cache / p["file"]).read_bytes()).hexdigest()
     manifest = root / "manifest.json"
-    manifest.write_text(json.dumps({"name": "small", "heldout_fraction": 0.2, "packages": pkgs,
-                                    "tokenizer": {"vocab_size": 400, "sample_bytes": 100_000}}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "name": "small",
+                "heldout_fraction": 0.2,
+                "packages": pkgs,
+                "tokenizer": {"vocab_size": 400, "sample_bytes": 100_000},
+            }
+        )
+    )
     a = oc.build(root / "a", manifest, cache, progress=False, echo=lambda *_: None)
     return root, cache, manifest, a
 
 
 def files_of(folder):
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and "downloads" not in p.parts and p.name != oc.STAMP}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and "downloads" not in p.parts and p.name != oc.STAMP
+    }
 
 
 def test_two_builds_are_byte_identical_and_an_interrupted_one_resumes(small):
@@ -104,8 +151,12 @@ def test_two_builds_are_byte_identical_and_an_interrupted_one_resumes(small):
     s = oc.check_out(c, oc.load_manifest(manifest), False)
     oc._save_stamp(c, s)
     (c / "parts").mkdir()
-    (c / "parts" / "000-pkg.jsonl").write_bytes((root / "a" / "parts" / "000-pkg.jsonl").read_bytes())
-    (c / "parts" / "001-tool-doc.jsonl.tmp").write_text("half a line")  # a kill mid-write leaves only a .tmp
+    (c / "parts" / "000-pkg.jsonl").write_bytes(
+        (root / "a" / "parts" / "000-pkg.jsonl").read_bytes()
+    )
+    (c / "parts" / "001-tool-doc.jsonl.tmp").write_text(
+        "half a line"
+    )  # a kill mid-write leaves only a .tmp
     oc.build(c, manifest, cache, progress=False, echo=lambda *_: None)
     assert {k: v for k, v in files_of(c).items() if not k.endswith(".tmp")} == files_of(root / "a")
     assert first["tokens"]["train"][1] > 0 and first["tokens"]["heldout"][1] > 0
@@ -115,7 +166,9 @@ def test_filters_and_the_split(small):
     root = small[0] / "a"
     parts = [json.loads(line) for f in sorted((root / "parts").glob("*.jsonl")) for line in open(f)]
     paths = {r["path"] for r in parts}
-    assert not any("LICENSE" in p or p.endswith(("copyright", ".bin", ".fr", "min.js")) for p in paths)
+    assert not any(
+        "LICENSE" in p or p.endswith(("copyright", ".bin", ".fr", "min.js")) for p in paths
+    )
     assert "usr/share/man/man1/tool.1.gz" in paths
     texts = [r["text"] for r in parts]
     assert not any("Licensed under" in t or "<p>" in t or "var x" in t or ".SH" in t for t in texts)
@@ -123,7 +176,9 @@ def test_filters_and_the_split(small):
     assert len(big) > 1 and all(len(r["text"].encode()) <= 256_000 for r in big)  # cut into parts
     train = [json.loads(line)["text"] for line in open(root / "train.jsonl")]
     held = [json.loads(line)["text"] for line in open(root / "heldout.jsonl")]
-    assert len(set(train) | set(held)) == len(train) + len(held)  # no duplicates, no document on both sides
+    assert len(set(train) | set(held)) == len(train) + len(
+        held
+    )  # no duplicates, no document on both sides
     assert len(train) + len(held) == len(parts) - 1  # dup.py's copy went
     side = {}  # every part of a file on one side
     for r in parts:
@@ -151,22 +206,30 @@ def test_refusals(small, tmp_path):
         oc.build(root / "a", m2, cache, progress=False)
     bad = json.loads(manifest.read_text())
     bad["packages"][1]["sha256"] = "0" * 64
-    with pytest.raises(ManifestError, match="not the pinned file"):  # what every download is checked with
+    with pytest.raises(
+        ManifestError, match="not the pinned file"
+    ):  # what every download is checked with
         check_hash(cache / bad["packages"][1]["file"], bad["packages"][1])
-    unknown = dict(bad["packages"][1], name="no-such-package-here")  # apt-get answers from its lists: no network
+    unknown = dict(
+        bad["packages"][1], name="no-such-package-here"
+    )  # apt-get answers from its lists: no network
     with pytest.raises(ManifestError, match="no-such-package-here"):
         oc.fetch(unknown, tmp_path / "empty_cache")
     m3 = tmp_path / "m3.json"
-    for text, why in [("[1]", "non-empty"), ("{", "not valid JSON"),
-                      (json.dumps({"packages": [{"source": "ftp"}]}), "exactly the keys")]:
+    for text, why in [
+        ("[1]", "non-empty"),
+        ("{", "not valid JSON"),
+        (json.dumps({"packages": [{"source": "ftp"}]}), "exactly the keys"),
+    ]:
         m3.write_text(text)
         with pytest.raises(ManifestError, match=why):
             oc.load_manifest(m3)
 
 
 def test_text_helpers():
-    assert html_to_text("<p>a&amp;b</p><script>x()</script><pre>  two  spaces</pre>").split("\n") == \
-        ["", "a&b", "", "  two  spaces", ""]
+    assert html_to_text("<p>a&amp;b</p><script>x()</script><pre>  two  spaces</pre>").split(
+        "\n"
+    ) == ["", "a&b", "", "  two  spaces", ""]
     src = "#!/usr/bin/env python\n# Copyright 2020 X\n# MIT License\n\nimport os\n" + "x = 1\n" * 50
     out = strip_license_header(src)
     assert "Copyright" not in out and out.startswith("#!/usr/bin/env python") and "import os" in out
@@ -178,8 +241,11 @@ def test_text_helpers():
 
 def test_a_block_without_blank_lines_is_cut_at_line_ends():
     from data_tools.offline_sources import MAX_DOC, split_large
+
     rng = random.Random(1)
-    text = "\n".join(f"entry{i} {'x' * rng.randint(1, 120)}" for i in range(12_000))  # a dictionary: no blank line
+    text = "\n".join(
+        f"entry{i} {'x' * rng.randint(1, 120)}" for i in range(12_000)
+    )  # a dictionary: no blank line
     parts = split_large(text)
     assert len(parts) > 1 and all(len(p.encode()) <= MAX_DOC for p in parts)
     assert "\n".join(parts) == text
@@ -187,6 +253,7 @@ def test_a_block_without_blank_lines_is_cut_at_line_ends():
 
 def test_subset_takes_whole_documents_in_corpus_order(small, tmp_path):
     import numpy as np
+
     prefix = str(small[0] / "a" / "train_text_document")
     src = IndexedDataset(prefix)
     want = int(src.doc_sizes.sum()) // 3
@@ -200,7 +267,9 @@ def test_subset_takes_whole_documents_in_corpus_order(small, tmp_path):
     full = json.loads(open(prefix + ".sources.json").read())
     assert meta["doc_source"] == [full["doc_source"][d] for d in picked]
     oc.subset(prefix, str(tmp_path / "t"), want, seed=3)
-    assert (tmp_path / "t.bin").read_bytes() == (tmp_path / "s.bin").read_bytes()  # the seed decides
+    assert (tmp_path / "t.bin").read_bytes() == (
+        tmp_path / "s.bin"
+    ).read_bytes()  # the seed decides
     assert np.array_equal(IndexedDataset(tmp_path / "t").doc_sizes, sub.doc_sizes)
     with pytest.raises(ValueError, match="exists"):
         oc.subset(prefix, str(tmp_path / "s"), want)

@@ -1,4 +1,5 @@
 """sep_attention against an independent float64 softmax over an explicitly built mask."""
+
 import itertools
 
 import pytest
@@ -45,15 +46,21 @@ def random_inputs(b, hq, hk, s, d, density, dtype=torch.float64):
     return q, k, v, is_sep
 
 
-CASES = [(density, window, a) for density in (0.0, 0.05, 0.3, 1.0) for window in (1, 7, 64, 200)
-         for a in (0, 3)]
+CASES = [
+    (density, window, a)
+    for density in (0.0, 0.05, 0.3, 1.0)
+    for window in (1, 7, 64, 200)
+    for a in (0, 3)
+]
 
 
 @pytest.mark.parametrize("density,window,a", CASES)
 def test_reference_matches_oracle_forward_and_grads(density, window, a):
     s = 75 if window != 64 else 133  # lengths that are not multiples of 128; 200 >= seq is dense
     q, k, v, is_sep = random_inputs(3, 4, 2, s, 16, density)
-    out = fused_ops.sep_attention(q, k, v, is_sep, init_tokens=a, window=window, backend="reference")
+    out = fused_ops.sep_attention(
+        q, k, v, is_sep, init_tokens=a, window=window, backend="reference"
+    )
     ref = oracle(q, k, v, oracle_mask(is_sep, a, window))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)  # float64 both sides
     go = torch.randn_like(out)
@@ -78,14 +85,16 @@ def test_streamingllm_is_sepllm_without_separators_and_wide_window_is_dense():
 def test_reset_per_document_segments():
     q, k, v, is_sep = random_inputs(2, 2, 1, 60, 8, 0.1)
     seg = torch.cumsum((torch.rand(2, 60) < 0.08).long(), dim=1)
-    out = fused_ops.sep_attention(q, k, v, is_sep, init_tokens=2, window=5, backend="reference",
-                                  segment_ids=seg)
+    out = fused_ops.sep_attention(
+        q, k, v, is_sep, init_tokens=2, window=5, backend="reference", segment_ids=seg
+    )
     ref = oracle(q, k, v, oracle_mask(is_sep, 2, 5, seg))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("density,window,segments", [(0.1, 7, False), (0.3, 16, True), (0.0, 4, False),
-                                                     (1.0, 3, False)])
+@pytest.mark.parametrize(
+    "density,window,segments", [(0.1, 7, False), (0.3, 16, True), (0.0, 4, False), (1.0, 3, False)]
+)
 def test_two_part_formulation_is_exact(density, window, segments):
     """The flex backend's [gathered ; all] key layout and mask, evaluated densely on CPU."""
     s = 150
@@ -102,7 +111,9 @@ def test_two_part_formulation_is_exact(density, window, segments):
     ref = oracle(q, k, v, oracle_mask(is_sep, 3, window, seg))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     go = torch.randn_like(out)
-    for g, r in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+    for g, r in zip(
+        torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)
+    ):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
 
 
@@ -111,4 +122,6 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="multiple"):
         fused_ops.sep_attention(q, k, v, is_sep, init_tokens=1, window=2)
     with pytest.raises(ValueError, match="backend"):
-        fused_ops.sep_attention(q, k[:, :1], v[:, :1], is_sep, init_tokens=1, window=2, backend="magic")
+        fused_ops.sep_attention(
+            q, k[:, :1], v[:, :1], is_sep, init_tokens=1, window=2, backend="magic"
+        )

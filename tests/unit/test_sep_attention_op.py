@@ -4,6 +4,7 @@ The Triton kernels run under TRITON_INTERPRET=1 here; what is checked is the ope
 (schema, fake implementation, autograd) and that compiled code sees one opaque node and no id()-keyed
 state: new separator patterns with the same shapes never recompile.
 """
+
 import torch
 import torch._dynamo.testing
 
@@ -25,14 +26,27 @@ def test_opcheck_forward_and_backward():
     rows = (16, 16)
     plan = fused_ops.sep_plan.build_plan(is_sep, 3, [5], "triton", tile_rows=rows)
     launch = launch_config(SMALL).as_ints()
-    args = (q, k, v, plan.index, plan.gpos, plan.slot, plan.bounds[(5, 16)], plan.bounds[(5, 16)], None, 5, 0.25,
-            launch)
+    args = (
+        q,
+        k,
+        v,
+        plan.index,
+        plan.gpos,
+        plan.slot,
+        plan.bounds[(5, 16)],
+        plan.bounds[(5, 16)],
+        None,
+        5,
+        0.25,
+        launch,
+    )
     torch.library.opcheck(sep_attn_fwd, args)
     seg = torch.zeros(is_sep.shape, dtype=torch.long)
-    seg[:, is_sep.shape[1] // 3:] = 1  # two documents: the op with its optional docs input
+    seg[:, is_sep.shape[1] // 3 :] = 1  # two documents: the op with its optional docs input
     plan = fused_ops.sep_plan.build_plan(is_sep, 3, [5], "triton", seg, tile_rows=rows)
-    torch.library.opcheck(sep_attn_fwd, args[:6] + (plan.bounds[(5, 16)], plan.bounds[(5, 16)], plan.docs)
-                          + args[9:])
+    torch.library.opcheck(
+        sep_attn_fwd, args[:6] + (plan.bounds[(5, 16)], plan.bounds[(5, 16)], plan.docs) + args[9:]
+    )
 
 
 def test_compiled_triton_op_is_one_node_and_never_recompiles():
@@ -41,12 +55,19 @@ def test_compiled_triton_op_is_one_node_and_never_recompiles():
     counter = torch._dynamo.testing.CompileCounter()
 
     def attend(q, k, v, is_sep, plan):
-        return fused_ops.sep_attention(q, k, v, is_sep, init_tokens=3, window=6, backend="triton", plan=plan)
+        return fused_ops.sep_attention(
+            q, k, v, is_sep, init_tokens=3, window=6, backend="triton", plan=plan
+        )
 
     compiled = torch.compile(attend, backend=counter, fullgraph=True)
     torch._dynamo.reset()
     sizes = set()
-    for seed, density in ((0, 0.1), (1, 0.2), (2, 0.6), (3, 0.1)):  # kept-key list of 128, 128, 256, 128
+    for seed, density in (
+        (0, 0.1),
+        (1, 0.2),
+        (2, 0.6),
+        (3, 0.1),
+    ):  # kept-key list of 128, 128, 256, 128
         q, k, v, is_sep = inputs(seed, s=300, density=density)
         plan = fused_ops.plan_for(is_sep, 3, [6], "triton", head_dim=16)
         sizes.add(plan.index.shape[1])
@@ -67,10 +88,20 @@ def test_plan_is_built_once_and_shared():
     from megatron_sep.config import config_from_dict
     from megatron_sep.model import build_model
 
-    cfg = config_from_dict({"model": {"family": "llama", "num_layers": 3, "hidden_size": 32, "num_heads": 4,
-                                      "vocab_size": 64, "max_position_embeddings": 64},
-                            "attention": {"kind": "sepllm", "separators": [3, 4], "window": [4, 6, 4]},
-                            "data": {"seq_len": 32}})
+    cfg = config_from_dict(
+        {
+            "model": {
+                "family": "llama",
+                "num_layers": 3,
+                "hidden_size": 32,
+                "num_heads": 4,
+                "vocab_size": 64,
+                "max_position_embeddings": 64,
+            },
+            "attention": {"kind": "sepllm", "separators": [3, 4], "window": [4, 6, 4]},
+            "data": {"seq_len": 32},
+        }
+    )
     model = build_model(cfg)
     seen = []
     for block in model.layers:
@@ -78,18 +109,34 @@ def test_plan_is_built_once_and_shared():
     tokens = torch.randint(0, 64, (2, 32))
     model(tokens)
     assert len(seen) == 3 and all(b is seen[0] for b in seen) and seen[0].plan is not None
-    torch.testing.assert_close(seen[0].plan.keep, fused_ops.kept_keys(torch.isin(tokens, torch.tensor([3, 4])), 3))
+    torch.testing.assert_close(
+        seen[0].plan.keep, fused_ops.kept_keys(torch.isin(tokens, torch.tensor([3, 4])), 3)
+    )
 
 
 def tiny(backend="reference", window=4):
     from megatron_sep.config import config_from_dict
     from megatron_sep.model import build_model
 
-    cfg = config_from_dict({"model": {"family": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
-                                      "vocab_size": 64, "max_position_embeddings": 64},
-                            "attention": {"kind": "sepllm", "separators": [3, 4], "window": window,
-                                          "backend": backend},
-                            "data": {"seq_len": 40}})
+    cfg = config_from_dict(
+        {
+            "model": {
+                "family": "llama",
+                "num_layers": 2,
+                "hidden_size": 64,
+                "num_heads": 4,
+                "vocab_size": 64,
+                "max_position_embeddings": 64,
+            },
+            "attention": {
+                "kind": "sepllm",
+                "separators": [3, 4],
+                "window": window,
+                "backend": backend,
+            },
+            "data": {"seq_len": 40},
+        }
+    )
     torch.manual_seed(0)
     return build_model(cfg)
 
@@ -120,7 +167,12 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
         base = tiny(backend)
         loss = base(tokens, labels)
         grads = torch.autograd.grad(loss, list(base.parameters()))
-        for mode, compiled in (("full", False), ("selective", False), ("full", True), ("selective", True)):
+        for mode, compiled in (
+            ("full", False),
+            ("selective", False),
+            ("full", True),
+            ("selective", True),
+        ):
             torch._dynamo.reset()
             model = tiny(backend)
             for block in model.layers:
@@ -136,11 +188,15 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
 def test_opcheck_norm_and_rope_ops():
     from fused_ops.norms_triton import norm_fwd
     from fused_ops.rope_triton import rope
+
     x, res = torch.randn(3, 5, 32, requires_grad=True), torch.randn(3, 5, 32, requires_grad=True)
     w, b = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
     torch.library.opcheck(norm_fwd, (x, res, w, b, 1e-5, False))
     torch.library.opcheck(norm_fwd, (x, None, w, None, 1e-6, True))
-    q, k = torch.randn(2, 7, 4, 16, requires_grad=True), torch.randn(2, 7, 2, 16, requires_grad=True)
+    q, k = (
+        torch.randn(2, 7, 4, 16, requires_grad=True),
+        torch.randn(2, 7, 2, 16, requires_grad=True),
+    )
     torch.library.opcheck(rope, (q, k, torch.arange(7), 8, 10000.0, 1.0))
 
 
@@ -151,14 +207,30 @@ def test_whole_block_compiles_in_one_graph_with_triton_kernels():
     from megatron_sep.model import build_model
 
     def model():
-        cfg = config_from_dict({"model": {"family": "neox", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
-                                          "vocab_size": 64, "max_position_embeddings": 64, "kernels": "triton",
-                                          "rotary_pct": 0.5},
-                                "attention": {"kind": "sepllm", "separators": [3, 4], "window": 4,
-                                              "backend": "triton"},
-                                "data": {"seq_len": 40}})
+        cfg = config_from_dict(
+            {
+                "model": {
+                    "family": "neox",
+                    "num_layers": 2,
+                    "hidden_size": 64,
+                    "num_heads": 4,
+                    "vocab_size": 64,
+                    "max_position_embeddings": 64,
+                    "kernels": "triton",
+                    "rotary_pct": 0.5,
+                },
+                "attention": {
+                    "kind": "sepllm",
+                    "separators": [3, 4],
+                    "window": 4,
+                    "backend": "triton",
+                },
+                "data": {"seq_len": 40},
+            }
+        )
         torch.manual_seed(0)
         return build_model(cfg)
+
     tokens, labels = torch.randint(0, 64, (2, 40)), torch.randint(0, 64, (2, 40))
     eager = model()
     loss = eager(tokens, labels)

@@ -2,6 +2,7 @@
 
 Every comparison is fp32 on CPU: the cache and the reference compute the same attention over the same
 keys in a different order of operations, so 1e-5 covers the rounding."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,11 +16,27 @@ SEPS = [1, 2, 3]
 
 
 def model(family="llama", window=5, init=2, kind="sepllm", kv_heads=1):
-    cfg = config_from_dict({"model": {"family": family, "num_layers": 2, "hidden_size": 32, "num_heads": 2,
-                                      "num_kv_heads": kv_heads, "vocab_size": 40, "max_position_embeddings": 1024},
-                            "attention": {"kind": kind, "separators": SEPS, "window": [window, 1024],
-                                          "init_tokens": init, "backend": "reference"},
-                            "data": {"seq_len": 1024}})
+    cfg = config_from_dict(
+        {
+            "model": {
+                "family": family,
+                "num_layers": 2,
+                "hidden_size": 32,
+                "num_heads": 2,
+                "num_kv_heads": kv_heads,
+                "vocab_size": 40,
+                "max_position_embeddings": 1024,
+            },
+            "attention": {
+                "kind": kind,
+                "separators": SEPS,
+                "window": [window, 1024],
+                "init_tokens": init,
+                "backend": "reference",
+            },
+            "data": {"seq_len": 1024},
+        }
+    )
     torch.manual_seed(0)
     return build_model(cfg).eval()
 
@@ -39,7 +56,7 @@ def decode(m, tokens, cache, chunk=1):
     """Logits [b, s, vocab] for every position, feeding the stream `chunk` tokens at a time."""
     out, lengths = [], []
     for t in range(0, tokens.shape[1], chunk):
-        piece = tokens[:, t:t + chunk]
+        piece = tokens[:, t : t + chunk]
         pos = cache.begin(piece)
         out.append(m(piece, position_ids=pos, cache=cache))
         lengths.append(cache.kv[0][0].shape[2])
@@ -74,8 +91,9 @@ def reference_logits(m, tokens, allowed):
         mask = allowed & (i[None, :] <= i[:, None])[None]
         if n is not None:
             mask = mask & (keep[:, None, :] | (i[:, None] - i[None, :] < n)[None])
-        layer.attn.core = (lambda q, k, v, batch, dropout, mask=mask: F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None], enable_gqa=k.shape[1] != q.shape[1]))
+        layer.attn.core = lambda q, k, v, batch, dropout, mask=mask: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None], enable_gqa=k.shape[1] != q.shape[1]
+        )
     try:
         return m(tokens)
     finally:
@@ -151,12 +169,20 @@ def test_generate_with_sep_cache_and_chunked_prefill():
     """generate(cache='sep') without compression decodes the same tokens as the full cache, with the prompt
     fed whole or 5 tokens at a time; a small capacity still generates, within its bound."""
     from megatron_sep.inference import DecodeOptions, generate
+
     m = model()
     prompt = stream(s=23)
     full = generate(m, prompt, 12)
     for chunk in (0, 5):
-        out = generate(m, prompt, 12, DecodeOptions(cache="sep", cache_sizes=(4, 16, 32, 100), prefill_chunk=chunk))
+        out = generate(
+            m,
+            prompt,
+            12,
+            DecodeOptions(cache="sep", cache_sizes=(4, 16, 32, 100), prefill_chunk=chunk),
+        )
         assert torch.equal(out, full)
         assert torch.equal(generate(m, prompt, 12, DecodeOptions(prefill_chunk=chunk)), full)
-    small = generate(m, prompt, 30, DecodeOptions(cache="sep", cache_sizes=(2, 3, 4, 12), prefill_chunk=4))
+    small = generate(
+        m, prompt, 30, DecodeOptions(cache="sep", cache_sizes=(2, 3, 4, 12), prefill_chunk=4)
+    )
     assert small.shape == (2, 53)
