@@ -134,3 +134,40 @@ def test_family_is_read_in_config_and_converters_only():
             if re.search(r"family\s*[!=]=|[!=]=\s*\S*family\b", line):
                 found.append(f"{f.relative_to(ROOT)}:{i}")
     assert not found, found
+
+
+def test_engines_and_caches_implement_their_protocols():
+    """Every engine answers the Engine protocol and every decoding cache the DecodeCache protocol, so the
+    trainer, the checkpoint store and the attention use nothing else of them."""
+    from megatron_sep.engine import Engine
+    from megatron_sep.engine.deepspeed import DeepSpeedEngine
+    from megatron_sep.engine.native import NativeEngine
+    from megatron_sep.inference.cache import LevelCache, SepKVCache
+    from megatron_sep.inference.sep_cache import SepCache
+    from megatron_sep.inference.static_cache import StaticKVCache
+    from megatron_sep.model.cache import DecodeCache
+
+    def members(protocol):
+        own = set(vars(protocol)) | set(getattr(protocol, "__annotations__", {}))
+        return {m for m in own if not m.startswith("_")}
+
+    for cls in (NativeEngine, DeepSpeedEngine):
+        # attributes set in __init__ (model, ctx, cfg) are read from the constructor's source
+        missing = [
+            m for m in members(Engine) if not hasattr(cls, m) and f"self.{m}" not in _source(cls)
+        ]
+        assert not missing, (cls.__name__, missing)
+    for cls in (SepKVCache, LevelCache, SepCache, StaticKVCache):
+        missing = [
+            m
+            for m in members(DecodeCache)
+            if not hasattr(cls, m) and f"self.{m}" not in _source(cls)
+        ]
+        assert not missing, (cls.__name__, missing)
+        assert "rope" in __import__("inspect").signature(cls.attend).parameters, cls.__name__
+
+
+def _source(cls) -> str:
+    import inspect
+
+    return inspect.getsource(cls)
