@@ -102,9 +102,8 @@ def run(mode: str, out: Path, steps: int, every: int, shape: str, eager: bool = 
     tr.run()
     wall = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file())
-    shutil.rmtree(
-        run_dir, ignore_errors=True
-    )  # the disk holds two or three 1.3B checkpoints at most
+    # the disk holds two or three 1.3B checkpoints at most
+    shutil.rmtree(run_dir, ignore_errors=True)
     warm = [s for s in tr.steps if s["step"] > 3]  # compile and warm-up first
     plain = [s["s"] for s in warm if not s["write_in_flight"]]
     busy = [s["s"] for s in warm if s["write_in_flight"]]

@@ -122,10 +122,8 @@ def main() -> None:
                         model, mode, s
                     )
                     print(f"{name:<7} {mode:<7} {s} token(s) per step: {ms:7.2f} ms", flush=True)
-    for where in (
-        "host",
-        "device",
-    ):  # a whole greedy round under graphs (random models: each keeps ~1 token)
+    # a whole greedy round under graphs (random models: each keeps ~1 token)
+    for where in ("host", "device"):
         rows[f"round graphs, {where} loop"] = ms = round_ms(models, args.k, where == "device")
         print(f"a k={args.k} round under graphs, {where} loop: {ms:6.2f} ms", flush=True)
     for mode in ("full", "static", "graphs"):

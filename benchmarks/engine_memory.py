@@ -252,9 +252,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         with open(os.path.join(args.out, "rows.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
-        if (
-            row["status"] == "error"
-        ):  # a bug, not a size limit: the larger runs would fail the same way
+        # a bug, not a size limit: the larger runs would fail the same way
+        if row["status"] == "error":
             break
     if args.report:
         report(args.out)

@@ -133,9 +133,8 @@ def peak_gib(
         else layer * s["layers"]
     )
     loss = 4 * s["h"] * tokens + 2**28
-    if (
-        unfused_loss
-    ):  # the runs before the fused loss: fp32 logits, their log-softmax and its gradient
+    # the runs before the fused loss: fp32 logits, their log-softmax and its gradient
+    if unfused_loss:
         loss += 12 * s["vocab"] / tp * tokens
     states = 12 * s["params"] / tp
     return {

@@ -100,9 +100,8 @@ def speed(seqs, window):
         def sdpa():
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-        fplan = fused_ops.plan_for(
-            is_sep, 3, [window], "flex"
-        )  # per micro-batch, shared by the layers
+        # per micro-batch, shared by the layers
+        fplan = fused_ops.plan_for(is_sep, 3, [window], "flex")
 
         def two():
             return fused_ops.sep_attention(

@@ -205,9 +205,8 @@ def speed(seqs, densities, window, variants=None, flex=False, dense_names=None):
             impls = {}
             for vname, over in {"triton": None, **(variants or {})}.items():
                 over = dict(over or {})
-                det = over.pop(
-                    "deterministic", True
-                )  # {"deterministic": false}: atomic dQ for the list part
+                # {"deterministic": false}: atomic dQ for the list part
+                det = over.pop("deterministic", True)
                 plan = build_plan(is_sep, INIT, [window], "triton", tile_rows=kern.tile_rows(over))
                 impls[vname if vname == "triton" else f"triton_{vname}"] = (
                     lambda over=over, plan=plan, det=det: kern.sep_attention_triton(
@@ -300,9 +299,8 @@ def tune(seqs=(16384, 65536), window=256):
     log = []
 
     def trial(name, shape):
-        launch.CONFIG = launch.CONFIG._replace(
-            **{name: shape}
-        )  # the table sep_attention_triton reads
+        # the table sep_attention_triton reads
+        launch.CONFIG = launch.CONFIG._replace(**{name: shape})
         times = []
         try:
             for q, k, v, is_sep, go in inputs:

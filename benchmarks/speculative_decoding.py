@@ -79,9 +79,8 @@ def main() -> None:
     rows = prompts(args.prompts, tok, args.n, args.prompt_tokens, args.device)
     ks = [int(k) for k in args.k.split(",")]
     graphs = DecodeOptions(cuda_graphs=args.cuda_graphs)
-    for _ in range(
-        2
-    ):  # warm-up: kernels, and with graphs the prompt's shape (captured at its second sighting)
+    # warm-up: kernels, and with graphs the prompt's shape (captured at its second sighting)
+    for _ in range(2):
         (
             generate(target, rows[0], 8, graphs),
             speculative_generate(target, draft, rows[0], 8, graphs),

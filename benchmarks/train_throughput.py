@@ -288,9 +288,8 @@ def main():
     )
     rows = []
     path = f"{args.out}/train_throughput_{args.preset}.json"
-    if args.append and os.path.exists(
-        path
-    ):  # one variant per process (fresh compile caches), one file
+    # one variant per process (fresh compile caches), one file
+    if args.append and os.path.exists(path):
         rows = json.load(open(path))["rows"]
     only = set(filter(None, args.only.split(",")))
 
@@ -345,9 +344,8 @@ def main():
         if compiled:
             for blk in plain.blocks:
                 blk.compile()
-        step = plain_step(
-            plain, inputs, labels
-        )  # one optimizer: its state exists after the first step
+        # one optimizer: its state exists after the first step
+        step = plain_step(plain, inputs, labels)
         record(
             f"plain pytorch{' + compile per block' if compiled else ' eager'}",
             *measure(step, tokens.is_cuda, args.steps),

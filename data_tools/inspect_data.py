@@ -9,9 +9,8 @@ from megatron_sep.data.indexed import IndexedDataset
 
 def inspect(prefix, tokenizer=None, separator_ids=None, top=20, bins=10) -> str:
     ds = IndexedDataset(prefix)
-    sizes = (
-        ds.doc_sizes
-    )  # a document is its doc_idx range (several sentences in a sentence-split corpus)
+    # a document is its doc_idx range (several sentences in a sentence-split corpus)
+    sizes = ds.doc_sizes
     lines = [f"corpus      {prefix}", f"dtype       {ds.dtype}", f"documents   {ds.num_docs:,}"]
     if len(ds) != ds.num_docs:
         lines.append(

@@ -214,9 +214,8 @@ def train_tokenizer(out: Path, m: dict) -> Path:
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model.read_bytes())
-    proto.trainer_spec.ClearField(
-        "input"
-    )  # the paths it was trained from: not part of the tokenizer
+    # the paths it was trained from: not part of the tokenizer
+    proto.trainer_spec.ClearField("input")
     proto.trainer_spec.ClearField("model_prefix")
     model.write_bytes(proto.SerializeToString())
     return model
@@ -256,9 +255,8 @@ def build(
         ("tokenizer", lambda: str(train_tokenizer(out, m))),
         ("tokens", lambda: tokenize(out, progress)),
     ]
-    if extract(
-        out, m, cache, progress
-    ):  # new parts (a first build, or one lost): later stages are stale
+    # new parts (a first build, or one lost): later stages are stale
+    if extract(out, m, cache, progress):
         s["stages"] = []
     echo("extract: every package's documents are in parts/")
     for name, run in steps:

@@ -72,10 +72,8 @@ def _write(files, tokenizer_path, tmp_prefix, dtype, text_key, workers, txt_docs
     docs = iter_documents(files, text_key, txt_docs)
     n_docs = n_tokens = 0
     bar = tqdm(desc="preprocess", unit=" docs", disable=not progress, mininterval=1.0)
-    with (
-        bar,
-        IndexedDatasetWriter(tmp_prefix, dtype) as writer,
-    ):  # the bar ends its line before any error
+    # the bar ends its line before any error
+    with bar, IndexedDatasetWriter(tmp_prefix, dtype) as writer:
         if workers > 1:
             ctx = mp.get_context("spawn")
             with ctx.Pool(workers, initializer=_init, initargs=(str(tokenizer_path),)) as pool:

@@ -212,9 +212,8 @@ def _norm_fwd_launch(x, residual, weight, bias, eps, is_rms):
     y = torch.empty_like(x2)
     res = _rows(residual, n) if residual is not None else None
     s = torch.empty_like(x2) if res is not None else x2.new_empty(0)
-    mean = (torch.zeros if is_rms else torch.empty)(
-        m, dtype=torch.float32, device=x.device
-    )  # RMS: unused
+    # RMS: unused
+    mean = (torch.zeros if is_rms else torch.empty)(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     # an absent optional tensor is replaced by a stand-in its HAS_* constexpr keeps the kernel from touching
     _norm_fwd[(m,)](

@@ -128,10 +128,8 @@ def launch_backward(do, q, k, v, o, lse, index, gpos, slot, bounds, docs, window
     b, hq, s, d = q.shape
     hk, g = k.shape[1], gpos.shape[1]
     do = do.contiguous()
-    kc, vc = (
-        _compact(k, index),
-        _compact(v, index),
-    )  # recomputed: cheaper than keeping them per layer
+    # recomputed: cheaper than keeping them per layer
+    kc, vc = (_compact(k, index), _compact(v, index))
     seg = docs is not None
     delta = torch.empty_like(lse)
     atomic = bool(cfg.atomic)

@@ -146,9 +146,7 @@ def build_plan(
         }
     else:
         raise ValueError(f"no SepLLM plan for backend {backend!r}; use reference, triton or flex")
-    for t in (
-        plan.index,
-        plan.gpos,
-    ):  # G changes bucket between micro-batches: one compile for any G
+    # G changes bucket between micro-batches: one compile for any G
+    for t in (plan.index, plan.gpos):
         torch._dynamo.maybe_mark_dynamic(t, 1)
     return plan

@@ -133,6 +133,5 @@ def pytest_collection_modifyitems(config, items):
         if layer.parent == here and layer.name in LAYERS:
             item.add_marker(layer.name)
     rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
-    items.sort(
-        key=lambda item: rank.get(item.path.stem, len(rank))
-    )  # stable: the rest keep their order
+    # stable: the rest keep their order
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))

@@ -85,10 +85,8 @@ def test_speculative_under_graphs_equals_target_alone(kind, k):
     assert next(iter(target._decode_graphs.values())).rounds[k] is rounds
     assert torch.equal(again, generate(target, other, 40, graphs))
     sampled, _ = speculative_generate(target, draft, p, 30, replace(graphs, greedy=False, seed=1))
-    assert sampled.shape == (
-        1,
-        p.shape[1] + 30,
-    )  # sampling keeps the host loop, with per-step graphs
+    # sampling keeps the host loop, with per-step graphs
+    assert sampled.shape == (1, p.shape[1] + 30)
 
 
 def test_graphs_refuse_a_cache_that_changes_shape():

@@ -5,9 +5,8 @@ export-hf writes. (tests/integration/test_fp8.py checks the conversion and the t
 import json
 import os
 
-os.environ.setdefault(
-    "TRITON_INTERPRET", "0"
-)  # tests.conftest turns the CPU interpreter on for tests/
+# tests.conftest turns the CPU interpreter on for tests/
+os.environ.setdefault("TRITON_INTERPRET", "0")
 import pytest
 import torch
 

@@ -73,10 +73,8 @@ def read_meta(path: Path) -> dict:
             ) from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{f} holds a {type(meta).__name__}, not a mapping. {fix}")
-    for key in (
-        "step",
-        "consumed_samples",
-    ):  # a missing data position would replay the corpus from its start
+    # a missing data position would replay the corpus from its start
+    for key in ("step", "consumed_samples"):
         if not _nonneg_int(meta.get(key)):
             raise CheckpointError(
                 f"{f}: {key} is {meta.get(key)!r}, not a whole number >= 0. {fix}"
@@ -205,9 +203,8 @@ class _IndexUnpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if (
-            module in _DCP_DATA_MODULES
-        ):  # planner data (Megatron-Core's saves keep their SavePlan): plain records
+        # planner data (Megatron-Core's saves keep their SavePlan): plain records
+        if module in _DCP_DATA_MODULES:
             cls = getattr(importlib.import_module(module), name, None)
             if isinstance(cls, type) and (
                 dataclasses.is_dataclass(cls) or issubclass(cls, enum.Enum)
@@ -272,9 +269,8 @@ class SafeReader(FileSystemReader):
         return md
 
     def read_data(self, plan, planner):
-        if any(
-            item.type == LoadItemType.BYTE_IO for item in plan.items
-        ):  # DCP unpickles those in full
+        # DCP unpickles those in full
+        if any(item.type == LoadItemType.BYTE_IO for item in plan.items):
             names = sorted(
                 {item.dest_index.fqn for item in plan.items if item.type == LoadItemType.BYTE_IO}
             )

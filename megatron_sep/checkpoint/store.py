@@ -87,9 +87,8 @@ def save_checkpoint(
     final, tmp = root / name, root / f".tmp-{name}"
     if ctx.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for old in root.glob(
-            ".tmp-step_*"
-        ):  # leftovers of crashed saves (no save is in flight now)
+        # leftovers of crashed saves (no save is in flight now)
+        for old in root.glob(".tmp-step_*"):
             shutil.rmtree(old, ignore_errors=True)
     _barrier(ctx)
     state = holder.state_dict()  # {"model": ..., "optim": ...} keyed by parameter name, any engine
@@ -184,9 +183,8 @@ class PendingSave:
         self.finished = True
         if self.ctx.rank == 0:
             shutil.rmtree(self.tmp, ignore_errors=True)
-        if "KeyboardInterrupt" in str(
-            e
-        ):  # Ctrl-C inside DCP's workers: an interrupt, not a write error
+        # Ctrl-C inside DCP's workers: an interrupt, not a write error
+        if "KeyboardInterrupt" in str(e):
             raise KeyboardInterrupt from None
         raise CheckpointError(
             f"cannot write checkpoint {self.final}: {_reason(e)}. The earlier checkpoints are "
@@ -244,9 +242,8 @@ def prune(
     """Delete all but the newest `keep_last` complete checkpoints, never `keep` nor the newest one whose
     weights are known to train on (step <= verified_step): a run whose weights blew up after it was saved
     must keep one checkpoint to go back to."""
-    for p in root.glob(
-        ".old-step_*"
-    ):  # a re-save killed mid-swap: its old folder is the step again
+    # a re-save killed mid-swap: its old folder is the step again
+    for p in root.glob(".old-step_*"):
         target = root / p.name[len(".old-") :]
         if is_complete(target):
             shutil.rmtree(p, ignore_errors=True)
@@ -319,9 +316,8 @@ def latest_checkpoint(root: Path) -> Path | None:
         if is_complete(path):
             return path
         if is_complete(root / f".old-{name}"):
-            return (
-                root / f".old-{name}"
-            )  # a re-save of this step was killed between its two renames
+            # a re-save of this step was killed between its two renames
+            return root / f".old-{name}"
         if _read_pointer(root) == name:
             break  # else a live run moved `latest` on while this read it: read again
     raise CheckpointError(

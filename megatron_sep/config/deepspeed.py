@@ -77,9 +77,8 @@ def deepspeed_keys() -> frozenset | None:
 
     try:
         _parse(Probe({"": None}))  # not empty: some sections are read only from a non-empty config
-    except (
-        Exception
-    ):  # a DeepSpeed whose parser reads otherwise: no allow-list, DeepSpeed's own checks only
+    # a DeepSpeed whose parser reads otherwise: no allow-list, DeepSpeed's own checks only
+    except Exception:
         return None
     return frozenset(k for k in seen if isinstance(k, str) and k) | frozenset(READ_ELSEWHERE)
 
@@ -105,9 +104,8 @@ def check_expert_keys(cfg) -> None:
     base = ds_config(cfg, 1, False, extra={})
     try:
         _parse(base)
-    except (
-        Exception
-    ):  # this DeepSpeed's parser does not run on its own: its checks come at start-up
+    # this DeepSpeed's parser does not run on its own: its checks come at start-up
+    except Exception:
         return
     for key, value in extra.items():
         where = f"parallel.deepspeed.{key}"

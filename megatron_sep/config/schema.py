@@ -333,9 +333,8 @@ class Config:
         )
         self._check_context_parallel()
         self._check_engine()
-        if (
-            self.train.distill_from
-        ):  # the teacher runs whole on every rank, next to an unsharded head
+        # the teacher runs whole on every rank, next to an unsharded head
+        if self.train.distill_from:
             for key in ("tp", "pp", "cp"):
                 value = getattr(self.parallel, key)
                 _require(

@@ -87,9 +87,8 @@ def _write_export(model, cfg, tok, out: Path, dtype: str) -> None:
     eod, pad = (tok.eod_id, tok.pad_id) if tok else (None, None)
     conf = hf_config(cfg, eod, pad)
     conf["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-    if (
-        cfg.attention.kind != "dense"
-    ):  # stock classes plus a small subclass that swaps the attention mask
+    # stock classes plus a small subclass that swaps the attention mask
+    if cfg.attention.kind != "dense":
         conf.update(sepllm_remote_code(cfg, conf["model_type"]))
         shutil.copy(Path(__file__).with_name("modeling_sepllm.py"), out / "modeling_sepllm.py")
     if cfg.model.subsampled:  # the stock Llama layers, run in the structure's order

@@ -36,9 +36,8 @@ LLAMA_LAYER = {
 
 
 def hf_config(cfg: Config, eod_id: int | None, pad_id: int | None) -> dict:
-    m = (
-        cfg.model
-    )  # rope settings under both names: `rope_parameters` (transformers 5), flat keys (4.x)
+    # rope settings under both names: `rope_parameters` (transformers 5), flat keys (4.x)
+    m = cfg.model
     common = {
         "vocab_size": m.vocab_size,
         "hidden_size": m.hidden_size,

@@ -100,9 +100,8 @@ def read_torch_dist(step: Path) -> tuple[dict, object]:
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from ..checkpoint.files import (
-        SafeReader,
-    )  # DCP's index through an allow-list, as for our checkpoints
+    # DCP's index through an allow-list, as for our checkpoints
+    from ..checkpoint.files import SafeReader
 
     reader = SafeReader(str(step))
     try:
@@ -153,9 +152,8 @@ def read_legacy(step: Path) -> tuple[dict, object]:
     out, args, offset = {}, None, 0
     for p in range(pp):
         loaded = [_torch_load(ranks[(p, t)]) for t in range(tp)]
-        for t, x in enumerate(
-            loaded
-        ):  # Megatron saves a dict {"model": {name: tensor}, "args": ...}
+        # Megatron saves a dict {"model": {name: tensor}, "args": ...}
+        for t, x in enumerate(loaded):
             what = x.get("model") if isinstance(x, dict) else x
             if not isinstance(what, dict) and what is not None:
                 where = "its 'model' entry" if isinstance(x, dict) else "it"

@@ -119,9 +119,8 @@ class _SepLLMMixin:
                 "SepLLM models build their own attention mask. Fix: pass a 2D padding mask "
                 "[batch, past + new tokens] or none"
             )
-        name = (
-            "cache" if "cache" in kwargs else "past_key_values"
-        )  # transformers 5.24 renamed it to `cache`
+        # transformers 5.24 renamed it to `cache`
+        name = "cache" if "cache" in kwargs else "past_key_values"
         cache = kwargs.get(name)
         b, s = input_ids.shape
         dev = input_ids.device
@@ -207,9 +206,8 @@ class _SepLLMMixin:
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         mask = kwargs.get("attention_mask")
-        if (
-            mask is not None
-        ):  # keep the 2D padding mask: static caches would turn it into a 4D causal one
+        # keep the 2D padding mask: static caches would turn it into a 4D causal one
+        if mask is not None:
             inputs["attention_mask"] = mask
         return inputs
 
@@ -242,9 +240,8 @@ class SepCache(DynamicCache):
         t0 = int(qpos[0])
         alive = torch.ones(b, t, dtype=torch.bool, device=pos.device)
         retained = alive[:, None, :].expand(b, s, t).clone()
-        fire = torch.full(
-            (b,), t0 + (c - (t - s)) - 1, device=pos.device
-        )  # the step reaching capacity
+        # the step reaching capacity
+        fire = torch.full((b,), t0 + (c - (t - s)) - 1, device=pos.device)
         while True:
             now = fire <= t0 + s - 1
             if not bool(now.any()):
@@ -313,9 +310,8 @@ class SepLLMGPTNeoXForCausalLM(_SepLLMMixin, GPTNeoXForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        if (
-            "embed_out" in self._modules
-        ):  # older transformers: one head module, named as the export names it
+        # older transformers: one head module, named as the export names it
+        if "embed_out" in self._modules:
             self.lm_head = self._modules.pop("embed_out")
         self._setup_sepllm()
 

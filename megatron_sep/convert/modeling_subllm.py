@@ -93,9 +93,8 @@ class SubLLMLlamaModel(LlamaModel):
                     x, index
                 )
                 n = x.shape[1]
-                spare = torch.where(
-                    valid, index, torch.full_like(index, n)
-                )  # padding writes to a spare row
+                # padding writes to a spare row
+                spare = torch.where(valid, index, torch.full_like(index, n))
                 u = torch.cat([x, x.new_zeros(b, 1, x.shape[-1])], 1)
                 u = u.scatter(1, spare[..., None].expand_as(mixed), mixed)[:, :n]
                 h = x + (u - x) * self.bypass[lv].to(x.dtype)

@@ -188,9 +188,8 @@ def read_neox_yaml(path: Path) -> dict:
 def neox_to_raw(n: dict, gpus: int | None, run_dir: str) -> tuple[dict, list[str]]:
     """(our raw config mapping, notes on what changed meaning). Raises on options we cannot serve."""
     for key, bad in UNSUPPORTED.items():
-        reason = (
-            bad(n[key]) if key in n else (key == "pos_emb" and bad("learned"))
-        )  # NeoX's default: learned
+        # NeoX's default: learned
+        reason = bad(n[key]) if key in n else (key == "pos_emb" and bad("learned"))
         if reason:
             raise ConversionError(
                 f"the GPT-NeoX option {key} cannot be imported: {reason}. Fix: train it with "
@@ -337,9 +336,8 @@ def _neox_data(n: dict, notes: list[str]) -> dict:
             f"split: {n['split']!r} is not GPT-NeoX's 'train,valid,test' string. Fix: write e.g. "
             "split: '969,30,1'"
         )
-    if n.get(
-        "vocab_file"
-    ):  # a tokenizer.json, a sentencepiece .model, or GPT-2's vocab.json (+ merges.txt)
+    # a tokenizer.json, a sentencepiece .model, or GPT-2's vocab.json (+ merges.txt)
+    if n.get("vocab_file"):
         data["tokenizer"] = n["vocab_file"]
         merge = n.get("merge_file")
         if merge and Path(merge).name != "merges.txt":

@@ -97,6 +97,5 @@ def load_optim_state(engine, state: dict) -> None:
         for k in ("exp_avg", "exp_avg_sq"):
             dst[k].copy_(_unwrap(st[k]).reshape(-1)[seg.start - o : seg.end - o])
         dst["step"].copy_(st["step"])
-        seg.master.data.copy_(
-            seg.bucket.data[seg.start : seg.end].float()
-        )  # masters follow the loaded weights
+        # masters follow the loaded weights
+        seg.master.data.copy_(seg.bucket.data[seg.start : seg.end].float())

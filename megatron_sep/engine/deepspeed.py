@@ -38,9 +38,8 @@ LOAD_PART_BYTES = 1 << 30  # fp32 weights + Adam states read per part of a load,
 
 
 def _shape(p) -> tuple:
-    return tuple(
-        getattr(p, "ds_shape", p.shape)
-    )  # ZeRO-3 keeps the full shape aside from its partition
+    # ZeRO-3 keeps the full shape aside from its partition
+    return tuple(getattr(p, "ds_shape", p.shape))
 
 
 class DeepSpeedEngine:
@@ -49,9 +48,8 @@ class DeepSpeedEngine:
     def __init__(self, part: Parallelized, cfg: Config, ctx: ParallelContext):
         deepspeed = import_deepspeed()
         self.ctx, self.cfg = ctx, cfg
-        os.environ.setdefault(
-            "LOCAL_RANK", str(env_world()[2])
-        )  # DeepSpeed asserts it; srun and one process lack it
+        # DeepSpeed asserts it; srun and one process lack it
+        os.environ.setdefault("LOCAL_RANK", str(env_world()[2]))
         if ctx.device.type == "cuda":
             torch.cuda.set_device(ctx.device.index or 0)
         if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
@@ -62,15 +60,12 @@ class DeepSpeedEngine:
             atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
         bf16 = ctx.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
         self.ds_config = ds_config(cfg, ctx.dp, bf16)
-        self.pipe, model = (
-            part.pipe,
-            part.model,
-        )  # one stage: the same schedule code as the native engine
+        # one stage: the same schedule code as the native engine
+        self.pipe, model = (part.pipe, part.model)
         o, p = cfg.optim, cfg.parallel
         groups = decay_groups(list(model.parameters()), o.weight_decay)
-        if (
-            p.offload != "none" and ctx.device.type == "cuda"
-        ):  # DeepSpeed's vectorised Adam for CPU states
+        # DeepSpeed's vectorised Adam for CPU states
+        if p.offload != "none" and ctx.device.type == "cuda":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             opt = DeepSpeedCPUAdam(
@@ -95,13 +90,11 @@ class DeepSpeedEngine:
         except Exception as e:
             raise _config_problem(e) from None
         self.model = self.engine.module
-        if (
-            cfg.model.fused_loss and p.zero == 3
-        ):  # the fused loss reads lm_head.weight outside lm_head's forward
+        # the fused loss reads lm_head.weight outside lm_head's forward
+        if cfg.model.fused_loss and p.zero == 3:
             deepspeed.zero.register_external_parameter(self.model, self.model.lm_head.weight)
-        self.base = (
-            self.opt.optimizer
-        )  # torch's (or DeepSpeed's CPU) Adam over DeepSpeed's flat partitions
+        # torch's (or DeepSpeed's CPU) Adam over DeepSpeed's flat partitions
+        self.base = self.opt.optimizer
         self._ensure_states()
         self.micros = self.ds_config["gradient_accumulation_steps"]
         self.backwards = 0
@@ -110,9 +103,8 @@ class DeepSpeedEngine:
         return self.pipe.run(micro_batches, self, forward_only)
 
     def forward(self, tokens, labels, position_ids, batch):
-        return self.engine(
-            tokens, labels, position_ids, batch
-        )  # through DeepSpeed's module hooks (ZeRO-3)
+        # through DeepSpeed's module hooks (ZeRO-3)
+        return self.engine(tokens, labels, position_ids, batch)
 
     def before_last_backward(self) -> None:
         pass  # DeepSpeed reduces gradients in its own backward
@@ -120,9 +112,8 @@ class DeepSpeedEngine:
     def backward(self, loss) -> None:
         """DeepSpeed's documented accumulation loop: step() after every micro-batch's backward; it only counts
         the micro-steps until the last, whose step() (in self.step) updates."""
-        self.engine.backward(
-            loss, scale_wrt_gas=False
-        )  # the schedule already divided by the micro-batches
+        # the schedule already divided by the micro-batches
+        self.engine.backward(loss, scale_wrt_gas=False)
         self.backwards += 1
         if self.backwards < self.micros:
             self.engine.step()
@@ -164,9 +155,8 @@ class DeepSpeedEngine:
 
     # ---- checkpoints: the plain model's names, full fp32 tensors --------------------------------
     def _named(self):
-        return list(
-            self.model.named_parameters()
-        )  # tied weights once, as the native optimizer state
+        # tied weights once, as the native optimizer state
+        return list(self.model.named_parameters())
 
     def _full(self, p, key=None) -> torch.Tensor:
         """Collective: the whole fp32 weight (key None) or Adam state of p, gathered from the partitions."""
@@ -178,9 +168,8 @@ class DeepSpeedEngine:
     def _ensure_states(self) -> None:
         """Adam states exist from the start (zeros, step 0, as a first step would make them), so they can be
         read before the first step and loaded into; ZeRO-1/2 then link them to the parameters' fragments."""
-        flats = getattr(
-            self.opt, "fp32_partitioned_groups_flat", None
-        )  # ZeRO-3: put in its groups per step
+        # ZeRO-3: put in its groups per step
+        flats = getattr(self.opt, "fp32_partitioned_groups_flat", None)
         if flats is None:
             flats = [flat for group in self.base.param_groups for flat in group["params"]]
         for flat in flats:
@@ -270,9 +259,8 @@ class DeepSpeedEngine:
         return float(state["optim"][part[0][0]]["step"]) if with_optimizer else None
 
     def _set_weight(self, p, value: torch.Tensor) -> None:
-        if hasattr(
-            p, "ds_id"
-        ):  # ZeRO-3: gather, write on one rank, scatter back to every partition
+        # ZeRO-3: gather, write on one rank, scatter back to every partition
+        if hasattr(p, "ds_id"):
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from ..config import ConfigError
 
-WORD_AT_END = re.compile(
-    r"^(.*\S)\s+(\w[\w'-]*)[\W]*$", re.S
-)  # the passage's last word, without punctuation
+# the passage's last word, without punctuation
+WORD_AT_END = re.compile(r"^(.*\S)\s+(\w[\w'-]*)[\W]*$", re.S)
 
 
 def examples(input_path: Path, docs: int, text_key: str, max_chars: int, seed: int) -> list[dict]:

@@ -68,9 +68,8 @@ def eval_run(cfg: Config, device: torch.device) -> dict:
         "matmul_params": matmul_params(model),
     }
     tokens, _ = sample_batch(ds, 0, mb, torch.device("cpu"))
-    is_sep = sep_inputs(saved, tokens, model.sep_ids.cpu()).get(
-        "is_sep"
-    )  # none for dense attention
+    # none for dense attention
+    is_sep = sep_inputs(saved, tokens, model.sep_ids.cpu()).get("is_sep")
     result["stats"] = (
         attention_stats(saved, is_sep)
         if is_sep is not None

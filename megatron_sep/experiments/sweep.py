@@ -38,9 +38,8 @@ class Plan:
     tokens: int | None
     common: dict  # overrides for every run
     runs: dict  # name -> overrides
-    reference: dict = field(
-        default_factory=dict
-    )  # e.g. the paper's numbers, shown next to the results
+    # e.g. the paper's numbers, shown next to the results
+    reference: dict = field(default_factory=dict)
     evals: int = 10  # validation points per run when the plan does not set train.eval_interval
 
 
@@ -137,9 +136,8 @@ def load_plan(path: str | Path) -> Plan:
                 "use letters, digits, _ . - (first a letter or digit)",
             )
     evals = raw.get("evals", 10)
-    if (
-        isinstance(evals, bool) or not isinstance(evals, int) or evals < 1
-    ):  # 0 would silently mean 10
+    # 0 would silently mean 10
+    if isinstance(evals, bool) or not isinstance(evals, int) or evals < 1:
         raise ConfigError(
             "plan.evals",
             evals,
@@ -244,9 +242,8 @@ def resolve_runs(
         if "train.eval_interval" not in chosen:
             t.eval_interval = max(1, t.steps // plan.evals)
         if "checkpoint.save_interval" not in chosen:
-            cfg.checkpoint.save_interval = (
-                t.eval_interval
-            )  # an interrupted run loses at most one eval's work
+            # an interrupted run loses at most one eval's work
+            cfg.checkpoint.save_interval = t.eval_interval
         configs[name] = cfg
     check_inputs(configs)
     if not allow_repeat:
@@ -390,9 +387,8 @@ def execute(
     running, failed = {}, []
     try:
         _loop(configs, out, state, parallel, echo, todo, running, failed, env)
-    except (
-        KeyboardInterrupt
-    ):  # the runs got the signal too: they save a checkpoint and exit; wait for that
+    # the runs got the signal too: they save a checkpoint and exit; wait for that
+    except KeyboardInterrupt:
         for name, (proc, log, t0) in running.items():
             proc.wait()
             log.close()

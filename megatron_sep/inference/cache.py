@@ -113,9 +113,8 @@ class SepKVCache:
     def rollback(self, length: int) -> None:
         """Forget the tokens fed since mark() from position `length` on (mark's length <= length)."""
         check_rollback(self.hold, length, self.length)
-        drop = (
-            self.length - length
-        )  # the newest entries of every layer: eviction spares them while held
+        # the newest entries of every layer: eviction spares them while held
+        drop = self.length - length
         for i, entry in enumerate(self.kv):
             if entry is not None and drop:
                 k, v, pos, keep = entry

@@ -44,9 +44,8 @@ class DeviceRounds:
         self.state = torch.zeros(2, dtype=torch.long, device=dev)
         self.n, self.found = self.state[0], self.state[1]
         self.accepted = torch.zeros((), dtype=torch.long, device=dev)
-        self.eod_id = torch.full(
-            (), -1, dtype=torch.long, device=dev
-        )  # a buffer: a graph reads it at replay
+        # a buffer: a graph reads it at replay
+        self.eod_id = torch.full((), -1, dtype=torch.long, device=dev)
         self.graph = None
         self.two, self.checked = torch.arange(2, device=dev), torch.arange(k + 1, device=dev)
 
@@ -64,11 +63,8 @@ class DeviceRounds:
         self.eod_id.fill_(-1 if eod_id is None else eod_id)
 
     def round(self) -> None:
-        n, k, out = (
-            self.n[None],
-            self.k,
-            self.out[0],
-        )  # 1-d indices: a 0-d one would be read on the host
+        # 1-d indices: a 0-d one would be read on the host
+        n, k, out = (self.n[None], self.k, self.out[0])
         pos = n - 2 + self.two
         x = self.dkv.step(self.draft, out[pos][None], pos)[:, -1].argmax(-1)
         proposals = [x]

@@ -202,15 +202,13 @@ def text_tokens(path: Path, tok) -> np.ndarray:
     """A .txt file (one document) or .jsonl ("text" per line) as one token stream, documents ended by EOD."""
     ids, data = [], path.read_bytes()
     try:
-        if (
-            b"\0" in data
-        ):  # valid UTF-8, but no text holds it: a binary file (a .bin corpus, a checkpoint)
+        # valid UTF-8, but no text holds it: a binary file (a .bin corpus, a checkpoint)
+        if b"\0" in data:
             raise UnicodeDecodeError(
                 "utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte"
             )
-        text = (
-            data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-        )  # as open() in text mode reads
+        # as open() in text mode reads
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:
         raise ValueError(
             f"--text {path} is a binary file, not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x})."

@@ -53,9 +53,8 @@ def generate(
     step_input = prompt[:, (prompt.shape[1] - 1) // chunk * chunk :]
     for _ in range(max_new_tokens):
         logits = feed(model, kv, step_input)[:, -1].float()
-        if (
-            output_logits
-        ):  # kept only when asked: [b, vocab] per token would outgrow a bounded cache
+        # kept only when asked: [b, vocab] per token would outgrow a bounded cache
+        if output_logits:
             steps.append(logits)
         if o.greedy:
             nxt = logits.argmax(-1)

@@ -31,9 +31,8 @@ def graphed_cache(model, capacity: int, batch: int) -> StaticKVCache:
     of similar lengths share one), its graphs kept from earlier decodes, emptied."""
     capacity = max(256, 1 << (capacity - 1).bit_length())
     key = (capacity, batch, next(model.parameters()).dtype, model.sep_ids.device)
-    kept = model.__dict__.setdefault(
-        "_decode_graphs", Kept()
-    )  # a plain attribute: not state, not a submodule
+    # a plain attribute: not state, not a submodule
+    kept = model.__dict__.setdefault("_decode_graphs", Kept())
     if key not in kept:
         kv = StaticKVCache(model.cfg, model.sep_ids, capacity, batch)
         kv.graphs = GraphedSteps(model, kv)

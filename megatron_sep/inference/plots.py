@@ -254,9 +254,8 @@ def _distance_axis(ax, ticks, points=()) -> None:
     ax.set_xscale("symlog", linthresh=1)
     ticks = sorted({float(t) for t in ticks})
     span = ticks + [float(p) for p in points]
-    ax.set_xlim(
-        -0.4 if min(span) < 1 else min(span) / 1.4, max(span) * 1.4
-    )  # a point at 0 shows whole
+    # a point at 0 shows whole
+    ax.set_xlim(-0.4 if min(span) < 1 else min(span) / 1.4, max(span) * 1.4)
     kept = []
     for t in reversed(ticks):
         if not kept or (t < 1 <= kept[-1]) or (t >= 1 and kept[-1] / t >= 1.35):

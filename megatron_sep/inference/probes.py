@@ -301,9 +301,8 @@ def passkey(
             f"the held-out text holds {len(filler)} tokens, fewer than the {need} filler tokens a "
             "passkey trial needs. Fix: lower --passkey-distances, or give more text (--data, --text)"
         )
-    span = (
-        len(filler) - need + 1
-    )  # different trials, different filler: distinct offsets while there are enough
+    # different trials, different filler: distinct offsets while there are enough
+    span = len(filler) - need + 1
     offsets = np.random.default_rng([seed, 7]).choice(span, trials, replace=span < trials)
     window, reach = window_of(model.cfg)
     model.eval()
@@ -313,9 +312,8 @@ def passkey(
         outputs, reaches = [], []
         for key, o in zip(keys, offsets):
             ids, digits = passkey_prompt(tokenizer, filler[o : o + need], key, d, prefix)
-            reaches.append(
-                len(ids) - 1 - digits[-1]
-            )  # the answer's query back to the nearest key digit
+            # the answer's query back to the nearest key digit
+            reaches.append(len(ids) - 1 - digits[-1])
             prompt = torch.tensor([ids], device=device)
             with autocast_for(device):
                 out = generate(

@@ -157,9 +157,8 @@ class SepCache:
             keep = seen & (init | local | (cand & (newer < self.seps)))
             drop = seen & ~keep & now[:, None]
             alive &= ~drop
-            later = (
-                qpos[None, :, None] > tau[:, :, None]
-            )  # [b, s, 1]: queries after the compression
+            # [b, s, 1]: queries after the compression
+            later = qpos[None, :, None] > tau[:, :, None]
             retained &= ~(drop[:, None, :] & later)
             # each later step adds one entry: the next compression fires when the count is back at capacity
             fire = torch.where(now, tau[:, 0] + (self.capacity - keep.sum(1)), fire)

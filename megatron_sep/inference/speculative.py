@@ -115,9 +115,8 @@ def speculative_generate(
     if o.prefill_chunk:
         raise ValueError(NO_PREFILL_CHUNK)
     check_pair(target, draft)
-    if (
-        o.cuda_graphs and draft is target
-    ):  # one model keeps one graphed cache: the two would share it
+    # one model keeps one graphed cache: the two would share it
+    if o.cuda_graphs and draft is target:
         raise ValueError(
             "the draft is the target model itself, and with CUDA graphs both would decode through "
             "one cache. Fix: pass a separate (smaller) draft model"
@@ -145,9 +144,8 @@ def speculative_generate(
     tkv, dkv = caches
     gen = torch.Generator(device=prompt.device).manual_seed(o.seed)
     stats, start = Stats(), time.perf_counter()
-    if (
-        prompt.shape[1] > 1
-    ):  # both caches hold everything but the last token, which each round feeds
+    # both caches hold everything but the last token, which each round feeds
+    if prompt.shape[1] > 1:
         feed(target, tkv, prompt[:, :-1])
         feed(draft, dkv, prompt[:, :-1])
     if (
@@ -181,9 +179,8 @@ def speculative_generate(
         return logits.float() if greedy else filtered_probs(logits, o.temperature, o.top_k, o.top_p)
 
     while out.shape[1] - prompt.shape[1] < max_new_tokens:
-        k = min(
-            draft_tokens, max_new_tokens - (out.shape[1] - prompt.shape[1])
-        )  # no proposals past the end
+        # no proposals past the end
+        k = min(draft_tokens, max_new_tokens - (out.shape[1] - prompt.shape[1]))
         dkv.mark()
         inp, proposals, q = out[:, dkv.length :], [], []
         for _ in range(k):  # the draft proposes k tokens; the last is not fed to it
@@ -194,9 +191,8 @@ def speculative_generate(
             inp = x[:, None]
         stats.draft_passes += k
         tkv.mark()
-        chunk = torch.cat(
-            [out[:, tkv.length :], torch.stack(proposals, 1)], 1
-        )  # pending token + proposals
+        # pending token + proposals
+        chunk = torch.cat([out[:, tkv.length :], torch.stack(proposals, 1)], 1)
         p = dist(feed(target, tkv, chunk)[0])  # [k + 1, vocab]
         stats.target_passes += 1
         drafted = torch.cat(proposals)  # [k]
@@ -213,9 +209,8 @@ def speculative_generate(
             n = int(keep.long().cumprod(0).sum())
             if n < k:  # the first rejection: draw from what p has beyond q
                 residual = (p[n] - q[n]).clamp(min=0)
-                residual = (
-                    residual if residual.sum() > 0 else p[n]
-                )  # p == q: the rejection had chance 0
+                # p == q: the rejection had chance 0
+                residual = residual if residual.sum() > 0 else p[n]
                 nxt = torch.multinomial(residual / residual.sum(), 1, generator=gen)[0]
             else:
                 nxt = torch.multinomial(p[k], 1, generator=gen)[0]
@@ -267,7 +262,6 @@ def greedy_rounds_on_device(
     if found:  # stop after the first eod_id among the new tokens, as target-only decoding does
         new = out[0, prompt.shape[1] :]
         out = out[:, : prompt.shape[1] + int((new == eod_id).nonzero()[0]) + 1]
-    tkv.length = dkv.length = (
-        out.shape[1] - 1
-    )  # what both caches hold for certain (the last token is pending)
+    # what both caches hold for certain (the last token is pending)
+    tkv.length = dkv.length = out.shape[1] - 1
     return out

@@ -33,9 +33,8 @@ class StaticKVCache:
         m, a = cfg.model, cfg.attention
         self.cfg, self.sep_ids, self.init = cfg, sep_ids, a.init_tokens
         self.windows = a.layer_windows(m.num_layers, m.max_position_embeddings)
-        self.sparse = any(
-            w is not None for w in self.windows
-        )  # dense layers never read the keep flags
+        # dense layers never read the keep flags
+        self.sparse = any(w is not None for w in self.windows)
         self.capacity = -(-capacity // ALIGN) * ALIGN
         self.slots = torch.arange(self.capacity, device=sep_ids.device)
         self.keep = torch.zeros(batch, self.capacity, dtype=torch.bool, device=sep_ids.device)

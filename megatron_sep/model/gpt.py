@@ -159,9 +159,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(m.hidden_size, self.padded_vocab_size, bias=False)
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.loss = CrossEntropy(
-            m.fused_loss
-        )  # (head, x, labels) -> mean loss; parallel/ swaps in its own
+        # (head, x, labels) -> mean loss; parallel/ swaps in its own
+        self.loss = CrossEntropy(m.fused_loss)
         from .init import init_weights
 
         init_weights(self, m)

@@ -54,9 +54,8 @@ class _Balance(torch.autograd.Function):
                 _normal_quantile(min(0.99, ctx.keep + 0.05)),
             )
             ratio = mean / std  # P(x > 0) of a normal with this ratio is Phi(ratio)
-            abs_lo, abs_hi = (
-                a * math.sqrt(math.pi / 2) for a in SCORE_ABS
-            )  # mean |x| -> rms of a normal
+            # mean |x| -> rms of a normal
+            abs_lo, abs_hi = (a * math.sqrt(math.pi / 2) for a in SCORE_ABS)
             penalty = (ratio - ratio.clamp(lo, hi)).abs() + (
                 rms.clamp(abs_lo, abs_hi) / rms
             ).log().abs()
@@ -99,9 +98,8 @@ def _top_k(scores, k: int) -> Selection:
     ranked, order = scores.sort(dim=-1, descending=True)
     w = ranked.clamp(0.0, 1.0)
     nxt = w[:, k : 2 * k]
-    nxt = torch.cat(
-        [nxt, nxt.new_zeros(nxt.shape[0], k - nxt.shape[1])], dim=1
-    )  # the next k, zero-padded
+    # the next k, zero-padded
+    nxt = torch.cat([nxt, nxt.new_zeros(nxt.shape[0], k - nxt.shape[1])], dim=1)
     w, index = w[:, :k] - nxt, order[:, :k]
     index, back = index.sort(dim=-1)  # original order
     return Selection(
@@ -155,9 +153,8 @@ def upsample(x, y, sel: Selection):
     b, s, h = x.shape
     if not sel.padded:  # no padding: scatter straight into a copy of x
         return x.scatter(1, sel.index.unsqueeze(-1).expand(-1, -1, h), mixed)
-    dump = torch.where(
-        sel.valid, sel.index, torch.full_like(sel.index, s)
-    )  # padding goes to a spare row
+    # padding goes to a spare row
+    dump = torch.where(sel.valid, sel.index, torch.full_like(sel.index, s))
     out = torch.cat([x, x.new_zeros(b, 1, h)], dim=1)
     out = out.scatter(1, dump.unsqueeze(-1).expand(-1, -1, h), mixed)
     return out[:, :s]

@@ -80,9 +80,8 @@ class SubLLM(GPT):
                 sel = self._at(self.down, level)(x)
                 if shards is not None:
                     sel = pad_selection(sel, shards.size, x.shape[1])
-                if (
-                    cache is not None and not sel.valid.any()
-                ):  # decoding, nothing kept: the level is a no-op
+                # decoding, nothing kept: the level is a no-op
+                if cache is not None and not sel.valid.any():
                     end = skip_level(chars, i - 1)
                     layer += chars[i:end].count("T")
                     level += chars[i - 1 : end].count("(")

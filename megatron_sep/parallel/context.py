@@ -200,9 +200,8 @@ def resolve_layout(cfg: Config, world: int) -> tuple[int, int, int, int]:
             f"of pp={pp} as the interleaved schedule needs",
             "make global_batch_size / (micro_batch_size * dp) a multiple of pp",
         )
-    if (
-        p.sequence_parallel and tp > 1 and cfg.data.seq_len % tp
-    ):  # cp's rules are checked at config load
+    # cp's rules are checked at config load
+    if p.sequence_parallel and tp > 1 and cfg.data.seq_len % tp:
         raise ConfigError(
             "parallel.sequence_parallel",
             True,
@@ -240,9 +239,8 @@ def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (dp, pp, cp, tp), mesh_dim_names=("dp", "pp", "cp", "tp"))
-    ranks = (
-        mesh.mesh
-    )  # [dp, pp, cp, tp] global ranks; every rank creates every group, in the same order
+    # [dp, pp, cp, tp] global ranks; every rank creates every group, in the same order
+    ranks = mesh.mesh
     embedding_group = None
     if pp > 1:
         for d in range(dp):

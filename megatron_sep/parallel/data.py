@@ -190,9 +190,8 @@ def global_grad_norm(
     ]  # the last stage's copy of the tied embedding
     if not grads:
         total = torch.zeros((), device=ctx.device)
-    elif hasattr(
-        torch.nn.utils, "get_total_norm"
-    ):  # torch >= 2.6: one multi-tensor pass, no temporaries
+    # torch >= 2.6: one multi-tensor pass, no temporaries
+    elif hasattr(torch.nn.utils, "get_total_norm"):
         total = torch.nn.utils.get_total_norm(grads, 2.0).float() ** 2
     else:
         total = sum(torch.linalg.vector_norm(g.float()) ** 2 for g in grads)

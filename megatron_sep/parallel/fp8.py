@@ -40,9 +40,8 @@ def check_device(device: torch.device) -> None:
 
 def torchao_float8():
     """torchao's public float8 conversion and its config, or a ConfigError naming the install."""
-    os.environ.setdefault(
-        "TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1"
-    )  # float8 training uses none of its C++ ops
+    # float8 training uses none of its C++ ops
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
     # quiet at import: torchao says it skipped its C++ ops, newer torch warns about its enum registration
     loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
     levels = [log.level for log in loggers]

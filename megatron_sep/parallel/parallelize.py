@@ -32,15 +32,13 @@ class Parallelized:
 def parallelize(model, cfg: Config, ctx: ParallelContext) -> Parallelized:
     model = apply_context_parallel(apply_tensor_parallel(model, ctx), ctx)
     p = cfg.parallel
-    one_stage = (
-        p.engine == "deepspeed"
-    )  # DeepSpeed's engine holds the whole model (parallel.pp = 1)
+    # DeepSpeed's engine holds the whole model (parallel.pp = 1)
+    one_stage = p.engine == "deepspeed"
     pipe = Pipeline(
         model, ctx, "1f1b" if one_stage else p.schedule, 1 if one_stage else p.virtual_stages
     )
-    out = Parallelized(
-        model, pipe
-    )  # the engine moves it to the device (DeepSpeed as it partitions)
+    # the engine moves it to the device (DeepSpeed as it partitions)
+    out = Parallelized(model, pipe)
     for block in out.blocks:  # before compile, so the recomputation is part of the compiled block
         block.set_recompute(cfg.train.activation_checkpointing)
     if cfg.train.precision == "fp8":  # after tensor parallelism (shards), before compile

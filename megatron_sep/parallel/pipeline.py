@@ -34,13 +34,11 @@ class Pipeline:
         owned = [i for g in self.my_chunks for i in chunks[g]]
         if ctx.pp > 1:  # keyed by global index, so parameter names stay the plain model's
             model.layers = nn.ModuleDict({str(i): model.layers[i] for i in owned})
-            model.keep_stage_parts(
-                [chunks[g] for g in self.my_chunks]
-            )  # e.g. SUBLLM: this rank's levels
+            # e.g. SUBLLM: this rank's levels
+            model.keep_stage_parts([chunks[g] for g in self.my_chunks])
         has_first, has_last = 0 in self.my_chunks, self.last_chunk in self.my_chunks
-        if (
-            has_last and tied and not has_first
-        ):  # the head keeps its own copy, kept equal by grad sync
+        # the head keeps its own copy, kept equal by grad sync
+        if has_last and tied and not has_first:
             model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
             mark(
                 model.lm_head.weight,
@@ -65,9 +63,8 @@ class Pipeline:
         whole: attention runs over the full sequence)."""
         m, ctx = self.model, self.ctx
         pos = shard_seq(torch.arange(tokens.shape[1], device=tokens.device), ctx, dim=0)
-        if (
-            g == 0 == self.last_chunk
-        ):  # the whole model: through its forward, so module hooks (ZeRO-3) see it
+        # the whole model: through its forward, so module hooks (ZeRO-3) see it
+        if g == 0 == self.last_chunk:
             return engine.forward(shard_seq(tokens, ctx), shard_seq(labels, ctx), pos, batch)
         if g == 0:
             x = m.embed_tokens(shard_seq(tokens, ctx))
@@ -132,9 +129,8 @@ class Pipeline:
         self.pending = []
         saved, total = {}, torch.zeros((), device=ctx.device)
         tokens0 = micro_batches[0][0]
-        split = ctx.cp * (
-            ctx.tp if ctx.sequence_parallel else 1
-        )  # the sequence slice each rank holds
+        # the sequence slice each rank holds
+        split = ctx.cp * (ctx.tp if ctx.sequence_parallel else 1)
         shape = (tokens0.shape[0], tokens0.shape[1] // split, self.model.cfg.model.hidden_size)
         actions = self.order(micros, forward_only)
         for i, (kind, g, mb) in enumerate(actions):

@@ -37,9 +37,8 @@ class UlyssesCore:
     def __call__(self, q, k, v, batch, dropout=0.0):
         cp = self.cp
         b, h, s, d = q.shape
-        if (
-            k.shape[1] < cp
-        ):  # rank c needs kv head c // (cp / hk): replicate each kv head cp / hk times
+        # rank c needs kv head c // (cp / hk): replicate each kv head cp / hk times
+        if k.shape[1] < cp:
             k = k.repeat_interleave(cp // k.shape[1], dim=1)
             v = v.repeat_interleave(cp // v.shape[1], dim=1)
         hk = k.shape[1]
@@ -47,14 +46,12 @@ class UlyssesCore:
         parts = [t.transpose(1, 2).reshape(b, s, cp, t.shape[1] // cp, d) for t in (q, k, v)]
         send = torch.cat(parts, dim=3).permute(2, 0, 1, 3, 4)  # [cp, b, s, n, d]
         n = send.shape[3]
-        full = (
-            _exchange(send, self.group).permute(1, 0, 2, 3, 4).reshape(b, cp * s, n, d)
-        )  # seq in rank order
+        # seq in rank order
+        full = _exchange(send, self.group).permute(1, 0, 2, 3, 4).reshape(b, cp * s, n, d)
         q, k, v = (t.transpose(1, 2) for t in full.split([h // cp, hk // cp, hk // cp], dim=2))
         o = self.inner(q, k, v, batch, dropout)  # [b, h/cp, S, d]
-        o = (
-            o.transpose(1, 2).reshape(b, cp, s, h // cp, d).permute(1, 0, 2, 3, 4)
-        )  # [cp (seq slice), ...]
+        # [cp (seq slice), ...]
+        o = o.transpose(1, 2).reshape(b, cp, s, h // cp, d).permute(1, 0, 2, 3, 4)
         o = _exchange(o, self.group)  # [cp (head slice), b, s, h/cp, d]
         return o.permute(1, 2, 0, 3, 4).reshape(b, s, h, d).transpose(1, 2)
 

@@ -79,9 +79,8 @@ def build_run(user_cfg: Config) -> Run:
         fp8.check_device(ctx.device)
         fp8.check_shapes(cfg)
         fp8.torchao_float8()
-        if (
-            cfg.train.compile and cfg.model.kernels == "auto"
-        ):  # inductor fuses its norms with the fp8 casts
+        # inductor fuses its norms with the fp8 casts
+        if cfg.train.compile and cfg.model.kernels == "auto":
             cfg.model.kernels = "reference"
     seed_everything(cfg.train.seed)  # the same on every rank: each takes its slice of one model
 
@@ -106,10 +105,8 @@ def build_run(user_cfg: Config) -> Run:
         )
 
     model = build_model(cfg)
-    n_matmul, n_params = (
-        matmul_params(model),
-        model.num_params(),
-    )  # the whole model, before sharding
+    # the whole model, before sharding
+    n_matmul, n_params = (matmul_params(model), model.num_params())
     part = parallelize(model, cfg, ctx)
     notes += part.notes
     engine = build_engine(part, cfg, ctx)

@@ -62,9 +62,8 @@ class Teacher:
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        batch = prepare_batch(
-            self.cfg, tokens, self.model.sep_ids
-        )  # the teacher's own attention (kind, windows)
+        # the teacher's own attention (kind, windows)
+        batch = prepare_batch(self.cfg, tokens, self.model.sep_ids)
         return self.model(tokens, batch=batch)
 
     def describe(self) -> str:

@@ -64,9 +64,8 @@ def peak_flops(cfg: Config, device: torch.device) -> tuple[float | None, str]:
         return cfg.logging.peak_tflops * 1e12, "logging.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        kind = (
-            "fp8" if cfg.train.precision == "fp8" else "bf16"
-        )  # fp8 runs are measured against the fp8 peak
+        # fp8 runs are measured against the fp8 peak
+        kind = "fp8" if cfg.train.precision == "fp8" else "bf16"
         for key, peaks in PEAK_TFLOPS.items():
             if key in name and kind in peaks:
                 return peaks[kind] * 1e12, f"{key} {kind} dense, by device name"

@@ -43,9 +43,8 @@ class Trainer:
             else contextlib.nullcontext()
         )
         self.log_enabled = log and self.ctx.is_logging_rank
-        self.logger = MetricsLogger(
-            self.cfg, self.run_dir, {}, enabled=False
-        )  # opened by run(), under the lock
+        # opened by run(), under the lock
+        self.logger = MetricsLogger(self.cfg, self.run_dir, {}, enabled=False)
         self.checkpointer = Checkpointer(
             self.cfg,
             self.run_dir,
@@ -63,9 +62,8 @@ class Trainer:
     def resume(self) -> None:
         """Start from this run's latest checkpoint, checkpoint.load's weights, or step 0."""
         self.step, self.consumed = self.checkpointer.resume()
-        self.logger.truncate_after(
-            self.step
-        )  # steps logged by a killed run after its last save run again
+        # steps logged by a killed run after its last save run again
+        self.logger.truncate_after(self.step)
 
     def save(self, final: bool = False) -> None:
         with self.preemption.during_save():
@@ -97,9 +95,8 @@ class Trainer:
         self.engine.set_lr(lr_at(self.step, self.cfg))
         self.model.set_train_step(self.step)
         batches = [self.micro_batch(self.train_ds, base + m * mb, mb) for m in range(micros)]
-        if (
-            self.teacher is not None
-        ):  # the loss follows the teacher's logits (validation stays cross-entropy)
+        # the loss follows the teacher's logits (validation stays cross-entropy)
+        if self.teacher is not None:
             batches = [
                 (tokens, self.teacher.targets(tokens, labels), b) for tokens, labels, b in batches
             ]
@@ -107,9 +104,8 @@ class Trainer:
             total = self.engine.forward_backward(batches)
         self.last_batch = batches[-1]
         norm, updated = self.engine.step(loss=total)
-        if (
-            ctx.grad_size > 1
-        ):  # each cp rank has the mean over its slice of the sequence (equal sizes)
+        # each cp rank has the mean over its slice of the sequence (equal sizes)
+        if ctx.grad_size > 1:
             torch.distributed.all_reduce(total, group=ctx.grad_group)
             total /= ctx.grad_size
         self.step += 1
@@ -144,17 +140,13 @@ class Trainer:
         mine = range(ctx.dp_rank, iters, ctx.dp)
         pad = -(-iters // ctx.dp) - len(mine)
         run = self.engine.forward_backward
-        with (
-            self.autocast,
-            torch.no_grad(),
-            self.eval_stance(),
-        ):  # forward-only; the last stage has the loss
+        # forward-only; the last stage has the loss
+        with self.autocast, torch.no_grad(), self.eval_stance():
             if mine:
                 batches = [self.micro_batch(self.valid_ds, i * mb, mb) for i in mine]
                 total += run(batches, forward_only=True).double() * len(mine)
-            if (
-                pad
-            ):  # the other ranks' number of forwards (and collectives); the loss is not counted
+            # the other ranks' number of forwards (and collectives); the loss is not counted
+            if pad:
                 run([self.micro_batch(self.valid_ds, 0, mb)] * pad, forward_only=True)
         if ctx.grad_size > 1:  # the cp ranks of one batch each hold the mean over their slice
             torch.distributed.all_reduce(total, group=ctx.grad_group)
@@ -183,9 +175,8 @@ class Trainer:
             self.resume()  # strict: a mismatched checkpoint stops here, before anything is written
             if self.ctx.rank == 0:
                 (self.run_dir / "config.yaml").write_text(self.run_state.config_text)
-                given = (
-                    self.run_dir / "deepspeed_config.json"
-                )  # what DeepSpeed was given (an earlier run's: gone)
+                # what DeepSpeed was given (an earlier run's: gone)
+                given = self.run_dir / "deepspeed_config.json"
                 text = self.engine.given_config()
                 if text is not None:
                     given.write_text(text + "\n")

@@ -39,18 +39,10 @@ CASES = [
     # offload, and a resume under the same engine: stopped at step 3 (saved), then on in the same run dir
     ("zero3_offload", "sepllm", {**DS, "zero": 3, "offload": "optimizer+params"}, 3),
     ("zero3_offload", "sepllm", {**DS, "zero": 3, "offload": "optimizer+params"}, None),
-    (
-        "zero1_offload",
-        "sepllm",
-        {**DS, "zero": 1, "offload": "optimizer"},
-        3,
-    ),  # the native engine resumes it
-    (
-        "native_to_zero2",
-        "sepllm",
-        {**DS, "zero": 2},
-        None,
-    ),  # resumes a native single-process checkpoint
+    # the native engine resumes it
+    ("zero1_offload", "sepllm", {**DS, "zero": 1, "offload": "optimizer"}, 3),
+    # resumes a native single-process checkpoint
+    ("native_to_zero2", "sepllm", {**DS, "zero": 2}, None),
 ]
 CASES_BY_NAME = {name: parallel for name, _, parallel, _ in CASES}
 

@@ -96,9 +96,8 @@ def test_generate_matches_project_decoding_step_by_step(corpus, tmp_path, name, 
             assert torch.equal(tokens[0, len(prompt) :], new[r]), (name, r, tokens, new)
             step_err = (mine[0, :, :V] - logits[r]).abs().max().item()
             assert step_err <= TOL, (name, cache, len(batch), side, r, step_err)
-            with (
-                torch.no_grad()
-            ):  # the full sequence under the training mask: exactly the rule's keys
+            # the full sequence under the training mask: exactly the rule's keys
+            with torch.no_grad():
                 full = ours(tokens)[0, len(prompt) - 1 : -1, :V]
             assert (full - logits[r]).abs().max().item() <= TOL
 

@@ -65,17 +65,13 @@ def test_autotokenizer_gives_project_ids(tokenizers, tmp_path, family, kind):
     typed = ["<|endoftext|> typed as text"] if kind != "sp-unigram" else []
     for text in [TEXT, "x", *typed]:
         ids = ours.encode(text)
-        assert theirs(text).input_ids == ids, (
-            kind,
-            family,
-            text,
-        )  # default call: no BOS, no EOS added
+        # default call: no BOS, no EOS added
+        assert theirs(text).input_ids == ids, (kind, family, text)
         assert theirs.decode(ids) == ours.decode(ids)
     assert theirs.eos_token_id == ours.eod_id and theirs.pad_token_id == ours.pad_id
     batch = theirs([TEXT, "short"], padding=True, return_tensors="pt")
-    assert (
-        batch.input_ids[1, len(ours.encode("short")) :].eq(ours.pad_id).all()
-    )  # right padding with our pad
+    # right padding with our pad
+    assert batch.input_ids[1, len(ours.encode("short")) :].eq(ours.pad_id).all()
 
 
 @pytest.mark.parametrize("kind", ["sp-bpe", "sp-unigram", "sp-defaults"])

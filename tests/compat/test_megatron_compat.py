@@ -14,9 +14,8 @@ from megatron_sep.data.indexed import IndexedDataset, IndexedDatasetWriter
 EOD = 0
 
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore::DeprecationWarning:megatron"
-)  # its numpy.array(tensor) call
+# its numpy.array(tensor) call
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron")
 
 
 def _megatron_builder():
@@ -188,9 +187,8 @@ def test_gpt2_bpe_files_encode_as_transformers_gpt2_tokenizer(tmp_path, corpus):
     from megatron_sep.data.tokenizer import load_tokenizer
 
     vocab, merges = _gpt2_files(tmp_path, corpus)
-    ref = transformers.GPT2Tokenizer(
-        str(vocab), str(merges)
-    )  # the slow, pure-Python GPT-2 tokenizer
+    # the slow, pure-Python GPT-2 tokenizer
+    ref = transformers.GPT2Tokenizer(str(vocab), str(merges))
     texts = [json.loads(line)["text"] for line in open(corpus["jsonl"])][:20]
     texts.append("Tabs\tand  spaces, digits 12345 and üñí <|endoftext|>next")
     for path in (vocab, tmp_path, merges):  # the vocab file, the folder, or the merges file

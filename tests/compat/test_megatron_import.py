@@ -151,9 +151,8 @@ def write_legacy(full: dict, folder, tp: int, pp: int):
                     i = int(k.split(".")[2])
                     if not p * per_stage <= i < (p + 1) * per_stage:
                         continue
-                    k = k.replace(
-                        f"decoder.layers.{i}.", f"decoder.layers.{i - p * per_stage}."
-                    )  # stage-local
+                    # stage-local
+                    k = k.replace(f"decoder.layers.{i}.", f"decoder.layers.{i - p * per_stage}.")
                 elif (k.startswith("embedding") and p != 0) or (
                     not k.startswith("embedding") and p != pp - 1
                 ):

@@ -71,9 +71,8 @@ def write_neox_checkpoint(hf, folder, tp=TP):
     """GPT-NeoX's save layout for `hf` (a GPTNeoXForCausalLM) under tensor parallelism `tp`."""
     sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     vocab = sd["gpt_neox.embed_in.weight"].shape[0]
-    rows = (
-        -(-vocab // (128 * tp)) * 128 * tp
-    )  # NeoX pads the vocabulary to make_vocab_size_divisible_by x tp
+    # NeoX pads the vocabulary to make_vocab_size_divisible_by x tp
+    rows = -(-vocab // (128 * tp)) * 128 * tp
 
     def pad(t):
         return torch.cat([t, torch.randn(rows - vocab, t.shape[1])])  # padding rows hold anything
@@ -104,9 +103,8 @@ def write_neox_checkpoint(hf, folder, tp=TP):
                         "mlp.dense_4h_to_h.", "mlp.linear2."
                     )
                 out[k] = v.clone()
-            out["attention.rotary_emb.inv_freq"] = torch.ones(
-                4
-            )  # a buffer NeoX saves; not a weight
+            # a buffer NeoX saves; not a weight
+            out["attention.rotary_emb.inv_freq"] = torch.ones(4)
             return out
 
         save(2 + i, shard)
@@ -238,9 +236,8 @@ def test_checkpoint_that_does_not_match_its_config(corpus, tmp_path):
     with pytest.raises(ConversionError, match="holds no GPT-NeoX checkpoint"):
         import_neox(tmp_path / "wrong.yml", tmp_path / "out", tmp_path / "empty")
     (tmp_path / "good.yml").write_text(yaml.safe_dump(neox_yaml(corpus)))
-    with pytest.raises(
-        ConversionError, match="never done, even with --force"
-    ):  # into the source checkpoint
+    # into the source checkpoint
+    with pytest.raises(ConversionError, match="never done, even with --force"):
         import_neox(tmp_path / "good.yml", tmp_path / "neox", tmp_path / "neox", force=True)
     (tmp_path / "neox" / "global_step10" / "layer_03-model_01-model_states.pt").unlink()
     with pytest.raises(

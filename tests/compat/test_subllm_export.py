@@ -55,9 +55,8 @@ def test_transformers_gives_the_project_models_logits(tmp_path):
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-4
         greedy = hf.generate(tokens[:1, :8], max_new_tokens=6, do_sample=False)
-        mine = ours(greedy)[:, 7:-1].argmax(
-            -1
-        )  # each new token is the argmax after the ones before it
+        # each new token is the argmax after the ones before it
+        mine = ours(greedy)[:, 7:-1].argmax(-1)
     assert torch.equal(greedy[:, 8:], mine)
 
 

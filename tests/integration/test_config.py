@@ -102,6 +102,5 @@ def test_shipped_configs_validate():
                 0.1,
                 1.0,
             )
-    assert (
-        load_config(paths[0].parent / "tiny_cpu.yaml").attention.kind == "sepllm"
-    )  # the demo trains SepLLM
+    # the demo trains SepLLM
+    assert load_config(paths[0].parent / "tiny_cpu.yaml").attention.kind == "sepllm"

@@ -72,9 +72,8 @@ def _cores(rank, world):
                 q, k, v = (torch.randn(b, s, n, d, dtype=dtype) for n in (h, kv_heads, kv_heads))
                 do = torch.randn(b, h, s, d, dtype=dtype)
                 full = [t.clone().requires_grad_() for t in (q, k, v)]
-                ref = core(
-                    *(t.transpose(1, 2) for t in full), batch
-                )  # [b, h, s, d] views, as the model passes
+                # [b, h, s, d] views, as the model passes
+                ref = core(*(t.transpose(1, 2) for t in full), batch)
                 ref.backward(do)
                 mine = [t.chunk(world, 1)[rank].clone().requires_grad_() for t in (q, k, v)]
                 got = UlyssesCore(core, ctx)(*(t.transpose(1, 2) for t in mine), batch)
@@ -147,9 +146,8 @@ def test_cp_layouts_rejected_at_config_load(corpus, tmp_path):
         with pytest.raises(ConfigError, match=fix) as e:
             tiny_config(corpus, tmp_path, parallel=parallel, data={"seq_len": seq})
         assert "parallel.cp" in str(e.value)
-    with pytest.raises(
-        ConfigError, match="kv heads"
-    ):  # 6 heads, 3 kv heads: cp 2 neither divides nor is a multiple
+    # 6 heads, 3 kv heads: cp 2 neither divides nor is a multiple
+    with pytest.raises(ConfigError, match="kv heads"):
         tiny_config(
             corpus,
             tmp_path,

@@ -42,9 +42,8 @@ def assert_one_line_error(proc, *needles):
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], (
-        proc.stderr
-    )  # progress bars may come before it
+    # progress bars may come before it
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
     err = errors[0]
     for n in needles:
         assert n in err, (n, err)
@@ -113,9 +112,8 @@ def test_resave_killed_between_renames_still_resumes(corpus, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = snapshot(root)
-    assert (
-        after.keys() == before.keys() and after != before
-    )  # rewritten in place, nothing left aside
+    # rewritten in place, nothing left aside
+    assert after.keys() == before.keys() and after != before
     proc = subprocess.run(
         [sys.executable, "-c", script, config_path],
         env={**env, CRASH_ENV: "4:swap"},
@@ -234,9 +232,8 @@ def test_skip_nonfinite_drops_one_bad_update(corpus, tmp_path):
     trainer = poisoned(1, "skip")
     seen = {}
 
-    def weights_before_step(
-        module, args
-    ):  # the weights each step starts from (embedding: the first module)
+    # the weights each step starts from (embedding: the first module)
+    def weights_before_step(module, args):
         seen.setdefault(trainer.step, [p.detach().clone() for p in trainer.model.parameters()])
 
     trainer.model.embed.register_forward_pre_hook(weights_before_step)
@@ -257,12 +254,8 @@ def test_import_hf_never_touches_an_existing_run(corpus, tmp_path):
     Trainer(cfg).run()
     before = snapshot(tmp_path / "run")
     step = latest_checkpoint(tmp_path / "run" / "checkpoints")
-    for out in (
-        tmp_path / "run",
-        tmp_path / "run" / "checkpoints",
-        step,
-        step / "x",
-    ):  # the run, or inside it
+    # the run, or inside it
+    for out in (tmp_path / "run", tmp_path / "run" / "checkpoints", step, step / "x"):
         for extra in ([], ["--force"]):
             err = assert_one_line_error(
                 cli("import-hf", "--hf", hf_dir, "--out", out, *extra),
@@ -433,9 +426,8 @@ def test_disk_full_during_save_keeps_the_last_checkpoint(corpus, tmp_path):
     )
 
     def limit():
-        signal.signal(
-            signal.SIGXFSZ, signal.SIG_IGN
-        )  # write() then fails with EFBIG instead of killing
+        # write() then fails with EFBIG instead of killing
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
 
     err = assert_one_line_error(

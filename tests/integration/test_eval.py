@@ -53,10 +53,8 @@ def test_eval_equals_the_trainers_validation_and_writes_the_report(run, capsys):
         == 0
     )
     result = json.loads((out / "eval.json").read_text())
-    assert abs(result["val_loss"] - val) < 1e-6, (
-        result["val_loss"],
-        val,
-    )  # the same batches and model
+    # the same batches and model
+    assert abs(result["val_loss"] - val) < 1e-6, (result["val_loss"], val)
     assert math.isclose(result["val_ppl"], math.exp(val), rel_tol=1e-6)
     pos = result["loss_by_position"]
     assert len(pos["per_position"]) == 32 and len(pos["buckets"]) == 32
@@ -66,9 +64,8 @@ def test_eval_equals_the_trainers_validation_and_writes_the_report(run, capsys):
     # bounded caches hold at most the capacity (2 layers, 2 kv heads of 8 dims, fp32: 256 bytes a token);
     # the full cache grows with the stream
     per_token = 2 * 2 * 2 * 8 * 4
-    assert (
-        runs["sep"]["peak_kv_bytes"] <= (24 + 16) * per_token
-    )  # capacity + one chunk during its attention
+    # capacity + one chunk during its attention
+    assert runs["sep"]["peak_kv_bytes"] <= (24 + 16) * per_token
     assert runs["full"]["peak_kv_bytes"] >= 300 * per_token
     for r in runs.values():
         assert math.isfinite(r["ppl"]) and r["tokens_per_s"] > 0 and r["stopped"] is None

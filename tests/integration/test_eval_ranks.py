@@ -41,11 +41,8 @@ ZERO3 = {"engine": "deepspeed", "zero": 3, "deepspeed": PARTITION_ALL}
 CASES = [
     ("zero3_iters1", ZERO3, 1),  # rank 1 has no batch of its own
     ("zero3_iters3", ZERO3, 3),  # rank 1 has one batch, rank 0 two
-    (
-        "zero1_iters1",
-        {"zero": 1},
-        1,
-    ),  # native: no collective over dp in a forward; rank 1 pads all the same
+    # native: no collective over dp in a forward; rank 1 pads all the same
+    ("zero1_iters1", {"zero": 1}, 1),
 ]
 RUN = [c for c in CASES if HAS_DS or c[1].get("engine") != "deepspeed"]
 

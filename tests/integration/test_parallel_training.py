@@ -222,9 +222,8 @@ def _train_until_signalled(rank, world, corpus, run_dir):
     import threading
 
     trainer = Trainer(config(corpus, run_dir, "dense", {"zero": 1}, steps=100000))
-    if (
-        rank == 1
-    ):  # only one rank is told, as when slurm's signal reaches the tasks at different times
+    # only one rank is told, as when slurm's signal reaches the tasks at different times
+    if rank == 1:
         threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGUSR1)).start()
     return trainer.run()["step"]
 

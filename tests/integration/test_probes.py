@@ -45,9 +45,8 @@ def test_occurrence_search_matches_brute_force():
     for n in (1, 2, 3, 4):  # rows too short for any earlier trigram
         short = torch.randint(0, 2, (3, n), generator=g)
         assert probes.copy_distances(short).tolist() == [brute_force(row) for row in short.tolist()]
-    big = (
-        torch.randint(0, 50_000, (4, 300), generator=g) * 997
-    )  # large ids: recoded, no int64 overflow
+    # large ids: recoded, no int64 overflow
+    big = torch.randint(0, 50_000, (4, 300), generator=g) * 997
     assert probes.copy_distances(big).tolist() == [brute_force(r) for r in big.tolist()]
 
 
@@ -81,9 +80,8 @@ def test_streaming_model_cannot_retrieve_a_passkey_beyond_its_reach(streaming_mo
         a, digits = probes.passkey_prompt(tok, filler, "12345", d)
         b, _ = probes.passkey_prompt(tok, filler, "67890", d)
         assert len(a) == len(b) and [i for i, (x, y) in enumerate(zip(a, b)) if x != y] == digits
-        assert (
-            min(digits) >= model.cfg.attention.init_tokens
-        )  # never among the always-visible tokens
+        # never among the always-visible tokens
+        assert min(digits) >= model.cfg.attention.init_tokens
         key_reach = len(a) - 1 - digits[-1]  # the answer's query back to the nearest digit
         with torch.no_grad():
             la, lb = model(torch.tensor([a]))[0, -1], model(torch.tensor([b]))[0, -1]
@@ -93,13 +91,11 @@ def test_streaming_model_cannot_retrieve_a_passkey_beyond_its_reach(streaming_mo
             for p in (a, b)
         ]
         if key_reach > reach:
-            assert (
-                outs[0] == outs[1]
-            )  # the decoded answer cannot depend on the key: chance accuracy
+            # the decoded answer cannot depend on the key: chance accuracy
+            assert outs[0] == outs[1]
     (near, near_gap), (far, far_gap) = rows[0], rows[64]
-    assert near < window and near_gap > 1e-3, (
-        rows
-    )  # inside the window the key changes the answer's logits
+    # inside the window the key changes the answer's logits
+    assert near < window and near_gap > 1e-3, rows
     assert far > reach and far_gap < 1e-6, rows  # beyond every chain of windows: identical
 
 
@@ -159,9 +155,8 @@ def test_copy_distance_losses_beyond_the_reach_ignore_far_tokens(streaming_model
         x = rng.integers(3, tok.vocab_size, 193)
         x[140:170] = x[2:32]
         y = x.copy()
-        y[2:32] = rng.integers(
-            3, tok.vocab_size, 30
-        )  # perturb only tokens far before every later query
+        # perturb only tokens far before every later query
+        y[2:32] = rng.integers(3, tok.vocab_size, 30)
         rows.append(x)
         other.append(y)
     la = probes.token_losses(
@@ -218,9 +213,8 @@ def test_a_dense_model_trained_on_repeats_copies():
         return torch.cat([block, block, block[:, :1]], 1)
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(
-        1
-    )  # a model this small gains nothing from threads, and waits on busy cores
+    # a model this small gains nothing from threads, and waits on busy cores
+    torch.set_num_threads(1)
     try:
         for _ in range(200):
             x = repeats(32)
@@ -310,9 +304,8 @@ def test_eval_probes_writes_the_report(run, capsys):
     result = json.loads((out / "eval.json").read_text())
     cd, pk = result["probes"]["copy_distance"], result["probes"]["passkey"]
     assert [b["name"] for b in cd["buckets"]] == ["0-3", "4-15", "16-63", "64+", "none"]
-    assert (
-        cd["window"] == 16 and cd["reach"] is None
-    )  # separators carry information past any window
+    # separators carry information past any window
+    assert cd["window"] == 16 and cd["reach"] is None
     assert cd["sequences"] == 2 * 4 and cd["tokens"] == 8 * 192
     assert all(len(b["seq_sums"]) == 8 for b in cd["buckets"])
     assert [r["distance"] for r in pk["distances"]] == [0, 20, 60]

@@ -127,10 +127,8 @@ def test_sepllm_trains_on_cpu_and_logs_stats(corpus, tmp_path, capsys):
     assert all(0 < r["kept_pairs"] < 1 and 0 < r["kept_kv"] < 1 for r in stats)
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     assert vals[-1] < vals[0]
-    assert all(
-        isinstance(x, int) for x in trainer.cfg.attention.separators
-    )  # resolved, saved in config.yaml
-    assert (
-        cfg.attention.separators == tiny_config(corpus, tmp_path).attention.separators
-    )  # the caller's: as given
+    # resolved, saved in config.yaml
+    assert all(isinstance(x, int) for x in trainer.cfg.attention.separators)
+    # the caller's: as given
+    assert cfg.attention.separators == tiny_config(corpus, tmp_path).attention.separators
     assert "separators:\n  - " in (tmp_path / "run" / "config.yaml").read_text()

@@ -95,9 +95,8 @@ def test_greedy_equals_target_only(kind, cache, k):
     assert torch.equal(out, ref)
     assert 0 < stats.accepted < stats.proposed  # rounds kept some proposals and rolled back others
     assert stats.target_passes < 40 and stats.new_tokens == 40
-    assert (
-        stats.proposed <= stats.rounds * k and stats.proposed + stats.rounds >= 40
-    )  # none past the end
+    # none past the end
+    assert stats.proposed <= stats.rounds * k and stats.proposed + stats.rounds >= 40
 
 
 def test_device_rounds_stop_at_eod_and_a_one_token_prompt_takes_the_host_loop():
@@ -120,9 +119,8 @@ def test_device_rounds_stop_at_eod_and_a_one_token_prompt_takes_the_host_loop():
         target, draft, one, 20, DecodeOptions(draft_tokens=3, cache="static")
     )
     assert torch.equal(out, generate(target, one, 20))
-    out, stats = speculative_generate(
-        target, draft, prompt(), 0, DecodeOptions(cache="static")
-    )  # nothing wanted
+    # nothing wanted
+    out, stats = speculative_generate(target, draft, prompt(), 0, DecodeOptions(cache="static"))
     assert torch.equal(out, prompt()) and stats.rounds == stats.proposed == 0
 
 
@@ -296,9 +294,8 @@ def test_sampling_follows_the_target_distribution(tiny_vocab_pair):
     target, draft, p = tiny_vocab_pair
     expected = target_joint(target, p) * SAMPLES
     draft_joint = target_joint(draft, p)
-    assert (
-        0.5 * (draft_joint - expected / SAMPLES).abs().sum() > 0.3
-    )  # total variation: the test has power
+    # total variation: the test has power
+    assert 0.5 * (draft_joint - expected / SAMPLES).abs().sum() > 0.3
     assert chi_square_p(sampled_counts(target, draft, p), expected) > 1e-3
 
 

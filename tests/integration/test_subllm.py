@@ -58,9 +58,8 @@ def test_bad_layouts_for_subsampling_are_rejected(corpus, tmp_path):
         tiny_config(corpus, tmp_path, model=STRUCT, parallel={"cp": 2})
     from megatron_sep.parallel.context import resolve_layout
 
-    cfg = tiny_config(
-        corpus, tmp_path, model=STRUCT, parallel={"pp": 4}
-    )  # T(TT)T: stages start at 0, 1, 3
+    # T(TT)T: stages start at 0, 1, 3
+    cfg = tiny_config(corpus, tmp_path, model=STRUCT, parallel={"pp": 4})
     with pytest.raises(
         ConfigError, match="parallel.pp=4: cannot split model.structure='T\\(TT\\)T' into 4"
     ):

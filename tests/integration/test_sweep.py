@@ -107,9 +107,8 @@ def test_sweep_reports_resumes_and_skips(corpus, tmp_path, capsys):
         "loss_by_copy_distance.png",
     ):
         img = mpimg.imread(out / png)
-        assert (
-            img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0
-        )  # a drawn figure, not blank
+        # a drawn figure, not blank
+        assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0
         assert f"]({png})" in report
 
     # --only trains the runs named, but the report still covers every finished run of the plan

@@ -284,6 +284,5 @@ def test_tokens_per_s_leaves_out_eval_and_save_time(corpus, tmp_path, monkeypatc
         json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl") if '"tokens_per_s"' in x
     ]
     assert [r["step"] for r in rows] == [4, 8]
-    assert [r["tokens_per_s"] for r in rows] == pytest.approx(
-        [8 * 32] * 2
-    )  # global batch x seq_len per second
+    # global batch x seq_len per second
+    assert [r["tokens_per_s"] for r in rows] == pytest.approx([8 * 32] * 2)

@@ -171,9 +171,8 @@ def test_latest_never_leads_out_of_its_folder_and_its_loss_never_restarts_a_run(
         )
         assert "train.run_dir" in err
         assert {k: v for k, v in snapshot(root).items() if k != "latest"} == before
-        assert (
-            '"step": 4' in (run / "metrics.jsonl").read_text()
-        )  # the log was not truncated to step 0
+        # the log was not truncated to step 0
+        assert '"step": 4' in (run / "metrics.jsonl").read_text()
     (root / "latest").rmdir()
     # a first save killed between its rename and moving `latest` in: its pointer waits beside it
     (root / ".latest.tmp").write_text(step.name + "\n")

@@ -22,9 +22,8 @@ def test_curve_counts_flops_and_seconds_per_interval():
     rng = random.Random(0)
     per_step, tps, fpt = rng.randint(100, 1000), rng.uniform(1e3, 1e5), rng.uniform(1e6, 1e9)
     train, val = logs(100, per_step, tps, fpt, [(50, 3.0), (100, 2.5), (55, 2.9)])
-    train.insert(
-        3, {"step": 20, "tokens_per_s": 1.0, "flops_per_token": 1.0}
-    )  # a resume's repeat: ignored
+    # a resume's repeat: ignored
+    train.insert(3, {"step": 20, "tokens_per_s": 1.0, "flops_per_token": 1.0})
     train[0]["tokens_per_s"] = tps / 50  # compilation: counted at the steady speed
     c = figure1.compute_curve(train, val, per_step)
     for p, step in zip(c, (50, 100, 55)):

@@ -22,16 +22,14 @@ def _grads(fn, x, w, y, scale):
     return loss.detach(), x.grad, w.grad
 
 
-@pytest.mark.parametrize(
-    "rows", [1, 5, 7, 1000]
-)  # one token per chunk, chunks that don't divide 21, one chunk
+# one token per chunk, chunks that don't divide 21, one chunk
+@pytest.mark.parametrize("rows", [1, 5, 7, 1000])
 def test_fused_loss_equals_unfused_in_fp32(rows):
     g = torch.Generator().manual_seed(rows)
     x, w = torch.randn(3, 7, 32, generator=g), torch.randn(300, 32, generator=g) * 0.3
     y = torch.randint(0, 300, (3, 7), generator=g)
-    ref = _grads(
-        _unfused, x, w, y, 2.5
-    )  # a non-unit upstream gradient: backward scales the saved grads
+    # a non-unit upstream gradient: backward scales the saved grads
+    ref = _grads(_unfused, x, w, y, 2.5)
     out = _grads(
         lambda a, b, c: linear_cross_entropy(a, b, c, chunk_bytes=4 * 300 * rows), x, w, y, 2.5
     )
@@ -48,9 +46,8 @@ def test_fused_loss_under_bf16_autocast():
         out = _grads(
             lambda a, b, c: linear_cross_entropy(a, b, c, chunk_bytes=4 * 500 * 16), x, w, y, 1.0
         )
-    torch.testing.assert_close(
-        out[0], ref[0], rtol=1e-4, atol=1e-5
-    )  # same bf16 logits, fp32 softmax
+    # same bf16 logits, fp32 softmax
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=1e-5)
     for r, o in zip(ref[1:], out[1:]):
         assert o.dtype == r.dtype
         assert (o - r).norm() <= 2e-2 * r.norm(), ((o - r).norm(), r.norm())

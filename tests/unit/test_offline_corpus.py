@@ -154,9 +154,8 @@ def test_two_builds_are_byte_identical_and_an_interrupted_one_resumes(small):
     (c / "parts" / "000-pkg.jsonl").write_bytes(
         (root / "a" / "parts" / "000-pkg.jsonl").read_bytes()
     )
-    (c / "parts" / "001-tool-doc.jsonl.tmp").write_text(
-        "half a line"
-    )  # a kill mid-write leaves only a .tmp
+    # a kill mid-write leaves only a .tmp
+    (c / "parts" / "001-tool-doc.jsonl.tmp").write_text("half a line")
     oc.build(c, manifest, cache, progress=False, echo=lambda *_: None)
     assert {k: v for k, v in files_of(c).items() if not k.endswith(".tmp")} == files_of(root / "a")
     assert first["tokens"]["train"][1] > 0 and first["tokens"]["heldout"][1] > 0
@@ -176,9 +175,8 @@ def test_filters_and_the_split(small):
     assert len(big) > 1 and all(len(r["text"].encode()) <= 256_000 for r in big)  # cut into parts
     train = [json.loads(line)["text"] for line in open(root / "train.jsonl")]
     held = [json.loads(line)["text"] for line in open(root / "heldout.jsonl")]
-    assert len(set(train) | set(held)) == len(train) + len(
-        held
-    )  # no duplicates, no document on both sides
+    # no duplicates, no document on both sides
+    assert len(set(train) | set(held)) == len(train) + len(held)
     assert len(train) + len(held) == len(parts) - 1  # dup.py's copy went
     side = {}  # every part of a file on one side
     for r in parts:
@@ -206,13 +204,11 @@ def test_refusals(small, tmp_path):
         oc.build(root / "a", m2, cache, progress=False)
     bad = json.loads(manifest.read_text())
     bad["packages"][1]["sha256"] = "0" * 64
-    with pytest.raises(
-        ManifestError, match="not the pinned file"
-    ):  # what every download is checked with
+    # what every download is checked with
+    with pytest.raises(ManifestError, match="not the pinned file"):
         check_hash(cache / bad["packages"][1]["file"], bad["packages"][1])
-    unknown = dict(
-        bad["packages"][1], name="no-such-package-here"
-    )  # apt-get answers from its lists: no network
+    # apt-get answers from its lists: no network
+    unknown = dict(bad["packages"][1], name="no-such-package-here")
     with pytest.raises(ManifestError, match="no-such-package-here"):
         oc.fetch(unknown, tmp_path / "empty_cache")
     m3 = tmp_path / "m3.json"
@@ -243,9 +239,8 @@ def test_a_block_without_blank_lines_is_cut_at_line_ends():
     from data_tools.offline_sources import MAX_DOC, split_large
 
     rng = random.Random(1)
-    text = "\n".join(
-        f"entry{i} {'x' * rng.randint(1, 120)}" for i in range(12_000)
-    )  # a dictionary: no blank line
+    # a dictionary: no blank line
+    text = "\n".join(f"entry{i} {'x' * rng.randint(1, 120)}" for i in range(12_000))
     parts = split_large(text)
     assert len(parts) > 1 and all(len(p.encode()) <= MAX_DOC for p in parts)
     assert "\n".join(parts) == text

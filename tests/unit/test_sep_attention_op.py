@@ -62,12 +62,8 @@ def test_compiled_triton_op_is_one_node_and_never_recompiles():
     compiled = torch.compile(attend, backend=counter, fullgraph=True)
     torch._dynamo.reset()
     sizes = set()
-    for seed, density in (
-        (0, 0.1),
-        (1, 0.2),
-        (2, 0.6),
-        (3, 0.1),
-    ):  # kept-key list of 128, 128, 256, 128
+    # kept-key list of 128, 128, 256, 128
+    for seed, density in ((0, 0.1), (1, 0.2), (2, 0.6), (3, 0.1)):
         q, k, v, is_sep = inputs(seed, s=300, density=density)
         plan = fused_ops.plan_for(is_sep, 3, [6], "triton", head_dim=16)
         sizes.add(plan.index.shape[1])

@@ -167,9 +167,8 @@ def test_auto_backend_choice():
 
     assert resolve_backend("auto", False, 128, False) == "reference"
     assert resolve_backend("auto", True, 128, False) == "triton"
-    assert (
-        resolve_backend("auto", True, 128, True) == "triton"
-    )  # document resets run in the kernel too
+    # document resets run in the kernel too
+    assert resolve_backend("auto", True, 128, True) == "triton"
     assert resolve_backend("auto", True, 96, False) == "flex"
     with pytest.raises(ValueError, match="head dims"):
         resolve_backend("triton", True, 96, False)
