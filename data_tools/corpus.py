@@ -22,16 +22,22 @@ def check_text(path: Path) -> None:
         )
 
 
+def check_inputs(files: list[str]) -> None:
+    """Every input exists and is a file, before a command creates anything."""
+    for name in files:
+        if not Path(name).is_file():
+            raise FileNotFoundError(
+                f"input file {name} not found. Fix: pass existing .jsonl or .txt files"
+            )
+
+
 def iter_documents(
     files: list[str], text_key: str = "text", txt_docs: str = "blank"
 ) -> Iterator[str]:
     """Yield documents. Plain text splits into documents per blank line, per line, or per file."""
+    check_inputs(files)
     for name in files:
         path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"input file {path} not found. Fix: pass existing .jsonl or .txt files"
-            )
         check_text(path)
         if path.suffix in (".jsonl", ".json"):
             yield from _jsonl(path, text_key)

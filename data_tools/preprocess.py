@@ -11,7 +11,7 @@ from tqdm import tqdm
 from megatron_sep.data.indexed import IndexedDatasetWriter, dtype_for_vocab, paths
 from megatron_sep.data.tokenizer import load_tokenizer
 
-from .corpus import iter_documents
+from .corpus import check_inputs, iter_documents
 
 _TOK = None
 
@@ -39,6 +39,7 @@ def preprocess(
 ):
     """Returns (documents, tokens) written. Writes to temporary names, renamed when complete; a failure or
     Ctrl-C removes the temporaries. Existing outputs are replaced only with force."""
+    check_inputs(files)
     tok = load_tokenizer(tokenizer_path)
     dtype = dtype_for_vocab(tok.vocab_size)
     bin_path, idx_path = paths(out_prefix)

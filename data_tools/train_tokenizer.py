@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .corpus import iter_documents
+from .corpus import check_inputs, iter_documents
 
 EOD, PAD = "<|endoftext|>", "<pad>"
 # Separator strings kept as single tokens so SepLLM can find them.
@@ -27,6 +27,7 @@ def train_sentencepiece(
 ):
     import sentencepiece as spm
 
+    check_inputs(files)
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     symbols = list(extra_symbols) + (SEPARATORS if split_separators else ["\n", "\t"])

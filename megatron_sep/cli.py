@@ -1,5 +1,5 @@
-"""`megatron-sep` command line: train, sweep, tokenizer, preprocess, inspect, export-hf, import-hf, import-neox,
-import-megatron, generate, eval, demo-corpus."""
+"""`megatron-sep` command line: train, sweep, lm-eval-task, tokenizer, preprocess, inspect, demo-corpus,
+offline-corpus, corpus-subset, export-hf, import-hf, import-neox, import-megatron, generate, eval."""
 
 # (the docstring is the --help description.) Here: the flags, the dispatch, and the mapping of errors to one
 # line and an exit status; each command's code lives with its domain (COMMANDS).

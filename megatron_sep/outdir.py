@@ -8,8 +8,8 @@ from pathlib import Path
 from .errors import ConversionError
 
 
-def prepare_out(out: Path, force: bool, owned: tuple[str, ...], what: str) -> Path:
-    """Refuse a non-empty directory unless forced; with force, delete only the files this command owns."""
+def check_out(out: Path, force: bool, what: str) -> list[str]:
+    """Refuse a file, or a non-empty directory unless forced; creates nothing. Returns what it holds."""
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--out {out} is a file. Fix: choose a directory path")
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -19,6 +19,12 @@ def prepare_out(out: Path, force: bool, owned: tuple[str, ...], what: str) -> Pa
             f"{', ...' if len(present) > 3 else ''}). Fix: choose a new directory, or pass "
             f"--force to {what}"
         )
+    return present
+
+
+def prepare_out(out: Path, force: bool, owned: tuple[str, ...], what: str) -> Path:
+    """check_out, then with force delete only the files this command owns, and create the directory."""
+    present = check_out(out, force, what)
     for pattern in owned if present else ():
         for p in out.glob(pattern):
             if p.is_file():

@@ -270,8 +270,8 @@ def _pointer_fix(root: Path) -> str:
     newest, pointer = list_checkpoints(root), root / LATEST
     if newest:
         return (
-            f"Fix: to resume from the newest complete checkpoint, echo {newest[-1]} > {pointer}; to start "
-            "over, use a new train.run_dir (this run would otherwise overwrite them)"
+            f"Fix: echo {newest[-1]} > {pointer} to use the newest complete checkpoint (training resumes "
+            "from it; to train from scratch instead, use a new train.run_dir, which leaves these as they are)"
         )
     return f"Fix: remove {pointer} to start over"
 

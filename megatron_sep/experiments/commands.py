@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, dump_config, load_config
+from ..parallel import resolve_layout
 from ..training import Trainer
 from . import sweep
 from .lm_eval_task import write_task
@@ -17,6 +18,10 @@ from .lm_eval_task import write_task
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.check_config:
+        p = (
+            cfg.parallel
+        )  # the layout rules that need no processes: on the smallest world that could run it
+        resolve_layout(cfg, p.tp * p.pp * p.cp * (1 if p.dp == "auto" else p.dp))
         print(dump_config(cfg))
         return 0
     result = Trainer(cfg).run()

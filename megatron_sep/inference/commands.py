@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_model
-from ..outdir import prepare_out
+from ..outdir import check_out, prepare_out
 from ..data.dataset import run_datasets
 from ..data.tokenizer import TokenizerError, load_tokenizer, same_vocabulary
 from . import evaluate as ev
@@ -159,9 +159,10 @@ def check_kv_memory(cfg, tokens: int, new_tokens: int, opts: DecodeOptions, devi
 
 
 def cmd_eval(args) -> int:
-    out = prepare_out(
-        Path(args.out), args.force, ev.EVAL_FILES, "replace only the files eval writes"
-    )
+    what = "replace only the files eval writes"
+    check_out(
+        Path(args.out), args.force, what
+    )  # refused early; created only once every check passed
     model, cfg = load_model(args.load)
     device = _device(args.device)
     model.to(device)
@@ -224,6 +225,9 @@ def cmd_eval(args) -> int:
             print(line)
     if args.stream_tokens:
         _stream(args, model, cfg, tokens, source, seq, mb, device, result)
+    out = prepare_out(
+        Path(args.out), args.force, ev.EVAL_FILES, what
+    )  # nothing is created before this
     for path in ev.write_report(out, result):
         print(f"wrote {path}")
     return 0

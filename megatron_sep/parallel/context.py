@@ -111,25 +111,10 @@ def env_world() -> tuple[int, int, int]:
 
 
 def resolve_layout(cfg: Config, world: int) -> tuple[int, int, int, int]:
-    """(tp, pp, cp, dp) for this world size, with every divisibility rule checked before any work."""
+    """(tp, pp, cp, dp) for this world size, with every divisibility rule checked before any work: first
+    what the model allows (so the fix never leads to a launch that fails on the next rule), then the world."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
     tp, pp, cp = p.tp, p.pp, p.cp
-    model_ranks = tp * pp * cp
-    if world % model_ranks:
-        raise ConfigError(
-            "parallel.tp",
-            tp,
-            f"tp * pp * cp = {model_ranks} does not divide the world size {world}",
-            "choose tp, pp and cp whose product divides the number of processes",
-        )
-    dp = world // model_ranks if p.dp == "auto" else p.dp
-    if model_ranks * dp != world:
-        raise ConfigError(
-            "parallel.dp",
-            p.dp,
-            f"tp * pp * cp * dp = {model_ranks * dp} != world size {world}",
-            "set parallel.dp to auto or to world / (tp * pp * cp)",
-        )
     if m.num_heads % tp:
         raise ConfigError(
             "parallel.tp",
@@ -181,6 +166,22 @@ def resolve_layout(cfg: Config, world: int) -> tuple[int, int, int, int]:
                 f"cannot split model.structure={m.structure!r} into {chunks} stages or chunks: {e}",
                 "use fewer pipeline stages, or a structure with more blocks outside its levels",
             ) from None
+    model_ranks = tp * pp * cp
+    if world % model_ranks:
+        raise ConfigError(
+            "parallel.tp",
+            tp,
+            f"tp * pp * cp = {model_ranks} does not divide the world size {world}",
+            "choose tp, pp and cp whose product divides the number of processes",
+        )
+    dp = world // model_ranks if p.dp == "auto" else p.dp
+    if model_ranks * dp != world:
+        raise ConfigError(
+            "parallel.dp",
+            p.dp,
+            f"tp * pp * cp * dp = {model_ranks * dp} != world size {world}",
+            "set parallel.dp to auto or to world / (tp * pp * cp)",
+        )
     gb = t.global_batch_size or t.micro_batch_size
     if gb % (t.micro_batch_size * dp):
         unset = " (unset, so one micro-batch)" if t.global_batch_size is None else ""

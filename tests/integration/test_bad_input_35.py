@@ -323,3 +323,40 @@ def test_demo_corpus_force_refuses_a_directory(tmp_path):
         sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
         and (out / "notes.txt").read_text() == "mine"
     )
+
+
+def test_refused_commands_create_nothing(corpus, tmp_path):
+    """A trial of the redesign found commands that refused but left their output folder behind: eval (its
+    --out), preprocess and tokenizer train (the output's parent). And a tp that cannot divide the heads was
+    reported only after the world size, and not by --check-config."""
+    missing = tmp_path / "missing.jsonl"
+    p = cli("eval", "--load", tmp_path / "nowhere", "--out", tmp_path / "ev")
+    assert_one_line_error(p, "holds no checkpoint")
+    p = cli(
+        "preprocess",
+        "--input",
+        missing,
+        "--tokenizer",
+        corpus["tokenizer"],
+        "--out",
+        tmp_path / "pp" / "out",
+    )
+    assert_one_line_error(p, "not found")
+    p = cli(
+        "tokenizer",
+        "train",
+        "--input",
+        missing,
+        "--out",
+        tmp_path / "tk" / "tok",
+        "--vocab-size",
+        300,
+    )
+    assert_one_line_error(p, "not found")
+    assert sorted(x.name for x in tmp_path.iterdir()) == []
+    config = tmp_path / "cfg.yaml"
+    config.write_text(dump_config(tiny_config(corpus, tmp_path / "run", parallel={"tp": 3})))
+    for extra in ((), ("--check-config",)):
+        p = cli("train", "-c", config, *extra)
+        assert_one_line_error(p, "parallel.tp=3", "model.num_heads=4")
+    assert not (tmp_path / "run").exists()
