@@ -323,9 +323,8 @@ def tune(seqs=(16384, 65536), window=256):
                             return_mode="median",
                         )
                     )
-        except (
-            Exception
-        ) as e:  # e.g. out of shared memory, or a feature this Triton lacks on this GPU
+        # e.g. out of shared memory, or a feature this Triton lacks on this GPU
+        except Exception as e:
             log.append({"kernel": name, "config": shape._asdict(), "error": repr(e)[:300]})
             print(json.dumps(log[-1]), flush=True)
             return None

@@ -51,38 +51,57 @@ def _nonneg_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
+def _earlier_fix(path: Path) -> str:
+    """The fix for a step folder whose meta cannot be used: the newest complete step before it."""
+    pointer = path.parent / "latest"
+    earlier = sorted(
+        p.name
+        for p in path.parent.glob("step_*")
+        if STEP_NAME.fullmatch(p.name) and p.name < path.name and is_complete(p)
+    )
+    if earlier:
+        return (
+            f"Fix: resume from the earlier {earlier[-1]} (echo {earlier[-1]} > {pointer}), or copy "
+            "this checkpoint again from its source"
+        )
+    return "Fix: copy this checkpoint again from its source (no earlier complete step_* folder is beside it)"
+
+
 def read_meta(path: Path) -> dict:
     """The checkpoint's meta as a checked dict: step and consumed_samples are ints >= 0."""
-    fix = "Fix: resume from an earlier step_* folder (write its name into checkpoints/latest)"
     if (path / META).is_file():
         f = path / META
         try:
             meta = json.loads(f.read_bytes().decode("utf-8"))
         except (ValueError, OSError) as e:
-            raise CheckpointError(f"{f} is empty or corrupt ({type(e).__name__}). {fix}") from None
+            raise CheckpointError(
+                f"{f} is empty or corrupt ({type(e).__name__}). {_earlier_fix(path)}"
+            ) from None
     else:
         f = path / LEGACY_META
-        try:  # plain ints and strings: the weights-only unpickler runs no code
+        # plain ints and strings: the weights-only unpickler runs no code; empty, truncated, or holding
+        # objects raise EOFError, UnpicklingError, ...
+        try:
             meta = torch.load(f, weights_only=True)
-        except (
-            Exception
-        ) as e:  # empty, truncated, or holding objects: EOFError, UnpicklingError, ...
+        except Exception as e:
             raise CheckpointError(
                 f"{f} is empty or corrupt, or holds more than numbers and strings "
-                f"({type(e).__name__}). {fix}"
+                f"({type(e).__name__}). {_earlier_fix(path)}"
             ) from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{f} holds a {type(meta).__name__}, not a mapping. {fix}")
+        raise CheckpointError(
+            f"{f} holds a {type(meta).__name__}, not a mapping. {_earlier_fix(path)}"
+        )
     # a missing data position would replay the corpus from its start
     for key in ("step", "consumed_samples"):
         if not _nonneg_int(meta.get(key)):
             raise CheckpointError(
-                f"{f}: {key} is {meta.get(key)!r}, not a whole number >= 0. {fix}"
+                f"{f}: {key} is {meta.get(key)!r}, not a whole number >= 0. {_earlier_fix(path)}"
             )
     good = meta.get("verified_step")
     if good is not None and not _nonneg_int(good):
         raise CheckpointError(
-            f"{f}: verified_step is {good!r}, not a whole number >= 0 or null. {fix}"
+            f"{f}: verified_step is {good!r}, not a whole number >= 0 or null. {_earlier_fix(path)}"
         )
     return meta
 

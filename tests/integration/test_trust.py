@@ -91,6 +91,10 @@ def test_pickle_payloads_in_a_checkpoint_never_run(corpus, trained, tmp_path):
     ):
         (step / "meta.json").write_text(json.dumps({**json.loads(good), **broken}))
         assert_one_line_error(cli("train", "-c", more), "meta.json", needle, "Fix:")
+    # truncated: the fix names the newest complete step before it, and how to point `latest` at it
+    (step / "meta.json").write_text(good[: len(good) // 2])
+    earlier = f"echo step_00000002 > {run / 'checkpoints' / 'latest'}"
+    assert_one_line_error(cli("train", "-c", more), "meta.json", "empty or corrupt", earlier)
     (step / "meta.json").write_text(good)
     # a data file path out of the folder in an otherwise valid index
     from megatron_sep.checkpoint.files import SafeReader
