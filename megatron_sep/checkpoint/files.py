@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.planner import LoadItemType
 
 META, LEGACY_META = "meta.json", "meta.pt"
 FORMAT = 2
+LATEST = "latest"  # the file naming the newest complete step folder
 STEP_NAME = re.compile(r"step_\d{8}")
 
 
@@ -42,6 +43,15 @@ def is_complete(path: Path) -> bool:
     return (path / META).is_file() or (path / LEGACY_META).is_file()
 
 
+def list_checkpoints(root: Path) -> list[str]:
+    """The complete step_* folders in root, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name for p in root.glob("step_*") if STEP_NAME.fullmatch(p.name) and is_complete(p)
+    )
+
+
 # ---- meta ---------------------------------------------------------------------------------------
 def write_meta(folder: Path, meta: dict) -> None:
     (folder / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=1) + "\n")
@@ -51,18 +61,18 @@ def _nonneg_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
+def point_latest(root: Path, name: str) -> str:
+    """The shell command that makes `latest` in root name the step folder `name`."""
+    return f"echo {name} > {root / LATEST}"
+
+
 def _earlier_fix(path: Path) -> str:
     """The fix for a step folder whose meta cannot be used: the newest complete step before it."""
-    pointer = path.parent / "latest"
-    earlier = sorted(
-        p.name
-        for p in path.parent.glob("step_*")
-        if STEP_NAME.fullmatch(p.name) and p.name < path.name and is_complete(p)
-    )
+    earlier = [n for n in list_checkpoints(path.parent) if n < path.name]
     if earlier:
         return (
-            f"Fix: resume from the earlier {earlier[-1]} (echo {earlier[-1]} > {pointer}), or copy "
-            "this checkpoint again from its source"
+            f"Fix: resume from the earlier {earlier[-1]} ({point_latest(path.parent, earlier[-1])}), "
+            "or copy this checkpoint again from its source"
         )
     return "Fix: copy this checkpoint again from its source (no earlier complete step_* folder is beside it)"
 

@@ -32,7 +32,10 @@ from .files import (
     STEP_NAME,
     CheckpointError,
     SafeReader,
+    LATEST,
     is_complete,
+    list_checkpoints,
+    point_latest,
     load_rng,
     read_meta,
     rng_file,
@@ -41,7 +44,6 @@ from .files import (
 )
 
 
-LATEST = "latest"
 # Test-only fault point: exit hard inside the save of step N: "N" or "N:tensors" after the tensors are
 # written (before any rename), "N:swap" in a re-save between moving the old folder aside and renaming,
 # "N:async" right after an async save has handed its write to the background thread.
@@ -270,7 +272,7 @@ def _pointer_fix(root: Path) -> str:
     newest, pointer = list_checkpoints(root), root / LATEST
     if newest:
         return (
-            f"Fix: echo {newest[-1]} > {pointer} to use the newest complete checkpoint (training resumes "
+            f"Fix: {point_latest(root, newest[-1])} to use the newest complete checkpoint (training resumes "
             "from it; to train from scratch instead, use a new train.run_dir, which leaves these as they are)"
         )
     return f"Fix: remove {pointer} to start over"
@@ -340,14 +342,6 @@ def _without_pointer(root: Path) -> Path | None:
             f"`latest` file names one. {_pointer_fix(root)}"
         )
     return None
-
-
-def list_checkpoints(root: Path) -> list[str]:
-    if not root.is_dir():
-        return []
-    return sorted(
-        p.name for p in root.glob("step_*") if STEP_NAME.fullmatch(p.name) and is_complete(p)
-    )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

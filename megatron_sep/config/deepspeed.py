@@ -169,7 +169,7 @@ def ds_config(cfg, dp: int, bf16: bool, extra: dict | None = None) -> dict:
     """DeepSpeed's JSON for this run: batch sizes, ZeRO stage, offload, clipping and precision from our
     config, with `extra` (default parallel.deepspeed) merged over it."""
     p, t = cfg.parallel, cfg.train
-    global_batch = t.global_batch_size or t.micro_batch_size
+    global_batch = t.samples_per_step
     zero = {"stage": p.zero, "reduce_bucket_size": int(p.bucket_mb * 2**20 / 4)}
     if p.offload != "none":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}

@@ -244,8 +244,13 @@ class TrainConfig:
         )
 
     @property
+    def samples_per_step(self) -> int:
+        """The global batch: global_batch_size, or one micro-batch when it is unset."""
+        return self.global_batch_size or self.micro_batch_size
+
+    @property
     def accumulation(self) -> int:
-        return (self.global_batch_size or self.micro_batch_size) // self.micro_batch_size
+        return self.samples_per_step // self.micro_batch_size
 
 
 @dataclass

@@ -152,7 +152,7 @@ def run_datasets(cfg):
     """(train, valid) as a training run of this config reads them: mock tokens, or the blended corpora
     sized for train.steps global batches and train.eval_iters validation micro-batches."""
     t, d = cfg.train, cfg.data
-    wanted = (t.steps * (t.global_batch_size or t.micro_batch_size), t.eval_iters * t.micro_batch_size)
+    wanted = (t.steps * t.samples_per_step, t.eval_iters * t.micro_batch_size)
     if d.mock:
         return tuple(MockDataset(cfg.model.vocab_size, d.seq_len, n, d.seed + i) for i, n in enumerate(wanted))
     return build_datasets(d.paths, d.weights, d.split, d.seq_len, d.seed, (*wanted, 0))[:2]

@@ -105,7 +105,7 @@ def collect(name: str, cfg: Config, state: dict, device: torch.device) -> dict:
     """One table row; state: the run's record in sweep.json (wall time, runs at once)."""
     train, val = read_metrics(Path(cfg.train.run_dir))
     ev = eval_run(cfg, device)
-    per_step = (cfg.train.global_batch_size or cfg.train.micro_batch_size) * cfg.data.seq_len
+    per_step = cfg.train.samples_per_step * cfg.data.seq_len
     timed = train[1:] or train  # the first logged interval holds compilation and warm-up
     kept = ev["stats"]["kept_pairs"]
     n = ev["matmul_params"]

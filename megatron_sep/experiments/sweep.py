@@ -231,7 +231,7 @@ def resolve_runs(
             set_value(raw, *key.split("."), value)
         cfg = config_from_dict(raw)
         t = cfg.train
-        per_step = (t.global_batch_size or t.micro_batch_size) * cfg.data.seq_len
+        per_step = t.samples_per_step * cfg.data.seq_len
         t.steps = max(1, math.ceil(tokens / per_step))
         t.run_dir = str(out / "runs" / name)
         chosen = {

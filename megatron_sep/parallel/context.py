@@ -182,7 +182,7 @@ def resolve_layout(cfg: Config, world: int) -> tuple[int, int, int, int]:
             f"tp * pp * cp * dp = {model_ranks * dp} != world size {world}",
             "set parallel.dp to auto or to world / (tp * pp * cp)",
         )
-    gb = t.global_batch_size or t.micro_batch_size
+    gb = t.samples_per_step
     if gb % (t.micro_batch_size * dp):
         unset = " (unset, so one micro-batch)" if t.global_batch_size is None else ""
         raise ConfigError(

@@ -25,8 +25,7 @@ class Parallelized:
 
     @property
     def blocks(self) -> list[nn.Module]:
-        layers = self.model.layers
-        return list(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
+        return self.model.blocks()  # this rank's, in order
 
 
 def parallelize(model, cfg: Config, ctx: ParallelContext) -> Parallelized:

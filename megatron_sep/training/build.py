@@ -105,15 +105,18 @@ def build_run(user_cfg: Config) -> Run:
         )
 
     model = build_model(cfg)
-    # the whole model, before sharding
-    n_matmul, n_params = (matmul_params(model), model.num_params())
+    n_matmul, n_params = (
+        matmul_params(model),
+        model.num_params(),
+    )  # the whole model, before sharding
     part = parallelize(model, cfg, ctx)
     notes += part.notes
     engine = build_engine(part, cfg, ctx)
-    if engine.given_config() is not None:
+    given = engine.given_config()
+    if given is not None:
         notes.append(
             "deepspeed config (generated from this config; parallel.deepspeed overrides keys): "
-            + engine.given_config()
+            + given
         )
     static_levels = cfg.model.subsampled and not cfg.model.subsample_causal
     if cfg.train.compile:

@@ -17,6 +17,7 @@ from ..checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from ..checkpoint.files import LATEST, point_latest
 from ..config import Config, ConfigError
 
 
@@ -137,11 +138,10 @@ class Checkpointer:
         if good is None:
             return "No checkpoint known to train was saved in this run."
         later = [n for n in list_checkpoints(self.root) if n > good]
-        pointer = self.root / "latest"
         if later:
             return (
                 f"The last good checkpoint is {self.root / good} (the later {', '.join(later)} may hold the "
-                f"same broken weights); to resume from it, write its name into {pointer} "
-                f"(echo {good} > {pointer})."
+                f"same broken weights); to resume from it, write its name into {self.root / LATEST} "
+                f"({point_latest(self.root, good)})."
             )
         return f"The last good checkpoint is {self.root / good}; run again to resume from it."

@@ -18,6 +18,7 @@ from ..config import Config, ConfigError, load_config
 from ..config.schema import check_backend_device
 from ..data.tokenizer import load_tokenizer, same_vocabulary
 from ..model.attention import prepare_batch
+from ..parallel.parallelize import compile_blocks
 from ..checkpoint import CheckpointError, load_weights, resolve_checkpoint
 
 
@@ -49,9 +50,7 @@ class Teacher:
         self.path, self.weight, self.temperature = path, t.distill_weight, t.distill_temperature
 
     def compile(self) -> None:
-        blocks = self.model.layers
-        for layer in blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks:
-            layer.compile()
+        compile_blocks(self.model.blocks(), static_shapes=False)
 
     def install(self, model) -> None:
         """The student's loss becomes distillation's for TeacherTargets (validation keeps its own)."""

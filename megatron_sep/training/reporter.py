@@ -17,8 +17,7 @@ class StepReporter:
     def __init__(self, cfg: Config, run, logger):
         self.cfg, self.logger, self.device = cfg, logger, run.device
         self.matmul_params, self.peak, self.world = run.matmul_params, run.peak, run.ctx.world
-        global_batch = cfg.train.global_batch_size or cfg.train.micro_batch_size
-        self.tokens_per_step = global_batch * cfg.data.seq_len
+        self.tokens_per_step = cfg.train.samples_per_step * cfg.data.seq_len
         self.tic, self.steps, self.paused = time.perf_counter(), 0, 0.0
         self.last: dict = {}
 

@@ -35,7 +35,7 @@ class Trainer:
         self.train_ds, self.valid_ds, self.tokenizer = run.train_ds, run.valid_ds, run.tokenizer
         self.run_dir = Path(self.cfg.train.run_dir)
         t = self.cfg.train
-        self.global_batch = t.global_batch_size or t.micro_batch_size
+        self.global_batch = t.samples_per_step
         self.step, self.consumed, self.skipped = 0, 0, 0
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
