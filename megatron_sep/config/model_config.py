@@ -34,6 +34,9 @@ FAMILY_PARTS = {
 @dataclass
 class ModelConfig:
     family: Literal["neox", "llama"] = "llama"
+    arch: Literal["gpt", "dlcm"] = (
+        "gpt"  # dlcm: concepts between the token stacks (the dlcm section)
+    )
     num_layers: int = 4
     hidden_size: int = 256
     num_heads: int = 4

@@ -13,6 +13,7 @@ from typing import Literal, Optional, Union
 
 
 from ..errors import ConfigError  # noqa: F401 (re-exported)
+from .dlcm_config import DLCMConfig
 from .model_config import AttentionConfig, BlockParts, ModelConfig, _require  # noqa: F401 (re-exported)
 
 
@@ -316,6 +317,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dlcm: DLCMConfig = field(default_factory=DLCMConfig)
+
+    @property
+    def wants_separators(self) -> bool:
+        """Separator ids are resolved from the tokenizer: for SepLLM attention, or DLCM's separator boundaries."""
+        dlcm_seps = self.model.arch == "dlcm" and self.dlcm.boundary == "separator"
+        return self.attention.kind == "sepllm" or dlcm_seps
 
     def check(self) -> None:
         for name in SECTIONS:
@@ -338,6 +346,8 @@ class Config:
         )
         self._check_context_parallel()
         self._check_engine()
+        if m.arch == "dlcm":
+            self._check_dlcm()
         # the teacher runs whole on every rank, next to an unsharded head
         if self.train.distill_from:
             for key in ("tp", "pp", "cp"):
@@ -425,6 +435,53 @@ class Config:
             f"(model.num_kv_heads={m.kv_heads} / tp={tp})",
             "use a cp that divides the kv heads per tp rank or is a multiple of them (then they are replicated)",
         )
+
+    def _check_dlcm(self) -> None:
+        """What DLCM serves: its stacks split model.num_layers, and the layouts built for it so far."""
+        m, d, p = self.model, self.dlcm, self.parallel
+        _require(
+            1 <= d.encoder_layers < m.num_layers,
+            "dlcm.encoder_layers",
+            d.encoder_layers,
+            f"must leave at least one of model.num_layers={m.num_layers} token layers to the decoder",
+            f"use 1 to {m.num_layers - 1}, or raise model.num_layers (encoder + decoder layers)",
+        )
+        _require(
+            m.structure is None,
+            "model.structure",
+            m.structure,
+            "is SUBLLM's, not served with model.arch: dlcm",
+            "set model.structure: null",
+        )
+        reasons = {
+            "pp": "the backbone's concept sequence sits between the token stacks",
+            "cp": "segments and their pooling need the whole sequence on one rank",
+        }
+        for key, why in reasons.items():
+            value = getattr(p, key)
+            _require(
+                value == 1,
+                "parallel." + key,
+                value,
+                f"is not served with model.arch: dlcm yet ({why})",
+                f"use tp and data parallelism with DLCM ({key}: 1)",
+            )
+        _require(
+            not (p.sequence_parallel and p.tp > 1),
+            "parallel.sequence_parallel",
+            p.sequence_parallel,
+            "is not served with model.arch: dlcm yet (the router and pooling need the whole sequence)",
+            "set parallel.sequence_parallel: false",
+        )
+        for key in ("concept_heads", "kv_heads"):
+            heads = getattr(d, key)
+            _require(
+                heads % p.tp == 0,
+                "parallel.tp",
+                p.tp,
+                f"does not divide the backbone's {heads} {key.replace('_', ' ')}",
+                "use a tp that divides dlcm.concept_heads and dlcm.concept_kv_heads",
+            )
 
     def _check_engine(self) -> None:
         """What each engine serves, before any process starts (engine/deepspeed.py says why for DeepSpeed)."""
@@ -532,4 +589,14 @@ def check_backend_device(backend: str, device_type: str) -> None:
     )
 
 
-SECTIONS = ("model", "attention", "parallel", "data", "optim", "train", "checkpoint", "logging")
+SECTIONS = (
+    "model",
+    "attention",
+    "parallel",
+    "data",
+    "optim",
+    "train",
+    "checkpoint",
+    "logging",
+    "dlcm",
+)

@@ -57,6 +57,12 @@ def export_hf(
     force: bool = False,
 ) -> Path:
     model, cfg = load_model(load)
+    if cfg.model.arch == "dlcm":
+        raise ConversionError(
+            "model.arch=dlcm has no Hugging Face model yet (no remote code for its concept stacks). "
+            "Fix: generate and evaluate it with `megatron-sep generate` / `megatron-sep eval`, which run "
+            "the project model"
+        )
     if cfg.model.subsampled and (cfg.model.family != "llama" or cfg.attention.kind != "dense"):
         raise ConversionError(
             f"model.structure={cfg.model.structure!r} (SUBLLM) exports for the llama family with "

@@ -32,7 +32,7 @@ from ..config import Config
 from ..config.deepspeed import _config_problem, ds_config, import_deepspeed
 from ..parallel.context import ParallelContext, env_world
 from ..parallel.parallelize import Parallelized
-from .native import decay_groups
+from .native import decay_groups, lr_scales
 
 LOAD_PART_BYTES = 1 << 30  # fp32 weights + Adam states read per part of a load, per rank
 
@@ -63,7 +63,7 @@ class DeepSpeedEngine:
         # one stage: the same schedule code as the native engine
         self.pipe, model = (part.pipe, part.model)
         o, p = cfg.optim, cfg.parallel
-        groups = decay_groups(list(model.parameters()), o.weight_decay)
+        groups = decay_groups(list(model.parameters()), o.weight_decay, lr_scales(model))
         # DeepSpeed's vectorised Adam for CPU states
         if p.offload != "none" and ctx.device.type == "cuda":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -125,7 +125,7 @@ class DeepSpeedEngine:
 
     def set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
 
     def step(self, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
         """DeepSpeed reduces, clips and steps; it drops the update itself when the gradient norm is not

@@ -21,12 +21,26 @@ def decays(p) -> bool:
     return p.dim() >= 2
 
 
-def decay_groups(params, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: weight decay on the matrices only (both engines)."""
-    return [
-        {"params": [p for p in params if decays(p)], "weight_decay": weight_decay},
-        {"params": [p for p in params if not decays(p)], "weight_decay": 0.0},
-    ]
+def lr_scales(model) -> dict[int, float]:
+    """Each parameter's learning-rate multiplier by id, from the model's `lr_scale(name, p)` where it has
+    one (DLCM's decoupled muP); 1 elsewhere."""
+    scale = getattr(model, "lr_scale", None)
+    return {id(p): scale(n, p) if scale else 1.0 for n, p in model.named_parameters()}
+
+
+def decay_groups(params, weight_decay: float, scales: dict[int, float] | None = None) -> list[dict]:
+    """AdamW parameter groups: weight decay on the matrices only (both engines); a parameter with a
+    learning-rate multiplier goes to a group carrying it as `lr_scale` (set_lr applies it)."""
+    scales = scales or {}
+    keys = sorted({scales.get(id(p), 1.0) for p in params} - {1.0})
+    groups = []
+    for scale in [1.0, *keys]:
+        for decay in (True, False):
+            mine = [p for p in params if decays(p) == decay and scales.get(id(p), 1.0) == scale]
+            if scale == 1.0 or mine:  # the two base groups always (their order is the state's)
+                group = {"params": mine, "weight_decay": weight_decay if decay else 0.0}
+                groups.append(group if scale == 1.0 else {**group, "lr_scale": scale})
+    return groups
 
 
 class NativeEngine:
@@ -43,9 +57,17 @@ class NativeEngine:
             GradSync(params, ctx, p.bucket_mb, self.zero, manual) if ctx.grad_size > 1 else None
         )
         if self.zero:
-            self.opt = ZeroAdamW(self.sync, decays, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
+            self.opt = ZeroAdamW(
+                self.sync,
+                decays,
+                o.lr,
+                (o.beta1, o.beta2),
+                o.eps,
+                o.weight_decay,
+                lr_scales(self.model),
+            )
         else:
-            groups = decay_groups(params, o.weight_decay)
+            groups = decay_groups(params, o.weight_decay, lr_scales(self.model))
             # fused on CPU too: its grad_scale / found_inf inputs carry clipping and the non-finite skip
             self.opt = torch.optim.AdamW(
                 groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True
@@ -75,7 +97,7 @@ class NativeEngine:
     # ---- the update ----------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
 
     def step(self, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
         """Finish gradient reduction, clip by the global norm, update. Returns (norm, updated): a non-finite

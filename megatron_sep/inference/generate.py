@@ -90,6 +90,15 @@ def make_cache(
 ):
     """The KV cache generation and streaming evaluation decode with (see `generate`); `capacity`: the tokens
     a static cache must hold."""
+    if model.cfg.model.arch == "dlcm":
+        if kind != "full" or cuda_graphs:
+            raise ValueError(
+                f"a DLCM model decodes with the full cache only, not {'CUDA graphs' if cuda_graphs else kind}"
+                " (its concepts grow with the stream). Fix: --cache full"
+            )
+        from .dlcm_cache import DLCMCache
+
+        return DLCMCache(model.cfg, model.sep_ids, evict=evict)
     if cuda_graphs:
         if kind not in ("full", "static") or evict:
             what = "--evict" if evict else f"the {kind} cache"

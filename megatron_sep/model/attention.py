@@ -95,7 +95,7 @@ def build_core_attention(cfg: Config, layer: int):
 
 def separator_ids_of(cfg: Config) -> list[int]:
     a = cfg.attention
-    if a.kind != "sepllm":
+    if not cfg.wants_separators:  # SepLLM attention, or DLCM's separator boundaries
         return []
     bad = [x for x in a.separators if not isinstance(x, int)]
     if bad:

@@ -130,10 +130,11 @@ class Segment(NamedTuple):
 class ZeroAdamW:
     """AdamW over this replica's shard of every bucket (fp32 master weights), sharded over dp x cp."""
 
-    def __init__(self, sync: GradSync, decay_of, lr, betas, eps, weight_decay):
+    def __init__(self, sync: GradSync, decay_of, lr, betas, eps, weight_decay, scales=None):
         self.sync, self.ctx = sync, sync.ctx
         self.segments: list[Segment] = []
-        groups = {True: [], False: []}
+        scales = scales or {}
+        groups = {(True, 1.0): [], (False, 1.0): []}  # (decays, learning-rate multiplier)
         for b in sync.buckets:
             lo, hi = self.shard_bounds(b)
             for p in b.params:
@@ -142,10 +143,11 @@ class ZeroAdamW:
                 if s < e:
                     master = torch.nn.Parameter(b.data[s:e].detach().float().clone())
                     self.segments.append(Segment(b, p, s, e, master, lo))
-                    groups[decay_of(p)].append(master)
+                    key = (decay_of(p), scales.get(id(p), 1.0))
+                    groups.setdefault(key, []).append(master)
         param_groups = [
-            {"params": groups[True], "weight_decay": weight_decay},
-            {"params": groups[False], "weight_decay": 0.0},
+            {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+            for (decay, scale), ps in groups.items()
         ]
         self.opt = torch.optim.AdamW(
             [g for g in param_groups if g["params"]], lr=lr, betas=betas, eps=eps

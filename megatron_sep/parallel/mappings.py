@@ -7,6 +7,8 @@ reduce_scatter_seq fwd reduce-scatter   bwd all-gather      (row-parallel output
 split_seq         fwd take own shard    bwd all-gather      (full sequence -> sequence shards)
 gather_seq_whole  fwd all-gather seq    bwd take own shard  (shards -> a full sequence every rank then
                                                              uses alike: SUBLLM's scorer and upsampling)
+sum_over          fwd all-reduce        bwd all-reduce      (a sum every rank uses alike in its loss:
+                                                             DLCM's global parser over data parallelism)
 The sequence dimension is dim 1 ([batch, seq, hidden]).
 """
 
@@ -110,6 +112,22 @@ class _SplitSeq(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return _all_gather(g, ctx.group, 1), None
+
+
+class _SumOver(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        # every rank's loss used the sum: its gradient is the ranks' total (the gradient average undoes it)
+        return _all_reduce(g, ctx.group), None
+
+
+def sum_over(x, group):
+    return _SumOver.apply(x, group)
 
 
 def copy_to_tp(x, group):

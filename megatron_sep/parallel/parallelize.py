@@ -6,12 +6,15 @@ hooks then stay outside the compiled code."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch.nn as nn
 
 from ..config import Config
+from ..model import DLCM
 from . import fp8
 from .context import ParallelContext
+from .mappings import sum_over
 from .pipeline import Pipeline
 from .tensor import apply_tensor_parallel
 from .ulysses import apply_context_parallel
@@ -30,6 +33,8 @@ class Parallelized:
 
 def parallelize(model, cfg: Config, ctx: ParallelContext) -> Parallelized:
     model = apply_context_parallel(apply_tensor_parallel(model, ctx), ctx)
+    if isinstance(model, DLCM) and ctx.dp > 1:  # the global parser's statistics over the dp batch
+        model.parser_sum = partial(sum_over, group=ctx.dp_group)
     p = cfg.parallel
     # DeepSpeed's engine holds the whole model (parallel.pp = 1)
     one_stage = p.engine == "deepspeed"

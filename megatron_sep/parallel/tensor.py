@@ -7,7 +7,8 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..model import SubLLM
-from ..model.gpt import Norm
+from ..model.dlcm import CrossAttention
+from ..model.gpt import Block, Norm
 from .context import ParallelContext
 from .params import info, mark
 from .mappings import gather_seq_whole, split_seq
@@ -30,7 +31,7 @@ def apply_tensor_parallel(model, ctx: ParallelContext):
             f"does not divide the padded vocabulary {model.padded_vocab_size}",
             "use a power-of-two tp (the vocabulary is padded to a multiple of 128)",
         )
-    for block in model.layers:
+    for block in [m for m in model.modules() if isinstance(m, Block)]:  # DLCM: its backbone's too
         attn, mlp = block.attn, block.mlp
         attn.qkv = ColumnParallelLinear(attn.qkv, ctx)
         attn.out = RowParallelLinear(attn.out, ctx)
@@ -40,6 +41,11 @@ def apply_tensor_parallel(model, ctx: ParallelContext):
             mlp.gate = ColumnParallelLinear(mlp.gate, ctx)
         mlp.up = ColumnParallelLinear(mlp.up, ctx)
         mlp.down = RowParallelLinear(mlp.down, ctx)
+    for xa in [m for m in model.modules() if isinstance(m, CrossAttention)]:
+        xa.q, xa.k, xa.v = (ColumnParallelLinear(getattr(xa, n), ctx) for n in ("q", "k", "v"))
+        xa.out = RowParallelLinear(xa.out, ctx)
+        xa.heads //= ctx.tp
+        xa.kv_heads //= ctx.tp
     tied = model.lm_head.weight is model.embed.weight
     model.embed = VocabParallelEmbedding(model.embed, ctx)
     model.lm_head = ColumnParallelLinear(model.lm_head, ctx)

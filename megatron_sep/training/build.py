@@ -180,7 +180,7 @@ def resolve_attention(cfg: Config, tok) -> list[str]:
     """Separator strings become ids and eod_id comes from the tokenizer (in the resolved config)."""
     a, notes = cfg.attention, []
     if tok is None:  # data.mock: ids only
-        strings = [x for x in a.separators if isinstance(x, str)] if a.kind == "sepllm" else []
+        strings = [x for x in a.separators if isinstance(x, str)] if cfg.wants_separators else []
         if strings:
             raise ConfigError(
                 "attention.separators",
@@ -195,7 +195,7 @@ def resolve_attention(cfg: Config, tok) -> list[str]:
                 "is needed for reset_per_document with data.mock",
                 "set attention.eod_id",
             )
-    if a.kind == "sepllm":
+    if cfg.wants_separators:
         strings = [x for x in a.separators if isinstance(x, str)]
         ids, warnings = resolve_separator_ids(tok, strings) if strings else ([], [])
         ids += [x for x in a.separators if isinstance(x, int) and x not in ids]

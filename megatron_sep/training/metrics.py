@@ -28,7 +28,7 @@ PEAK_TFLOPS = {
 FLOPS_CONVENTION = (
     "6 x matmul params + 12 x layers x hidden x seq x kept-pair share FLOPs per token (PaLM's "
     "count; sparse attention counts only the causal pairs it computes; SUBLLM blocks count at their level's "
-    "share of the tokens)"
+    "share of the tokens; DLCM's backbone at its realised concepts per token)"
 )
 
 
@@ -41,12 +41,16 @@ def matmul_params(model) -> int:
     )
 
 
-def flops_per_token(cfg: Config, n_matmul_params: int, kept_pairs: float = 1.0) -> float:
+def flops_per_token(
+    cfg: Config, n_matmul_params: int, kept_pairs: float = 1.0, ratio: float | None = None
+) -> float:
     """Training FLOPs per token (FLOPS_CONVENTION): 6N for the weight matmuls plus 12*L*h*s for attention
     scores and values, dense at full s as PaLM and Megatron count it, scaled for SepLLM-style attention by
     the share of causal (query, key) pairs it keeps. SUBLLM: a block at a level keeping share r of the tokens
     does r of its matmuls and r^2 of its attention per token (its sequence is r times shorter)."""
     m = cfg.model
+    if m.arch == "dlcm":
+        return dlcm_flops_per_token(cfg, ratio or cfg.dlcm.target_ratio, kept_pairs)
     attention = 12.0 * m.hidden_size * cfg.data.seq_len * kept_pairs
     if not m.subsampled:
         return 6.0 * n_matmul_params + m.num_layers * attention
@@ -56,6 +60,32 @@ def flops_per_token(cfg: Config, n_matmul_params: int, kept_pairs: float = 1.0) 
         n_matmul_params - head
     ) / m.num_layers  # the scorers' few weights count with the blocks
     return 6.0 * (head + per_block * sum(shares)) + attention * sum(r * r for r in shares)
+
+
+def block_matmuls(m) -> int:
+    """Weights of one block's matmuls (qkv, out, MLP)."""
+    qkv = m.hidden_size * (m.num_heads + 2 * m.kv_heads) * m.head_dim
+    mlp = (3 if m.parts.mlp == "swiglu" else 2) * m.hidden_size * m.ffn_size
+    return qkv + m.num_heads * m.head_dim * m.hidden_size + mlp
+
+
+def dlcm_flops_per_token(cfg: Config, ratio: float, kept_pairs: float = 1.0) -> float:
+    """DLCM, each stack at its length: per token the token layers, router, cross-attention projections and
+    head; per concept (1/ratio of the tokens) the up projection and the backbone. Attention: the token layers
+    at seq_len (times the kept share), the backbone at seq_len / ratio concepts, and each decoder layer's
+    cross-attention over the concepts a token sees (half of them on average)."""
+    m, d, s = cfg.model, cfg.dlcm, cfg.data.seq_len
+    h, hc, dec = m.hidden_size, d.concept_hidden_size, m.num_layers - d.encoder_layers
+    cross = 2 * m.num_heads * m.head_dim * h + 2 * hc * m.kv_heads * m.head_dim
+    router = 0 if d.boundary == "fixed" else 2 * h * h
+    token = m.num_layers * block_matmuls(m) + padded_vocab(m.vocab_size) * h + router + dec * cross
+    concept = d.concept_layers * block_matmuls(d.backbone(m)) + h * hc
+    attention = (
+        m.num_layers * 12.0 * h * s * kept_pairs
+        + d.concept_layers * 12.0 * hc * s / ratio**2
+        + dec * 6.0 * h * s / ratio
+    )
+    return 6.0 * (token + concept / ratio) + attention
 
 
 def peak_flops(cfg: Config, device: torch.device) -> tuple[float | None, str]:

@@ -17,6 +17,8 @@ class StepReporter:
     def __init__(self, cfg: Config, run, logger):
         self.cfg, self.logger, self.device = cfg, logger, run.device
         self.matmul_params, self.peak, self.world = run.matmul_params, run.peak, run.ctx.world
+        model = run.engine.model
+        self.model = getattr(model, "module", model)  # under DeepSpeed, its wrapper's module
         self.tokens_per_step = cfg.train.samples_per_step * cfg.data.seq_len
         self.tic, self.steps, self.paused = time.perf_counter(), 0, 0.0
         self.last: dict = {}
@@ -48,7 +50,8 @@ class StepReporter:
         tps = self.steps * self.tokens_per_step / (time.perf_counter() - self.tic - self.paused)
         if kept is None:
             kept = attention_stats(cfg, is_sep)["kept_pairs"]
-        flops = flops_per_token(cfg, self.matmul_params, kept)
+        concepts = self.concept_stats(step)
+        flops = flops_per_token(cfg, self.matmul_params, kept, concepts.get("concept_ratio"))
         self.last = {
             "loss": loss.item(),
             "lr": lr_at(step - 1, cfg),
@@ -63,3 +66,19 @@ class StepReporter:
         self.logger.print(format_step(step, cfg.train.steps, self.last))
         self.logger.log(step, self.last)
         self.tic, self.steps, self.paused = time.perf_counter(), 0, 0.0
+
+    def concept_stats(self, step: int) -> dict:
+        """DLCM: the last micro-batch's realised tokens per concept, boundary rate and loss terms, printed
+        and logged (nothing for other models)."""
+        raw = getattr(self.model, "stats", None)
+        if not raw:
+            return {}
+        stats = {k: v.item() for k, v in raw.items()}
+        stats["concept_ratio"] = 1.0 / max(stats["boundary_rate"], 1e-9)
+        self.logger.print(
+            f"step {step:>6} | concepts: {stats['concept_ratio']:.2f} tokens each "
+            f"(target {self.cfg.dlcm.target_ratio:g}) | boundary rate {stats['boundary_rate']:.1%} "
+            f"| ce {stats['ce_loss']:.4f} | aux {stats['aux_loss']:.4f}"
+        )
+        self.logger.log(step, stats)
+        return stats
