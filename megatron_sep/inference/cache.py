@@ -46,6 +46,7 @@ class SepKVCache:
     """The full KV cache (model/cache.py's DecodeCache), with SepLLM's eviction of what no later query sees."""
 
     rotates, levels = False, True
+    concepts = None  # DLCM: its ConceptState (inference/dlcm_cache.py)
 
     def __init__(self, cfg: Config, sep_ids: torch.Tensor, evict: bool = False):
         a, m = cfg.attention, cfg.model
@@ -148,7 +149,7 @@ class LevelCache:
     positions. A padded entry (a batch row that kept fewer tokens this step) is stored at PADDING, where no
     real query sees it; a step in which no row keeps a token adds nothing."""
 
-    rotates, levels = False, True
+    rotates, levels, concepts = False, True, None
 
     def __init__(self, base: SepKVCache, level: int, outer_sep, index, valid):
         self.base = base

@@ -14,6 +14,8 @@ from .cache import SepKVCache
 
 
 class DLCMCache(SepKVCache):
+    levels = False  # no SUBLLM levels
+
     def __init__(self, cfg: Config, sep_ids: torch.Tensor, evict: bool = False):
         super().__init__(cfg, sep_ids, evict=evict)
         backbone = dataclasses.replace(

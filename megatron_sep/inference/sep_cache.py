@@ -35,7 +35,7 @@ from .cache import check_rollback, separators_at, visible
 class SepCache:
     """The bounded SepCache (model/cache.py's DecodeCache); it serves no SUBLLM levels."""
 
-    levels = False
+    levels, concepts = False, None
 
     def __init__(
         self,

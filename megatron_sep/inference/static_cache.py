@@ -22,7 +22,7 @@ ALIGN = 64  # buffer length multiple: SDPA's fused kernels want the mask's last 
 class StaticKVCache:
     """A fixed-size cache for CUDA graphs (model/cache.py's DecodeCache); one sequence of keys per layer."""
 
-    rotates, levels = False, False
+    rotates, levels, concepts = False, False, None
 
     def __init__(self, cfg: Config, sep_ids: torch.Tensor, capacity: int, batch: int = 1):
         if cfg.model.subsampled:

@@ -13,6 +13,7 @@ class DecodeCache(Protocol):
         bool  # applies RoPE itself, by cache slot (StreamingLLM's shift); else keys arrive rotated
     )
     levels: bool  # serves SUBLLM's levels (`level`)
+    concepts: object  # DLCM's ConceptState (model/dlcm.py) in a DLCM cache; None in the others
 
     def attend(
         self,

@@ -78,7 +78,7 @@ class DLCM(GPT):
             batch = prepare_batch(self.cfg, tokens, self.sep_ids)
         state = None
         if cache is not None:
-            state = getattr(cache, "concepts", None)
+            state = cache.concepts
             if state is None:
                 raise ValueError(
                     "a DLCM model decodes with its own cache (inference.generate.make_cache builds it)"
