@@ -91,3 +91,17 @@ def init_gloo(world):
 
     dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=world)
     return dist.group.WORLD
+
+
+def train_layouts(rank, world, config_of, corpus, root, layouts):
+    """On each spawned rank: one Trainer run per layout, into root/NAME (config_of(corpus, dir, parallel))."""
+    import torch.distributed as dist
+    from pathlib import Path
+
+    from megatron_sep.training import Trainer
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    for name, parallel in layouts.items():
+        Trainer(config_of(corpus, Path(root) / name, parallel)).run()
+    dist.destroy_process_group()
+    return True

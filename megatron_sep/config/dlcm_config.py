@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-from .model_config import ModelConfig, _require
+from .model_config import ModelConfig, _require, check_heads
 
 
 @dataclass
@@ -40,21 +40,7 @@ class DLCMConfig:
         for k in ("encoder_layers", "concept_layers", "concept_hidden_size", "concept_heads"):
             v = getattr(self, k)
             _require(v >= 1, p + k, v, "must be >= 1", "use a positive integer")
-        _require(
-            self.concept_hidden_size % self.concept_heads == 0,
-            p + "concept_heads",
-            self.concept_heads,
-            f"does not divide dlcm.concept_hidden_size={self.concept_hidden_size}",
-            "pick concept_heads so that concept_hidden_size / concept_heads is an integer",
-        )
-        kv = self.kv_heads
-        _require(
-            kv >= 1 and self.concept_heads % kv == 0,
-            p + "concept_kv_heads",
-            self.concept_kv_heads,
-            f"must divide dlcm.concept_heads={self.concept_heads}",
-            "use a divisor of concept_heads (or null)",
-        )
+        check_heads(p, ("concept_hidden_size", "concept_heads", "concept_kv_heads"), self)
         _require(
             self.target_ratio > 1.0,
             p + "target_ratio",

@@ -14,6 +14,27 @@ def _require(ok: bool, key: str, value, problem: str, fix: str) -> None:
         raise ConfigError(key, value, problem, fix)
 
 
+def check_heads(prefix: str, keys: tuple[str, str, str], section) -> None:
+    """Heads divide the width, kv heads (null: the heads) divide the heads: for keys (width, heads, kv heads)
+    of a config section (the model's, or DLCM's backbone)."""
+    width_key, heads_key, kv_key = keys
+    width, heads, kv = (getattr(section, k) for k in keys)
+    _require(
+        width % heads == 0,
+        prefix + heads_key,
+        heads,
+        f"does not divide {prefix}{width_key}={width}",
+        f"pick {heads_key} so that {width_key} / {heads_key} is an integer",
+    )
+    _require(
+        (kv or heads) >= 1 and heads % (kv or heads) == 0,
+        prefix + kv_key,
+        kv,
+        f"must divide {prefix}{heads_key}={heads}",
+        f"use a divisor of {heads_key} (or null)",
+    )
+
+
 @dataclass(frozen=True)
 class BlockParts:
     """What a family means for the model's blocks, derived here once (the model never tests the family)."""
@@ -78,21 +99,7 @@ class ModelConfig:
                 "must be >= 1",
                 "use a positive integer",
             )
-        _require(
-            self.hidden_size % self.num_heads == 0,
-            p + "num_heads",
-            self.num_heads,
-            f"does not divide model.hidden_size={self.hidden_size}",
-            "pick num_heads so that hidden_size / num_heads is an integer",
-        )
-        kv = self.kv_heads
-        _require(
-            kv >= 1 and self.num_heads % kv == 0,
-            p + "num_kv_heads",
-            self.num_kv_heads,
-            f"must divide model.num_heads={self.num_heads}",
-            "use a divisor of num_heads (or null)",
-        )
+        check_heads(p, ("hidden_size", "num_heads", "num_kv_heads"), self)
         _require(
             0.0 < self.rotary_pct <= 1.0,
             p + "rotary_pct",

@@ -10,7 +10,7 @@ from megatron_sep.config import ConfigError
 from megatron_sep.training import Trainer
 
 from ..conftest import tiny_config
-from ..dist_utils import run_distributed
+from ..dist_utils import run_distributed, train_layouts
 
 DLCM = {"arch": "dlcm", "num_layers": 3}
 STACKS = {
@@ -69,16 +69,6 @@ def test_realised_ratio_moves_toward_the_target(corpus, tmp_path):
     assert abs(last - 4.0) < abs(first - 4.0)
 
 
-def _train_layouts(rank, world, corpus, root):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    for name, parallel in LAYOUTS.items():
-        Trainer(_config(corpus, Path(root) / name, parallel)).run()
-    dist.destroy_process_group()
-    return True
-
-
 LAYOUTS = {"tp2": {"tp": 2}, "dp2": {}, "dp2_zero1": {"zero": 1}}
 
 
@@ -94,7 +84,7 @@ def test_resumes_and_matches_under_parallel_layouts(corpus, tmp_path):
     Trainer(_config(corpus, tmp_path / "ref_whole", train=whole)).run()
     Trainer(_config(corpus, tmp_path / "resumed")).run(until=3)
     Trainer(_config(corpus, tmp_path / "resumed")).run()
-    run_distributed(_train_layouts, 2, corpus, str(tmp_path))
+    run_distributed(train_layouts, 2, _config, corpus, str(tmp_path), LAYOUTS)
     ref = losses(tmp_path / "ref")
     assert sorted(ref) == list(range(1, 7)) and ref[6] < ref[1]
     assert losses(tmp_path / "resumed") == ref

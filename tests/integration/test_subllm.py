@@ -14,7 +14,7 @@ from megatron_sep.model.subllm import _Balance
 from megatron_sep.training import Trainer
 
 from ..conftest import tiny_config
-from ..dist_utils import run_distributed
+from ..dist_utils import run_distributed, train_layouts
 
 STRUCT = {"num_layers": 4, "structure": "T(TT)T", "subsample_keep": 0.5}
 
@@ -199,16 +199,6 @@ except ImportError:
     LAYOUTS.pop("dp2_deepspeed_zero3")
 
 
-def _train_layouts(rank, world, corpus, root):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    for name, parallel in LAYOUTS.items():
-        Trainer(_config(corpus, Path(root) / name, parallel)).run()
-    dist.destroy_process_group()
-    return True
-
-
 def test_trains_resumes_and_matches_under_parallel_layouts(corpus, tmp_path):
     """SepLLM attention inside the levels. A stop at step 3 and a resume give the uninterrupted losses;
     tp2 (scorer and bypass replicated, identical selections), tp2 with sequence parallelism (the level
@@ -218,7 +208,7 @@ def test_trains_resumes_and_matches_under_parallel_layouts(corpus, tmp_path):
     Trainer(_config(corpus, tmp_path / "ref")).run()
     Trainer(_config(corpus, tmp_path / "resumed")).run(until=3)
     Trainer(_config(corpus, tmp_path / "resumed")).run()
-    run_distributed(_train_layouts, 2, corpus, str(tmp_path))
+    run_distributed(train_layouts, 2, _config, corpus, str(tmp_path), LAYOUTS)
     ref = losses(tmp_path / "ref")
     assert sorted(ref) == list(range(1, 7)) and ref[6] < ref[1]
     for name in ("resumed", *LAYOUTS):
