@@ -6,7 +6,9 @@ import json
 import math
 import os
 import resource
+import secrets
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -113,30 +115,30 @@ class MetricsLogger:
     def __init__(self, cfg: Config, run_dir: Path, config_dict: dict, enabled: bool = True):
         self.enabled = enabled
         self.tb = self.wandb = None
+        self.tb_dir = run_dir / "tensorboard" if cfg.logging.tensorboard else None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.jsonl = open(self.path, "a", buffering=1)
-        if cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         if cfg.logging.wandb:
             import wandb
 
+            # one wandb run per run_dir: a resume or a requeue appends to it instead of starting another
             self.wandb = wandb.init(
                 project=cfg.logging.wandb_project,
                 dir=str(run_dir),
                 mode=cfg.logging.wandb_mode,
                 config=config_dict,
                 name=run_dir.name,
+                id=wandb_id(run_dir),
                 resume="allow",
             )
 
-    def truncate_after(self, step: int) -> None:
+    def resumed_at(self, step: int) -> None:
         """On resume: drop the records of steps after the checkpoint (their run was killed before saving
-        them, and they are about to be run again), and a line cut short by the kill."""
+        them, and they are about to be run again), and a line cut short by the kill; TensorBoard hides its
+        events of those steps (purge_step) so no step plots twice."""
         if not self.enabled:
             return
         self.jsonl.close()
@@ -147,12 +149,16 @@ class MetricsLogger:
             tmp.write_text("".join(kept))
             os.replace(tmp, self.path)
         self.jsonl = open(self.path, "a", buffering=1)
+        if self.tb_dir is not None and self.tb is None:
+            self.tb = _summary_writer(self.tb_dir, purge_step=step + 1)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         record = {"step": step, **{k: _json_number(v) for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+        if self.tb is None and self.tb_dir is not None:  # logged without resumed_at: a fresh start
+            self.tb = _summary_writer(self.tb_dir)
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
@@ -174,6 +180,22 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def wandb_id(run_dir: Path) -> str:
+    """The run_dir's wandb run id: made on the first start, read back by every later one."""
+    path = run_dir / "wandb_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(6)  # wandb ids: letters and digits
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def _summary_writer(log_dir: Path, purge_step: int | None = None):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
 def _json_number(v):
     """NaN and inf are not JSON: metrics.jsonl holds null for them, so every line parses anywhere."""
     return None if isinstance(v, float) and not math.isfinite(v) else v
@@ -186,10 +208,32 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
-def format_step(step: int, total: int, m: dict) -> str:
+def format_step(step: int, total: int, m: dict, clock: str = "") -> str:
     mfu = f"{m['mfu']:.1%} of {m['peak_tflops']:.0f} TF/s" if m.get("mfu") is not None else "n/a"
     return (
         f"step {step:>6}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | grad norm "
         f"{m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
-        f"mem {m['peak_mem_gb']:.2f} GB"
+        f"mem {m['peak_mem_gb']:.2f} GB" + (f" | {clock}" if clock else "")
     )
+
+
+def format_clock(now: float, elapsed: float, done: int, left: int) -> str:
+    """'12-07 10:31:05 | elapsed 1h02m | eta 3h10m': the time of day, the wall time since this process
+    started training, and the steps left at its rate so far (evaluations and saves included: they recur)."""
+    eta = f" | eta {format_duration(elapsed / done * left)}" if done and left else ""
+    return (
+        time.strftime("%m-%d %H:%M:%S", time.localtime(now))
+        + f" | elapsed {format_duration(elapsed)}{eta}"
+    )
+
+
+def format_duration(seconds: float) -> str:
+    """45s, 12m05s, 1h02m, 2d03h."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

@@ -1,5 +1,6 @@
 """The step log: attention statistics, loss, lr, gradient norm, tokens/s, MFU and memory, every
-logging.log_interval steps (and at the last), measured over training time only (eval and saves excluded)."""
+logging.log_interval steps (and at the last), measured over training time only (eval and saves excluded);
+then the time of day, the wall time this process has trained and the estimated time left."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from ..config import Config
 from ..model.attention import attention_stats
-from .metrics import flops_per_token, format_step, peak_memory_gb
+from .metrics import flops_per_token, format_clock, format_step, peak_memory_gb
 from .optim import lr_at
 
 
@@ -21,6 +22,7 @@ class StepReporter:
         self.model = getattr(model, "module", model)  # under DeepSpeed, its wrapper's module
         self.tokens_per_step = cfg.train.samples_per_step * cfg.data.seq_len
         self.tic, self.steps, self.paused = time.perf_counter(), 0, 0.0
+        self.start, self.first_step = self.tic, None  # for elapsed and eta: this process's steps
         self.last: dict = {}
 
     def due(self, step: int) -> bool:
@@ -33,6 +35,8 @@ class StepReporter:
     def after_step(self, step: int, loss, norm, is_sep, consumed: int) -> None:
         cfg = self.cfg
         self.steps += 1
+        if self.first_step is None:
+            self.first_step = step - 1
         si = cfg.attention.stats_interval
         kept = 1.0 if cfg.attention.kind == "dense" else None  # share of causal pairs attended
         if kept is None and si and step % si == 0:  # the step's last micro-batch
@@ -63,7 +67,13 @@ class StepReporter:
             "flops_per_token": flops,
             "consumed_samples": consumed,
         }
-        self.logger.print(format_step(step, cfg.train.steps, self.last))
+        clock = format_clock(
+            time.time(),
+            time.perf_counter() - self.start,
+            step - self.first_step,
+            cfg.train.steps - step,
+        )
+        self.logger.print(format_step(step, cfg.train.steps, self.last, clock))
         self.logger.log(step, self.last)
         self.tic, self.steps, self.paused = time.perf_counter(), 0, 0.0
 

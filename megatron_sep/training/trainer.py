@@ -63,7 +63,7 @@ class Trainer:
         """Start from this run's latest checkpoint, checkpoint.load's weights, or step 0."""
         self.step, self.consumed = self.checkpointer.resume()
         # steps logged by a killed run after its last save run again
-        self.logger.truncate_after(self.step)
+        self.logger.resumed_at(self.step)
 
     def save(self, final: bool = False) -> None:
         with self.preemption.during_save():
