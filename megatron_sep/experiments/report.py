@@ -20,6 +20,7 @@ from ..config import Config  # noqa: E402
 from ..inference.plots import bucket_mids, save_figure  # noqa: E402
 from ..training.metrics import flops_per_token, matmul_params  # noqa: E402
 from . import figure1, probe_report  # noqa: E402
+from .sweep import SHARED_NOTE  # noqa: E402
 
 PASSKEY_TRIALS = 20
 COLUMNS = (
@@ -173,13 +174,7 @@ def write_report(
         "keys the last query attends; both measured on the same validation batches for every run. "
         "Attention FLOPs: the attention term's share of the training FLOPs per token (6 x matmul "
         "params + 12 x layers x hidden x seq x kept pairs). tokens/s and MFU: medians of the logged "
-        "intervals after the first."
-        + (
-            " Some runs trained in parallel on shared cores: their tokens/s compare only with runs of the "
-            "same setting."
-            if any(r["parallel"] > 1 for r in rows)
-            else ""
-        ),
+        "intervals after the first." + shared_note(rows),
         "",
         "**Ordering at this budget** (final validation loss, lower is better): "
         + " < ".join(f"{r['run']} ({r['final_val_loss']:.4f})" for r in order)
@@ -233,6 +228,17 @@ def write_report(
     return path
 
 
+def shared_note(rows: list[dict]) -> str:
+    """Runs trained several at a time competed for the same cores, so their speeds say little."""
+    shared = [r["run"] for r in rows if r["parallel"] > 1]
+    if not shared:
+        return ""
+    return (
+        f" **{', '.join(shared)}: {SHARED_NOTE}** (trained {max(r['parallel'] for r in rows)} at a time "
+        "with `--parallel`; their tokens/s, MFU and wall time measure the sharing, not the run)."
+    )
+
+
 def reference_run(rows: list[dict]) -> str | None:
     """The dense run the others are measured against: one named vanilla, else the first dense one."""
     names = [r["run"] for r in rows if r["kind"] == "dense"]
@@ -284,11 +290,13 @@ def plot_speed(out: Path, rows: list[dict]) -> Path:
             fontsize=8,
         )
     ax.tick_params(axis="x", rotation=20)
+    shared = any(r["parallel"] > 1 for r in rows)
     return save_figure(
         fig,
         ax,
         out / "tokens_per_s.png",
         ylabel="training tokens/s (median)",
-        title="Training speed (label: share of causal pairs attended)",
+        title="Training speed (label: share of causal pairs attended)"
+        + (f"\n{SHARED_NOTE}" if shared else ""),
         legend=False,
     )

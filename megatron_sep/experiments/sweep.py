@@ -28,6 +28,9 @@ MAX_TOKENS = 1e15  # a quadrillion: past any corpus, so above it a typo (or inf)
 OWNED = ("train.steps", "train.run_dir")  # set by the sweep: equal tokens, one directory per run
 PLAN_KEYS = ("name", "base", "tokens", "set", "runs", "reference", "evals")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # plan and run names become directory names
+PROGRESS_EVERY = 30.0  # seconds between the progress lines of runs training at once
+STEP_LINE = re.compile(r"step +\d+/\d+ \|")
+SHARED_NOTE = "runs shared the machine: tokens/s not comparable across runs"
 
 
 @dataclass
@@ -385,6 +388,8 @@ def execute(
     if parallel > 1:  # share the cores instead of each process taking all of them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     running, failed = {}, []
+    if parallel > 1 and len(todo) > 1:
+        echo(f"{min(parallel, len(todo))} runs at once: {SHARED_NOTE}")  # and the report says so
     try:
         _loop(configs, out, state, parallel, echo, todo, running, failed, env)
     # the runs got the signal too: they save a checkpoint and exit; wait for that
@@ -401,7 +406,25 @@ def execute(
     return failed
 
 
+def latest_step_line(log: Path) -> str | None:
+    """The last step line a run's log holds (its tail is enough: a step line comes every few lines)."""
+    with open(log, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+        tail = f.read().decode(errors="replace").splitlines()
+    return next((line for line in reversed(tail) if STEP_LINE.match(line)), None)
+
+
+def _progress(out: Path, running: dict, shown: dict, echo) -> None:
+    """Runs writing only to their logs (--parallel): each one's newest step line, when it is new."""
+    for name in running:
+        line = latest_step_line(out / "logs" / f"{name}.log")
+        if line and line != shown.get(name):
+            shown[name] = line
+            echo(f"[{name}] {line}")
+
+
 def _loop(configs, out, state, parallel, echo, todo, running, failed, env) -> None:
+    shown, last_progress = {}, time.perf_counter()
     while todo or running:
         while todo and len(running) < parallel:
             name, path, step = todo.pop(0)
@@ -419,7 +442,12 @@ def _loop(configs, out, state, parallel, echo, todo, running, failed, env) -> No
                 text=True,
             )
             running[name] = (proc, log, time.perf_counter())
-            state.update(name, status="running", parallel=parallel)
+            state.update(name, status="running", parallel=len(running))
+            for (
+                other
+            ) in running:  # the report's note: which runs shared the machine, and with how many
+                if state.data["runs"][other]["parallel"] < len(running):
+                    state.update(other, parallel=len(running))
             if parallel == 1:  # one run at a time: show its log lines as they come
                 for line in proc.stdout:
                     log.write(line)
@@ -434,8 +462,13 @@ def _loop(configs, out, state, parallel, echo, todo, running, failed, env) -> No
             wall = state.data["runs"][name]["wall_s"] + time.perf_counter() - t0
             ok = rc == 0 and finished_step(configs[name]) >= configs[name].train.steps
             state.update(name, status="done" if ok else f"failed (exit {rc})", wall_s=wall)
+            if parallel > 1:  # its last step line, which the periodic progress may not have shown
+                _progress(out, [name], shown, echo)
             echo(f"[{name}] {'done' if ok else f'FAILED (exit {rc})'} in {wall / 60:.1f} min")
             if not ok:
                 failed.append(name)
+        if running and parallel > 1 and time.perf_counter() - last_progress >= PROGRESS_EVERY:
+            _progress(out, running, shown, echo)
+            last_progress = time.perf_counter()
         if running:
             time.sleep(0.5)

@@ -213,3 +213,27 @@ def test_lm_eval_task_files(corpus, tmp_path):
     bad.write_text('{"body": "no text key"}\n')
     with pytest.raises(ConfigError, match="--input.*bad.jsonl:1.*'text'"):
         write_task(bad, tmp_path / "t2")
+
+
+def test_parallel_sweep_shows_progress_and_marks_shared_speed(
+    corpus, tmp_path, capsys, monkeypatch
+):
+    """--parallel: the runs write only to their logs, so the sweep echoes each one's newest step line as
+    it trains (and its last one), and says, live and in the report, that their tokens/s shared the cores."""
+    monkeypatch.setattr(sweep, "PROGRESS_EVERY", 0.0)
+    runs = {"dense": {"attention.kind": "dense"}, "sepllm_n8": {"attention.window": 8}}
+    plan, out = write_plan(corpus, tmp_path / "plan.yaml", runs=runs, evals=1), tmp_path / "sweep"
+    args = ["sweep", str(plan), "--out", str(out), "--parallel", "2", "--tokens", "1024"]
+    assert cli.main(args) == 0
+    said = capsys.readouterr().out
+    assert f"2 runs at once: {sweep.SHARED_NOTE}" in said
+    for name in runs:  # 4 steps of 8 x 32 tokens; the last step line comes before "done"
+        steps = re.findall(rf"^\[{name}\] step +(\d)/4 \| loss .* \| elapsed", said, re.M)
+        assert steps and steps[-1] == "4", said
+        assert said.index(f"[{name}] step      4/4") < said.index(f"[{name}] done")
+    report = (out / "report.md").read_text()
+    assert f"**dense, sepllm_n8: {sweep.SHARED_NOTE}** (trained 2 at a time" in report
+    # one run at a time: no note (its speed is its own)
+    from megatron_sep.experiments.report import shared_note
+
+    assert shared_note([{"run": "dense", "parallel": 1}, {"run": "x", "parallel": 1}]) == ""
