@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import resource
 import secrets
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..config.structure import block_shares, parse_structure
 from ..model.gpt import padded_vocab
 
@@ -184,7 +185,15 @@ def wandb_id(run_dir: Path) -> str:
     """The run_dir's wandb run id: made on the first start, read back by every later one."""
     path = run_dir / "wandb_id"
     if path.is_file():
-        return path.read_text().strip()
+        run_id = path.read_text().strip()
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):  # a file we read: data, checked
+            raise ConfigError(
+                "logging.wandb",
+                True,
+                f"{path} holds no wandb run id ({run_id[:40]!r})",
+                "delete the file to start a new wandb run for this run_dir",
+            )
+        return run_id
     run_id = secrets.token_hex(6)  # wandb ids: letters and digits
     path.write_text(run_id + "\n")
     return run_id

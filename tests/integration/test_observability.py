@@ -3,10 +3,14 @@ step lines carry the time of day, the elapsed time and an ETA."""
 
 import re
 
+import pytest
+
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+from megatron_sep.config import ConfigError
 from megatron_sep.training import Trainer
+from megatron_sep.training.metrics import wandb_id
 
 from ..conftest import tiny_config
 
@@ -30,6 +34,11 @@ def test_wandb_resume_appends_to_one_run(corpus, tmp_path, monkeypatch):
         r.name.endswith(f"-{run_id}") and (r / f"run-{run_id}.wandb").is_file() for r in runs
     )
     assert (run / "wandb_id").read_text().strip() == run_id
+    (run / "wandb_id").write_text(
+        "../../x y\n"
+    )  # read back as data: a bad id is one line with the fix
+    with pytest.raises(ConfigError, match=r"wandb_id holds no wandb run id.*Fix: delete the file"):
+        wandb_id(run)
 
 
 def scalars(log_dir, tag="loss"):
