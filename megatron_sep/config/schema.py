@@ -28,8 +28,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     schedule: Literal["1f1b", "interleaved", "gpipe"] = "1f1b"
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
-    # native: this project's data parallelism (ZeRO-1 at most); deepspeed: DeepSpeed wraps model and optimizer
-    engine: Literal["native", "deepspeed"] = "native"
+    # native: this project's data parallelism (ZeRO-1 at most); deepspeed: DeepSpeed wraps model and optimizer;
+    # fsdp2: PyTorch's fully_shard over dp (x cp): weights, gradients and optimizer state sharded
+    engine: Literal["native", "deepspeed", "fsdp2"] = "native"
     # 1: shard fp32 master weights and Adam states over data-parallel ranks; 2: also gradients; 3: also the
     # weights (2 and 3 with engine: deepspeed)
     zero: int = 0
@@ -483,6 +484,49 @@ class Config:
                 "use a tp that divides dlcm.concept_heads and dlcm.concept_kv_heads",
             )
 
+    def _check_fsdp2(self) -> None:
+        p = self.parallel
+        rules = (
+            (
+                "zero",
+                p.zero,
+                p.zero == 0,
+                "FSDP2 shards weights, gradients and Adam state itself",
+                "set parallel.zero: 0 with parallel.engine: fsdp2",
+            ),
+            (
+                "offload",
+                p.offload,
+                p.offload != "optimizer",
+                "FSDP2 offloads weights, gradients and optimizer state together",
+                "use offload: optimizer+params (FSDP2's CPU offload) or none",
+            ),
+            (
+                "pp",
+                p.pp,
+                p.pp == 1,
+                "is not served by parallel.engine=fsdp2 yet (our pipeline "
+                "schedules run their own backward passes between stages)",
+                "use parallel.engine: native with pp > 1",
+            ),
+            (
+                "sequence_parallel",
+                p.sequence_parallel,
+                not (p.sequence_parallel and p.tp > 1),
+                "is not served by parallel.engine=fsdp2 yet (norm gradients summed over tp)",
+                "set parallel.sequence_parallel: false with fsdp2",
+            ),
+            (
+                "deepspeed",
+                p.deepspeed,
+                p.deepspeed is None,
+                "is DeepSpeed's, set with engine fsdp2",
+                "remove parallel.deepspeed",
+            ),
+        )
+        for key, value, ok, problem, fix in rules:
+            _require(ok, "parallel." + key, value, problem, fix)
+
     def _check_engine(self) -> None:
         """What each engine serves, before any process starts (engine/deepspeed.py says why for DeepSpeed)."""
         p, e = self.parallel, self.parallel.engine
@@ -508,6 +552,9 @@ class Config:
                 "is set but parallel.engine is native",
                 "set parallel.engine: deepspeed, or remove parallel.deepspeed",
             )
+            return
+        if e == "fsdp2":
+            self._check_fsdp2()
             return
         for key, why in (
             ("tp", "its gradient partitioning and norm do not see our tensor-parallel shards"),

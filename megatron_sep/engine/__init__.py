@@ -1,4 +1,4 @@
-"""Engines: what updates the weights of a parallelized model. Native (AdamW / ZeRO-1) and DeepSpeed answer
+"""Engines: what updates the weights of a parallelized model. Native (AdamW / ZeRO-1), DeepSpeed and FSDP2 answer
 one protocol; the Trainer and the checkpoint store use nothing else of them."""
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ def build_engine(part: Parallelized, cfg: Config, ctx: ParallelContext) -> Engin
         from .deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(part, cfg, ctx)
+    if cfg.parallel.engine == "fsdp2":
+        from .fsdp2 import FSDP2Engine
+
+        return FSDP2Engine(part, cfg, ctx)
     from .native import NativeEngine
 
     return NativeEngine(part, cfg, ctx)

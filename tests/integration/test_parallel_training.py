@@ -30,6 +30,10 @@ LAYOUTS = {
     "cp2_tp2_sp": ({"cp": 2, "tp": 2, "sequence_parallel": True}, 4),
     "cp2_pp2": ({"cp": 2, "pp": 2}, 4),
     "cp2_dp2_zero1": ({"cp": 2, "zero": 1}, 4),
+    # the FSDP2 engine (fully_shard over dp, or dp x cp flattened) around our tp and cp
+    "dp2_fsdp2": ({"engine": "fsdp2"}, 2),
+    "dp2_tp2_fsdp2": ({"engine": "fsdp2", "tp": 2}, 4),
+    "cp2_dp2_fsdp2": ({"engine": "fsdp2", "cp": 2}, 4),
 }
 # Layouts that touch heads or the sequence run both attention kinds; schedules, data parallelism and
 # tp without sp, which handle attention as pp2_1f1b and tp2_sp do, run SepLLM only (suite time).
@@ -105,6 +109,9 @@ RESUMES = [
     ("cp2_dp2_zero1", None),
     ("cp2_tp2_sp", LAYOUTS["tp2"]),
     ("tp2", LAYOUTS["cp2"]),
+    # across engines: FSDP2 shards gathered for one native process; native ZeRO-1 into FSDP2 under tp
+    ("dp2_tp2_fsdp2", None),
+    ("dp2_zero1", LAYOUTS["dp2_tp2_fsdp2"]),
 ]
 
 
