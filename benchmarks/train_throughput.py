@@ -27,10 +27,10 @@ from megatron_sep.model import build_model
 
 from memory_peak import memory_at_peak  # benchmarks/ is on sys.path when this file runs as a script
 
-# kinds: [trainer/]KIND[-nWINDOW][:BACKEND][+ac][~unfused][%fp8][@KERNELS]; trainer/ times the Trainer's own
+# kinds: [trainer/]KIND[-nWINDOW][:BACKEND][+ac][~unfused][%fp8][@KERNELS][&ENGINE]; trainer/ times the Trainer's own
 # step (plan, autocast, clipping, schedule, optimizer); +ac turns on train.activation_checkpointing=full;
 # ~unfused sets model.fused_loss=false (the LM head's full logits, then cross-entropy); %fp8 sets
-# train.precision=fp8 (MFU then against the fp8 peak)
+# train.precision=fp8 (MFU then against the fp8 peak); &fsdp2 sets parallel.engine=fsdp2 (trainer/ kinds)
 LLAMA350M = {
     "family": "llama",
     "num_layers": 24,
@@ -62,6 +62,23 @@ PRESETS = {
         ],
         "plain": True,
         "compile_only": ["dense@reference"],
+    },
+    # issue 39: the FSDP2 engine on one GPU against native, same shape and call (tokens/s, peak memory)
+    "llama1.3b-engines": {
+        "model": {
+            "family": "llama",
+            "num_layers": 24,
+            "hidden_size": 2048,
+            "num_heads": 16,
+            "ffn_hidden_size": 5504,
+            "vocab_size": 32000,
+            "max_position_embeddings": 4096,
+        },
+        "seq": 4096,
+        "mbs": 2,
+        "kinds": ["trainer/dense", "trainer/dense&fsdp2"],
+        "plain": False,
+        "compile_only": ["trainer/dense", "trainer/dense&fsdp2"],
     },
     "sepllm350m-16k": {
         "model": {**LLAMA350M, "max_position_embeddings": 16384},
@@ -134,8 +151,9 @@ PRESETS = {
 
 
 def parse_kind(kind: str) -> dict:
-    """[trainer/]KIND[-nWINDOW][:BACKEND][+ac][~unfused][%fp8][@KERNELS] -> its parts."""
+    """[trainer/]KIND[-nWINDOW][:BACKEND][+ac][~unfused][%fp8][@KERNELS][&ENGINE] -> its parts."""
     via_trainer = kind.startswith("trainer/")
+    kind, _, engine = kind.partition("&")
     rest, _, kernels = kind.removeprefix("trainer/").partition("@")
     rest, _, precision = rest.partition("%")
     rest, unfused = (rest[:-8], True) if rest.endswith("~unfused") else (rest, False)
@@ -151,6 +169,7 @@ def parse_kind(kind: str) -> dict:
         "kernels": kernels or "auto",
         "fused_loss": not unfused,
         "precision": precision or "auto",
+        "engine": engine or "native",
     }
 
 
@@ -388,6 +407,7 @@ def main():
                         "activation_checkpointing": "full" if k["ac"] else "none",
                     },
                     "optim": {"warmup_steps": 2},
+                    "parallel": {"engine": k["engine"]},
                 }
             )
             torch.manual_seed(0)
