@@ -80,6 +80,7 @@ READ = {
     *NOT_MAPPED,
     "init_method",
     "output_layer_init_method",
+    "init_method_std",
     "keep_last_n_checkpoints",
     "extra_save_iters",
     "use_wandb",
@@ -311,16 +312,23 @@ def neox_to_raw(n: dict, gpus: int | None, run_dir: str) -> tuple[dict, list[str
         "checkpoint": _neox_checkpoint(n, notes),
         "logging": _neox_logging(n, run_dir, notes),
     }
-    init = (n.get("init_method", "small_init"), n.get("output_layer_init_method", "wang_init"))
-    if init == ("small_init", "wang_init"):
-        model["init_method"] = "neox"
-    elif init == ("normal", "scaled_normal"):
-        model["init_method"] = "scaled_normal"
+    # NeoX's defaults: normal + scaled_normal (Pythia sets small_init + wang_init)
+    init = (n.get("init_method", "normal"), n.get("output_layer_init_method", "scaled_normal"))
+    ours = {
+        ("small_init", "wang_init"): "neox",
+        ("normal", "scaled_normal"): "scaled_normal",
+        ("normal", "normal"): "normal",
+    }
+    if init in ours:
+        model["init_method"] = ours[init]
     else:
         notes.append(
             f"init_method={init[0]}, output_layer_init_method={init[1]} are not offered: "
-            "model.init_method is neox (small_init + wang_init), scaled_normal or normal"
+            f"model.init_method is auto ({family}'s); neox (small_init + wang_init), scaled_normal "
+            "and normal are offered"
         )
+    if "init_method_std" in n:
+        model["init_std"] = float(n["init_method_std"])
     notes += [f"{k} is not mapped: {why}" for k, why in NOT_MAPPED.items() if k in n]
     skipped = sorted(set(n) - READ - QUIET)
     if skipped:

@@ -217,6 +217,7 @@ def test_neox_checkpoint_history_and_logging_carry_over(corpus, tmp_path):
         "save": "checkpoints",
         "init_method": "small_init",
         "output_layer_init_method": "wang_init",
+        "init_method_std": 0.01,
         "some_future_key": 1,
     }
     (tmp_path / "p.yml").write_text(yaml.safe_dump(neox_yaml(corpus, **extra)))
@@ -226,6 +227,7 @@ def test_neox_checkpoint_history_and_logging_carry_over(corpus, tmp_path):
     assert cfg["checkpoint"]["extra_save_steps"] == extra["extra-save-iters"]
     assert cfg["logging"]["wandb"] and cfg["logging"]["wandb_project"] == "neox"
     assert cfg["logging"]["tensorboard"] and cfg["model"]["init_method"] == "neox"
+    assert cfg["model"]["init_std"] == 0.01
     text = " | ".join(notes)
     assert f"TensorBoard logs go to {out.absolute()}/tensorboard" in text
     for key in (
@@ -236,9 +238,16 @@ def test_neox_checkpoint_history_and_logging_carry_over(corpus, tmp_path):
     ):
         assert key in text, key
     # without keep-last-n-checkpoints NeoX keeps every checkpoint: the rotation here is noted
+    # NeoX's default init (normal + scaled_normal) is ours by name; one we lack is noted
     (tmp_path / "q.yml").write_text(yaml.safe_dump(neox_yaml(corpus)))
-    _, notes = import_neox(tmp_path / "q.yml", tmp_path / "out2")
+    out, notes = import_neox(tmp_path / "q.yml", tmp_path / "out2")
     assert any("GPT-NeoX keeps every checkpoint" in n for n in notes)
+    assert (
+        yaml.safe_load((out / "config.yaml").read_text())["model"]["init_method"] == "scaled_normal"
+    )
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(neox_yaml(corpus, init_method="xavier_normal")))
+    _, notes = import_neox(tmp_path / "r.yml", tmp_path / "out3")
+    assert any("init_method=xavier_normal" in n for n in notes)
 
 
 @pytest.mark.parametrize(
