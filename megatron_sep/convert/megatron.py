@@ -284,10 +284,9 @@ def config_from_tensors(t: dict, heads: int | None, given: dict, overrides, note
             "the head count is not in its tensors' shapes. Fix: pass --num-heads (or --config with "
             "a model section)"
         )
-    layer_names = {m.group(2) for k in t if (m := LAYER.fullmatch(k))}
-    odd = sorted(
-        (layer_names - set(NAMES.values())) | {k for k in t if not LAYER.fullmatch(k)} - KNOWN
-    )
+    per_layer = {m.group(2) for k in t if (m := LAYER.fullmatch(k))} - set(NAMES.values())
+    top = {k for k in t if not LAYER.fullmatch(k)} - KNOWN
+    odd = sorted(top | {f"decoder.layers.*.{n}" for n in per_layer})
     if odd:
         raise ConversionError(
             f"the checkpoint holds {', '.join(odd[:4])}, which the Llama shape (RMSNorm, SwiGLU, "
@@ -300,6 +299,11 @@ def config_from_tensors(t: dict, heads: int | None, given: dict, overrides, note
             "Fix: pass the run's head count"
         )
     first, hd = "decoder.layers.0.", h // heads
+    missing = [n for n in ("attn.qkv.weight", "fc1", "mlp.down.weight") if first + n not in t]
+    if missing:
+        raise ConversionError(
+            f"the checkpoint lacks layer 0's {', '.join(missing)}. Fix: pass the complete checkpoint"
+        )
     qkv = t[first + "attn.qkv.weight"].shape[0]  # (heads + 2 groups) x head width
     groups = (qkv // hd - heads) // 2
     if qkv != (heads + 2 * groups) * hd or groups < 1 or heads % groups:

@@ -22,7 +22,7 @@ import yaml
 
 from megatron_sep.convert import ConversionError
 from megatron_sep.checkpoint import load_model
-from megatron_sep.convert.megatron import import_megatron
+from megatron_sep.convert.megatron import config_from_tensors, import_megatron
 from megatron_sep.config import load_config
 
 from ..dist_utils import run_distributed
@@ -318,6 +318,15 @@ def test_dist_checkpoint_without_megatron_args(mcore, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and words in err and "Fix:" in err, err
+    # a tensor the Llama shape has not (a LayerNorm's bias) is named
+    t = {
+        "embedding.word_embeddings.weight": torch.zeros(8, 64),
+        "decoder.layers.0.input_layernorm.bias": torch.zeros(64),
+    }
+    with pytest.raises(
+        ConversionError, match=r"holds decoder\.layers\.\*\.input_layernorm\.bias, "
+    ):
+        config_from_tensors(t, 4, {}, (), [])
     argv = ["import-megatron", "--checkpoint", str(bare), "--out", str(tmp_path / "cli")]
     assert main(argv + ["--num-heads", "4"]) == 0
     assert "train with: megatron-sep train -c" in capsys.readouterr().out
