@@ -320,7 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", required=True, help="Megatron's --save folder, or one iter_* folder in it"
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for config.yaml and checkpoints/")
+    p.add_argument(
+        "--config",
+        help="a project config for the other sections (data, optim, train, ...), and the model's "
+        "rotary_base, norm_eps, ... for a checkpoint without Megatron's args",
+    )
+    p.add_argument(
+        "--num-heads",
+        type=int,
+        help="the attention head count, for a checkpoint without Megatron's args (its tensors "
+        "give the rest of the shape)",
+    )
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
     )

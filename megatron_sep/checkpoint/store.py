@@ -80,10 +80,12 @@ def save_checkpoint(
     keep_last: int,
     verified_step: int | None = None,
     async_save: bool = False,
+    retain=(),
 ):
     """Collective: every rank writes its shards; rank 0 publishes the directory and `latest`.
     Returns the published path, or with async_save a PendingSave whose write runs in the background.
-    A failed write (disk full, ...) raises CheckpointError and leaves every earlier checkpoint as it was."""
+    A failed write (disk full, ...) raises CheckpointError and leaves every earlier checkpoint as it was.
+    `retain`: steps never rotated out (checkpoint.extra_save_steps)."""
     ctx = holder.ctx
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
@@ -96,7 +98,14 @@ def save_checkpoint(
     state = holder.state_dict()  # {"model": ..., "optim": ...} keyed by parameter name, any engine
     layout = {"tp": ctx.tp, "pp": ctx.pp, "cp": ctx.cp, "dp": ctx.dp}
     pending = PendingSave(
-        ctx, root, tmp, final, {**meta, "step": step, "layout": layout}, config_text, keep_last
+        ctx,
+        root,
+        tmp,
+        final,
+        {**meta, "step": step, "layout": layout},
+        config_text,
+        keep_last,
+        retain,
     )
     try:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -146,11 +155,19 @@ class PendingSave:
     RNG states are written (DCP gathers their results to write its index), so rank 0 alone may publish."""
 
     def __init__(
-        self, ctx, root: Path, tmp: Path, final: Path, meta: dict, config_text: str, keep_last: int
+        self,
+        ctx,
+        root: Path,
+        tmp: Path,
+        final: Path,
+        meta: dict,
+        config_text: str,
+        keep_last: int,
+        retain=(),
     ):
         self.ctx, self.root, self.tmp, self.final = ctx, root, tmp, final
         self.meta, self.config_text, self.keep_last = meta, config_text, keep_last
-        self.fut, self.finished = None, False
+        self.fut, self.finished, self.retain = None, False, retain
 
     @property
     def step(self) -> int:
@@ -175,7 +192,13 @@ class PendingSave:
                 _crash_point(self.step, "tensors")
                 _fsync_tree(self.tmp)
                 _publish(self.root, self.tmp, self.final)
-                prune(self.root, self.keep_last, verified_step, keep=self.final.name)
+                prune(
+                    self.root,
+                    self.keep_last,
+                    verified_step,
+                    keep=self.final.name,
+                    retain=self.retain,
+                )
         except OSError as e:
             self.fail(e)
         self.finished = True
@@ -239,11 +262,15 @@ def _step_of(name: str) -> int:
 
 
 def prune(
-    root: Path, keep_last: int, verified_step: int | None = None, keep: str | None = None
+    root: Path,
+    keep_last: int,
+    verified_step: int | None = None,
+    keep: str | None = None,
+    retain=(),
 ) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, never `keep` nor the newest one whose
-    weights are known to train on (step <= verified_step): a run whose weights blew up after it was saved
-    must keep one checkpoint to go back to."""
+    """Delete all but the newest `keep_last` complete checkpoints, never `keep`, the steps in `retain`, nor
+    the newest one whose weights are known to train on (step <= verified_step): a run whose weights blew up
+    after it was saved must keep one checkpoint to go back to."""
     # a re-save killed mid-swap: its old folder is the step again
     for p in root.glob(".old-step_*"):
         target = root / p.name[len(".old-") :]
@@ -254,7 +281,7 @@ def prune(
             os.rename(p, target)
     protect = {keep, newest_verified(root, verified_step)}
     for name in list_checkpoints(root)[:-keep_last]:
-        if name not in protect:
+        if name not in protect and _step_of(name) not in retain:
             shutil.rmtree(root / name, ignore_errors=True)
 
 

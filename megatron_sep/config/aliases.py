@@ -79,6 +79,9 @@ ALIASES: dict[str, tuple[str, str, str]] = {
     "save": ("train.run_dir", BOTH, "checkpoints go to run_dir/checkpoints"),
     "load": ("checkpoint.load", BOTH, ""),
     "checkpoint_factor": ("checkpoint.save_interval", NEOX, ""),
+    "keep_last_n_checkpoints": ("checkpoint.keep_last", NEOX, ""),
+    "extra_save_iters": ("checkpoint.extra_save_steps", NEOX, "0 is the initial weights"),
+    "use_wandb": ("logging.wandb", NEOX, ""),
     "data_path": ("data.paths", BOTH, "Megatron's weighted '0.3 A 0.7 B' string is read too"),
     "train_data_paths": ("data.paths", NEOX, ""),
     "train_data_weights": ("data.weights", NEOX, ""),
@@ -88,7 +91,7 @@ ALIASES: dict[str, tuple[str, str, str]] = {
     "tokenizer_type": ("data.tokenizer", BOTH, "the tokenizer's file decides its type"),
     "tensorboard_dir": (
         "logging.tensorboard",
-        MEGATRON,
+        BOTH,
         "written under run_dir/tensorboard when true",
     ),
     "mock_data": ("data.mock", MEGATRON, ""),

@@ -232,19 +232,18 @@ def read_yaml(path: Path, key: str, fix: str):
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
-    raw = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                "--config", str(path), "file not found", "pass the path of a YAML config"
-            )
-        raw = read_yaml(path, "--config", "pass the path of a YAML config") or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(
-                "--config", str(path), "must hold a mapping of sections", "see configs/"
-            )
-    return config_from_dict(raw, overrides)
+    return config_from_dict({} if path is None else read_config_file(path), overrides)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A config file's sections as written (not checked yet: config_from_dict checks them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--config", str(path), "file not found", "pass the path of a YAML config")
+    raw = read_yaml(path, "--config", "pass the path of a YAML config") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError("--config", str(path), "must hold a mapping of sections", "see configs/")
+    return raw
 
 
 def config_to_dict(cfg: Config) -> dict:

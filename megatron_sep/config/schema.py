@@ -259,6 +259,9 @@ class TrainConfig:
 class CheckpointConfig:
     save_interval: int = 100
     keep_last: int = 2
+    # steps also saved and never rotated out (a checkpoint history, as Pythia's extra_save_iters); 0 is the
+    # initial weights
+    extra_save_steps: list[int] = field(default_factory=list)
     load: Optional[str] = None  # initialise from this checkpoint dir when run_dir has none
     resume: bool = True  # continue from run_dir's `latest` when it exists
     # copy the state to host memory and write it in a background thread (DCP's async_save); `latest` moves
@@ -279,6 +282,14 @@ class CheckpointConfig:
             self.keep_last,
             "must be >= 1",
             "keep at least one checkpoint",
+        )
+        bad = [s for s in self.extra_save_steps if s < 0]
+        _require(
+            not bad,
+            "checkpoint.extra_save_steps",
+            bad,
+            "must be steps >= 0",
+            "list the steps to keep, e.g. [0, 1000, 2000]",
         )
 
 

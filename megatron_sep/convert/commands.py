@@ -270,6 +270,12 @@ def cmd_import_neox(args) -> int:
 
 
 def cmd_import_megatron(args) -> int:
-    out = import_megatron(args.checkpoint, args.out, args.overrides, force=args.force)
-    print(f"wrote {out}/checkpoints; continue training with --set checkpoint.load={out}")
+    out, notes = import_megatron(
+        args.checkpoint, args.out, args.overrides, args.force, args.config, args.num_heads
+    )
+    for note in notes:
+        print(f"note: {note}")
+    print(
+        f"wrote {out}/config.yaml and {out}/checkpoints; train with: megatron-sep train -c {out}/config.yaml"
+    )
     return 0

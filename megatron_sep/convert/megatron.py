@@ -9,6 +9,9 @@ Two layouts, both of Megatron-Core models (Megatron-LM's default since 2024):
   [its gate rows; its up rows], split in two before the halves are joined.
 The fused qkv groups rows per query group as [q_0 .. q_{g-1}, k, v], which is our own layout, so it maps
 as is. Only the Llama shape imports (RMSNorm, SwiGLU, RoPE, no biases); the error names what differs.
+The shape comes from the run's args; a checkpoint saved by megatron-core's `dist_checkpointing` outside
+Megatron-LM's training loop has none, and then it comes from the tensors' shapes plus the head count (and
+what the tensors cannot say) from the user.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, config_from_dict
+from ..config import ConfigError, ModelConfig, config_from_dict, dump_config
+from ..config.load import read_config_file
 from ..data.tokenizer import first_line
 from ..model.gpt import padded_vocab
 from .hf import ConversionError
@@ -260,9 +264,99 @@ def config_from_args(args, vocab: int, seq_len: int | None) -> dict:
     }
 
 
+# the tensors hold these; the others come from --config / --set, or the defaults (noted)
+SHAPE = ("family", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size")
+UNSEEN = ("rotary_base", "rotary_pct", "norm_eps", "max_position_embeddings")
+KNOWN = {
+    "embedding.word_embeddings.weight",
+    "decoder.final_layernorm.weight",
+    "output_layer.weight",
+}
+
+
+def config_from_tensors(t: dict, heads: int | None, given: dict, overrides, notes: list) -> dict:
+    """Our raw model section from the tensors' shapes (the Llama shape only). The head count is not in
+    them: it comes from --num-heads or --config's model.num_heads."""
+    heads = heads or given.get("num_heads")
+    if not heads:
+        raise ConversionError(
+            "the checkpoint holds no Megatron args (common.pt / model_optim_rng.pt 'args'), and "
+            "the head count is not in its tensors' shapes. Fix: pass --num-heads (or --config with "
+            "a model section)"
+        )
+    per_layer = {m.group(2) for k in t if (m := LAYER.fullmatch(k))} - set(NAMES.values())
+    top = {k for k in t if not LAYER.fullmatch(k)} - KNOWN
+    odd = sorted(top | {f"decoder.layers.*.{n}" for n in per_layer})
+    if odd:
+        raise ConversionError(
+            f"the checkpoint holds {', '.join(odd[:4])}, which the Llama shape (RMSNorm, SwiGLU, "
+            "RoPE, no biases) has not. Fix: import a Llama-shaped model"
+        )
+    rows, h = t["embedding.word_embeddings.weight"].shape
+    if h % heads:
+        raise ConversionError(
+            f"--num-heads {heads} does not divide the hidden size {h} (the embedding's width). "
+            "Fix: pass the run's head count"
+        )
+    first, hd = "decoder.layers.0.", h // heads
+    missing = [n for n in ("attn.qkv.weight", "fc1", "mlp.down.weight") if first + n not in t]
+    if missing:
+        raise ConversionError(
+            f"the checkpoint lacks layer 0's {', '.join(missing)}. Fix: pass the complete checkpoint"
+        )
+    qkv = t[first + "attn.qkv.weight"].shape[0]  # (heads + 2 groups) x head width
+    groups = (qkv // hd - heads) // 2
+    if qkv != (heads + 2 * groups) * hd or groups < 1 or heads % groups:
+        raise ConversionError(
+            f"the qkv weight's {qkv} rows are no [q, k, v] layout of {heads} heads of width {hd}. "
+            "Fix: pass the run's head count with --num-heads"
+        )
+    ffn = t[first + "mlp.down.weight"].shape[1]
+    if t[first + "fc1"].shape[0] != 2 * ffn:
+        raise ConversionError(
+            f"linear_fc1 has {t[first + 'fc1'].shape[0]} rows for an MLP width of {ffn}, not the "
+            "gate and up rows of SwiGLU. Fix: import a Llama-shaped model"
+        )
+    layers = 1 + max(int(LAYER.fullmatch(k).group(1)) for k in t if LAYER.fullmatch(k))
+    shape = dict(zip(SHAPE, ("llama", layers, h, heads, groups, ffn)))
+    for key, value in shape.items():
+        if given.get(key, value) != value:
+            raise ConversionError(
+                f"--config says model.{key}={given[key]!r}, the checkpoint's tensors {value!r}. "
+                "Fix: correct the config, or leave the key out"
+            )
+    model = {**given, **shape, "tie_embeddings": "output_layer.weight" not in t}
+    if "vocab_size" not in given:
+        model["vocab_size"] = rows
+        notes.append(
+            f"model.vocab_size is the embedding's {rows} rows (Megatron pads the vocabulary): "
+            "--set model.vocab_size=N gives the tokenizer's"
+        )
+    unseen = [
+        f"{k}={getattr(ModelConfig, k)}"
+        for k in UNSEEN
+        if k not in given and not any(o.startswith(f"model.{k}=") for o in overrides)
+    ]
+    if unseen:
+        notes.append(
+            f"the checkpoint holds no Megatron args: {', '.join(unseen)} are this project's "
+            "defaults, not read from it; pass --config with a model section (or --set) if the run "
+            "used others"
+        )
+    return {"model": model}
+
+
 def import_megatron(
-    checkpoint: str | Path, out: str | Path, overrides=(), force: bool = False
-) -> Path:
+    checkpoint: str | Path,
+    out: str | Path,
+    overrides=(),
+    force: bool = False,
+    config: str | Path | None = None,
+    num_heads: int | None = None,
+) -> tuple[Path, list[str]]:
+    """Writes out/checkpoints/step_00000000 and out/config.yaml (its train.run_dir is out, so training with it
+    starts from these weights). `config`: a project config for the other sections, and the model's shape
+    where the checkpoint holds no args. Returns (out, notes)."""
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_dir():
         raise ConversionError(
@@ -284,8 +378,23 @@ def import_megatron(
         raise ConversionError(
             f"{step} holds no embedding.word_embeddings.weight. Fix: pass a GPT checkpoint"
         )
-    vocab = getattr(args, "vocab_size", None) or embed.shape[0]
-    raw = config_from_args(args, int(vocab), None)
+    notes, base = [], (read_config_file(config) if config is not None else {})
+    if args is None:
+        raw = config_from_tensors(tensors, num_heads, base.get("model") or {}, overrides, notes)
+    else:
+        vocab = getattr(args, "vocab_size", None) or embed.shape[0]
+        raw = config_from_args(args, int(vocab), None)
+        if num_heads not in (None, raw["model"]["num_heads"]):
+            raise ConversionError(
+                f"--num-heads {num_heads} differs from the checkpoint's args "
+                f"({raw['model']['num_heads']}). Fix: leave --num-heads out"
+            )
+        if base:  # the user's config decides what the run does; the model is the checkpoint's
+            raw = {"model": raw["model"]}
+    for section, values in raw.items():
+        base[section] = {**(base.get(section) or {}), **values}
+    raw = base
+    raw.setdefault("train", {})["run_dir"] = str(out.absolute())
     try:
         cfg = config_from_dict(raw, overrides)
     except ConfigError as e:
@@ -293,8 +402,10 @@ def import_megatron(
             f"the imported config does not load ({e}). Fix: pass --set to override it"
         ) from None
     state = _our_state(tensors, cfg)
-    save_imported(cfg, state, out, force, str(step), "its Megatron args")
-    return out
+    what = "its Megatron args" if args is not None else "the shape from --num-heads and its tensors"
+    save_imported(cfg, state, out, force, str(step), what, owned=("config.yaml",))
+    (out / "config.yaml").write_text(dump_config(cfg))
+    return out, notes
 
 
 def _our_layer_name(key: str) -> str:

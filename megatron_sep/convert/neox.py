@@ -1,19 +1,13 @@
 """`import-neox`: a GPT-NeoX YAML config (with SepLLM's own NeoX flags) -> our config, and a GPT-NeoX /
-DeepSpeed pipeline checkpoint (any tensor-parallel degree) -> a project checkpoint.
-
-The checkpoint is DeepSpeed's per-layer layout: `global_stepN/layer_LL-model_TT-model_states.pt`, layer 0
-the embedding, 2 .. L+1 the transformer layers, then the final norm and the output layer; TT is the tensor-
-parallel rank. Shards are merged (column-parallel weights on dim 0, row-parallel on dim 1, the rest
-replicated), renamed to transformers' GPT-NeoX names, and go through the same map as `import-hf`. The
-fused qkv is per head [q, k, v] in both, so it needs no reordering.
+DeepSpeed pipeline checkpoint (any tensor-parallel degree; read by neox_checkpoint.py) -> a project
+checkpoint, through the same map as `import-hf`. Every NeoX key is read, refused, or named in a note,
+except the few in QUIET that change nothing here.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import torch
 import yaml
 
 from ..config import ConfigError, config_from_dict, dump_config
@@ -22,6 +16,7 @@ from ..data.tokenizer import TokenizerError, first_line, load_tokenizer
 from ..model.gpt import padded_vocab
 from ..outdir import prepare_out
 from .hf import ConversionError, from_hf_state
+from .neox_checkpoint import read_neox_checkpoint
 from .output import refuse_checkpoint_dir, save_imported
 
 # options that change what the model computes, and the reason we cannot take them
@@ -44,7 +39,8 @@ UNSUPPORTED = {
         and f"lr_decay_style {v!r}: cosine, linear and constant are implemented"
     ),
 }
-# nothing to set here: launcher, kernel fusions, init recipes, DeepSpeed's logging cadence
+# nothing to set here: launcher, kernel fusions, memory savers, DeepSpeed's logging cadence. Every other key
+# is read, or named in a note (NOT_MAPPED, or "not read")
 QUIET = {
     "launcher",
     "hostfile",
@@ -59,34 +55,40 @@ QUIET = {
     "bias_dropout_fusion",
     "rope_fusion",
     "output_layer_parallelism",
-    "init_method",
-    "output_layer_init_method",
     "checkpoint_num_layers",
     "partition_activations",
     "synchronize_each_layer",
     "steps_per_print",
     "wall_clock_breakdown",
-    "extra_save_iters",
-    "keep_last_n_checkpoints",
-    "tensorboard_dir",
-    "log_dir",
-    "use_wandb",
-    "wandb_group",
-    "wandb_host",
-    "wandb_team",
     "world_size",
     "num_gpus",
     "global_num_gpus",
-    "PADDING_ID",
-    "BATCH_ADAPTIVE_INIT_POS",
     "USE_SEP_ATTN_KERNEL_ACCELERATOR",
-    "special_tokens_id",
     "BiPE_seps",
     "tokenizer_type",
-    "save",
-    "load",
+}
+# read, but nothing here takes them: the note says why
+NOT_MAPPED = {
+    "wandb_group": "W&B runs here are named by logging.wandb_project (and WANDB_* variables)",
+    "wandb_team": "W&B runs here are named by logging.wandb_project (and WANDB_* variables)",
+    "wandb_host": "W&B's host comes from WANDB_BASE_URL here",
+    "PADDING_ID": "training batches here are packed, without padding",
+    "BATCH_ADAPTIVE_INIT_POS": "training batches here are packed, without padding",
+    "special_tokens_id": "separators are attention.separators; the eod id comes from the tokenizer",
 }
 READ = {
+    *NOT_MAPPED,
+    "init_method",
+    "output_layer_init_method",
+    "init_method_std",
+    "keep_last_n_checkpoints",
+    "extra_save_iters",
+    "use_wandb",
+    "wandb_project",
+    "tensorboard_dir",
+    "log_dir",
+    "save",
+    "load",
     "num_layers",
     "hidden_size",
     "num_attention_heads",
@@ -302,18 +304,73 @@ def neox_to_raw(n: dict, gpus: int | None, run_dir: str) -> tuple[dict, list[str
     data = _neox_data(n, notes)
     raw = {
         "model": model,
-        "attention": _sepllm_flags(n, notes),
+        "attention": _sepllm_flags(n, notes, max(1, glob // (micro * dp))),
         "data": data,
         "optim": optim,
         "train": train,
         "parallel": {"tp": tp, "pp": pp, "zero": 1 if stage >= 1 else 0},
-        "checkpoint": {"save_interval": n.get("checkpoint_factor", 1000)},
-        "logging": {"log_interval": n.get("log_interval", 10)},
+        "checkpoint": _neox_checkpoint(n, notes),
+        "logging": _neox_logging(n, run_dir, notes),
     }
+    # NeoX's defaults: normal + scaled_normal (Pythia sets small_init + wang_init)
+    init = (n.get("init_method", "normal"), n.get("output_layer_init_method", "scaled_normal"))
+    ours = {
+        ("small_init", "wang_init"): "neox",
+        ("normal", "scaled_normal"): "scaled_normal",
+        ("normal", "normal"): "normal",
+    }
+    if init in ours:
+        model["init_method"] = ours[init]
+    else:
+        notes.append(
+            f"init_method={init[0]}, output_layer_init_method={init[1]} are not offered: "
+            f"model.init_method is auto ({family}'s); neox (small_init + wang_init), scaled_normal "
+            "and normal are offered"
+        )
+    if "init_method_std" in n:
+        model["init_std"] = float(n["init_method_std"])
+    notes += [f"{k} is not mapped: {why}" for k, why in NOT_MAPPED.items() if k in n]
     skipped = sorted(set(n) - READ - QUIET)
     if skipped:
         notes.append(f"not read ({len(skipped)}): {', '.join(skipped)}")
     return raw, notes
+
+
+def _neox_checkpoint(n: dict, notes: list[str]) -> dict:
+    out = {"save_interval": n.get("checkpoint_factor", 1000)}
+    if n.get("keep_last_n_checkpoints"):
+        out["keep_last"] = int(n["keep_last_n_checkpoints"])
+    else:  # NeoX's default keeps them all
+        notes.append(
+            "GPT-NeoX keeps every checkpoint; here the newest checkpoint.keep_last (2) are kept, and "
+            "the steps in checkpoint.extra_save_steps: raise keep_last to keep more"
+        )
+    if n.get("extra_save_iters"):
+        out["extra_save_steps"] = sorted({int(s) for s in n["extra_save_iters"]})
+    for key in ("save", "load"):
+        if n.get(key):
+            notes.append(
+                f"{key}: {n[key]} is not used: checkpoints go to train.run_dir/checkpoints; "
+                "--checkpoint imports NeoX's weights"
+            )
+    return out
+
+
+def _neox_logging(n: dict, run_dir: str, notes: list[str]) -> dict:
+    out = {"log_interval": n.get("log_interval", 10), "wandb": bool(n.get("use_wandb", False))}
+    if n.get("wandb_project"):
+        out["wandb_project"] = str(n["wandb_project"])
+    if n.get("tensorboard_dir"):
+        out["tensorboard"] = True
+        notes.append(
+            f"tensorboard_dir: {n['tensorboard_dir']} becomes logging.tensorboard: true; the "
+            f"TensorBoard logs go to {run_dir}/tensorboard"
+        )
+    if n.get("log_dir"):
+        notes.append(
+            f"log_dir: {n['log_dir']} is not used: the step log and metrics.jsonl go to {run_dir}"
+        )
+    return out
 
 
 def _neox_data(n: dict, notes: list[str]) -> dict:
@@ -347,7 +404,7 @@ def _neox_data(n: dict, notes: list[str]) -> dict:
     return data
 
 
-def _sepllm_flags(n: dict, notes: list[str]) -> dict:
+def _sepllm_flags(n: dict, notes: list[str], accumulation: int) -> dict:
     """SepLLM's NeoX fork: separator ids, a (per-layer) local window, attention sinks up to an index."""
     if (
         "separator_token_ids" not in n
@@ -368,120 +425,20 @@ def _sepllm_flags(n: dict, notes: list[str]) -> dict:
     if a["kind"] == "sepllm":
         a["separators"] = [int(i) for i in n.get("separator_token_ids") or [] if i is not None]
     if n.get("PRINT_KV_RATIO"):
-        a["stats_interval"] = int(n.get("print_ratio_intervals", 100))
+        # SepLLM's NeoX counts forward passes (micro-batches); stats_interval counts optimizer steps
+        every = int(n.get("print_ratio_intervals", 100))
+        a["stats_interval"] = max(1, round(every / accumulation))
+        if accumulation > 1:
+            notes.append(
+                f"print_ratio_intervals={every} counts forward passes; attention.stats_interval counts "
+                f"steps of {accumulation} micro-batches: {a['stats_interval']}"
+            )
     if any(k in n for k in ("generate_local_window_size", "generate_win_loc_size_list")):
         notes.append(
             "SepLLM's generate_* windows are inference settings: pass them to `megatron-sep eval` / "
             "`generate` (the cache sizes), not to training"
         )
     return a
-
-
-# ---- checkpoints ------------------------------------------------------------------------------------
-
-COLUMN = (
-    "attention.query_key_value.weight",
-    "attention.query_key_value.bias",
-    "mlp.dense_h_to_4h.weight",
-    "mlp.dense_h_to_4h.bias",
-    "word_embeddings.weight",
-    "final_linear.weight",
-)
-ROW = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
-NEW_NAMES = {
-    "mlp.linear1.": "mlp.dense_h_to_4h.",
-    "mlp.linear2.": "mlp.dense_4h_to_h.",
-}  # gpt-neox >= 2.0
-
-
-def _step_dir(ckpt: Path) -> Path:
-    if (ckpt / "latest").is_file():
-        from ..checkpoint.files import is_plain_name
-
-        name = (ckpt / "latest").read_bytes().decode("utf-8", "replace").strip()
-        if not is_plain_name(name):
-            raise ConversionError(
-                f"{ckpt / 'latest'} holds {name[:60]!r}, not a folder name beside it (a path is "
-                f"never followed out of {ckpt}). Fix: write the global_step* folder's name into it"
-            )
-        return ckpt / name
-    if list(ckpt.glob("layer_*-model_*-model_states.pt")):
-        return ckpt
-    steps = sorted(ckpt.glob("global_step*"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
-    if not steps:
-        raise ConversionError(
-            f"{ckpt} holds no GPT-NeoX checkpoint (no latest file, global_step* folder or "
-            "layer_*-model_*-model_states.pt files). Fix: pass the checkpoint's save folder"
-        )
-    return steps[-1]
-
-
-def read_neox_checkpoint(ckpt: Path) -> dict:
-    """Merged tensors under transformers' GPT-NeoX names."""
-    step = _step_dir(ckpt)
-    files: dict[int, dict[int, Path]] = {}
-    for f in step.glob("layer_*-model_*-model_states.pt"):
-        m = re.match(r"layer_(\d+)-model_(\d+)-model_states\.pt", f.name)
-        files.setdefault(int(m.group(1)), {})[int(m.group(2))] = f
-    if not files:
-        raise ConversionError(
-            f"{step} holds no layer_*-model_*-model_states.pt files. Fix: pass a GPT-NeoX "
-            "(DeepSpeed pipeline) checkpoint"
-        )
-    out, blocks = {}, []
-    tp = max(len(r) for r in files.values())
-    for layer in sorted(files):
-        ranks = files[layer]
-        if sorted(ranks) != list(range(tp)):
-            raise ConversionError(
-                f"{step}: layer {layer} has tensor-parallel shards {sorted(ranks)}, not 0..{tp - 1}. "
-                "Fix: copy every layer_*-model_* file of the checkpoint"
-            )
-        shards = [_load(ranks[r]) for r in range(len(ranks))]
-        merged = {
-            k: _merge(k, [s[k] for s in shards]) for k in shards[0] if not k.endswith("inv_freq")
-        }
-        if "attention.query_key_value.weight" in merged:
-            blocks.append(merged)
-        elif "word_embeddings.weight" in merged:
-            out.setdefault("gpt_neox.embed_in.weight", merged["word_embeddings.weight"])
-        elif "norm.weight" in merged:
-            out["gpt_neox.final_layer_norm.weight"] = merged["norm.weight"]
-            if "norm.bias" in merged:
-                out["gpt_neox.final_layer_norm.bias"] = merged["norm.bias"]
-        elif "final_linear.weight" in merged:
-            out["embed_out.weight"] = merged["final_linear.weight"]
-    for i, block in enumerate(blocks):
-        for k, v in block.items():
-            out[f"gpt_neox.layers.{i}.{k}"] = v
-    out["_num_layers"] = len(blocks)
-    return out
-
-
-def _load(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: name it, no traceback
-        raise ConversionError(
-            f"{path} cannot be read ({first_line(e)}). Fix: copy the checkpoint again"
-        ) from None
-    state = state.get("module", state) if isinstance(state, dict) else state
-    renamed = {}
-    for k, v in state.items():
-        for old, new in NEW_NAMES.items():
-            k = k.replace(old, new)
-        renamed[k] = v
-    return renamed
-
-
-def _merge(key: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    if len(parts) == 1:
-        return parts[0]
-    if key in COLUMN:
-        return torch.cat(parts, dim=0)
-    if key in ROW:
-        return torch.cat(parts, dim=1)
-    return parts[0]  # replicated: norms, row-parallel biases
 
 
 def import_neox(

@@ -3,6 +3,7 @@ lm-eval task (cli.py parses the flags and maps errors to one line)."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from ..config import ConfigError, dump_config, load_config
 from ..parallel import resolve_layout
 from ..training import Trainer
+from ..training.build import load_checked_tokenizer
 from . import sweep
 from .lm_eval_task import write_task
 
@@ -22,6 +24,8 @@ def cmd_train(args) -> int:
             cfg.parallel
         )  # the layout rules that need no processes: on the smallest world that could run it
         resolve_layout(cfg, p.tp * p.pp * p.cp * (1 if p.dp == "auto" else p.dp))
+        if not cfg.data.mock:  # the run's own checks: the tokenizer and data files exist
+            load_checked_tokenizer(copy.deepcopy(cfg))
         print(dump_config(cfg))
         return 0
     result = Trainer(cfg).run()

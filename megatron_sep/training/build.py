@@ -14,6 +14,7 @@ import torch
 from ..config import Config, ConfigError, dump_config
 from ..config.schema import check_backend_device
 from ..data.dataset import check_token_range, run_datasets
+from ..data.indexed import paths as data_files
 from ..data.separators import resolve_separator_ids
 from ..data.tokenizer import load_tokenizer
 from ..engine import Engine, build_engine
@@ -147,7 +148,8 @@ def build_run(user_cfg: Config) -> Run:
 
 
 def load_checked_tokenizer(cfg: Config):
-    """The tokenizer, and model.vocab_size from it when unset (in the resolved config)."""
+    """The tokenizer, and model.vocab_size from it when unset (in the resolved config). Its checks (the data
+    files exist) are also `train --check-config`'s."""
     m = cfg.model
     if not cfg.data.tokenizer:
         raise ConfigError(
@@ -163,6 +165,23 @@ def load_checked_tokenizer(cfg: Config):
             "no training data given",
             "list .bin/.idx prefixes made by `megatron-sep preprocess` (or data.mock)",
         )
+    if not os.path.exists(cfg.data.tokenizer):
+        raise ConfigError(
+            "data.tokenizer",
+            cfg.data.tokenizer,
+            "does not exist",
+            "correct the path, or train one with `megatron-sep tokenizer train`",
+        )
+    for i, prefix in enumerate(cfg.data.paths):
+        missing = [str(f) for f in data_files(prefix) if not f.is_file()]
+        if missing:
+            raise ConfigError(
+                f"data.paths[{i}]",
+                prefix,
+                f"{' and '.join(missing)} not found",
+                "correct the prefix (without .bin/.idx), or make the pair with `megatron-sep "
+                "preprocess`",
+            )
     tok = load_tokenizer(cfg.data.tokenizer)
     if m.vocab_size is None:
         m.vocab_size = tok.vocab_size

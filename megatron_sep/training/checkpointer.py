@@ -74,7 +74,8 @@ class Checkpointer:
         confirms it, so older checkpoints beyond keep_last can go."""
         self.verified, self.streak = step, 0
         if self.ctx.rank == 0 and self.pending is None and self.saved == self.verified:
-            prune(self.root, self.cfg.checkpoint.keep_last, self.verified)
+            c = self.cfg.checkpoint
+            prune(self.root, c.keep_last, self.verified, retain=set(c.extra_save_steps))
 
     def skipped(self) -> None:
         self.streak += 1
@@ -85,7 +86,8 @@ class Checkpointer:
 
     # ---- saving ----------------------------------------------------------------------------------
     def due(self, step: int, last: bool) -> bool:
-        return step % self.cfg.checkpoint.save_interval == 0 or last or self.due_now
+        c = self.cfg.checkpoint
+        return step % c.save_interval == 0 or step in c.extra_save_steps or last or self.due_now
 
     def save(self, step: int, consumed: int, final: bool = False) -> None:
         """Save this step, unless its last update was skipped: weights that just gave a non-finite loss are
@@ -113,6 +115,7 @@ class Checkpointer:
             c.keep_last,
             self.verified,
             async_save=c.async_save and not final,
+            retain=set(c.extra_save_steps),
         )
         self.saved, self.due_now = step, False
         if isinstance(out, Path):

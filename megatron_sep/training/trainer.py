@@ -245,6 +245,12 @@ class Trainer:
                 preempted = self.run_dir / "preempted"
                 if self.ctx.rank == 0:
                     preempted.unlink(missing_ok=True)
+                if (
+                    self.step == 0
+                    and ckpt.saved is None
+                    and 0 in ckpt.cfg.checkpoint.extra_save_steps
+                ):
+                    self.save()  # the initial weights
                 while self.step < until and not self.preemption.stop_agreed():
                     loss, norm = self.train_step()
                     ckpt.poll()

@@ -18,10 +18,12 @@ import os
 import pytest
 import numpy as np
 import torch
+import yaml
 
 from megatron_sep.convert import ConversionError
 from megatron_sep.checkpoint import load_model
-from megatron_sep.convert.megatron import import_megatron
+from megatron_sep.convert.megatron import config_from_tensors, import_megatron
+from megatron_sep.config import load_config
 
 from ..dist_utils import run_distributed
 
@@ -132,6 +134,10 @@ def _mcore(rank, world, out):
     dist_checkpointing.save(state, step)
     with open(os.path.join(out, "dist", "latest_checkpointed_iteration.txt"), "w") as f:
         f.write("10")
+    # megatron-core's own save outside Megatron-LM's training loop: no args beside the tensors
+    bare = os.path.join(out, "bare", "iter_0000010")
+    os.makedirs(bare)
+    dist_checkpointing.save(model.sharded_state_dict(), bare)
     full = {k: v for k, v in model.state_dict().items() if "_extra_state" not in k}
     dist.destroy_process_group()
     return tokens, logits, full
@@ -195,10 +201,14 @@ def test_megatron_checkpoint_gives_megatron_cores_logits(mcore, tmp_path, layout
     else:
         src = tmp_path / layout
         write_legacy(full, src, tp=2 if layout == "tp2" else 1, pp=2 if layout == "pp2" else 1)
-    ours, cfg = load_model(import_megatron(src, tmp_path / "ours"))
+    out, _ = import_megatron(src, tmp_path / "ours")
+    ours, cfg = load_model(out)
     assert (cfg.model.num_kv_heads, cfg.model.ffn_size, cfg.model.tie_embeddings) == (2, 128, False)
     with torch.no_grad():
         assert (ours(tokens) - logits).abs().max().item() <= 1e-4
+    # config.yaml beside the checkpoint, as import-neox writes it: training with it starts from these
+    written = load_config(out / "config.yaml")
+    assert written.model == cfg.model and written.train.run_dir == str(out.absolute())
 
 
 def test_bad_megatron_checkpoints_are_named(mcore, tmp_path):
@@ -254,3 +264,69 @@ def test_bad_megatron_checkpoints_are_named(mcore, tmp_path):
     (dist / ".metadata").write_bytes(b"")  # an empty (damaged) torch_dist index
     with pytest.raises(ConversionError, match="torch_dist checkpoint .* cannot be read"):
         import_megatron(dist, tmp_path / "out")
+
+
+def test_dist_checkpoint_without_megatron_args(mcore, tmp_path, capsys):
+    """A checkpoint saved by megatron-core's own dist_checkpointing.save, with no Megatron-LM args beside
+    it: the shape comes from its tensors plus the head count the user gives (--num-heads, or --config's
+    model section, which also gives what the tensors cannot say: rotary_base, norm_eps, ...)."""
+    from megatron_sep.cli import main
+
+    out, tokens, logits, _ = mcore
+    bare = out / "bare" / "iter_0000010"
+    with pytest.raises(ConversionError, match="holds no Megatron args.*Fix: pass --num-heads") as e:
+        import_megatron(bare, tmp_path / "none")
+    assert "\n" not in str(e.value)
+    ours_dir, notes = import_megatron(bare, tmp_path / "flag", num_heads=4)
+    ours, cfg = load_model(ours_dir)
+    m = cfg.model
+    assert (m.family, m.num_layers, m.hidden_size, m.num_kv_heads, m.ffn_size) == (
+        "llama",
+        2,
+        64,
+        2,
+        128,
+    )
+    assert not m.tie_embeddings and m.vocab_size == VOCAB
+    with torch.no_grad():
+        assert (ours(tokens) - logits).abs().max().item() <= 1e-4
+    assert load_config(ours_dir / "config.yaml").model == m
+    assert any("rotary_base=10000.0" in n and "defaults" in n for n in notes), notes
+    # --config: the model keys the tensors lack, and the other sections
+    given = {
+        "model": {"num_heads": 4, "rotary_base": 10000.0, "norm_eps": 1e-5, "rotary_pct": 1.0},
+        "optim": {"lr": 1e-4},
+        "data": {"seq_len": SEQ},
+    }
+    given["model"]["max_position_embeddings"] = 64
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(given))
+    ours_dir, notes = import_megatron(bare, tmp_path / "cfg", config=tmp_path / "c.yaml")
+    cfg = load_config(ours_dir / "config.yaml")
+    assert cfg.optim.lr == 1e-4 and cfg.model.max_position_embeddings == 64
+    assert not any("defaults" in n for n in notes), notes
+    # refused in one line, naming what is wrong
+    given["model"]["hidden_size"] = 128
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(given))
+    for flags, words in (
+        (["--num-heads", "3"], "--num-heads 3 does not divide the hidden size 64"),
+        (
+            ["--config", str(tmp_path / "c.yaml")],
+            "model.hidden_size=128, the checkpoint's tensors 64",
+        ),
+    ):
+        argv = ["import-megatron", "--checkpoint", str(bare), "--out", str(tmp_path / "x"), *flags]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and words in err and "Fix:" in err, err
+    # a tensor the Llama shape has not (a LayerNorm's bias) is named
+    t = {
+        "embedding.word_embeddings.weight": torch.zeros(8, 64),
+        "decoder.layers.0.input_layernorm.bias": torch.zeros(64),
+    }
+    with pytest.raises(
+        ConversionError, match=r"holds decoder\.layers\.\*\.input_layernorm\.bias, "
+    ):
+        config_from_tensors(t, 4, {}, (), [])
+    argv = ["import-megatron", "--checkpoint", str(bare), "--out", str(tmp_path / "cli")]
+    assert main(argv + ["--num-heads", "4"]) == 0
+    assert "train with: megatron-sep train -c" in capsys.readouterr().out

@@ -194,12 +194,60 @@ def test_sepllm_neox_flags_map_to_attention(corpus, tmp_path):
     out, notes = import_neox(tmp_path / "sep.yml", tmp_path / "out")
     a = yaml.safe_load((out / "config.yaml").read_text())["attention"]
     assert a["kind"] == "sepllm" and a["separators"] == flags["separator_token_ids"]
-    assert a["window"] == [64, 128] and a["init_tokens"] == 3 and a["stats_interval"] == 8000
+    # SepLLM's NeoX counts forward passes there: 8000 micro-batches are 4000 steps of 2
+    assert a["window"] == [64, 128] and a["init_tokens"] == 3 and a["stats_interval"] == 4000
+    assert any("print_ratio_intervals=8000 counts forward passes" in n for n in notes)
     assert any("generate_" in n for n in notes)
     flags.update(USE_ORIGINAL_FULL_ATTEN=True)
     (tmp_path / "dense.yml").write_text(yaml.safe_dump(neox_yaml(corpus, **flags)))
     out, _ = import_neox(tmp_path / "dense.yml", tmp_path / "out2")
     assert yaml.safe_load((out / "config.yaml").read_text())["attention"]["kind"] == "dense"
+
+
+def test_neox_checkpoint_history_and_logging_carry_over(corpus, tmp_path):
+    """Pythia's checkpoint keys and NeoX's logging keys: mapped, or named in a note, never dropped."""
+    extra = {
+        "keep-last-n-checkpoints": 3,
+        "extra-save-iters": [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
+        "use_wandb": True,
+        "wandb_project": "neox",
+        "wandb_group": "pythia",
+        "tensorboard-dir": "tensorboard",
+        "log-dir": "logs",
+        "save": "checkpoints",
+        "init_method": "small_init",
+        "output_layer_init_method": "wang_init",
+        "init_method_std": 0.01,
+        "some_future_key": 1,
+    }
+    (tmp_path / "p.yml").write_text(yaml.safe_dump(neox_yaml(corpus, **extra)))
+    out, notes = import_neox(tmp_path / "p.yml", tmp_path / "out")
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["checkpoint"]["keep_last"] == 3
+    assert cfg["checkpoint"]["extra_save_steps"] == extra["extra-save-iters"]
+    assert cfg["logging"]["wandb"] and cfg["logging"]["wandb_project"] == "neox"
+    assert cfg["logging"]["tensorboard"] and cfg["model"]["init_method"] == "neox"
+    assert cfg["model"]["init_std"] == 0.01
+    text = " | ".join(notes)
+    assert f"TensorBoard logs go to {out.absolute()}/tensorboard" in text
+    for key in (
+        "log_dir: logs",
+        "save: checkpoints",
+        "wandb_group is not mapped",
+        "some_future_key",
+    ):
+        assert key in text, key
+    # without keep-last-n-checkpoints NeoX keeps every checkpoint: the rotation here is noted
+    # NeoX's default init (normal + scaled_normal) is ours by name; one we lack is noted
+    (tmp_path / "q.yml").write_text(yaml.safe_dump(neox_yaml(corpus)))
+    out, notes = import_neox(tmp_path / "q.yml", tmp_path / "out2")
+    assert any("GPT-NeoX keeps every checkpoint" in n for n in notes)
+    assert (
+        yaml.safe_load((out / "config.yaml").read_text())["model"]["init_method"] == "scaled_normal"
+    )
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(neox_yaml(corpus, init_method="xavier_normal")))
+    _, notes = import_neox(tmp_path / "r.yml", tmp_path / "out3")
+    assert any("init_method=xavier_normal" in n for n in notes)
 
 
 @pytest.mark.parametrize(

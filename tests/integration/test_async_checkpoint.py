@@ -4,10 +4,12 @@ in flight leaves the previous checkpoint to resume from, with the uninterrupted 
 
 import json
 
+import pytest
 import torch
 
 from megatron_sep.checkpoint import load_model
 from megatron_sep.training import Trainer
+from megatron_sep.config import ConfigError
 from megatron_sep.checkpoint import CRASH_ENV, latest_checkpoint, list_checkpoints
 
 from ..conftest import tiny_config
@@ -62,3 +64,18 @@ def test_a_kill_during_a_background_write_resumes_from_the_previous_checkpoint(c
     Trainer(config(corpus, tmp_path / "ref", False)).run()
     assert losses(tmp_path / "run") == losses(tmp_path / "ref")
     assert not list(root.glob(".tmp-*"))
+
+
+def test_extra_save_steps_are_saved_and_never_rotated_out(corpus, tmp_path):
+    """checkpoint.extra_save_steps (Pythia's extra_save_iters): step 0 is the initial weights; the listed
+    steps outlive keep_last, the others rotate out as before."""
+    extra = {"save_interval": 3, "keep_last": 1, "extra_save_steps": [0, 1, 2]}
+    cfg = tiny_config(corpus, tmp_path / "run", train={"steps": 8}, checkpoint=extra)
+    Trainer(cfg).run()
+    names = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert names == [f"step_{s:08d}" for s in (0, 1, 2, 8)]  # 3 and 6 rotated out
+    meta = json.loads((tmp_path / "run" / "checkpoints" / names[0] / "meta.json").read_text())
+    assert (meta["step"], meta["consumed_samples"]) == (0, 0)
+    with pytest.raises(ConfigError, match="checkpoint.extra_save_steps") as e:
+        tiny_config(corpus, tmp_path / "bad", checkpoint={"extra_save_steps": [-1]})
+    assert "\n" not in str(e.value)

@@ -104,3 +104,39 @@ def test_shipped_configs_validate():
             )
     # the demo trains SepLLM
     assert load_config(paths[0].parent / "tiny_cpu.yaml").attention.kind == "sepllm"
+
+
+def test_check_config_finds_missing_tokenizer_and_data_files(corpus, tmp_path, capsys):
+    """--check-config runs the run's own data checks: the tokenizer and each prefix's .bin and .idx exist
+    (data.mock needs neither); each refusal is one line naming the key, the path and the fix."""
+    from megatron_sep.cli import main
+
+    from ..conftest import tiny_config
+
+    cfg = tiny_config(corpus, tmp_path / "run")
+    config = tmp_path / "c.yaml"
+    prefix = str(corpus["prefix"])
+    cases = [
+        (
+            ["data.tokenizer=/nowhere/tok.model"],
+            "data.tokenizer='/nowhere/tok.model': does not exist",
+        ),
+        ([f"data.paths=[{prefix}, /nowhere/x]"], "data.paths[1]='/nowhere/x': /nowhere/x.bin and"),
+    ]
+    for sets, words in cases:
+        config.write_text(dump_config(config_from_dict(yaml_of(cfg), sets)))
+        assert main(["train", "-c", str(config), "--check-config"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and words in err and "Fix:" in err, err
+    mock = ["data.mock=true", "model.vocab_size=64", "data.tokenizer=/nowhere", "data.paths=[]"]
+    config.write_text(dump_config(config_from_dict(yaml_of(cfg), mock)))
+    assert main(["train", "-c", str(config), "--check-config"]) == 0
+    config.write_text(dump_config(cfg))
+    assert main(["train", "-c", str(config), "--check-config"]) == 0
+    assert not (tmp_path / "run").exists()
+
+
+def yaml_of(cfg) -> dict:
+    import yaml
+
+    return yaml.safe_load(dump_config(cfg))
