@@ -13,13 +13,19 @@ from ..conftest import tiny_config
 from ..dist_utils import run_distributed
 
 
-def _config(corpus, run_dir, parallel=None, tied=False, steps=4):
+def _config(corpus, run_dir, parallel=None, tied=False, steps=4, recompute="none"):
     return tiny_config(
         corpus,
         run_dir,
         model={"num_layers": 4, "tie_embeddings": tied},
         parallel=parallel or {},
-        train={"steps": steps, "micro_batch_size": 2, "global_batch_size": 4, "eval_interval": 2},
+        train={
+            "steps": steps,
+            "micro_batch_size": 2,
+            "global_batch_size": 4,
+            "eval_interval": 2,
+            "activation_checkpointing": recompute,
+        },
         checkpoint={"save_interval": 2},
     )
 
@@ -41,11 +47,12 @@ def local_bytes(engine) -> dict:
     return {"weights": sum(size(p) for p in params), "adam": sum(size(v) for v in states)}
 
 
-def _sizes(rank, world, corpus, root, tied):
+def _sizes(rank, world, corpus, root, tied, recompute="none"):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    t = Trainer(_config(corpus, Path(root) / f"dp{world}", {"engine": "fsdp2"}, tied=tied))
+    cfg = _config(corpus, Path(root) / f"dp{world}", {"engine": "fsdp2"}, tied, recompute=recompute)
+    t = Trainer(cfg)
     t.run()
     out = local_bytes(t.engine)
     dist.destroy_process_group()
@@ -71,6 +78,15 @@ def test_one_process_equals_native_and_dp2_halves_the_bytes(corpus, tmp_path, ti
         per_rank = [r[part] for r in ranks]
         assert sum(per_rank) == full[part], (part, per_rank, full)
         assert max(per_rank) <= 0.55 * full[part], (part, per_rank, full)
+
+
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_activation_checkpointing_inside_fsdp2_units(corpus, tmp_path, recompute):
+    """Blocks set to recompute before fully_shard wraps them: dp2 gives one native process's losses."""
+    Trainer(_config(corpus, tmp_path / "native", recompute=recompute)).run()
+    run_distributed(_sizes, 2, corpus, str(tmp_path), False, recompute)
+    got, want = losses(tmp_path / "dp2"), losses(tmp_path / "native")
+    assert all(abs(got[s] - want[s]) < 1e-5 for s in want), (got, want)
 
 
 @pytest.mark.parametrize(
