@@ -39,17 +39,18 @@ LLAMA350M = {
     "ffn_hidden_size": 2816,
     "vocab_size": 32000,
 }
+LLAMA1P3B = {
+    "family": "llama",
+    "num_layers": 24,
+    "hidden_size": 2048,
+    "num_heads": 16,
+    "ffn_hidden_size": 5504,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+}
 PRESETS = {
     "llama1.3b": {
-        "model": {
-            "family": "llama",
-            "num_layers": 24,
-            "hidden_size": 2048,
-            "num_heads": 16,
-            "ffn_hidden_size": 5504,
-            "vocab_size": 32000,
-            "max_position_embeddings": 4096,
-        },
+        "model": LLAMA1P3B,
         "seq": 4096,
         "mbs": 2,
         "kinds": [
@@ -65,15 +66,7 @@ PRESETS = {
     },
     # issue 39: the FSDP2 engine on one GPU against native, same shape and call (tokens/s, peak memory)
     "llama1.3b-engines": {
-        "model": {
-            "family": "llama",
-            "num_layers": 24,
-            "hidden_size": 2048,
-            "num_heads": 16,
-            "ffn_hidden_size": 5504,
-            "vocab_size": 32000,
-            "max_position_embeddings": 4096,
-        },
+        "model": LLAMA1P3B,
         "seq": 4096,
         "mbs": 2,
         "kinds": ["trainer/dense", "trainer/dense&fsdp2"],

@@ -24,7 +24,7 @@ from ..parallel.context import ParallelContext
 from ..parallel.data import global_grad_norm
 from ..parallel.parallelize import Parallelized
 from ..parallel.params import info, mark
-from .native import decay_groups, lr_scales
+from .native import TorchOptimEngine, decay_groups, lr_scales
 
 
 def shard_mesh(ctx: ParallelContext):
@@ -46,7 +46,7 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-class FSDP2Engine:
+class FSDP2Engine(TorchOptimEngine):
     """The model as FSDP2 holds it, behind the engine protocol (engine/__init__.py)."""
 
     def __init__(self, part: Parallelized, cfg: Config, ctx: ParallelContext):
@@ -83,26 +83,8 @@ class FSDP2Engine:
         off = " offload" if self.cfg.parallel.offload != "none" else ""
         return f" fsdp2 over {self.mesh.size()}{off}"
 
-    def given_config(self) -> str | None:
-        return None
-
-    # ---- the schedule's hooks (parallel/pipeline.py; one stage) ----
-    def forward_backward(self, micro_batches, forward_only: bool = False) -> torch.Tensor:
-        return self.pipe.run(micro_batches, self, forward_only)
-
-    def forward(self, tokens, labels, position_ids, batch):
-        return self.model(tokens, labels, position_ids, batch)
-
-    def backward(self, loss) -> None:
-        loss.backward()
-
     def before_last_backward(self) -> None:
         self.model.set_requires_gradient_sync(True)
-
-    # ---- the update ----
-    def set_lr(self, lr: float) -> None:
-        for g in self.opt.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
 
     def _marked(self) -> None:
         """fully_shard (and its lazy init at the first forward) makes new parameters: give them back what

@@ -43,7 +43,28 @@ def decay_groups(params, weight_decay: float, scales: dict[int, float] | None = 
     return groups
 
 
-class NativeEngine:
+class TorchOptimEngine:
+    """What the native and FSDP2 engines share: the schedule's hooks around `self.pipe` and `self.model`,
+    and learning rates into a torch optimizer's groups (each group's `lr_scale` applied)."""
+
+    def given_config(self) -> str | None:
+        return None  # no configuration of its own beyond ours
+
+    def forward_backward(self, micro_batches, forward_only: bool = False) -> torch.Tensor:
+        return self.pipe.run(micro_batches, self, forward_only)
+
+    def forward(self, tokens, labels, position_ids, batch):
+        return self.model(tokens, labels, position_ids, batch)
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+class NativeEngine(TorchOptimEngine):
     """The model as this rank holds it, its optimizer, and the gradient reduction around a step."""
 
     def __init__(self, part: Parallelized, cfg: Config, ctx: ParallelContext):
@@ -77,27 +98,9 @@ class NativeEngine:
     def describe(self) -> str:
         return " zero1" if self.zero else ""
 
-    def given_config(self) -> str | None:
-        return None  # no configuration of its own beyond ours
-
-    # ---- the schedule's hooks (parallel/pipeline.py) ----------------------------------------------
-    def forward_backward(self, micro_batches, forward_only: bool = False) -> torch.Tensor:
-        return self.pipe.run(micro_batches, self, forward_only)
-
-    def forward(self, tokens, labels, position_ids, batch):
-        return self.model(tokens, labels, position_ids, batch)
-
-    def backward(self, loss) -> None:
-        loss.backward()
-
     def before_last_backward(self) -> None:
         if self.sync is not None:
             self.sync.enabled = True
-
-    # ---- the update ----------------------------------------------------------------------------
-    def set_lr(self, lr: float) -> None:
-        for g in self.opt.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
 
     def step(self, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
         """Finish gradient reduction, clip by the global norm, update. Returns (norm, updated): a non-finite
