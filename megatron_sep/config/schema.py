@@ -492,7 +492,7 @@ class Config:
                 "parallel.zero",
                 p.zero,
                 "ZeRO-2 and ZeRO-3 come from DeepSpeed",
-                "set parallel.engine: deepspeed (pip install 'megatron-sep[deepspeed]'), or use zero 0 or 1",
+                "set parallel.engine: deepspeed (pip install -e '.[deepspeed]'), or use zero 0 or 1",
             )
             _require(
                 p.offload == "none",
