@@ -3,6 +3,7 @@ corpus-subset (cli.py parses the flags and maps errors to one line)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from megatron_sep.data.separators import resolve_separator_ids
 from megatron_sep.data.tokenizer import load_tokenizer
 
+from .corpus import check_inputs
 from .demo_corpus import build_demo_corpus
 from .inspect_data import inspect
 from .offline_corpus import DEFAULT_MANIFEST, build, subset
@@ -35,26 +37,20 @@ def cmd_tokenizer(args) -> int:
         raise ValueError(
             f"{' and '.join(existing)} exist. Fix: choose another --out, or pass --force to replace"
         )
+    check_inputs(args.input)
     out = targets[0]
+    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # innermost first
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Train and check in a scratch folder beside --out, then move in: a failure leaves no file.
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tok-") as tmp:
-        scratch = Path(tmp) / out.name
-        if args.type == "hf-bpe":
-            train_hf_bpe(args.input, scratch, args.vocab_size, args.text_key)
-        else:
-            train_sentencepiece(
-                args.input,
-                scratch.with_suffix(""),
-                args.vocab_size,
-                args.type,
-                args.text_key,
-                byte_fallback=not args.no_byte_fallback,
-                split_separators=not args.no_split_separators,
-            )
-        size = load_tokenizer(scratch).vocab_size
-        for t in targets:
-            os.replace(Path(tmp) / t.name, t)
+    try:  # trained and checked in a scratch folder beside --out, then moved in
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tok-") as tmp:
+            size = _train_tokenizer(args, Path(tmp) / out.name)
+            for t in targets:
+                os.replace(Path(tmp) / t.name, t)
+    except BaseException:  # a failure leaves no file, nor the folders it made
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     note = (
         f" (warning: the corpus supports only {size:,} of the {args.vocab_size:,} tokens asked for)"
         if size < args.vocab_size
@@ -62,6 +58,23 @@ def cmd_tokenizer(args) -> int:
     )
     print(f"wrote {out}: {size:,} tokens{note}")
     return 0
+
+
+def _train_tokenizer(args, scratch: Path) -> int:
+    """Train into `scratch` (hf-bpe: that file; sentencepiece: its .model and .vocab); its size."""
+    if args.type == "hf-bpe":
+        train_hf_bpe(args.input, scratch, args.vocab_size, args.text_key)
+    else:
+        train_sentencepiece(
+            args.input,
+            scratch.with_suffix(""),
+            args.vocab_size,
+            args.type,
+            args.text_key,
+            byte_fallback=not args.no_byte_fallback,
+            split_separators=not args.no_split_separators,
+        )
+    return load_tokenizer(scratch).vocab_size
 
 
 def cmd_preprocess(args) -> int:

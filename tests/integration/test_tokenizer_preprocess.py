@@ -156,7 +156,7 @@ def test_cli_hf_bpe_readme_command(corpus, tmp_path):
     out = tmp_path / "data" / "my" / "tok"
     p = train(out, "--type", "unigram", "--vocab-size", "300")  # too small for byte fallback
     assert p.returncode == 2 and "--vocab-size" in p.stderr
-    assert sorted(f.name for f in out.parent.iterdir()) == []  # nothing half-written
+    assert sorted(f.name for f in tmp_path.iterdir()) == []  # nothing half-written, no folder
     p = train(out, "--type", "hf-bpe", "--vocab-size", "400")
     assert p.returncode == 0, p.stderr
     assert sorted(f.name for f in out.parent.iterdir()) == ["tok.json"]
