@@ -308,3 +308,16 @@ def test_prefetch_is_bit_equal_and_resumes_exactly(corpus, tmp_path):
     for bad in (-1, 5, True):
         with pytest.raises(ConfigError, match="data.prefetch"):
             tiny_config(corpus, tmp_path / "bad", data={"prefetch": bad})
+
+
+def test_missing_tensorboard_names_the_extra(corpus, tmp_path, monkeypatch):
+    from megatron_sep.config import ConfigError
+    from megatron_sep.training.metrics import MetricsLogger
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    cfg = tiny_config(corpus, tmp_path / "run", logging={"tensorboard": True})
+    with pytest.raises(
+        ConfigError, match=r"logging.tensorboard.*pip install -e '\.\[tensorboard\]'"
+    ):
+        MetricsLogger(cfg, tmp_path / "run", {})
+    assert not (tmp_path / "run").exists()
