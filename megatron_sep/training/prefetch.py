@@ -14,15 +14,17 @@ from typing import Callable
 class Prefetcher:
     def __init__(self, build: Callable[[int], object], depth: int):
         self.build, self.depth = build, depth
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if depth else None
+        self.pool: ThreadPoolExecutor | None = None  # started by the first get, again after close
         self.pending: dict[int, Future] = {}
         self.hits = 0  # keys served from the thread (tests check the thread did the work)
 
     def get(self, key: int, ahead: list[int]):
         """build(key), taken from the thread if it was built ahead; then the thread starts on `ahead`
         (at most depth keys). An error of a build ahead is raised here, by the step that needs it."""
-        if self.pool is None:
+        if not self.depth:
             return self.build(key)
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
         done = self.pending.pop(key, None)
         ahead = ahead[: self.depth]
         for k in [k for k in self.pending if k not in ahead]:  # stale: not wanted any more

@@ -23,7 +23,11 @@ def test_builds_ahead_on_a_thread_and_falls_back_for_other_keys():
     )  # a jump (a resume): built in the step, 2 and 3 dropped
     assert p.get(8, []) == 80 and p.hits == 2
     p.close()
-    assert p.get(9, [10]) == 90  # closed: reads in the step
+    assert p.pool is None and not p.pending
+    assert (
+        p.get(9, [10]) == 90 and p.get(10, []) == 100 and p.hits == 3
+    )  # a closed one starts again
+    p.close()
 
 
 def test_an_error_ahead_is_raised_by_the_step_that_needs_it():
