@@ -41,6 +41,7 @@ setup(
         "gpu": ["triton>=3.6"],
         "fp8": ["torchao>=0.17"],  # train.precision: fp8 (torchao's float8 training)
         "wandb": ["wandb>=0.31"],
+        "tensorboard": ["tensorboard>=2.21"],  # logging.tensorboard: true
         "deepspeed": ["deepspeed>=0.19.8"],  # parallel.engine: deepspeed (ZeRO-2/3, CPU offload)
     },
     entry_points={"console_scripts": ["megatron-sep=megatron_sep.cli:main"]},

@@ -3,11 +3,15 @@ corpus-subset (cli.py parses the flags and maps errors to one line)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from pathlib import Path
 
 from megatron_sep.data.separators import resolve_separator_ids
 from megatron_sep.data.tokenizer import load_tokenizer
 
+from .corpus import check_inputs
 from .demo_corpus import build_demo_corpus
 from .inspect_data import inspect
 from .offline_corpus import DEFAULT_MANIFEST, build, subset
@@ -15,31 +19,38 @@ from .preprocess import preprocess
 from .train_tokenizer import train_hf_bpe, train_sentencepiece
 
 
+def tokenizer_targets(out: str, kind: str) -> list[Path]:
+    """The files `tokenizer train` writes: --out is a prefix, as for sentencepiece (an hf-bpe --out
+    without .json gets it, so load_tokenizer reads it as tokenizer.json; a folder gets one inside)."""
+    if kind == "hf-bpe":
+        if Path(out).is_dir():
+            return [Path(out) / "tokenizer.json"]
+        return [Path(out if out.endswith(".json") else out + ".json")]
+    prefix = out[:-6] if out.endswith(".model") else out
+    return [Path(prefix + ".model"), Path(prefix + ".vocab")]
+
+
 def cmd_tokenizer(args) -> int:
-    prefix = args.out[:-6] if args.out.endswith(".model") else args.out
-    targets = (
-        [Path(args.out)]
-        if args.type == "hf-bpe"
-        else [Path(prefix + ".model"), Path(prefix + ".vocab")]
-    )
+    targets = tokenizer_targets(args.out, args.type)
     existing = [str(p) for p in targets if p.exists()]
     if existing and not args.force:
         raise ValueError(
             f"{' and '.join(existing)} exist. Fix: choose another --out, or pass --force to replace"
         )
-    if args.type == "hf-bpe":
-        out = train_hf_bpe(args.input, args.out, args.vocab_size, args.text_key)
-    else:
-        out = train_sentencepiece(
-            args.input,
-            prefix,
-            args.vocab_size,
-            args.type,
-            args.text_key,
-            byte_fallback=not args.no_byte_fallback,
-            split_separators=not args.no_split_separators,
-        )
-    size = load_tokenizer(out).vocab_size
+    check_inputs(args.input)
+    out = targets[0]
+    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # innermost first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:  # trained and checked in a scratch folder beside --out, then moved in
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tok-") as tmp:
+            size = _train_tokenizer(args, Path(tmp) / out.name)
+            for t in targets:
+                os.replace(Path(tmp) / t.name, t)
+    except BaseException:  # a failure leaves no file, nor the folders it made
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     note = (
         f" (warning: the corpus supports only {size:,} of the {args.vocab_size:,} tokens asked for)"
         if size < args.vocab_size
@@ -47,6 +58,23 @@ def cmd_tokenizer(args) -> int:
     )
     print(f"wrote {out}: {size:,} tokens{note}")
     return 0
+
+
+def _train_tokenizer(args, scratch: Path) -> int:
+    """Train into `scratch` (hf-bpe: that file; sentencepiece: its .model and .vocab); its size."""
+    if args.type == "hf-bpe":
+        train_hf_bpe(args.input, scratch, args.vocab_size, args.text_key)
+    else:
+        train_sentencepiece(
+            args.input,
+            scratch.with_suffix(""),
+            args.vocab_size,
+            args.type,
+            args.text_key,
+            byte_fallback=not args.no_byte_fallback,
+            split_separators=not args.no_split_separators,
+        )
+    return load_tokenizer(scratch).vocab_size
 
 
 def cmd_preprocess(args) -> int:

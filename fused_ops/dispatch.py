@@ -22,7 +22,7 @@ def use_triton(backend: str, tensor) -> bool:
         if not triton_available():
             raise RuntimeError(
                 "backend 'triton' asked for, but triton is not installed. Fix: pip install "
-                "megatron-sep[gpu], or use the reference backend"
+                "-e '.[gpu]' (or pip install triton), or use the reference backend"
             )
         return True
     if backend != "auto":

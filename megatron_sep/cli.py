@@ -195,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("train", help="train a sentencepiece or HF BPE tokenizer")
     t.add_argument("--input", nargs="+", required=True, help=".jsonl or .txt files")
     t.add_argument(
-        "--out", required=True, help="output prefix (sentencepiece) or tokenizer.json path (hf-bpe)"
+        "--out",
+        required=True,
+        help="output prefix: P.model + P.vocab, or P.json for hf-bpe (a folder: P/tokenizer.json)",
     )
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--type", choices=["bpe", "unigram", "hf-bpe"], default="bpe")

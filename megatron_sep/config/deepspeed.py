@@ -10,7 +10,7 @@ import json
 
 from ..errors import ConfigError, closest, first_line
 
-INSTALL = "pip install 'megatron-sep[deepspeed]' (or pip install deepspeed)"
+INSTALL = "pip install -e '.[deepspeed]' (or pip install deepspeed)"
 FIX_KEY = (
     "fix or remove the key in parallel.deepspeed (DeepSpeed's configuration reference lists them)"
 )

@@ -78,10 +78,18 @@ class DataConfig:
     mock: bool = (
         False  # random tokens, no corpus or tokenizer (throughput runs); needs model.vocab_size
     )
+    prefetch: int = 1  # steps whose micro-batches a thread reads ahead (0: read in the step)
 
     def check(self) -> None:
         p = "data."
         _require(self.seq_len >= 2, p + "seq_len", self.seq_len, "must be >= 2", "use e.g. 2048")
+        _require(
+            0 <= self.prefetch <= 4,
+            p + "prefetch",
+            self.prefetch,
+            "must be 0 (off) to 4 steps ahead",
+            "use 1 (one step's reading hides behind one step's compute), or 0 to turn it off",
+        )
         _require(
             len(self.split) == 3
             and all(0 <= s < math.inf for s in self.split)
@@ -547,7 +555,7 @@ class Config:
                 "parallel.zero",
                 p.zero,
                 "ZeRO-2 and ZeRO-3 come from DeepSpeed",
-                "set parallel.engine: deepspeed (pip install 'megatron-sep[deepspeed]'), or use zero 0 or 1",
+                "set parallel.engine: deepspeed (pip install -e '.[deepspeed]'), or use zero 0 or 1",
             )
             _require(
                 p.offload == "none",

@@ -245,8 +245,20 @@ def import_hf(hf_dir: str | Path, out: str | Path, overrides=(), force: bool = F
 
 def cmd_export_hf(args) -> int:
     out = export_hf(args.load, args.out, args.dtype, tokenizer=args.tokenizer, force=args.force)
-    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    print(f"wrote {out} ({load_hint(out)})")
     return 0
+
+
+def load_hint(out: Path) -> str:
+    """How to load an export. transformers 5 reads config.json before tokenizer_config.json, so
+    without trust_remote_code=False it asks about the model's remote code for the tokenizer too."""
+    if "auto_map" not in json.loads((out / "config.json").read_text()):
+        return "load with transformers.AutoModelForCausalLM.from_pretrained"
+    return (
+        "load with transformers.AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) "
+        "and the tokenizer, which runs no code, with AutoTokenizer.from_pretrained(dir, "
+        "trust_remote_code=False)"
+    )
 
 
 def cmd_import_hf(args) -> int:

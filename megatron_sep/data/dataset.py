@@ -122,10 +122,22 @@ def sample_batch(ds, start: int, size: int, device, vocab_size: int | None = Non
     """(tokens, labels) of samples [start, start + size) of a packed dataset: the trainer's micro-batches,
     and eval's, so both read the same numbers. With vocab_size, an id outside it is an error here, on the
     host, not an index error inside the embedding."""
+    return to_device(sample_rows(ds, start, size, vocab_size), device)
+
+
+def sample_rows(ds, start: int, size: int, vocab_size: int | None = None, pin: bool = False) -> torch.Tensor:
+    """The host half of sample_batch: the samples as one (size, seq_len + 1) tensor, pinned for an
+    asynchronous copy when `pin` (the trainer's prefetch thread builds these)."""
     rows = np.stack([ds[i] for i in range(start, start + size)])
     if vocab_size is not None and rows.size and int(rows.max()) >= vocab_size:
         raise IndexedDataError(_outside(getattr(ds, "name", "") or "the corpus", int(rows.max()), vocab_size))
-    data = torch.from_numpy(rows).to(device, non_blocking=True)
+    data = torch.from_numpy(rows)
+    return data.pin_memory() if pin else data
+
+
+def to_device(rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device half of sample_batch: (tokens, labels) of sample_rows' tensor."""
+    data = rows.to(device, non_blocking=True)
     return data[:, :-1], data[:, 1:]
 
 

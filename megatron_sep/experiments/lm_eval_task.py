@@ -1,8 +1,7 @@
 """A LAMBADA-style local task for lm-eval-harness, built from held-out text, that runs offline.
 
 lm-eval's own tasks (lambada_openai, piqa, ...) read their data from the Hugging Face Hub, so they need a
-download or a filled HF cache. A local task points `dataset_path: json` at files on disk and needs
-neither. Each example is the end of a passage: the context is the passage up to its last word, the
+download or a filled HF cache. A local task reads a jsonl file beside its YAML and needs neither. Each example is the end of a passage: the context is the passage up to its last word, the
 target is that word; lm-eval reports the target's accuracy under greedy decoding and its perplexity."""
 
 from __future__ import annotations
@@ -13,6 +12,23 @@ import re
 from pathlib import Path
 
 from ..config import ConfigError
+
+# lm-eval hands data_files to `datasets` as they are, relative to the caller's cwd; a loader beside the
+# YAML (lm-eval resolves `!function` from the YAML's folder) finds the jsonl wherever the folder moves
+LOADER = """\"\"\"Written by `megatron-sep lm-eval-task`: NAME.jsonl from this file's folder.\"\"\"
+
+from pathlib import Path
+
+
+def data_file() -> str:
+    return str(Path(__file__).with_name("NAME.jsonl"))
+
+
+def load(**_):
+    import datasets
+
+    return datasets.load_dataset("json", data_files={"test": data_file()})
+"""
 
 # the passage's last word, without punctuation
 WORD_AT_END = re.compile(r"^(.*\S)\s+(\w[\w'-]*)[\W]*$", re.S)
@@ -71,9 +87,9 @@ def write_task(
     seed: int = 0,
     force: bool = False,
 ) -> Path:
-    """OUT/NAME.jsonl and OUT/NAME.yaml; pass OUT to lm_eval --include_path and NAME to --tasks. The input
-    is read and checked before anything is written; an OUT that holds files needs force (and then only
-    the task's own two files are replaced)."""
+    """OUT/NAME.jsonl, OUT/NAME.yaml and its loader OUT/NAME_data.py; pass OUT to lm_eval
+    --include_path and NAME to --tasks. The input is read and checked before anything is written; an OUT that holds files needs force (and then only
+    the task's own files are replaced)."""
     from ..outdir import prepare_out
 
     input_path, out = Path(input_path), Path(out)
@@ -89,11 +105,12 @@ def write_task(
             "--name", name, "a task name is letters, digits and _", "e.g. heldout_lastword"
         )
     rows = examples(input_path, docs, text_key, max_chars, seed)
-    prepare_out(out, force, (f"{name}.jsonl", f"{name}.yaml"), "replace the task's own two files")
-    data = (out / f"{name}.jsonl").resolve()
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    owned = (f"{name}.jsonl", f"{name}.yaml", f"{name}_data.py")
+    prepare_out(out, force, owned, "replace the task's own files")
+    (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / f"{name}_data.py").write_text(LOADER.replace("NAME", name))
     (out / f"{name}.yaml").write_text(
-        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        f"task: {name}\ncustom_dataset: !function {name}_data.load\n"
         "test_split: test\noutput_type: loglikelihood\n"
         'doc_to_text: "{{context}}"\ndoc_to_target: "{{target}}"\n'
         "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"

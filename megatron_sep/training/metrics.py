@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config
 from ..config.structure import block_shares, parse_structure
+from ..errors import ConfigError, first_line
 from ..model.gpt import padded_vocab
 
 # Dense peaks (TFLOP/s) for MFU when logging.peak_tflops is unset: bf16, and fp8 where the chip has it.
@@ -119,6 +120,17 @@ class MetricsLogger:
         self.tb_dir = run_dir / "tensorboard" if cfg.logging.tensorboard else None
         if not enabled:
             return
+        # checked before metrics.jsonl is opened: a missing package writes nothing here
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401 (opened by resumed_at)
+            except ImportError as e:
+                raise ConfigError(
+                    "logging.tensorboard",
+                    True,
+                    f"needs tensorboard, which cannot be imported ({first_line(e)})",
+                    "pip install -e '.[tensorboard]', or set logging.tensorboard: false",
+                ) from None
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.jsonl = open(self.path, "a", buffering=1)

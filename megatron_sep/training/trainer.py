@@ -13,13 +13,14 @@ import numpy as np
 import torch
 
 from ..config import Config, config_to_dict
-from ..data.dataset import sample_batch
+from ..data.dataset import sample_batch, sample_rows, to_device
 from ..model.attention import prepare_batch, sep_inputs
 from ..parallel import shutdown
 from .build import build_run
 from .checkpointer import Checkpointer, TrainingError
 from .metrics import FLOPS_CONVENTION, MetricsLogger
 from .optim import lr_at
+from .prefetch import Prefetcher
 from .preemption import Preemption
 from .reporter import StepReporter
 from .run_lock import RunLock, RunLockedError
@@ -53,6 +54,7 @@ class Trainer:
             lambda text: self.logger.print(text),
         )
         self.preemption = Preemption(self.ctx)
+        self.prefetch = Prefetcher(self.step_rows, self.cfg.data.prefetch)
 
     @property
     def pending(self):
@@ -82,19 +84,32 @@ class Trainer:
 
     def micro_batch(self, ds, start: int, size: int):
         """(tokens, labels, AttentionBatch): the batch and its plan are built once, here, for every stage."""
-        tokens, labels = self.batch(ds, start, size)
+        return self.planned(*self.batch(ds, start, size))
+
+    def planned(self, tokens, labels):
         return tokens, labels, prepare_batch(self.cfg, tokens, self.model.sep_ids)
+
+    def step_rows(self, consumed: int) -> list[torch.Tensor]:
+        """The host rows of this rank's micro-batches of the step that starts at sample `consumed`:
+        data-parallel rank r takes the r-th slice of the global batch (prefetch.py builds these ahead)."""
+        ctx, mb = self.ctx, self.cfg.train.micro_batch_size
+        base = consumed + ctx.dp_rank * (self.global_batch // ctx.dp)
+        pin = self.device.type == "cuda"
+        vocab = self.cfg.model.vocab_size
+        micros = self.global_batch // (mb * ctx.dp)
+        return [sample_rows(self.train_ds, base + m * mb, mb, vocab, pin) for m in range(micros)]
 
     # ---- steps ---------------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step. Data-parallel rank r takes the r-th slice of the global batch, so the
         samples of a step do not depend on the layout."""
-        ctx, mb = self.ctx, self.cfg.train.micro_batch_size
-        micros = self.global_batch // (mb * ctx.dp)
-        base = self.consumed + ctx.dp_rank * (self.global_batch // ctx.dp)
+        ctx, gb = self.ctx, self.global_batch
         self.engine.set_lr(lr_at(self.step, self.cfg))
         self.model.set_train_step(self.step)
-        batches = [self.micro_batch(self.train_ds, base + m * mb, mb) for m in range(micros)]
+        left = min(self.cfg.data.prefetch, self.cfg.train.steps - self.step - 1)
+        ahead = [self.consumed + k * gb for k in range(1, left + 1)]
+        rows = self.prefetch.get(self.consumed, ahead)
+        batches = [self.planned(*to_device(r, self.device)) for r in rows]
         # the loss follows the teacher's logits (validation stays cross-entropy)
         if self.teacher is not None:
             batches = [
@@ -280,6 +295,7 @@ class Trainer:
                     self.save(final=True)
                 ckpt.finish()
         finally:
+            self.prefetch.close()
             self.logger.close()
             shutdown(self.ctx)
         return {"step": self.step, "stopped_by": self.preemption.signal, **reporter.last}

@@ -250,3 +250,26 @@ def test_sampling_respects_top_k_and_top_p():
     assert set(sample(logits, 0, 0.8, gen).tolist()) == {0, 1, 2}  # 0.5 + 0.25 < 0.8 <= 0.9
     counts = torch.bincount(sample(logits, 0, 1.0, gen), minlength=5) / 2000
     assert abs(counts[0].item() - 0.5) < 0.05
+
+
+def test_sepllm_export_tokenizer_loads_without_remote_code(corpus, tmp_path, monkeypatch, capsys):
+    """A SepLLM export's tokenizer is a built-in class with no auto_map: AutoTokenizer loads it
+    without running or asking about the model's remote code; the export says how (issue 39)."""
+    _, out, tok = export_tiny(tmp_path, corpus["tokenizer"], MODELS["llama"], SEPLLM, num_layers=3)
+    conf = json.loads((out / "tokenizer_config.json").read_text())
+    assert "auto_map" not in conf and hasattr(transformers, conf["tokenizer_class"])
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "n")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=False)
+    text = "The model reads, and writes. Does it stop? No; it goes on."
+    assert hf_tok(text).input_ids == tok.encode(text) and not asked
+    if int(transformers.__version__.split(".")[0]) < 5:  # 4.x reads tokenizer_config.json first
+        transformers.AutoTokenizer.from_pretrained(out)
+        assert not asked
+    with pytest.raises(ValueError, match="trust_remote_code"):  # the model still needs the opt-in
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+    from megatron_sep.convert.commands import cmd_export_hf
+
+    args = dict(load=str(tmp_path / "run"), out=str(tmp_path / "again"), dtype="fp32")
+    cmd_export_hf(type("Args", (), {**args, "tokenizer": None, "force": False}))
+    assert "AutoTokenizer.from_pretrained(dir, trust_remote_code=False)" in capsys.readouterr().out

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip(
-    "deepspeed", reason="DeepSpeed is not installed: pip install 'megatron-sep[deepspeed]'"
-)
+pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install -e '.[deepspeed]'")
 
 from megatron_sep.config import ConfigError  # noqa: E402
 from megatron_sep.training import Trainer  # noqa: E402
@@ -274,9 +272,7 @@ def _cli_train(corpus, tmp_path, parallel, hide_deepspeed=False):
 def test_missing_deepspeed_is_one_line_naming_the_install(corpus, tmp_path):
     r = _cli_train(corpus, tmp_path, {**DS, "zero": 2}, hide_deepspeed=True)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.count("\n") == 1 and "pip install 'megatron-sep[deepspeed]'" in r.stderr, (
-        r.stderr
-    )
+    assert r.stderr.count("\n") == 1 and "pip install -e '.[deepspeed]'" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
 
 

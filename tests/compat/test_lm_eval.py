@@ -68,13 +68,15 @@ def test_lm_eval_loglikelihoods_equal_project_losses(corpus, tmp_path, name):
         assert abs(theirs - mine) <= 1e-4 * (len(whole) - len(ctx)), (name, context, theirs, mine)
 
 
-def test_offline_lastword_task_perplexity_matches_the_project_model(corpus, tmp_path):
+def test_offline_lastword_task_perplexity_matches_the_project_model(corpus, tmp_path, monkeypatch):
     """`megatron-sep lm-eval-task` builds a local task that lm-eval runs with no download; its perplexity
     is exp(-mean target log-likelihood) of the project's own model (fp32, 1e-4 relative)."""
     from megatron_sep.experiments.lm_eval_task import write_task
 
     ours, out, tok = export_tiny(tmp_path, corpus["tokenizer"], *CASES["llama_sepllm"])
-    tasks = write_task(corpus["jsonl"], tmp_path / "tasks", docs=6, max_chars=200).parent
+    built = write_task(corpus["jsonl"], tmp_path / "tasks", docs=6, max_chars=200).parent
+    tasks = built.rename(tmp_path / "moved")  # the task folder holds no absolute path
+    monkeypatch.chdir(out)  # nor a path relative to where it was built
     results = lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(out), "trust_remote_code": True, "dtype": "float32"},

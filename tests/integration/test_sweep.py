@@ -1,6 +1,7 @@
 """`megatron-sep sweep`: three tiny runs in parallel on CPU produce a full report; finished runs are
 skipped, an interrupted one resumes from its checkpoint; bad plans fail before any training."""
 
+import importlib.util
 import json
 import re
 
@@ -186,12 +187,22 @@ def test_a_sweep_refuses_a_directory_it_did_not_make(corpus, tmp_path):
 def test_lm_eval_task_files(corpus, tmp_path):
     from megatron_sep.experiments.lm_eval_task import write_task
 
-    task = yaml.safe_load(write_task(corpus["jsonl"], tmp_path / "tasks", docs=20).read_text())
+    text = write_task(corpus["jsonl"], tmp_path / "tasks", docs=20).read_text()
+    loader = type("L", (yaml.SafeLoader,), {})
+    loader.add_constructor("!function", lambda lo, node: ("function", lo.construct_scalar(node)))
+    task = yaml.load(text, loader)
     rows = [json.loads(x) for x in open(tmp_path / "tasks" / "heldout_lastword.jsonl")]
     assert len(rows) == 20 and task["task"] == "heldout_lastword"
-    assert task["dataset_kwargs"]["data_files"]["test"] == str(
-        (tmp_path / "tasks" / "heldout_lastword.jsonl")
-    )
+    # portable: no path in the YAML; its loader finds the jsonl beside itself after a move (issue 39)
+    assert str(tmp_path) not in text and "/" not in str(task.get("dataset_kwargs"))
+    assert task["custom_dataset"] == ("function", "heldout_lastword_data.load")
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "tasks").rename(moved)
+    spec = importlib.util.spec_from_file_location("moved_task", moved / "heldout_lastword_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.data_file() == str(moved / "heldout_lastword.jsonl")
+    moved.rename(tmp_path / "tasks")
     for r in rows:  # the target is the passage's last word, split off with its space
         assert re.fullmatch(r" \w[\w'-]{2,}", r["target"]) and not r["context"].endswith(" ")
     # a second build into the same directory needs --force, and replaces only the task's own files

@@ -138,3 +138,31 @@ def test_cli_data_pipeline(corpus, tmp_path):
     assert p.returncode == 0 and "separator share" in p.stdout
     p = run("inspect", str(tmp_path / "nope"))
     assert p.returncode == 2 and "not found" in p.stderr
+
+
+def test_cli_hf_bpe_readme_command(corpus, tmp_path):
+    """The README's `--out data/my/tok` works first time for hf-bpe, and a failed run leaves no file
+    that a retry would need --force for (issue 39)."""
+
+    def train(out, *extra):
+        args = ["tokenizer", "train", "--input", str(corpus["jsonl"]), "--out", str(out), *extra]
+        return subprocess.run(
+            [sys.executable, "-m", "megatron_sep", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    out = tmp_path / "data" / "my" / "tok"
+    p = train(out, "--type", "unigram", "--vocab-size", "300")  # too small for byte fallback
+    assert p.returncode == 2 and "--vocab-size" in p.stderr
+    assert sorted(f.name for f in tmp_path.iterdir()) == []  # nothing half-written, no folder
+    p = train(out, "--type", "hf-bpe", "--vocab-size", "400")
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in out.parent.iterdir()) == ["tok.json"]
+    assert f"wrote {out}.json" in p.stdout
+    assert load_tokenizer(f"{out}.json").kind == "hf"
+    p = train(out, "--type", "hf-bpe", "--vocab-size", "400")
+    assert p.returncode == 2 and "--force" in p.stderr
+    p = train(out, "--type", "hf-bpe", "--vocab-size", "400", "--force")
+    assert p.returncode == 0, p.stderr

@@ -286,3 +286,38 @@ def test_tokens_per_s_leaves_out_eval_and_save_time(corpus, tmp_path, monkeypatc
     assert [r["step"] for r in rows] == [4, 8]
     # global batch x seq_len per second
     assert [r["tokens_per_s"] for r in rows] == pytest.approx([8 * 32] * 2)
+
+
+def test_prefetch_is_bit_equal_and_resumes_exactly(corpus, tmp_path):
+    """data.prefetch reads the next steps on a thread: the same losses bit for bit as reading in the
+    step, and a run stopped after step 3 and resumed equals the uninterrupted one (issue 39)."""
+    from megatron_sep.config import ConfigError
+
+    def run(name, prefetch, until=None):
+        trainer = Trainer(tiny_config(corpus, tmp_path / name, data={"prefetch": prefetch}))
+        trainer.run(until=until)
+        return trainer.prefetch.hits
+
+    assert run("off", 0) == 0
+    assert run("two", 2) == 7  # every step but the first came from the thread
+    assert run("part", 1, until=3) == 2
+    assert run("part", 1) == 4  # the resumed run reads step 4 itself (nothing was built ahead)
+    off, two, part = (losses(tmp_path / n) for n in ("off", "two", "part"))
+    assert sorted(off) == sorted(two) == sorted(part) == list(range(1, 9))
+    assert all(off[s] == two[s] == part[s] for s in off), (off, two, part)  # bit-exact, fp32 CPU
+    for bad in (-1, 5, True):
+        with pytest.raises(ConfigError, match="data.prefetch"):
+            tiny_config(corpus, tmp_path / "bad", data={"prefetch": bad})
+
+
+def test_missing_tensorboard_names_the_extra(corpus, tmp_path, monkeypatch):
+    from megatron_sep.config import ConfigError
+    from megatron_sep.training.metrics import MetricsLogger
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    cfg = tiny_config(corpus, tmp_path / "run", logging={"tensorboard": True})
+    with pytest.raises(
+        ConfigError, match=r"logging.tensorboard.*pip install -e '\.\[tensorboard\]'"
+    ):
+        MetricsLogger(cfg, tmp_path / "run", {})
+    assert not (tmp_path / "run").exists()

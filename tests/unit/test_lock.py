@@ -76,3 +76,44 @@ def test_lock_parser_catches_bad_lines(tmp_path):
     bad.write_text("torch==2.13.0\nnumpy>=2\n")
     with pytest.raises(AssertionError, match="line 2"):
         read_lock(bad)
+
+
+def setup_extras() -> dict:
+    """setup.py's extras_require, read without running setup()."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    kw = next(
+        k
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+        for k in n.keywords
+        if k.arg == "extras_require"
+    )
+    return ast.literal_eval(kw.value)
+
+
+def test_install_commands_name_the_clone_and_real_extras():
+    """The package is not on PyPI: docs and messages say `pip install -e '.[x]'`, never
+    `pip install 'megatron-sep[x]'`, and every extra they name exists in setup.py (issue 39)."""
+    extras = setup_extras()
+    assert extras["tensorboard"] == ["tensorboard>=2.21"]
+    for name, reqs in extras.items():  # each extra's packages are locked, at a version it admits
+        for req in map(Requirement, reqs):
+            pin = read_lock().get(canonicalize_name(req.name))
+            assert pin and req.specifier.contains(pin), f"[{name}] {req} vs the lock's {pin}"
+    files = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "launch").iterdir()]
+    files += [*(ROOT / "megatron_sep").rglob("*.py"), *(ROOT / "fused_ops").rglob("*.py")]
+    files += [*(ROOT / "benchmarks").glob("*.*"), *(ROOT / "tests").rglob("*.py")]
+    named = set()
+    for f in files:
+        if not f.is_file() or f == Path(__file__):
+            continue
+        text = f.read_text(errors="replace")
+        assert "megatron-sep[" not in text, f"{f.relative_to(ROOT)} names megatron-sep[...]"
+        named |= {e for m in re.findall(r"\.\[([\w,-]+)\]", text) for e in m.split(",")}
+        if f == ROOT / "README.md":  # its list of extras: `pip install -e '.[test]'`, `[gpu]`, ...
+            extras_line = next(line for line in text.splitlines() if line.startswith("Extras"))
+            named |= set(re.findall(r"`\[(\w+)\]`", extras_line))
+    assert {"deepspeed", "tensorboard", "fp8"} <= named
+    assert named <= set(extras), f"extras named but not in setup.py: {named - set(extras)}"
