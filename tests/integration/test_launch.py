@@ -68,16 +68,16 @@ def sbatch(tmp_path, run_dir, *args, real_python=False, **env_extra):
     return proc.stdout, calls
 
 
-def test_sbatch_srun_line_and_requeue_from_fresh_dir(tmp_path):
-    """The real config check gives run_dir; srun starts one task per GPU with the job's CPUs shared out;
-    a run_dir/preempted left by the trainer requeues the job."""
+def test_sbatch_srun_line_and_requeue_from_fresh_dir(tmp_path, corpus):
+    """The real config check (data files included: the test corpus) gives run_dir; srun starts one task
+    per GPU with the job's CPUs shared out; a run_dir/preempted left by the trainer requeues the job."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "preempted").write_text("17\n")
     config = REPO / "configs" / "tiny_cpu.yaml"
-    out, calls = sbatch(
-        tmp_path, run_dir, str(config), "--set", f"train.run_dir={run_dir}", real_python=True
-    )
+    data = [f"data.tokenizer={corpus['tokenizer']}", f"data.paths=[{corpus['prefix']}]"]
+    sets = ["--set", f"train.run_dir={run_dir}", "--set", data[0], "--set", data[1]]
+    out, calls = sbatch(tmp_path, run_dir, str(config), *sets, real_python=True)
     (srun,) = calls("srun")
     assert shlex.split(srun) == [
         "--kill-on-bad-exit=1",
@@ -89,8 +89,7 @@ def test_sbatch_srun_line_and_requeue_from_fresh_dir(tmp_path):
         "train",
         "-c",
         str(config),
-        "--set",
-        f"train.run_dir={run_dir}",
+        *sets,
     ]
     assert calls("scontrol") == ["show hostnames gpu[003-004]", "requeue 4242"]
     assert f"rank 0 at gpu003:{20000 + 4242}, run_dir {run_dir}" in out

@@ -2,6 +2,7 @@
 step lines carry the time of day, the elapsed time and an ETA."""
 
 import re
+import time
 
 import pytest
 
@@ -30,9 +31,13 @@ def test_wandb_resume_appends_to_one_run(corpus, tmp_path, monkeypatch):
     runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and run_id
     # both starts wrote the same run: `wandb sync` appends the second to the first
-    assert all(
-        r.name.endswith(f"-{run_id}") and (r / f"run-{run_id}.wandb").is_file() for r in runs
-    )
+    # (two starts within one second: wandb names the second folder ...-ID-1)
+    assert all(re.search(rf"-{run_id}(-\d+)?$", r.name) for r in runs), (run_id, runs)
+    # wandb-core writes the .wandb files from its own process: wait for them (at most 30 s)
+    deadline = time.monotonic() + 30
+    while not all((r / f"run-{run_id}.wandb").is_file() for r in runs):
+        assert time.monotonic() < deadline, [sorted(p.name for p in r.iterdir()) for r in runs]
+        time.sleep(0.2)
     assert (run / "wandb_id").read_text().strip() == run_id
     (run / "wandb_id").write_text(
         "../../x y\n"
