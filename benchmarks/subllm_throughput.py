@@ -23,15 +23,9 @@ import torch
 from megatron_sep.config import config_from_dict
 from megatron_sep.training import Trainer
 
-MODEL = {
-    "family": "llama",
-    "num_layers": 24,
-    "hidden_size": 2048,
-    "num_heads": 16,
-    "ffn_hidden_size": 5504,
-    "vocab_size": 32000,
-    "max_position_embeddings": 4096,
-}
+from memory_model import LLAMA1B3  # benchmarks/ is on sys.path when this file runs as a script
+
+MODEL = {**LLAMA1B3, "max_position_embeddings": 4096}
 VARIANTS = {
     "dense": {},
     "subllm": {"structure": "TTTTT(TTTTT(TTTT)TTTTT)TTTTT", "subsample_keep": 0.64},

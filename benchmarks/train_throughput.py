@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from megatron_sep.config import config_from_dict
 from megatron_sep.model import build_model
 
-from memory_peak import memory_at_peak  # benchmarks/ is on sys.path when this file runs as a script
+from memory_model import LLAMA1B3  # benchmarks/ is on sys.path when this file runs as a script
+from memory_peak import memory_at_peak
 
 # kinds: [trainer/]KIND[-nWINDOW][:BACKEND][+ac][~unfused][%fp8][@KERNELS][&ENGINE]; trainer/ times the Trainer's own
 # step (plan, autocast, clipping, schedule, optimizer); +ac turns on train.activation_checkpointing=full;
@@ -39,15 +40,7 @@ LLAMA350M = {
     "ffn_hidden_size": 2816,
     "vocab_size": 32000,
 }
-LLAMA1P3B = {
-    "family": "llama",
-    "num_layers": 24,
-    "hidden_size": 2048,
-    "num_heads": 16,
-    "ffn_hidden_size": 5504,
-    "vocab_size": 32000,
-    "max_position_embeddings": 4096,
-}
+LLAMA1P3B = {**LLAMA1B3, "max_position_embeddings": 4096}
 PRESETS = {
     "llama1.3b": {
         "model": LLAMA1P3B,
