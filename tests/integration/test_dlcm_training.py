@@ -69,14 +69,25 @@ def test_realised_ratio_moves_toward_the_target(corpus, tmp_path):
     assert abs(last - 4.0) < abs(first - 4.0)
 
 
-LAYOUTS = {"tp2": {"tp": 2}, "dp2": {}, "dp2_zero1": {"zero": 1}}
+LAYOUTS = {
+    "tp2": {"tp": 2},
+    "dp2": {},
+    "dp2_zero1": {"zero": 1},
+    "dp2_fsdp2": {"engine": "fsdp2"},
+    "dp2_deepspeed_zero3": {"engine": "deepspeed", "zero": 3},
+}  # the last: with DeepSpeed installed
+try:
+    import deepspeed  # noqa: F401
+except ImportError:
+    LAYOUTS.pop("dp2_deepspeed_zero3")
 
 
 def test_resumes_and_matches_under_parallel_layouts(corpus, tmp_path):
     """A stop at step 3 and a resume give the uninterrupted losses bit for bit; tp2 (all three stacks and
     the cross-attention split, router and pooling replicated) matches one process with the same two
     micro-batches per step, and dp2 (the global parser's G and F summed over the two ranks, its gradient
-    too), with and without ZeRO-1, matches one process with one micro-batch of both ranks' samples, within
+    too), with ZeRO-1, FSDP2 and DeepSpeed ZeRO-3 too, matches one process with one micro-batch of both ranks'
+    samples, within
     1e-5 (fp32; only the order of sums differs). A parser reduced per rank would not: it moves the loss
     by ~1e-4 within two steps."""
     Trainer(_config(corpus, tmp_path / "ref")).run()
