@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -368,6 +369,19 @@ class Config:
         self._check_engine()
         if m.arch == "dlcm":
             self._check_dlcm()
+        else:
+            changed = [
+                f.name
+                for f in dataclasses.fields(DLCMConfig)
+                if getattr(self.dlcm, f.name) != getattr(DLCMConfig(), f.name)
+            ]
+            _require(
+                not changed,
+                "dlcm." + (changed[0] if changed else ""),
+                getattr(self.dlcm, changed[0]) if changed else None,
+                f"is set but model.arch is {m.arch!r}, so the dlcm section is not used",
+                "set model.arch: dlcm, or remove the dlcm keys",
+            )
         # the teacher runs whole on every rank, next to an unsharded head
         if self.train.distill_from:
             for key in ("tp", "pp", "cp"):

@@ -160,11 +160,12 @@ def check_token_range(paths: list[str], vocab_size: int, scan_bytes: int = 2 << 
             raise IndexedDataError(_outside(str(p), top, vocab_size))
 
 
-def run_datasets(cfg):
+def run_datasets(cfg, train_samples: int | None = None):
     """(train, valid) as a training run of this config reads them: mock tokens, or the blended corpora
-    sized for train.steps global batches and train.eval_iters validation micro-batches."""
+    sized for train.steps global batches (or `train_samples`) and train.eval_iters validation micro-batches.
+    A larger size keeps the smaller one's samples as its prefix (the shuffles are cut from one order)."""
     t, d = cfg.train, cfg.data
-    wanted = (t.steps * t.samples_per_step, t.eval_iters * t.micro_batch_size)
+    wanted = (train_samples or t.steps * t.samples_per_step, t.eval_iters * t.micro_batch_size)
     if d.mock:
         return tuple(MockDataset(cfg.model.vocab_size, d.seq_len, n, d.seed + i) for i, n in enumerate(wanted))
     return build_datasets(d.paths, d.weights, d.split, d.seq_len, d.seed, (*wanted, 0))[:2]

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.state import unwrap, wrap
-from ..config import Config
+from ..config import Config, ConfigError
 from ..parallel.context import ParallelContext
 from ..parallel.data import global_grad_norm
 from ..parallel.parallelize import Parallelized
@@ -63,6 +63,13 @@ class FSDP2Engine(TorchOptimEngine):
             else MixedPrecisionPolicy()
         )
         offload = cfg.parallel.offload == "optimizer+params"
+        if offload and ctx.device.type != "cuda":
+            raise ConfigError(
+                "parallel.offload",
+                cfg.parallel.offload,
+                "is FSDP2's CPU offload, which moves shards between a GPU and host memory: it needs CUDA",
+                "use offload: none on CPU",
+            )
         kw = {
             "mesh": self.mesh,
             "mp_policy": mp,

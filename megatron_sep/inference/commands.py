@@ -164,6 +164,12 @@ def cmd_eval(args) -> int:
         Path(args.out), args.force, what
     )  # refused early; created only once every check passed
     model, cfg = load_model(args.load)
+    kinds = [k for k in args.cache.split(",") if k != "full"]
+    if cfg.model.arch == "dlcm" and args.stream_tokens and kinds:  # before any work, not after it
+        raise ValueError(
+            f"a DLCM model streams with the full cache only, not {', '.join(kinds)} (its concepts grow "
+            "with the stream). Fix: --cache full"
+        )
     device = _device(args.device)
     model.to(device)
     seq = args.seq_len or cfg.data.seq_len

@@ -91,10 +91,15 @@ def make_cache(
     """The KV cache generation and streaming evaluation decode with (see `generate`); `capacity`: the tokens
     a static cache must hold."""
     if model.cfg.model.arch == "dlcm":
-        if kind != "full" or cuda_graphs:
+        if cuda_graphs:
             raise ValueError(
-                f"a DLCM model decodes with the full cache only, not {'CUDA graphs' if cuda_graphs else kind}"
-                " (its concepts grow with the stream). Fix: --cache full"
+                "a DLCM model decodes without CUDA graphs (its concepts change the shapes of each step). "
+                "Fix: drop --cuda-graphs"
+            )
+        if kind != "full":
+            raise ValueError(
+                f"a DLCM model decodes with the full cache only, not {kind} (its concepts grow with "
+                "the stream). Fix: --cache full"
             )
         from .dlcm_cache import DLCMCache
 

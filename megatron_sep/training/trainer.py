@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..config import Config, config_to_dict
-from ..data.dataset import sample_batch, sample_rows, to_device
+from ..data.dataset import run_datasets, sample_batch, sample_rows, to_device
 from ..model.attention import prepare_batch, sep_inputs
 from ..parallel import shutdown
 from .build import build_run
@@ -64,6 +64,10 @@ class Trainer:
     def resume(self) -> None:
         """Start from this run's latest checkpoint, checkpoint.load's weights, or step 0."""
         self.step, self.consumed = self.checkpointer.resume()
+        # a checkpoint saved with a larger global batch consumed more samples than this config sizes for
+        need = self.consumed + max(0, self.cfg.train.steps - self.step) * self.global_batch
+        if need > len(self.train_ds):
+            self.train_ds = run_datasets(self.cfg, need)[0]
         # steps logged by a killed run after its last save run again
         self.logger.resumed_at(self.step)
 
@@ -239,7 +243,8 @@ class Trainer:
                 f"(None = dense), separator share in the data {self._separator_share():.2%}"
             )
         self.logger.print(
-            f"model: {cfg.model.family}, {run.num_params / 1e6:.2f}M parameters, "
+            f"model: {cfg.model.family}{' dlcm' if cfg.model.arch == 'dlcm' else ''}, "
+            f"{run.num_params / 1e6:.2f}M parameters, "
             f"device {self.device}, layout tp={self.ctx.tp} pp={self.ctx.pp} cp={self.ctx.cp} "
             f"dp={self.ctx.dp}{self.engine.describe}, "
             f"{self.global_batch // (t.micro_batch_size * self.ctx.dp)} micro-batches per step"

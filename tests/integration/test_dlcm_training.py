@@ -128,6 +128,11 @@ def test_generate_from_a_dlcm_checkpoint(corpus, tmp_path, capsys):
         ]
     )
     assert code == 0 and capsys.readouterr().out.strip()
+    # streaming with a bounded cache is refused before any evaluation runs (and writes nothing)
+    out = tmp_path / "eval"
+    argv = ["eval", "--load", str(tmp_path / "run"), "--out", str(out), "--stream-tokens", "64"]
+    assert main([*argv, "--cache", "sep,full"]) == 2
+    assert "full cache only, not sep" in capsys.readouterr().err and not out.exists()
     with pytest.raises(ConversionError, match="dlcm has no Hugging Face model"):
         export_hf(tmp_path / "run", tmp_path / "hf")
 

@@ -113,3 +113,10 @@ def test_compiled_blocks_inside_fsdp2_units(corpus, tmp_path):
     Trainer(cfg).run()
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert len(a) == 3 and all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
+
+
+def test_cpu_offload_needs_cuda(corpus, tmp_path):
+    """FSDP2's CPU offload on a CPU run: one ConfigError when the engine is built, not torch's traceback."""
+    cfg = _config(corpus, tmp_path, {"engine": "fsdp2", "offload": "optimizer+params"})
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        Trainer(cfg)

@@ -85,6 +85,21 @@ def test_exact_resume(corpus, tmp_path):
     assert all(a[s] == b[s] for s in a), (a, b)  # bit-exact in fp32 on CPU
 
 
+def test_resume_with_a_smaller_global_batch_reads_on(corpus, tmp_path):
+    """3 steps of 16 samples, then a resume at 8 a step: the data is sized for the samples consumed plus
+    what is left (it was sized for steps x the new batch, and indexing ran past its end); the resumed
+    steps read samples 48, 56, ... of the same order."""
+    wide = {"steps": 3, "micro_batch_size": 4, "global_batch_size": 16, "eval_interval": 3}
+    Trainer(tiny_config(corpus, tmp_path / "run", train=wide)).run()
+    resumed = Trainer(tiny_config(corpus, tmp_path / "run", train={"steps": 6}))
+    resumed.run()
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 7))
+    assert len(resumed.train_ds) >= 3 * 16 + 3 * 8
+    fresh = Trainer(tiny_config(corpus, tmp_path / "fresh", train={**wide, "steps": 6}), log=False)
+    for i in (48, 55, 71):  # the same samples as a run sized for them from the start
+        assert (resumed.train_ds[i] == fresh.train_ds[i]).all()
+
+
 def test_crash_during_save_keeps_last_checkpoint(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path / "run")
     proc = launch(cfg, tmp_path, env={CRASH_ENV: "8"})

@@ -250,3 +250,10 @@ def test_flops_count_the_backbone_at_its_concepts():
     attn = lambda r: 3 * 12.0 * 32 * 48 + 2 * 12.0 * 48 * 48 / r**2 + 6.0 * 32 * 48 / r  # noqa: E731
     assert f4 - attn(4) == pytest.approx(6.0 * (n - backbone - up + (backbone + up) / 4))
     assert f2 - attn(2) == pytest.approx(6.0 * (n - backbone - up + (backbone + up) / 2))
+
+
+def test_dlcm_keys_without_the_arch_are_refused():
+    """A dlcm key on a plain model would be silently unused: one line naming it."""
+    with pytest.raises(ConfigError, match="dlcm.encoder_layers=3: is set but model.arch is 'gpt'"):
+        config_from_dict({"dlcm": {"encoder_layers": 3}})
+    config_from_dict({"dlcm": {}})  # the defaults (as every saved config.yaml holds them) are fine
