@@ -257,3 +257,17 @@ def test_dlcm_keys_without_the_arch_are_refused():
     with pytest.raises(ConfigError, match="dlcm.encoder_layers=3: is set but model.arch is 'gpt'"):
         config_from_dict({"dlcm": {"encoder_layers": 3}})
     config_from_dict({"dlcm": {}})  # the defaults (as every saved config.yaml holds them) are fine
+
+
+def test_eviction_in_the_token_layers_changes_nothing():
+    """--evict drops token keys no later query sees (SepLLM's window): the same tokens, logits within fp32
+    rounding of the full cache's."""
+    from megatron_sep.inference import DecodeOptions
+    from megatron_sep.inference.generate import generate
+
+    torch.manual_seed(3)
+    model = build_model(dlcm_config()).eval()
+    prompt = torch.randint(0, 97, (1, 9))
+    a, la = generate(model, prompt, 20, DecodeOptions(), output_logits=True)
+    b, lb = generate(model, prompt, 20, DecodeOptions(evict=True), output_logits=True)
+    assert torch.equal(a, b) and (la - lb).abs().max() < 1e-5
