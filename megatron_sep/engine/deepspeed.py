@@ -19,7 +19,6 @@ it cannot (`check_expert_keys`, config/deepspeed.py).
 
 from __future__ import annotations
 
-import atexit
 import json
 import math
 import os
@@ -30,7 +29,7 @@ import torch.distributed as dist
 
 from ..config import Config
 from ..config.deepspeed import _config_problem, ds_config, import_deepspeed
-from ..parallel.context import ParallelContext, env_world
+from ..parallel.context import ParallelContext, env_world, one_process_group
 from ..parallel.parallelize import Parallelized
 from .native import decay_groups, lr_scales
 
@@ -52,12 +51,7 @@ class DeepSpeedEngine:
         os.environ.setdefault("LOCAL_RANK", str(env_world()[2]))
         if ctx.device.type == "cuda":
             torch.cuda.set_device(ctx.device.index or 0)
-        if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
-            backend = "nccl" if ctx.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-            # kept for the process's life: DeepSpeed caches its groups, so a later run in this process
-            # (a sweep, a notebook) must find the same one
-            atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        one_process_group(ctx.device)  # one process: DeepSpeed still wants a process group
         bf16 = ctx.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
         self.ds_config = ds_config(cfg, ctx.dp, bf16)
         # one stage: the same schedule code as the native engine

@@ -11,7 +11,6 @@ DeepSpeed and FSDP2 and `export-hf` reads it. (The save holds one rank's tp shar
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import math
 
@@ -20,7 +19,7 @@ import torch.distributed as dist
 
 from ..checkpoint.state import unwrap, wrap
 from ..config import Config, ConfigError
-from ..parallel.context import ParallelContext
+from ..parallel.context import ParallelContext, one_process_group
 from ..parallel.data import global_grad_norm
 from ..parallel.parallelize import Parallelized
 from ..parallel.params import info, mark
@@ -32,18 +31,11 @@ def shard_mesh(ctx: ParallelContext):
     from torch.distributed.device_mesh import init_device_mesh
 
     if ctx.mesh is None:  # one process: FSDP2 still wants a process group and a mesh
-        if not dist.is_initialized():
-            backend = "nccl" if ctx.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-            atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        one_process_group(ctx.device)
         return init_device_mesh(ctx.device.type, (1,), mesh_dim_names=("dp",))
     if ctx.cp == 1:
         return ctx.mesh["dp"]
     return ctx.mesh["dp", "cp"]._flatten("dp_cp")
-
-
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class FSDP2Engine(TorchOptimEngine):
@@ -105,7 +97,7 @@ class FSDP2Engine(TorchOptimEngine):
         a non-finite norm or loss drops the update."""
         self._marked()
         params = list(self.model.parameters())
-        pairs = [(_local(p.grad) if p.grad is not None else None, p) for p in params]
+        pairs = [(unwrap(p.grad) if p.grad is not None else None, p) for p in params]
         norm = global_grad_norm(pairs, self.ctx, sharded_over_dp=False, loss=loss)
         if self.mesh.size() > 1:  # the shard group (dp, or dp x cp): FSDP2's, not ctx.grad_group
             sq = norm.square()
@@ -127,7 +119,7 @@ class FSDP2Engine(TorchOptimEngine):
 
     def weights_finite(self) -> bool:
         """Collective: no rank's shard holds a NaN or inf weight."""
-        parts = [_local(p).detach().isfinite().all() for p in self.model.parameters()]
+        parts = [unwrap(p).detach().isfinite().all() for p in self.model.parameters()]
         bad = (~torch.stack(parts).all()).float().reshape(1).to(self.ctx.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad)
@@ -190,7 +182,7 @@ class FSDP2Engine(TorchOptimEngine):
 
     def _keep_shard(self, dst, full) -> None:
         """Copy this rank's FSDP2 shard (torch.chunk along dim 0, as fully_shard cuts) of `full` into dst."""
-        local = _local(dst)
+        local = unwrap(dst)
         n, r = self.mesh.size(), self.mesh.get_local_rank()
         chunks = torch.chunk(full, n, dim=0)
         mine = chunks[r] if r < len(chunks) else full[:0]

@@ -22,10 +22,9 @@ def decays(p) -> bool:
 
 
 def lr_scales(model) -> dict[int, float]:
-    """Each parameter's learning-rate multiplier by id, from the model's `lr_scale(name, p)` where it has
-    one (DLCM's decoupled muP); 1 elsewhere."""
-    scale = getattr(model, "lr_scale", None)
-    return {id(p): scale(n, p) if scale else 1.0 for n, p in model.named_parameters()}
+    """Each parameter's learning-rate multiplier by id: the model's `lr_scale(name, p)` hook (1 in the plain
+    model; DLCM's decoupled muP scales its backbone)."""
+    return {id(p): model.lr_scale(n, p) for n, p in model.named_parameters()}
 
 
 def decay_groups(params, weight_decay: float, scales: dict[int, float] | None = None) -> list[dict]:

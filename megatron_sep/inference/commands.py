@@ -160,9 +160,7 @@ def check_kv_memory(cfg, tokens: int, new_tokens: int, opts: DecodeOptions, devi
 
 def cmd_eval(args) -> int:
     what = "replace only the files eval writes"
-    check_out(
-        Path(args.out), args.force, what
-    )  # refused early; created only once every check passed
+    check_out(Path(args.out), args.force, what)  # refused early; made once every check passed
     model, cfg = load_model(args.load)
     kinds = [k for k in args.cache.split(",") if k != "full"]
     if cfg.model.arch == "dlcm" and args.stream_tokens and kinds:  # before any work, not after it
@@ -231,9 +229,8 @@ def cmd_eval(args) -> int:
             print(line)
     if args.stream_tokens:
         _stream(args, model, cfg, tokens, source, seq, mb, device, result)
-    out = prepare_out(
-        Path(args.out), args.force, ev.EVAL_FILES, what
-    )  # nothing is created before this
+    # nothing is created before this
+    out = prepare_out(Path(args.out), args.force, ev.EVAL_FILES, what)
     for path in ev.write_report(out, result):
         print(f"wrote {path}")
     return 0

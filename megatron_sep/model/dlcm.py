@@ -61,18 +61,23 @@ def compression_loss(p, b, ratio: float, per_sequence: bool = False, reduce=None
     return r / (r - 1) * ((r - 1) * f * g + (1 - f) * (1 - g)) - 1, f
 
 
+def segment_sums(x, seg, n: int):
+    """fp32 sums [b, n, d] and token counts [b, n] of x [b, s, d] per segment id seg [b, s] (0..n-1)."""
+    bsz, _, d = x.shape
+    sums = torch.zeros(bsz, n, d, dtype=torch.float32, device=x.device)
+    sums.scatter_add_(1, seg[..., None].expand(-1, -1, d), x.float())
+    counts = torch.zeros(bsz, n, dtype=torch.float32, device=x.device)
+    counts.scatter_add_(1, seg, torch.ones_like(seg, dtype=torch.float32))
+    return sums, counts
+
+
 def pool(h, seg, b, n: int, mode: str):
     """Concepts [b, n, d] of the segments seg [b, s] (ids 0..n-1; ids past a row's last segment stay 0):
     the mean of each segment's tokens, or its first token (b marks the first tokens). Sums in fp32."""
-    bsz, _, d = h.shape
-    x = h.float() if mode == "mean" else h.float() * b[..., None]
-    idx = seg[..., None].expand(-1, -1, d)
-    sums = torch.zeros(bsz, n, d, dtype=torch.float32, device=h.device).scatter_add_(1, idx, x)
     if mode == "mean":
-        counts = torch.zeros(bsz, n, dtype=torch.float32, device=h.device)
-        counts.scatter_add_(1, seg, torch.ones_like(seg, dtype=torch.float32))
-        sums = sums / counts.clamp(min=1.0)[..., None]
-    return sums.to(h.dtype)
+        sums, counts = segment_sums(h, seg, n)
+        return (sums / counts.clamp(min=1.0)[..., None]).to(h.dtype)
+    return segment_sums(h * b[..., None], seg, n)[0].to(h.dtype)
 
 
 def visible_slots(limit, slots: int):

@@ -15,7 +15,15 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from .attention import AttentionBatch, dense_causal, prepare_batch
-from .dlcm import ConceptState, CrossAttention, Router, compression_loss, pool, visible_slots
+from .dlcm import (
+    ConceptState,
+    CrossAttention,
+    Router,
+    compression_loss,
+    pool,
+    segment_sums,
+    visible_slots,
+)
 from .gpt import GPT, Block, Norm
 from .init import init_weights
 
@@ -47,9 +55,8 @@ class DLCM(GPT):
         nn.init.normal_(self.null, std=m.init_std)
         if self.router is not None:
             self.router.reset()
-        if (
-            d.mup
-        ):  # decoupled muP: the backbone's matrices at width multiplier w over the token stacks
+        # decoupled muP: the backbone's matrices at width multiplier w over the token stacks
+        if d.mup:
             w = d.concept_hidden_size / m.hidden_size
             for p in self.concept_layers.parameters():
                 if p.dim() >= 2:
@@ -171,25 +178,17 @@ class DLCM(GPT):
     def new_concepts(self, h, b, state: ConceptState):
         """Decoding, one row: the concepts this chunk completes go through the backbone's cache; returns
         their outputs and each new token's last visible slot."""
-        d = self.cfg.dlcm
-        if h.shape[0] != 1:
-            raise ValueError("DLCM decodes one sequence at a time (batch 1)")
-        local = b.long().cumsum(
-            1
-        )  # 0: the segment open before this chunk; j: the j-th started here
+        d = self.cfg.dlcm  # one row: DLCMCache.begin refuses a batch
+        # 0: the segment open before this chunk; j: the j-th started here
+        local = b.long().cumsum(1)
         started = int(local[0, -1])
-        if d.pooling == "mean":  # fp32 sums per local segment, the open one's earlier part added
-            idx = local[..., None].expand(-1, -1, h.shape[-1])
-            sums = torch.zeros(1, started + 1, h.shape[-1], device=h.device)
-            sums.scatter_add_(1, idx, h.float())
-            counts = torch.zeros(1, started + 1, device=h.device)
-            counts.scatter_add_(1, local, torch.ones_like(local, dtype=torch.float32))
+        if d.pooling == "mean":  # sums per local segment, the open one's earlier part added
+            sums, counts = segment_sums(h, local, started + 1)
             if state.open_sum is not None:
                 sums[:, 0] += state.open_sum
                 counts[:, 0] += state.open_count
-            closed = slice(
-                1 if state.segments == 0 else 0, started
-            )  # 0 is empty at the stream start
+            # local segment 0 is empty at the stream start
+            closed = slice(1 if state.segments == 0 else 0, started)
             new = (sums[:, closed] / counts[:, closed, None]).to(h.dtype)
             state.open_sum, state.open_count = sums[:, started], counts[:, started]
         else:

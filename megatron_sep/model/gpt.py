@@ -219,6 +219,10 @@ class GPT(nn.Module):
     def set_train_step(self, step: int) -> None:
         """Step-dependent settings (none in the plain model)."""
 
+    def lr_scale(self, name: str, p) -> float:
+        """The learning-rate multiplier of parameter `name` (the engines' parameter groups read it)."""
+        return 1.0
+
     @staticmethod
     def _at(modules, i: int):
         """Module i of a list, or of a pipeline stage's dict keyed by global index."""

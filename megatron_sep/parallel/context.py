@@ -9,6 +9,7 @@ sequence; their gradients are averaged together with dp's, over the dp x cp grou
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -282,6 +283,17 @@ def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
         device=device,
         sequence_parallel=cfg.parallel.sequence_parallel and tp > 1,
     )
+
+
+def one_process_group(device: torch.device) -> None:
+    """A process group of this process alone, for an engine that needs one in a one-process run (DeepSpeed,
+    FSDP2). Kept for the process's life: such engines cache their groups, so a later run in this process (a
+    sweep, a notebook) must find the same one."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
 def shutdown(ctx: ParallelContext) -> None:
