@@ -20,9 +20,8 @@ from .lm_eval_task import write_task
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.check_config:
-        p = (
-            cfg.parallel
-        )  # the layout rules that need no processes: on the smallest world that could run it
+        # the layout rules that need no processes: on the smallest world that could run it
+        p = cfg.parallel
         resolve_layout(cfg, p.tp * p.pp * p.cp * (1 if p.dp == "auto" else p.dp))
         if not cfg.data.mock:  # the run's own checks: the tokenizer and data files exist
             load_checked_tokenizer(copy.deepcopy(cfg))

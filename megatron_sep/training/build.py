@@ -106,10 +106,8 @@ def build_run(user_cfg: Config) -> Run:
         )
 
     model = build_model(cfg)
-    n_matmul, n_params = (
-        matmul_params(model),
-        model.num_params(),
-    )  # the whole model, before sharding
+    # the whole model, before sharding
+    n_matmul, n_params = matmul_params(model), model.num_params()
     part = parallelize(model, cfg, ctx)
     notes += part.notes
     engine = build_engine(part, cfg, ctx)

@@ -39,9 +39,8 @@ def test_wandb_resume_appends_to_one_run(corpus, tmp_path, monkeypatch):
         assert time.monotonic() < deadline, [sorted(p.name for p in r.iterdir()) for r in runs]
         time.sleep(0.2)
     assert (run / "wandb_id").read_text().strip() == run_id
-    (run / "wandb_id").write_text(
-        "../../x y\n"
-    )  # read back as data: a bad id is one line with the fix
+    # read back as data: a bad id is one line with the fix
+    (run / "wandb_id").write_text("../../x y\n")
     with pytest.raises(ConfigError, match=r"wandb_id holds no wandb run id.*Fix: delete the file"):
         wandb_id(run)
 

@@ -18,15 +18,13 @@ def test_builds_ahead_on_a_thread_and_falls_back_for_other_keys():
     p = Prefetcher(build, depth=2)
     assert p.get(0, [1, 2]) == 0 and threads[0] == threading.current_thread().name
     assert p.get(1, [2, 3]) == 10 and threads[1].startswith("prefetch")
-    assert (
-        p.get(7, [8]) == 70 and p.hits == 1
-    )  # a jump (a resume): built in the step, 2 and 3 dropped
+    # a jump (a resume): built in the step, 2 and 3 dropped
+    assert p.get(7, [8]) == 70 and p.hits == 1
     assert p.get(8, []) == 80 and p.hits == 2
     p.close()
     assert p.pool is None and not p.pending
-    assert (
-        p.get(9, [10]) == 90 and p.get(10, []) == 100 and p.hits == 3
-    )  # a closed one starts again
+    # a closed one starts again
+    assert p.get(9, [10]) == 90 and p.get(10, []) == 100 and p.hits == 3
     p.close()
 
 
