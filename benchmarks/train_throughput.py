@@ -28,10 +28,11 @@ from megatron_sep.model import build_model
 from memory_model import LLAMA1B3  # benchmarks/ is on sys.path when this file runs as a script
 from memory_peak import memory_at_peak
 
-# kinds: [trainer/]KIND[-nWINDOW][:BACKEND][+ac][~unfused][%fp8][@KERNELS][&ENGINE]; trainer/ times the Trainer's own
+# kinds: [trainer/]KIND[-nWINDOW][:BACKEND][+ac][~unfused][%fp8][@KERNELS][&ENGINE][^pN]; trainer/ times the Trainer's own
 # step (plan, autocast, clipping, schedule, optimizer); +ac turns on train.activation_checkpointing=full;
 # ~unfused sets model.fused_loss=false (the LM head's full logits, then cross-entropy); %fp8 sets
-# train.precision=fp8 (MFU then against the fp8 peak); &fsdp2 sets parallel.engine=fsdp2 (trainer/ kinds)
+# train.precision=fp8 (MFU then against the fp8 peak); &fsdp2 sets parallel.engine=fsdp2 (trainer/ kinds);
+# ^p0 sets data.prefetch=0 (the step reads its own batches; default 1)
 LLAMA350M = {
     "family": "llama",
     "num_layers": 24,
@@ -62,9 +63,19 @@ PRESETS = {
         "model": LLAMA1P3B,
         "seq": 4096,
         "mbs": 2,
-        "kinds": ["trainer/dense", "trainer/dense&fsdp2"],
+        "kinds": [
+            "trainer/dense",
+            "trainer/dense&fsdp2",
+            "trainer/dense%fp8",
+            "trainer/dense%fp8&fsdp2",
+        ],
         "plain": False,
-        "compile_only": ["trainer/dense", "trainer/dense&fsdp2"],
+        "compile_only": [
+            "trainer/dense",
+            "trainer/dense&fsdp2",
+            "trainer/dense%fp8",
+            "trainer/dense%fp8&fsdp2",
+        ],
     },
     "sepllm350m-16k": {
         "model": {**LLAMA350M, "max_position_embeddings": 16384},
@@ -94,6 +105,7 @@ PRESETS = {
             "trainer/sepllm-n64",
             "trainer/sepllm-n128",
             "trainer/streamingllm-n64",
+            "trainer/sepllm-n128^p0",  # issue 39: the same step reading its own batches (no prefetch)
         ],
     },
     "llama350m-16k": {
@@ -137,8 +149,9 @@ PRESETS = {
 
 
 def parse_kind(kind: str) -> dict:
-    """[trainer/]KIND[-nWINDOW][:BACKEND][+ac][~unfused][%fp8][@KERNELS][&ENGINE] -> its parts."""
+    """[trainer/]KIND[-nWINDOW][:BACKEND][+ac][~unfused][%fp8][@KERNELS][&ENGINE][^pN] -> its parts."""
     via_trainer = kind.startswith("trainer/")
+    kind, _, prefetch = kind.partition("^p")
     kind, _, engine = kind.partition("&")
     rest, _, kernels = kind.removeprefix("trainer/").partition("@")
     rest, _, precision = rest.partition("%")
@@ -156,6 +169,7 @@ def parse_kind(kind: str) -> dict:
         "fused_loss": not unfused,
         "precision": precision or "auto",
         "engine": engine or "native",
+        "prefetch": int(prefetch) if prefetch else 1,
     }
 
 
@@ -382,7 +396,7 @@ def main():
                 {
                     "model": {**m, "kernels": k["kernels"], "fused_loss": k["fused_loss"]},
                     "attention": attention,
-                    "data": {"seq_len": seq, "mock": True},
+                    "data": {"seq_len": seq, "mock": True, "prefetch": k["prefetch"]},
                     "train": {
                         "run_dir": f"{args.out}/trainer_run",
                         "micro_batch_size": mbs,

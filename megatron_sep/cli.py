@@ -108,6 +108,22 @@ MAX_NEW_TOKENS = (
 )
 
 
+def _token_count(text, low=0):
+    """20000, 64K, 4M (decimal, as sweep --tokens) -> a count >= low."""
+    from .config import ConfigError
+    from .experiments.sweep import parse_tokens
+
+    try:
+        value = int(text) if text.strip().isdigit() else parse_tokens(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a token count (e.g. 20000, 64K or 4M)"
+        ) from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+    return value
+
+
 def _new_tokens(text):
     value = _at_least(1, int)(text)
     if value > MAX_NEW_TOKENS:
@@ -438,9 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stream-tokens",
-        type=_at_least(0, int),
+        type=_token_count,
         default=0,
-        help="also stream this many tokens through each --cache and report perplexity per segment",
+        help="also stream this many tokens (e.g. 20000, 64K, 4M) through each --cache and report "
+        "perplexity per segment",
     )
     p.add_argument(
         "--cache", default="sep,streaming", type=_caches, help="comma list of sep, streaming, full"
@@ -456,7 +473,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk", type=_at_least(1, int), default=64, help="tokens fed per streaming step"
     )
     p.add_argument(
-        "--segment", type=_at_least(1, int), default=65536, help="tokens per perplexity segment"
+        "--segment",
+        type=lambda text: _token_count(text, 1),
+        default=65536,
+        help="tokens per perplexity segment",
+    )
+    p.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="stream the bounded caches eagerly (default on CUDA: each chunk replays one CUDA graph)",
     )
     p.add_argument(
         "--time-limit",

@@ -275,6 +275,7 @@ def _stream(args, model, cfg, tokens, source: str, seq: int, mb: int, device, re
             args.segment,
             progress=not args.no_progress,
             time_limit=args.time_limit,
+            cuda_graphs=not args.no_cuda_graphs,
         )
         result["streaming"].append(run)
         why = f" (stopped early: {run['stopped']})" if run["stopped"] else ""

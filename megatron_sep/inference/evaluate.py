@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ..data.dataset import sample_batch
 from .generate import feed, make_cache
+from .static_sep_cache import StaticSepCache
 
 
 def autocast_for(device: torch.device):
@@ -70,17 +71,34 @@ def streaming_perplexity(
     segment: int,
     progress: bool = True,
     time_limit: float | None = None,
+    cuda_graphs: bool = True,
+    fixed_shape: bool = True,
 ) -> dict:
     """Next-token perplexity over one long stream [n], fed `chunk` tokens at a time through the cache, per
-    `segment` tokens; tokens/s; and the KV memory the cache holds, read off its tensors after every chunk.
-    The stream stops early, saying why in "stopped", past `time_limit` seconds or when the device runs out of
-    memory (a full cache over a long stream): the tokens reached are the result."""
+    `segment` tokens; tokens/s; and the KV memory the cache holds. The bounded caches (sep, streaming) run
+    in fixed-shape buffers (SepCache itself with `fixed_shape` False), each chunk a CUDA graph on CUDA
+    (unless `cuda_graphs` is False). Losses stay on
+    the device; the host waits for it only at sync points (each segment's end and every SYNC tokens), where
+    the time, the KV bytes and the limits are read. The stream stops early, saying why in "stopped", past
+    `time_limit` seconds or when the device runs out of memory (a full cache over a long stream): the
+    tokens reached are the result."""
     model.eval()
     device = next(model.parameters()).device
-    kv = make_cache(model, cache, sizes, positions)
+    bounded = cache != "full"
+    kv = make_cache(
+        model,
+        cache,
+        sizes,
+        positions,
+        fixed_shape=bounded and fixed_shape,
+        cuda_graphs=bounded and fixed_shape and cuda_graphs and device.type == "cuda",
+        chunk=chunk,
+    )
+    graphed = getattr(kv, "graphs", None) is not None
     inputs, targets = stream[:-1].to(device), stream[1:].to(device)
     n = inputs.numel()
-    seg_nll, seg_count, seg_time, kv_curve = [], [], [], []
+    nll = torch.zeros(n, dtype=torch.float64, device=device)
+    seg_time, kv_curve, synced = [], [], []
     peak, done, stopped = 0, 0, None
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -91,48 +109,52 @@ def streaming_perplexity(
         tqdm(total=n, unit="tok", disable=not progress, desc=f"stream ({cache})") as bar,
     ):
         for start in range(0, n, chunk):
-            piece = inputs[start : start + chunk][None]
+            end = min(start + chunk, n)
             try:
-                logits = feed(model, kv, piece)[0].float()
+                logits = feed(model, kv, inputs[start:end][None])[0].float()
             except torch.OutOfMemoryError:
                 stopped = "out of memory"
                 break
-            # .cpu() waits for the device, so the time taken per chunk is real
-            nll = (
-                F.cross_entropy(logits, targets[start : start + chunk], reduction="none")
-                .double()
-                .cpu()
-            )
-            for j, value in enumerate(nll.tolist()):  # a chunk may straddle a segment boundary
-                s = (start + j) // segment
-                if s == len(seg_nll):
-                    seg_nll.append(0.0)
-                    seg_count.append(0)
-                    seg_time.append(0.0)
-                seg_nll[s] += value
-                seg_count[s] += 1
-            now = time.perf_counter()
-            seg_time[start // segment] += now - last
-            last = now
-            done = start + piece.shape[1]
+            nll[start:end] = F.cross_entropy(logits, targets[start:end], reduction="none")
+            done = end
+            bar.update(end - start)
+            over = time_limit is not None and time.perf_counter() - begin > time_limit
+            seg_end = end // segment > start // segment or end == n
+            if not (seg_end or over or end // SYNC > start // SYNC):
+                continue
+            if device.type == "cuda":  # the time read next is the device's
+                torch.cuda.synchronize(device)
             held = kv_bytes(kv)
+            now = time.perf_counter()
+            synced.append((end, now - last))
+            last = now
             peak = max(peak, held)
-            kv_curve.append((done, held))
-            bar.update(piece.shape[1])
-            if time_limit is not None and now - begin > time_limit and done < n:
+            kv_curve.append((end, held))
+            if time_limit is not None and now - begin > time_limit and end < n:
                 stopped = "time"
                 break
     seconds = last - begin
-    del kv  # a full cache can hold most of the device's memory: free it before the next run
-    segments = [
-        {
-            "start": i * segment,
-            "tokens": c,
-            "ppl": math.exp(t / c),
-            "tokens_per_s": c / max(dt, 1e-9),
-        }
-        for i, (t, c, dt) in enumerate(zip(seg_nll, seg_count, seg_time))
-    ]
+    losses = nll[:done].cpu()
+    allocated = kv.allocated_bytes() if isinstance(kv, StaticSepCache) else None
+    del kv, nll  # a full cache can hold most of the device's memory: free it before the next run
+    seg_time = [0.0] * -(-done // segment)
+    prev = 0
+    for end, dt in synced:  # the time between sync points, spread over the tokens it covered
+        for s in range(prev // segment, -(-end // segment)):
+            share = min(end, (s + 1) * segment) - max(prev, s * segment)
+            seg_time[s] += dt * share / max(end - prev, 1)
+        prev = end
+    segments = []
+    for i in range(len(seg_time)):
+        part = losses[i * segment : (i + 1) * segment]
+        segments.append(
+            {
+                "start": i * segment,
+                "tokens": part.numel(),
+                "ppl": math.exp(part.mean().item()),
+                "tokens_per_s": part.numel() / max(seg_time[i], 1e-9),
+            }
+        )
     step = max(1, len(kv_curve) // 512)  # a readable curve, not one point per chunk
     used = (
         None if cache == "full" else [sizes[0], 0 if cache == "streaming" else sizes[1], *sizes[2:]]
@@ -141,20 +163,27 @@ def streaming_perplexity(
         "cache": cache,
         "sizes": used,
         "positions": "original" if cache == "full" else positions,
+        "cuda_graphs": graphed,
         "stopped": stopped,
         "tokens": done,
         "chunk": chunk,
         "segment": segment,
         "segments": segments,
-        "ppl": math.exp(sum(seg_nll) / done) if done else float("nan"),
+        "ppl": math.exp(losses.mean().item()) if done else float("nan"),
         "tokens_per_s": done / max(seconds, 1e-9),
         "seconds": seconds,
         "peak_kv_bytes": peak,
+        "kv_allocated_bytes": allocated,  # the fixed-shape cache's buffers, the same from first to last
         "kv_bytes": kv_curve[::step] + kv_curve[-1:],
         "peak_cuda_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda"
         else None,
     }
+
+
+SYNC = (
+    4096  # tokens between the host's reads of the device (time, KV bytes, limits) within a segment
+)
 
 
 @torch.no_grad()
@@ -260,8 +289,10 @@ def corpus_tokens(prefix: str, limit: int) -> np.ndarray:
 
 
 def kv_bytes(cache) -> int:
-    """Bytes of the key/value tensors a cache holds now (its own tensors, not an estimate); both caches keep
-    (k, v, ...) per layer."""
+    """Bytes of the keys and values a cache holds now (its own tensors, not an estimate): the fixed-shape
+    SepCache's valid entries; the others' tensors, (k, v, ...) per layer."""
+    if isinstance(cache, StaticSepCache):
+        return cache.held_bytes()
     return sum(
         t.numel() * t.element_size() for entry in cache.kv if entry is not None for t in entry[:2]
     )

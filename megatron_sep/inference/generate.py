@@ -87,9 +87,12 @@ def make_cache(
     capacity: int | None = None,
     cuda_graphs: bool = False,
     batch: int = 1,
+    fixed_shape: bool = False,
+    chunk: int = 1,
 ):
     """The KV cache generation and streaming evaluation decode with (see `generate`); `capacity`: the tokens
-    a static cache must hold."""
+    a static cache must hold. A bounded cache (sep, streaming) with `cuda_graphs` or `fixed_shape` is the
+    fixed-shape SepCache, sized for steps of `chunk` tokens."""
     if model.cfg.model.arch == "dlcm":
         if cuda_graphs:
             raise ValueError(
@@ -105,17 +108,37 @@ def make_cache(
 
         return DLCMCache(model.cfg, model.sep_ids, evict=evict)
     if cuda_graphs:
-        if kind not in ("full", "static") or evict:
+        if kind not in ("full", "static", "sep", "streaming") or evict:
             what = "--evict" if evict else f"the {kind} cache"
             raise ValueError(
-                f"CUDA graphs replay steps of fixed shape, through the static cache; {what} changes "
-                "its shape as it decodes. Fix: use the full (or static) cache without --evict, or "
-                "drop --cuda-graphs"
+                f"CUDA graphs replay steps of fixed shape (the static or the bounded caches); {what} "
+                "changes the shape as it decodes. Fix: drop --evict (or --cuda-graphs)"
             )
         if not model.sep_ids.is_cuda:
             raise ValueError(
                 "CUDA graphs need the model on a CUDA device. Fix: --device cuda, or drop --cuda-graphs"
             )
+    if kind in ("sep", "streaming"):
+        a, s, w, c = sizes
+        kw = dict(
+            init=a,
+            seps=0 if kind == "streaming" else s,
+            window=w,
+            capacity=c,
+            positions=positions,
+            streaming=kind == "streaming",
+        )
+        if not (cuda_graphs or fixed_shape):
+            return SepCache(model.cfg, model.sep_ids, **kw)
+        from .static_sep_cache import StaticSepCache
+
+        kv = StaticSepCache(model.cfg, model.sep_ids, chunk=chunk, **kw)
+        if cuda_graphs:
+            from .graphs import GraphedChunks
+
+            kv.graphs = GraphedChunks(model, kv)
+        return kv
+    if cuda_graphs:  # full or static: the static cache, kept with the model
         from .graphs import graphed_cache
 
         return graphed_cache(model, capacity, batch)
@@ -132,19 +155,7 @@ def make_cache(
         return StaticKVCache(model.cfg, model.sep_ids, capacity, batch)
     if kind == "full":
         return SepKVCache(model.cfg, model.sep_ids, evict=evict)
-    if kind not in ("sep", "streaming"):
-        raise ValueError(f"cache {kind!r} is unknown; use full, sep, streaming or static")
-    a, s, w, c = sizes
-    return SepCache(
-        model.cfg,
-        model.sep_ids,
-        init=a,
-        seps=0 if kind == "streaming" else s,
-        window=w,
-        capacity=c,
-        positions=positions,
-        streaming=kind == "streaming",
-    )
+    raise ValueError(f"cache {kind!r} is unknown; use full, sep, streaming or static")
 
 
 def filtered_probs(

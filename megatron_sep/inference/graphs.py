@@ -91,3 +91,41 @@ def capture(run, undo=lambda: None):
     with torch.cuda.graph(graph):
         out = run()
     return graph, out
+
+
+class GraphedChunks:
+    """Steps of one fixed size through a StaticSepCache, replayed as one CUDA graph each (streaming, or
+    one-token decoding with a bounded cache). A step of another size runs eagerly on the same buffers.
+
+    The cache's state changes with every step, so capture saves it after a first eager step, runs the
+    warm-up steps, and puts it back before the replay that counts."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        self.graphs = {}  # tokens per step -> (graph, tokens buffer, logits)
+
+    def _step(self, tokens):
+        return self.model(tokens, position_ids=self.cache.begin(tokens), cache=self.cache)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        s, c = tokens.shape[1], self.cache
+        if s not in self.graphs:
+            if c.pos is None or s > c.chunk:  # the buffers come with the first step
+                return self._step(tokens)
+            tok = tokens.clone()
+            saved = [t.clone() for t in c.state()]
+            length = c.length
+
+            def undo():
+                for t, v in zip(c.state(), saved):
+                    t.copy_(v)
+                c.length = length
+
+            graph, logits = capture(lambda: self._step(tok), undo)
+            c.length = length  # capture ran the step's host part once more
+            self.graphs[s] = graph, tok, logits
+        graph, tok, logits = self.graphs[s]
+        tok.copy_(tokens)
+        graph.replay()
+        c.length += s
+        return logits.clone()  # the next replay overwrites the graph's output

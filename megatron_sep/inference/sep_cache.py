@@ -77,6 +77,7 @@ class SepCache:
             )
         self.cfg, self.sep_ids, self.streaming = cfg, sep_ids, streaming
         self.init, self.seps, self.window, self.capacity = init, seps, window, capacity
+        self.sizes = (init, seps, window, capacity)
         self.rotates = positions == "cache"
         self.mask_init = a.init_tokens
         self.windows = a.layer_windows(m.num_layers, m.max_position_embeddings)
@@ -112,7 +113,7 @@ class SepCache:
         pos = torch.cat([self.pos, qpos.expand(b, s)], 1)
         sep = torch.cat([self.sep, new_sep], 1)
         valid = torch.cat([self.valid, torch.ones(b, s, dtype=torch.bool, device=dev)], 1)
-        retained, alive = self._retention(pos, sep, valid, qpos)
+        retained, alive = retention(pos, sep, valid, qpos, self.sizes)
         keep_mask = sep | (pos < self.mask_init)  # the model's always-visible keys
         base = retained & (pos[:, None, :] <= qpos[None, :, None])
         order = torch.sort((~alive).to(torch.int8), dim=1, stable=True).indices
@@ -133,35 +134,6 @@ class SepCache:
         )
         self.length += s
         return qpos
-
-    def _retention(self, pos, sep, valid, qpos):
-        """Per query of the chunk, the columns retained at its step ([b, s, T]), and those alive after the
-        chunk ([b, T]): compressions fire in each row when its count reaches the capacity."""
-        b, t = pos.shape
-        s = qpos.numel()
-        t0 = int(qpos[0])
-        alive = valid.clone()
-        retained = alive[:, None, :].expand(b, s, t).clone()
-        count = valid.sum(1) - s  # entries before the chunk
-        fire = t0 + (self.capacity - count) - 1  # the step whose insertion reaches the capacity
-        while True:
-            now = fire <= t0 + s - 1
-            if not bool(now.any()):
-                return retained, alive
-            tau = torch.where(now, fire, torch.full_like(fire, -1))[:, None]  # [b, 1]
-            seen = alive & (pos <= tau)
-            init = pos < self.init
-            local = pos > tau - self.window
-            cand = seen & sep & ~init & ~local  # separators outside the initial and local blocks
-            newer = cand.flip(1).cumsum(1).flip(1) - cand.long()  # candidates after this one
-            keep = seen & (init | local | (cand & (newer < self.seps)))
-            drop = seen & ~keep & now[:, None]
-            alive &= ~drop
-            # [b, s, 1]: queries after the compression
-            later = qpos[None, :, None] > tau[:, :, None]
-            retained &= ~(drop[:, None, :] & later)
-            # each later step adds one entry: the next compression fires when the count is back at capacity
-            fire = torch.where(now, tau[:, 0] + (self.capacity - keep.sum(1)), fire)
 
     def attend(self, layer: int, q, k, v, rope=None):
         """q [b, hq, s, d], new k/v [b, hk, s, d] -> output over the retained entries and the chunk.
@@ -229,3 +201,46 @@ class SepCache:
         if self._step is not None:
             self.pos, self.sep, self.valid = self._step["next"]
             self._step = None
+
+
+def retention(pos, sep, valid, qpos, sizes, rounds: int | None = None):
+    """Per query of a chunk, the columns retained at its step ([b, s, T]), and those alive after the chunk
+    ([b, T]), for columns at stream positions `pos`, separator flags `sep` and `valid` [b, T] (valid columns
+    in stream order; the chunk's own last) and the chunk's positions `qpos` [s]. Compressions fire in each
+    row when its count reaches the capacity. `rounds`: how many compressions to allow for (each a no-op in
+    rows where none fires), with no host sync; None loops until none fires (one sync per round)."""
+    init_n, seps, window, capacity = sizes
+    b, t = pos.shape
+    s = qpos.numel()
+    alive = valid.clone()
+    retained = alive[:, None, :].expand(b, s, t).clone()
+    count = valid.sum(1) - s  # entries before the chunk
+    fire = qpos[0] + (capacity - count) - 1  # the step whose insertion reaches the capacity
+    done = 0
+    while rounds is None or done < rounds:
+        now = fire <= qpos[-1]
+        if rounds is None and not bool(now.any()):
+            break
+        done += 1
+        tau = torch.where(now, fire, torch.full_like(fire, -1))[:, None]  # [b, 1]
+        seen = alive & (pos <= tau)
+        init = pos < init_n
+        local = pos > tau - window
+        cand = seen & sep & ~init & ~local  # separators outside the initial and local blocks
+        newer = cand.flip(1).cumsum(1).flip(1) - cand.long()  # candidates after this one
+        keep = seen & (init | local | (cand & (newer < seps)))
+        drop = seen & ~keep & now[:, None]
+        alive &= ~drop
+        # [b, s, 1]: queries after the compression
+        later = qpos[None, :, None] > tau[:, :, None]
+        retained &= ~(drop[:, None, :] & later)
+        # each later step adds one entry: the next compression fires when the count is back at capacity
+        fire = torch.where(now, tau[:, 0] + (capacity - keep.sum(1)), fire)
+    return retained, alive
+
+
+def max_compressions(s: int, sizes) -> int:
+    """The most compressions a chunk of s tokens can fire in one row: after one, a row holds at most
+    init + seps + window entries, and the next fires when the count is back at the capacity."""
+    init, seps, window, capacity = sizes
+    return -(-s // (capacity - init - seps - window))

@@ -121,6 +121,13 @@ def speculative_generate(
             "the draft is the target model itself, and with CUDA graphs both would decode through "
             "one cache. Fix: pass a separate (smaller) draft model"
         )
+    bounded = {"sep", "streaming"} & {o.cache, o.draft_cache or o.cache}
+    if o.cuda_graphs and bounded:
+        raise ValueError(
+            f"with CUDA graphs the {bounded.pop()} cache is the fixed-shape SepCache, which keeps no "
+            "copies to roll rejected tokens back to. Fix: drop --cuda-graphs (SepCache rolls back), or "
+            "use the full or static cache"
+        )
     target.eval(), draft.eval()
     caches = []
     for name, m, kind, flag in (

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fused_ops
 from ..config import Config, ModelConfig
-from .attention import build_core_attention, prepare_batch, separator_ids_of
+from .attention import AttentionBatch, build_core_attention, prepare_batch, separator_ids_of
 from .cache import DecodeCache
 from .loss import CrossEntropy
 
@@ -182,7 +182,12 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device)
         if batch is None:  # per-microbatch attention inputs, computed once for every layer
-            batch = prepare_batch(self.cfg, tokens, self.sep_ids)
+            # a decoding cache applies the mask itself: no plan (its host syncs would break CUDA graphs)
+            batch = (
+                AttentionBatch()
+                if cache is not None
+                else prepare_batch(self.cfg, tokens, self.sep_ids)
+            )
         return self.head(
             self.run_layers(self.embed_tokens(tokens), position_ids, batch, cache=cache), labels
         )

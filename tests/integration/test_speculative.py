@@ -199,8 +199,10 @@ def test_static_cache_and_cuda_graphs_refuse_what_they_cannot_do():
         kv.begin(prompt(n=5))
     with pytest.raises(ValueError, match="keeps every key.*Fix: use --cache full with --evict"):
         generate(m, prompt(), 4, DecodeOptions(cache="static", evict=True))
-    with pytest.raises(ValueError, match="the sep cache changes its shape"):
-        generate(m, prompt(), 4, DecodeOptions(cache="sep", cuda_graphs=True))
+    with pytest.raises(ValueError, match="--evict changes the shape"):
+        generate(m, prompt(), 4, DecodeOptions(cache="full", evict=True, cuda_graphs=True))
+    with pytest.raises(ValueError, match="the sep cache is the fixed-shape SepCache.*roll"):
+        speculative_generate(m, model(), prompt(), 4, DecodeOptions(cache="sep", cuda_graphs=True))
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
         generate(m, prompt(), 4, DecodeOptions(cuda_graphs=True))
     with pytest.raises(ValueError, match="the draft is the target model itself"):
