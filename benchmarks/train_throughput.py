@@ -130,6 +130,35 @@ PRESETS = {
             "trainer/streamingllm-n256",
         ],
     },
+    # issue 38: 128K on one GPU, activation checkpointing on both sides (benchmarks/memory_model.py sizes it)
+    "llama350m-128k": {
+        "model": {**LLAMA350M, "max_position_embeddings": 131072},
+        "seq": 131072,
+        "mbs": 1,
+        "plain": False,
+        "baseline": "trainer/dense+ac:compile",
+        "kinds": ["trainer/dense+ac", "trainer/sepllm-n256+ac"],
+    },
+    # issue 38: fp8 linears on both sides at 16K (attention stays bf16), beside bf16 in the same call
+    "llama350m-16k-fp8": {
+        "model": {**LLAMA350M, "max_position_embeddings": 16384},
+        "seq": 16384,
+        "mbs": 1,
+        "plain": False,
+        "baseline": "trainer/dense%fp8:compile",
+        "kinds": [
+            "trainer/dense%fp8",
+            "trainer/sepllm-n256%fp8",
+            "trainer/dense",
+            "trainer/sepllm-n256",
+        ],
+        "compile_only": [
+            "trainer/dense%fp8",
+            "trainer/sepllm-n256%fp8",
+            "trainer/dense",
+            "trainer/sepllm-n256",
+        ],
+    },
     "tiny": {
         "model": {
             "family": "llama",
