@@ -132,7 +132,7 @@ def test_eval_on_a_text_file_and_bad_input(run, tmp_path, capsys):
                 "--seq-len",
                 "16",
                 "--stream-tokens",
-                "200",
+                "0.2K",  # 200: counts take K and M
                 "--chunk",
                 "16",
                 "--cache",
@@ -174,6 +174,21 @@ def test_eval_on_a_text_file_and_bad_input(run, tmp_path, capsys):
         assert main(["eval", "--load", str(d / "run"), "--no-progress", *extra]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, err
+    with pytest.raises(
+        SystemExit
+    ) as exit_:  # argparse's own exit, with the message of the count parser
+        main(
+            [
+                "eval",
+                "--load",
+                str(d / "run"),
+                "--out",
+                str(tmp_path / "j"),
+                "--stream-tokens",
+                "4Q",
+            ]
+        )
+    assert exit_.value.code == 2 and "'4Q' is not a token count" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
     assert (
