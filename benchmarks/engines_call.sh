@@ -11,3 +11,4 @@ out=${1:-$OUT/a}; mkdir -p $out
 timeout 60 python3 benchmarks/kernel_registers.py --out $out 2>&1 | tail -8
 timeout 420 python3 benchmarks/train_throughput.py --preset llama1.3b-engines --modes compile --out $out 2>&1 | grep -v Warning | tail -12
 timeout 100 python3 benchmarks/train_throughput.py --preset pythia160m-2k --modes compile --only "trainer/sepllm-n128:compile,trainer/sepllm-n128^p0:compile" --out $out 2>&1 | tail -4
+rm -rf "$out/trainer_run"  # the Trainer's run dir: not a result (the device returns 8 files at most)
