@@ -456,7 +456,7 @@ def main():
                         *measure(lambda: train_loss()[0], model.device.type == "cuda", args.steps),
                         pairs=pairs,
                         key=f"{kind}:{'compile' if compiled else 'eager'}",
-                        peak=model.peak / 1e12 if model.peak else 989,
+                        peak=model.run_state.peak / 1e12 if model.run_state.peak else 989,
                     )
                 else:
                     model = build_model(cfg).to(args.device)

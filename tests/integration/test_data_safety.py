@@ -208,13 +208,21 @@ def test_diverging_run_stops_before_saving_nan_and_keeps_good_checkpoints(corpus
         assert all(p.isfinite().all() for p in model.parameters()), name
 
 
-def test_skip_nonfinite_drops_one_bad_update(corpus, tmp_path):
+@pytest.mark.parametrize("engine", ["native", "fsdp2"])
+def test_skip_nonfinite_drops_one_bad_update(corpus, tmp_path, engine):
     """A forward hook makes step 3's loss NaN. With optim.skip_nonfinite=1 the update is dropped (weights
-    unchanged by that step) and the run finishes; with 0 it stops at step 3."""
+    unchanged by that step) and the run finishes; with 0 it stops at step 3. Both engines skip inside fused
+    AdamW (found_inf), with no host sync before the update."""
 
     def poisoned(skip, run):
         trainer = Trainer(
-            tiny_config(corpus, tmp_path / run, train={"steps": 5}, optim={"skip_nonfinite": skip})
+            tiny_config(
+                corpus,
+                tmp_path / run,
+                train={"steps": 5},
+                optim={"skip_nonfinite": skip},
+                parallel={"engine": engine},
+            )
         )
         calls = {"n": 0}
         micros = trainer.global_batch // trainer.cfg.train.micro_batch_size
