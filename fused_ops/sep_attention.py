@@ -70,15 +70,18 @@ def resolve_backend(backend: str, cuda: bool, head_dim: int, segments: bool) -> 
     return backend
 
 
-def plan_for(is_sep, init_tokens, windows, backend, segment_ids=None, head_dim=128) -> SepPlan:
-    """The micro-batch's plan for `backend` (resolved as `sep_attention` will resolve it)."""
+def plan_for(
+    is_sep, init_tokens, windows, backend, segment_ids=None, head_dim=128, max_kept=None
+) -> SepPlan:
+    """The micro-batch's plan for `backend` (resolved as `sep_attention` will resolve it); `max_kept` as in
+    sep_plan.gather_plan."""
     backend = resolve_backend(backend, is_sep.is_cuda, head_dim, segment_ids is not None)
     rows = ()
     if backend == "triton":
         from .sep_attention_launch import tile_rows
 
         rows = tile_rows()
-    return build_plan(is_sep, init_tokens, windows, backend, segment_ids, rows)
+    return build_plan(is_sep, init_tokens, windows, backend, segment_ids, rows, max_kept)
 
 
 def sep_attention(

@@ -11,7 +11,8 @@ tokens, so it is computed once per micro-batch and handed to every layer (and pi
 - `bounds[(window, BM)]` [b, 4 * tiles]: per query tile of BM rows, the first list entry in the document
   of its first / last query, and how many entries are older than all / some of its windows (Triton);
 - `block_masks[window]`: FlexAttention's block mask over keys [gathered ; all] (flex).
-The G bucket needs the largest kept count on the host: the one sync of a plan, once per micro-batch.
+The G bucket needs the largest kept count on the host: the one sync of a plan, once per micro-batch, unless
+the caller counted it on the host (the trainer does, from the batch it reads there).
 """
 
 from __future__ import annotations
@@ -49,13 +50,15 @@ def kept_keys(is_sep: torch.Tensor, init_tokens: int, segment_ids: torch.Tensor 
     return is_sep | (pos - doc_starts(segment_ids) < init_tokens)
 
 
-def gather_plan(keep: torch.Tensor):
-    """Sorted kept positions per row, padded to a power-of-two multiple of BLOCK: (index [b, G], pos [b, G])."""
+def gather_plan(keep: torch.Tensor, max_kept: int | None = None):
+    """Sorted kept positions per row, padded to a power-of-two multiple of BLOCK: (index [b, G], pos [b, G]).
+    `max_kept`: the largest row's kept count when the caller knows it (counted on the host from the same
+    tokens); otherwise it is read from the device, the plan's one host sync."""
     b, s = keep.shape
     pos = torch.arange(s, device=keep.device).expand(b, s)
     order = torch.sort(torch.where(keep, pos, pos + s), dim=1).indices  # kept first, in order
     counts = keep.sum(1, keepdim=True)
-    count = int(counts.max().item())  # the plan's one host sync
+    count = int(counts.max().item()) if max_kept is None else max_kept
     g = max(BLOCK, 1 << (count - 1).bit_length())
     if g > s:
         order = torch.cat([order, order.new_zeros(b, g - s)], dim=1)
@@ -118,16 +121,17 @@ def build_plan(
     backend: str,
     segment_ids: torch.Tensor | None = None,
     tile_rows=(),
+    max_kept: int | None = None,
 ) -> SepPlan:
     """The plan for the sparse (window < s) layers of one micro-batch. `windows`: their window sizes;
     `backend`: reference (keep only), triton (list, slots, tile bounds for each BM in `tile_rows`) or
-    flex (list and block masks)."""
+    flex (list and block masks); `max_kept`: see gather_plan."""
     keep = kept_keys(is_sep, init_tokens, segment_ids)
     plan = SepPlan(is_sep=is_sep, keep=keep, segment_ids=segment_ids)
     if backend == "reference":
         return plan
     s = is_sep.shape[1]
-    plan.index, gpos = gather_plan(keep)
+    plan.index, gpos = gather_plan(keep, max_kept)
     if backend == "triton":
         plan.gpos = gpos.to(torch.int32)
         plan.slot = list_slots(plan.gpos, s)

@@ -26,16 +26,36 @@ class AttentionBatch:
     plan: fused_ops.SepPlan | None = None  # kept keys, gathered list, tile bounds / block masks
 
 
-def prepare_batch(cfg: Config, tokens: torch.Tensor, sep_ids: torch.Tensor) -> AttentionBatch:
-    """Everything attention needs from this micro-batch's tokens, for every layer at once."""
+def prepare_batch(
+    cfg: Config, tokens: torch.Tensor, sep_ids: torch.Tensor, max_kept: int | None = None
+) -> AttentionBatch:
+    """Everything attention needs from this micro-batch's tokens, for every layer at once. `max_kept`: the
+    largest row's kept-key count when the caller counted it on the host (`kept_count`): the plan then asks
+    the device nothing."""
     inputs = sep_inputs(cfg, tokens, sep_ids)
     if not inputs:
         return AttentionBatch()
-    return planned_batch(cfg, inputs["is_sep"], inputs.get("segment_ids"))
+    return planned_batch(cfg, inputs["is_sep"], inputs.get("segment_ids"), max_kept)
+
+
+def kept_count(cfg: Config, tokens: torch.Tensor, sep_ids: torch.Tensor) -> int | None:
+    """The largest row's count of always-visible keys (initial tokens and separators) in a micro-batch of
+    host tokens: the size of its plan's key list, known before the batch reaches the device. None for dense
+    attention."""
+    inputs = sep_inputs(cfg, tokens, sep_ids)
+    if not inputs:
+        return None
+    keep = fused_ops.kept_keys(
+        inputs["is_sep"], cfg.attention.init_tokens, inputs.get("segment_ids")
+    )
+    return int(keep.sum(1).max())
 
 
 def planned_batch(
-    cfg: Config, is_sep: torch.Tensor, segment_ids: torch.Tensor | None
+    cfg: Config,
+    is_sep: torch.Tensor,
+    segment_ids: torch.Tensor | None,
+    max_kept: int | None = None,
 ) -> AttentionBatch:
     a, s = cfg.attention, is_sep.shape[1]
     windows = [
@@ -46,7 +66,7 @@ def planned_batch(
     plan = None
     if windows:
         plan = fused_ops.plan_for(
-            is_sep, a.init_tokens, windows, a.backend, segment_ids, cfg.model.head_dim
+            is_sep, a.init_tokens, windows, a.backend, segment_ids, cfg.model.head_dim, max_kept
         )
     return AttentionBatch(is_sep=is_sep, segment_ids=segment_ids, plan=plan)
 

@@ -14,7 +14,7 @@ import torch
 
 from ..config import Config, config_to_dict
 from ..data.dataset import run_datasets, sample_batch, sample_rows, to_device
-from ..model.attention import prepare_batch, sep_inputs
+from ..model.attention import kept_count, prepare_batch, sep_inputs
 from ..parallel import shutdown
 from .build import build_run
 from .checkpointer import Checkpointer, TrainingError
@@ -54,6 +54,9 @@ class Trainer:
             lambda text: self.logger.print(text),
         )
         self.preemption = Preemption(self.ctx)
+        self.host_sep_ids = (
+            self.model.sep_ids.cpu()
+        )  # the prefetch thread counts kept keys on the host
         self.prefetch = Prefetcher(self.step_rows, self.cfg.data.prefetch)
 
     @property
@@ -90,18 +93,20 @@ class Trainer:
         """(tokens, labels, AttentionBatch): the batch and its plan are built once, here, for every stage."""
         return self.planned(*self.batch(ds, start, size))
 
-    def planned(self, tokens, labels):
-        return tokens, labels, prepare_batch(self.cfg, tokens, self.model.sep_ids)
+    def planned(self, tokens, labels, max_kept: int | None = None):
+        return tokens, labels, prepare_batch(self.cfg, tokens, self.model.sep_ids, max_kept)
 
-    def step_rows(self, consumed: int) -> list[torch.Tensor]:
-        """The host rows of this rank's micro-batches of the step that starts at sample `consumed`:
-        data-parallel rank r takes the r-th slice of the global batch (prefetch.py builds these ahead)."""
+    def step_rows(self, consumed: int) -> list[tuple[torch.Tensor, int | None]]:
+        """The host rows of this rank's micro-batches of the step that starts at sample `consumed`, each with
+        its plan's key-list size counted on the host (so planning syncs nothing): data-parallel rank r takes
+        the r-th slice of the global batch (prefetch.py builds these ahead)."""
         ctx, mb = self.ctx, self.cfg.train.micro_batch_size
         base = consumed + ctx.dp_rank * (self.global_batch // ctx.dp)
         pin = self.device.type == "cuda"
         vocab = self.cfg.model.vocab_size
         micros = self.global_batch // (mb * ctx.dp)
-        return [sample_rows(self.train_ds, base + m * mb, mb, vocab, pin) for m in range(micros)]
+        rows = [sample_rows(self.train_ds, base + m * mb, mb, vocab, pin) for m in range(micros)]
+        return [(r, kept_count(self.cfg, r[:, :-1], self.host_sep_ids)) for r in rows]
 
     # ---- steps ---------------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +118,7 @@ class Trainer:
         left = min(self.cfg.data.prefetch, self.cfg.train.steps - self.step - 1)
         ahead = [self.consumed + k * gb for k in range(1, left + 1)]
         rows = self.prefetch.get(self.consumed, ahead)
-        batches = [self.planned(*to_device(r, self.device)) for r in rows]
+        batches = [self.planned(*to_device(r, self.device), kept) for r, kept in rows]
         # the loss follows the teacher's logits (validation stays cross-entropy)
         if self.teacher is not None:
             batches = [

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_sep.config import dump_config
 from megatron_sep.training import Trainer
@@ -323,6 +324,47 @@ def test_prefetch_is_bit_equal_and_resumes_exactly(corpus, tmp_path):
     for bad in (-1, 5, True):
         with pytest.raises(ConfigError, match="data.prefetch"):
             tiny_config(corpus, tmp_path / "bad", data={"prefetch": bad})
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [
+        {"kind": "sepllm", "window": 8},
+        {"kind": "fixed_interval", "window": 8, "fixed_interval": 5},
+        {"kind": "sepllm", "window": 8, "reset_per_document": True},
+        {"kind": "dense"},
+    ],
+)
+def test_plan_size_counted_on_the_host_gives_the_same_plan(corpus, tmp_path, attention):
+    """Each step's micro-batches come with their plan's key-list size counted on the host (issue 38: the
+    plan then needs no device sync). For every micro-batch of two steps the count is the device's largest
+    kept count, and the Triton plan built with it equals the plan that reads the count from the device."""
+    import fused_ops
+    from fused_ops.sep_plan import build_plan
+    from megatron_sep.data.dataset import to_device
+    from megatron_sep.model.attention import sep_inputs
+
+    if attention.get("reset_per_document"):
+        attention["eod_id"] = 1
+    trainer = Trainer(tiny_config(corpus, tmp_path / "run", attention=attention))
+    a = trainer.cfg.attention
+    for consumed in (0, trainer.global_batch):
+        for rows, kept in trainer.step_rows(consumed):
+            tokens, _ = to_device(rows, trainer.device)
+            inputs = sep_inputs(trainer.cfg, tokens, trainer.model.sep_ids)
+            if a.kind == "dense":
+                assert kept is None and not inputs
+                continue
+            seg = inputs.get("segment_ids")
+            keep = fused_ops.kept_keys(inputs["is_sep"], a.init_tokens, seg)
+            assert kept == int(keep.sum(1).max()) > a.init_tokens
+            plans = [
+                build_plan(inputs["is_sep"], a.init_tokens, [8], "triton", seg, (64,), k)
+                for k in (None, kept)
+            ]
+            for name in ("index", "gpos", "slot"):
+                assert torch.equal(getattr(plans[0], name), getattr(plans[1], name)), name
+            assert all(torch.equal(plans[0].bounds[w], plans[1].bounds[w]) for w in plans[0].bounds)
 
 
 def test_missing_tensorboard_names_the_extra(corpus, tmp_path, monkeypatch):
