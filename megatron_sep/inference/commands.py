@@ -207,6 +207,7 @@ def cmd_eval(args) -> int:
             )
         tok = _tokenizer(args.tokenizer or cfg.data.tokenizer, "--tokenizer")
         probes = Probes(cfg, tok, args.distance_edges, args.passkey_distances, args.passkey_trials)
+    stream = _stream_tokens(args, cfg, tokens, source)  # too short: said before any evaluation
     result = {
         "checkpoint": str(args.load),
         "source": source,
@@ -228,7 +229,7 @@ def cmd_eval(args) -> int:
         for line in summary_lines(result["probes"]):
             print(line)
     if args.stream_tokens:
-        _stream(args, model, cfg, tokens, source, seq, mb, device, result)
+        _stream(args, model, cfg, stream, seq, mb, device, result)
     # nothing is created before this
     out = prepare_out(Path(args.out), args.force, ev.EVAL_FILES, what)
     for path in ev.write_report(out, result):
@@ -236,18 +237,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _stream(args, model, cfg, tokens, source: str, seq: int, mb: int, device, result: dict) -> None:
-    """eval --stream-tokens: perplexity of one long stream without a cache, then through each --cache."""
-    stream = (
-        tokens
-        if tokens is not None
-        else ev.corpus_tokens(cfg.data.paths[0], args.stream_tokens + 1)
-    )
-    if len(stream) < args.stream_tokens + 1:
+def _stream_tokens(args, cfg, tokens, source: str):
+    """The stream for --stream-tokens (the text or corpus given, else the run's first corpus from its
+    start), checked long enough before any evaluation runs."""
+    if not args.stream_tokens:
+        return None
+    if tokens is None:
+        tokens = ev.corpus_tokens(cfg.data.paths[0], args.stream_tokens + 1)
+        source = f"the run's corpus {cfg.data.paths[0]}"
+    if len(tokens) < args.stream_tokens + 1:
         raise ValueError(
-            f"{source} holds {len(stream)} tokens, fewer than --stream-tokens {args.stream_tokens} "
+            f"{source} holds {len(tokens)} tokens, fewer than --stream-tokens {args.stream_tokens} "
             "+ 1. Fix: lower --stream-tokens or give a longer text or corpus"
         )
+    return tokens
+
+
+def _stream(args, model, cfg, stream, seq: int, mb: int, device, result: dict) -> None:
+    """eval --stream-tokens: perplexity of one long stream without a cache, then through each --cache."""
     if (
         args.cache_positions == "original"
         and args.stream_tokens > cfg.model.max_position_embeddings

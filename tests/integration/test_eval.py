@@ -174,9 +174,13 @@ def test_eval_on_a_text_file_and_bad_input(run, tmp_path, capsys):
         assert main(["eval", "--load", str(d / "run"), "--no-progress", *extra]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, err
-    with pytest.raises(
-        SystemExit
-    ) as exit_:  # argparse's own exit, with the message of the count parser
+    # a stream longer than the corpus is refused before any evaluation runs (the run's own corpus here)
+    argv = ["eval", "--load", str(d / "run"), "--out", str(tmp_path / "k"), "--stream-tokens", "1M"]
+    assert main(argv) == 2
+    said = capsys.readouterr()
+    assert "fewer than --stream-tokens" in said.err and "validation loss" not in said.out, said
+    # argparse's own exit, with the message of the count parser
+    with pytest.raises(SystemExit) as exit_:
         main(
             [
                 "eval",
