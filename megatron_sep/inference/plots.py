@@ -51,6 +51,7 @@ def plot_streaming(runs: list[dict], out: Path, reference: dict | None = None) -
             "KV cache held (MiB, all layers)",
             "KV memory",
             log=len(runs) > 1,
+            allocated=True,
         ),
         _lines(
             runs,
@@ -93,7 +94,14 @@ def _per_segment(run: dict, key: str):
 
 
 def _lines(
-    runs, path: Path, xy, ylabel: str, title: str, log: bool = False, reference=None
+    runs,
+    path: Path,
+    xy,
+    ylabel: str,
+    title: str,
+    log: bool = False,
+    reference=None,
+    allocated: bool = False,
 ) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     if reference:
@@ -108,9 +116,20 @@ def _lines(
     for r in runs:
         x, y = xy(r)
         stop = f" (stopped: {r['stopped']})" if r.get("stopped") else ""
-        ax.plot(x, y, "o-" if len(x) < 64 else "-", ms=3, label=label(r) + stop)
+        (line,) = ax.plot(x, y, "o-" if len(x) < 64 else "-", ms=3, label=label(r) + stop)
+        if allocated and r.get("kv_allocated_bytes") and x:  # the fixed-shape cache's buffers
+            ax.hlines(
+                r["kv_allocated_bytes"] / 2**20,
+                x[0],
+                x[-1],
+                colors=line.get_color(),
+                linestyles=":",
+                label=f"{label(r)}: buffers allocated",
+            )
     if log:  # a bounded cache and a full one differ by orders of magnitude
         ax.set_yscale("log")
+    elif allocated:  # memory from zero: flat reads as flat
+        ax.set_ylim(bottom=0)
     return save_figure(fig, ax, path, xlabel="tokens processed", ylabel=ylabel, title=title)
 
 
