@@ -77,11 +77,10 @@ def streaming_perplexity(
     """Next-token perplexity over one long stream [n], fed `chunk` tokens at a time through the cache, per
     `segment` tokens; tokens/s; and the KV memory the cache holds. The bounded caches (sep, streaming) run
     in fixed-shape buffers (SepCache itself with `fixed_shape` False), each chunk a CUDA graph on CUDA
-    (unless `cuda_graphs` is False). Losses stay on
-    the device; the host waits for it only at sync points (each segment's end and every SYNC tokens), where
-    the time, the KV bytes and the limits are read. The stream stops early, saying why in "stopped", past
-    `time_limit` seconds or when the device runs out of memory (a full cache over a long stream): the
-    tokens reached are the result."""
+    (unless `cuda_graphs` is False). Losses stay on the device; the host waits for it only at sync points
+    (each segment's end and every SYNC tokens), where the time, the KV bytes and the limits are read.
+    The stream stops early, saying why in "stopped", past `time_limit` seconds or when the device runs out
+    of memory (a full cache over a long stream): the tokens reached are the result."""
     model.eval()
     device = next(model.parameters()).device
     bounded = cache != "full"
@@ -98,7 +97,7 @@ def streaming_perplexity(
     inputs, targets = stream[:-1].to(device), stream[1:].to(device)
     n = inputs.numel()
     nll = torch.zeros(n, dtype=torch.float64, device=device)
-    seg_time, kv_curve, synced = [], [], []
+    kv_curve, synced = [], []
     peak, done, stopped = 0, 0, None
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -181,9 +180,8 @@ def streaming_perplexity(
     }
 
 
-SYNC = (
-    4096  # tokens between the host's reads of the device (time, KV bytes, limits) within a segment
-)
+# tokens between the host's reads of the device (time, KV bytes, limits) within a segment
+SYNC = 4096
 
 
 @torch.no_grad()

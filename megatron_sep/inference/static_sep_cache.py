@@ -99,9 +99,8 @@ class StaticSepCache(SepCache):
         ck, cv = bk[:, :, : c + s], bv[:, :, : c + s]
         w = self.windows[layer]
         bias = st["masks"].get(w)
-        if (
-            bias is None
-        ):  # once per step and window, as an additive bias (SDPA converts a bool mask each call)
+        # once per step and window, as an additive bias (SDPA converts a bool mask each call)
+        if bias is None:
             allowed = visible(
                 st["base"],
                 st["keep"][:, None, :],

@@ -54,9 +54,8 @@ class Trainer:
             lambda text: self.logger.print(text),
         )
         self.preemption = Preemption(self.ctx)
-        self.host_sep_ids = (
-            self.model.sep_ids.cpu()
-        )  # the prefetch thread counts kept keys on the host
+        # the prefetch thread counts kept keys on the host
+        self.host_sep_ids = self.model.sep_ids.cpu()
         self.prefetch = Prefetcher(self.step_rows, self.cfg.data.prefetch)
 
     @property

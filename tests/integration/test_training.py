@@ -331,7 +331,7 @@ def test_prefetch_is_bit_equal_and_resumes_exactly(corpus, tmp_path):
     [
         {"kind": "sepllm", "window": 8},
         {"kind": "fixed_interval", "window": 8, "fixed_interval": 5},
-        {"kind": "sepllm", "window": 8, "reset_per_document": True},
+        {"kind": "sepllm", "window": 8, "reset_per_document": True, "eod_id": 1},
         {"kind": "dense"},
     ],
 )
@@ -344,8 +344,6 @@ def test_plan_size_counted_on_the_host_gives_the_same_plan(corpus, tmp_path, att
     from megatron_sep.data.dataset import to_device
     from megatron_sep.model.attention import sep_inputs
 
-    if attention.get("reset_per_document"):
-        attention["eod_id"] = 1
     trainer = Trainer(tiny_config(corpus, tmp_path / "run", attention=attention))
     a = trainer.cfg.attention
     for consumed in (0, trainer.global_batch):
