@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from megatron_sep.config import load_config
-from megatron_sep.outdir import prepare_out
-from megatron_sep.convert.hf import ConversionError
+from megatron_sep.outdir import script_out
 from megatron_sep.inference import DecodeOptions
 from megatron_sep.inference.generate import feed, make_cache
 from megatron_sep.inference.speculative import speculative_generate
@@ -105,12 +104,7 @@ def main() -> None:
     if args.kernels:
         return kernels(args)
     if args.out:  # before any timing: never over a file this script did not write
-        try:
-            prepare_out(
-                Path(args.out), args.force, ("decode_steps.json",), "replace decode_steps.json"
-            )
-        except (ConversionError, OSError) as e:
-            raise SystemExit(f"error: {e}") from None
+        script_out(args.out, args.force, "decode_steps.json")
     rows, models = {}, []
     for name, path in (("target", args.target), ("draft", args.draft)):
         model = random_model(path, args.vocab)

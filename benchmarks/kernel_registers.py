@@ -2,7 +2,7 @@
 dK/dV runs below dQ). Runs one forward and backward at the benchmark's shape, then reads what Triton
 compiled for each kernel (`n_regs` per thread, `n_spills`, shared bytes, warps).
 
-  PYTHONPATH=. python3 benchmarks/kernel_registers.py [--seq 65536] [--out DIR]
+  PYTHONPATH=. python3 benchmarks/kernel_registers.py [--seq 65536] [--out DIR [--force]]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 import fused_ops
 from fused_ops import sep_attention_kernels as kernels
+from megatron_sep.outdir import script_out
 
 
 def compiled(fn) -> list[dict]:
@@ -40,7 +41,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, default=65536)
     ap.add_argument("--out", default="")
+    ap.add_argument(
+        "--force", action="store_true", help="replace kernel_registers.json in a non-empty --out"
+    )
     args = ap.parse_args()
+    if args.out:
+        script_out(args.out, args.force, "kernel_registers.json")
     torch.manual_seed(0)
     s, h, d = args.seq, 16, 128
     q, k, v = (

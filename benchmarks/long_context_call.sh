@@ -4,7 +4,8 @@
 # wheel in .whl/ (carried).   bash benchmarks/long_context_call.sh OUT
 set -x
 out=$1
-mkdir -p "$out"
+source "$(dirname "$0")/run_guard.sh"
+fresh_out "$out"  # it writes here and removes its own trainer_run: only in a folder it made
 export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
 pip install --no-deps --target /tmp/site .whl/torchao-*.whl -q 2>&1 | tail -1
 python3 -c "import torch, triton, torchao; print(torch.__version__, triton.__version__, torchao.__version__, torch.cuda.get_device_name())"

@@ -7,10 +7,12 @@
 #   bash benchmarks/stream_4m.sh OUT [STEPS] [TOKENS]
 set -euo pipefail
 out=$1 steps=${2:-600} tokens=${3:-4194304}
-mkdir -p "$out"
+source "$(dirname "$0")/run_guard.sh"
+fresh_out "$out"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 data=.carry/offline stream=.carry/stream/stream_text_document run=runs/stream4m
 [ -f $data/train_text_document.bin ] || xz -d -k -T0 $data/train_text_document.bin.xz
+fresh_runs "this script trains it from scratch" $run
 ms() { python3 -m megatron_sep "$@"; }
 # the stream: whole documents right after data.split's training range, never trained on (made once, carried)
 [ -f $stream.bin ] || python3 - "$data/train_text_document" "$stream" "$tokens" <<'PY'
@@ -31,7 +33,7 @@ ms train --config configs/llama150m_stream.yaml --set data.tokenizer=$data/token
   --set "data.paths=[$data/train_text_document]" --set "data.split=[0.9, 0.1, 0.0]" \
   --set train.steps="$steps" --set train.run_dir=$run --set train.compile=true \
   --set checkpoint.save_interval="$steps" --set logging.tensorboard=false 2>&1 | tee "$out/train.log" | grep -E "step +($steps|100|300)/|val|error" || true
-python3 benchmarks/stream_speed.py --load $run --data $stream --out "$out" --tokens 65536 2>&1 | tail -3
+python3 benchmarks/stream_speed.py --load $run --data $stream --out "$out" --force --tokens 65536 2>&1 | tail -3
 ms eval --load $run --data $stream --out "$out/eval" --device cuda --iters 4 --stream-tokens "$tokens" \
   --segment 262144 --chunk 64 --cache sep --cache-sizes 4,64,256,512 --cache-positions cache \
   --time-limit "${TIME_LIMIT:-330}" --no-progress 2>&1 | tail -4

@@ -4,7 +4,7 @@ fixed-shape SepCache replaying one CUDA graph per chunk. Each streams the first 
 through `evaluate.streaming_perplexity` (the eval command's loop); perplexities must agree (same retention),
 tokens/s is the comparison. Also the graph's GPU time per chunk from a replay loop with nothing else.
 
-  PYTHONPATH=. python3 benchmarks/stream_speed.py --load RUN --data PREFIX --out DIR [--tokens 65536]
+  PYTHONPATH=. python3 benchmarks/stream_speed.py --load RUN --data PREFIX --out DIR [--tokens 65536] [--force]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from megatron_sep.checkpoint import load_model
 from megatron_sep.inference import evaluate as ev
 from megatron_sep.inference.generate import feed, make_cache
+from megatron_sep.outdir import script_out
 
 
 def main():
@@ -30,7 +31,11 @@ def main():
     ap.add_argument("--sizes", default="4,64,256,512")
     ap.add_argument("--positions", default="cache")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the three paths, no graphs")
+    ap.add_argument(
+        "--force", action="store_true", help="replace stream_speed.json in a non-empty --out"
+    )
     args = ap.parse_args()
+    script_out(args.out, args.force, "stream_speed.json")  # before any work
     sizes = tuple(int(x) for x in args.sizes.split(","))
     model, cfg = load_model(args.load)
     model.to(args.device)

@@ -31,3 +31,12 @@ def prepare_out(out: Path, force: bool, owned: tuple[str, ...], what: str) -> Pa
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def script_out(out: str, force: bool, name: str) -> Path:
+    """A benchmark script's --out for its one file `name`: prepare_out, with errors (a non-empty folder
+    without --force, a path that is a file, OS errors) as one line."""
+    try:
+        return prepare_out(Path(out), force, (name,), f"replace {name}")
+    except (ConversionError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
